@@ -1,0 +1,1 @@
+"""Triton kernels for MoE routing and the sparse expert FFN, each beside a PyTorch reference."""

@@ -1,0 +1,156 @@
+"""Greedy and beam-search generation on top of `Switch.prefill` / `Switch.decode_one_token`.
+
+`step` can be swapped for any function with decode_one_token's signature (the inference engine
+passes a graph-replayed or offloading step); the search logic stays the same, so every policy
+generates through one code path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from models.switch import DecodeState, Switch
+
+Step = Callable[[DecodeState, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def greedy(
+    model: Switch,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    eos_token_id: int | None = None,
+    step: Step | None = None,
+    state: DecodeState | None = None,
+    on_token: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Greedy decoding -> generated ids [B, n] (n <= max_new_tokens, without the start token);
+    sequences that ended are padded with pad_token_id, as transformers does."""
+    cfg = model.cfg
+    eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+    step = step or model.decode_one_token
+    state = state or model.prefill(input_ids, attention_mask, max_len=max_new_tokens)
+    B = input_ids.shape[0]
+    tok = torch.full((B,), cfg.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    out = []
+    for t in range(max_new_tokens):
+        logits = step(state, tok)
+        nxt = logits.argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, cfg.pad_token_id), nxt)
+        out.append(nxt)
+        if on_token is not None:
+            on_token(t)
+        done |= nxt == eos
+        if bool(done.all()):
+            break
+        tok = nxt
+    return torch.stack(out, dim=1)
+
+
+@torch.no_grad()
+def beam_search(
+    model: Switch,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    num_beams: int = 4,
+    eos_token_id: int | None = None,
+    length_penalty: float = 1.0,
+    step: Step | None = None,
+    state: DecodeState | None = None,
+    on_token: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Beam search with transformers' scoring (sum of log-probabilities / length ** length_penalty,
+    2 * num_beams candidates per step, finished hypotheses kept per prompt) -> best ids [B, n]."""
+    cfg = model.cfg
+    eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+    step = step or model.decode_one_token
+    B, dev = input_ids.shape[0], input_ids.device
+    nb = num_beams
+    if state is None:
+        ids = input_ids.repeat_interleave(nb, dim=0)
+        mask = None if attention_mask is None else attention_mask.repeat_interleave(nb, dim=0)
+        state = model.prefill(ids, mask, max_len=max_new_tokens)
+    tok = torch.full((B * nb,), cfg.decoder_start_token_id, dtype=torch.long, device=dev)
+    # Only the first beam is live at the start, so the first step does not pick nb copies of one token.
+    scores = torch.full((B, nb), -1e9, device=dev)
+    scores[:, 0] = 0.0
+    seqs = torch.zeros(B * nb, 0, dtype=torch.long, device=dev)
+    finished: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(B)]
+    done = [False] * B
+
+    def worst(b):
+        return min(s for s, _ in finished[b]) if len(finished[b]) >= nb else -float("inf")
+
+    for t in range(max_new_tokens):
+        logp = torch.log_softmax(step(state, tok), dim=-1)  # [B*nb, V]
+        V = logp.shape[-1]
+        cand = (logp + scores.view(-1, 1)).view(B, nb * V)
+        top_s, top_i = cand.topk(2 * nb, dim=1)
+        beam_i, tok_i = top_i // V, top_i % V
+        next_scores = torch.full((B, nb), -1e9, device=dev)
+        next_tok = torch.full((B, nb), cfg.pad_token_id, dtype=torch.long, device=dev)
+        next_src = torch.zeros((B, nb), dtype=torch.long, device=dev)
+        top_s_l, beam_l, tok_l = top_s.tolist(), beam_i.tolist(), tok_i.tolist()
+        cur_len = t + 1
+        for b in range(B):
+            if done[b]:
+                continue
+            n = 0
+            for rank in range(2 * nb):
+                s, bi, ti = top_s_l[b][rank], beam_l[b][rank], tok_l[b][rank]
+                if ti == eos:
+                    if rank >= nb:
+                        continue
+                    hyp = torch.cat([seqs[b * nb + bi], seqs.new_tensor([ti])])
+                    score = s / (cur_len**length_penalty)
+                    if len(finished[b]) < nb or score > worst(b):
+                        finished[b].append((score, hyp))
+                        finished[b].sort(key=lambda x: -x[0])
+                        del finished[b][nb:]
+                else:
+                    next_scores[b, n], next_tok[b, n], next_src[b, n] = s, ti, bi
+                    n += 1
+                if n == nb:
+                    break
+            best_running = next_scores[b].max().item()
+            if len(finished[b]) >= nb and worst(b) >= best_running / (cur_len**length_penalty):
+                done[b] = True
+        if on_token is not None:
+            on_token(t)
+        src = (next_src + torch.arange(B, device=dev)[:, None] * nb).view(-1)
+        seqs = torch.cat([seqs[src], next_tok.view(-1, 1)], dim=1)
+        scores = next_scores
+        if all(done):
+            break
+        state.reorder(src)
+        tok = next_tok.view(-1)
+
+    best = []
+    for b in range(B):
+        if not done[b]:
+            for j in range(nb):
+                s = scores[b, j].item()
+                if s <= -1e8:
+                    continue
+                score = s / (seqs.shape[1] ** length_penalty)
+                if len(finished[b]) < nb or score > worst(b):
+                    finished[b].append((score, seqs[b * nb + j]))
+                    finished[b].sort(key=lambda x: -x[0])
+                    del finished[b][nb:]
+        best.append(finished[b][0][1])
+    n = max(len(h) for h in best)
+    out = torch.full((B, n), cfg.pad_token_id, dtype=torch.long, device=dev)
+    for b, h in enumerate(best):
+        out[b, : len(h)] = h
+    return out
+
+
+def generate(model: Switch, input_ids, attention_mask=None, max_new_tokens=32, num_beams=1, **kw) -> torch.Tensor:
+    if num_beams <= 1:
+        return greedy(model, input_ids, attention_mask, max_new_tokens, **kw)
+    return beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams=num_beams, **kw)

@@ -1,0 +1,156 @@
+"""The sparse MoE FFN of a Switch block: a router (or a routing handed in by an earlier pre-gate),
+stacked expert weights, and an optional pre-gate that routes a later MoE block.
+
+Legend: B batch, S sequence, N = B*S tokens, D model width, F expert hidden width, E experts.
+
+The routing decision is an explicit value (`Routing`): callers can read it (the offload runner
+prefetches from it) and supply it (a pre-gated block is routed by an earlier block's pre-gate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import expert_ffn as _ffn
+from kernels import routing as _routing
+from models.config import ACTIVATIONS, SwitchConfig
+
+BACKENDS = ("torch", "triton")
+
+
+@dataclass
+class Routing:
+    """Top-k routing of N tokens: ids [N, k] (int), weights [N, k] (fp32, 0 where capacity dropped
+    the token), and the fp32 gate logits [N, E] when they were computed (training, losses)."""
+
+    ids: torch.Tensor
+    weights: torch.Tensor
+    logits: torch.Tensor | None = None
+
+
+class ExpertSource(Protocol):
+    """Where a MoE block's expert weights live at compute time (the offload runner's hook)."""
+
+    def prefetch(self, routing: Routing) -> None:
+        """The routing of this block became known early (a pre-gate ran): start copying."""
+
+    def fetch(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Weights to compute `routing` with: (w_in [S, F, D], w_out [S, D, F], slot_of_expert [E] or None)."""
+
+
+def apply_capacity(ids_BSk: torch.Tensor, weights_BSk: torch.Tensor, capacity: int | None, num_experts: int):
+    """Per-sequence expert capacity with transformers' semantics: in each sequence, the first
+    `capacity` tokens (in position order) sent to an expert are kept; later ones get a zero
+    expert output (their weight becomes 0)."""
+    if capacity is None:
+        return weights_BSk
+    B, S, k = ids_BSk.shape
+    onehot = F.one_hot(ids_BSk.reshape(B, S * k).long(), num_experts)  # [B, S*k, E]
+    priority = torch.cumsum(onehot, dim=1)
+    keep = ((priority <= capacity) & (onehot > 0)).any(-1).reshape(B, S, k)
+    return weights_BSk * keep.to(weights_BSk.dtype)
+
+
+def gate_logits(x_ND: torch.Tensor, gate: nn.Linear) -> torch.Tensor:
+    """fp32 gate logits; the router runs in fp32 whatever the model dtype (selective precision)."""
+    bias = gate.bias.float() if gate.bias is not None else None
+    return F.linear(x_ND.float(), gate.weight.float(), bias)
+
+
+def routing_from_logits(logits_NE: torch.Tensor, shape_BS: tuple[int, int], capacity: int | None) -> Routing:
+    probs = torch.softmax(logits_NE, dim=-1)
+    w, i = probs.max(dim=-1, keepdim=True)  # ties: lower index (first maximum)
+    B, S = shape_BS
+    w = apply_capacity(i.view(B, S, 1), w.view(B, S, 1), capacity, logits_NE.shape[-1]).view(-1, 1)
+    return Routing(ids=i.to(torch.int32), weights=w, logits=logits_NE)
+
+
+class SparseMLP(nn.Module):
+    """Router + E experts (ReLU FFN, no bias) stored stacked, + an optional pre-gate."""
+
+    def __init__(self, cfg: SwitchConfig):
+        super().__init__()
+        self.num_experts = cfg.num_experts
+        self.capacity = cfg.capacity
+        self.jitter = cfg.router_jitter_noise
+        self.activation = ACTIVATIONS[cfg.dense_act_fn]
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.router = nn.Linear(cfg.d_model, cfg.num_experts, bias=cfg.router_bias)
+        self.w_in = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_ff, cfg.d_model))   # [E, F, D]
+        self.w_out = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model, cfg.d_ff))  # [E, D, F]
+        self.pregate: nn.Linear | None = None  # routes MoE block (this + lookahead) of the same stack
+        self.uses_own_router = True            # False for blocks routed by an earlier pre-gate
+        self.backend = "torch"
+        self.expert_source: ExpertSource | None = None
+
+    def add_pregate(self, init_from: nn.Linear) -> None:
+        self.pregate = nn.Linear(init_from.in_features, init_from.out_features, bias=init_from.bias is not None)
+        self.pregate.to(device=init_from.weight.device, dtype=init_from.weight.dtype)
+        with torch.no_grad():
+            self.pregate.weight.copy_(init_from.weight)
+            if init_from.bias is not None:
+                self.pregate.bias.copy_(init_from.bias)
+
+    # -- routing -----------------------------------------------------------------------------
+    def _jitter(self, x_ND: torch.Tensor) -> torch.Tensor:
+        if self.training and self.jitter > 0:
+            x_ND = x_ND.float() * torch.empty_like(x_ND, dtype=torch.float32).uniform_(
+                1.0 - self.jitter, 1.0 + self.jitter
+            )
+        return x_ND
+
+    def gates(
+        self, x_BSD: torch.Tensor, need_own: bool, need_logits: bool = False
+    ) -> tuple[Routing | None, Routing | None]:
+        """(own routing, pre-gate routing for the later block); each None when not needed.
+        need_logits: keep the fp32 gate logits (router losses), which the fused kernel does not return."""
+        B, S, D = x_BSD.shape
+        x_ND = self._jitter(x_BSD.reshape(B * S, D))
+        gates = ([self.router] if need_own else []) + ([self.pregate] if self.pregate is not None else [])
+        if not gates:
+            return None, None
+        # The fused kernel has no capacity logic: use it only when no token can be dropped.
+        no_drop = self.capacity is None or S <= self.capacity
+        fast = self.backend == "triton" and not torch.is_grad_enabled() and no_drop and not need_logits
+        if fast and all(g.bias is None for g in gates):
+            w_GED = torch.stack([g.weight for g in gates]) if len(gates) > 1 else gates[0].weight[None]
+            ids, weights = _routing.route(x_ND, w_GED, k=1)
+            out = [Routing(ids=ids[g], weights=weights[g]) for g in range(len(gates))]
+        else:
+            out = [routing_from_logits(gate_logits(x_ND, g), (B, S), self.capacity) for g in gates]
+        own = out.pop(0) if need_own else None
+        pre = out.pop(0) if self.pregate is not None else None
+        return own, pre
+
+    # -- experts -----------------------------------------------------------------------------
+    def experts(self, x_BSD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        if self.expert_source is not None:
+            w_in, w_out, slots = self.expert_source.fetch(routing)
+        else:
+            w_in, w_out, slots = self.w_in, self.w_out, None
+        fn = _ffn.expert_ffn if self.backend == "triton" and not torch.is_grad_enabled() else _ffn.expert_ffn_reference
+        if self.training and self.dropout.p > 0:
+            # transformers applies dropout inside each expert, after the activation
+            return self._experts_with_dropout(x_BSD, routing, w_in, w_out, slots)
+        y_ND = fn(x_BSD.reshape(B * S, D), w_in, w_out, routing.ids, routing.weights, slots, self.activation)
+        return y_ND.view(B, S, D)
+
+    def _experts_with_dropout(self, x_BSD, routing, w_in, w_out, slots):
+        B, S, D = x_BSD.shape
+        x_ND = x_BSD.reshape(B * S, D)
+        ids = routing.ids.reshape(-1).long()
+        if slots is not None:
+            ids = slots.long()[ids]
+        y = torch.zeros_like(x_ND)
+        for e in torch.unique(ids).tolist():
+            tok = (ids == e).nonzero(as_tuple=True)[0]
+            h = self.dropout(_ffn._act(x_ND[tok].to(w_in.dtype) @ w_in[e].t(), self.activation))
+            out = (h @ w_out[e].t()) * routing.weights.reshape(-1)[tok, None].to(h.dtype)
+            y = y.index_add(0, tok, out.to(x_ND.dtype))
+        return y.view(B, S, D)

@@ -1,0 +1,440 @@
+"""Switch Transformer: a T5-style encoder-decoder with a sparse MoE FFN in every other block.
+
+Reproduces transformers' SwitchTransformersForConditionalGeneration (same function, same
+checkpoint keys through models/checkpoint.py), with two additions: the pre-gate chain
+(models/pregate.py sets it up; the stack runs it) and a static KV cache whose decode step
+reads the position from a device tensor, so the step can be captured as a CUDA graph.
+
+Legend: B batch, S encoder length, T decoder length, Q query length, K key length,
+D d_model, H heads, Dh d_kv, V vocabulary, M MoE blocks in a stack, E experts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.config import SwitchConfig
+from models.moe import BACKENDS, Routing, SparseMLP
+
+
+class RMSNorm(nn.Module):
+    """T5 layer norm: scale only, no mean subtraction, variance in fp32."""
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(var + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return self.weight * x
+
+
+def relative_position_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int):
+    """T5's bucketing of (key position - query position)."""
+    buckets = torch.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (rel > 0).long() * num_buckets
+        rel = rel.abs()
+    else:
+        rel = -torch.clamp(rel, max=0)
+    max_exact = num_buckets // 2
+    is_small = rel < max_exact
+    large = max_exact + (
+        torch.log(rel.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).long()
+    large = torch.clamp(large, max=num_buckets - 1)
+    return buckets + torch.where(is_small, rel, large)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: SwitchConfig, relative_bias: bool, decoder: bool):
+        super().__init__()
+        inner = cfg.num_heads * cfg.d_kv
+        self.h, self.dh = cfg.num_heads, cfg.d_kv
+        self.q = nn.Linear(cfg.d_model, inner, bias=False)
+        self.k = nn.Linear(cfg.d_model, inner, bias=False)
+        self.v = nn.Linear(cfg.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout_rate
+        self.decoder = decoder
+        self.num_buckets = cfg.relative_attention_num_buckets
+        self.max_distance = cfg.relative_attention_max_distance
+        self.relative_attention_bias = nn.Embedding(self.num_buckets, self.h) if relative_bias else None
+
+    def position_bias(self, q_pos: torch.Tensor, k_len: int) -> torch.Tensor:
+        """[1, H, Q, K] bias for query positions q_pos [Q] against keys 0..k_len-1."""
+        rel = torch.arange(k_len, device=q_pos.device)[None, :] - q_pos[:, None]
+        b = relative_position_bucket(rel, not self.decoder, self.num_buckets, self.max_distance)
+        return self.relative_attention_bias(b).permute(2, 0, 1)[None]
+
+    def heads(self, proj: nn.Linear, x_BQD: torch.Tensor) -> torch.Tensor:
+        B, Q, _ = x_BQD.shape
+        return proj(x_BQD).view(B, Q, self.h, self.dh).transpose(1, 2)  # [B, H, Q, Dh]
+
+    def attend(self, q_BHQd, k_BHKd, v_BHKd, bias) -> torch.Tensor:
+        # T5 does not scale q.k: the scale is folded into the initialisation of q.
+        drop = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q_BHQd, k_BHKd, v_BHKd, attn_mask=bias, dropout_p=drop, scale=1.0)
+        B, H, Q, dh = out.shape
+        return self.o(out.transpose(1, 2).reshape(B, Q, H * dh))
+
+
+class DenseFF(nn.Module):
+    def __init__(self, cfg: SwitchConfig):
+        super().__init__()
+        self.wi = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.act = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[cfg.dense_act_fn]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(self.act(self.wi(x)))
+        return self.wo(h.to(self.wo.weight.dtype))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: SwitchConfig, index: int, decoder: bool, sparse: bool):
+        super().__init__()
+        self.self_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.self_attn = Attention(cfg, relative_bias=index == 0, decoder=decoder)
+        if decoder:
+            self.cross_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+            self.cross_attn = Attention(cfg, relative_bias=False, decoder=True)
+        self.ff_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.ff: SparseMLP | DenseFF = SparseMLP(cfg) if sparse else DenseFF(cfg)
+        self.sparse = sparse
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+
+def _clamp_fp16(h: torch.Tensor) -> torch.Tensor:
+    if h.dtype != torch.float16:
+        return h
+    limit = torch.finfo(torch.float16).max - 1000
+    return torch.clamp(h, -limit, limit)
+
+
+@dataclass
+class DecodeState:
+    """What the decoder needs between steps. Every buffer is allocated once (prefill), so the
+    step's tensors keep their addresses, and `pos` is a device tensor advanced in place."""
+
+    enc_bias: torch.Tensor                       # [B, 1, 1, S] additive encoder padding mask
+    cross_k: list[torch.Tensor]                  # per decoder block [B, H, S, Dh]
+    cross_v: list[torch.Tensor]
+    self_k: list[torch.Tensor]                   # per decoder block [B, H, Tmax, Dh]
+    self_v: list[torch.Tensor]
+    pos: torch.Tensor                            # [1] long: index of the token being decoded
+    max_len: int
+    enc_out: torch.Tensor | None = None          # [B, S, D]
+    routings: list[Routing] = field(default_factory=list)  # encoder routings of the prefill
+
+    @property
+    def batch_size(self) -> int:
+        return self.enc_bias.shape[0]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Reorder the batch in place (beam search)."""
+        for buf in (*self.cross_k, *self.cross_v, *self.self_k, *self.self_v, self.enc_bias):
+            buf.copy_(buf.index_select(0, index))
+
+
+class Stack(nn.Module):
+    """Encoder or decoder stack; runs the MoE blocks' gates and pre-gate chain."""
+
+    def __init__(self, cfg: SwitchConfig, decoder: bool):
+        super().__init__()
+        self.decoder = decoder
+        n = cfg.num_decoder_layers if decoder else cfg.num_layers
+        sparse = set(cfg.sparse_layers(decoder))
+        self.blocks = nn.ModuleList(Block(cfg, i, decoder, i in sparse) for i in range(n))
+        self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.lookahead = cfg.lookahead
+        # When set, pre-gated blocks also run their own (original) router, and the fraction of
+        # tokens on which it agrees with the pre-gate's choice is kept in `agreement` (metrics).
+        self.probe_agreement = False
+        self.agreement: dict[int, torch.Tensor] = {}
+
+    @property
+    def moes(self) -> list[SparseMLP]:
+        return [b.ff for b in self.blocks if b.sparse]
+
+    def run(
+        self,
+        h: torch.Tensor,
+        self_bias: torch.Tensor,
+        *,
+        cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        cross_bias: torch.Tensor | None = None,
+        cache: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None = None,
+        need_logits: bool = False,
+    ) -> tuple[torch.Tensor, list[Routing]]:
+        """h [B, Q, D] (embedded, pre-dropout) -> (final hidden [B, Q, D], routing used per MoE block).
+
+        self_bias: position bias + mask, broadcastable to [B, H, Q, K]. cache: (self_k, self_v, pos)
+        to write this step's keys/values at `pos` and attend over the whole buffer.
+        """
+        moes = self.moes
+        pending: dict[int, Routing] = {}
+        routings: list[Routing] = []
+        h = self.dropout(h)
+        m = 0
+        for i, blk in enumerate(self.blocks):
+            x = blk.self_norm(h)
+            att = blk.self_attn
+            q, k, v = att.heads(att.q, x), att.heads(att.k, x), att.heads(att.v, x)
+            if cache is not None:
+                ks, vs, pos = cache
+                ks[i].index_copy_(2, pos, k.to(ks[i].dtype))
+                vs[i].index_copy_(2, pos, v.to(vs[i].dtype))
+                k, v = ks[i], vs[i]
+            h = _clamp_fp16(h + blk.dropout(att.attend(q, k, v, self_bias)))
+            if self.decoder:
+                x = blk.cross_norm(h)
+                ck, cv = cross_kv[i]
+                h = _clamp_fp16(h + blk.dropout(blk.cross_attn.attend(blk.cross_attn.heads(blk.cross_attn.q, x), ck, cv, cross_bias)))
+            x = blk.ff_norm(h)
+            if blk.sparse:
+                mlp: SparseMLP = blk.ff
+                supplied = pending.pop(m, None)
+                if supplied is None and not mlp.uses_own_router:
+                    raise RuntimeError(f"MoE block {m} is pre-gated but no earlier pre-gate routed it")
+                probe = self.probe_agreement and supplied is not None
+                own, pre = mlp.gates(x, need_own=supplied is None or probe, need_logits=need_logits)
+                routing = supplied if supplied is not None else own
+                if probe:
+                    self.agreement[m] = (own.ids == supplied.ids).float().mean()
+                if pre is not None:
+                    target = m + self.lookahead
+                    pending[target] = pre
+                    if moes[target].expert_source is not None:
+                        moes[target].expert_source.prefetch(pre)
+                y = mlp.experts(x, routing)
+                routings.append(routing)
+                m += 1
+            else:
+                y = blk.ff(x)
+            h = _clamp_fp16(h + blk.dropout(y))
+        return self.dropout(self.final_norm(h)), routings
+
+
+@dataclass
+class SwitchOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    encoder_routings: list[Routing] = field(default_factory=list)
+    decoder_routings: list[Routing] = field(default_factory=list)
+
+
+def mask_bias(mask_BK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """1/0 key mask [B, K] -> additive [B, 1, 1, K]."""
+    return (1.0 - mask_BK[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def router_z_loss(logits_BNE: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits_BNE, dim=-1).pow(2).mean()
+
+
+def load_balancing_loss(logits_BNE: torch.Tensor) -> torch.Tensor:
+    """Switch's auxiliary loss, E^2 * mean over (group, expert) of token fraction x mean probability."""
+    E = logits_BNE.shape[-1]
+    probs = torch.softmax(logits_BNE, dim=-1)
+    frac = F.one_hot(logits_BNE.argmax(-1), E).float().mean(dim=-2)
+    return (frac * probs.mean(dim=-2)).mean() * E**2
+
+
+def router_losses(routings: list[Routing], batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """z-loss and load-balancing loss over a stack's MoE blocks, the blocks' tokens joined along the
+    sequence as transformers does. None if any routing carries no logits."""
+    if not routings or any(r.logits is None for r in routings):
+        return None
+    logits = torch.cat([r.logits.view(batch, -1, r.logits.shape[-1]) for r in routings], dim=1)
+    return router_z_loss(logits), load_balancing_loss(logits)
+
+
+class Switch(nn.Module):
+    def __init__(self, cfg: SwitchConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.encoder = Stack(cfg, decoder=False)
+        self.decoder = Stack(cfg, decoder=True)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.init_weights()
+
+    # -- parameters --------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """transformers' initialisation for Switch (normal, fan-in scaled)."""
+        c, f = self.cfg, self.cfg.initializer_factor
+
+        def normal(t, std):
+            t.normal_(0.0, std, generator=generator)
+
+        normal(self.shared.weight, f * 1.0)
+        if self.lm_head is not None:
+            normal(self.lm_head.weight, f * 1.0)
+        for mod in self.modules():
+            if isinstance(mod, RMSNorm):
+                mod.weight.fill_(f)
+            elif isinstance(mod, Attention):
+                normal(mod.q.weight, f * (c.d_model * c.d_kv) ** -0.5)
+                normal(mod.k.weight, f * c.d_model**-0.5)
+                normal(mod.v.weight, f * c.d_model**-0.5)
+                normal(mod.o.weight, f * (c.num_heads * c.d_kv) ** -0.5)
+                if mod.relative_attention_bias is not None:
+                    normal(mod.relative_attention_bias.weight, f * c.d_model**-0.5)
+            elif isinstance(mod, DenseFF):
+                normal(mod.wi.weight, f * c.d_model**-0.5)
+                normal(mod.wo.weight, f * c.d_ff**-0.5)
+            elif isinstance(mod, SparseMLP):
+                normal(mod.router.weight, f * 1.0)
+                if mod.router.bias is not None:
+                    mod.router.bias.zero_()
+                normal(mod.w_in, f * c.d_model**-0.5)
+                normal(mod.w_out, f * c.d_model**-0.5)
+                if mod.pregate is not None:
+                    normal(mod.pregate.weight, f * 1.0)
+
+    @property
+    def moes(self) -> list[SparseMLP]:
+        return self.encoder.moes + self.decoder.moes
+
+    def set_backend(self, backend: str) -> Switch:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
+        for moe in self.moes:
+            moe.backend = backend
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.shared.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.shared.weight.dtype
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            return F.linear(h * self.cfg.d_model**-0.5, self.shared.weight)
+        return self.lm_head(h)
+
+    def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
+        out = labels.new_zeros(labels.shape)
+        out[..., 1:] = labels[..., :-1]
+        out[..., 0] = self.cfg.decoder_start_token_id
+        return out.masked_fill(out == -100, self.cfg.pad_token_id)
+
+    # -- full-sequence passes (training, scoring) ---------------------------------------------
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, need_logits: bool = False):
+        B, S = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        h = self.shared(input_ids)
+        pos = torch.arange(S, device=h.device)
+        att0 = self.encoder.blocks[0].self_attn
+        bias = att0.position_bias(pos, S).to(h.dtype) + mask_bias(attention_mask, h.dtype)
+        return self.encoder.run(h, bias, need_logits=need_logits)
+
+    def _cross_kv(self, enc_out: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [
+            (b.cross_attn.heads(b.cross_attn.k, enc_out), b.cross_attn.heads(b.cross_attn.v, enc_out))
+            for b in self.decoder.blocks
+        ]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+    ) -> SwitchOutput:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        need_logits = labels is not None or self.training
+        enc_out, enc_r = self.encode(input_ids, attention_mask, need_logits=need_logits)
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("forward needs decoder_input_ids or labels")
+            decoder_input_ids = self.shift_right(labels)
+        B, T = decoder_input_ids.shape
+        h = self.shared(decoder_input_ids)
+        pos = torch.arange(T, device=h.device)
+        causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
+        keep = causal[None, None] if decoder_attention_mask is None else (
+            causal[None, None] & decoder_attention_mask.bool()[:, None, None, :]
+        )
+        self_bias = self.decoder.blocks[0].self_attn.position_bias(pos, T).to(h.dtype)
+        self_bias = self_bias + (~keep).to(h.dtype) * torch.finfo(h.dtype).min
+        dec_out, dec_r = self.decoder.run(
+            h, self_bias, cross_kv=self._cross_kv(enc_out), cross_bias=mask_bias(attention_mask, h.dtype),
+            need_logits=need_logits,
+        )
+        logits = self._logits(dec_out)
+        out = SwitchOutput(logits=logits, encoder_routings=enc_r, decoder_routings=dec_r)
+        if labels is not None:
+            out.lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+            z = logits.new_zeros((), dtype=torch.float32)
+            aux = logits.new_zeros((), dtype=torch.float32)
+            for rs in (enc_r, dec_r):
+                losses = router_losses(rs, B)
+                if losses is not None:
+                    z, aux = z + losses[0], aux + losses[1]
+            out.z_loss, out.aux_loss = z, aux
+            out.loss = out.lm_loss + self.cfg.router_z_loss_coef * z + self.cfg.router_aux_loss_coef * aux
+        return out
+
+    # -- incremental decoding ------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_len: int = 64) -> DecodeState:
+        """Encode the prompts and allocate the decoder's caches for `max_len` decoder positions."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        enc_out, routings = self.encode(input_ids, attention_mask)
+        c, B = self.cfg, input_ids.shape[0]
+        kv = self._cross_kv(enc_out)
+        shape = (B, c.num_heads, max_len, c.d_kv)
+        n = len(self.decoder.blocks)
+        return DecodeState(
+            enc_bias=mask_bias(attention_mask, enc_out.dtype),
+            cross_k=[k.contiguous() for k, _ in kv],
+            cross_v=[v.contiguous() for _, v in kv],
+            self_k=[torch.zeros(shape, dtype=enc_out.dtype, device=enc_out.device) for _ in range(n)],
+            self_v=[torch.zeros(shape, dtype=enc_out.dtype, device=enc_out.device) for _ in range(n)],
+            pos=torch.zeros(1, dtype=torch.long, device=enc_out.device),
+            max_len=max_len,
+            enc_out=enc_out,
+            routings=routings,
+        )
+
+    @torch.no_grad()
+    def decode_one_token(self, state: DecodeState, tokens_B: torch.Tensor) -> torch.Tensor:
+        """One decoder step for tokens [B] at position state.pos; returns fp32 logits [B, V] and
+        advances state.pos in place. No host synchronisation: capturable as a CUDA graph."""
+        h = self.shared(tokens_B[:, None])
+        dtype = h.dtype
+        att0 = self.decoder.blocks[0].self_attn
+        bias = att0.position_bias(state.pos, state.max_len).to(dtype)  # [1, H, 1, Tmax]
+        future = torch.arange(state.max_len, device=h.device)[None, :] > state.pos[:, None]
+        bias = bias + future.to(dtype) * torch.finfo(dtype).min
+        kv = list(zip(state.cross_k, state.cross_v))
+        out, _ = self.decoder.run(
+            h, bias, cross_kv=kv, cross_bias=state.enc_bias, cache=(state.self_k, state.self_v, state.pos)
+        )
+        state.pos += 1
+        return self._logits(out)[:, 0].float()
