@@ -202,3 +202,30 @@ def preset(name: str, **overrides: Any) -> SwitchConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
     return SwitchConfig(**{**PRESETS[name], **overrides})
+
+
+# -- Hydra -----------------------------------------------------------------------------------
+# The `model` config group (conf/model/*.yaml) is checked against this structured config: every
+# SwitchConfig field plus `name` (the preset the yaml was written from), so a misspelt or
+# mistyped key fails when the app starts, naming the key.
+ModelConf = dataclasses.make_dataclass(
+    "ModelConf",
+    [("name", str, field(default="tiny"))]
+    + [
+        (f.name, f.type, field(default=f.default))
+        for f in dataclasses.fields(SwitchConfig)
+        if f.name != "extra"
+    ],
+)
+
+
+def config_from_conf(conf: Any) -> SwitchConfig:
+    """A SwitchConfig from the app's `model` node (an OmegaConf node or a dict)."""
+    try:
+        from omegaconf import OmegaConf
+
+        d = OmegaConf.to_container(conf, resolve=True) if OmegaConf.is_config(conf) else dict(conf)
+    except ImportError:  # pragma: no cover
+        d = dict(conf)
+    d.pop("name", None)
+    return SwitchConfig(**d)
