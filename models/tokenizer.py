@@ -8,11 +8,13 @@ Byte ids: 0 pad, 1 eos, 2 unk, 3..258 the bytes 0..255, then sentinels (span cor
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
+_SENTINEL_RE = re.compile(r"<extra_id_(\d+)>")
 _HF_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
 
 
@@ -32,7 +34,13 @@ class ByteTokenizer:
         return self.offset + 256 + i
 
     def encode(self, text: str, add_eos: bool = True, max_length: int | None = None) -> list[int]:
-        ids = [b + self.offset for b in text.encode("utf-8")]
+        """UTF-8 bytes; the text `<extra_id_N>` becomes sentinel N (as in T5's vocabulary)."""
+        ids: list[int] = []
+        for i, part in enumerate(_SENTINEL_RE.split(text)):
+            if i % 2:
+                ids.append(self.sentinel(int(part)))
+            else:
+                ids.extend(b + self.offset for b in part.encode("utf-8"))
         if max_length is not None:
             ids = ids[: max_length - (1 if add_eos else 0)]
         return ids + [self.eos_token_id] if add_eos else ids
