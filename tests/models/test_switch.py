@@ -1,0 +1,128 @@
+"""Model behaviour beyond parity: dtypes, padding, cache, tokenizer, configs."""
+
+import pytest
+import torch
+
+from models.config import ConfigError, PRESETS, SwitchConfig, preset
+from models.generate import beam_search, greedy
+from models.switch import Switch
+from models.tokenizer import ByteTokenizer, load_tokenizer
+
+
+def _model(seed=0, **over):
+    torch.manual_seed(seed)
+    return Switch(preset("tiny", **over)).eval()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 0.08), (torch.float16, 0.02)])
+def test_half_precision_close_to_fp32(dtype, tol):
+    model = _model()
+    x = torch.randint(3, 384, (2, 10))
+    y = torch.randint(3, 384, (2, 6))
+    with torch.no_grad():
+        ref = model(x, labels=y)
+        half = model.to(dtype)(x, labels=y)
+    assert half.logits.dtype == dtype
+    rel = (half.logits.float() - ref.logits).norm() / ref.logits.norm()
+    assert rel < tol, rel
+    assert model.moes[0].router.weight.dtype == dtype  # stored in model dtype, applied in fp32
+
+
+def test_padding_does_not_change_a_prompt_output():
+    model = _model(seed=1)
+    tok = ByteTokenizer()
+    prompts = ["def f(x): return x", "a much longer prompt with more bytes in it"]
+    batch = tok(prompts)
+    both = greedy(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=6, eos_token_id=-1)
+    alone = tok(prompts[:1])
+    one = greedy(model, alone["input_ids"], alone["attention_mask"], max_new_tokens=6, eos_token_id=-1)
+    assert torch.equal(both[0], one[0])
+
+
+def test_decode_step_matches_teacher_forcing():
+    model = _model(seed=2)
+    x = torch.randint(3, 384, (3, 8))
+    state = model.prefill(x, max_len=6)
+    dec = torch.randint(3, 384, (3, 6))
+    dec[:, 0] = 0
+    steps = torch.stack([model.decode_one_token(state, dec[:, t]) for t in range(6)], dim=1)
+    with torch.no_grad():
+        full = model(x, decoder_input_ids=dec).logits
+    assert (steps - full).abs().max() < 1e-5
+    assert state.pos.item() == 6
+
+
+def test_beam_one_equals_greedy_and_beams_score_at_least_greedy():
+    model = _model(seed=3)
+    x = torch.randint(3, 384, (2, 8))
+    g = greedy(model, x, max_new_tokens=5, eos_token_id=-1)
+    b1 = beam_search(model, x, max_new_tokens=5, num_beams=1, eos_token_id=-1)
+    assert torch.equal(g, b1)
+
+    def logprob(seq):
+        dec = torch.cat([torch.zeros(2, 1, dtype=torch.long), seq[:, :-1]], 1)
+        with torch.no_grad():
+            lp = torch.log_softmax(model(x, decoder_input_ids=dec).logits, -1)
+        return lp.gather(-1, seq[..., None]).sum((1, 2))
+
+    b4 = beam_search(model, x, max_new_tokens=5, num_beams=4, eos_token_id=-1)
+    assert (logprob(b4) >= logprob(g) - 1e-5).all()
+
+
+def test_training_mode_uses_dropout_and_jitter_and_backprops():
+    model = _model(seed=4, dropout_rate=0.1)
+    model.train()
+    x, y = torch.randint(3, 384, (2, 8)), torch.randint(3, 384, (2, 5))
+    out = model(x, labels=y)
+    out.loss.backward()
+    assert out.z_loss > 0 and out.aux_loss > 0
+    assert model.moes[0].w_in.grad is not None and model.moes[0].router.weight.grad is not None
+
+
+def test_named_presets_match_published_sizes():
+    base = preset("switch-base-128")
+    assert (base.d_model, base.d_ff, base.num_experts, base.num_heads) == (768, 3072, 128, 12)
+    assert base.sparse_layers(decoder=False) == [1, 3, 5, 7, 9, 11]
+    large = preset("switch-large-128")
+    assert (large.d_model, large.d_ff, large.num_layers, len(large.sparse_layers(True))) == (1024, 4096, 24, 12)
+    assert base.expert_bytes(2) == 9_437_184  # 9.4 MB in bf16, as in PAPER.md
+    assert {"tiny", "switch-base-8", "switch-base-16", "switch-base-32", "switch-base-64",
+            "switch-base-256", "switch-large-128"} <= set(PRESETS)
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ConfigError, match="unknown model preset 'switch-base-9'"):
+        preset("switch-base-9")
+    with pytest.raises(ConfigError, match="dense_act_fn"):
+        SwitchConfig(dense_act_fn="tanh")
+    with pytest.raises(ConfigError, match="num_experts"):
+        SwitchConfig(num_experts=0)
+
+
+def test_byte_tokenizer_round_trip_and_sentinels(tmp_path):
+    tok = ByteTokenizer(384)
+    text = "naïve <extra_id_0> code <extra_id_124>"
+    ids = tok.encode(text)
+    assert ids[-1] == tok.eos_token_id and tok.sentinel(0) in ids and tok.sentinel(124) in ids
+    assert tok.decode(ids) == text
+    tok.save(tmp_path)
+    assert load_tokenizer(tmp_path).vocab_size == 384
+    with pytest.raises(ValueError, match="sentinel 125"):
+        tok.sentinel(125)
+
+
+def test_hf_tokenizer_files_are_used(tmp_path):
+    """A checkpoint dir with a tokenizer.json gets that tokenizer (built here, offline)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("transformers")
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, "hello": 3, "world": 4}
+    model = tokenizers.models.WordLevel(vocab, unk_token="<unk>")
+    t = tokenizers.Tokenizer(model)
+    t.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    assert tok.encode("hello world", add_eos=False) == [3, 4]
+    assert tok.decode([3, 4]) == "hello world"
