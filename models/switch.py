@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.rmsnorm import rmsnorm, rmsnorm_reference
 from models.config import SwitchConfig
 from models.moe import BACKENDS, Routing, SparseMLP
 
@@ -31,11 +32,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        x = x * torch.rsqrt(var + self.eps)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(self.weight.dtype)
-        return self.weight * x
+        if x.is_cuda and not torch.is_grad_enabled():
+            return rmsnorm(x, self.weight, self.eps)  # one kernel instead of six on the decode path
+        return rmsnorm_reference(x, self.weight, self.eps)
 
 
 def relative_position_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int):
@@ -70,6 +69,7 @@ class Attention(nn.Module):
         self.num_buckets = cfg.relative_attention_num_buckets
         self.max_distance = cfg.relative_attention_max_distance
         self.relative_attention_bias = nn.Embedding(self.num_buckets, self.h) if relative_bias else None
+        self._qkv_weight: torch.Tensor | None = None  # [3 * H * Dh, D], set by Switch.fuse_for_inference
 
     def position_bias(self, q_pos: torch.Tensor, k_len: int) -> torch.Tensor:
         """[1, H, Q, K] bias for query positions q_pos [Q] against keys 0..k_len-1."""
@@ -80,6 +80,15 @@ class Attention(nn.Module):
     def heads(self, proj: nn.Linear, x_BQD: torch.Tensor) -> torch.Tensor:
         B, Q, _ = x_BQD.shape
         return proj(x_BQD).view(B, Q, self.h, self.dh).transpose(1, 2)  # [B, H, Q, Dh]
+
+    def qkv(self, x_BQD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v heads; one matrix product when inference weights are fused (Switch.fuse_for_inference)."""
+        w = self._qkv_weight
+        if w is None or torch.is_grad_enabled():
+            return self.heads(self.q, x_BQD), self.heads(self.k, x_BQD), self.heads(self.v, x_BQD)
+        B, Q, _ = x_BQD.shape
+        qkv = F.linear(x_BQD, w).view(B, Q, 3, self.h, self.dh)
+        return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
 
     def attend(self, q_BHQd, k_BHKd, v_BHKd, bias) -> torch.Tensor:
         # T5 does not scale q.k: the scale is folded into the initialisation of q.
@@ -192,7 +201,7 @@ class Stack(nn.Module):
         for i, blk in enumerate(self.blocks):
             x = blk.self_norm(h)
             att = blk.self_attn
-            q, k, v = att.heads(att.q, x), att.heads(att.k, x), att.heads(att.v, x)
+            q, k, v = att.qkv(x)
             if cache is not None:
                 ks, vs, pos = cache
                 ks[i].index_copy_(2, pos, k.to(ks[i].dtype))
@@ -319,6 +328,22 @@ class Switch(nn.Module):
         for moe in self.moes:
             moe.backend = backend
         return self
+
+    @torch.no_grad()
+    def fuse_for_inference(self, enable: bool = True) -> Switch:
+        """Concatenate each self-attention's q, k, v weights into one matrix (a copy of them),
+        used under no_grad: one launch instead of three per block. Call again after changing
+        weights; `enable=False` drops the copies."""
+        for stack in (self.encoder, self.decoder):
+            for blk in stack.blocks:
+                a = blk.self_attn
+                a._qkv_weight = torch.cat([a.q.weight, a.k.weight, a.v.weight]) if enable else None
+        return self
+
+    def train(self, mode: bool = True) -> Switch:
+        if mode:
+            self.fuse_for_inference(False)  # training changes the weights: never read stale copies
+        return super().train(mode)
 
     @property
     def device(self) -> torch.device:

@@ -126,3 +126,15 @@ def test_hf_tokenizer_files_are_used(tmp_path):
     tok = load_tokenizer(tmp_path)
     assert tok.encode("hello world", add_eos=False) == [3, 4]
     assert tok.decode([3, 4]) == "hello world"
+
+
+def test_fused_qkv_gives_the_same_logits_and_is_dropped_for_training():
+    model = _model(seed=5)
+    x, y = torch.randint(3, 384, (2, 9)), torch.randint(3, 384, (2, 4))
+    with torch.no_grad():
+        ref = model(x, labels=y).logits
+        model.fuse_for_inference()
+        fused = model(x, labels=y).logits
+    assert (ref - fused).abs().max() < 1e-5
+    model.train()
+    assert model.encoder.blocks[0].self_attn._qkv_weight is None
