@@ -1,0 +1,245 @@
+"""The inference engine: the encoder pass and the decoder step loop of models.Switch under one
+offload policy, with greedy or beam search over a batch of prompts, and the measurements.
+
+The model's non-expert weights live on the compute device; its experts live in an ExpertStore
+(CPU). `gpu_only` materialises the experts on the device for its run and frees them afterwards;
+every other policy attaches an OffloadRunner as the MoE blocks' expert source. On CUDA the decode
+step is captured as one CUDA graph (copies and slot decisions included) when every operation in it
+is capturable; otherwise it runs eagerly and the reason is recorded.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from infer.offload import ExpertStore, OffloadError, is_expert_param
+from infer.policies import OffloadRunner, PolicySpec
+from models.generate import beam_search, greedy
+from models.switch import DecodeState, Switch
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def load_offloaded(path: str | Path, device, dtype: torch.dtype | None, budget_bytes: float | None) -> tuple[Switch, ExpertStore]:
+    """Non-expert weights onto `device`, experts straight from the checkpoint into the (pinned) store.
+    The budget is checked from config.json before anything is allocated."""
+    from models.checkpoint import load_config, load_switch
+
+    device = torch.device(device)
+    cfg = load_config(path)
+    n_moe = len(cfg.sparse_layers(False)) + len(cfg.sparse_layers(True))
+    if dtype is None:
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    need = n_moe * cfg.num_experts * cfg.expert_bytes(torch.empty((), dtype=dtype).element_size())
+    if budget_bytes is not None and need > budget_bytes:
+        ExpertStore(cfg, n_moe, dtype, budget_bytes, pin=False)  # raises, naming the sizes and the override
+    model = load_switch(path, device=device, dtype=dtype, skip=is_expert_param)
+    store = ExpertStore.from_checkpoint(path, model, dtype, budget_bytes, pin=device.type == "cuda")
+    return model, store
+
+
+def materialize_experts(model: Switch, store: ExpertStore, device) -> None:
+    """Put every expert on the device (gpu_only)."""
+    FD = store.F * store.D
+    for m, moe in enumerate(model.moes):
+        w = store.data[m].to(device, non_blocking=True)  # [E, X]
+        moe.w_in = torch.nn.Parameter(w[:, :FD].reshape(store.E, store.F, store.D).clone(), requires_grad=False)
+        moe.w_out = torch.nn.Parameter(w[:, FD:].reshape(store.E, store.D, store.F).clone(), requires_grad=False)
+        del w
+
+
+def drop_experts(model: Switch) -> None:
+    for moe in model.moes:
+        moe.w_in = torch.nn.Parameter(torch.empty(moe.w_in.shape, device="meta", dtype=moe.w_in.dtype), requires_grad=False)
+        moe.w_out = torch.nn.Parameter(torch.empty(moe.w_out.shape, device="meta", dtype=moe.w_out.dtype), requires_grad=False)
+
+
+# ----------------------------------------------------------------------------------------------- graphs
+class GraphStep:
+    """decode_one_token captured as one CUDA graph for a given DecodeState (its buffers keep their
+    addresses; the position is a device tensor advanced inside the graph)."""
+
+    def __init__(self, model: Switch, state: DecodeState, batch: int, on_warm=None):
+        self.model = model
+        self.tok = torch.zeros(batch, dtype=torch.long, device=state.pos.device)
+        pos0 = state.pos.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (allocator, Triton autotuning) outside the capture
+            for _ in range(2):
+                model.decode_one_token(state, self.tok)
+                state.pos.copy_(pos0)
+        torch.cuda.current_stream().wait_stream(side)
+        if on_warm is not None:
+            on_warm()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = model.decode_one_token(state, self.tok)
+        state.pos.copy_(pos0)
+
+    def __call__(self, state: DecodeState, tok: torch.Tensor) -> torch.Tensor:
+        self.tok.copy_(tok)
+        self.graph.replay()
+        return self.out
+
+
+# ----------------------------------------------------------------------------------------------- running
+@dataclass
+class RunResult:
+    policy: str
+    tokens: list[list[int]]
+    metrics: dict
+    step_logits: list[torch.Tensor] = field(default_factory=list)  # kept when asked (tests)
+    notes: list[str] = field(default_factory=list)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+class Engine:
+    """Runs generation for one model + expert store under any policy."""
+
+    def __init__(self, model: Switch, store: ExpertStore, device, *, cuda_graph: bool = True,
+                 copy_mode: str = "auto", measure_stall: bool = False):
+        self.model, self.store = model, store
+        self.device = torch.device(device)
+        self.cuda_graph = cuda_graph and self.device.type == "cuda"
+        self.copy_mode = copy_mode
+        self.measure_stall = measure_stall
+
+    def run(self, spec: PolicySpec, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+            max_new_tokens: int = 32, num_beams: int = 1, keep_logits: bool = False, warmup: bool = False) -> RunResult:
+        dev, model = self.device, self.model
+        input_ids = input_ids.to(dev)
+        attention_mask = None if attention_mask is None else attention_mask.to(dev)
+        B, S = input_ids.shape
+        rows = B * max(1, num_beams)
+        notes: list[str] = []
+        runner = None
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+        if spec.name == "gpu_only":
+            materialize_experts(model, self.store, dev)
+        else:
+            runner = OffloadRunner(model, self.store, spec, dev, n_enc=rows * S, n_dec=rows,
+                                   copy_mode=self.copy_mode).attach()
+            runner.pool.measure_stall = self.measure_stall and not self.cuda_graph
+        try:
+            if warmup:  # one untimed pass (allocator, kernels); cache and counters reset after
+                self._generate(input_ids, attention_mask, min(2, max_new_tokens), num_beams, False, None)
+                if runner is not None:
+                    runner.reset()
+            res = self._generate(input_ids, attention_mask, max_new_tokens, num_beams, keep_logits, runner, notes)
+        finally:
+            if runner is not None:
+                runner.detach()
+            else:
+                drop_experts(model)
+        res.policy = spec.label
+        return res
+
+    def _generate(self, ids, mask, max_new_tokens, num_beams, keep_logits, runner, notes=None) -> RunResult:
+        dev, model = self.device, self.model
+        notes = notes if notes is not None else []
+        B = ids.shape[0]
+        nb = max(1, num_beams)
+        if nb > 1:
+            ids_p = ids.repeat_interleave(nb, dim=0)
+            mask_p = None if mask is None else mask.repeat_interleave(nb, dim=0)
+        else:
+            ids_p, mask_p = ids, mask
+        _sync(dev)
+        t0 = time.perf_counter()
+        state = model.prefill(ids_p, mask_p, max_len=max_new_tokens)
+        _sync(dev)
+        t_prefill = time.perf_counter() - t0
+
+        step = model.decode_one_token
+        capture_ms = None
+        graphed = False
+        if self.cuda_graph:
+            try:
+                tc = time.perf_counter()
+                step = GraphStep(model, state, B * nb, on_warm=runner.reset_counters if runner else None)
+                _sync(dev)
+                capture_ms = 1e3 * (time.perf_counter() - tc)
+                graphed = True
+            except Exception as e:  # an operation in the step is not capturable: run eagerly
+                notes.append(f"decode step not graph-captured ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+                torch.cuda.synchronize()
+                step = model.decode_one_token
+        logits: list[torch.Tensor] = []
+
+        def recording_step(state, tok):
+            out = step(state, tok)
+            if keep_logits:
+                logits.append(out.detach().clone().cpu())
+            return out
+
+        stamps: list[float] = []
+
+        def on_token(_t):
+            _sync(dev)
+            stamps.append(time.perf_counter())
+
+        t1 = time.perf_counter()
+        if nb > 1:
+            out = beam_search(model, ids, mask, max_new_tokens, num_beams=nb, step=recording_step, state=state,
+                              on_token=on_token)
+        else:
+            out = greedy(model, ids, mask, max_new_tokens, step=recording_step, state=state, on_token=on_token)
+        _sync(dev)
+        t_end = time.perf_counter()
+        steps = len(stamps)
+        per_token = [1e3 * (b - a) for a, b in zip([t1] + stamps[:-1], stamps)]
+        decode_ms = per_token[1:] if len(per_token) > 1 else per_token
+        total_s = t_prefill + (t_end - t1)
+        m = {
+            "device": str(dev),
+            "compute_device": "cpu" if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+            "batch_size": B, "num_beams": nb, "input_tokens": int(ids.shape[1]), "new_tokens": steps,
+            "ttft_ms": 1e3 * t_prefill + (per_token[0] if per_token else 0.0),
+            "prefill_ms": 1e3 * t_prefill,
+            "ms_per_token_median": statistics.median(decode_ms) if decode_ms else None,
+            "ms_per_token_p90": _pct(decode_ms, 0.9),
+            "tokens_per_s": (B * steps / total_s) if total_s > 0 else None,
+            "cuda_graph": graphed,
+            "graph_capture_ms": capture_ms,
+        }
+        if dev.type == "cuda":
+            m["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(dev)
+            m["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(dev)
+        else:
+            m["peak_allocated_bytes"] = m["peak_reserved_bytes"] = None  # no GPU: no GPU memory figures
+        if runner is not None:
+            st = runner.stats()
+            m.update(st)
+            dur = t_prefill + (t_end - t1)
+            m["copy_GBps"] = (st["bytes_copied"] / dur / 1e9) if dev.type == "cuda" and dur > 0 else None
+        else:
+            m.update(experts_copied=0, bytes_copied=0, hit_rate=None, stall_ms=None, copy_GBps=None,
+                     pool_bytes=0, copy_mode=None)
+        return RunResult(policy="", tokens=out.tolist(), metrics=m, step_logits=logits, notes=notes)
+
+
+def check_offload_possible(spec: PolicySpec, model: Switch) -> None:
+    """Raise early (before any run) for a policy the model cannot serve."""
+    if spec.name in ("pregated", "lookahead") and not model.cfg.pregated:
+        raise OffloadError(
+            f"policy {spec.name!r} needs a pre-gated model (config.json has pregated=false): this is an "
+            "unconverted Switch model. Fine-tune it with pre-gates (python -m train), or run it with "
+            "policy=on_demand, prefetch_all or speculative")

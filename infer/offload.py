@@ -1,0 +1,283 @@
+"""Expert offloading: the expert store in (pinned) CPU memory, the GPU slot pool, and the copier.
+
+Legend: M MoE blocks (encoder's, then decoder's), E experts per block, F expert hidden width,
+D model width, X = 2*F*D elements of one expert (w_in then w_out, one contiguous chunk),
+P slots in the pool, C cache slots per block, R staging buffers in the ring, n slots per
+staging buffer, K = C + n candidate slots of one block.
+
+Every placement decision is made with tensor operations on the compute device from the routing
+ids (no host synchronisation), so the decode step stays capturable as a CUDA graph; only the
+"host" copy mode (cudaMemcpyAsync per expert) reads the plan on the host. On a CPU-only machine
+the store is ordinary memory, the "slots" are CPU tensors and copies are synchronous, but the same
+slot/table/cache logic runs, so the equality tests exercise it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from models.config import SwitchConfig
+
+try:  # the device copier is a Triton kernel; CPU-only installs fall back to torch copies
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover
+    HAVE_TRITON = False
+
+GB = 1e9
+_INF = 1 << 62   # key of a slot that holds an expert this step needs: never a victim
+_LAST = 1 << 61  # key of a staging slot: used only when the cache cannot take a miss
+
+
+class OffloadError(ValueError):
+    """An offload setting that cannot work (memory budget, model kind); the message names the fix."""
+
+
+# ----------------------------------------------------------------------------------------------- store
+class ExpertStore:
+    """Every MoE block's experts in CPU memory, one contiguous chunk per expert: data [M, E, X].
+
+    On CUDA the chunk is page-locked with cudaHostRegister (exact size; torch's pinned allocator
+    would round up to a power of two) and mapped, so a kernel can also read it in place.
+    """
+
+    def __init__(self, cfg: SwitchConfig, num_blocks: int, dtype: torch.dtype, budget_bytes: float | None,
+                 pin: bool):
+        self.M, self.E, self.F, self.D = num_blocks, cfg.num_experts, cfg.d_ff, cfg.d_model
+        self.X = 2 * self.F * self.D
+        self.dtype = dtype
+        self.expert_bytes = self.X * torch.empty((), dtype=dtype).element_size()
+        self.total_bytes = self.M * self.E * self.expert_bytes
+        if budget_bytes is not None and self.total_bytes > budget_bytes:
+            raise OffloadError(
+                f"the experts need {self.total_bytes / GB:.2f} GB of pinned CPU memory ({self.M} MoE blocks x "
+                f"{self.E} experts x {self.expert_bytes / 1e6:.2f} MB in {str(dtype).replace('torch.', '')}), "
+                f"over the budget of {budget_bytes / GB:.2f} GB; raise it with offload.pinned_budget_gb=<GB> "
+                f"(this machine has {_ram_bytes() / GB:.0f} GB of RAM)"
+            )
+        self.data = torch.empty((self.M, self.E, self.X), dtype=dtype)  # [M, E, X]
+        self.pinned = False
+        self._alias: torch.Tensor | None = None
+        if pin:
+            self._pin()
+
+    def _pin(self) -> None:
+        ptr, size = self.data.data_ptr(), self.total_bytes
+        rc = int(torch.cuda.cudart().cudaHostRegister(ptr, size, 3))  # portable | mapped
+        if rc != 0:
+            raise OffloadError(f"cudaHostRegister of {size / GB:.2f} GB failed (cudaError {rc}); "
+                               "lower offload.pinned_budget_gb or free host memory")
+        self.pinned = True
+
+    def close(self) -> None:
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.data.data_ptr())
+            self.pinned = False
+        self._alias = None
+
+    def __del__(self):  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # views of one expert
+    def w_in(self, m: int, e: int) -> torch.Tensor:
+        return self.data[m, e, : self.F * self.D].view(self.F, self.D)  # [F, D]
+
+    def w_out(self, m: int, e: int) -> torch.Tensor:
+        return self.data[m, e, self.F * self.D :].view(self.D, self.F)  # [D, F]
+
+    def device_alias(self, device: torch.device) -> torch.Tensor:
+        """A CUDA tensor over the same (mapped, pinned) bytes: kernels read experts in place over PCIe."""
+        if self._alias is None:
+            if not self.pinned:
+                raise OffloadError("device copies need the pinned store (CUDA)")
+            itemsize = self.data.element_size()
+            typestr = {1: "<u1", 2: "<i2", 4: "<f4"}[itemsize]
+            raw_dtype = {1: torch.uint8, 2: torch.int16, 4: torch.float32}[itemsize]
+
+            class _Iface:  # __cuda_array_interface__ v3; with unified addressing the host pointer is valid
+                __cuda_array_interface__ = {
+                    "data": (self.data.data_ptr(), False), "shape": tuple(self.data.shape),
+                    "typestr": typestr, "strides": None, "version": 3,
+                }
+
+            with torch.cuda.device(device):
+                alias = torch.as_tensor(_Iface(), device=device)
+            assert alias.dtype == raw_dtype
+            self._alias = alias.view(self.dtype)
+        return self._alias
+
+    # filling
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, model, dtype: torch.dtype, budget_bytes: float | None,
+                        pin: bool) -> ExpertStore:
+        """Read every expert straight from the checkpoint files (memory-mapped) into its chunk."""
+        from models.checkpoint import CheckpointReader, key_map
+
+        names = _moe_names(model)
+        store = cls(model.cfg, len(names), dtype, budget_bytes, pin)
+        reader = CheckpointReader(path)
+        where = {name: m for m, name in enumerate(names)}
+        for key, (own, e) in key_map(model.cfg, model).items():
+            if e is None:
+                continue
+            mod, leaf = own.rsplit(".", 1)
+            m = where[mod]
+            dst = store.w_in(m, e) if leaf == "w_in" else store.w_out(m, e)
+            dst.copy_(reader.get(key))
+        return store
+
+    @classmethod
+    def from_model(cls, model, dtype: torch.dtype | None = None, budget_bytes: float | None = None,
+                   pin: bool = False) -> ExpertStore:
+        """Copy a materialised model's experts (tests, random benchmark models)."""
+        moes = model.moes
+        store = cls(model.cfg, len(moes), dtype or moes[0].w_in.dtype, budget_bytes, pin)
+        FD = store.F * store.D
+        for m, moe in enumerate(moes):
+            store.data[m, :, :FD].copy_(moe.w_in.detach().reshape(store.E, FD))
+            store.data[m, :, FD:].copy_(moe.w_out.detach().reshape(store.E, FD))
+        return store
+
+
+def _moe_names(model) -> list[str]:
+    """Module names of model.moes, in the same order (encoder's blocks, then decoder's)."""
+    by_id = {id(mod): name for name, mod in model.named_modules()}
+    return [by_id[id(m)] for m in model.moes]
+
+
+def _ram_bytes() -> int:
+    try:
+        return os_sysconf("SC_PAGE_SIZE") * os_sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return 0
+
+
+def os_sysconf(name: str) -> int:
+    import os
+
+    return os.sysconf(name)
+
+
+def default_budget_bytes() -> float:
+    """Three quarters of the machine's RAM."""
+    return 0.75 * _ram_bytes()
+
+
+def is_expert_param(name: str) -> bool:
+    return name.endswith(".ff.w_in") or name.endswith(".ff.w_out")
+
+
+# ----------------------------------------------------------------------------------------------- copier
+if HAVE_TRITON:
+
+    @triton.jit
+    def _gather_experts_kernel(
+        src_ptr, dst_in_ptr, dst_out_ptr, src_idx_ptr, dst_idx_ptr, valid_ptr,
+        FD, stride_src_e,
+        BLOCK: tl.constexpr,
+    ):
+        # Program (j, c): chunk c of expert src_idx[j] -> slot dst_idx[j], if valid[j]. The source is
+        # host memory mapped into the GPU's address space, so this kernel is the PCIe copy; its
+        # arguments live on the device, so it needs no host sync and can be captured in a graph.
+        j = tl.program_id(0)
+        c = tl.program_id(1)
+        if tl.load(valid_ptr + j) != 0:
+            s = tl.load(src_idx_ptr + j).to(tl.int64)
+            d = tl.load(dst_idx_ptr + j).to(tl.int64)
+            offs = c * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < 2 * FD
+            x = tl.load(src_ptr + s * stride_src_e + offs, mask=mask)
+            first = offs < FD
+            tl.store(dst_in_ptr + d * FD + offs, x, mask=mask & first)
+            tl.store(dst_out_ptr + d * FD + (offs - FD), x, mask=mask & (offs >= FD))
+
+
+class SlotPool:
+    """GPU slots for expert weights: pool_in [P, F, D], pool_out [P, D, F].
+
+    Slot p < M*C: cache slot p % C of block p // C. Slot M*C + r*n + j: slot j of staging buffer r.
+    Block m stages into buffer m % R (R = lookahead + 1), so a copy for block m overwrites only the
+    buffer last read by block m - R, whose compute the compute stream has passed when the copy is
+    issued; one event per block (copy done) is all the ordering needed.
+    """
+
+    def __init__(self, store: ExpertStore, device: torch.device, cache_size: int, n_stage: int, ring: int,
+                 copy_mode: str = "auto"):
+        self.store, self.device = store, torch.device(device)
+        self.M, self.E, self.C, self.n, self.R = store.M, store.E, cache_size, n_stage, ring
+        self.P = self.M * self.C + self.R * self.n
+        F, D = store.F, store.D
+        dt = store.dtype
+        self.pool_in = torch.zeros((self.P, F, D), dtype=dt, device=self.device)    # [P, F, D]
+        self.pool_out = torch.zeros((self.P, D, F), dtype=dt, device=self.device)   # [P, D, F]
+        self.cuda = self.device.type == "cuda"
+        if copy_mode == "auto":
+            copy_mode = "device" if self.cuda and HAVE_TRITON and store.pinned else ("host" if self.cuda else "cpu")
+        if copy_mode == "device" and not (self.cuda and HAVE_TRITON):
+            raise OffloadError("copy_mode=device needs CUDA and Triton")
+        self.copy_mode = copy_mode
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.copy_done = [torch.cuda.Event() if self.cuda else None for _ in range(self.M)]
+        self._alias = store.device_alias(self.device) if copy_mode == "device" else None
+        self.stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.measure_stall = False
+
+    def nbytes(self) -> int:
+        return self.pool_in.numel() * self.pool_in.element_size() * 2
+
+    def copy(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor, valid_n: torch.Tensor) -> None:
+        """Copy expert src_n[j] of block m into slot dst_n[j] where valid_n[j]; returns at once on CUDA
+        (the copy runs on the copy stream after the compute stream's current point)."""
+        if not self.cuda:
+            self._copy_host(m, src_n, dst_n, valid_n)
+            return
+        compute = torch.cuda.current_stream(self.device)
+        self.copy_stream.wait_stream(compute)
+        with torch.cuda.stream(self.copy_stream):
+            if self.copy_mode == "device":
+                FD = self.store.F * self.store.D
+                BLOCK = 8192
+                grid = (src_n.numel(), triton.cdiv(2 * FD, BLOCK))
+                _gather_experts_kernel[grid](
+                    self._alias[m], self.pool_in, self.pool_out, src_n, dst_n, valid_n,
+                    FD, self._alias.stride(1), BLOCK=BLOCK, num_warps=8,
+                )
+            else:
+                self._copy_host(m, src_n, dst_n, valid_n)
+            self.copy_done[m].record(self.copy_stream)
+
+    def _copy_host(self, m, src_n, dst_n, valid_n) -> None:
+        pairs = torch.stack([src_n, dst_n], 1)[valid_n.bool()].tolist()  # host sync on CUDA
+        for e, p in pairs:
+            self.pool_in[p].copy_(self.store.w_in(m, e), non_blocking=True)
+            self.pool_out[p].copy_(self.store.w_out(m, e), non_blocking=True)
+
+    def wait(self, m: int) -> None:
+        """The compute stream waits for block m's copies (only those)."""
+        if not self.cuda:
+            return
+        compute = torch.cuda.current_stream(self.device)
+        if self.measure_stall:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record(compute)
+            compute.wait_event(self.copy_done[m])
+            b.record(compute)
+            self.stall_events.append((a, b))
+        else:
+            compute.wait_event(self.copy_done[m])
+
+    def stall_ms(self) -> float | None:
+        if not self.cuda or not self.measure_stall:
+            return None
+        torch.cuda.synchronize(self.device)
+        return sum(a.elapsed_time(b) for a, b in self.stall_events)
+
+
+__all__ = ["ExpertStore", "SlotPool", "OffloadError", "default_budget_bytes", "is_expert_param", "GB"]

@@ -1,0 +1,284 @@
+"""Offload policies: which experts to copy into GPU slots, and when.
+
+| policy       | copies at block m                                   | needs                     |
+| ------------ | --------------------------------------------------- | ------------------------- |
+| gpu_only     | nothing (all experts on the GPU)                    |                           |
+| on_demand    | block m's routed experts, after m's gate            |                           |
+| prefetch_all | all experts of block m+1, during block m            |                           |
+| pregated     | block m+1's pre-gated experts, during block m       | a pre-gated model         |
+| lookahead    | block m+L's pre-gated experts, during block m       | a model with lookahead L>1|
+| speculative  | block m+1's router on block m's FFN input; misses   | an unconverted model      |
+|              | fetched on demand (outputs unchanged)               |                           |
+
+Each CPU policy can put an LRU or LFU cache of C slots per block in front of the copies. Names in
+lists may carry the cache: `on_demand@lru4`, `pregated@lfu2`.
+
+A placement plan is a handful of tensor operations on the compute device (no host sync):
+need_E (experts the block's tokens use) -> hits (resident in the block's cache or staging slots),
+misses (copied into victims: empty or least recently / frequently used cache slots first, then
+staging slots) -> the block's expert->slot table. Legend as in infer/offload.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from infer.offload import _INF, _LAST, ExpertStore, OffloadError, SlotPool
+from models.moe import Routing, gate_logits, routing_from_logits
+
+POLICIES = ("gpu_only", "on_demand", "prefetch_all", "pregated", "lookahead", "speculative")
+CACHE_KINDS = ("lru", "lfu")
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    name: str
+    cache_size: int = 0
+    cache_kind: str = "lru"
+
+    @property
+    def label(self) -> str:
+        return self.name if self.cache_size == 0 else f"{self.name}@{self.cache_kind}{self.cache_size}"
+
+    @classmethod
+    def parse(cls, text: str, cache_size: int = 0, cache_kind: str = "lru") -> PolicySpec:
+        """'pregated', or 'on_demand@lru4' (the suffix overrides the cache settings)."""
+        name, _, cache = str(text).partition("@")
+        if cache:
+            kind = cache[:3]
+            if kind not in CACHE_KINDS or not cache[3:].isdigit():
+                raise OffloadError(f"policy {text!r}: the cache suffix must read like @lru4 or @lfu2")
+            cache_kind, cache_size = kind, int(cache[3:])
+        spec = cls(name, int(cache_size), cache_kind)
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        if self.name not in POLICIES:
+            raise OffloadError(f"unknown policy {self.name!r}; known: {', '.join(POLICIES)}")
+        if self.cache_kind not in CACHE_KINDS:
+            raise OffloadError(f"cache.kind={self.cache_kind!r}; expected lru or lfu")
+        if self.cache_size < 0:
+            raise OffloadError(f"cache.size must be >= 0, got {self.cache_size}")
+        if self.name == "gpu_only" and self.cache_size:
+            raise OffloadError("gpu_only keeps every expert on the GPU; a cache makes no sense there")
+
+
+class _Block:
+    """Per-block placement state: an ExpertSource for models.moe.SparseMLP."""
+
+    def __init__(self, runner: OffloadRunner, m: int):
+        self.r, self.m = runner, m
+
+    def prefetch(self, routing: Routing) -> None:
+        self.r.on_prefetch(self.m, routing)
+
+    def observe(self, x_BSD: torch.Tensor) -> None:
+        self.r.on_observe(self.m, x_BSD)
+
+    def fetch(self, routing: Routing):
+        return self.r.on_fetch(self.m, routing)
+
+
+class OffloadRunner:
+    """Attaches a policy to a model whose experts live in an ExpertStore."""
+
+    def __init__(self, model, store: ExpertStore, spec: PolicySpec, device, *, n_enc: int, n_dec: int,
+                 copy_mode: str = "auto"):
+        spec.validate()
+        if spec.name == "gpu_only":
+            raise OffloadError("gpu_only needs no OffloadRunner")
+        cfg = model.cfg
+        if spec.name in ("pregated", "lookahead") and not cfg.pregated:
+            raise OffloadError(
+                f"policy {spec.name!r} needs a pre-gated model (config.json has pregated=false): this is an "
+                "unconverted Switch model. Fine-tune it with pre-gates (python -m train), or run it with "
+                "policy=on_demand, prefetch_all or speculative")
+        if spec.name == "lookahead" and cfg.lookahead < 2:
+            raise OffloadError(f"policy 'lookahead' needs a model fine-tuned with lookahead >= 2 "
+                               f"(this one has lookahead={cfg.lookahead}); use policy=pregated")
+        if spec.name == "pregated" and cfg.lookahead != 1:
+            raise OffloadError(f"this model was fine-tuned with lookahead={cfg.lookahead}; use policy=lookahead")
+        self.model, self.store, self.spec = model, store, spec
+        self.device = torch.device(device)
+        self.E, self.C = store.E, spec.cache_size
+        n_enc_moes = len(model.encoder.moes)
+        self.stack_of = [0] * n_enc_moes + [1] * len(model.decoder.moes)
+        self.first_of = [0, n_enc_moes]
+        self.last_of = [n_enc_moes - 1, store.M - 1]
+        # slots each plan may need: all E for prefetch_all; tokens x k otherwise (k = 1 in Switch)
+        if spec.name == "prefetch_all":
+            n_enc = n_dec = self.E
+        self.n_of = [min(self.E, n_enc), min(self.E, n_dec)]
+        ring = (cfg.lookahead + 1) if spec.name in ("pregated", "lookahead") else 2
+        self.ring = ring
+        self.pool = SlotPool(store, self.device, self.C, max(self.n_of), ring, copy_mode)
+        dev = self.device
+        M, C, n = store.M, self.C, max(self.n_of)
+        # candidate slots of block m: its C cache slots, then the n slots of staging buffer (block's ring index)
+        self.cand_slot = []
+        for m in range(M):
+            r = (m - self.first_of[self.stack_of[m]]) % ring
+            cache = torch.arange(m * C, (m + 1) * C)
+            stage = M * C + r * n + torch.arange(n)
+            self.cand_slot.append(torch.cat([cache, stage]).to(dev))
+        self.holder = [torch.full((C + n,), -1, dtype=torch.long, device=dev) for _ in range(M)]  # expert per slot
+        self.last_use = [torch.full((C,), -1, dtype=torch.long, device=dev) for _ in range(M)]   # LRU
+        self.freq = [torch.zeros(self.E, dtype=torch.long, device=dev) for _ in range(M)]        # LFU
+        self.table = [torch.zeros(self.E, dtype=torch.int32, device=dev) for _ in range(M)]
+        # persistent plan buffers (the copy stream reads them; no cross-stream temporaries)
+        self.plan_src = [torch.zeros(n, dtype=torch.int32, device=dev) for _ in range(M)]
+        self.plan_dst = [torch.zeros(n, dtype=torch.int32, device=dev) for _ in range(M)]
+        self.plan_valid = [torch.zeros(n, dtype=torch.int32, device=dev) for _ in range(M)]
+        self.tick = torch.zeros((), dtype=torch.long, device=dev)
+        self.copied = torch.zeros((), dtype=torch.long, device=dev)
+        self.hits = torch.zeros((), dtype=torch.long, device=dev)
+        self.lookups = torch.zeros((), dtype=torch.long, device=dev)
+        self.all_E = torch.ones(self.E, dtype=torch.bool, device=dev)
+        self._prefetched: set[int] = set()
+        self._pending: list[tuple[int | None, torch.Tensor]] = []
+        self._observed: tuple[int, torch.Tensor] | None = None
+        self.moes = model.moes
+
+    # -- attach / state ------------------------------------------------------------------------
+    def attach(self) -> OffloadRunner:
+        for m, moe in enumerate(self.moes):
+            moe.expert_source = _Block(self, m)
+        return self
+
+    def detach(self) -> None:
+        for moe in self.moes:
+            moe.expert_source = None
+
+    def reset_counters(self) -> None:
+        for t in (self.copied, self.hits, self.lookups):
+            t.zero_()
+        self.pool.stall_events.clear()
+
+    def reset(self) -> None:
+        """Empty cache and staging (a cold start)."""
+        self.reset_counters()
+        for m in range(self.store.M):
+            self.holder[m].fill_(-1)
+            self.last_use[m].fill_(-1)
+            self.freq[m].zero_()
+        self.tick.zero_()
+
+    def stats(self) -> dict:
+        lookups = int(self.lookups)
+        return {
+            "experts_copied": int(self.copied),
+            "bytes_copied": int(self.copied) * self.store.expert_bytes,
+            "cache_hits": int(self.hits),
+            "expert_lookups": lookups,
+            "hit_rate": (int(self.hits) / lookups) if lookups else None,
+            "stall_ms": self.pool.stall_ms(),
+            "pool_bytes": self.pool.nbytes(),
+            "copy_mode": self.pool.copy_mode,
+        }
+
+    # -- the plan --------------------------------------------------------------------------------
+    def _need(self, routing: Routing) -> torch.Tensor:
+        need = torch.zeros(self.E, dtype=torch.bool, device=self.device)
+        return need.index_fill_(0, routing.ids.reshape(-1).long(), True)
+
+    def _plan(self, m: int, need_E: torch.Tensor, fresh: bool) -> None:
+        """Place the experts need_E [E] of block m in slots, start the copies of the misses."""
+        C, E = self.C, self.E
+        n = self.n_of[self.stack_of[m]]
+        nmax = self.holder[m].numel() - C
+        holder = self.holder[m]                                     # [K] expert per candidate slot, -1 empty
+        if fresh:  # staging contents from an earlier step/plan are not this block's
+            holder[C:].fill_(-1)
+        K = holder.numel()
+        cand = torch.arange(K, device=self.device)
+        # expert -> candidate slot holding it (index E collects the empty slots)
+        res = torch.full((E + 1,), -1, dtype=torch.long, device=self.device)
+        res.scatter_(0, torch.where(holder >= 0, holder, E), cand)
+        res_E = res[:E]
+        hit_E = need_E & (res_E >= 0)
+        miss_E = need_E & (res_E < 0)
+        miss_n = torch.argsort((~miss_E).to(torch.int8), stable=True)[:n]   # misses first, by expert id
+        valid_n = miss_E[miss_n]
+        # victims: slots not holding a needed expert; empty/least-used cache slots, then staging
+        holds_needed = (holder >= 0) & need_E[holder.clamp(min=0)]
+        if self.spec.cache_kind == "lfu":
+            score = torch.where(holder[:C] >= 0, self.freq[m][holder[:C].clamp(min=0)], -1)
+        else:
+            score = self.last_use[m]
+        key = torch.cat([score, torch.full((nmax,), _LAST, dtype=torch.long, device=self.device)])
+        key = torch.where(holds_needed, _INF, key)
+        victim_n = torch.argsort(key, stable=True)[:n]
+        holder.scatter_(0, victim_n, torch.where(valid_n, miss_n, holder[victim_n]))
+        slot_K = self.cand_slot[m]
+        dst_n = slot_K[victim_n]
+        # expert -> slot table: hits keep their slot, misses get their victim's
+        table = self.table[m]
+        table.copy_(torch.where(hit_E, slot_K[res_E.clamp(min=0)].to(torch.int32), table))
+        table.scatter_(0, miss_n, torch.where(valid_n, dst_n.to(torch.int32), table[miss_n]))
+        # cache bookkeeping
+        if C:
+            if self.spec.cache_kind == "lfu":
+                self.freq[m].add_(need_E.long())
+            else:
+                used = (holder[:C] >= 0) & need_E[holder[:C].clamp(min=0)]
+                self.last_use[m].copy_(torch.where(used, self.tick, self.last_use[m]))
+                self.tick.add_(1)
+        self.hits.add_(hit_E.sum())
+        self.lookups.add_(need_E.sum())
+        self.copied.add_(valid_n.sum())
+        self.plan_src[m][:n].copy_(miss_n)
+        self.plan_dst[m][:n].copy_(dst_n)
+        self.plan_valid[m][:n].copy_(valid_n)
+        self.pool.copy(m, self.plan_src[m][:n], self.plan_dst[m][:n], self.plan_valid[m][:n])
+
+    def _weights(self, m: int):
+        self.pool.wait(m)
+        return self.pool.pool_in, self.pool.pool_out, self.table[m]
+
+    def _next_in_stack(self, m: int, ahead: int = 1) -> int | None:
+        t = m + ahead
+        return t if t <= self.last_of[self.stack_of[m]] else None
+
+    # -- hooks -------------------------------------------------------------------------------------
+    # Stack.run calls prefetch(target) before the source block's fetch, so plans are queued here and
+    # issued from on_fetch after the source block's own copies: the copy stream serves the block that
+    # computes first, first.
+    def on_prefetch(self, m: int, routing: Routing) -> None:
+        """A pre-gate routed block m early."""
+        if self.spec.name in ("pregated", "lookahead"):
+            self._pending.append((m, self._need(routing)))
+
+    def on_observe(self, m: int, x_BSD: torch.Tensor) -> None:
+        """Block m's FFN input is known (before its experts run)."""
+        if self.spec.name == "speculative":
+            self._observed = (m, x_BSD)
+
+    def on_fetch(self, m: int, routing: Routing):
+        name = self.spec.name
+        early = m in self._prefetched
+        self._prefetched.discard(m)
+        if name == "prefetch_all":
+            if not early:
+                self._plan(m, self.all_E, fresh=True)
+            self._pending.append((self._next_in_stack(m), self.all_E))
+        elif name == "speculative":
+            # misses of the guess are fetched now; the outputs are those of the unconverted model
+            self._plan(m, self._need(routing), fresh=not early)
+            seen, self._observed = self._observed, None
+            t = self._next_in_stack(m)
+            if seen is not None and seen[0] == m and t is not None:
+                x_BSD = seen[1]
+                B, S, D = x_BSD.shape
+                guess = routing_from_logits(gate_logits(x_BSD.reshape(B * S, D), self.moes[t].router), (B, S), None)
+                self._pending.append((t, self._need(guess)))
+        elif not early:  # on_demand, or a block no pre-gate routes (the first of a stack)
+            self._plan(m, self._need(routing), fresh=True)
+        for t, need_E in self._pending:
+            if t is not None:
+                self._plan(t, need_E, fresh=True)
+                self._prefetched.add(t)
+        self._pending.clear()
+        return self._weights(m)

@@ -1,0 +1,113 @@
+"""Contract 3: offloading never changes the answer (bitwise on one device), and clear errors."""
+
+import pytest
+import torch
+
+from infer.engine import Engine, load_offloaded
+from infer.offload import OffloadError
+from infer.policies import OffloadRunner, PolicySpec
+from tests.infer.util import prompts, tiny_checkpoint
+
+CPU_POLICIES = ["on_demand", "prefetch_all", "pregated"]
+CACHES = [(0, "lru"), (2, "lru"), (3, "lfu"), (8, "lru")]
+
+
+@pytest.fixture(scope="module")
+def pregated_ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ck") / "pregated", pregated=True)
+
+
+@pytest.fixture(scope="module")
+def plain_ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ck") / "plain", pregated=False)
+
+
+def _engine(path):
+    model, store = load_offloaded(path, "cpu", torch.float32, None)
+    return Engine(model, store, "cpu")
+
+
+def _same(ref, res):
+    assert res.tokens == ref.tokens, res.policy
+    assert len(res.step_logits) == len(ref.step_logits)
+    for a, b in zip(ref.step_logits, res.step_logits):
+        assert torch.equal(a, b), res.policy
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_every_policy_and_cache_matches_gpu_only(pregated_ckpt, num_beams):
+    eng = _engine(pregated_ckpt)
+    ids, mask = prompts()
+    kw = dict(max_new_tokens=6, num_beams=num_beams, keep_logits=True)
+    ref = eng.run(PolicySpec("gpu_only"), ids, mask, **kw)
+    assert ref.step_logits
+    for name in CPU_POLICIES:
+        for size, kind in CACHES:
+            res = eng.run(PolicySpec(name, size, kind), ids, mask, **kw)
+            _same(ref, res)
+            m = res.metrics
+            assert m["experts_copied"] > 0 and m["expert_lookups"] > 0
+            assert m["peak_allocated_bytes"] is None  # CPU: no GPU figures invented
+
+
+def test_cache_hits_and_fewer_copies(pregated_ckpt):
+    eng = _engine(pregated_ckpt)
+    ids, mask = prompts()
+    plain = eng.run(PolicySpec("on_demand"), ids, mask, max_new_tokens=8).metrics
+    cached = eng.run(PolicySpec("on_demand", 8, "lru"), ids, mask, max_new_tokens=8).metrics
+    assert plain["hit_rate"] == 0.0
+    assert cached["hit_rate"] > 0.5  # 8 slots hold all 8 experts of a block after the first misses
+    assert cached["experts_copied"] <= 4 * 8  # at most every expert of every block once
+    assert cached["experts_copied"] < plain["experts_copied"]
+    lfu = eng.run(PolicySpec("on_demand", 2, "lfu"), ids, mask, max_new_tokens=8).metrics
+    assert 0.0 <= lfu["hit_rate"] <= 1.0
+
+
+def test_speculative_on_unconverted_model(plain_ckpt):
+    eng = _engine(plain_ckpt)
+    ids, mask = prompts()
+    kw = dict(max_new_tokens=6, keep_logits=True)
+    ref = eng.run(PolicySpec("gpu_only"), ids, mask, **kw)
+    for size in (0, 2):
+        _same(ref, eng.run(PolicySpec("speculative", size), ids, mask, **kw))
+    _same(ref, eng.run(PolicySpec("on_demand"), ids, mask, **kw))
+
+
+def test_lookahead_policy(tmp_path):
+    path = tiny_checkpoint(tmp_path / "la", lookahead=2, num_layers=8, num_decoder_layers=8,
+                           num_sparse_encoder_layers=4, num_sparse_decoder_layers=4)
+    eng = _engine(path)
+    ids, mask = prompts()
+    kw = dict(max_new_tokens=5, keep_logits=True)
+    ref = eng.run(PolicySpec("gpu_only"), ids, mask, **kw)
+    for spec in (PolicySpec("lookahead"), PolicySpec("lookahead", 2), PolicySpec("on_demand")):
+        _same(ref, eng.run(spec, ids, mask, **kw))
+    with pytest.raises(OffloadError, match="lookahead"):
+        eng.run(PolicySpec("pregated"), ids, mask, **kw)
+
+
+def test_pregated_refuses_unconverted_model(plain_ckpt):
+    eng = _engine(plain_ckpt)
+    ids, mask = prompts()
+    with pytest.raises(OffloadError, match="needs a pre-gated model"):
+        eng.run(PolicySpec("pregated"), ids, mask, max_new_tokens=2)
+
+
+def test_budget_exceeded_fails_at_load(pregated_ckpt):
+    with pytest.raises(OffloadError, match=r"pinned_budget_gb.*") as e:
+        load_offloaded(pregated_ckpt, "cpu", torch.float32, budget_bytes=1000)
+    assert "MoE blocks" in str(e.value) and "GB" in str(e.value)
+
+
+def test_policy_spec_parsing():
+    assert PolicySpec.parse("on_demand@lru4") == PolicySpec("on_demand", 4, "lru")
+    assert PolicySpec.parse("pregated", 2, "lfu").label == "pregated@lfu2"
+    for bad in ("nope", "on_demand@xyz3", "gpu_only@lru2"):
+        with pytest.raises(OffloadError):
+            PolicySpec.parse(bad)
+
+
+def test_slots_stay_bounded(pregated_ckpt):
+    model, store = load_offloaded(pregated_ckpt, "cpu", torch.float32, None)
+    r = OffloadRunner(model, store, PolicySpec("pregated"), "cpu", n_enc=1000, n_dec=1)
+    assert r.pool.P == 2 * store.E  # two blocks' experts at most without a cache
