@@ -144,6 +144,7 @@ class DecodeState:
     self_v: list[torch.Tensor]
     pos: torch.Tensor                            # [1] long: index of the token being decoded
     max_len: int
+    self_bias: torch.Tensor | None = None        # [Tmax, H, Tmax]: position bias + causal mask per query position
     enc_out: torch.Tensor | None = None          # [B, S, D]
     routings: list[Routing] = field(default_factory=list)  # encoder routings of the prefill
 
@@ -433,6 +434,12 @@ class Switch(nn.Module):
         enc_out, routings = self.encode(input_ids, attention_mask)
         c, B = self.cfg, input_ids.shape[0]
         kv = self._cross_kv(enc_out)
+        # The decoder's self-attention bias for every query position, computed once: a step then
+        # reads its row with one index instead of recomputing the buckets (a dozen launches).
+        qpos = torch.arange(max_len, device=enc_out.device)
+        table = self.decoder.blocks[0].self_attn.position_bias(qpos, max_len)[0].to(enc_out.dtype)  # [H, Tq, Tk]
+        future = qpos[None, :] > qpos[:, None]
+        table = (table + future.to(enc_out.dtype) * torch.finfo(enc_out.dtype).min).transpose(0, 1).contiguous()
         shape = (B, c.num_heads, max_len, c.d_kv)
         n = len(self.decoder.blocks)
         return DecodeState(
@@ -445,6 +452,7 @@ class Switch(nn.Module):
             max_len=max_len,
             enc_out=enc_out,
             routings=routings,
+            self_bias=table,
         )
 
     @torch.no_grad()
@@ -452,11 +460,7 @@ class Switch(nn.Module):
         """One decoder step for tokens [B] at position state.pos; returns fp32 logits [B, V] and
         advances state.pos in place. No host synchronisation: capturable as a CUDA graph."""
         h = self.shared(tokens_B[:, None])
-        dtype = h.dtype
-        att0 = self.decoder.blocks[0].self_attn
-        bias = att0.position_bias(state.pos, state.max_len).to(dtype)  # [1, H, 1, Tmax]
-        future = torch.arange(state.max_len, device=h.device)[None, :] > state.pos[:, None]
-        bias = bias + future.to(dtype) * torch.finfo(dtype).min
+        bias = state.self_bias.index_select(0, state.pos).unsqueeze(2)  # [1, H, 1, Tmax]
         kv = list(zip(state.cross_k, state.cross_v))
         out, _ = self.decoder.run(
             h, bias, cross_kv=kv, cross_bias=state.enc_bias, cache=(state.self_k, state.self_v, state.pos)
