@@ -20,13 +20,7 @@ import torch
 
 from models.config import SwitchConfig
 
-try:  # the device copier is a Triton kernel; CPU-only installs fall back to torch copies
-    import triton
-    import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover
-    HAVE_TRITON = False
+from kernels import expert_copy
 
 GB = 1e9
 _INF = 1 << 62   # key of a slot that holds an expert this step needs: never a victim
@@ -61,7 +55,6 @@ class ExpertStore:
             )
         self.data = torch.empty((self.M, self.E, self.X), dtype=dtype)  # [M, E, X]
         self.pinned = False
-        self._alias: torch.Tensor | None = None
         if pin:
             self._pin()
 
@@ -77,7 +70,6 @@ class ExpertStore:
         if self.pinned:
             torch.cuda.cudart().cudaHostUnregister(self.data.data_ptr())
             self.pinned = False
-        self._alias = None
 
     def __del__(self):  # pragma: no cover - best effort
         try:
@@ -91,27 +83,6 @@ class ExpertStore:
 
     def w_out(self, m: int, e: int) -> torch.Tensor:
         return self.data[m, e, self.F * self.D :].view(self.D, self.F)  # [D, F]
-
-    def device_alias(self, device: torch.device) -> torch.Tensor:
-        """A CUDA tensor over the same (mapped, pinned) bytes: kernels read experts in place over PCIe."""
-        if self._alias is None:
-            if not self.pinned:
-                raise OffloadError("device copies need the pinned store (CUDA)")
-            itemsize = self.data.element_size()
-            typestr = {1: "<u1", 2: "<i2", 4: "<f4"}[itemsize]
-            raw_dtype = {1: torch.uint8, 2: torch.int16, 4: torch.float32}[itemsize]
-
-            class _Iface:  # __cuda_array_interface__ v3; with unified addressing the host pointer is valid
-                __cuda_array_interface__ = {
-                    "data": (self.data.data_ptr(), False), "shape": tuple(self.data.shape),
-                    "typestr": typestr, "strides": None, "version": 3,
-                }
-
-            with torch.cuda.device(device):
-                alias = torch.as_tensor(_Iface(), device=device)
-            assert alias.dtype == raw_dtype
-            self._alias = alias.view(self.dtype)
-        return self._alias
 
     # filling
     @classmethod
@@ -174,38 +145,19 @@ def is_expert_param(name: str) -> bool:
     return name.endswith(".ff.w_in") or name.endswith(".ff.w_out")
 
 
-# ----------------------------------------------------------------------------------------------- copier
-if HAVE_TRITON:
-
-    @triton.jit
-    def _gather_experts_kernel(
-        src_ptr, dst_in_ptr, dst_out_ptr, src_idx_ptr, dst_idx_ptr, valid_ptr,
-        FD, stride_src_e,
-        BLOCK: tl.constexpr,
-    ):
-        # Program (j, c): chunk c of expert src_idx[j] -> slot dst_idx[j], if valid[j]. The source is
-        # host memory mapped into the GPU's address space, so this kernel is the PCIe copy; its
-        # arguments live on the device, so it needs no host sync and can be captured in a graph.
-        j = tl.program_id(0)
-        c = tl.program_id(1)
-        if tl.load(valid_ptr + j) != 0:
-            s = tl.load(src_idx_ptr + j).to(tl.int64)
-            d = tl.load(dst_idx_ptr + j).to(tl.int64)
-            offs = c * BLOCK + tl.arange(0, BLOCK)
-            mask = offs < 2 * FD
-            x = tl.load(src_ptr + s * stride_src_e + offs, mask=mask)
-            first = offs < FD
-            tl.store(dst_in_ptr + d * FD + offs, x, mask=mask & first)
-            tl.store(dst_out_ptr + d * FD + (offs - FD), x, mask=mask & (offs >= FD))
-
-
+# ----------------------------------------------------------------------------------------------- slots
 class SlotPool:
-    """GPU slots for expert weights: pool_in [P, F, D], pool_out [P, D, F].
+    """GPU slots for expert weights: pool [P, X]; w_in [P, F, D] and w_out [P, D, F] are views of it
+    (the expert FFN reads them through strides), so one expert is one contiguous row to copy.
 
     Slot p < M*C: cache slot p % C of block p // C. Slot M*C + r*n + j: slot j of staging buffer r.
     Block m stages into buffer m % R (R = lookahead + 1), so a copy for block m overwrites only the
     buffer last read by block m - R, whose compute the compute stream has passed when the copy is
-    issued; one event per block (copy done) is all the ordering needed.
+    issued; one event per block (its copies done) is all the ordering needed.
+
+    copy_mode: "device" (kernels.expert_copy.gather_rows: a kernel reads the pinned store over PCIe
+    by ids on the GPU; no host sync, graph-capturable), "host" (cudaMemcpyAsync per expert; reads
+    the plan on the host, so one sync per plan), "cpu" (no GPU: synchronous copies).
     """
 
     def __init__(self, store: ExpertStore, device: torch.device, cache_size: int, n_stage: int, ring: int,
@@ -214,50 +166,43 @@ class SlotPool:
         self.M, self.E, self.C, self.n, self.R = store.M, store.E, cache_size, n_stage, ring
         self.P = self.M * self.C + self.R * self.n
         F, D = store.F, store.D
-        dt = store.dtype
-        self.pool_in = torch.zeros((self.P, F, D), dtype=dt, device=self.device)    # [P, F, D]
-        self.pool_out = torch.zeros((self.P, D, F), dtype=dt, device=self.device)   # [P, D, F]
+        FD = F * D
+        self.pool = torch.zeros((self.P, store.X), dtype=store.dtype, device=self.device)  # [P, X]
+        self.w_in = self.pool[:, :FD].view(self.P, F, D)     # [P, F, D]
+        self.w_out = self.pool[:, FD:].view(self.P, D, F)    # [P, D, F]
         self.cuda = self.device.type == "cuda"
         if copy_mode == "auto":
-            copy_mode = "device" if self.cuda and HAVE_TRITON and store.pinned else ("host" if self.cuda else "cpu")
-        if copy_mode == "device" and not (self.cuda and HAVE_TRITON):
-            raise OffloadError("copy_mode=device needs CUDA and Triton")
+            copy_mode = ("device" if store.pinned and expert_copy.HAVE_TRITON else "host") if self.cuda else "cpu"
+        if copy_mode not in ("device", "host", "cpu") or (copy_mode == "cpu") == self.cuda:
+            raise OffloadError(f"copy_mode={copy_mode!r} does not fit device {self.device}; "
+                               "use device or host on CUDA, cpu without a GPU")
         self.copy_mode = copy_mode
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.copy_done = [torch.cuda.Event() if self.cuda else None for _ in range(self.M)]
-        self._alias = store.device_alias(self.device) if copy_mode == "device" else None
         self.stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.measure_stall = False
 
     def nbytes(self) -> int:
-        return self.pool_in.numel() * self.pool_in.element_size() * 2
+        return self.pool.numel() * self.pool.element_size()
 
-    def copy(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor, valid_n: torch.Tensor) -> None:
-        """Copy expert src_n[j] of block m into slot dst_n[j] where valid_n[j]; returns at once on CUDA
-        (the copy runs on the copy stream after the compute stream's current point)."""
+    def copy(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor) -> None:
+        """Copy expert src_n[j] of block m into slot dst_n[j] where src_n[j] >= 0. On CUDA this
+        returns at once: the copy runs on the copy stream once the compute stream has passed this point."""
         if not self.cuda:
-            self._copy_host(m, src_n, dst_n, valid_n)
+            self._copy_host(m, src_n, dst_n)
             return
-        compute = torch.cuda.current_stream(self.device)
-        self.copy_stream.wait_stream(compute)
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
             if self.copy_mode == "device":
-                FD = self.store.F * self.store.D
-                BLOCK = 8192
-                grid = (src_n.numel(), triton.cdiv(2 * FD, BLOCK))
-                _gather_experts_kernel[grid](
-                    self._alias[m], self.pool_in, self.pool_out, src_n, dst_n, valid_n,
-                    FD, self._alias.stride(1), BLOCK=BLOCK, num_warps=8,
-                )
+                expert_copy.gather_rows(self.store.data[m], src_n, self.pool, dst_n, num_programs=32, block=8192)
             else:
-                self._copy_host(m, src_n, dst_n, valid_n)
+                self._copy_host(m, src_n, dst_n)
             self.copy_done[m].record(self.copy_stream)
 
-    def _copy_host(self, m, src_n, dst_n, valid_n) -> None:
-        pairs = torch.stack([src_n, dst_n], 1)[valid_n.bool()].tolist()  # host sync on CUDA
-        for e, p in pairs:
-            self.pool_in[p].copy_(self.store.w_in(m, e), non_blocking=True)
-            self.pool_out[p].copy_(self.store.w_out(m, e), non_blocking=True)
+    def _copy_host(self, m, src_n, dst_n) -> None:
+        pairs = torch.stack([src_n, dst_n], 1)
+        for e, p in pairs[src_n >= 0].tolist():  # host sync on CUDA
+            self.pool[p].copy_(self.store.data[m, e], non_blocking=True)
 
     def wait(self, m: int) -> None:
         """The compute stream waits for block m's copies (only those)."""

@@ -131,7 +131,6 @@ class OffloadRunner:
         # persistent plan buffers (the copy stream reads them; no cross-stream temporaries)
         self.plan_src = [torch.zeros(n, dtype=torch.int32, device=dev) for _ in range(M)]
         self.plan_dst = [torch.zeros(n, dtype=torch.int32, device=dev) for _ in range(M)]
-        self.plan_valid = [torch.zeros(n, dtype=torch.int32, device=dev) for _ in range(M)]
         self.tick = torch.zeros((), dtype=torch.long, device=dev)
         self.copied = torch.zeros((), dtype=torch.long, device=dev)
         self.hits = torch.zeros((), dtype=torch.long, device=dev)
@@ -229,14 +228,13 @@ class OffloadRunner:
         self.hits.add_(hit_E.sum())
         self.lookups.add_(need_E.sum())
         self.copied.add_(valid_n.sum())
-        self.plan_src[m][:n].copy_(miss_n)
+        self.plan_src[m][:n].copy_(torch.where(valid_n, miss_n, -1))  # -1: nothing to copy
         self.plan_dst[m][:n].copy_(dst_n)
-        self.plan_valid[m][:n].copy_(valid_n)
-        self.pool.copy(m, self.plan_src[m][:n], self.plan_dst[m][:n], self.plan_valid[m][:n])
+        self.pool.copy(m, self.plan_src[m][:n], self.plan_dst[m][:n])
 
     def _weights(self, m: int):
         self.pool.wait(m)
-        return self.pool.pool_in, self.pool.pool_out, self.table[m]
+        return self.pool.w_in, self.pool.w_out, self.table[m]
 
     def _next_in_stack(self, m: int, ahead: int = 1) -> int | None:
         t = m + ahead
