@@ -1,0 +1,535 @@
+"""The fine-tuning run: model, data order, optimiser, train step, evaluation, checkpoints, resume.
+
+Reads top to bottom: `run(cfg, run_dir)` is the whole job; the helpers above it each do one thing.
+
+Reproducibility: the global batch of step s is a pure function of (seed, s) (an epoch-seeded
+permutation), the loss is normalised by the global batch's target-token count (not per
+micro-batch), and a checkpoint carries the optimiser, scheduler and every RNG state, so
+`train.resume=true` after a kill gives the same weights as an uninterrupted run (bitwise on CPU),
+and N data-parallel ranks give the same update as one process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from models.checkpoint import load_switch, save_switch
+from models.config import config_from_conf
+from models.generate import generate
+from models.pregate import convert_to_pregated
+from models.switch import Switch
+from models.tokenizer import BYTE_TOKENIZER_FILE, ByteTokenizer, load_tokenizer, pad_batch
+from train import experts as fast_experts
+from train.data import Task, build_task
+from train.metrics import score
+from train.tracking import Tracker
+
+STATE_FILE = "training_state.pt"
+
+
+# -- processes and devices ---------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(cfg: DictConfig) -> Dist:
+    want = cfg.train.device
+    cuda = torch.cuda.is_available() if want == "auto" else want == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no GPU is visible")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(0, 1, torch.device("cuda" if cuda else "cpu"))
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(rank, world, torch.device(f"cuda:{local}") if cuda else torch.device("cpu"))
+
+
+def broadcast(obj: Any, d: Dist) -> Any:
+    if d.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    s = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if device.type == "cuda":
+        s["cuda"] = torch.cuda.get_rng_state(device)
+    return s
+
+
+def set_rng_state(s: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    if device.type == "cuda" and "cuda" in s:
+        torch.cuda.set_rng_state(s["cuda"], device)
+
+
+# -- model ----------------------------------------------------------------------------------
+def build_model(cfg: DictConfig, d: Dist) -> tuple[Switch, Any, bool]:
+    """(model in fp32 on the device, tokenizer, converted_from_checkpoint)."""
+    lookahead = int(cfg.model.lookahead)
+    if cfg.init.checkpoint:
+        model = load_switch(cfg.init.checkpoint, dtype=torch.float32)
+        tok = load_tokenizer(cfg.init.checkpoint, vocab_size=model.cfg.vocab_size)
+        from_ckpt = True
+    else:
+        torch.manual_seed(cfg.seed)
+        model = Switch(config_from_conf(cfg.model).replace(pregated=False))
+        tok = ByteTokenizer(model.cfg.vocab_size)
+        from_ckpt = False
+    converted = False
+    if (cfg.pregate.enabled or cfg.model.pregated) and not model.cfg.pregated:
+        convert_to_pregated(model, lookahead)
+        converted = True
+    if cfg.train.trainable == "pregates":
+        if not model.cfg.pregated:
+            raise ValueError("train.trainable=pregates needs a pre-gated model (pregate.enabled=true)")
+        for name, p in model.named_parameters():
+            p.requires_grad_(".pregate." in name)
+    elif cfg.train.trainable != "all":
+        raise ValueError(f"train.trainable={cfg.train.trainable!r}; expected all or pregates")
+    model.to(d.device)
+    return model, tok, from_ckpt and converted
+
+
+def make_optimizer(cfg: DictConfig, params: list[torch.nn.Parameter]):
+    o = cfg.optim
+    if o.name == "adamw":
+        opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    elif o.name == "adafactor":
+        opt = torch.optim.Adafactor(params, lr=o.lr, beta2_decay=o.beta2_decay, weight_decay=o.weight_decay)
+    else:
+        raise ValueError(f"optim.name={o.name!r}; expected adamw or adafactor")
+    total = max(1, cfg.train.max_steps)
+
+    def factor(step: int) -> float:
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        t = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        if o.schedule == "linear":
+            return 1.0 - (1.0 - o.min_lr_ratio) * t
+        if o.schedule == "cosine":
+            return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+        raise ValueError(f"optim.schedule={o.schedule!r}; expected constant, linear or cosine")
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def wrap_parallel(model: Switch, cfg: DictConfig, d: Dist) -> torch.nn.Module:
+    if d.world == 1:
+        return model
+    dev_ids = [d.device.index] if d.device.type == "cuda" else None
+    if cfg.train.parallel == "ddp":
+        # Frozen parameters (the routers of pre-gated blocks) are skipped by DDP; every trainable
+        # parameter gets a gradient each step, so no unused-parameter search is needed.
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=dev_ids, find_unused_parameters=False)
+    if cfg.train.parallel == "fsdp":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        # One FSDP unit: parameters, gradients and optimiser state are sharded between steps and
+        # gathered for the forward. Per-block units would need models.switch.Block to have a
+        # forward (Stack.run calls the blocks' sub-modules directly).
+        return FSDP(model, use_orig_params=True, device_id=d.device if d.device.type == "cuda" else None)
+    raise ValueError(f"train.parallel={cfg.train.parallel!r}; expected ddp or fsdp")
+
+
+def full_model_for_io(wrapped: torch.nn.Module, model: Switch, d: Dist):
+    """A context in which `model` holds full (unsharded) parameters (FSDP), else nothing."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if isinstance(wrapped, FSDP):
+        return FSDP.summon_full_params(wrapped, writeback=False, rank0_only=True)
+    return nullcontext()
+
+
+# -- data -------------------------------------------------------------------------------------
+@dataclass
+class Encoded:
+    inputs: list[list[int]]
+    targets: list[list[int]]
+    texts: list[Any]
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+def encode(task: Task, split: str, tok, cfg: DictConfig, limit: int = 0) -> Encoded:
+    exs = task.examples(split)
+    if limit:
+        exs = exs[:limit]
+    return Encoded(
+        [tok.encode(e.input, max_length=cfg.train.max_input_len) for e in exs],
+        [tok.encode(e.target, max_length=cfg.train.max_target_len) for e in exs],
+        exs,
+    )
+
+
+class Order:
+    """Global batch indices of each step: epoch e is a permutation seeded by (seed, e)."""
+
+    def __init__(self, n: int, batch: int, seed: int):
+        if n == 0:
+            raise ValueError("the training split is empty")
+        self.n, self.batch, self.seed = n, batch, seed
+        self._perm: dict[int, list[int]] = {}
+
+    def perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perm:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = {epoch: torch.randperm(self.n, generator=g).tolist()}
+        return self._perm[epoch]
+
+    def batch_at(self, step: int) -> list[int]:
+        out = []
+        for p in range(step * self.batch, (step + 1) * self.batch):
+            out.append(self.perm(p // self.n)[p % self.n])
+        return out
+
+
+def collate(data: Encoded, idx: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+    enc = pad_batch([data.inputs[i] for i in idx])
+    lab = pad_batch([data.targets[i] for i in idx], pad_id=-100)["input_ids"]
+    return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device),
+            "labels": lab.to(device)}
+
+
+def autocast(d: Dist, cfg: DictConfig):
+    p = cfg.train.precision
+    if p == "auto":
+        p = "bf16" if d.device.type == "cuda" else "fp32"
+    if p not in ("bf16", "fp32"):
+        raise ValueError(f"train.precision={cfg.train.precision!r}; expected auto, bf16 or fp32")
+    return torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=p == "bf16")
+
+
+# -- evaluation -------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: Switch, data: Encoded, task: Task, tok, cfg: DictConfig, d: Dist,
+             probe: bool) -> tuple[dict[str, float], list[list[Any]]]:
+    """Loss, token accuracy, task metric, per-block expert loads and (probe) pre-gate agreement.
+    Returns (metrics, load rows [stack, block, expert, tokens, fraction])."""
+    was_training = model.training
+    model.eval()
+    stacks = {"encoder": model.encoder, "decoder": model.decoder}
+    for s in stacks.values():
+        s.probe_agreement = probe and model.cfg.pregated
+    E = model.cfg.num_experts
+    loads = {(name, m): torch.zeros(E, dtype=torch.long) for name, s in stacks.items() for m in range(len(s.moes))}
+    agree: dict[tuple[str, int], list[float]] = {}
+    loss_sum, n_tok, n_correct = 0.0, 0, 0
+    n = len(data) if not cfg.eval.max_examples else min(len(data), cfg.eval.max_examples)
+    bs = cfg.eval.batch_size
+    devs = [d.device] if d.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devs), autocast(d, cfg):
+        for i in range(0, n, bs):
+            b = collate(data, list(range(i, min(n, i + bs))), d.device)
+            out = model(**b)
+            mask = b["labels"] != -100
+            k = int(mask.sum())
+            loss_sum += float(out.lm_loss) * k
+            n_tok += k
+            n_correct += int(((out.logits.argmax(-1) == b["labels"]) & mask).sum())
+            # decoder position t reads label t-1 (shifted right): the real positions are the labelled ones
+            dec_mask = mask
+            for name, rs, tmask in (("encoder", out.encoder_routings, b["attention_mask"].bool()),
+                                    ("decoder", out.decoder_routings, dec_mask)):
+                for m, r in enumerate(rs):
+                    ids = r.ids.reshape(tmask.shape)[tmask].long().cpu()
+                    loads[(name, m)] += torch.bincount(ids, minlength=E)
+            for name, s in stacks.items():
+                for m, a in s.agreement.items():
+                    agree.setdefault((name, m), []).append(float(a))
+                s.agreement = {}
+        metrics: dict[str, float] = {"loss": loss_sum / max(1, n_tok), "token_accuracy": 100.0 * n_correct / max(1, n_tok)}
+        g = min(n, cfg.eval.generate_examples)
+        if g and task.metric != "loss":
+            preds, refs = [], []
+            for i in range(0, g, bs):
+                idx = list(range(i, min(g, i + bs)))
+                enc = pad_batch([data.inputs[j] for j in idx])
+                ids = generate(model, enc["input_ids"].to(d.device), enc["attention_mask"].to(d.device),
+                               max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams)
+                preds += tok.batch_decode(ids.tolist())
+                refs += [data.texts[j].references for j in idx]
+            metrics.update(score(task.metric, preds, refs))
+            metrics["_example"] = f"{data.texts[0].input[:200]!r} -> {preds[0]!r} (gold {refs[0][0]!r})"  # type: ignore
+    for s in stacks.values():
+        s.probe_agreement = False
+    rows = []
+    for (name, m), c in loads.items():
+        tot = max(1, int(c.sum()))
+        rows += [[name, m, e, int(c[e]), float(c[e]) / tot] for e in range(E)]
+        frac = c.float() / tot
+        metrics[f"load_max/{name}{m}"] = float(frac.max())
+        metrics[f"load_entropy/{name}{m}"] = float(-(frac * frac.clamp_min(1e-12).log()).sum() / math.log(E))
+    for (name, m), v in agree.items():
+        metrics[f"agreement/{name}{m}"] = 100.0 * sum(v) / len(v)
+    model.train(was_training)
+    return metrics, rows
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+def save_checkpoint(path: Path, model: Switch, tok, state: dict[str, Any] | None) -> None:
+    """Hugging Face layout + pre-gate keys + tokenizer + (optionally) the training state, all renamed
+    into place at once: a kill at any point leaves either the old or the new checkpoint."""
+    extra = {}
+    if isinstance(tok, ByteTokenizer):
+        extra[BYTE_TOKENIZER_FILE] = json.dumps({"type": "byte", "vocab_size": tok.vocab_size}) + "\n"
+    staging = path.with_name(f".{path.name}.staging-{os.getpid()}")
+    save_switch(model, staging, extra_files=extra)
+    if state is not None:
+        torch.save(state, staging / STATE_FILE)
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(staging, path)
+        import shutil
+
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, path)
+
+
+def find_resumable(path: Path) -> Path | None:
+    if (path / STATE_FILE).exists():
+        return path
+    # killed between the two renames: the previous checkpoint is still whole under its old name
+    olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    return next((p for p in reversed(olds) if (p / STATE_FILE).exists()), None)
+
+
+# -- the job ----------------------------------------------------------------------------------
+class _Stop:
+    def __init__(self):
+        self.flag = False
+
+    def __call__(self, signum, frame):
+        self.flag = True
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Fine-tune as configured; returns the final metrics (also written to <out_dir>/metrics.json)."""
+    d = setup_distributed(cfg)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    out_dir = Path(cfg.train.out_dir or run_dir)
+    out_dir = Path(broadcast(str(out_dir.resolve()), d))
+    ckpt_dir = out_dir / "checkpoint"
+    if d.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    model, tok, from_ckpt = build_model(cfg, d)
+    task = build_task(cfg.data)
+    train_data = encode(task, "train", tok, cfg)
+    val_data = encode(task, "validation", tok, cfg)
+
+    B, accum, world = cfg.train.batch_size, cfg.train.grad_accum, d.world
+    if B % (world * accum):
+        raise ValueError(f"train.batch_size={B} must be divisible by world size {world} x grad_accum {accum}")
+    mb = B // (world * accum)
+    order = Order(len(train_data), B, cfg.seed)
+
+    step = 0
+    resumed_state = None
+    if cfg.train.resume:
+        src = find_resumable(ckpt_dir)
+        if src is not None:
+            saved = load_switch(src, dtype=torch.float32)
+            model.load_state_dict(saved.state_dict())
+            del saved
+            resumed_state = torch.load(src / STATE_FILE, map_location="cpu", weights_only=False)
+            step = int(resumed_state["step"])
+        elif d.main:
+            print(f"[train] train.resume=true but {ckpt_dir} holds no training state: starting fresh")
+
+    backend = fast_experts.install(model, cfg.train.expert_backend, d.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    wrapped = wrap_parallel(model, cfg, d)
+    if cfg.train.parallel == "fsdp" and d.world > 1:
+        params = [p for p in wrapped.parameters() if p.requires_grad]
+    opt, sched = make_optimizer(cfg, params)
+    history: list[dict[str, Any]] = []
+    if resumed_state is not None:
+        opt.load_state_dict(resumed_state["optimizer"])
+        sched.load_state_dict(resumed_state["scheduler"])
+        set_rng_state(resumed_state["rng"][d.rank], d.device)
+        history = resumed_state.get("history", [])
+    else:
+        torch.manual_seed(cfg.seed + 1 + d.rank)  # jitter noise differs per rank, as in any DP run
+        random.seed(cfg.seed + d.rank)
+        np.random.seed(cfg.seed + d.rank)
+
+    tracker = None
+    if d.main:
+        run_config = OmegaConf.to_container(cfg, resolve=True)
+        tracker = Tracker(cfg.logger, run_config, "train", out_dir, name=out_dir.name)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"[train] {model.cfg.num_experts}-expert Switch, {n_params / 1e6:.2f}M params, "
+              f"pregated={model.cfg.pregated} lookahead={model.cfg.lookahead}, data={task.name} "
+              f"({len(train_data)} train / {len(val_data)} validation), device={d.device} x{world}, "
+              f"experts={backend}, out={out_dir}" + (f", resumed at step {step}" if resumed_state else ""))
+
+    def do_eval(split_data: Encoded, prefix: str, at: int) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        with full_model_for_io(wrapped, model, d):
+            if d.main:
+                metrics, rows = evaluate(model, split_data, task, tok, cfg, d, probe=from_ckpt or model.cfg.pregated)
+        if d.main:
+            example = metrics.pop("_example", None)
+            tracker.log({f"{prefix}/{k}": v for k, v in metrics.items()}, step=at)
+            tracker.table(f"{prefix}/expert_load", ["stack", "block", "expert", "tokens", "fraction"], rows, step=at)
+            main = {k: round(v, 4) for k, v in metrics.items() if "/" not in k}
+            print(f"[train] step {at} {prefix}: {main}" + (f"\n        e.g. {example}" if example else ""))
+            history.append({"step": at, "split": prefix, **metrics})
+        if d.world > 1:
+            dist.barrier()
+        return metrics
+
+    def checkpoint(at: int, with_state: bool = True) -> None:
+        state = None
+        if with_state:
+            rngs = [rng_state(d.device)]
+            if d.world > 1:
+                rngs = [None] * d.world
+                dist.all_gather_object(rngs, rng_state(d.device))
+            opt_sd = opt.state_dict()
+            if cfg.train.parallel == "fsdp" and d.world > 1:
+                from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+                opt_sd = FSDP.optim_state_dict(wrapped, opt)
+            state = {"step": at, "optimizer": opt_sd, "scheduler": sched.state_dict(), "rng": rngs,
+                     "history": history, "samples_seen": at * B, "config": OmegaConf.to_container(cfg)}
+        with full_model_for_io(wrapped, model, d):
+            if d.main:
+                save_checkpoint(ckpt_dir, model, tok, state)
+        if d.world > 1:
+            dist.barrier()
+
+    stopper = _Stop()
+    old_handlers = {signal.SIGTERM: signal.signal(signal.SIGTERM, stopper)}
+
+    if step == 0 and cfg.eval.at_start:
+        do_eval(val_data, "validation", 0)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not (cfg.train.progress and d.main),
+               dynamic_ncols=True, unit="step")
+    t_last, tok_count = time.perf_counter(), 0
+    cast = autocast(d, cfg)
+    coef_z, coef_aux = model.cfg.router_z_loss_coef, model.cfg.router_aux_loss_coef
+    wrapped.train()
+    stopped = False
+    while step < cfg.train.max_steps:
+        idx = order.batch_at(step)
+        n_target = sum(len(train_data.targets[i]) for i in idx)
+        tok_count += n_target + sum(len(train_data.inputs[i]) for i in idx)
+        logged = {"lm": 0.0, "z": 0.0, "aux": 0.0}
+        for a in range(accum):
+            lo = (a * world + d.rank) * mb
+            b = collate(train_data, idx[lo: lo + mb], d.device)
+            k = int((b["labels"] != -100).sum())
+            sync = a == accum - 1 or d.world == 1 or not hasattr(wrapped, "no_sync")
+            with (nullcontext() if sync else wrapped.no_sync()), cast:
+                out = wrapped(**b)
+                # sums over the global batch (then x world: DDP averages gradients over ranks)
+                loss = (out.lm_loss * (k / n_target)
+                        + (coef_z * out.z_loss + coef_aux * out.aux_loss) * (mb / B)) * world
+            loss.backward()
+            logged["lm"] += float(out.lm_loss.detach()) * k / n_target
+            logged["z"] += float(out.z_loss.detach()) * mb / B
+            logged["aux"] += float(out.aux_loss.detach()) * mb / B
+        if cfg.optim.clip_grad_norm > 0:
+            if hasattr(wrapped, "clip_grad_norm_"):
+                gnorm = wrapped.clip_grad_norm_(cfg.optim.clip_grad_norm)
+            else:
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad_norm)
+        else:
+            gnorm = torch.zeros(())
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+
+        if d.main:
+            now = time.perf_counter()
+            bar.update(1)
+            if step % max(1, cfg.train.log_every) == 0 or step == cfg.train.max_steps:
+                tps = tok_count / (now - t_last)  # tok_count counts the global batch
+                bar.set_postfix(loss=f"{logged['lm']:.4f}", tok_s=f"{tps:,.0f}")
+                tracker.log({"train/loss": logged["lm"], "train/z_loss": logged["z"], "train/aux_loss": logged["aux"],
+                             "train/grad_norm": float(gnorm), "train/lr": sched.get_last_lr()[0],
+                             "train/tokens_per_s": tps}, step=step)
+                t_last, tok_count = now, 0
+        stop = stopper.flag
+        if d.world > 1:
+            f = torch.tensor([float(stop)], device=d.device)
+            dist.all_reduce(f)
+            stop = bool(f.item())
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
+            do_eval(val_data, "validation", step)
+            wrapped.train()
+        if stop or (cfg.train.stop_after_steps and step == cfg.train.stop_after_steps and step < cfg.train.max_steps):
+            checkpoint(step)
+            if d.main:
+                print(f"[train] stopped at step {step}; checkpoint with training state in {ckpt_dir} "
+                      "(continue with train.resume=true)")
+            stopped = True
+            break
+        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
+            checkpoint(step)
+    bar.close()
+    for s, h in old_handlers.items():
+        signal.signal(s, h)
+
+    result: dict[str, Any] = {"step": step, "stopped": stopped, "checkpoint": str(ckpt_dir)}
+    if not stopped:
+        final_val = do_eval(val_data, "validation", step)
+        result["validation"] = final_val
+        if cfg.eval.test:
+            test_data = encode(task, "test", tok, cfg)
+            result["test"] = do_eval(test_data, "test", step)
+        checkpoint(step)
+        if d.main:
+            first = next((h for h in history if h["split"] == "validation"), None)
+            if first is not None:
+                result["validation_loss_start"] = first["loss"]
+            result["validation_loss_end"] = final_val.get("loss")
+            tracker.artifact(f"checkpoint-{out_dir.name}", "model", ckpt_dir)
+            print(f"[train] done: {step} steps; checkpoint (Hugging Face layout + pre-gates + training state) "
+                  f"in {ckpt_dir}")
+    if d.main:
+        result["history"] = history
+        (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        tracker.finish()
+    return result
