@@ -1,6 +1,15 @@
 """Sparse expert FFN: y[t] = sum_j w[t, j] * W_out[s] @ act(W_in[s] @ x[t]), s = slot_of_expert[ids[t, j]].
 
-Legend: T tokens, d model width, F expert hidden width, S weight slots, E experts, k experts per token.
+Two Triton paths, picked by the number of token slots R = T*k (tuned per GPU, see kernels/tuning.py):
+  decode  (a few slots): no sort; a GEMV program per (token slot, F tile), then one per (token, d tile)
+          that also sums the k slots. Bound by reading the activated experts' weights.
+  prefill (many slots):  token slots grouped by weight slot (kernels.routing.group_by_slot), then two
+          grouped GEMMs over M-row tiles that each belong to one slot (tl.dot, fp32 accumulation).
+Weights are always read through slot_of_expert, so the offload runner can put an expert in any slot.
+Neither path synchronizes the host, so both can be captured in a CUDA graph.
+
+Legend: T tokens, d model width, F expert hidden width (2F rows in w_in for gated activations), S weight
+slots, E experts, k experts per token, R = T*k token slots, P grouped positions (see Grouping).
 """
 
 from __future__ import annotations
@@ -8,7 +17,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels import tuning
+from kernels.routing import HAVE_TRITON, fp32_dot, group_by_slot, use_triton
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
 ACTIVATIONS = ("relu", "gelu", "silu", "geglu", "swiglu")
+# name -> (ACT code of _activate, GATED)
+_ACT_CODE = {"relu": (0, False), "gelu": (1, False), "silu": (2, False), "geglu": (1, True),
+             "swiglu": (2, True)}
 
 
 def _act(h: torch.Tensor, activation: str) -> torch.Tensor:
@@ -24,6 +43,312 @@ def _act(h: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
 
 
+# ------------------------------------------------------------------------------------------------ kernels
+if HAVE_TRITON:
+
+    @triton.jit
+    def _activate(h, up, ACT: tl.constexpr, GATED: tl.constexpr):
+        # ACT: 0 relu, 1 exact (erf) gelu, 2 silu; GATED multiplies by the "up" half (geglu, swiglu).
+        if ACT == 0:
+            h = tl.maximum(h, 0.0)
+        elif ACT == 1:
+            h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+        else:
+            h = h * tl.sigmoid(h)
+        if GATED:
+            h = h * up
+        return h
+
+    @triton.jit
+    def _decode_in_kernel(
+        x_ptr, w_in_ptr, ids_ptr, slot_of_expert_ptr, h_ptr,
+        D, F,
+        stride_xt, stride_xd, stride_ws, stride_wf, stride_wd,
+        K: tl.constexpr, HAS_SLOT_MAP: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+        BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # h[r, f-tile] = act(W_in[s, f-tile, :] @ x[t]): a GEMV; the weight tile is the only real traffic.
+        r = tl.program_id(0)
+        pid_f = tl.program_id(1)
+        slot = tl.load(ids_ptr + r)
+        if HAS_SLOT_MAP:
+            slot = tl.load(slot_of_expert_ptr + slot)
+        offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_f = offs_f < F
+        x_ptrs = x_ptr + (r // K) * stride_xt + offs_d * stride_xd
+        w_ptrs = (w_in_ptr + slot.to(tl.int64) * stride_ws
+                  + offs_f[:, None] * stride_wf + offs_d[None, :] * stride_wd)
+        acc_F = tl.zeros([BLOCK_F], dtype=tl.float32)
+        up_F = tl.zeros([BLOCK_F], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            mask_d = offs_d < D - d0
+            # x is rounded to the weights' dtype first, as the reference does.
+            x_D = tl.load(x_ptrs, mask=mask_d, other=0.0).to(w_in_ptr.dtype.element_ty).to(tl.float32)
+            mask_FD = mask_f[:, None] & mask_d[None, :]
+            w_FD = tl.load(w_ptrs, mask=mask_FD, other=0.0, eviction_policy="evict_first")
+            acc_F += tl.sum(w_FD.to(tl.float32) * x_D[None, :], axis=1)
+            if GATED:
+                u_FD = tl.load(w_ptrs + F * stride_wf, mask=mask_FD, other=0.0, eviction_policy="evict_first")
+                up_F += tl.sum(u_FD.to(tl.float32) * x_D[None, :], axis=1)
+            x_ptrs += BLOCK_D * stride_xd
+            w_ptrs += BLOCK_D * stride_wd
+        # Rounded to the weights' dtype like the reference's (and the prefill path's) hidden activations.
+        acc_F = acc_F.to(h_ptr.dtype.element_ty).to(tl.float32)
+        up_F = up_F.to(h_ptr.dtype.element_ty).to(tl.float32)
+        h_F = _activate(acc_F, up_F, ACT, GATED)
+        tl.store(h_ptr + r * F + offs_f, h_F.to(h_ptr.dtype.element_ty), mask=mask_f)
+
+    @triton.jit
+    def _decode_out_kernel(
+        h_ptr, w_out_ptr, ids_ptr, slot_of_expert_ptr, weights_ptr, y_ptr,
+        D, F,
+        stride_ws, stride_wd, stride_wf, stride_yt, stride_yd,
+        K: tl.constexpr, HAS_SLOT_MAP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
+    ):
+        # y[t, d-tile] = sum_j w[t, j] * W_out[s_j, d-tile, :] @ h[t*K + j]: the k-sum happens here, in a
+        # fixed order, so the output needs no atomics and no second pass.
+        t = tl.program_id(0)
+        pid_d = tl.program_id(1)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_f = tl.arange(0, BLOCK_F)
+        mask_d = offs_d < D
+        acc_D = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for j in tl.static_range(K):
+            r = t * K + j
+            slot = tl.load(ids_ptr + r)
+            if HAS_SLOT_MAP:
+                slot = tl.load(slot_of_expert_ptr + slot)
+            w_ptrs = (w_out_ptr + slot.to(tl.int64) * stride_ws
+                      + offs_d[:, None] * stride_wd + offs_f[None, :] * stride_wf)
+            h_ptrs = h_ptr + r * F + offs_f
+            part_D = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for f0 in range(0, F, BLOCK_F):
+                mask_f = offs_f < F - f0
+                h_F = tl.load(h_ptrs, mask=mask_f, other=0.0).to(tl.float32)
+                w_DF = tl.load(w_ptrs, mask=mask_d[:, None] & mask_f[None, :], other=0.0,
+                               eviction_policy="evict_first")
+                part_D += tl.sum(w_DF.to(tl.float32) * h_F[None, :], axis=1)
+                h_ptrs += BLOCK_F
+                w_ptrs += BLOCK_F * stride_wf
+            acc_D += tl.load(weights_ptr + r).to(tl.float32) * part_D
+        tl.store(y_ptr + t * stride_yt + offs_d * stride_yd, acc_D.to(y_ptr.dtype.element_ty), mask=mask_d)
+
+    @triton.jit(do_not_specialize=["R"])
+    def _grouped_in_kernel(
+        x_ptr, w_in_ptr, sorted_ptr, tile_slot_ptr, h_ptr,
+        R, D, F,
+        stride_xt, stride_xd, stride_ws, stride_wf, stride_wd, stride_hp,
+        K: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, FP32_DOT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # h[p, n-tile] = act(x[t_p] @ W_in[s]^T) for the BLOCK_M grouped positions p of one tile, all of
+        # slot s. Rows are gathered from x through sorted_ids; padding rows load zeros and are not stored.
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        slot = tl.load(tile_slot_ptr + pid_m)
+        if slot < 0:  # the tile table is sized from shapes alone; tiles past the last segment are idle
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        r_M = tl.load(sorted_ptr + offs_m)
+        mask_m = r_M < R
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_n = offs_n < F
+        x_ptrs = x_ptr + (r_M // K)[:, None] * stride_xt + offs_k[None, :] * stride_xd
+        w_ptrs = (w_in_ptr + slot.to(tl.int64) * stride_ws
+                  + offs_n[None, :] * stride_wf + offs_k[:, None] * stride_wd)
+        acc_MN = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        up_MN = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            mask_k = offs_k < D - k0
+            x_MK = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            x_MK = x_MK.to(w_in_ptr.dtype.element_ty)
+            w_KN = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if FP32_DOT:
+                acc_MN = tl.dot(x_MK.to(tl.float32), w_KN.to(tl.float32), acc_MN, input_precision="ieee")
+            else:
+                acc_MN = tl.dot(x_MK, w_KN, acc_MN)
+            if GATED:
+                u_KN = tl.load(w_ptrs + F * stride_wf, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                if FP32_DOT:
+                    up_MN = tl.dot(x_MK.to(tl.float32), u_KN.to(tl.float32), up_MN, input_precision="ieee")
+                else:
+                    up_MN = tl.dot(x_MK, u_KN, up_MN)
+            x_ptrs += BLOCK_K * stride_xd
+            w_ptrs += BLOCK_K * stride_wd
+        acc_MN = acc_MN.to(h_ptr.dtype.element_ty).to(tl.float32)
+        up_MN = up_MN.to(h_ptr.dtype.element_ty).to(tl.float32)
+        h_MN = _activate(acc_MN, up_MN, ACT, GATED)
+        h_ptrs = h_ptr + offs_m[:, None] * stride_hp + offs_n[None, :]
+        tl.store(h_ptrs, h_MN.to(h_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+    @triton.jit(do_not_specialize=["R"])
+    def _grouped_out_kernel(
+        h_ptr, w_out_ptr, sorted_ptr, tile_slot_ptr, weights_ptr, out_ptr,
+        R, D, F,
+        stride_hp, stride_ws, stride_wd, stride_wf, stride_or, stride_od,
+        FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # out[r_p, n-tile] = w[r_p] * h[p] @ W_out[s]^T, scattered back to token-slot order (rows r_p are
+        # distinct, so plain stores suffice).
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        slot = tl.load(tile_slot_ptr + pid_m)
+        if slot < 0:
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        r_M = tl.load(sorted_ptr + offs_m)
+        mask_m = r_M < R
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_n = offs_n < D
+        h_ptrs = h_ptr + offs_m[:, None] * stride_hp + offs_k[None, :]
+        w_ptrs = (w_out_ptr + slot.to(tl.int64) * stride_ws
+                  + offs_n[None, :] * stride_wd + offs_k[:, None] * stride_wf)
+        acc_MN = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, F, BLOCK_K):
+            mask_k = offs_k < F - k0
+            h_MK = tl.load(h_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w_KN = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if FP32_DOT:
+                acc_MN = tl.dot(h_MK.to(tl.float32), w_KN.to(tl.float32), acc_MN, input_precision="ieee")
+            else:
+                acc_MN = tl.dot(h_MK, w_KN, acc_MN)
+            h_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * stride_wf
+        acc_MN *= tl.load(weights_ptr + r_M, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+        out_ptrs = out_ptr + r_M[:, None] * stride_or + offs_n[None, :] * stride_od
+        tl.store(out_ptrs, acc_MN.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# ------------------------------------------------------------------------------------------------ configs
+DECODE_MAX_SLOTS = 16  # default path switch (R = T*k); a tuned table entry overrides it per shape
+
+
+def _np2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _default_config(R: int, S: int, d: int, F: int) -> dict:
+    if R <= DECODE_MAX_SLOTS:
+        return {
+            "path": "decode",
+            "in": {"BLOCK_F": 16, "BLOCK_D": min(_np2(d), 512), "num_warps": 4},
+            "out": {"BLOCK_D": 8, "BLOCK_F": min(_np2(F), 1024), "num_warps": 4},
+        }
+    per_slot = R / min(S, R)  # mean token slots per used weight slot: how tall the tiles can usefully be
+    bm = 16 if per_slot <= 16 else 32 if per_slot <= 48 else 64 if per_slot <= 128 else 128
+    gemm = {"BLOCK_N": 64 if bm <= 32 else 128, "BLOCK_K": 64, "num_warps": 4 if bm <= 64 else 8,
+            "num_stages": 4 if bm <= 64 else 3}
+    return {"path": "prefill", "BLOCK_M": bm, "in": dict(gemm), "out": dict(gemm)}
+
+
+def _candidates(R: int, S: int, d: int, F: int) -> list[dict]:
+    out = []
+    if R <= 64:
+        for bf, bd, w in ((8, 512, 4), (16, 256, 4), (16, 512, 4), (32, 256, 8), (16, 1024, 8)):
+            for obd, obf, ow in ((4, 1024, 4), (8, 512, 4), (8, 1024, 4), (16, 512, 8)):
+                out.append({"path": "decode",
+                            "in": {"BLOCK_F": bf, "BLOCK_D": min(bd, _np2(d)), "num_warps": w},
+                            "out": {"BLOCK_D": obd, "BLOCK_F": min(obf, _np2(F)), "num_warps": ow}})
+    if R >= 4:
+        for bm, bn, bk, w, st in ((16, 64, 64, 4, 4), (16, 128, 64, 4, 4), (32, 64, 64, 4, 4),
+                                  (32, 128, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 64, 8, 4),
+                                  (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)):
+            if bm <= 2 * _np2(max(1, R // min(S, R))) or bm == 16:
+                gemm = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st}
+                out.append({"path": "prefill", "BLOCK_M": bm, "in": dict(gemm), "out": dict(gemm)})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- launcher
+def expert_ffn_triton(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    slot_of_expert: torch.Tensor | None = None,
+    activation: str = "relu",
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Triton expert FFN (see `expert_ffn`); `config` forces a path/tiles (tests, benchmarks)."""
+    if activation not in _ACT_CODE:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    act, gated = _ACT_CODE[activation]
+    T, d = x.shape
+    S, F_in, _ = w_in.shape
+    F = w_out.shape[2]
+    if F_in != (2 * F if gated else F) or w_out.shape[:2] != (S, d) or w_in.shape[2] != d:
+        shapes = f"x {tuple(x.shape)}, w_in {tuple(w_in.shape)}, w_out {tuple(w_out.shape)}"
+        raise ValueError(f"bad shapes for {activation}: {shapes}")
+    k = ids.shape[1]
+    R = T * k
+    y = torch.empty((T, d), dtype=x.dtype, device=x.device)
+    if R == 0:
+        return y
+    ids_R = ids.reshape(-1).contiguous()
+    weights_R = weights.reshape(-1).contiguous()
+    slot_map = slot_of_expert if slot_of_expert is not None else ids_R  # any pointer when unused
+    h_dtype = w_in.dtype
+    dot_fp32 = fp32_dot(w_in.dtype)
+
+    def launch(cfg: dict, out: torch.Tensor) -> None:
+        if cfg["path"] == "decode":
+            ci, co = cfg["in"], cfg["out"]
+            h = torch.empty((R, F), dtype=h_dtype, device=x.device)
+            _decode_in_kernel[(R, triton.cdiv(F, ci["BLOCK_F"]))](
+                x, w_in, ids_R, slot_map, h,
+                d, F,
+                x.stride(0), x.stride(1), w_in.stride(0), w_in.stride(1), w_in.stride(2),
+                K=k, HAS_SLOT_MAP=slot_of_expert is not None, ACT=act, GATED=gated,
+                BLOCK_F=ci["BLOCK_F"], BLOCK_D=ci["BLOCK_D"], num_warps=ci["num_warps"],
+            )
+            _decode_out_kernel[(T, triton.cdiv(d, co["BLOCK_D"]))](
+                h, w_out, ids_R, slot_map, weights_R, out,
+                d, F,
+                w_out.stride(0), w_out.stride(1), w_out.stride(2), out.stride(0), out.stride(1),
+                K=k, HAS_SLOT_MAP=slot_of_expert is not None,
+                BLOCK_D=co["BLOCK_D"], BLOCK_F=co["BLOCK_F"], num_warps=co["num_warps"],
+            )
+            return
+        bm, ci, co = cfg["BLOCK_M"], cfg["in"], cfg["out"]
+        grouping = group_by_slot(ids_R.view(T, k), S, bm, slot_of_expert)
+        n_tiles = grouping.tile_slot.numel()
+        h = torch.empty((n_tiles * bm, F), dtype=h_dtype, device=x.device)
+        _grouped_in_kernel[(n_tiles, triton.cdiv(F, ci["BLOCK_N"]))](
+            x, w_in, grouping.sorted_ids, grouping.tile_slot, h,
+            R, d, F,
+            x.stride(0), x.stride(1), w_in.stride(0), w_in.stride(1), w_in.stride(2), h.stride(0),
+            K=k, ACT=act, GATED=gated, FP32_DOT=dot_fp32,
+            BLOCK_M=bm, BLOCK_N=ci["BLOCK_N"], BLOCK_K=ci["BLOCK_K"],
+            num_warps=ci["num_warps"], num_stages=ci["num_stages"],
+        )
+        # k = 1: token slot r is token t, so rows go straight to y; k > 1: fp32 rows, then a fixed-order sum.
+        rows = out if k == 1 else torch.empty((R, d), dtype=torch.float32, device=x.device)
+        _grouped_out_kernel[(n_tiles, triton.cdiv(d, co["BLOCK_N"]))](
+            h, w_out, grouping.sorted_ids, grouping.tile_slot, weights_R, rows,
+            R, d, F,
+            h.stride(0), w_out.stride(0), w_out.stride(1), w_out.stride(2), rows.stride(0), rows.stride(1),
+            FP32_DOT=dot_fp32, BLOCK_M=bm, BLOCK_N=co["BLOCK_N"], BLOCK_K=co["BLOCK_K"],
+            num_warps=co["num_warps"], num_stages=co["num_stages"],
+        )
+        if k > 1:
+            out.copy_(rows.view(T, k, d).sum(dim=1))
+
+    if config is None:
+        kernel = "ffn" + ("-glu" if gated else "") + (f"-k{k}" if k > 1 else "")
+        config = tuning.pick(
+            tuning.config_key(kernel, S, d, F, T), x.device,
+            default=lambda: _default_config(R, S, d, F),
+            candidates=lambda: _candidates(R, S, d, F), run=lambda cfg: launch(cfg, y),
+        )
+    launch(config, y)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------- reference
 def expert_ffn_reference(
     x: torch.Tensor,
     w_in: torch.Tensor,
@@ -69,4 +394,11 @@ def expert_ffn(
     slot_of_expert: torch.Tensor | None = None,
     activation: str = "relu",
 ) -> torch.Tensor:
+    """y[t] = sum_j weights[t, j] * w_out[s] @ act(w_in[s] @ x[t]), s = slot_of_expert[ids[t, j]].
+
+    Triton on CUDA (decode or prefill path by token count), the reference otherwise (see use_triton).
+    Output in x's dtype, fp32 accumulation.
+    """
+    if use_triton(x, w_in, w_out, weights):
+        return expert_ffn_triton(x, w_in, w_out, ids, weights, slot_of_expert, activation)
     return expert_ffn_reference(x, w_in, w_out, ids, weights, slot_of_expert, activation)

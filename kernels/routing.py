@@ -1,11 +1,166 @@
-"""Routing: gate logits -> softmax -> top-k.
+"""Routing: gate logits -> softmax -> top-k in one Triton kernel, and the grouping of token slots by weight
+slot that the prefill expert FFN runs on. Each beside its plain-PyTorch reference.
 
-Legend: T tokens, d model width, E experts, G stacked gates, k experts per token.
+Legend: T tokens, d model width, E experts, G stacked gates, k experts per token, R = T*k token slots,
+S weight slots, M rows per tile of the grouped GEMM (BLOCK_M), P grouped positions (a multiple of M).
 """
 
 from __future__ import annotations
 
+import os
+from typing import NamedTuple
+
 import torch
+
+from kernels import tuning
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # CPU-only installs without triton: the references still work
+    HAVE_TRITON = False
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Triton on CUDA tensors; on CPU only under the interpreter with PGMOE_FORCE_TRITON=1 (tests).
+
+    Inputs that need a gradient always take the (differentiable) reference.
+    """
+    if not HAVE_TRITON:
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
+    if tensors[0].is_cuda:
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("PGMOE_FORCE_TRITON") == "1"
+
+
+def fp32_dot(*dtypes: torch.dtype) -> bool:
+    """Whether tl.dot runs on fp32 operands: fp32 or mixed inputs, and always under the interpreter,
+    whose bf16 dot is wrong (triton 3.9; bf16 products are exact in fp32, so the result is the same)."""
+    return os.environ.get("TRITON_INTERPRET") == "1" or any(dt == torch.float32 for dt in dtypes) or \
+        len(set(dtypes)) > 1
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+# ----------------------------------------------------------------------------------------------- routing
+if HAVE_TRITON:
+
+    @triton.jit(do_not_specialize=["T"])
+    def _route_kernel(
+        x_ptr, w_ptr, ids_ptr, probs_ptr,
+        T, D, E,
+        stride_xt, stride_xd, stride_wg, stride_we, stride_wd, stride_og,
+        K: tl.constexpr, RENORMALIZE: tl.constexpr, FP32_DOT: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # One program: BLOCK_T tokens x all E experts of gate g. The logits tile stays in registers, so
+        # softmax and top-k cost no extra pass over memory; the gate is read once per token block.
+        pid_t = tl.program_id(0)
+        g = tl.program_id(1)
+        offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_e = tl.arange(0, BLOCK_E)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_t = offs_t < T
+        mask_e = offs_e < E
+        x_ptrs = x_ptr + offs_t[:, None] * stride_xt + offs_d[None, :] * stride_xd
+        w_ptrs = w_ptr + g * stride_wg + offs_e[None, :] * stride_we + offs_d[:, None] * stride_wd
+        logits_TE = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            mask_d = offs_d < D - d0
+            x_TD = tl.load(x_ptrs, mask=mask_t[:, None] & mask_d[None, :], other=0.0)
+            w_DE = tl.load(w_ptrs, mask=mask_d[:, None] & mask_e[None, :], other=0.0)
+            if FP32_DOT:  # fp32 or mixed inputs: exact fp32 products, no tf32 (logits must be fp32)
+                x_TD, w_DE = x_TD.to(tl.float32), w_DE.to(tl.float32)
+                logits_TE = tl.dot(x_TD, w_DE, logits_TE, input_precision="ieee")
+            else:  # bf16/fp16 x bf16/fp16: the products are exact in the fp32 accumulator
+                logits_TE = tl.dot(x_TD, w_DE, logits_TE)
+            x_ptrs += BLOCK_D * stride_xd
+            w_ptrs += BLOCK_D * stride_wd
+
+        logits_TE = tl.where(mask_e[None, :], logits_TE, float("-inf"))
+        row_max = tl.max(logits_TE, axis=1)
+        p_TE = tl.exp(logits_TE - row_max[:, None])
+        p_TE = p_TE / tl.sum(p_TE, axis=1)[:, None]
+        p_TE = tl.where(mask_e[None, :], p_TE, -1.0)  # padding experts are never picked
+
+        # Top-k by k rounds of (max, lowest index holding it): ties go to the lower expert index.
+        denom = tl.full([BLOCK_T], 1.0, dtype=tl.float32)
+        if RENORMALIZE:
+            denom = tl.zeros([BLOCK_T], dtype=tl.float32)
+            left_TE = p_TE
+            for _ in tl.static_range(K):
+                top = tl.max(left_TE, axis=1)
+                idx = tl.min(tl.where(left_TE == top[:, None], offs_e[None, :], BLOCK_E), axis=1)
+                denom += top
+                left_TE = tl.where(offs_e[None, :] == idx[:, None], -2.0, left_TE)
+        left_TE = p_TE
+        out_offs = g * stride_og + offs_t * K
+        for j in tl.static_range(K):
+            top = tl.max(left_TE, axis=1)
+            idx = tl.min(tl.where(left_TE == top[:, None], offs_e[None, :], BLOCK_E), axis=1)
+            tl.store(ids_ptr + out_offs + j, idx.to(tl.int32), mask=mask_t)
+            tl.store(probs_ptr + out_offs + j, top / denom, mask=mask_t)
+            left_TE = tl.where(offs_e[None, :] == idx[:, None], -2.0, left_TE)
+
+
+def _route_default(T: int, E: int, d: int) -> dict:
+    block_e = max(16, _next_pow2(E))
+    block_t = 16 if T <= 16 or block_e >= 256 else (32 if T <= 512 else 64)
+    # ~16K elements of gate per iteration: enough bytes in flight for one SM at small T.
+    block_d = max(16, min(_next_pow2(d), 16384 // block_e))
+    return {"BLOCK_T": block_t, "BLOCK_D": block_d, "num_warps": 4, "num_stages": 3}
+
+
+def _route_candidates(T: int, E: int, d: int) -> list[dict]:
+    out = []
+    for bt in (16, 32, 64) if T > 16 else (16,):
+        for bd in (32, 64, 128, 256):
+            for warps, stages in ((4, 3), (4, 4), (8, 3)):
+                if bd * max(16, _next_pow2(E)) <= 32768 and bd <= max(16, _next_pow2(d)):
+                    out.append({"BLOCK_T": bt, "BLOCK_D": bd, "num_warps": warps, "num_stages": stages})
+    return out
+
+
+def route_triton(
+    x: torch.Tensor, weight: torch.Tensor, k: int = 1, renormalize: bool = False, config: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton routing (see `route`). Allocates its outputs; no host synchronization."""
+    stacked = weight.dim() == 3
+    w_GED = weight if stacked else weight[None]
+    G, E, d = w_GED.shape
+    T = x.shape[0]
+    if not 1 <= k <= E:
+        raise ValueError(f"k={k} must be in [1, E={E}]")
+    ids_GTK = torch.empty((G, T, k), dtype=torch.int32, device=x.device)
+    probs_GTK = torch.empty((G, T, k), dtype=torch.float32, device=x.device)
+    if T > 0:
+
+        def launch(cfg: dict) -> None:
+            grid = (triton.cdiv(T, cfg["BLOCK_T"]), G)
+            _route_kernel[grid](
+                x, w_GED, ids_GTK, probs_GTK,
+                T, d, E,
+                x.stride(0), x.stride(1), w_GED.stride(0), w_GED.stride(1), w_GED.stride(2), T * k,
+                K=k, RENORMALIZE=renormalize,
+                FP32_DOT=fp32_dot(x.dtype, w_GED.dtype),
+                BLOCK_T=cfg["BLOCK_T"], BLOCK_E=max(16, _next_pow2(E)), BLOCK_D=cfg["BLOCK_D"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            )
+
+        if config is None:
+            config = tuning.pick(
+                tuning.config_key("route", E, d, 0, T), x.device,
+                default=lambda: _route_default(T, E, d),
+                candidates=lambda: _route_candidates(T, E, d), run=launch,
+            )
+        launch(config)
+    return (ids_GTK, probs_GTK) if stacked else (ids_GTK[0], probs_GTK[0])
 
 
 def route_reference(
@@ -34,4 +189,140 @@ def route_reference(
 def route(
     x: torch.Tensor, weight: torch.Tensor, k: int = 1, renormalize: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, d], weight [E, d] or stacked [G, E, d] -> (ids int32, weights fp32), [(G,) T, k].
+
+    Softmax over E in fp32, top-k, ties to the lower index; renormalize=True divides by the sum of the
+    k picked probabilities (Mixtral), False keeps the full-softmax probability (Switch).
+    """
+    if use_triton(x, weight):
+        return route_triton(x, weight, k=k, renormalize=renormalize)
     return route_reference(x, weight, k=k, renormalize=renormalize)
+
+
+# ------------------------------------------------------------------------------------------------ grouping
+class Grouping(NamedTuple):
+    """Token slots grouped by weight slot, each slot's segment padded to a multiple of block_m.
+
+    sorted_ids [P]: token-slot index r = t*k + j at each grouped position (stable: r ascending within a
+    slot); padding positions hold R. tile_slot [P / block_m]: the weight slot of each M-row tile, -1 for
+    tiles past the last segment. counts [S]: token slots per weight slot. offsets [S + 1]: the first
+    position of each slot's segment; offsets[S] is the number of positions in use.
+    P = max_tiles(R, S, block_m) * block_m is known from shapes alone, so no host sync is needed.
+    """
+
+    sorted_ids: torch.Tensor
+    tile_slot: torch.Tensor
+    counts: torch.Tensor
+    offsets: torch.Tensor
+    block_m: int
+
+
+def max_tiles(R: int, S: int, block_m: int) -> int:
+    # sum_s ceil(c_s / M) <= R / M + (number of non-empty slots) <= cdiv(R, M) + min(S, R)
+    return -(-R // block_m) + min(S, R)
+
+
+if HAVE_TRITON:
+
+    @triton.jit(do_not_specialize=["R", "MAX_TILES"])
+    def _group_kernel(
+        ids_ptr, slot_of_expert_ptr, sorted_ptr, tile_slot_ptr, counts_ptr, offsets_ptr,
+        R, S, MAX_TILES,
+        HAS_SLOT_MAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        # A single program: a counting sort by two passes over the token slots, each block of BLOCK_R
+        # slots compared against all S slots at once. The result is deterministic and stable, which keeps
+        # the expert FFN's sums in a fixed order. Every output element is written exactly once.
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_r = tl.arange(0, BLOCK_R)
+        counts_S = tl.zeros([BLOCK_S], dtype=tl.int32)
+        for r0 in range(0, R, BLOCK_R):
+            mask_r = offs_r < R - r0
+            slot_R = tl.load(ids_ptr + r0 + offs_r, mask=mask_r, other=-1).to(tl.int32)
+            if HAS_SLOT_MAP:
+                slot_R = tl.load(slot_of_expert_ptr + slot_R, mask=mask_r, other=-1).to(tl.int32)
+            counts_S += tl.sum((slot_R[:, None] == offs_s[None, :]).to(tl.int32), axis=0)
+        padded_S = (counts_S + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        ends_S = tl.cumsum(padded_S, axis=0)
+        starts_S = ends_S - padded_S
+        used = tl.sum(padded_S, axis=0)
+        mask_s = offs_s < S
+        tl.store(counts_ptr + offs_s, counts_S, mask=mask_s)
+        tl.store(offsets_ptr + offs_s, starts_S, mask=mask_s)
+        tl.store(offsets_ptr + S, used)
+
+        # Pass 2: position = segment start + slots of the same weight slot seen before this one.
+        next_S = starts_S
+        for r0 in range(0, R, BLOCK_R):
+            mask_r = offs_r < R - r0
+            slot_R = tl.load(ids_ptr + r0 + offs_r, mask=mask_r, other=-1).to(tl.int32)
+            if HAS_SLOT_MAP:
+                slot_R = tl.load(slot_of_expert_ptr + slot_R, mask=mask_r, other=-1).to(tl.int32)
+            hit_RS = (slot_R[:, None] == offs_s[None, :]).to(tl.int32)
+            rank_RS = tl.cumsum(hit_RS, axis=0) - hit_RS
+            pos_R = tl.sum(hit_RS * (next_S[None, :] + rank_RS), axis=1)
+            tl.store(sorted_ptr + pos_R, r0 + offs_r, mask=mask_r & (slot_R >= 0) & (slot_R < S))
+            next_S += tl.sum(hit_RS, axis=0)
+
+        # Padding: the tail of each segment, then everything past the last segment.
+        for m in range(0, BLOCK_M):
+            tl.store(sorted_ptr + starts_S + counts_S + m, R, mask=mask_s & (counts_S + m < padded_S))
+        for p0 in range(used, MAX_TILES * BLOCK_M, BLOCK_R):
+            tl.store(sorted_ptr + p0 + offs_r, R, mask=offs_r < MAX_TILES * BLOCK_M - p0)
+        # Tile i belongs to the first slot whose segment ends after it.
+        tile_end_S = ends_S // BLOCK_M
+        for i0 in range(0, MAX_TILES, BLOCK_R):
+            offs_i = i0 + offs_r
+            slot_I = tl.sum((tile_end_S[None, :] <= offs_i[:, None]).to(tl.int32), axis=1)
+            tl.store(tile_slot_ptr + offs_i, tl.where(slot_I < S, slot_I, -1), mask=offs_i < MAX_TILES)
+
+
+def group_by_slot(
+    ids: torch.Tensor, num_slots: int, block_m: int, slot_of_expert: torch.Tensor | None = None
+) -> Grouping:
+    """Triton grouping of the token slots of ids [T, k] by weight slot (see `Grouping`). No host sync."""
+    ids_R = ids.reshape(-1)
+    if not ids_R.is_contiguous():
+        ids_R = ids_R.contiguous()
+    R, S = ids_R.numel(), num_slots
+    n_tiles = max_tiles(R, S, block_m)
+    dev = ids.device
+    sorted_ids = torch.empty(n_tiles * block_m, dtype=torch.int32, device=dev)
+    tile_slot = torch.empty(n_tiles, dtype=torch.int32, device=dev)
+    counts = torch.empty(S, dtype=torch.int32, device=dev)
+    offsets = torch.empty(S + 1, dtype=torch.int32, device=dev)
+    block_s = max(16, _next_pow2(S))
+    _group_kernel[(1,)](
+        ids_R, slot_of_expert if slot_of_expert is not None else ids_R,
+        sorted_ids, tile_slot, counts, offsets,
+        R, S, n_tiles,
+        HAS_SLOT_MAP=slot_of_expert is not None, BLOCK_M=block_m,
+        BLOCK_R=max(16, min(256, 16384 // block_s)), BLOCK_S=block_s,
+        num_warps=8 if block_s >= 128 else 4,
+    )
+    return Grouping(sorted_ids, tile_slot, counts, offsets, block_m)
+
+
+def group_by_slot_reference(
+    ids: torch.Tensor, num_slots: int, block_m: int, slot_of_expert: torch.Tensor | None = None
+) -> Grouping:
+    """Plain PyTorch `group_by_slot`: the same outputs, element for element."""
+    slot_R = ids.reshape(-1).long()
+    if slot_of_expert is not None:
+        slot_R = slot_of_expert.long()[slot_R]
+    R, S = slot_R.numel(), num_slots
+    n_tiles = max_tiles(R, S, block_m)
+    counts = torch.bincount(slot_R, minlength=S)
+    padded = (counts + block_m - 1) // block_m * block_m
+    offsets = torch.zeros(S + 1, dtype=torch.long, device=ids.device)
+    offsets[1:] = torch.cumsum(padded, 0)
+    order = torch.argsort(slot_R, stable=True)
+    seg_start = torch.cumsum(counts, 0) - counts  # unpadded start of each slot in `order`
+    slot_sorted = slot_R[order]
+    pos = offsets[slot_sorted] + torch.arange(R, device=ids.device) - seg_start[slot_sorted]
+    sorted_ids = torch.full((n_tiles * block_m,), R, dtype=torch.int32, device=ids.device)
+    sorted_ids[pos] = order.to(torch.int32)
+    tile = torch.arange(n_tiles, device=ids.device)
+    tile_slot = torch.searchsorted(offsets[1:] // block_m, tile, right=True)
+    tile_slot = torch.where(tile_slot < S, tile_slot, -1).to(torch.int32)
+    return Grouping(sorted_ids, tile_slot, counts.to(torch.int32), offsets.to(torch.int32), block_m)

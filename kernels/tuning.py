@@ -1,0 +1,115 @@
+"""Kernel configs: hand-picked defaults, a table tuned per GPU (kernels/configs/<gpu>.json), and an opt-in
+autotuner (env PGMOE_AUTOTUNE=1) that times candidates on first use and caches the winner for the process.
+
+A config is a plain dict; its key is (kernel, E, d, F, token bucket, gpu); the token bucket is T rounded
+up to a power of two. Lookups never synchronize the host, so a capturing CUDA graph only ever takes the
+table or the default (the autotuner is skipped while a stream is capturing).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+import re
+from collections.abc import Callable
+
+import torch
+
+CONFIG_DIR = pathlib.Path(__file__).with_name("configs")
+_chosen: dict[tuple[str, str], dict] = {}  # (gpu, key) -> config, filled on first use
+
+
+def gpu_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_name(index)
+
+
+@functools.cache
+def _cuda_name(index: int) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(index).lower()).strip("-")
+
+
+def token_bucket(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def config_key(kernel: str, E: int, d: int, F: int, n_tokens: int) -> str:
+    return f"{kernel}:E{E}:d{d}:F{F}:T{token_bucket(n_tokens)}"
+
+
+@functools.cache
+def _table(gpu: str) -> dict[str, dict]:
+    path = CONFIG_DIR / f"{gpu}.json"
+    return json.loads(path.read_text())["configs"] if path.exists() else {}
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("PGMOE_AUTOTUNE", "0") == "1"
+
+
+def pick(
+    key: str,
+    device: torch.device,
+    default: Callable[[], dict],
+    candidates: Callable[[], list[dict]] | None = None,
+    run: Callable[[dict], None] | None = None,
+) -> dict:
+    """The config for `key` on `device`: chosen before > tuned table > autotune (opt-in) > default."""
+    gpu = gpu_name(device)
+    cfg = _chosen.get((gpu, key))
+    if cfg is not None:
+        return cfg
+    cfg = _table(gpu).get(key)
+    if cfg is None and candidates is not None and run is not None and _can_autotune(device):
+        cfg = autotune(candidates(), run)
+    if cfg is None:
+        cfg = default()
+    _chosen[(gpu, key)] = cfg
+    return cfg
+
+
+def _can_autotune(device: torch.device) -> bool:
+    return autotune_enabled() and device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+
+
+def autotune(candidates: list[dict], run: Callable[[dict], None], reps: int = 20) -> dict | None:
+    """Time each candidate (CUDA events, median of `reps`) and return the fastest; skips ones that fail."""
+    best, best_ms = None, float("inf")
+    for cfg in candidates:
+        try:
+            ms = time_cuda(lambda cfg=cfg: run(cfg), reps=reps)
+        except Exception:  # a candidate that does not compile here (shared memory, registers) is skipped
+            continue
+        if ms < best_ms:
+            best, best_ms = dict(cfg), ms
+    return best
+
+
+def time_cuda(fn: Callable[[], object], reps: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return sorted(s.elapsed_time(e) for s, e in zip(starts, ends))[reps // 2]
+
+
+def chosen(gpu: str) -> dict[str, dict]:
+    """Every config used so far on `gpu` (to write a tuned table)."""
+    return {key: cfg for (g, key), cfg in sorted(_chosen.items()) if g == gpu}
+
+
+def set_config(key: str, device: torch.device, cfg: dict | None) -> None:
+    """Pin (or with None forget) the config for `key`, e.g. from a benchmark's own sweep."""
+    if cfg is None:
+        _chosen.pop((gpu_name(device), key), None)
+    else:
+        _chosen[(gpu_name(device), key)] = dict(cfg)

@@ -1,0 +1,163 @@
+"""Expert FFN: both Triton paths (interpreter, CPU) against the reference, and the reference against a
+naive per-token loop.
+
+Tolerances, against the reference in float64 on the same (rounded) inputs: fp32 relative error <= 1e-4;
+bf16 at most 2x the relative error of PyTorch's own bf16 computation (the reference run in bf16).
+Shapes are small and d, F are not multiples of the block sizes, so partial tiles are always exercised.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as Fn
+
+pytest.importorskip("triton")
+
+from kernels import expert_ffn as ffn  # noqa: E402
+from kernels.expert_ffn import ACTIVATIONS, expert_ffn, expert_ffn_reference, expert_ffn_triton  # noqa: E402
+
+D, F = 40, 56
+# Small blocks: several k-steps and a partial last tile in every dimension.
+DECODE = {"path": "decode", "in": {"BLOCK_F": 16, "BLOCK_D": 16, "num_warps": 4},
+          "out": {"BLOCK_D": 16, "BLOCK_F": 32, "num_warps": 4}}
+GEMM = {"BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}
+PREFILL = {"path": "prefill", "BLOCK_M": 16, "in": GEMM, "out": GEMM}
+CONFIGS = {"decode": DECODE, "prefill": PREFILL, "auto": None}
+
+
+def _problem(T, E, k, activation="relu", dtype=torch.float32, S=None, seed=0, ids=None):
+    g = torch.Generator().manual_seed(seed)
+    S = S or E
+    f_in = 2 * F if activation in ("geglu", "swiglu") else F
+    x = torch.randn(T, D, generator=g).to(dtype)
+    w_in = (torch.randn(S, f_in, D, generator=g) / D**0.5).to(dtype)
+    w_out = (torch.randn(S, D, F, generator=g) / F**0.5).to(dtype)
+    if ids is None:  # k distinct experts per token, as top-k gives
+        ids = torch.rand(T, E, generator=g).argsort(dim=1)[:, :k].to(torch.int32)
+    weights = torch.rand(T, k, generator=g) + 0.1
+    return x, w_in, w_out, ids, weights
+
+
+def _rel(y, ref):
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def _naive(x, w_in, w_out, ids, weights, slot_of_expert, activation):
+    """Token by token, expert by expert, in float64."""
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            s = int(slot_of_expert[e]) if slot_of_expert is not None else e
+            h = w_in[s].double() @ x[t].double()
+            if activation in ("geglu", "swiglu"):
+                gate, up = h[:F], h[F:]
+                h = (Fn.gelu(gate) if activation == "geglu" else Fn.silu(gate)) * up
+            else:
+                h = {"relu": Fn.relu, "gelu": Fn.gelu, "silu": Fn.silu}[activation](h)
+            y[t] += float(weights[t, j]) * (w_out[s].double() @ h)
+    return y
+
+
+def _check(x, w_in, w_out, ids, weights, slot_of_expert, activation, config):
+    """Kernel vs float64 reference; bf16 also vs PyTorch's own bf16 error."""
+    y = expert_ffn_triton(x, w_in, w_out, ids, weights, slot_of_expert, activation, config=config)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    ref = expert_ffn_reference(x.double(), w_in.double(), w_out.double(), ids, weights.double(),
+                               slot_of_expert, activation)
+    err = _rel(y, ref)
+    if x.dtype == torch.float32:
+        assert err <= 1e-4, err
+    else:
+        torch_err = _rel(expert_ffn_reference(x, w_in, w_out, ids, weights, slot_of_expert, activation), ref)
+        assert err <= 2 * torch_err, (err, torch_err)
+    return y
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_reference_matches_naive_loop(activation):
+    x, w_in, w_out, ids, weights = _problem(6, 7, 2, activation, S=9, seed=1)
+    slot_of_expert = torch.tensor([8, 0, 3, 1, 7, 2, 5], dtype=torch.int32)
+    ref = expert_ffn_reference(x.double(), w_in.double(), w_out.double(), ids, weights.double(),
+                               slot_of_expert, activation)
+    naive = _naive(x, w_in, w_out, ids, weights, slot_of_expert, activation)
+    assert _rel(ref, naive) <= 1e-12
+    assert _rel(expert_ffn_reference(x, w_in, w_out, ids, weights, slot_of_expert, activation), naive) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("path", ["decode", "prefill"])
+def test_each_path_and_activation(path, activation, dtype):
+    x, w_in, w_out, ids, weights = _problem(3, 7, 2, activation, dtype, seed=hash(activation) % 1000)
+    _check(x, w_in, w_out, ids, weights, None, activation, CONFIGS[path])
+
+
+# Default configs pick the path by token count (decode for T = 1, 3; prefill for T = 64, 257).
+@pytest.mark.parametrize("T,E", [(T, E) for T in (1, 3, 64, 257) for E in (1, 7, 8, 128)])
+def test_shapes_default_config(T, E):
+    k = 1 if E == 1 or (T + E) % 2 == 0 else 2
+    activation = "gelu" if T % 2 else "swiglu"
+    _check(*_problem(T, E, k, activation, seed=T * 7 + E), None, activation, None)
+
+
+@pytest.mark.parametrize("path", ["decode", "prefill"])
+def test_empty_experts_and_one_expert(path):
+    T = 5 if path == "decode" else 257
+    g = torch.Generator().manual_seed(3)
+    two = torch.tensor([2, 5], dtype=torch.int32)[torch.randint(0, 2, (T, 1), generator=g)]
+    x, w_in, w_out, ids, weights = _problem(T, 8, 1, ids=two, seed=4)  # 6 of 8 experts get nothing
+    _check(x, w_in, w_out, ids, weights, None, "relu", CONFIGS[path])
+    one = torch.full((T, 2), 6, dtype=torch.int32)  # everything to one expert (prefill: 33 tiles of it)
+    one[:, 1] = 1
+    x, w_in, w_out, ids, weights = _problem(T, 8, 2, ids=one, seed=5)
+    _check(x, w_in, w_out, ids, weights, None, "relu", CONFIGS[path])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("path", ["decode", "prefill"])
+def test_slot_table(path, dtype):
+    T = 3 if path == "decode" else 64
+    x, w_in, w_out, ids, weights = _problem(T, 7, 2, "silu", dtype, S=10, seed=6)
+    slot_of_expert = torch.tensor([9, 0, 4, 2, 7, 3, 5], dtype=torch.int32)  # slots 1, 6, 8 unused
+    y = _check(x, w_in, w_out, ids, weights, slot_of_expert, "silu", CONFIGS[path])
+    # Moving the experts' weights to other slots and updating the table gives the same output.
+    perm = torch.tensor([4, 8, 1, 0, 9, 2, 6, 3, 5, 7])  # new slot of old slot s
+    w_in2, w_out2 = torch.empty_like(w_in), torch.empty_like(w_out)
+    w_in2[perm], w_out2[perm] = w_in, w_out
+    moved = perm[slot_of_expert.long()].to(torch.int32)
+    y2 = expert_ffn_triton(x, w_in2, w_out2, ids, weights, moved, "silu", config=CONFIGS[path])
+    assert torch.equal(y, y2)
+
+
+def test_decode_matches_prefill_and_int64_ids():
+    x, w_in, w_out, ids, weights = _problem(4, 8, 2, "geglu", torch.bfloat16, seed=8)
+    a = expert_ffn_triton(x, w_in, w_out, ids, weights, None, "geglu", config=DECODE)
+    b = expert_ffn_triton(x, w_in, w_out, ids.long(), weights, None, "geglu", config=PREFILL)
+    assert _rel(a, b.double()) <= 1e-2  # same roundings (h in bf16), different summation order
+
+
+def test_dispatch_and_autograd(monkeypatch):
+    x, w_in, w_out, ids, weights = _problem(3, 7, 2, "relu", seed=9)
+    monkeypatch.delenv("PGMOE_FORCE_TRITON", raising=False)
+    want = expert_ffn_reference(x, w_in, w_out, ids, weights)
+    assert torch.equal(expert_ffn(x, w_in, w_out, ids, weights), want)
+    monkeypatch.setenv("PGMOE_FORCE_TRITON", "1")
+    called = []
+    spy = lambda *a, **kw: called.append(1) or expert_ffn_triton(*a, **kw)
+    monkeypatch.setattr(ffn, "expert_ffn_triton", spy)
+    y = expert_ffn(x, w_in, w_out, ids, weights)
+    assert called and _rel(y, expert_ffn_reference(x.double(), w_in.double(), w_out.double(), ids,
+                                                    weights.double())) <= 1e-4
+    # Inputs that need a gradient take the differentiable reference even with the switch on.
+    w_in.requires_grad_()
+    called.clear()
+    expert_ffn(x, w_in, w_out, ids, weights).square().sum().backward()
+    assert not called and w_in.grad is not None and w_in.grad.abs().sum() > 0
+
+
+def test_bad_arguments():
+    x, w_in, w_out, ids, weights = _problem(2, 4, 1, "relu")
+    with pytest.raises(ValueError, match="activation"):
+        expert_ffn_triton(x, w_in, w_out, ids, weights, activation="tanh")
+    with pytest.raises(ValueError, match="shapes"):
+        expert_ffn_triton(x, w_in, w_out, ids, weights, activation="swiglu")  # w_in needs 2F rows
