@@ -217,6 +217,7 @@ class Engine:
             "ms_per_token_median": statistics.median(decode_ms) if decode_ms else None,
             "ms_per_token_p90": _pct(decode_ms, 0.9),
             "tokens_per_s": (B * steps / total_s) if total_s > 0 else None,
+            "decode_ms": decode_ms, "total_ms": 1e3 * total_s,
             "cuda_graph": graphed,
             "graph_capture_ms": capture_ms,
         }

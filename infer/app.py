@@ -1,0 +1,180 @@
+"""`python -m infer`: load a checkpoint with its experts offloaded, generate the task's test split under
+each policy, check every policy's tokens against gpu_only, and report quality, speed and memory.
+
+Kept free of Hydra imports (infer/__main__.py is the Hydra entry), so scripts can call `run`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from infer import report as rep
+from infer.engine import Engine, RunResult, load_offloaded
+from infer.offload import GB, default_budget_bytes
+from infer.policies import PolicySpec
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r}; expected auto or one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def policy_specs(cfg) -> list[PolicySpec]:
+    names = list(cfg.policies) if cfg.policies else (
+        list(cfg.policy.names) if cfg.policy.name == "compare" else [cfg.policy.name])
+    if not names:
+        raise ValueError("no policy to run: set policy=<name> or policies=[...]")
+    return [PolicySpec.parse(n, 0 if n == "gpu_only" else cfg.cache.size, cfg.cache.kind) for n in names]
+
+
+def default_checkpoint(cfg) -> Path:
+    """The shipped default model; when it is missing, build it with the project's own training
+    (`python -m train`, the default tiny pre-gated model on the embedded data, bounded steps)."""
+    d = Path(cfg.default_model.dir)
+    d = d if d.is_absolute() else ROOT / d
+    if (d / "config.json").exists():
+        return d
+    out = d.parent / f".{d.name}-train"
+    print(f"[infer] {d} is missing: training it with `python -m train` ({cfg.default_model.train_steps} steps) ...",
+          flush=True)
+    cmd = [sys.executable, "-m", "train", f"train.max_steps={cfg.default_model.train_steps}",
+           f"train.out_dir={out}", f"hydra.run.dir={out}/hydra", "train.progress=false", "logger=none"]
+    t = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True, timeout=cfg.default_model.train_timeout_s,
+                   env={**os.environ, "WANDB_MODE": "disabled"})
+    ckpt = out / "checkpoint"
+    if not (ckpt / "config.json").exists():
+        raise FileNotFoundError(f"training finished but wrote no checkpoint at {ckpt}")
+    d.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(ckpt, d)
+    print(f"[infer] built {d} in {time.perf_counter() - t:.0f} s", flush=True)
+    return d
+
+
+def _batches(rows: list[list[int]], size: int):
+    from models.tokenizer import pad_batch
+
+    for i in range(0, len(rows), size):
+        yield i, pad_batch(rows[i : i + size])
+
+
+def run(cfg, run_dir: str | Path) -> dict[str, Any]:
+    from models.tokenizer import load_tokenizer
+    from train.data import build_task
+    from train.metrics import score
+    from train.tracking import Tracker
+
+    t_start = time.perf_counter()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    specs = policy_specs(cfg)
+    ckpt = Path(cfg.checkpoint) if cfg.checkpoint else default_checkpoint(cfg)
+    budget = cfg.offload.pinned_budget_gb * GB if cfg.offload.pinned_budget_gb is not None else default_budget_bytes()
+    model, store = load_offloaded(ckpt, device, dtype, budget)
+    if not cfg.checkpoint and cfg.model.name and model.cfg.d_model != cfg.model.d_model:
+        print(f"[infer] note: the default checkpoint is not a `{cfg.model.name}` model; pass checkpoint=PATH "
+              "to run another model", flush=True)
+    tok = load_tokenizer(ckpt, vocab_size=model.cfg.vocab_size)
+    task = build_task(cfg.data)
+    examples = task.examples(cfg.split)
+    if cfg.num_examples:
+        examples = examples[: cfg.num_examples]
+    inputs = [tok.encode(e.input, max_length=cfg.max_input_tokens) for e in examples]
+    refs = [e.references for e in examples]
+    warm = str(cfg.warmup).lower() != "false"
+    eng = Engine(model, store, device, cuda_graph=cfg.cuda_graph, copy_mode=cfg.offload.copy_mode,
+                 measure_stall=cfg.measure_stall)
+    peak = rep.pinned_peak_GBps(device)
+    env = rep.environment(device)
+    env.update(checkpoint=str(ckpt), pinned_store_bytes=store.total_bytes, store_pinned=store.pinned,
+               model_dtype=str(dtype).replace("torch.", ""))
+    print(f"[infer] {ckpt.name}: {model.cfg.num_experts} experts x {store.M} MoE blocks "
+          f"({store.total_bytes / 1e6:.1f} MB of experts in {'pinned ' if store.pinned else ''}CPU memory), "
+          f"pregated={model.cfg.pregated}, device={env['compute_device']}, data={task.name} "
+          f"{cfg.split} ({len(examples)} examples), batch {cfg.batch_size}, beams {cfg.num_beams}", flush=True)
+
+    entries: list[dict[str, Any]] = []
+    ref_tokens = None
+    for spec in specs:
+        runs: list[RunResult] = []
+        tokens: list[list[int]] = []
+        for i, batch in _batches(inputs, cfg.batch_size):
+            res = eng.run(spec, batch["input_ids"], batch["attention_mask"], max_new_tokens=cfg.max_new_tokens,
+                          num_beams=cfg.num_beams, warmup=warm and i == 0)
+            runs.append(res)
+            tokens += res.tokens
+        preds = tok.batch_decode(tokens)
+        quality = score(task.metric, preds, refs) if task.metric != "loss" else {}
+        entry = {
+            "policy": spec.label, "spec": vars(spec), "metrics": rep.aggregate(runs, peak), "quality": quality,
+            "notes": sorted({n for r in runs for n in r.notes}), "tokens": tokens, "predictions": preds[:8],
+        }
+        if spec.name == "gpu_only":
+            ref_tokens = tokens
+        entries.append(entry)
+        print(f"[infer] {spec.label}: done ({sum(r.metrics['total_ms'] for r in runs) / 1e3:.1f} s)", flush=True)
+    for e in entries:
+        e["same_as_gpu_only"] = None if ref_tokens is None else e["tokens"] == ref_tokens
+
+    qkey = {"rouge": "rougeL", "em_f1": "exact_match"}.get(task.metric)
+    title = (f"{ckpt.name} on {env['compute_device']}, {task.name} {cfg.split} x{len(examples)}, "
+             f"batch {cfg.batch_size}, beams {cfg.num_beams}, {cfg.max_new_tokens} new tokens")
+    text = rep.table(entries, qkey)
+    report = {
+        "title": title, "environment": env, "config": _plain(cfg), "task": {"name": task.name, "metric": task.metric},
+        "references": [r[0] for r in refs[:8]], "entries": entries, "table": text,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    rep.write_json(run_dir / "report.json", report)
+    png = rep.plot(run_dir / "policies.png", entries, title)
+    print(f"\n{title}\n{text}\n")
+    for e in entries:
+        for n in e["notes"]:
+            print(f"[infer] note ({e['policy']}): {n}")
+    if device.type == "cpu":
+        print("[infer] CPU-only machine: the CPU is the compute device; no GPU memory or copy figures are reported.")
+    print(f"[infer] report: {run_dir / 'report.json'}, plot: {png}")
+    tracker = Tracker(cfg.logger, _plain(cfg), "infer", run_dir, name=run_dir.name)
+    tracker.table("policies", list(rep.COLUMNS), rep.rows(entries, qkey))
+    for e in entries:
+        tracker.log({f"{e['policy']}/{k}": v for k, v in {**e["metrics"], **e["quality"]}.items()
+                     if isinstance(v, int | float) and not isinstance(v, bool)})
+    tracker.image("policies", png)
+    tracker.finish()
+    store.close()
+    return report
+
+
+def _plain(cfg) -> Any:
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(cfg):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return cfg

@@ -1,0 +1,67 @@
+"""Structured config of `python -m infer` (conf/infer.yaml is checked against it: a misspelt key or
+a wrong type fails at start). No Hydra import at module level: scripts use the runner without it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from models.config import ModelConf
+from train.data import DataConf
+from train.tracking import LoggerConf
+
+
+@dataclass
+class PolicyConf:
+    name: str = "compare"              # a policy, or `compare`: every name in `names`
+    names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CacheConf:
+    size: int = 0                      # cache slots per MoE block (0: no cache)
+    kind: str = "lru"                  # lru | lfu
+
+
+@dataclass
+class OffloadConf:
+    pinned_budget_gb: float | None = None  # null: 3/4 of the machine's RAM
+    copy_mode: str = "auto"                # auto | device (GPU-driven gather) | host (cudaMemcpyAsync)
+
+
+@dataclass
+class DefaultModelConf:
+    dir: str = "checkpoints/default"   # used when checkpoint is null; built by training when missing
+    train_steps: int = 200             # steps of `python -m train` when it has to be built
+    train_timeout_s: int = 240
+
+
+@dataclass
+class InferConf:
+    model: ModelConf = field(default_factory=ModelConf)
+    data: DataConf = field(default_factory=DataConf)
+    policy: PolicyConf = field(default_factory=PolicyConf)
+    logger: LoggerConf = field(default_factory=LoggerConf)
+    checkpoint: str | None = None
+    policies: list[str] | None = None  # overrides `policy`: compared in one run
+    cache: CacheConf = field(default_factory=CacheConf)
+    offload: OffloadConf = field(default_factory=OffloadConf)
+    default_model: DefaultModelConf = field(default_factory=DefaultModelConf)
+    split: str = "test"
+    num_examples: int = 24             # 0: the whole split
+    batch_size: int = 8
+    num_beams: int = 1
+    max_input_tokens: int = 256
+    max_new_tokens: int = 48
+    device: str = "auto"               # auto | cpu | cuda[:i]
+    dtype: str = "auto"                # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
+    cuda_graph: bool = True
+    measure_stall: bool = True         # CUDA events around each wait (eager steps only)
+    warmup: bool = True                # one untimed short pass per policy (allocator, kernels, caches)
+    threads: int = 0                   # torch CPU threads; 0: torch's default
+    seed: int = 0
+
+
+def register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="infer_schema", node=InferConf)
