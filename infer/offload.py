@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 
-from models.config import SwitchConfig
-
 from kernels import expert_copy
+from models.config import SwitchConfig
 
 GB = 1e9
 _INF = 1 << 62   # key of a slot that holds an expert this step needs: never a victim
