@@ -15,7 +15,11 @@ register()
 def main(cfg: DictConfig) -> float:
     from train.loop import run
 
-    result = run(cfg, HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    name = hc.job.override_dirname or None
+    if name and hc.mode.name == "MULTIRUN":
+        name = f"{hc.job.num}:{name}"
+    result = run(cfg, hc.runtime.output_dir, run_name=name[:120] if name else None)
     # the objective of a hyper-parameter search: final validation loss (lower is better)
     return float(result.get("validation_loss_end") or float("nan"))
 

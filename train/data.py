@@ -245,13 +245,14 @@ def _squash(text: str) -> str:
 
 
 class DocSumTask(Task):
-    """Docstring body -> its first-line summary (docstrings whose first paragraph is one line)."""
+    """Docstring body -> its first-line summary (docstrings whose first paragraph is one line).
+    A body that occurs twice (an overriding method's copy) is kept once, in its first module."""
 
     def _load(self, split: str) -> list[Example]:
         c = self.conf
-        out = []
+        out, seen = [], set()
         for d in stdlib_docs():
-            if d.module.startswith("pydoc_topic:") or split_of(d.module, c.split_percent) != split:
+            if d.module.startswith("pydoc_topic:"):
                 continue
             head, sep, body = d.text.partition("\n\n")
             if not sep or "\n" in head.strip():
@@ -262,7 +263,12 @@ class DocSumTask(Task):
                 continue
             if len(body.encode()) < c.min_input_bytes:
                 continue
-            out.append(Example(_cut(body, c.max_input_bytes), target))
+            inp = _cut(body, c.max_input_bytes)
+            if inp in seen:
+                continue
+            seen.add(inp)
+            if split_of(d.module, c.split_percent) == split:
+                out.append(Example(inp, target))
         return out
 
 

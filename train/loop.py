@@ -337,7 +337,7 @@ class _Stop:
         self.flag = True
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> dict[str, Any]:
     """Fine-tune as configured; returns the final metrics (also written to <out_dir>/metrics.json)."""
     d = setup_distributed(cfg)
     if cfg.train.threads:
@@ -392,7 +392,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     tracker = None
     if d.main:
         run_config = OmegaConf.to_container(cfg, resolve=True)
-        tracker = Tracker(cfg.logger, run_config, "train", out_dir, name=out_dir.name)
+        tracker = Tracker(cfg.logger, run_config, "train", out_dir, name=run_name or out_dir.name)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"[train] {model.cfg.num_experts}-expert Switch, {n_params / 1e6:.2f}M params, "
               f"pregated={model.cfg.pregated} lookahead={model.cfg.lookahead}, data={task.name} "
@@ -532,4 +532,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         result["history"] = history
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
         tracker.finish()
+    if d.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
     return result

@@ -1,0 +1,135 @@
+"""The Hydra app: config checks, a short run that learns, kill + resume, multirun, 2-process DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigAttributeError, ValidationError
+from safetensors.torch import load_file
+
+import train.config
+
+ROOT = Path(__file__).resolve().parents[2]
+CONF = str(ROOT / "conf")
+# A few seconds per run on a CPU.
+FAST = ["train.max_steps=6", "train.batch_size=4", "train.max_input_len=64", "train.max_target_len=32",
+        "eval.at_start=false", "eval.test=false", "eval.generate_examples=0", "eval.max_examples=8",
+        "train.eval_every=0", "train.progress=false", "train.threads=1"]
+
+
+def _compose(overrides):
+    train.config.register()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def test_issue_overrides_compose():
+    cfg = _compose(["model=switch-base-8", "init.checkpoint=/some/dir", "model.lookahead=2", "train.trainable=pregates",
+                    "train.max_steps=7", "train.batch_size=4", "optim.lr=3e-4", "data=squad", "logger=wandb",
+                    "seed=3", "optim=adafactor", "optim.lr=1e-4"])
+    assert cfg.model.d_model == 768 and cfg.model.lookahead == 2 and cfg.init.checkpoint == "/some/dir"
+    assert cfg.train.trainable == "pregates" and cfg.train.max_steps == 7 and cfg.data.metric == "em_f1"
+    assert cfg.logger.kind == "wandb" and cfg.seed == 3 and cfg.optim.name == "adafactor"
+    for name in ("docsum", "span", "jsonl", "xsum", "web_questions"):
+        assert _compose([f"data={name}"]).data.name == name
+    assert _compose([]).model.name == "tiny"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.lookhead=2", "lookhead"), ("train.max_step=3", "max_step"), ("optim.learning_rate=1", "learning_rate"),
+    ("train.max_steps=abc", "max_steps"), ("data.noise_densty=0.2", "noise_densty"),
+])
+def test_config_typo_fails_naming_the_key(override, key):
+    with pytest.raises((ConfigCompositionException, ConfigAttributeError, ValidationError)) as e:
+        _compose([override])
+    assert key in str(e.value) + str(e.value.__cause__)
+
+
+def test_app_typo_fails_at_start_naming_the_key(tmp_path):
+    p = _app(["train.max_stepz=3", f"hydra.run.dir={tmp_path}"], check=False)
+    assert p.returncode != 0 and "max_stepz" in p.stderr
+
+
+def test_short_run_lowers_validation_loss(tmp_path):
+    from train.loop import run
+
+    cfg = _compose(["train.max_steps=24", "train.batch_size=8", "train.max_input_len=96", "train.max_target_len=48",
+                    "eval.generate_examples=2", "eval.max_new_tokens=8", "eval.max_examples=32", "eval.test=false",
+                    "train.eval_every=0", "train.progress=false", "logger=wandb"])  # WANDB_MODE=disabled
+    res = run(cfg, tmp_path)
+    assert res["validation_loss_end"] < res["validation_loss_start"] - 0.5
+    assert "rouge1" in res["validation"] and "agreement/encoder1" in res["validation"]
+    ck = tmp_path / "checkpoint"
+    assert {"config.json", "model.safetensors", "byte_tokenizer.json", "training_state.pt"} <= {
+        p.name for p in ck.iterdir()}
+    from models.checkpoint import load_switch
+
+    m = load_switch(ck)
+    assert m.cfg.pregated and any(mo.pregate is not None for mo in m.moes)
+
+
+def _app(args, check=True, torchrun=0):
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "train", *args]
+    if torchrun:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}",
+               f"--master_port={port}", "-m", "train", *args]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def _weights(run_dir):
+    return load_file(str(Path(run_dir) / "checkpoint" / "model.safetensors"))
+
+
+def test_kill_then_resume_equals_uninterrupted(tmp_path):
+    common = FAST + ["train.eval_every=3", "eval.max_examples=4"]
+    _app(common + [f"hydra.run.dir={tmp_path / 'full'}"])
+    p = _app(common + ["train.stop_after_steps=4", f"hydra.run.dir={tmp_path / 'killed'}"])
+    assert "stopped at step 4" in p.stdout
+    state = torch.load(tmp_path / "killed" / "checkpoint" / "training_state.pt", weights_only=False)
+    assert state["step"] == 4
+    p = _app(common + ["train.resume=true", f"train.out_dir={tmp_path / 'killed'}",
+                       f"hydra.run.dir={tmp_path / 'resumed'}"])
+    assert "resumed at step 4" in p.stdout
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_multirun_two_by_two(tmp_path):
+    # 4 MoE blocks per stack so that lookahead 2 is possible with the tiny model
+    _app(["-m", "optim.lr=1e-4,3e-4", "model.lookahead=1,2", "model.num_sparse_encoder_layers=4",
+          "model.num_sparse_decoder_layers=4", f"hydra.sweep.dir={tmp_path}", *FAST])
+    runs = sorted(p.parent for p in tmp_path.glob("*/metrics.json"))
+    assert len(runs) == 4
+    seen = set()
+    for r in runs:
+        m = json.loads((r / "metrics.json").read_text())
+        assert m["step"] == 6 and not m["stopped"]
+        cfg = json.loads((r / "checkpoint" / "config.json").read_text())
+        seen.add(cfg["lookahead"])
+    assert seen == {1, 2}
+
+
+def test_ddp_two_processes_equals_one(tmp_path):
+    args = FAST + ["train.batch_size=8", "model.router_jitter_noise=0.0", "train.max_steps=3", "optim.lr=1e-3"]
+    _app(args + [f"hydra.run.dir={tmp_path / 'one'}"])
+    _app(args + [f"hydra.run.dir={tmp_path / 'two'}"], torchrun=2)
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-4, worst
