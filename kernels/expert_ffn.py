@@ -60,12 +60,18 @@ if HAVE_TRITON:
         return h
 
     @triton.jit
+    def _prefetch_l2(ptrs):
+        # Fire-and-forget PTX L2 prefetch; not pure, so it is kept although its dummy result is unused.
+        return tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                                         dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
     def _decode_in_kernel(
-        x_ptr, w_in_ptr, ids_ptr, slot_of_expert_ptr, h_ptr,
-        D, F,
-        stride_xt, stride_xd, stride_ws, stride_wf, stride_wd,
+        x_ptr, w_in_ptr, ids_ptr, slot_of_expert_ptr, h_ptr, w_out_ptr,
+        D, F, out_elems_per_program,
+        stride_xt, stride_xd, stride_ws, stride_wf, stride_wd, stride_os,
         K: tl.constexpr, HAS_SLOT_MAP: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
-        BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr,
     ):
         # h[r, f-tile] = act(W_in[s, f-tile, :] @ x[t]): a GEMV; the weight tile is the only real traffic.
         r = tl.program_id(0)
@@ -73,6 +79,13 @@ if HAVE_TRITON:
         slot = tl.load(ids_ptr + r)
         if HAS_SLOT_MAP:
             slot = tl.load(slot_of_expert_ptr + slot)
+        if PREFETCH_LINES > 0:
+            # Each program also pulls its share of this slot's (contiguous) W_out into L2, so the weights
+            # stream from HBM in one pass and _decode_out_kernel reads them from L2: the two launches then
+            # cost about one weight pass instead of two.
+            offs_o = pid_f * out_elems_per_program + tl.arange(0, PREFETCH_LINES) * LINE
+            last = tl.minimum(D * F, (pid_f + 1) * out_elems_per_program) - 1
+            _prefetch_l2(w_out_ptr + slot.to(tl.int64) * stride_os + tl.minimum(offs_o, last))
         offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
         offs_d = tl.arange(0, BLOCK_D)
         mask_f = offs_f < F
@@ -230,13 +243,15 @@ def _np2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def _decode_config(bf: int, bd: int, w: int, obd: int, obf: int, ow: int, prefetch: bool = True) -> dict:
+    return {"path": "decode", "in": {"BLOCK_F": bf, "BLOCK_D": bd, "num_warps": w, "prefetch": prefetch},
+            "out": {"BLOCK_D": obd, "BLOCK_F": obf, "num_warps": ow}}
+
+
 def _default_config(R: int, S: int, d: int, F: int) -> dict:
     if R <= DECODE_MAX_SLOTS:
-        return {
-            "path": "decode",
-            "in": {"BLOCK_F": 16, "BLOCK_D": min(_np2(d), 512), "num_warps": 4},
-            "out": {"BLOCK_D": 8, "BLOCK_F": min(_np2(F), 1024), "num_warps": 4},
-        }
+        # Whole rows per load (one memory round trip per program) and enough programs to fill the GPU.
+        return _decode_config(8, min(_np2(d), 2048), 4, 2, min(_np2(F), 4096), 4)
     per_slot = R / min(S, R)  # mean token slots per used weight slot: how tall the tiles can usefully be
     bm = 16 if per_slot <= 16 else 32 if per_slot <= 48 else 64 if per_slot <= 128 else 128
     gemm = {"BLOCK_N": 64 if bm <= 32 else 128, "BLOCK_K": 64, "num_warps": 4 if bm <= 64 else 8,
@@ -247,11 +262,11 @@ def _default_config(R: int, S: int, d: int, F: int) -> dict:
 def _candidates(R: int, S: int, d: int, F: int) -> list[dict]:
     out = []
     if R <= 64:
-        for bf, bd, w in ((8, 512, 4), (16, 256, 4), (16, 512, 4), (32, 256, 8), (16, 1024, 8)):
-            for obd, obf, ow in ((4, 1024, 4), (8, 512, 4), (8, 1024, 4), (16, 512, 8)):
-                out.append({"path": "decode",
-                            "in": {"BLOCK_F": bf, "BLOCK_D": min(bd, _np2(d)), "num_warps": w},
-                            "out": {"BLOCK_D": obd, "BLOCK_F": min(obf, _np2(F)), "num_warps": ow}})
+        bd, bf = min(_np2(d), 2048), min(_np2(F), 4096)
+        for ins in ((4, bd, 4), (8, bd, 4), (16, bd, 8), (16, 256, 4)):
+            for outs in ((2, bf, 4), (4, bf, 8), (8, 1024, 4)):
+                out.append(_decode_config(*ins, *outs))
+        out.append(_decode_config(8, bd, 4, 2, bf, 4, prefetch=False))
     if R >= 4:
         for bm, bn, bk, w, st in ((16, 64, 64, 4, 4), (16, 128, 64, 4, 4), (32, 64, 64, 4, 4),
                                   (32, 128, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 64, 8, 4),
@@ -298,12 +313,19 @@ def expert_ffn_triton(
         if cfg["path"] == "decode":
             ci, co = cfg["in"], cfg["out"]
             h = torch.empty((R, F), dtype=h_dtype, device=x.device)
-            _decode_in_kernel[(R, triton.cdiv(F, ci["BLOCK_F"]))](
-                x, w_in, ids_R, slot_map, h,
-                d, F,
-                x.stride(0), x.stride(1), w_in.stride(0), w_in.stride(1), w_in.stride(2),
+            n_f = triton.cdiv(F, ci["BLOCK_F"])
+            line = 128 // w_out.element_size()  # elements per 128-byte L2 line
+            per_program = triton.cdiv(triton.cdiv(d * F, n_f), line) * line
+            # Prefetch needs PTX (not the interpreter) and each slot's W_out contiguous.
+            prefetch = ci.get("prefetch", True) and x.is_cuda and w_out[0].is_contiguous()
+            _decode_in_kernel[(R, n_f)](
+                x, w_in, ids_R, slot_map, h, w_out,
+                d, F, per_program,
+                x.stride(0), x.stride(1), w_in.stride(0), w_in.stride(1), w_in.stride(2), w_out.stride(0),
                 K=k, HAS_SLOT_MAP=slot_of_expert is not None, ACT=act, GATED=gated,
-                BLOCK_F=ci["BLOCK_F"], BLOCK_D=ci["BLOCK_D"], num_warps=ci["num_warps"],
+                BLOCK_F=ci["BLOCK_F"], BLOCK_D=ci["BLOCK_D"],
+                PREFETCH_LINES=_np2(per_program // line) if prefetch else 0, LINE=line,
+                num_warps=ci["num_warps"],
             )
             _decode_out_kernel[(T, triton.cdiv(d, co["BLOCK_D"]))](
                 h, w_out, ids_R, slot_map, weights_R, out,

@@ -118,12 +118,11 @@ def _route_default(T: int, E: int, d: int) -> dict:
 
 
 def _route_candidates(T: int, E: int, d: int) -> list[dict]:
-    out = []
-    for bt in (16, 32, 64) if T > 16 else (16,):
-        for bd in (32, 64, 128, 256):
-            for warps, stages in ((4, 3), (4, 4), (8, 3)):
-                if bd * max(16, _next_pow2(E)) <= 32768 and bd <= max(16, _next_pow2(d)):
-                    out.append({"BLOCK_T": bt, "BLOCK_D": bd, "num_warps": warps, "num_stages": stages})
+    default = _route_default(T, E, d)
+    bd = default["BLOCK_D"]
+    out = [default, {**default, "BLOCK_D": max(16, bd // 2)}, {**default, "num_warps": 8, "num_stages": 4}]
+    if T > 16:
+        out.append({**default, "BLOCK_T": 32 if default["BLOCK_T"] == 64 else 64})
     return out
 
 

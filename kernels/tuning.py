@@ -19,6 +19,7 @@ import torch
 
 CONFIG_DIR = pathlib.Path(__file__).with_name("configs")
 _chosen: dict[tuple[str, str], dict] = {}  # (gpu, key) -> config, filled on first use
+history: list[dict] = []  # every autotune: key and each candidate's time (benchmarks report it)
 
 
 def gpu_name(device: torch.device) -> str:
@@ -65,7 +66,7 @@ def pick(
         return cfg
     cfg = _table(gpu).get(key)
     if cfg is None and candidates is not None and run is not None and _can_autotune(device):
-        cfg = autotune(candidates(), run)
+        cfg = autotune(candidates(), run, key=f"{gpu}|{key}")
     if cfg is None:
         cfg = default()
     _chosen[(gpu, key)] = cfg
@@ -76,30 +77,48 @@ def _can_autotune(device: torch.device) -> bool:
     return autotune_enabled() and device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
 
 
-def autotune(candidates: list[dict], run: Callable[[dict], None], reps: int = 20) -> dict | None:
+def autotune(
+    candidates: list[dict], run: Callable[[dict], None], reps: int = 20, key: str = ""
+) -> dict | None:
     """Time each candidate (CUDA events, median of `reps`) and return the fastest; skips ones that fail."""
-    best, best_ms = None, float("inf")
+    best, best_ms, times = None, float("inf"), []
     for cfg in candidates:
         try:
             ms = time_cuda(lambda cfg=cfg: run(cfg), reps=reps)
-        except Exception:  # a candidate that does not compile here (shared memory, registers) is skipped
+        except Exception as e:  # a candidate that does not compile here (shared memory, registers) is skipped
+            times.append({"config": cfg, "error": f"{type(e).__name__}: {e}"[:200]})
             continue
+        times.append({"config": cfg, "us": 1000 * ms})
         if ms < best_ms:
             best, best_ms = dict(cfg), ms
+    history.append({"key": key, "candidates": times})
     return best
 
 
+_l2_flush: torch.Tensor | None = None
+
+
 def time_cuda(fn: Callable[[], object], reps: int = 20, warmup: int = 3) -> float:
+    """Median ms of fn, each rep after writing 256 MB (more than any L2) so weights come from HBM."""
+    global _l2_flush
+    if _l2_flush is None:
+        _l2_flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     for _ in range(warmup):
         fn()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for s, e in zip(starts, ends):
+        _l2_flush.zero_()
         s.record()
         fn()
         e.record()
     torch.cuda.synchronize()
     return sorted(s.elapsed_time(e) for s, e in zip(starts, ends))[reps // 2]
+
+
+def current(key: str, device: torch.device) -> dict | None:
+    """The config already in use for `key` (None before the first call)."""
+    return _chosen.get((gpu_name(device), key))
 
 
 def chosen(gpu: str) -> dict[str, dict]:
