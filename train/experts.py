@@ -23,8 +23,10 @@ ALIGN = 16
 
 
 def grouped_expert_ffn(x_ND: torch.Tensor, w_in_EFD: torch.Tensor, w_out_EDF: torch.Tensor,
-                       ids_N1: torch.Tensor, weights_N1: torch.Tensor, activation: str = "relu") -> torch.Tensor:
-    """y[t] = weights[t] * W_out[e] @ act(W_in[e] @ x[t]), e = ids[t]; top-1; bf16 compute, x's dtype out."""
+                       ids_N1: torch.Tensor, weights_N1: torch.Tensor, activation: str = "relu",
+                       dropout: float = 0.0) -> torch.Tensor:
+    """y[t] = weights[t] * W_out[e] @ drop(act(W_in[e] @ x[t])), e = ids[t]; top-1; bf16 compute, x's
+    dtype out. `dropout` inside each expert after the activation, as transformers' Switch does."""
     N, D = x_ND.shape
     E = w_in_EFD.shape[0]
     e_N = ids_N1.reshape(-1).long()
@@ -43,19 +45,20 @@ def grouped_expert_ffn(x_ND: torch.Tensor, w_in_EFD: torch.Tensor, w_out_EDF: to
     offs = end_E.to(torch.int32)
     h_PF = torch._grouped_mm(x_PD, w_in_EFD.to(torch.bfloat16).transpose(-2, -1), offs=offs)
     h_PF = _act(h_PF, activation)
+    if dropout > 0:
+        h_PF = F.dropout(h_PF, dropout, training=True)
     y_PD = torch._grouped_mm(h_PF, w_out_EDF.to(torch.bfloat16).transpose(-2, -1), offs=offs)
     y_sorted = y_PD.index_select(0, row_N) * weights_N1.reshape(-1)[order_N, None].to(torch.bfloat16)
     return torch.zeros_like(x_ND).index_copy(0, order_N, y_sorted.to(x_ND.dtype))
 
 
 def _grouped_experts(self, x_BSD: torch.Tensor, routing) -> torch.Tensor:
-    # Replaces SparseMLP.experts while training (grad on, no offloading, no expert dropout).
-    if (not torch.is_grad_enabled() or self.expert_source is not None or routing.ids.shape[-1] != 1
-            or (self.training and self.dropout.p > 0)):
+    # Replaces SparseMLP.experts while training (grad on, no offloading; expert dropout included).
+    if not torch.is_grad_enabled() or self.expert_source is not None or routing.ids.shape[-1] != 1:
         return type(self).experts(self, x_BSD, routing)
     B, S, D = x_BSD.shape
     y = grouped_expert_ffn(x_BSD.reshape(B * S, D), self.w_in, self.w_out, routing.ids, routing.weights,
-                           self.activation)
+                           self.activation, self.dropout.p if self.training else 0.0)
     return y.view(B, S, D)
 
 
@@ -110,4 +113,3 @@ def install(model, mode: str, device: torch.device) -> str:
     return "grouped"
 
 
-__all__ = ["grouped_expert_ffn", "install", "check_grouped", "F"]

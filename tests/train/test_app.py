@@ -133,3 +133,26 @@ def test_ddp_two_processes_equals_one(tmp_path):
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-4, worst
+
+
+def test_grouped_expert_ffn_matches_reference():
+    from train.experts import check_grouped, grouped_expert_ffn
+
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm missing")
+    try:
+        grouped_expert_ffn(torch.zeros(2, 16), torch.zeros(2, 32, 16), torch.zeros(2, 16, 32),
+                           torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1))
+    except (RuntimeError, NotImplementedError) as e:
+        pytest.skip(f"no CPU grouped GEMM here: {e}")
+    assert check_grouped(torch.device("cpu")) is None
+
+
+def test_bench_script_tiny(tmp_path):
+    p = subprocess.run([sys.executable, "scripts/bench_train.py", "--tiny", "--out", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    doc = json.loads((tmp_path / "train-throughput-tiny.json").read_text())
+    r = doc["results"][0]
+    assert r["model"] == "tiny" and r["ours"]["tokens_per_s"] > 0 and r["transformers"]["tokens_per_s"] > 0
+    assert {"machine", "versions", "command", "date"} <= set(doc)
