@@ -156,3 +156,18 @@ def test_bench_script_tiny(tmp_path):
     r = doc["results"][0]
     assert r["model"] == "tiny" and r["ours"]["tokens_per_s"] > 0 and r["transformers"]["tokens_per_s"] > 0
     assert {"machine", "versions", "command", "date"} <= set(doc)
+
+
+def test_optuna_search_config_composes():
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    train.config.register()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["hparams_search=optuna"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.direction == "minimize" and "optim.lr" in cfg.hydra.sweeper.params
+
+
+def test_experiment_configs_compose():
+    cfg = _compose(["experiment=lookahead_ablation", "model.lookahead=3"])
+    assert cfg.model.num_sparse_encoder_layers == 4 and cfg.model.lookahead == 3
+    cfg = _compose(["experiment=paper_finetune"])
+    assert cfg.model.name == "switch-base-8" and cfg.optim.lr == 1e-4 and cfg.optim.schedule == "constant"
