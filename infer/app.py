@@ -86,10 +86,12 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
+    if cfg.threads or device.type == "cpu":
+        # auto on the CPU: one thread. The shipped model's matrices are far too small to split, and
+        # spinning OpenMP workers on a shared 2-core machine cost 5-10x (measured).
+        torch.set_num_threads(cfg.threads or 1)
+    torch.manual_seed(cfg.seed)
     dtype = resolve_dtype(cfg.dtype, device)
     specs = policy_specs(cfg)
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else default_checkpoint(cfg)

@@ -57,7 +57,7 @@ class InferConf:
     cuda_graph: bool = True
     measure_stall: bool = True         # CUDA events around each wait (eager steps only)
     warmup: bool = True                # one untimed short pass per policy (allocator, kernels, caches)
-    threads: int = 0                   # torch CPU threads; 0: torch's default
+    threads: int = 0                   # torch CPU threads; 0: 1 on the CPU (small models), torch's default on CUDA
     seed: int = 0
 
 
