@@ -1,0 +1,81 @@
+"""`python -m infer` (Hydra app) and scripts/bench_e2e.py --tiny, end to end on the CPU."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from infer.app import policy_specs, run
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _compose(overrides):
+    from hydra import compose, initialize_config_dir
+
+    from infer.config import register
+
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="infer", overrides=overrides)
+
+
+def test_overrides_compose():
+    cfg = _compose(["policies=[gpu_only,on_demand,prefetch_all,pregated]", "cache.size=2", "cache.kind=lfu",
+                    "batch_size=2", "num_beams=2", "max_input_tokens=64", "max_new_tokens=4", "logger=none",
+                    "data=docsum", "model=tiny"])
+    assert [s.label for s in policy_specs(cfg)] == ["gpu_only", "on_demand@lfu2", "prefetch_all@lfu2", "pregated@lfu2"]
+    assert [s.label for s in policy_specs(_compose(["policy=pregated"]))] == ["pregated"]
+    assert len(policy_specs(_compose([]))) >= 5  # the default compares every policy
+    with pytest.raises(Exception):
+        _compose(["cache.sizee=2"])  # a misspelt key fails at start
+
+
+def test_main_job_on_the_shipped_model(tmp_path):
+    """The main job's path on the shipped trained model (fewer examples and tokens, to stay quick)."""
+    cfg = _compose(["num_examples=4", "batch_size=2", "max_new_tokens=6",
+                    "policies=[gpu_only,on_demand,on_demand@lru2,prefetch_all,pregated,pregated@lfu2]"])
+    rep = run(cfg, tmp_path)
+    assert rep["environment"]["compute_device"] == "cpu" and "CPU-only" in rep["environment"]["note"]
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert (tmp_path / "policies.png").stat().st_size > 0
+    assert [e["policy"] for e in saved["entries"]][:2] == ["gpu_only", "on_demand"]
+    for e in saved["entries"]:
+        assert e["same_as_gpu_only"] is True, e["policy"]
+        assert len(e["tokens"]) == 4
+        assert "rougeL" in e["quality"]
+        assert e["metrics"]["peak_allocated_bytes"] is None  # no GPU figures on a CPU machine
+    assert "ms/tok med" in saved["table"]
+
+
+def test_cli_runs_with_beams(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "infer", "policy=pregated", "num_examples=2", "batch_size=2", "num_beams=2",
+         "max_new_tokens=3", "max_input_tokens=64", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "pregated" in out.stdout and (tmp_path / "report.json").exists()
+
+
+def test_bench_script_tiny(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "scripts/bench_e2e.py", "--tiny", "--quick", "--no-anchors", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, env={"BENCH_THREADS": "1", **_env()},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "e2e-cpu-tiny.json").read_text())
+    runs = res["shapes"]["tiny"]["runs"]
+    assert runs and all(r.get("same_tokens_as_gpu_only") for r in runs if "metrics" in r)
+    assert not res["failures"]
+    assert (tmp_path / "e2e-cpu-tiny.png").exists()
+    _ = torch
+
+
+def _env():
+    import os
+
+    return dict(os.environ)
