@@ -2,7 +2,9 @@
 
 Two Triton paths, picked by the number of token slots R = T*k (tuned per GPU, see kernels/tuning.py):
   decode  (a few slots): no sort; a GEMV program per (token slot, F tile), then one per (token, d tile)
-          that also sums the k slots. Bound by reading the activated experts' weights.
+          that also sums the k slots. Bound by reading the activated experts' weights. On Hopper the
+          kernels are chained by programmatic dependent launch (PDL): the second starts, and pulls its
+          W_out rows into L2, while the first still runs, so the two weight reads overlap.
   prefill (many slots):  token slots grouped by weight slot (kernels.routing.group_by_slot), then two
           grouped GEMMs over M-row tiles that each belong to one slot (tl.dot, fp32 accumulation).
 Weights are always read through slot_of_expert, so the offload runner can put an expert in any slot.
@@ -18,11 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from kernels import tuning
-from kernels.routing import HAVE_TRITON, fp32_dot, group_by_slot, use_triton
+from kernels.routing import HAVE_TRITON, fp32_dot, group_by_slot, use_pdl, use_triton
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 ACTIVATIONS = ("relu", "gelu", "silu", "geglu", "swiglu")
 # name -> (ACT code of _activate, GATED)
@@ -61,31 +64,27 @@ if HAVE_TRITON:
 
     @triton.jit
     def _prefetch_l2(ptrs):
-        # Fire-and-forget PTX L2 prefetch; not pure, so it is kept although its dummy result is unused.
+        # Fire-and-forget PTX L2 prefetch; not pure, so it stays although its dummy result is unused.
         return tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
                                          dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
     def _decode_in_kernel(
-        x_ptr, w_in_ptr, ids_ptr, slot_of_expert_ptr, h_ptr, w_out_ptr,
-        D, F, out_elems_per_program,
-        stride_xt, stride_xd, stride_ws, stride_wf, stride_wd, stride_os,
+        x_ptr, w_in_ptr, ids_ptr, slot_of_expert_ptr, h_ptr,
+        D, F,
+        stride_xt, stride_xd, stride_ws, stride_wf, stride_wd,
         K: tl.constexpr, HAS_SLOT_MAP: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
-        BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr,
+        USE_PDL: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         # h[r, f-tile] = act(W_in[s, f-tile, :] @ x[t]): a GEMV; the weight tile is the only real traffic.
+        if USE_PDL:  # ids (and x) come from earlier kernels; let _decode_out_kernel start loading W_out
+            gdc_wait()
+            gdc_launch_dependents()
         r = tl.program_id(0)
         pid_f = tl.program_id(1)
         slot = tl.load(ids_ptr + r)
         if HAS_SLOT_MAP:
             slot = tl.load(slot_of_expert_ptr + slot)
-        if PREFETCH_LINES > 0:
-            # Each program also pulls its share of this slot's (contiguous) W_out into L2, so the weights
-            # stream from HBM in one pass and _decode_out_kernel reads them from L2: the two launches then
-            # cost about one weight pass instead of two.
-            offs_o = pid_f * out_elems_per_program + tl.arange(0, PREFETCH_LINES) * LINE
-            last = tl.minimum(D * F, (pid_f + 1) * out_elems_per_program) - 1
-            _prefetch_l2(w_out_ptr + slot.to(tl.int64) * stride_os + tl.minimum(offs_o, last))
         offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
         offs_d = tl.arange(0, BLOCK_D)
         mask_f = offs_f < F
@@ -117,15 +116,27 @@ if HAVE_TRITON:
         h_ptr, w_out_ptr, ids_ptr, slot_of_expert_ptr, weights_ptr, y_ptr,
         D, F,
         stride_ws, stride_wd, stride_wf, stride_yt, stride_yd,
-        K: tl.constexpr, HAS_SLOT_MAP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
+        K: tl.constexpr, HAS_SLOT_MAP: tl.constexpr, USE_PDL: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, F_LINES: tl.constexpr, LINE: tl.constexpr,
     ):
         # y[t, d-tile] = sum_j w[t, j] * W_out[s_j, d-tile, :] @ h[t*K + j]: the k-sum happens here, in a
-        # fixed order, so the output needs no atomics and no second pass.
+        # fixed order, so the output needs no atomics and no second pass. With PDL this kernel starts
+        # while _decode_in_kernel runs (ids were final before that one passed its gdc_wait): the W_out
+        # tiles load first, and only reading h waits for _decode_in_kernel to finish.
         t = tl.program_id(0)
         pid_d = tl.program_id(1)
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         offs_f = tl.arange(0, BLOCK_F)
         mask_d = offs_d < D
+        if USE_PDL:
+            lines = tl.minimum(tl.arange(0, F_LINES) * LINE, F - 1)
+            for j in tl.static_range(K):
+                slot = tl.load(ids_ptr + t * K + j)
+                if HAS_SLOT_MAP:
+                    slot = tl.load(slot_of_expert_ptr + slot)
+                _prefetch_l2(w_out_ptr + slot.to(tl.int64) * stride_ws
+                             + tl.minimum(offs_d, D - 1)[:, None] * stride_wd + lines[None, :] * stride_wf)
+            gdc_wait()  # h is written by _decode_in_kernel
         acc_D = tl.zeros([BLOCK_D], dtype=tl.float32)
         for j in tl.static_range(K):
             r = t * K + j
@@ -243,8 +254,8 @@ def _np2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _decode_config(bf: int, bd: int, w: int, obd: int, obf: int, ow: int, prefetch: bool = True) -> dict:
-    return {"path": "decode", "in": {"BLOCK_F": bf, "BLOCK_D": bd, "num_warps": w, "prefetch": prefetch},
+def _decode_config(bf: int, bd: int, w: int, obd: int, obf: int, ow: int, pdl: bool = True) -> dict:
+    return {"path": "decode", "pdl": pdl, "in": {"BLOCK_F": bf, "BLOCK_D": bd, "num_warps": w},
             "out": {"BLOCK_D": obd, "BLOCK_F": obf, "num_warps": ow}}
 
 
@@ -253,9 +264,10 @@ def _default_config(R: int, S: int, d: int, F: int) -> dict:
         # Whole rows per load (one memory round trip per program) and enough programs to fill the GPU.
         return _decode_config(8, min(_np2(d), 2048), 4, 2, min(_np2(F), 4096), 4)
     per_slot = R / min(S, R)  # mean token slots per used weight slot: how tall the tiles can usefully be
-    bm = 16 if per_slot <= 16 else 32 if per_slot <= 48 else 64 if per_slot <= 128 else 128
-    gemm = {"BLOCK_N": 64 if bm <= 32 else 128, "BLOCK_K": 64, "num_warps": 4 if bm <= 64 else 8,
-            "num_stages": 4 if bm <= 64 else 3}
+    # (From the H200 sweep: 16-row tiles while a tile would be mostly padding, 64 once slots are full.)
+    bm = 16 if per_slot <= 8 else 32 if per_slot <= 24 else 64
+    gemm = {"BLOCK_N": 64 if bm == 16 else 128, "BLOCK_K": 64, "num_warps": 4,
+            "num_stages": 4 if bm == 16 else 3}
     return {"path": "prefill", "BLOCK_M": bm, "in": dict(gemm), "out": dict(gemm)}
 
 
@@ -266,7 +278,7 @@ def _candidates(R: int, S: int, d: int, F: int) -> list[dict]:
         for ins in ((4, bd, 4), (8, bd, 4), (16, bd, 8), (16, 256, 4)):
             for outs in ((2, bf, 4), (4, bf, 8), (8, 1024, 4)):
                 out.append(_decode_config(*ins, *outs))
-        out.append(_decode_config(8, bd, 4, 2, bf, 4, prefetch=False))
+        out.append(_decode_config(8, bd, 4, 2, bf, 4, pdl=False))
     if R >= 4:
         for bm, bn, bk, w, st in ((16, 64, 64, 4, 4), (16, 128, 64, 4, 4), (32, 64, 64, 4, 4),
                                   (32, 128, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 64, 8, 4),
@@ -313,26 +325,22 @@ def expert_ffn_triton(
         if cfg["path"] == "decode":
             ci, co = cfg["in"], cfg["out"]
             h = torch.empty((R, F), dtype=h_dtype, device=x.device)
-            n_f = triton.cdiv(F, ci["BLOCK_F"])
-            line = 128 // w_out.element_size()  # elements per 128-byte L2 line
-            per_program = triton.cdiv(triton.cdiv(d * F, n_f), line) * line
-            # Prefetch needs PTX (not the interpreter) and each slot's W_out contiguous.
-            prefetch = ci.get("prefetch", True) and x.is_cuda and w_out[0].is_contiguous()
-            _decode_in_kernel[(R, n_f)](
-                x, w_in, ids_R, slot_map, h, w_out,
-                d, F, per_program,
-                x.stride(0), x.stride(1), w_in.stride(0), w_in.stride(1), w_in.stride(2), w_out.stride(0),
-                K=k, HAS_SLOT_MAP=slot_of_expert is not None, ACT=act, GATED=gated,
-                BLOCK_F=ci["BLOCK_F"], BLOCK_D=ci["BLOCK_D"],
-                PREFETCH_LINES=_np2(per_program // line) if prefetch else 0, LINE=line,
-                num_warps=ci["num_warps"],
+            pdl = {"launch_pdl": True} if cfg.get("pdl", True) and use_pdl(x.device) else {}
+            _decode_in_kernel[(R, triton.cdiv(F, ci["BLOCK_F"]))](
+                x, w_in, ids_R, slot_map, h,
+                d, F,
+                x.stride(0), x.stride(1), w_in.stride(0), w_in.stride(1), w_in.stride(2),
+                K=k, HAS_SLOT_MAP=slot_of_expert is not None, ACT=act, GATED=gated, USE_PDL=bool(pdl),
+                BLOCK_F=ci["BLOCK_F"], BLOCK_D=ci["BLOCK_D"], num_warps=ci["num_warps"], **pdl,
             )
+            line = 128 // w_out.element_size()  # elements per 128-byte line, for the L2 prefetch
             _decode_out_kernel[(T, triton.cdiv(d, co["BLOCK_D"]))](
                 h, w_out, ids_R, slot_map, weights_R, out,
                 d, F,
                 w_out.stride(0), w_out.stride(1), w_out.stride(2), out.stride(0), out.stride(1),
-                K=k, HAS_SLOT_MAP=slot_of_expert is not None,
-                BLOCK_D=co["BLOCK_D"], BLOCK_F=co["BLOCK_F"], num_warps=co["num_warps"],
+                K=k, HAS_SLOT_MAP=slot_of_expert is not None, USE_PDL=bool(pdl),
+                BLOCK_D=co["BLOCK_D"], BLOCK_F=co["BLOCK_F"], F_LINES=_np2(triton.cdiv(F, line)), LINE=line,
+                num_warps=co["num_warps"], **pdl,
             )
             return
         bm, ci, co = cfg["BLOCK_M"], cfg["in"], cfg["out"]

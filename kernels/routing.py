@@ -7,6 +7,7 @@ S weight slots, M rows per tile of the grouped GEMM (BLOCK_M), P grouped positio
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -17,6 +18,7 @@ from kernels import tuning
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     HAVE_TRITON = True
 except ImportError:  # CPU-only installs without triton: the references still work
@@ -35,6 +37,17 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if tensors[0].is_cuda:
         return True
     return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("PGMOE_FORCE_TRITON") == "1"
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch (Hopper+): a kernel may start while the previous one finishes and
+    waits (gdc_wait) only before reading what that one wrote. Off on CPU and with PGMOE_PDL=0."""
+    return device.type == "cuda" and os.environ.get("PGMOE_PDL", "1") == "1" and _sm_major(device.index) >= 9
+
+
+@functools.cache
+def _sm_major(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def fp32_dot(*dtypes: torch.dtype) -> bool:
@@ -56,11 +69,14 @@ if HAVE_TRITON:
         x_ptr, w_ptr, ids_ptr, probs_ptr,
         T, D, E,
         stride_xt, stride_xd, stride_wg, stride_we, stride_wd, stride_og,
-        K: tl.constexpr, RENORMALIZE: tl.constexpr, FP32_DOT: tl.constexpr,
+        K: tl.constexpr, RENORMALIZE: tl.constexpr, FP32_DOT: tl.constexpr, USE_PDL: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         # One program: BLOCK_T tokens x all E experts of gate g. The logits tile stays in registers, so
         # softmax and top-k cost no extra pass over memory; the gate is read once per token block.
+        if USE_PDL:  # x comes from the previous kernel; the expert FFN's first kernel may start now
+            gdc_wait()
+            gdc_launch_dependents()
         pid_t = tl.program_id(0)
         g = tl.program_id(1)
         offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -142,14 +158,15 @@ def route_triton(
 
         def launch(cfg: dict) -> None:
             grid = (triton.cdiv(T, cfg["BLOCK_T"]), G)
+            pdl = {"launch_pdl": True} if use_pdl(x.device) else {}
             _route_kernel[grid](
                 x, w_GED, ids_GTK, probs_GTK,
                 T, d, E,
                 x.stride(0), x.stride(1), w_GED.stride(0), w_GED.stride(1), w_GED.stride(2), T * k,
                 K=k, RENORMALIZE=renormalize,
-                FP32_DOT=fp32_dot(x.dtype, w_GED.dtype),
+                FP32_DOT=fp32_dot(x.dtype, w_GED.dtype), USE_PDL=bool(pdl),
                 BLOCK_T=cfg["BLOCK_T"], BLOCK_E=max(16, _next_pow2(E)), BLOCK_D=cfg["BLOCK_D"],
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl,
             )
 
         if config is None:
@@ -223,81 +240,107 @@ def max_tiles(R: int, S: int, block_m: int) -> int:
 
 if HAVE_TRITON:
 
-    @triton.jit(do_not_specialize=["R", "MAX_TILES"])
-    def _group_kernel(
-        ids_ptr, slot_of_expert_ptr, sorted_ptr, tile_slot_ptr, counts_ptr, offsets_ptr,
-        R, S, MAX_TILES,
-        HAS_SLOT_MAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+    @triton.jit
+    def _slots_of_block(ids_ptr, slot_of_expert_ptr, b, R, HAS_SLOT_MAP: tl.constexpr, BLOCK_R: tl.constexpr):
+        offs_r = b * BLOCK_R + tl.arange(0, BLOCK_R)
+        slot_R = tl.load(ids_ptr + offs_r, mask=offs_r < R, other=-1).to(tl.int32)
+        if HAS_SLOT_MAP:
+            slot_R = tl.load(slot_of_expert_ptr + slot_R, mask=offs_r < R, other=-1).to(tl.int32)
+        return offs_r, slot_R
+
+    @triton.jit(do_not_specialize=["R"])
+    def _group_count_kernel(
+        ids_ptr, slot_of_expert_ptr, block_counts_ptr,
+        R,
+        HAS_SLOT_MAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
-        # A single program: a counting sort by two passes over the token slots, each block of BLOCK_R
-        # slots compared against all S slots at once. The result is deterministic and stable, which keeps
-        # the expert FFN's sums in a fixed order. Every output element is written exactly once.
+        # Pass 1, one program per block of BLOCK_R token slots: how many go to each weight slot.
+        b = tl.program_id(0)
+        _, slot_R = _slots_of_block(ids_ptr, slot_of_expert_ptr, b, R, HAS_SLOT_MAP, BLOCK_R)
         offs_s = tl.arange(0, BLOCK_S)
-        offs_r = tl.arange(0, BLOCK_R)
-        counts_S = tl.zeros([BLOCK_S], dtype=tl.int32)
-        for r0 in range(0, R, BLOCK_R):
-            mask_r = offs_r < R - r0
-            slot_R = tl.load(ids_ptr + r0 + offs_r, mask=mask_r, other=-1).to(tl.int32)
-            if HAS_SLOT_MAP:
-                slot_R = tl.load(slot_of_expert_ptr + slot_R, mask=mask_r, other=-1).to(tl.int32)
-            counts_S += tl.sum((slot_R[:, None] == offs_s[None, :]).to(tl.int32), axis=0)
+        counts_S = tl.sum((slot_R[:, None] == offs_s[None, :]).to(tl.int32), axis=0)
+        tl.store(block_counts_ptr + b * BLOCK_S + offs_s, counts_S)
+
+    @triton.jit(do_not_specialize=["R", "MAX_TILES"])
+    def _group_place_kernel(
+        ids_ptr, slot_of_expert_ptr, block_counts_ptr, sorted_ptr, tile_slot_ptr, counts_ptr, offsets_ptr,
+        R, S, MAX_TILES, NUM_BLOCKS,
+        HAS_SLOT_MAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+    ):
+        # Pass 2, one program per block: every program reads the small [blocks, S] count table, so each
+        # knows the padded segment starts and how many earlier blocks' slots precede its own; the order
+        # is r ascending within a slot (stable, deterministic). Program 0 also writes the per-slot
+        # counts and offsets, the padding sentinels and the tile -> slot table.
+        b = tl.program_id(0)
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_b = tl.arange(0, BLOCK_B)
+        table_BS = tl.load(block_counts_ptr + offs_b[:, None] * BLOCK_S + offs_s[None, :],
+                           mask=offs_b[:, None] < NUM_BLOCKS, other=0)
+        counts_S = tl.sum(table_BS, axis=0)
         padded_S = (counts_S + BLOCK_M - 1) // BLOCK_M * BLOCK_M
         ends_S = tl.cumsum(padded_S, axis=0)
         starts_S = ends_S - padded_S
-        used = tl.sum(padded_S, axis=0)
-        mask_s = offs_s < S
-        tl.store(counts_ptr + offs_s, counts_S, mask=mask_s)
-        tl.store(offsets_ptr + offs_s, starts_S, mask=mask_s)
-        tl.store(offsets_ptr + S, used)
+        before_S = tl.sum(tl.where(offs_b[:, None] < b, table_BS, 0), axis=0)
 
-        # Pass 2: position = segment start + slots of the same weight slot seen before this one.
-        next_S = starts_S
-        for r0 in range(0, R, BLOCK_R):
-            mask_r = offs_r < R - r0
-            slot_R = tl.load(ids_ptr + r0 + offs_r, mask=mask_r, other=-1).to(tl.int32)
-            if HAS_SLOT_MAP:
-                slot_R = tl.load(slot_of_expert_ptr + slot_R, mask=mask_r, other=-1).to(tl.int32)
-            hit_RS = (slot_R[:, None] == offs_s[None, :]).to(tl.int32)
-            rank_RS = tl.cumsum(hit_RS, axis=0) - hit_RS
-            pos_R = tl.sum(hit_RS * (next_S[None, :] + rank_RS), axis=1)
-            tl.store(sorted_ptr + pos_R, r0 + offs_r, mask=mask_r & (slot_R >= 0) & (slot_R < S))
-            next_S += tl.sum(hit_RS, axis=0)
+        offs_r, slot_R = _slots_of_block(ids_ptr, slot_of_expert_ptr, b, R, HAS_SLOT_MAP, BLOCK_R)
+        hit_RS = (slot_R[:, None] == offs_s[None, :]).to(tl.int32)
+        rank_RS = tl.cumsum(hit_RS, axis=0) - hit_RS  # earlier rows of this block in the same slot
+        pos_R = tl.sum(hit_RS * (starts_S + before_S)[None, :] + hit_RS * rank_RS, axis=1)
+        tl.store(sorted_ptr + pos_R, offs_r, mask=(offs_r < R) & (slot_R >= 0) & (slot_R < S))
 
-        # Padding: the tail of each segment, then everything past the last segment.
-        for m in range(0, BLOCK_M):
-            tl.store(sorted_ptr + starts_S + counts_S + m, R, mask=mask_s & (counts_S + m < padded_S))
-        for p0 in range(used, MAX_TILES * BLOCK_M, BLOCK_R):
-            tl.store(sorted_ptr + p0 + offs_r, R, mask=offs_r < MAX_TILES * BLOCK_M - p0)
-        # Tile i belongs to the first slot whose segment ends after it.
-        tile_end_S = ends_S // BLOCK_M
-        for i0 in range(0, MAX_TILES, BLOCK_R):
-            offs_i = i0 + offs_r
-            slot_I = tl.sum((tile_end_S[None, :] <= offs_i[:, None]).to(tl.int32), axis=1)
-            tl.store(tile_slot_ptr + offs_i, tl.where(slot_I < S, slot_I, -1), mask=offs_i < MAX_TILES)
+        if b == 0:
+            used = tl.sum(padded_S, axis=0)
+            mask_s = offs_s < S
+            tl.store(counts_ptr + offs_s, counts_S, mask=mask_s)
+            tl.store(offsets_ptr + offs_s, starts_S, mask=mask_s)
+            tl.store(offsets_ptr + S, used)
+            # Padding: the tail of each segment ([S, M] at once), then everything past the last segment.
+            offs_m = tl.arange(0, BLOCK_M)
+            tl.store(sorted_ptr + (starts_S + counts_S)[:, None] + offs_m[None, :], R,
+                     mask=mask_s[:, None] & ((counts_S[:, None] + offs_m[None, :]) < padded_S[:, None]))
+            for p0 in range(used, MAX_TILES * BLOCK_M, BLOCK_R):
+                tl.store(sorted_ptr + p0 + tl.arange(0, BLOCK_R), R,
+                         mask=tl.arange(0, BLOCK_R) < MAX_TILES * BLOCK_M - p0)
+            # Tile i belongs to the first slot whose segment ends after it.
+            tile_end_S = ends_S // BLOCK_M
+            for i0 in range(0, MAX_TILES, BLOCK_R):
+                offs_i = i0 + tl.arange(0, BLOCK_R)
+                slot_I = tl.sum((tile_end_S[None, :] <= offs_i[:, None]).to(tl.int32), axis=1)
+                tl.store(tile_slot_ptr + offs_i, tl.where(slot_I < S, slot_I, -1), mask=offs_i < MAX_TILES)
 
 
 def group_by_slot(
     ids: torch.Tensor, num_slots: int, block_m: int, slot_of_expert: torch.Tensor | None = None
 ) -> Grouping:
-    """Triton grouping of the token slots of ids [T, k] by weight slot (see `Grouping`). No host sync."""
+    """Triton grouping of the token slots of ids [T, k] by weight slot (see `Grouping`).
+
+    Two launches (count per block, then place); no host sync.
+    """
     ids_R = ids.reshape(-1)
     if not ids_R.is_contiguous():
         ids_R = ids_R.contiguous()
     R, S = ids_R.numel(), num_slots
     n_tiles = max_tiles(R, S, block_m)
     dev = ids.device
+    block_s = max(16, _next_pow2(S))
+    # Blocks of rows: a [BLOCK_R, S] one-hot tile of ~8K elements, and at most 128 blocks, so the
+    # [blocks, S] count table that every program reads stays small.
+    block_r = max(min(128, 8192 // block_s), _next_pow2(-(-R // 128)))
+    n_blocks = max(1, -(-R // block_r))
     sorted_ids = torch.empty(n_tiles * block_m, dtype=torch.int32, device=dev)
     tile_slot = torch.empty(n_tiles, dtype=torch.int32, device=dev)
     counts = torch.empty(S, dtype=torch.int32, device=dev)
     offsets = torch.empty(S + 1, dtype=torch.int32, device=dev)
-    block_s = max(16, _next_pow2(S))
-    _group_kernel[(1,)](
-        ids_R, slot_of_expert if slot_of_expert is not None else ids_R,
-        sorted_ids, tile_slot, counts, offsets,
-        R, S, n_tiles,
-        HAS_SLOT_MAP=slot_of_expert is not None, BLOCK_M=block_m,
-        BLOCK_R=max(16, min(256, 16384 // block_s)), BLOCK_S=block_s,
-        num_warps=8 if block_s >= 128 else 4,
+    block_counts = torch.empty((n_blocks, block_s), dtype=torch.int32, device=dev)
+    slot_map = slot_of_expert if slot_of_expert is not None else ids_R
+    common = dict(HAS_SLOT_MAP=slot_of_expert is not None, BLOCK_R=block_r, BLOCK_S=block_s,
+                  num_warps=8 if block_r * block_s >= 16384 else 4)
+    _group_count_kernel[(n_blocks,)](ids_R, slot_map, block_counts, R, **common)
+    _group_place_kernel[(n_blocks,)](
+        ids_R, slot_map, block_counts, sorted_ids, tile_slot, counts, offsets,
+        R, S, n_tiles, n_blocks,
+        BLOCK_M=block_m, BLOCK_B=max(2, _next_pow2(n_blocks)), **common,
     )
     return Grouping(sorted_ids, tile_slot, counts, offsets, block_m)
 

@@ -53,17 +53,20 @@ _flush = None
 
 
 def bench_us(fns, reps: int) -> float:
-    """Median microseconds of fns[i % len(fns)]() over `reps`, each after an L2 flush, CUDA events."""
+    """Median microseconds of fns[i % len(fns)]() over `reps`, each after an L2 flush, CUDA events.
+
+    The flush reads 512 MB (a read leaves no dirty lines behind, whose write-back would be charged to
+    the timed call) and takes ~0.1 ms, time in which the host queues the timed call."""
     global _flush
     if _flush is None:
-        _flush = torch.empty(256 << 20, dtype=torch.int8, device=DEV)
+        _flush = torch.ones(512 << 20, dtype=torch.int8, device=DEV)
     for f in fns:  # warm-up: compiles, autotunes, caches
         f()
     torch.cuda.synchronize()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
-        _flush.zero_()
+        _flush.max()
         starts[i].record()
         fns[i % len(fns)]()
         ends[i].record()
@@ -71,13 +74,23 @@ def bench_us(fns, reps: int) -> float:
     return 1000 * sorted(s.elapsed_time(e) for s, e in zip(starts, ends))[reps // 2]
 
 
-def graph_of(fn):
-    fn()
+def graph_of(*fns):
+    """A CUDA graph of the calls fns (in order); returns its replay."""
+    for fn in fns:
+        fn()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        fn()
+        for fn in fns:
+            fn()
     return g.replay
+
+
+def graph_per_call_us(fns, reps: int = 20) -> float:
+    """Per-call microseconds of len(fns) calls back to back in one CUDA graph (median replay / n).
+    Callers rotate weights so that the calls of one replay read more than L2 holds."""
+    replay = graph_of(*fns)
+    return bench_us([replay], reps) / len(fns)
 
 
 def ceilings() -> dict:
@@ -179,9 +192,9 @@ def check_routing(out: list):
 def check_ffn(out: list):
     decode = {"path": "decode", "in": {"BLOCK_F": 16, "BLOCK_D": 256, "num_warps": 4},
               "out": {"BLOCK_D": 8, "BLOCK_F": 512, "num_warps": 4}}
-    decode_whole_rows_no_prefetch = {"path": "decode",
-                                     "in": {"BLOCK_F": 8, "BLOCK_D": 1024, "num_warps": 4, "prefetch": False},
-                                     "out": {"BLOCK_D": 2, "BLOCK_F": 4096, "num_warps": 4}}
+    decode_whole_rows = {"path": "decode", "pdl": True, "in": {"BLOCK_F": 8, "BLOCK_D": 1024, "num_warps": 4},
+                         "out": {"BLOCK_D": 2, "BLOCK_F": 4096, "num_warps": 4}}
+    decode_no_pdl = {**decode_whole_rows, "pdl": False}
     gemm = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
     prefill = {"path": "prefill", "BLOCK_M": 32, "in": gemm, "out": gemm}
     cases = [  # (T, E, k, d, F, activation, config, slot table, dtype)
@@ -189,7 +202,9 @@ def check_ffn(out: list):
         (1, 128, 1, 1024, 4096, "relu", None, False, torch.bfloat16),
         (4, 64, 2, 768, 3072, "relu", None, True, torch.bfloat16),
         (16, 8, 1, 768, 3072, "relu", decode, False, torch.bfloat16),
-        (16, 8, 1, 768, 3072, "relu", decode_whole_rows_no_prefetch, False, torch.bfloat16),
+        (16, 8, 1, 768, 3072, "relu", decode_whole_rows, False, torch.bfloat16),
+        (16, 8, 1, 768, 3072, "relu", decode_no_pdl, False, torch.bfloat16),
+        (4, 8, 2, 1024, 4096, "relu", decode_whole_rows, True, torch.bfloat16),
         (16, 8, 1, 768, 3072, "relu", prefill, False, torch.bfloat16),
         (256, 128, 1, 768, 3072, "relu", None, False, torch.bfloat16),
         (2048, 8, 1, 1024, 4096, "relu", None, False, torch.bfloat16),
@@ -223,6 +238,76 @@ def check_ffn(out: list):
                     "activation": act, "path": path, "dtype": str(dtype), "rel_err": err,
                     "torch_rel_err": torch_err, "ok": ok})
         log(out[-1])
+
+
+def host_profile(out: dict):
+    """Where the host time of an eager decode step (route + expert FFN, T = 1) goes."""
+    import cProfile
+    import io
+    import pstats
+
+    d, f, E = 768, 3072, 128
+    w_in, w_out = experts(E, d, f, seed=3)
+    gate = (torch.randn(E, d, device=DEV) * 0.05).to(torch.bfloat16)
+    x = torch.randn(1, d, device=DEV).to(torch.bfloat16)
+    step = lambda: expert_ffn(x, w_in, w_out, *route(x, gate))  # noqa: E731
+    for _ in range(20):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(200):
+        step()
+    torch.cuda.synchronize()
+    out["eager_step_host_us"] = (time.perf_counter() - t0) / 200 * 1e6
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(200):
+        step()
+    prof.disable()
+    torch.cuda.synchronize()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(14)
+    out["profile_tottime_200_steps"] = s.getvalue()[-3500:]
+    log("host:", out["eager_step_host_us"], "us per eager step")
+
+
+def probe_pdl(out: dict):
+    """Programmatic dependent launch must give bit-identical results, eager and in a CUDA graph;
+    otherwise it is switched off (PGMOE_PDL=0) for the rest of the run."""
+    d, f, E = 768, 3072, 128
+    w_in, w_out = experts(E, d, f, seed=5)
+    gate = (torch.randn(E, d, device=DEV) * 0.05).to(torch.bfloat16)
+    cfg = {"path": "decode", "in": {"BLOCK_F": 8, "BLOCK_D": 1024, "num_warps": 4},
+           "out": {"BLOCK_D": 2, "BLOCK_F": 4096, "num_warps": 4}}
+    ok, why = True, []
+    try:
+        for T, k in ((1, 1), (4, 2)):
+            x = torch.randn(T, d, device=DEV).to(torch.bfloat16)
+
+            def step(pdl, x=x, k=k):
+                ids, wts = route(x, gate, k=k)
+                return expert_ffn_triton(x, w_in, w_out, ids, wts, config={**cfg, "pdl": pdl})
+
+            os.environ["PGMOE_PDL"] = "0"
+            plain = step(False)
+            os.environ["PGMOE_PDL"] = "1"
+            with_pdl = step(True)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                y_graph = step(True)
+            y_graph.fill_(0)
+            g.replay()
+            torch.cuda.synchronize()
+            for name, y in (("eager", with_pdl), ("graph", y_graph)):
+                if not torch.equal(y, plain):
+                    ok = False
+                    why.append(f"T={T} k={k} {name}: differs from the plain launch")
+    except Exception as e:  # noqa: BLE001
+        ok, why = False, why + [f"{type(e).__name__}: {e}"[:300]]
+    if not ok:
+        os.environ["PGMOE_PDL"] = "0"
+    out.append({"what": "pdl", "ok": ok, "enabled": ok, "why": why})
+    log(out[-1])
 
 
 def _ffn_key(T, k, S, d, f, gated=False):
@@ -284,6 +369,20 @@ def time_case(name, d, f, E, T, ceil, reps) -> dict:
     r["ffn_config"] = tuning.current(_ffn_key(T, k, E, d, f), DEV)
     if fast:
         r["ffn_graph_us"] = bench_us([graph_of(fn) for fn in ours], reps_fast)
+        # Back to back in one graph, as in a captured decode loop: 16 calls over weight copies and
+        # experts chosen so that one replay reads >= 150 MB of distinct weights (L2: 60 MB).
+        expert_bytes = (w_in[0].numel() + w_out[0].numel()) * 2
+        n_copies = max(1, min(4, -(-200_000_000 // (E * expert_bytes))))
+        copies = [(w_in, w_out)] + [experts(E, d, f, seed=E + d + c) for c in range(1, n_copies)]
+        b2b = make_sets(T, E, k, d, seed=T + E + 1, n_sets=16)
+        calls = [lambda x=x, i=i, w=w, c=c: expert_ffn(x, *copies[c % n_copies], i, w)
+                 for c, (x, i, w) in enumerate(b2b)]
+        r["ffn_graph_b2b_us"] = graph_per_call_us(calls)
+        steps16 = [lambda x=x, c=c: expert_ffn(x, *copies[c % n_copies], *route(x, gate))
+                   for c, (x, _, _) in enumerate(b2b)]
+        r["step_graph_b2b_us"] = graph_per_call_us(steps16)
+        r["b2b_weight_copies"] = n_copies
+        del copies
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for i in range(200):  # eager back to back, no flush: bounded by the host's launch cost here
@@ -316,6 +415,7 @@ def time_case(name, d, f, E, T, ceil, reps) -> dict:
     r["floor_us"] = max(r["floor_bytes_us"], r["floor_flops_us"])
     r["x_floor"] = r["ffn_us"] / r["floor_us"]
     r["x_floor_graph"] = r["ffn_graph_us"] / r["floor_us"] if fast else None
+    r["x_floor_graph_b2b"] = r["ffn_graph_b2b_us"] / r["floor_us"] if fast else None
     r["speedup_vs_loop"] = r["loop_us"] / r["ffn_us"]  # both eager (the loop syncs, it cannot be graphed)
     r["speedup_vs_grouped_mm"] = (r["grouped_mm_us"] / r["ffn_us"]) if r["grouped_mm_us"] else None
     return r
@@ -325,7 +425,8 @@ def targets(rows) -> list[dict]:
     out = []
     for r in rows:
         if r["T"] == 1 and r["shape"] == "switch-base":
-            for key, how in (("x_floor", "eager"), ("x_floor_graph", "CUDA graph")):
+            for key, how in (("x_floor", "one call"), ("x_floor_graph", "one call, graph"),
+                             ("x_floor_graph_b2b", "graph, back to back")):
                 v = r.get(key)
                 out.append({"target": f"decode T=1 within 2x of HBM floor ({how})", "E": r["E"],
                             "value": v, "ok": v is not None and v <= 2})
@@ -355,22 +456,24 @@ def markdown(meta, ceil, rows, tgts) -> str:
         f"`{meta['command']}`.",
         f"Ceilings measured here: HBM {ceil['hbm_GBps']:.0f} GB/s (copy), "
         f"bf16 matmul {ceil['bf16_TFLOPs']:.0f} TFLOP/s. Times in us: median over reps, L2 flushed before "
-        "each, 8 rotating input sets; top-1, bf16, relu. 'graph' = the same call replayed from a CUDA graph; "
-        "'step' = route + FFN in one graph. Speed-ups are eager vs eager. "
+        "each, 8 rotating input sets; top-1, bf16, relu. 'FFN graph' = the same single call replayed from a "
+        "CUDA graph; 'b2b' = 16 calls back to back in one graph (rotating experts and weight copies, "
+        ">= 150 MB of distinct weights per replay), per call; 'step' = route + FFN. Speed-ups are eager "
+        "vs eager. "
         "Floor = max(activated experts' weight bytes / HBM rate, FLOPs / bf16 rate).",
         "",
-        "| shape | E | T | route | route torch | FFN | FFN graph | step graph | loop | grouped_mm | floor "
-        "| x floor | x floor (graph) | vs loop | vs grouped_mm |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | E | T | route | route torch | FFN | FFN graph | FFN graph b2b | step graph b2b | loop "
+        "| grouped_mm | floor | x floor | x floor (graph b2b) | vs loop | vs grouped_mm |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     f = lambda v, p=1: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
     for r in rows:
         lines.append(
             f"| {r['shape']} | {r['E']} | {r['T']} | {f(r['route_us'])} | {f(r['route_torch_us'])} | "
-            f"{f(r['ffn_us'])} | {f(r.get('ffn_graph_us'))} | {f(r.get('step_graph_us'))} | "
-            f"{f(r['loop_us'])} | "
+            f"{f(r['ffn_us'])} | {f(r.get('ffn_graph_us'))} | {f(r.get('ffn_graph_b2b_us'))} | "
+            f"{f(r.get('step_graph_b2b_us'))} | {f(r['loop_us'])} | "
             f"{f(r.get('grouped_mm_us'))} | {f(r['floor_us'])} | {f(r['x_floor'], 2)} | "
-            f"{f(r.get('x_floor_graph'), 2)} | "
+            f"{f(r.get('x_floor_graph_b2b'), 2)} | "
             f"{f(r['speedup_vs_loop'], 2)} | {f(r.get('speedup_vs_grouped_mm'), 2)} |")
     lines += ["", "| target | case | value | met |", "|---|---|---|---|"]
     for t in tgts:
@@ -422,7 +525,7 @@ def main():
     if not args.skip_checks:
         checks: list = []
         result["checks"] = checks
-        for fn in (check_routing, check_ffn, check_sync_and_graphs):
+        for fn in (probe_pdl, check_routing, check_ffn, check_sync_and_graphs):
             try:
                 fn(checks)
             except Exception as e:  # noqa: BLE001 - record and go on to the timings
@@ -431,6 +534,11 @@ def main():
                 checks.append({"what": fn.__name__, "ok": False, "error": f"{type(e).__name__}: {e}"[:500]})
             save()
         log("checks:", sum(c["ok"] for c in checks), "ok of", len(checks))
+        result["host"] = {}
+        try:
+            host_profile(result["host"])
+        except Exception as e:  # noqa: BLE001
+            result["host"]["error"] = f"{type(e).__name__}: {e}"[:300]
 
     rows: list = []
     result["timings"] = rows
