@@ -42,6 +42,9 @@ class ExpertSource(Protocol):
     def fetch(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Weights to compute `routing` with: (w_in [S, F, D], w_out [S, D, F], slot_of_expert [E] or None)."""
 
+    # Optional: `observe(x_BSD)` is called with the block's FFN input just before `fetch`, when the
+    # source defines it (a speculative policy applies a later block's router to it).
+
 
 def apply_capacity(ids_BSk: torch.Tensor, weights_BSk: torch.Tensor, capacity: int | None, num_experts: int):
     """Per-sequence expert capacity with transformers' semantics: in each sequence, the first
@@ -131,6 +134,9 @@ class SparseMLP(nn.Module):
     def experts(self, x_BSD: torch.Tensor, routing: Routing) -> torch.Tensor:
         B, S, D = x_BSD.shape
         if self.expert_source is not None:
+            observe = getattr(self.expert_source, "observe", None)  # optional hook (speculative prefetch)
+            if observe is not None:
+                observe(x_BSD)
             w_in, w_out, slots = self.expert_source.fetch(routing)
         else:
             w_in, w_out, slots = self.w_in, self.w_out, None
