@@ -97,6 +97,8 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else default_checkpoint(cfg)
     budget = cfg.offload.pinned_budget_gb * GB if cfg.offload.pinned_budget_gb is not None else default_budget_bytes()
     model, store = load_offloaded(ckpt, device, dtype, budget)
+    if device.type == "cuda":
+        model.set_backend("triton")  # fused routing and the slot-table expert FFN; no host syncs
     if not cfg.checkpoint and cfg.model.name and model.cfg.d_model != cfg.model.d_model:
         print(f"[infer] note: the default checkpoint is not a `{cfg.model.name}` model; pass checkpoint=PATH "
               "to run another model", flush=True)

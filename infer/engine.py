@@ -44,12 +44,17 @@ def load_offloaded(path: str | Path, device, dtype: torch.dtype | None, budget_b
 
 def materialize_experts(model: Switch, store: ExpertStore, device) -> None:
     """Put every expert on the device (gpu_only)."""
-    FD = store.F * store.D
+    E, F, D = store.E, store.F, store.D
     for m, moe in enumerate(model.moes):
-        w = store.data[m].to(device, non_blocking=True)  # [E, X]
-        moe.w_in = torch.nn.Parameter(w[:, :FD].reshape(store.E, store.F, store.D).clone(), requires_grad=False)
-        moe.w_out = torch.nn.Parameter(w[:, FD:].reshape(store.E, store.D, store.F).clone(), requires_grad=False)
-        del w
+        w_in = torch.empty((E, F, D), dtype=store.dtype, device=device)
+        w_out = torch.empty((E, D, F), dtype=store.dtype, device=device)
+        for e in range(E):  # contiguous pinned chunks: straight DMA, no temporary block on either side
+            w_in[e].copy_(store.w_in(m, e), non_blocking=True)
+            w_out[e].copy_(store.w_out(m, e), non_blocking=True)
+        moe.w_in = torch.nn.Parameter(w_in, requires_grad=False)
+        moe.w_out = torch.nn.Parameter(w_out, requires_grad=False)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def drop_experts(model: Switch) -> None:
@@ -137,7 +142,8 @@ class Engine:
         else:
             runner = OffloadRunner(model, self.store, spec, dev, n_enc=rows * S, n_dec=rows,
                                    copy_mode=self.copy_mode).attach()
-            runner.pool.measure_stall = self.measure_stall and not self.cuda_graph
+            # timing events cannot sit in a captured graph: stalls are measured on eager steps only
+            runner.pool.measure_stall = self.measure_stall and (not self.cuda_graph or bool(self._not_capturable(runner)))
         try:
             if warmup:  # one untimed pass (allocator, kernels); cache and counters reset after
                 self._generate(input_ids, attention_mask, min(2, max_new_tokens), num_beams, False, None)
@@ -151,6 +157,13 @@ class Engine:
                 drop_experts(model)
         res.policy = spec.label
         return res
+
+    def _not_capturable(self, runner) -> str | None:
+        if any(m.backend != "triton" for m in self.model.moes):
+            return "the reference expert FFN (backend torch) reads group sizes on the host"
+        if runner is not None and runner.pool.copy_mode != "device":
+            return f"copy_mode={runner.pool.copy_mode} reads each plan on the host"
+        return None
 
     def _generate(self, ids, mask, max_new_tokens, num_beams, keep_logits, runner, notes=None) -> RunResult:
         dev, model = self.device, self.model
@@ -171,7 +184,10 @@ class Engine:
         step = model.decode_one_token
         capture_ms = None
         graphed = False
-        if self.cuda_graph:
+        why_not = self._not_capturable(runner)
+        if self.cuda_graph and why_not:
+            notes.append(f"decode step not graph-captured: {why_not}")
+        if self.cuda_graph and not why_not:
             try:
                 tc = time.perf_counter()
                 step = GraphStep(model, state, B * nb, on_warm=runner.reset_counters if runner else None)
@@ -181,6 +197,8 @@ class Engine:
             except Exception as e:  # an operation in the step is not capturable: run eagerly
                 notes.append(f"decode step not graph-captured ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
                 torch.cuda.synchronize()
+                if runner is not None:
+                    runner.clear_pending()  # a capture that broke mid-step leaves half a step's plans queued
                 step = model.decode_one_token
         logits: list[torch.Tensor] = []
 

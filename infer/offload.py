@@ -171,7 +171,8 @@ class SlotPool:
         self.w_out = self.pool[:, FD:].view(self.P, D, F)    # [P, D, F]
         self.cuda = self.device.type == "cuda"
         if copy_mode == "auto":
-            copy_mode = ("device" if store.pinned and expert_copy.HAVE_TRITON else "host") if self.cuda else "cpu"
+            device_ok = store.pinned and expert_copy.HAVE_TRITON and store.data.is_pinned()
+            copy_mode = ("device" if device_ok else "host") if self.cuda else "cpu"
         if copy_mode not in ("device", "host", "cpu") or (copy_mode == "cpu") == self.cuda:
             raise OffloadError(f"copy_mode={copy_mode!r} does not fit device {self.device}; "
                                "use device or host on CUDA, cpu without a GPU")

@@ -151,6 +151,11 @@ class OffloadRunner:
         for moe in self.moes:
             moe.expert_source = None
 
+    def clear_pending(self) -> None:
+        self._pending.clear()
+        self._prefetched.clear()
+        self._observed = None
+
     def reset_counters(self) -> None:
         for t in (self.copied, self.hits, self.lookups):
             t.zero_()
