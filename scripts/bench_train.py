@@ -39,7 +39,9 @@ def hf_model(cfg, device):
     d = cfg.to_hf_dict()
     d.pop("pregated", None)
     d.pop("lookahead", None)
-    hcfg = SwitchTransformersConfig(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
+    hcfg = SwitchTransformersConfig(
+        **{k: v for k, v in d.items() if k not in ("architectures", "model_type")}
+    )
     with torch.device(device):
         return SwitchTransformersForConditionalGeneration(hcfg)
 
@@ -97,11 +99,21 @@ def bench_one(name: str, kind: str, args, device) -> dict:
     times = time_steps(step, device, args.warmup, args.iters)
     med = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    res = {"model": name, "impl": kind, "expert_backend": backend, "step_s_median": med,
-           "step_s_all": times, "tokens_per_s": B * (S + T) / med, "peak_gib": peak}
-    print(f"{name:>16} {kind:>5} ({backend}): {med * 1000:8.1f} ms/step  {res['tokens_per_s']:10.0f} tokens/s"
-          + (f"  peak {peak:.1f} GiB" if peak else ""), flush=True)
-    del model, ids, labels
+    res = {
+        "model": name,
+        "impl": kind,
+        "expert_backend": backend,
+        "step_s_median": med,
+        "step_s_all": times,
+        "tokens_per_s": B * (S + T) / med,
+        "peak_gib": peak,
+    }
+    print(
+        f"{name:>16} {kind:>5} ({backend}): {med * 1000:8.1f} ms/step  {res['tokens_per_s']:10.0f} tokens/s"
+        + (f"  peak {peak:.1f} GiB" if peak else ""),
+        flush=True,
+    )
+    model = ids = labels = mask = None  # free before the next model is built
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -152,23 +164,37 @@ def main() -> None:
     doc = {
         "benchmark": "train_step_throughput",
         "what": "forward with labels (LM + router z/aux losses) + backward; params and compute in "
-                f"{args.dtype}; random weights; optimiser step excluded; tokens = batch x (src + tgt)",
-        "batch": args.batch, "src_len": args.src_len, "tgt_len": args.tgt_len,
-        "warmup": args.warmup, "iters": args.iters,
+        f"{args.dtype}; random weights; optimiser step excluded; tokens = batch x (src + tgt)",
+        "batch": args.batch,
+        "src_len": args.src_len,
+        "tgt_len": args.tgt_len,
+        "warmup": args.warmup,
+        "iters": args.iters,
         "ours": "models.Switch converted to pre-gated (lookahead 1), train.experts grouped-GEMM expert FFN",
-        "baseline": f"transformers {hf_v} SwitchTransformersForConditionalGeneration, output_router_logits=True",
+        "baseline": f"transformers {hf_v} SwitchTransformersForConditionalGeneration "
+        "(output_router_logits=True)",
         "results": results,
-        "machine": {"gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-                    "cpu": platform.processor() or platform.machine(), "platform": platform.platform()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": triton_v,
-                     "transformers": hf_v, "cuda": torch.version.cuda},
+        "machine": {
+            "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+            "cpu": platform.processor() or platform.machine(),
+            "platform": platform.platform(),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "triton": triton_v,
+            "transformers": hf_v,
+            "cuda": torch.version.cuda,
+        },
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     major_minor = tuple(int(x) for x in hf_v.split(".")[:2])
     if (5, 0) <= major_minor < (5, 18):
-        doc["note"] = (f"transformers {hf_v}: its Switch router is broken for quality (5.0-5.17), which does "
-                       "not change the cost of a step; the timing comparison stands")
+        doc["note"] = (
+            f"transformers {hf_v}: its Switch router is broken for quality (5.0-5.17), which does "
+            "not change the cost of a step; the timing comparison stands"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = "tiny" if args.tiny else "h200" if "H200" in (doc["machine"]["gpu"] or "") else device.type

@@ -4,7 +4,7 @@ dataclasses when the app starts, so a misspelt key or a wrong type fails naming 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -16,7 +16,7 @@ from train.tracking import LoggerConf
 @dataclass
 class InitConf:
     # A Hugging Face Switch checkpoint directory (or one written by this app); null: random init.
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
 
 
 @dataclass
@@ -27,49 +27,49 @@ class PregateConf:
 
 @dataclass
 class OptimConf:
-    name: str = "adamw"            # adamw | adafactor
+    name: str = "adamw"  # adamw | adafactor
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
-    eps: float = 1e-8              # adamw
-    beta2_decay: float = -0.8      # adafactor
-    schedule: str = "constant"     # constant | linear | cosine (after warm-up)
+    eps: float = 1e-8  # adamw
+    beta2_decay: float = -0.8  # adafactor
+    schedule: str = "constant"  # constant | linear | cosine (after warm-up)
     warmup_steps: int = 0
-    min_lr_ratio: float = 0.0      # decay schedules end at lr * min_lr_ratio
-    clip_grad_norm: float = 1.0    # 0: no clipping
+    min_lr_ratio: float = 0.0  # decay schedules end at lr * min_lr_ratio
+    clip_grad_norm: float = 1.0  # 0: no clipping
 
 
 @dataclass
 class TrainConf:
     max_steps: int = 200
-    batch_size: int = 16           # global: sequences per optimizer step, over all ranks and micro-steps
-    grad_accum: int = 1            # micro-steps per optimizer step
-    trainable: str = "all"         # all (the paper) | pregates
-    max_input_len: int = 256       # tokens (longer inputs are cut)
+    batch_size: int = 8  # global: sequences per optimizer step, over all ranks and micro-steps
+    grad_accum: int = 1  # micro-steps per optimizer step
+    trainable: str = "all"  # all (the paper) | pregates
+    max_input_len: int = 192  # tokens (longer inputs are cut)
     max_target_len: int = 96
-    precision: str = "auto"        # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
-    device: str = "auto"           # auto | cpu | cuda
-    expert_backend: str = "auto"   # auto (grouped GEMM on a capable GPU) | grouped | reference
-    parallel: str = "ddp"          # ddp | fsdp (under torchrun)
-    eval_every: int = 100          # 0: only at the start and the end
-    save_every: int = 0            # 0: only at the end
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    device: str = "auto"  # auto | cpu | cuda
+    expert_backend: str = "auto"  # auto (grouped GEMM on a capable GPU) | grouped | reference
+    parallel: str = "ddp"  # ddp | fsdp (under torchrun)
+    eval_every: int = 100  # 0: only at the start and the end
+    save_every: int = 0  # 0: only at the end
     log_every: int = 10
-    resume: bool = False           # continue from <out_dir>/checkpoint when it holds a training state
-    stop_after_steps: int = 0      # debug: save and exit after this many steps, as if killed
-    out_dir: Optional[str] = None  # default: the Hydra run dir; the checkpoint is <out_dir>/checkpoint
+    resume: bool = False  # continue from <out_dir>/checkpoint when it holds a training state
+    stop_after_steps: int = 0  # debug: save and exit after this many steps, as if killed
+    out_dir: str | None = None  # default: the Hydra run dir; the checkpoint is <out_dir>/checkpoint
     progress: bool = True
-    threads: int = 0               # torch CPU threads; 0: torch's default
+    threads: int = 0  # torch CPU threads; 0: torch's default
 
 
 @dataclass
 class EvalConf:
     batch_size: int = 32
-    max_examples: int = 0          # validation examples for loss/accuracy/loads; 0: all
-    generate_examples: int = 32    # examples decoded for ROUGE / EM-F1; 0: none
+    max_examples: int = 0  # validation examples for loss/accuracy/loads; 0: all
+    generate_examples: int = 32  # examples decoded for ROUGE / EM-F1; 0: none
     max_new_tokens: int = 64
     num_beams: int = 1
     at_start: bool = True
-    test: bool = True              # evaluate on test at the end
+    test: bool = True  # evaluate on test at the end
 
 
 @dataclass

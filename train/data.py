@@ -51,27 +51,31 @@ class DataConf:
     """The `data` config node. One schema for all kinds; each kind reads the fields it needs."""
 
     name: str = "docsum"
-    kind: str = "docsum"            # docsum | span | jsonl | hf
-    metric: str = "rouge"           # rouge | em_f1 | loss
+    kind: str = "docsum"  # docsum | span | jsonl | hf
+    metric: str = "rouge"  # rouge | em_f1 | loss
     # embedded corpus (docsum, span)
-    max_input_bytes: int = 512      # longer docstring bodies are cut at a word boundary
-    max_target_bytes: int = 128     # longer summaries are dropped
+    max_input_bytes: int = 512  # longer docstring bodies are cut at a word boundary
+    max_target_bytes: int = 128  # longer summaries are dropped
     min_input_bytes: int = 48
-    noise_density: float = 0.15     # span: fraction of words masked
-    mean_span_length: float = 3.0   # span: mean masked span, in whitespace words
-    chunk_words: int = 64           # span: words per example
-    split_percent: list[int] = field(default_factory=lambda: [80, 10, 10])  # train/validation/test by module hash
+    noise_density: float = 0.15  # span: fraction of words masked
+    mean_span_length: float = 3.0  # span: mean masked span, in whitespace words
+    chunk_words: int = 64  # span: words per example
+    split_percent: list[int] = field(
+        default_factory=lambda: [80, 10, 10]
+    )  # train/validation/test by module hash
     # local files (jsonl, hf): a directory of <split>.<ext> files, or a pattern with `{split}`
     path: str | None = None
     # Hugging Face datasets (hf)
-    dataset: str | None = None      # name for datasets.load_dataset when `path` is unset
+    dataset: str | None = None  # name for datasets.load_dataset when `path` is unset
     subset: str | None = None
-    schema: str = "xsum"            # row converter: xsum | squad | web_questions
+    schema: str = "xsum"  # row converter: xsum | squad | web_questions
     # our split -> source split, optionally sliced by percent: "train[:95%]", "train[95%:]"
     splits: dict[str, str] = field(default_factory=lambda: {s: s for s in SPLITS})
     # every kind
-    input_prefix: str = ""          # prepended to every input (T5 task prefixes: "summarize: ")
-    max_examples: dict[str, int] = field(default_factory=dict)  # cap per split (first N after a seeded shuffle)
+    input_prefix: str = ""  # prepended to every input (T5 task prefixes: "summarize: ")
+    max_examples: dict[str, int] = field(
+        default_factory=dict
+    )  # cap per split (first N after a seeded shuffle)
     seed: int = 0
 
 
@@ -152,30 +156,132 @@ def split_of(name: str, percent: list[int] | tuple[int, ...] = (80, 10, 10)) -> 
 # Pure-Python modules that import quickly and exist in CPython 3.10-3.13 on Linux (none of the
 # ones removed by PEP 594, nothing that needs a GUI or a network).
 STDLIB_MODULES = (
-    "abc", "argparse", "ast", "asyncio.events", "asyncio.locks", "asyncio.queues", "asyncio.streams",
-    "asyncio.tasks", "base64", "bdb", "bisect", "calendar", "cmd", "code", "codecs", "codeop",
-    "collections", "colorsys", "concurrent.futures._base", "configparser", "contextlib", "copy",
-    "cProfile", "csv", "dataclasses", "datetime", "decimal", "difflib", "dis", "doctest",
-    "email.message", "email.utils", "enum", "filecmp", "fnmatch", "fractions", "ftplib", "functools",
-    "getopt", "gettext", "glob", "graphlib", "gzip", "heapq", "hmac", "html.parser", "http.client",
-    "http.cookiejar", "http.cookies", "http.server", "imaplib", "importlib.metadata", "inspect",
-    "ipaddress", "json.decoder", "json.encoder", "locale", "logging", "logging.handlers", "lzma",
-    "mailbox", "mimetypes", "multiprocessing.pool", "netrc", "numbers", "operator", "optparse", "os",
-    "pathlib", "pdb", "pickle", "pickletools", "pkgutil", "platform", "plistlib", "poplib", "pprint",
-    "profile", "pstats", "pydoc", "queue", "quopri", "random", "reprlib", "sched", "secrets",
-    "selectors", "shelve", "shlex", "shutil", "smtplib", "socketserver", "sqlite3.dbapi2",
-    "statistics", "string", "subprocess", "sysconfig", "tarfile", "tempfile", "textwrap",
-    "threading", "timeit", "tokenize", "trace", "traceback", "typing", "unittest.case",
-    "unittest.mock", "urllib.parse", "urllib.request", "uuid", "wave", "weakref",
-    "wsgiref.handlers", "xml.dom.minidom", "xml.etree.ElementTree", "xmlrpc.client", "zipfile",
+    "abc",
+    "argparse",
+    "ast",
+    "asyncio.events",
+    "asyncio.locks",
+    "asyncio.queues",
+    "asyncio.streams",
+    "asyncio.tasks",
+    "base64",
+    "bdb",
+    "bisect",
+    "calendar",
+    "cmd",
+    "code",
+    "codecs",
+    "codeop",
+    "collections",
+    "colorsys",
+    "concurrent.futures._base",
+    "configparser",
+    "contextlib",
+    "copy",
+    "cProfile",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "dis",
+    "doctest",
+    "email.message",
+    "email.utils",
+    "enum",
+    "filecmp",
+    "fnmatch",
+    "fractions",
+    "ftplib",
+    "functools",
+    "getopt",
+    "gettext",
+    "glob",
+    "graphlib",
+    "gzip",
+    "heapq",
+    "hmac",
+    "html.parser",
+    "http.client",
+    "http.cookiejar",
+    "http.cookies",
+    "http.server",
+    "imaplib",
+    "importlib.metadata",
+    "inspect",
+    "ipaddress",
+    "json.decoder",
+    "json.encoder",
+    "locale",
+    "logging",
+    "logging.handlers",
+    "lzma",
+    "mailbox",
+    "mimetypes",
+    "multiprocessing.pool",
+    "netrc",
+    "numbers",
+    "operator",
+    "optparse",
+    "os",
+    "pathlib",
+    "pdb",
+    "pickle",
+    "pickletools",
+    "pkgutil",
+    "platform",
+    "plistlib",
+    "poplib",
+    "pprint",
+    "profile",
+    "pstats",
+    "pydoc",
+    "queue",
+    "quopri",
+    "random",
+    "reprlib",
+    "sched",
+    "secrets",
+    "selectors",
+    "shelve",
+    "shlex",
+    "shutil",
+    "smtplib",
+    "socketserver",
+    "sqlite3.dbapi2",
+    "statistics",
+    "string",
+    "subprocess",
+    "sysconfig",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "timeit",
+    "tokenize",
+    "trace",
+    "traceback",
+    "typing",
+    "unittest.case",
+    "unittest.mock",
+    "urllib.parse",
+    "urllib.request",
+    "uuid",
+    "wave",
+    "weakref",
+    "wsgiref.handlers",
+    "xml.dom.minidom",
+    "xml.etree.ElementTree",
+    "xmlrpc.client",
+    "zipfile",
     "zoneinfo._zoneinfo",
 )
 
 
 @dataclass(frozen=True)
 class Doc:
-    module: str   # split key: the module, or "pydoc_topic:<topic>"
-    name: str     # qualified name of the documented object
+    module: str  # split key: the module, or "pydoc_topic:<topic>"
+    name: str  # qualified name of the documented object
     text: str
 
 
@@ -272,7 +378,9 @@ class DocSumTask(Task):
         return out
 
 
-def random_spans_noise_mask(length: int, noise_density: float, mean_span: float, rng: random.Random) -> list[bool]:
+def random_spans_noise_mask(
+    length: int, noise_density: float, mean_span: float, rng: random.Random
+) -> list[bool]:
     """T5's span-corruption mask: about noise_density * length positions in spans of mean length
     `mean_span`, alternating with non-noise spans, the text starting with a non-noise span."""
     num_noise = max(1, min(length - 1, round(length * noise_density)))
@@ -293,8 +401,9 @@ def random_spans_noise_mask(length: int, noise_density: float, mean_span: float,
     return mask
 
 
-def span_corrupt(words: list[str], noise_density: float, mean_span: float, rng: random.Random,
-                 max_sentinels: int = 100) -> Example:
+def span_corrupt(
+    words: list[str], noise_density: float, mean_span: float, rng: random.Random, max_sentinels: int = 100
+) -> Example:
     """(input with each masked span replaced by <extra_id_i>, target listing the spans), T5 style;
     tokens are whitespace-separated words."""
     mask = random_spans_noise_mask(len(words), noise_density, mean_span, rng)
@@ -326,7 +435,7 @@ class SpanTask(Task):
                 continue
             words = d.text.split()
             for j in range(0, len(words), c.chunk_words):
-                chunk = words[j: j + c.chunk_words]
+                chunk = words[j : j + c.chunk_words]
                 if len(chunk) < 8:
                     continue
                 rng = random.Random(_stable_int(f"{c.seed}/{d.name}/{j}"))
@@ -399,12 +508,12 @@ def _source_rows(conf: DataConf, split: str) -> list[dict[str, Any]]:
             import datasets
         except ImportError as e:
             raise ImportError(
-                f"data={conf.name} loads {conf.dataset!r} through Hugging Face datasets: pip install datasets "
-                "(or point data.path at local files in the same schema)"
+                f"data={conf.name} loads {conf.dataset!r} through Hugging Face datasets: "
+                "pip install datasets (or point data.path at local files in the same schema)"
             ) from e
         rows = list(datasets.load_dataset(conf.dataset, conf.subset, split=name))
     n = len(rows)
-    return rows[round(a * n): round(b * n)]
+    return rows[round(a * n) : round(b * n)]
 
 
 def _answers(v: Any) -> list[str]:
@@ -421,8 +530,11 @@ def _row_xsum(r: dict[str, Any]) -> Example:
 
 def _row_squad(r: dict[str, Any]) -> Example:
     ans = _answers(r["answers"])
-    return Example(f"question: {_squash(r['question'])} context: {_squash(r['context'])}", ans[0] if ans else "",
-                   tuple(ans))
+    return Example(
+        f"question: {_squash(r['question'])} context: {_squash(r['context'])}",
+        ans[0] if ans else "",
+        tuple(ans),
+    )
 
 
 def _row_web_questions(r: dict[str, Any]) -> Example:
@@ -444,18 +556,23 @@ class HFTask(Task):
             try:
                 out.append(conv(r))
             except KeyError as e:
-                raise ValueError(f"data={self.conf.name} ({self.conf.schema} schema), {split} row {i}: "
-                                 f"missing column {e}") from e
+                raise ValueError(
+                    f"data={self.conf.name} ({self.conf.schema} schema), {split} row {i}: missing column {e}"
+                ) from e
         return out
 
 
 class JsonlTask(Task):
     def _load(self, split: str) -> list[Example]:
         if not self.conf.path:
-            raise ValueError("data=jsonl needs data.path (a directory of <split>.jsonl files or a {split} pattern)")
+            raise ValueError(
+                "data=jsonl needs data.path (a directory of <split>.jsonl files or a {split} pattern)"
+            )
         out = []
         for i, r in enumerate(_source_rows(self.conf, split)):
             if "input" not in r or "target" not in r:
-                raise ValueError(f"data.path={self.conf.path}: {split} line {i + 1} lacks 'input' or 'target'")
+                raise ValueError(
+                    f"data.path={self.conf.path}: {split} line {i + 1} lacks 'input' or 'target'"
+                )
             out.append(Example(str(r["input"]), str(r["target"])))
         return out

@@ -22,9 +22,15 @@ from kernels.expert_ffn import _act, expert_ffn_reference
 ALIGN = 16
 
 
-def grouped_expert_ffn(x_ND: torch.Tensor, w_in_EFD: torch.Tensor, w_out_EDF: torch.Tensor,
-                       ids_N1: torch.Tensor, weights_N1: torch.Tensor, activation: str = "relu",
-                       dropout: float = 0.0) -> torch.Tensor:
+def grouped_expert_ffn(
+    x_ND: torch.Tensor,
+    w_in_EFD: torch.Tensor,
+    w_out_EDF: torch.Tensor,
+    ids_N1: torch.Tensor,
+    weights_N1: torch.Tensor,
+    activation: str = "relu",
+    dropout: float = 0.0,
+) -> torch.Tensor:
     """y[t] = weights[t] * W_out[e] @ drop(act(W_in[e] @ x[t])), e = ids[t]; top-1; bf16 compute, x's
     dtype out. `dropout` inside each expert after the activation, as transformers' Switch does."""
     N, D = x_ND.shape
@@ -38,8 +44,8 @@ def grouped_expert_ffn(x_ND: torch.Tensor, w_in_EFD: torch.Tensor, w_out_EDF: to
     first_E = torch.cumsum(counts_E, 0) - counts_E
     e_sorted = e_N[order_N]
     rank_N = torch.arange(N, device=x_ND.device) - first_E[e_sorted]
-    row_N = start_E[e_sorted] + rank_N                      # padded row of each sorted token
-    P = N + ALIGN * E                                       # static upper bound: no sync
+    row_N = start_E[e_sorted] + rank_N  # padded row of each sorted token
+    P = N + ALIGN * E  # static upper bound: no sync
     x_PD = x_ND.new_zeros((P, D), dtype=torch.bfloat16)
     x_PD = x_PD.index_copy(0, row_N, x_ND[order_N].to(torch.bfloat16))
     offs = end_E.to(torch.int32)
@@ -57,14 +63,24 @@ def _grouped_experts(self, x_BSD: torch.Tensor, routing) -> torch.Tensor:
     if not torch.is_grad_enabled() or self.expert_source is not None or routing.ids.shape[-1] != 1:
         return type(self).experts(self, x_BSD, routing)
     B, S, D = x_BSD.shape
-    y = grouped_expert_ffn(x_BSD.reshape(B * S, D), self.w_in, self.w_out, routing.ids, routing.weights,
-                           self.activation, self.dropout.p if self.training else 0.0)
+    y = grouped_expert_ffn(
+        x_BSD.reshape(B * S, D),
+        self.w_in,
+        self.w_out,
+        routing.ids,
+        routing.weights,
+        self.activation,
+        self.dropout.p if self.training else 0.0,
+    )
     return y.view(B, S, D)
 
 
 def grouped_available(device: torch.device) -> bool:
-    return (device.type == "cuda" and hasattr(torch, "_grouped_mm")
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+    return (
+        device.type == "cuda"
+        and hasattr(torch, "_grouped_mm")
+        and torch.cuda.get_device_capability(device)[0] >= 9
+    )
 
 
 def check_grouped(device: torch.device, activation: str = "relu") -> str | None:
@@ -80,8 +96,12 @@ def check_grouped(device: torch.device, activation: str = "relu") -> str | None:
         w = torch.rand(N, 1, generator=g).to(device)
         gy = torch.randn(N, D, generator=g).to(device)
         outs = []
-        for fn in (grouped_expert_ffn, lambda *a: expert_ffn_reference(
-                a[0].bfloat16(), a[1].bfloat16(), a[2].bfloat16(), a[3], a[4], None, a[5]).float()):
+        for fn in (
+            grouped_expert_ffn,
+            lambda *a: expert_ffn_reference(
+                a[0].bfloat16(), a[1].bfloat16(), a[2].bfloat16(), a[3], a[4], None, a[5]
+            ).float(),
+        ):
             y = fn(x, wi, wo, ids, w, activation)
             gx, gwi, gwo = torch.autograd.grad(y, (x, wi, wo), gy)
             outs.append((y, gx, gwi, gwo))
@@ -111,5 +131,3 @@ def install(model, mode: str, device: torch.device) -> str:
     for moe in model.moes:
         moe.experts = types.MethodType(_grouped_experts, moe)
     return "grouped"
-
-

@@ -152,7 +152,9 @@ def wrap_parallel(model: Switch, cfg: DictConfig, d: Dist) -> torch.nn.Module:
     if cfg.train.parallel == "ddp":
         # Frozen parameters (the routers of pre-gated blocks) are skipped by DDP; every trainable
         # parameter gets a gradient each step, so no unused-parameter search is needed.
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=dev_ids, find_unused_parameters=False)
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=dev_ids, find_unused_parameters=False
+        )
     if cfg.train.parallel == "fsdp":
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -219,8 +221,11 @@ class Order:
 def collate(data: Encoded, idx: list[int], device: torch.device) -> dict[str, torch.Tensor]:
     enc = pad_batch([data.inputs[i] for i in idx])
     lab = pad_batch([data.targets[i] for i in idx], pad_id=-100)["input_ids"]
-    return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device),
-            "labels": lab.to(device)}
+    return {
+        "input_ids": enc["input_ids"].to(device),
+        "attention_mask": enc["attention_mask"].to(device),
+        "labels": lab.to(device),
+    }
 
 
 def autocast(d: Dist, cfg: DictConfig):
@@ -234,8 +239,9 @@ def autocast(d: Dist, cfg: DictConfig):
 
 # -- evaluation -------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: Switch, data: Encoded, task: Task, tok, cfg: DictConfig, d: Dist,
-             probe: bool) -> tuple[dict[str, float], list[list[Any]]]:
+def evaluate(
+    model: Switch, data: Encoded, task: Task, tok, cfg: DictConfig, d: Dist, probe: bool
+) -> tuple[dict[str, float], list[list[Any]]]:
     """Loss, token accuracy, task metric, per-block expert loads and (probe) pre-gate agreement.
     Returns (metrics, load rows [stack, block, expert, tokens, fraction])."""
     was_training = model.training
@@ -244,7 +250,9 @@ def evaluate(model: Switch, data: Encoded, task: Task, tok, cfg: DictConfig, d: 
     for s in stacks.values():
         s.probe_agreement = probe and model.cfg.pregated
     E = model.cfg.num_experts
-    loads = {(name, m): torch.zeros(E, dtype=torch.long) for name, s in stacks.items() for m in range(len(s.moes))}
+    loads = {
+        (name, m): torch.zeros(E, dtype=torch.long) for name, s in stacks.items() for m in range(len(s.moes))
+    }
     agree: dict[tuple[str, int], list[float]] = {}
     loss_sum, n_tok, n_correct = 0.0, 0, 0
     n = len(data) if not cfg.eval.max_examples else min(len(data), cfg.eval.max_examples)
@@ -261,8 +269,10 @@ def evaluate(model: Switch, data: Encoded, task: Task, tok, cfg: DictConfig, d: 
             n_correct += int(((out.logits.argmax(-1) == b["labels"]) & mask).sum())
             # decoder position t reads label t-1 (shifted right): the real positions are the labelled ones
             dec_mask = mask
-            for name, rs, tmask in (("encoder", out.encoder_routings, b["attention_mask"].bool()),
-                                    ("decoder", out.decoder_routings, dec_mask)):
+            for name, rs, tmask in (
+                ("encoder", out.encoder_routings, b["attention_mask"].bool()),
+                ("decoder", out.decoder_routings, dec_mask),
+            ):
                 for m, r in enumerate(rs):
                     ids = r.ids.reshape(tmask.shape)[tmask].long().cpu()
                     loads[(name, m)] += torch.bincount(ids, minlength=E)
@@ -270,15 +280,23 @@ def evaluate(model: Switch, data: Encoded, task: Task, tok, cfg: DictConfig, d: 
                 for m, a in s.agreement.items():
                     agree.setdefault((name, m), []).append(float(a))
                 s.agreement = {}
-        metrics: dict[str, float] = {"loss": loss_sum / max(1, n_tok), "token_accuracy": 100.0 * n_correct / max(1, n_tok)}
+        metrics: dict[str, float] = {
+            "loss": loss_sum / max(1, n_tok),
+            "token_accuracy": 100.0 * n_correct / max(1, n_tok),
+        }
         g = min(n, cfg.eval.generate_examples)
         if g and task.metric != "loss":
             preds, refs = [], []
             for i in range(0, g, bs):
                 idx = list(range(i, min(g, i + bs)))
                 enc = pad_batch([data.inputs[j] for j in idx])
-                ids = generate(model, enc["input_ids"].to(d.device), enc["attention_mask"].to(d.device),
-                               max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams)
+                ids = generate(
+                    model,
+                    enc["input_ids"].to(d.device),
+                    enc["attention_mask"].to(d.device),
+                    max_new_tokens=cfg.eval.max_new_tokens,
+                    num_beams=cfg.eval.num_beams,
+                )
                 preds += tok.batch_decode(ids.tolist())
                 refs += [data.texts[j].references for j in idx]
             metrics.update(score(task.metric, preds, refs))
@@ -394,20 +412,26 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
         run_config = OmegaConf.to_container(cfg, resolve=True)
         tracker = Tracker(cfg.logger, run_config, "train", out_dir, name=run_name or out_dir.name)
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"[train] {model.cfg.num_experts}-expert Switch, {n_params / 1e6:.2f}M params, "
-              f"pregated={model.cfg.pregated} lookahead={model.cfg.lookahead}, data={task.name} "
-              f"({len(train_data)} train / {len(val_data)} validation), device={d.device} x{world}, "
-              f"experts={backend}, out={out_dir}" + (f", resumed at step {step}" if resumed_state else ""))
+        print(
+            f"[train] {model.cfg.num_experts}-expert Switch, {n_params / 1e6:.2f}M params, "
+            f"pregated={model.cfg.pregated} lookahead={model.cfg.lookahead}, data={task.name} "
+            f"({len(train_data)} train / {len(val_data)} validation), device={d.device} x{world}, "
+            f"experts={backend}, out={out_dir}" + (f", resumed at step {step}" if resumed_state else "")
+        )
 
     def do_eval(split_data: Encoded, prefix: str, at: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
         with full_model_for_io(wrapped, model, d):
             if d.main:
-                metrics, rows = evaluate(model, split_data, task, tok, cfg, d, probe=from_ckpt or model.cfg.pregated)
+                metrics, rows = evaluate(
+                    model, split_data, task, tok, cfg, d, probe=from_ckpt or model.cfg.pregated
+                )
         if d.main:
             example = metrics.pop("_example", None)
             tracker.log({f"{prefix}/{k}": v for k, v in metrics.items()}, step=at)
-            tracker.table(f"{prefix}/expert_load", ["stack", "block", "expert", "tokens", "fraction"], rows, step=at)
+            tracker.table(
+                f"{prefix}/expert_load", ["stack", "block", "expert", "tokens", "fraction"], rows, step=at
+            )
             main = {k: round(v, 4) for k, v in metrics.items() if "/" not in k}
             print(f"[train] step {at} {prefix}: {main}" + (f"\n        e.g. {example}" if example else ""))
             history.append({"step": at, "split": prefix, **metrics})
@@ -427,8 +451,15 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
                 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
                 opt_sd = FSDP.optim_state_dict(wrapped, opt)
-            state = {"step": at, "optimizer": opt_sd, "scheduler": sched.state_dict(), "rng": rngs,
-                     "history": history, "samples_seen": at * B, "config": OmegaConf.to_container(cfg)}
+            state = {
+                "step": at,
+                "optimizer": opt_sd,
+                "scheduler": sched.state_dict(),
+                "rng": rngs,
+                "history": history,
+                "samples_seen": at * B,
+                "config": OmegaConf.to_container(cfg),
+            }
         with full_model_for_io(wrapped, model, d):
             if d.main:
                 save_checkpoint(ckpt_dir, model, tok, state)
@@ -443,8 +474,13 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
 
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not (cfg.train.progress and d.main),
-               dynamic_ncols=True, unit="step")
+    bar = tqdm(
+        total=cfg.train.max_steps,
+        initial=step,
+        disable=not (cfg.train.progress and d.main),
+        dynamic_ncols=True,
+        unit="step",
+    )
     t_last, tok_count = time.perf_counter(), 0
     cast = autocast(d, cfg)
     coef_z, coef_aux = model.cfg.router_z_loss_coef, model.cfg.router_aux_loss_coef
@@ -457,14 +493,15 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
         logged = {"lm": 0.0, "z": 0.0, "aux": 0.0}
         for a in range(accum):
             lo = (a * world + d.rank) * mb
-            b = collate(train_data, idx[lo: lo + mb], d.device)
+            b = collate(train_data, idx[lo : lo + mb], d.device)
             k = int((b["labels"] != -100).sum())
             sync = a == accum - 1 or d.world == 1 or not hasattr(wrapped, "no_sync")
-            with (nullcontext() if sync else wrapped.no_sync()), cast:
+            with nullcontext() if sync else wrapped.no_sync(), cast:
                 out = wrapped(**b)
                 # sums over the global batch (then x world: DDP averages gradients over ranks)
-                loss = (out.lm_loss * (k / n_target)
-                        + (coef_z * out.z_loss + coef_aux * out.aux_loss) * (mb / B)) * world
+                loss = (
+                    out.lm_loss * (k / n_target) + (coef_z * out.z_loss + coef_aux * out.aux_loss) * (mb / B)
+                ) * world
             loss.backward()
             logged["lm"] += float(out.lm_loss.detach()) * k / n_target
             logged["z"] += float(out.z_loss.detach()) * mb / B
@@ -487,9 +524,17 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
             if step % max(1, cfg.train.log_every) == 0 or step == cfg.train.max_steps:
                 tps = tok_count / (now - t_last)  # tok_count counts the global batch
                 bar.set_postfix(loss=f"{logged['lm']:.4f}", tok_s=f"{tps:,.0f}")
-                tracker.log({"train/loss": logged["lm"], "train/z_loss": logged["z"], "train/aux_loss": logged["aux"],
-                             "train/grad_norm": float(gnorm), "train/lr": sched.get_last_lr()[0],
-                             "train/tokens_per_s": tps}, step=step)
+                tracker.log(
+                    {
+                        "train/loss": logged["lm"],
+                        "train/z_loss": logged["z"],
+                        "train/aux_loss": logged["aux"],
+                        "train/grad_norm": float(gnorm),
+                        "train/lr": sched.get_last_lr()[0],
+                        "train/tokens_per_s": tps,
+                    },
+                    step=step,
+                )
                 t_last, tok_count = now, 0
         stop = stopper.flag
         if d.world > 1:
@@ -499,11 +544,15 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
             do_eval(val_data, "validation", step)
             wrapped.train()
-        if stop or (cfg.train.stop_after_steps and step == cfg.train.stop_after_steps and step < cfg.train.max_steps):
+        if stop or (
+            cfg.train.stop_after_steps and step == cfg.train.stop_after_steps and step < cfg.train.max_steps
+        ):
             checkpoint(step)
             if d.main:
-                print(f"[train] stopped at step {step}; checkpoint with training state in {ckpt_dir} "
-                      "(continue with train.resume=true)")
+                print(
+                    f"[train] stopped at step {step}; checkpoint with training state in {ckpt_dir} "
+                    "(continue with train.resume=true)"
+                )
             stopped = True
             break
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
@@ -526,8 +575,10 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
                 result["validation_loss_start"] = first["loss"]
             result["validation_loss_end"] = final_val.get("loss")
             tracker.artifact(f"checkpoint-{out_dir.name}", "model", ckpt_dir)
-            print(f"[train] done: {step} steps; checkpoint (Hugging Face layout + pre-gates + training state) "
-                  f"in {ckpt_dir}")
+            print(
+                f"[train] done: {step} steps; checkpoint (Hugging Face layout + pre-gates + training state) "
+                f"in {ckpt_dir}"
+            )
     if d.main:
         result["history"] = history
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")

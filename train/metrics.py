@@ -48,7 +48,7 @@ def _f(overlap: int, n_pred: int, n_ref: int) -> float:
 
 
 def _ngrams(tokens: list[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i: i + n]) for i in range(len(tokens) - n + 1))
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
 def rouge_n(pred: list[str], ref: list[str], n: int) -> float:

@@ -18,9 +18,19 @@ import train.config
 ROOT = Path(__file__).resolve().parents[2]
 CONF = str(ROOT / "conf")
 # A few seconds per run on a CPU.
-FAST = ["train.max_steps=6", "train.batch_size=4", "train.max_input_len=64", "train.max_target_len=32",
-        "eval.at_start=false", "eval.test=false", "eval.generate_examples=0", "eval.max_examples=8",
-        "train.eval_every=0", "train.progress=false", "train.threads=1"]
+FAST = [
+    "train.max_steps=6",
+    "train.batch_size=4",
+    "train.max_input_len=64",
+    "train.max_target_len=32",
+    "eval.at_start=false",
+    "eval.test=false",
+    "eval.generate_examples=0",
+    "eval.max_examples=8",
+    "train.eval_every=0",
+    "train.progress=false",
+    "train.threads=1",
+]
 
 
 def _compose(overrides):
@@ -30,9 +40,22 @@ def _compose(overrides):
 
 
 def test_issue_overrides_compose():
-    cfg = _compose(["model=switch-base-8", "init.checkpoint=/some/dir", "model.lookahead=2", "train.trainable=pregates",
-                    "train.max_steps=7", "train.batch_size=4", "optim.lr=3e-4", "data=squad", "logger=wandb",
-                    "seed=3", "optim=adafactor", "optim.lr=1e-4"])
+    cfg = _compose(
+        [
+            "model=switch-base-8",
+            "init.checkpoint=/some/dir",
+            "model.lookahead=2",
+            "train.trainable=pregates",
+            "train.max_steps=7",
+            "train.batch_size=4",
+            "optim.lr=3e-4",
+            "data=squad",
+            "logger=wandb",
+            "seed=3",
+            "optim=adafactor",
+            "optim.lr=1e-4",
+        ]
+    )
     assert cfg.model.d_model == 768 and cfg.model.lookahead == 2 and cfg.init.checkpoint == "/some/dir"
     assert cfg.train.trainable == "pregates" and cfg.train.max_steps == 7 and cfg.data.metric == "em_f1"
     assert cfg.logger.kind == "wandb" and cfg.seed == 3 and cfg.optim.name == "adafactor"
@@ -41,10 +64,16 @@ def test_issue_overrides_compose():
     assert _compose([]).model.name == "tiny"
 
 
-@pytest.mark.parametrize("override, key", [
-    ("model.lookhead=2", "lookhead"), ("train.max_step=3", "max_step"), ("optim.learning_rate=1", "learning_rate"),
-    ("train.max_steps=abc", "max_steps"), ("data.noise_densty=0.2", "noise_densty"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.lookhead=2", "lookhead"),
+        ("train.max_step=3", "max_step"),
+        ("optim.learning_rate=1", "learning_rate"),
+        ("train.max_steps=abc", "max_steps"),
+        ("data.noise_densty=0.2", "noise_densty"),
+    ],
+)
 def test_config_typo_fails_naming_the_key(override, key):
     with pytest.raises((ConfigCompositionException, ConfigAttributeError, ValidationError)) as e:
         _compose([override])
@@ -59,15 +88,28 @@ def test_app_typo_fails_at_start_naming_the_key(tmp_path):
 def test_short_run_lowers_validation_loss(tmp_path):
     from train.loop import run
 
-    cfg = _compose(["train.max_steps=24", "train.batch_size=8", "train.max_input_len=96", "train.max_target_len=48",
-                    "eval.generate_examples=2", "eval.max_new_tokens=8", "eval.max_examples=32", "eval.test=false",
-                    "train.eval_every=0", "train.progress=false", "logger=wandb"])  # WANDB_MODE=disabled
+    cfg = _compose(
+        [
+            "train.max_steps=24",
+            "train.batch_size=8",
+            "train.max_input_len=96",
+            "train.max_target_len=48",
+            "eval.generate_examples=2",
+            "eval.max_new_tokens=8",
+            "eval.max_examples=32",
+            "eval.test=false",
+            "train.eval_every=0",
+            "train.progress=false",
+            "logger=wandb",
+        ]
+    )  # WANDB_MODE=disabled
     res = run(cfg, tmp_path)
     assert res["validation_loss_end"] < res["validation_loss_start"] - 0.5
     assert "rouge1" in res["validation"] and "agreement/encoder1" in res["validation"]
     ck = tmp_path / "checkpoint"
     assert {"config.json", "model.safetensors", "byte_tokenizer.json", "training_state.pt"} <= {
-        p.name for p in ck.iterdir()}
+        p.name for p in ck.iterdir()
+    }
     from models.checkpoint import load_switch
 
     m = load_switch(ck)
@@ -83,8 +125,16 @@ def _app(args, check=True, torchrun=0):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}",
-               f"--master_port={port}", "-m", "train", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={torchrun}",
+            f"--master_port={port}",
+            "-m",
+            "train",
+            *args,
+        ]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if check and p.returncode != 0:
         raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
@@ -102,8 +152,14 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path):
     assert "stopped at step 4" in p.stdout
     state = torch.load(tmp_path / "killed" / "checkpoint" / "training_state.pt", weights_only=False)
     assert state["step"] == 4
-    p = _app(common + ["train.resume=true", f"train.out_dir={tmp_path / 'killed'}",
-                       f"hydra.run.dir={tmp_path / 'resumed'}"])
+    p = _app(
+        common
+        + [
+            "train.resume=true",
+            f"train.out_dir={tmp_path / 'killed'}",
+            f"hydra.run.dir={tmp_path / 'resumed'}",
+        ]
+    )
     assert "resumed at step 4" in p.stdout
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "killed")
     assert a.keys() == b.keys()
@@ -113,8 +169,17 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path):
 
 def test_multirun_two_by_two(tmp_path):
     # 4 MoE blocks per stack so that lookahead 2 is possible with the tiny model
-    _app(["-m", "optim.lr=1e-4,3e-4", "model.lookahead=1,2", "model.num_sparse_encoder_layers=4",
-          "model.num_sparse_decoder_layers=4", f"hydra.sweep.dir={tmp_path}", *FAST])
+    _app(
+        [
+            "-m",
+            "optim.lr=1e-4,3e-4",
+            "model.lookahead=1,2",
+            "model.num_sparse_encoder_layers=4",
+            "model.num_sparse_decoder_layers=4",
+            f"hydra.sweep.dir={tmp_path}",
+            *FAST,
+        ]
+    )
     runs = sorted(p.parent for p in tmp_path.glob("*/metrics.json"))
     assert len(runs) == 4
     seen = set()
@@ -127,7 +192,12 @@ def test_multirun_two_by_two(tmp_path):
 
 
 def test_ddp_two_processes_equals_one(tmp_path):
-    args = FAST + ["train.batch_size=8", "model.router_jitter_noise=0.0", "train.max_steps=3", "optim.lr=1e-3"]
+    args = FAST + [
+        "train.batch_size=8",
+        "model.router_jitter_noise=0.0",
+        "train.max_steps=3",
+        "optim.lr=1e-3",
+    ]
     _app(args + [f"hydra.run.dir={tmp_path / 'one'}"])
     _app(args + [f"hydra.run.dir={tmp_path / 'two'}"], torchrun=2)
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
@@ -141,16 +211,26 @@ def test_grouped_expert_ffn_matches_reference():
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch._grouped_mm missing")
     try:
-        grouped_expert_ffn(torch.zeros(2, 16), torch.zeros(2, 32, 16), torch.zeros(2, 16, 32),
-                           torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1))
+        grouped_expert_ffn(
+            torch.zeros(2, 16),
+            torch.zeros(2, 32, 16),
+            torch.zeros(2, 16, 32),
+            torch.zeros(2, 1, dtype=torch.int32),
+            torch.ones(2, 1),
+        )
     except (RuntimeError, NotImplementedError) as e:
         pytest.skip(f"no CPU grouped GEMM here: {e}")
     assert check_grouped(torch.device("cpu")) is None
 
 
 def test_bench_script_tiny(tmp_path):
-    p = subprocess.run([sys.executable, "scripts/bench_train.py", "--tiny", "--out", str(tmp_path)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "scripts/bench_train.py", "--tiny", "--dtype", "fp32", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     doc = json.loads((tmp_path / "train-throughput-tiny.json").read_text())
     r = doc["results"][0]

@@ -11,7 +11,10 @@ from train.data import Example, build_task, span_corrupt, split_of
 
 
 def test_docsum_is_deterministic_disjoint_and_summarises():
-    t1, t2 = build_task({"name": "docsum", "kind": "docsum"}), build_task({"name": "docsum", "kind": "docsum"})
+    t1, t2 = (
+        build_task({"name": "docsum", "kind": "docsum"}),
+        build_task({"name": "docsum", "kind": "docsum"}),
+    )
     splits = {s: t1.examples(s) for s in ("train", "validation", "test")}
     assert all(len(v) > 20 for v in splits.values())
     assert splits["train"] == t2.examples("train")
@@ -24,7 +27,8 @@ def test_docsum_is_deterministic_disjoint_and_summarises():
 def test_split_by_module_is_stable():
     # sha256-based: the same on every machine and Python version
     assert [split_of(m) for m in ("json.decoder", "argparse", "pathlib", "zipfile")] == [
-        split_of(m) for m in ("json.decoder", "argparse", "pathlib", "zipfile")]
+        split_of(m) for m in ("json.decoder", "argparse", "pathlib", "zipfile")
+    ]
     counts = {s: 0 for s in ("train", "validation", "test")}
     for i in range(2000):
         counts[split_of(f"mod{i}")] += 1
@@ -37,7 +41,10 @@ def test_span_corruption_format():
     n_inp = [w for w in ex.input.split() if not w.startswith("<extra_id_")]
     n_tgt = [w for w in ex.target.split() if not w.startswith("<extra_id_")]
     assert len(n_tgt) == 15 and len(n_inp) == 85
-    assert ex.target.startswith("<extra_id_0>") and ex.input.count("<extra_id_") == ex.target.count("<extra_id_") - 1
+    assert (
+        ex.target.startswith("<extra_id_0>")
+        and ex.input.count("<extra_id_") == ex.target.count("<extra_id_") - 1
+    )
     # reassembling the spans into the input gives back the text
     spans, cur = {}, None
     for w in ex.target.split():
@@ -63,7 +70,8 @@ def test_span_task_encodes_sentinels():
 def test_jsonl(tmp_path):
     for split, n in (("train", 5), ("validation", 2), ("test", 3)):
         (tmp_path / f"{split}.jsonl").write_text(
-            "".join(json.dumps({"input": f"{split} in {i}", "target": f"out {i}"}) + "\n" for i in range(n)))
+            "".join(json.dumps({"input": f"{split} in {i}", "target": f"out {i}"}) + "\n" for i in range(n))
+        )
     t = build_task({"name": "jsonl", "kind": "jsonl", "path": str(tmp_path)})
     assert [len(t.examples(s)) for s in ("train", "validation", "test")] == [5, 2, 3]
     assert t.examples("test")[1] == Example("test in 1", "out 1")
@@ -94,7 +102,10 @@ def _conf(name):
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet"])
 def test_xsum_schema(tmp_path, fmt):
     for split in ("train", "validation", "test"):
-        rows = [{"document": f"Doc {split} {i}\nmore  text.", "summary": f"Sum {i}.", "id": str(i)} for i in range(4)]
+        rows = [
+            {"document": f"Doc {split} {i}\nmore  text.", "summary": f"Sum {i}.", "id": str(i)}
+            for i in range(4)
+        ]
         _write(tmp_path / split, rows, fmt)
     c = _conf("xsum")
     c.path = str(tmp_path)
@@ -104,8 +115,16 @@ def test_xsum_schema(tmp_path, fmt):
 
 
 def test_squad_schema_and_split_slices(tmp_path):
-    rows = [{"id": str(i), "title": "T", "context": f"Context {i}.", "question": f"Q{i}?",
-             "answers": {"text": [f"a{i}", f"b{i}"], "answer_start": [0, 3]}} for i in range(20)]
+    rows = [
+        {
+            "id": str(i),
+            "title": "T",
+            "context": f"Context {i}.",
+            "question": f"Q{i}?",
+            "answers": {"text": [f"a{i}", f"b{i}"], "answer_start": [0, 3]},
+        }
+        for i in range(20)
+    ]
     _write(tmp_path / "train", rows, "jsonl")
     _write(tmp_path / "validation", rows[:3], "jsonl")
     c = _conf("squad")

@@ -21,8 +21,9 @@ def test_rouge_hand_checked():
 
 def test_squad_em_f1_hand_checked():
     assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
-    r = score("em_f1", ["the Eiffel Tower", "Paris France", "nothing"],
-               [["Eiffel Tower", "tower"], "Paris", ["x"]])
+    r = score(
+        "em_f1", ["the Eiffel Tower", "Paris France", "nothing"], [["Eiffel Tower", "tower"], "Paris", ["x"]]
+    )
     assert r["exact_match"] == pytest.approx(100 / 3)
     # F1: 1.0; P=1/2, R=1 -> 2/3; 0
     assert r["f1"] == pytest.approx(100 * (1 + 2 / 3) / 3)
