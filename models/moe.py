@@ -60,9 +60,11 @@ def apply_capacity(ids_BSk: torch.Tensor, weights_BSk: torch.Tensor, capacity: i
 
 
 def gate_logits(x_ND: torch.Tensor, gate: nn.Linear) -> torch.Tensor:
-    """fp32 gate logits; the router runs in fp32 whatever the model dtype (selective precision)."""
+    """fp32 gate logits; the router runs in fp32 whatever the model dtype (selective precision),
+    autocast included."""
     bias = gate.bias.float() if gate.bias is not None else None
-    return F.linear(x_ND.float(), gate.weight.float(), bias)
+    with torch.autocast(x_ND.device.type, enabled=False):
+        return F.linear(x_ND.float(), gate.weight.float(), bias)
 
 
 def routing_from_logits(logits_NE: torch.Tensor, shape_BS: tuple[int, int], capacity: int | None) -> Routing:
