@@ -7,6 +7,7 @@ Kept free of Hydra imports (infer/__main__.py is the Hydra entry), so scripts ca
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -57,15 +58,18 @@ def default_checkpoint(cfg) -> Path:
     print(f"[infer] {d} is missing: training it with `python -m train` ({cfg.default_model.train_steps} steps) ...",
           flush=True)
     cmd = [sys.executable, "-m", "train", f"train.max_steps={cfg.default_model.train_steps}",
-           f"train.out_dir={out}", f"hydra.run.dir={out}/hydra", "train.progress=false", "logger=none"]
+           f"train.out_dir={out}", f"hydra.run.dir={out}/hydra", "train.progress=false", "logger=none",
+           *cfg.default_model.train_overrides]
     t = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True, timeout=cfg.default_model.train_timeout_s,
                    env={**os.environ, "WANDB_MODE": "disabled"})
     ckpt = out / "checkpoint"
     if not (ckpt / "config.json").exists():
         raise FileNotFoundError(f"training finished but wrote no checkpoint at {ckpt}")
+    (ckpt / "training_state.pt").unlink(missing_ok=True)  # optimizer state: not needed to serve
     d.parent.mkdir(parents=True, exist_ok=True)
     os.replace(ckpt, d)
+    shutil.rmtree(out, ignore_errors=True)
     print(f"[infer] built {d} in {time.perf_counter() - t:.0f} s", flush=True)
     return d
 

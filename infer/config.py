@@ -33,6 +33,7 @@ class DefaultModelConf:
     dir: str = "checkpoints/default"   # used when checkpoint is null; built by training when missing
     train_steps: int = 200             # steps of `python -m train` when it has to be built
     train_timeout_s: int = 240
+    train_overrides: list[str] = field(default_factory=list)  # extra `python -m train` overrides
 
 
 @dataclass

@@ -79,3 +79,16 @@ def _env():
     import os
 
     return dict(os.environ)
+
+
+def test_default_model_is_built_by_training_when_missing(tmp_path):
+    """No shipped model: the runner trains one with `python -m train` (2 steps here) and serves it."""
+    from infer.app import default_checkpoint
+
+    cfg = _compose([f"default_model.dir={tmp_path / 'built'}", "default_model.train_steps=2"])
+    cfg.default_model.train_overrides = ["eval.at_start=false", "eval.test=false", "train.eval_every=0",
+                                         "train.batch_size=4"]
+    path = default_checkpoint(cfg)
+    assert (path / "config.json").exists() and (path / "model.safetensors").exists()
+    assert not (path / "training_state.pt").exists()
+    assert default_checkpoint(cfg) == path  # second call: found, not rebuilt
