@@ -184,7 +184,7 @@ def main() -> None:
         "iters": args.iters,
         "ours": "models.Switch converted to pre-gated (lookahead 1), train.experts grouped-GEMM expert FFN",
         "baseline": f"transformers {hf_v} SwitchTransformersForConditionalGeneration "
-        "(output_router_logits=True)",
+        "(output_router_logits=True where the version supports it: see router_losses per result)",
         "results": results,
         "machine": {
             "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
