@@ -259,7 +259,7 @@ def _decode_config(bf: int, bd: int, w: int, obd: int, obf: int, ow: int, pdl: b
             "out": {"BLOCK_D": obd, "BLOCK_F": obf, "num_warps": ow}}
 
 
-def _default_config(R: int, S: int, d: int, F: int) -> dict:
+def _default_config(R: int, S: int, d: int, F: int, gated: bool = False, w_bytes: int = 2) -> dict:
     if R <= DECODE_MAX_SLOTS:
         # Whole rows per load (one memory round trip per program) and enough programs to fill the GPU.
         return _decode_config(8, min(_np2(d), 2048), 4, 2, min(_np2(F), 4096), 4)
@@ -268,7 +268,14 @@ def _default_config(R: int, S: int, d: int, F: int) -> dict:
     bm = 16 if per_slot <= 8 else 32 if per_slot <= 24 else 64
     gemm = {"BLOCK_N": 64 if bm == 16 else 128, "BLOCK_K": 64, "num_warps": 4,
             "num_stages": 4 if bm == 16 else 3}
-    return {"path": "prefill", "BLOCK_M": bm, "in": dict(gemm), "out": dict(gemm)}
+    gemm_in = dict(gemm)
+    # Pipelined stages of the x tile and 1 or 2 (gated) weight tiles within ~200 KB of shared memory.
+    while gemm_in["num_stages"] * 64 * (bm + (2 if gated else 1) * gemm_in["BLOCK_N"]) * w_bytes > 200_000:
+        if gemm_in["num_stages"] > 2:
+            gemm_in["num_stages"] -= 1
+        else:
+            gemm_in["BLOCK_N"] //= 2
+    return {"path": "prefill", "BLOCK_M": bm, "in": gemm_in, "out": dict(gemm)}
 
 
 def _candidates(R: int, S: int, d: int, F: int) -> list[dict]:
@@ -370,8 +377,8 @@ def expert_ffn_triton(
     if config is None:
         kernel = "ffn" + ("-glu" if gated else "") + (f"-k{k}" if k > 1 else "")
         config = tuning.pick(
-            tuning.config_key(kernel, S, d, F, T), x.device,
-            default=lambda: _default_config(R, S, d, F),
+            tuning.config_key(kernel, S, d, F, T, x.dtype, w_in.dtype), x.device,
+            default=lambda: _default_config(R, S, d, F, gated, w_in.element_size()),
             candidates=lambda: _candidates(R, S, d, F), run=lambda cfg: launch(cfg, y),
         )
     launch(config, y)

@@ -125,16 +125,19 @@ if HAVE_TRITON:
             left_TE = tl.where(offs_e[None, :] == idx[:, None], -2.0, left_TE)
 
 
-def _route_default(T: int, E: int, d: int) -> dict:
+def _route_default(T: int, E: int, d: int, x_bytes: int = 2, w_bytes: int = 2) -> dict:
     block_e = max(16, _next_pow2(E))
     block_t = 16 if T <= 16 or block_e >= 256 else (32 if T <= 512 else 64)
-    # ~16K elements of gate per iteration: enough bytes in flight for one SM at small T.
+    # ~16K elements of gate per iteration: enough bytes in flight for one SM at small T; and the
+    # 3 pipelined stages of x and gate tiles within ~200 KB of shared memory (fp32 gates: half).
     block_d = max(16, min(_next_pow2(d), 16384 // block_e))
+    while block_d > 16 and 3 * block_d * (block_t * x_bytes + block_e * w_bytes) > 200_000:
+        block_d //= 2
     return {"BLOCK_T": block_t, "BLOCK_D": block_d, "num_warps": 4, "num_stages": 3}
 
 
-def _route_candidates(T: int, E: int, d: int) -> list[dict]:
-    default = _route_default(T, E, d)
+def _route_candidates(T: int, E: int, d: int, x_bytes: int, w_bytes: int) -> list[dict]:
+    default = _route_default(T, E, d, x_bytes, w_bytes)
     bd = default["BLOCK_D"]
     out = [default, {**default, "BLOCK_D": max(16, bd // 2)}, {**default, "num_warps": 8, "num_stages": 4}]
     if T > 16:
@@ -171,9 +174,10 @@ def route_triton(
 
         if config is None:
             config = tuning.pick(
-                tuning.config_key("route", E, d, 0, T), x.device,
-                default=lambda: _route_default(T, E, d),
-                candidates=lambda: _route_candidates(T, E, d), run=launch,
+                tuning.config_key("route", E, d, 0, T, x.dtype, w_GED.dtype), x.device,
+                default=lambda: _route_default(T, E, d, x.element_size(), w_GED.element_size()),
+                candidates=lambda: _route_candidates(T, E, d, x.element_size(), w_GED.element_size()),
+                run=launch,
             )
         launch(config)
     return (ids_GTK, probs_GTK) if stacked else (ids_GTK[0], probs_GTK[0])

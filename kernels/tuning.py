@@ -38,7 +38,11 @@ def token_bucket(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-def config_key(kernel: str, E: int, d: int, F: int, n_tokens: int) -> str:
+def config_key(kernel: str, E: int, d: int, F: int, n_tokens: int, *dtypes: torch.dtype) -> str:
+    """E.g. 'ffn:E128:d768:F3072:T256'; dtypes other than bf16 are named ('route-float32-float32:...'),
+    since tiles tuned for bf16 need twice the shared memory in fp32."""
+    if any(dt != torch.bfloat16 for dt in dtypes):
+        kernel += "".join("-" + str(dt).removeprefix("torch.") for dt in dtypes)
     return f"{kernel}:E{E}:d{d}:F{F}:T{token_bucket(n_tokens)}"
 
 
