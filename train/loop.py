@@ -482,6 +482,8 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
         unit="step",
     )
     t_last, tok_count = time.perf_counter(), 0
+    # Throughput over the whole run, evaluation excluded: training tokens (global batch) per second.
+    run_tokens, run_train_s = 0, 0.0
     cast = autocast(d, cfg)
     coef_z, coef_aux = model.cfg.router_z_loss_coef, model.cfg.router_aux_loss_coef
     wrapped.train()
@@ -490,6 +492,8 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
         idx = order.batch_at(step)
         n_target = sum(len(train_data.targets[i]) for i in idx)
         tok_count += n_target + sum(len(train_data.inputs[i]) for i in idx)
+        run_tokens += n_target + sum(len(train_data.inputs[i]) for i in idx)
+        t_step = time.perf_counter()
         logged = {"lm": 0.0, "z": 0.0, "aux": 0.0}
         for a in range(accum):
             lo = (a * world + d.rank) * mb
@@ -517,6 +521,9 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        if d.device.type == "cuda":
+            torch.cuda.synchronize(d.device)
+        run_train_s += time.perf_counter() - t_step
 
         if d.main:
             now = time.perf_counter()
@@ -561,7 +568,11 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
     for s, h in old_handlers.items():
         signal.signal(s, h)
 
-    result: dict[str, Any] = {"step": step, "stopped": stopped, "checkpoint": str(ckpt_dir)}
+    result: dict[str, Any] = {
+        "step": step, "stopped": stopped, "checkpoint": str(ckpt_dir), "world_size": d.world,
+        "train_tokens": run_tokens, "train_seconds": run_train_s,
+        "train_tokens_per_s": run_tokens / run_train_s if run_train_s > 0 else None,
+    }
     if not stopped:
         final_val = do_eval(val_data, "validation", step)
         result["validation"] = final_val
