@@ -111,3 +111,25 @@ def test_slots_stay_bounded(pregated_ckpt):
     model, store = load_offloaded(pregated_ckpt, "cpu", torch.float32, None)
     r = OffloadRunner(model, store, PolicySpec("pregated"), "cpu", n_enc=1000, n_dec=1)
     assert r.pool.P == 2 * store.E  # two blocks' experts at most without a cache
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
+def test_gpu_path_under_the_interpreter(pregated_ckpt, monkeypatch, backend):
+    """The GPU path's pieces on the CPU: the device copy kernel (ids with -1 = skip) into the [P, X] pool,
+    and (slow: PGMOE_SLOW_TESTS=1) the Triton expert FFN reading w_in/w_out through the pool's strided
+    views and the slot table."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if backend == "triton":
+        monkeypatch.setenv("PGMOE_FORCE_TRITON", "1")
+    model, store = load_offloaded(pregated_ckpt, "cpu", torch.float32, None)
+    model.set_backend(backend)
+    ids, mask = prompts(n=2, length=5)
+    kw = dict(max_new_tokens=2, keep_logits=True)
+    ref = Engine(model, store, "cpu").run(PolicySpec("gpu_only"), ids, mask, **kw)
+    for spec in (PolicySpec("pregated", 2, "lru"),):
+        res = Engine(model, store, "cpu", copy_mode="device").run(spec, ids, mask, **kw)
+        assert res.metrics["copy_mode"] == "device"
+        assert res.tokens == ref.tokens
+        for a, b in zip(ref.step_logits, res.step_logits):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
