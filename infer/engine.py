@@ -146,7 +146,7 @@ class Engine:
             runner.pool.measure_stall = self.measure_stall and (not self.cuda_graph or bool(self._not_capturable(runner)))
         try:
             if warmup:  # one untimed pass (allocator, kernels); cache and counters reset after
-                self._generate(input_ids, attention_mask, min(2, max_new_tokens), num_beams, False, None)
+                self._generate(input_ids, attention_mask, min(2, max_new_tokens), num_beams, False, runner)
                 if runner is not None:
                     runner.reset()
             res = self._generate(input_ids, attention_mask, max_new_tokens, num_beams, keep_logits, runner, notes)
@@ -190,7 +190,8 @@ class Engine:
         if self.cuda_graph and not why_not:
             try:
                 tc = time.perf_counter()
-                step = GraphStep(model, state, B * nb, on_warm=runner.reset_counters if runner else None)
+                saved = runner.snapshot() if runner else None  # warm-up steps are not part of the run
+                step = GraphStep(model, state, B * nb, on_warm=(lambda: runner.restore(saved)) if runner else None)
                 _sync(dev)
                 capture_ms = 1e3 * (time.perf_counter() - tc)
                 graphed = True

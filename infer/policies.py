@@ -156,6 +156,13 @@ class OffloadRunner:
         self._prefetched.clear()
         self._observed = None
 
+    def snapshot(self) -> list[torch.Tensor]:
+        return [t.clone() for t in (self.copied, self.hits, self.lookups)]
+
+    def restore(self, saved: list[torch.Tensor]) -> None:
+        for t, v in zip((self.copied, self.hits, self.lookups), saved):
+            t.copy_(v)
+
     def reset_counters(self) -> None:
         for t in (self.copied, self.hits, self.lookups):
             t.zero_()

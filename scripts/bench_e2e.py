@@ -132,7 +132,7 @@ def hf_model(cfg, store: ExpertStore, device, dtype, experts_on: str):
         from accelerate import dispatch_model
 
         dmap = {}
-        for name, _ in hf.named_parameters():
+        for name in hf.state_dict():  # state_dict also names tied copies (lm_head.weight)
             prefix = name.split(".expert_")[0]
             dmap[prefix if prefix in block_of else name.rsplit(".", 1)[0]] = "cpu" if prefix in block_of else 0
         hf = dispatch_model(hf, device_map=dmap, main_device=0 if device.type == "cuda" else "cpu")
