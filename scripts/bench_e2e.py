@@ -134,7 +134,8 @@ def hf_model(cfg, store: ExpertStore, device, dtype, experts_on: str):
         dmap = {}
         for name in hf.state_dict():  # state_dict also names tied copies (lm_head.weight)
             prefix = name.split(".expert_")[0]
-            dmap[prefix if prefix in block_of else name.rsplit(".", 1)[0]] = "cpu" if prefix in block_of else 0
+            main = 0 if device.type == "cuda" else "cpu"  # CPU: only exercises the code path (tests)
+            dmap[prefix if prefix in block_of else name.rsplit(".", 1)[0]] = "cpu" if prefix in block_of else main
         hf = dispatch_model(hf, device_map=dmap, main_device=0 if device.type == "cuda" else "cpu")
     return hf
 
