@@ -40,8 +40,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def policy_specs(cfg) -> list[PolicySpec]:
-    names = list(cfg.policies) if cfg.policies else (
-        list(cfg.policy.names) if cfg.policy.name == "compare" else [cfg.policy.name])
+    names = (
+        list(cfg.policies)
+        if cfg.policies
+        else (list(cfg.policy.names) if cfg.policy.name == "compare" else [cfg.policy.name])
+    )
     if not names:
         raise ValueError("no policy to run: set policy=<name> or policies=[...]")
     return [PolicySpec.parse(n, 0 if n == "gpu_only" else cfg.cache.size, cfg.cache.kind) for n in names]
@@ -55,14 +58,30 @@ def default_checkpoint(cfg) -> Path:
     if (d / "config.json").exists():
         return d
     out = d.parent / f".{d.name}-train"
-    print(f"[infer] {d} is missing: training it with `python -m train` ({cfg.default_model.train_steps} steps) ...",
-          flush=True)
-    cmd = [sys.executable, "-m", "train", f"train.max_steps={cfg.default_model.train_steps}",
-           f"train.out_dir={out}", f"hydra.run.dir={out}/hydra", "train.progress=false", "logger=none",
-           *cfg.default_model.train_overrides]
+    print(
+        f"[infer] {d} is missing: training it with `python -m train` "
+        f"({cfg.default_model.train_steps} steps) ...",
+        flush=True,
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "train",
+        f"train.max_steps={cfg.default_model.train_steps}",
+        f"train.out_dir={out}",
+        f"hydra.run.dir={out}/hydra",
+        "train.progress=false",
+        "logger=none",
+        *cfg.default_model.train_overrides,
+    ]
     t = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True, timeout=cfg.default_model.train_timeout_s,
-                   env={**os.environ, "WANDB_MODE": "disabled"})
+    subprocess.run(
+        cmd,
+        cwd=ROOT,
+        check=True,
+        timeout=cfg.default_model.train_timeout_s,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+    )
     ckpt = out / "checkpoint"
     if not (ckpt / "config.json").exists():
         raise FileNotFoundError(f"training finished but wrote no checkpoint at {ckpt}")
@@ -99,13 +118,20 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
     dtype = resolve_dtype(cfg.dtype, device)
     specs = policy_specs(cfg)
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else default_checkpoint(cfg)
-    budget = cfg.offload.pinned_budget_gb * GB if cfg.offload.pinned_budget_gb is not None else default_budget_bytes()
+    budget = (
+        cfg.offload.pinned_budget_gb * GB
+        if cfg.offload.pinned_budget_gb is not None
+        else default_budget_bytes()
+    )
     model, store = load_offloaded(ckpt, device, dtype, budget)
     if device.type == "cuda":
         model.set_backend("triton")  # fused routing and the slot-table expert FFN; no host syncs
     if not cfg.checkpoint and cfg.model.name and model.cfg.d_model != cfg.model.d_model:
-        print(f"[infer] note: the default checkpoint is not a `{cfg.model.name}` model; pass checkpoint=PATH "
-              "to run another model", flush=True)
+        print(
+            f"[infer] note: the default checkpoint is not a `{cfg.model.name}` model; pass checkpoint=PATH "
+            "to run another model",
+            flush=True,
+        )
     tok = load_tokenizer(ckpt, vocab_size=model.cfg.vocab_size)
     task = build_task(cfg.data)
     examples = task.examples(cfg.split)
@@ -114,16 +140,29 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
     inputs = [tok.encode(e.input, max_length=cfg.max_input_tokens) for e in examples]
     refs = [e.references for e in examples]
     warm = str(cfg.warmup).lower() != "false"
-    eng = Engine(model, store, device, cuda_graph=cfg.cuda_graph, copy_mode=cfg.offload.copy_mode,
-                 measure_stall=cfg.measure_stall)
+    eng = Engine(
+        model,
+        store,
+        device,
+        cuda_graph=cfg.cuda_graph,
+        copy_mode=cfg.offload.copy_mode,
+        measure_stall=cfg.measure_stall,
+    )
     peak = rep.pinned_peak_GBps(device)
     env = rep.environment(device)
-    env.update(checkpoint=str(ckpt), pinned_store_bytes=store.total_bytes, store_pinned=store.pinned,
-               model_dtype=str(dtype).replace("torch.", ""))
-    print(f"[infer] {ckpt.name}: {model.cfg.num_experts} experts x {store.M} MoE blocks "
-          f"({store.total_bytes / 1e6:.1f} MB of experts in {'pinned ' if store.pinned else ''}CPU memory), "
-          f"pregated={model.cfg.pregated}, device={env['compute_device']}, data={task.name} "
-          f"{cfg.split} ({len(examples)} examples), batch {cfg.batch_size}, beams {cfg.num_beams}", flush=True)
+    env.update(
+        checkpoint=str(ckpt),
+        pinned_store_bytes=store.total_bytes,
+        store_pinned=store.pinned,
+        model_dtype=str(dtype).replace("torch.", ""),
+    )
+    print(
+        f"[infer] {ckpt.name}: {model.cfg.num_experts} experts x {store.M} MoE blocks "
+        f"({store.total_bytes / 1e6:.1f} MB of experts in {'pinned ' if store.pinned else ''}CPU memory), "
+        f"pregated={model.cfg.pregated}, device={env['compute_device']}, data={task.name} "
+        f"{cfg.split} ({len(examples)} examples), batch {cfg.batch_size}, beams {cfg.num_beams}",
+        flush=True,
+    )
 
     entries: list[dict[str, Any]] = []
     ref_tokens = None
@@ -131,30 +170,50 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
         runs: list[RunResult] = []
         tokens: list[list[int]] = []
         for i, batch in _batches(inputs, cfg.batch_size):
-            res = eng.run(spec, batch["input_ids"], batch["attention_mask"], max_new_tokens=cfg.max_new_tokens,
-                          num_beams=cfg.num_beams, warmup=warm and i == 0)
+            res = eng.run(
+                spec,
+                batch["input_ids"],
+                batch["attention_mask"],
+                max_new_tokens=cfg.max_new_tokens,
+                num_beams=cfg.num_beams,
+                warmup=warm and i == 0,
+            )
             runs.append(res)
             tokens += res.tokens
         preds = tok.batch_decode(tokens)
         quality = score(task.metric, preds, refs) if task.metric != "loss" else {}
         entry = {
-            "policy": spec.label, "spec": vars(spec), "metrics": rep.aggregate(runs, peak), "quality": quality,
-            "notes": sorted({n for r in runs for n in r.notes}), "tokens": tokens, "predictions": preds[:8],
+            "policy": spec.label,
+            "spec": vars(spec),
+            "metrics": rep.aggregate(runs, peak),
+            "quality": quality,
+            "notes": sorted({n for r in runs for n in r.notes}),
+            "tokens": tokens,
+            "predictions": preds[:8],
         }
         if spec.name == "gpu_only":
             ref_tokens = tokens
         entries.append(entry)
-        print(f"[infer] {spec.label}: done ({sum(r.metrics['total_ms'] for r in runs) / 1e3:.1f} s)", flush=True)
+        print(
+            f"[infer] {spec.label}: done ({sum(r.metrics['total_ms'] for r in runs) / 1e3:.1f} s)", flush=True
+        )
     for e in entries:
         e["same_as_gpu_only"] = None if ref_tokens is None else e["tokens"] == ref_tokens
 
     qkey = {"rouge": "rougeL", "em_f1": "exact_match"}.get(task.metric)
-    title = (f"{ckpt.name} on {env['compute_device']}, {task.name} {cfg.split} x{len(examples)}, "
-             f"batch {cfg.batch_size}, beams {cfg.num_beams}, {cfg.max_new_tokens} new tokens")
+    title = (
+        f"{ckpt.name} on {env['compute_device']}, {task.name} {cfg.split} x{len(examples)}, "
+        f"batch {cfg.batch_size}, beams {cfg.num_beams}, {cfg.max_new_tokens} new tokens"
+    )
     text = rep.table(entries, qkey)
     report = {
-        "title": title, "environment": env, "config": _plain(cfg), "task": {"name": task.name, "metric": task.metric},
-        "references": [r[0] for r in refs[:8]], "entries": entries, "table": text,
+        "title": title,
+        "environment": env,
+        "config": _plain(cfg),
+        "task": {"name": task.name, "metric": task.metric},
+        "references": [r[0] for r in refs[:8]],
+        "entries": entries,
+        "table": text,
         "wall_s": time.perf_counter() - t_start,
     }
     rep.write_json(run_dir / "report.json", report)
@@ -164,13 +223,21 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
         for n in e["notes"]:
             print(f"[infer] note ({e['policy']}): {n}")
     if device.type == "cpu":
-        print("[infer] CPU-only machine: the CPU is the compute device; no GPU memory or copy figures are reported.")
+        print(
+            "[infer] CPU-only machine: the CPU is the compute device; "
+            "no GPU memory or copy figures are reported."
+        )
     print(f"[infer] report: {run_dir / 'report.json'}, plot: {png}")
     tracker = Tracker(cfg.logger, _plain(cfg), "infer", run_dir, name=run_dir.name)
     tracker.table("policies", list(rep.COLUMNS), rep.rows(entries, qkey))
     for e in entries:
-        tracker.log({f"{e['policy']}/{k}": v for k, v in {**e["metrics"], **e["quality"]}.items()
-                     if isinstance(v, int | float) and not isinstance(v, bool)})
+        tracker.log(
+            {
+                f"{e['policy']}/{k}": v
+                for k, v in {**e["metrics"], **e["quality"]}.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+        )
     tracker.image("policies", png)
     tracker.finish()
     store.close()

@@ -12,26 +12,26 @@ from train.tracking import LoggerConf
 
 @dataclass
 class PolicyConf:
-    name: str = "compare"              # a policy, or `compare`: every name in `names`
+    name: str = "compare"  # a policy, or `compare`: every name in `names`
     names: list[str] = field(default_factory=list)
 
 
 @dataclass
 class CacheConf:
-    size: int = 0                      # cache slots per MoE block (0: no cache)
-    kind: str = "lru"                  # lru | lfu
+    size: int = 0  # cache slots per MoE block (0: no cache)
+    kind: str = "lru"  # lru | lfu
 
 
 @dataclass
 class OffloadConf:
     pinned_budget_gb: float | None = None  # null: 3/4 of the machine's RAM
-    copy_mode: str = "auto"                # auto | device (GPU-driven gather) | host (cudaMemcpyAsync)
+    copy_mode: str = "auto"  # auto | device (GPU-driven gather) | host (cudaMemcpyAsync)
 
 
 @dataclass
 class DefaultModelConf:
-    dir: str = "checkpoints/default"   # used when checkpoint is null; built by training when missing
-    train_steps: int = 200             # steps of `python -m train` when it has to be built
+    dir: str = "checkpoints/default"  # used when checkpoint is null; built by training when missing
+    train_steps: int = 200  # steps of `python -m train` when it has to be built
     train_timeout_s: int = 240
     train_overrides: list[str] = field(default_factory=list)  # extra `python -m train` overrides
 
@@ -48,17 +48,17 @@ class InferConf:
     offload: OffloadConf = field(default_factory=OffloadConf)
     default_model: DefaultModelConf = field(default_factory=DefaultModelConf)
     split: str = "test"
-    num_examples: int = 24             # 0: the whole split
+    num_examples: int = 24  # 0: the whole split
     batch_size: int = 8
     num_beams: int = 1
     max_input_tokens: int = 256
     max_new_tokens: int = 48
-    device: str = "auto"               # auto | cpu | cuda[:i]
-    dtype: str = "auto"                # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda[:i]
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
     cuda_graph: bool = True
-    measure_stall: bool = True         # CUDA events around each wait (eager steps only)
-    warmup: bool = True                # one untimed short pass per policy (allocator, kernels, caches)
-    threads: int = 0                   # torch CPU threads; 0: 1 on the CPU (small models), torch's default on CUDA
+    measure_stall: bool = True  # CUDA events around each wait (eager steps only)
+    warmup: bool = True  # one untimed short pass per policy (allocator, kernels, caches)
+    threads: int = 0  # torch CPU threads; 0: 1 on the CPU (small models), torch's default on CUDA
     seed: int = 0
 
 

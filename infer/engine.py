@@ -24,7 +24,9 @@ from models.switch import DecodeState, Switch
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def load_offloaded(path: str | Path, device, dtype: torch.dtype | None, budget_bytes: float | None) -> tuple[Switch, ExpertStore]:
+def load_offloaded(
+    path: str | Path, device, dtype: torch.dtype | None, budget_bytes: float | None
+) -> tuple[Switch, ExpertStore]:
     """Non-expert weights onto `device`, experts straight from the checkpoint into the (pinned) store.
     The budget is checked from config.json before anything is allocated."""
     from models.checkpoint import load_config, load_switch
@@ -59,8 +61,12 @@ def materialize_experts(model: Switch, store: ExpertStore, device) -> None:
 
 def drop_experts(model: Switch) -> None:
     for moe in model.moes:
-        moe.w_in = torch.nn.Parameter(torch.empty(moe.w_in.shape, device="meta", dtype=moe.w_in.dtype), requires_grad=False)
-        moe.w_out = torch.nn.Parameter(torch.empty(moe.w_out.shape, device="meta", dtype=moe.w_out.dtype), requires_grad=False)
+        moe.w_in = torch.nn.Parameter(
+            torch.empty(moe.w_in.shape, device="meta", dtype=moe.w_in.dtype), requires_grad=False
+        )
+        moe.w_out = torch.nn.Parameter(
+            torch.empty(moe.w_out.shape, device="meta", dtype=moe.w_out.dtype), requires_grad=False
+        )
 
 
 # ----------------------------------------------------------------------------------------------- graphs
@@ -117,16 +123,33 @@ def _pct(xs: list[float], q: float) -> float | None:
 class Engine:
     """Runs generation for one model + expert store under any policy."""
 
-    def __init__(self, model: Switch, store: ExpertStore, device, *, cuda_graph: bool = True,
-                 copy_mode: str = "auto", measure_stall: bool = False):
+    def __init__(
+        self,
+        model: Switch,
+        store: ExpertStore,
+        device,
+        *,
+        cuda_graph: bool = True,
+        copy_mode: str = "auto",
+        measure_stall: bool = False,
+    ):
         self.model, self.store = model, store
         self.device = torch.device(device)
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
         self.copy_mode = copy_mode
         self.measure_stall = measure_stall
 
-    def run(self, spec: PolicySpec, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-            max_new_tokens: int = 32, num_beams: int = 1, keep_logits: bool = False, warmup: bool = False) -> RunResult:
+    def run(
+        self,
+        spec: PolicySpec,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 32,
+        num_beams: int = 1,
+        keep_logits: bool = False,
+        warmup: bool = False,
+    ) -> RunResult:
         dev, model = self.device, self.model
         input_ids = input_ids.to(dev)
         attention_mask = None if attention_mask is None else attention_mask.to(dev)
@@ -140,16 +163,21 @@ class Engine:
         if spec.name == "gpu_only":
             materialize_experts(model, self.store, dev)
         else:
-            runner = OffloadRunner(model, self.store, spec, dev, n_enc=rows * S, n_dec=rows,
-                                   copy_mode=self.copy_mode).attach()
+            runner = OffloadRunner(
+                model, self.store, spec, dev, n_enc=rows * S, n_dec=rows, copy_mode=self.copy_mode
+            ).attach()
             # timing events cannot sit in a captured graph: stalls are measured on eager steps only
-            runner.pool.measure_stall = self.measure_stall and (not self.cuda_graph or bool(self._not_capturable(runner)))
+            runner.pool.measure_stall = self.measure_stall and (
+                not self.cuda_graph or bool(self._not_capturable(runner))
+            )
         try:
             if warmup:  # one untimed pass (allocator, kernels); cache and counters reset after
                 self._generate(input_ids, attention_mask, min(2, max_new_tokens), num_beams, False, runner)
                 if runner is not None:
                     runner.reset()
-            res = self._generate(input_ids, attention_mask, max_new_tokens, num_beams, keep_logits, runner, notes)
+            res = self._generate(
+                input_ids, attention_mask, max_new_tokens, num_beams, keep_logits, runner, notes
+            )
         finally:
             if runner is not None:
                 runner.detach()
@@ -191,12 +219,16 @@ class Engine:
             try:
                 tc = time.perf_counter()
                 saved = runner.snapshot() if runner else None  # warm-up steps are not part of the run
-                step = GraphStep(model, state, B * nb, on_warm=(lambda: runner.restore(saved)) if runner else None)
+                step = GraphStep(
+                    model, state, B * nb, on_warm=(lambda: runner.restore(saved)) if runner else None
+                )
                 _sync(dev)
                 capture_ms = 1e3 * (time.perf_counter() - tc)
                 graphed = True
             except Exception as e:  # an operation in the step is not capturable: run eagerly
-                notes.append(f"decode step not graph-captured ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+                notes.append(
+                    f"decode step not graph-captured ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                )
                 torch.cuda.synchronize()
                 if runner is not None:
                     runner.clear_pending()  # a capture that broke mid-step leaves half a step's plans queued
@@ -217,10 +249,20 @@ class Engine:
 
         t1 = time.perf_counter()
         if nb > 1:
-            out = beam_search(model, ids, mask, max_new_tokens, num_beams=nb, step=recording_step, state=state,
-                              on_token=on_token)
+            out = beam_search(
+                model,
+                ids,
+                mask,
+                max_new_tokens,
+                num_beams=nb,
+                step=recording_step,
+                state=state,
+                on_token=on_token,
+            )
         else:
-            out = greedy(model, ids, mask, max_new_tokens, step=recording_step, state=state, on_token=on_token)
+            out = greedy(
+                model, ids, mask, max_new_tokens, step=recording_step, state=state, on_token=on_token
+            )
         _sync(dev)
         t_end = time.perf_counter()
         steps = len(stamps)
@@ -230,13 +272,17 @@ class Engine:
         m = {
             "device": str(dev),
             "compute_device": "cpu" if dev.type == "cpu" else torch.cuda.get_device_name(dev),
-            "batch_size": B, "num_beams": nb, "input_tokens": int(ids.shape[1]), "new_tokens": steps,
+            "batch_size": B,
+            "num_beams": nb,
+            "input_tokens": int(ids.shape[1]),
+            "new_tokens": steps,
             "ttft_ms": 1e3 * t_prefill + (per_token[0] if per_token else 0.0),
             "prefill_ms": 1e3 * t_prefill,
             "ms_per_token_median": statistics.median(decode_ms) if decode_ms else None,
             "ms_per_token_p90": _pct(decode_ms, 0.9),
             "tokens_per_s": (B * steps / total_s) if total_s > 0 else None,
-            "decode_ms": decode_ms, "total_ms": 1e3 * total_s,
+            "decode_ms": decode_ms,
+            "total_ms": 1e3 * total_s,
             "cuda_graph": graphed,
             "graph_capture_ms": capture_ms,
         }
@@ -251,8 +297,15 @@ class Engine:
             dur = t_prefill + (t_end - t1)
             m["copy_GBps"] = (st["bytes_copied"] / dur / 1e9) if dev.type == "cuda" and dur > 0 else None
         else:
-            m.update(experts_copied=0, bytes_copied=0, hit_rate=None, stall_ms=None, copy_GBps=None,
-                     pool_bytes=0, copy_mode=None)
+            m.update(
+                experts_copied=0,
+                bytes_copied=0,
+                hit_rate=None,
+                stall_ms=None,
+                copy_GBps=None,
+                pool_bytes=0,
+                copy_mode=None,
+            )
         return RunResult(policy="", tokens=out.tolist(), metrics=m, step_logits=logits, notes=notes)
 
 
@@ -262,4 +315,5 @@ def check_offload_possible(spec: PolicySpec, model: Switch) -> None:
         raise OffloadError(
             f"policy {spec.name!r} needs a pre-gated model (config.json has pregated=false): this is an "
             "unconverted Switch model. Fine-tune it with pre-gates (python -m train), or run it with "
-            "policy=on_demand, prefetch_all or speculative")
+            "policy=on_demand, prefetch_all or speculative"
+        )

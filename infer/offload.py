@@ -14,9 +14,8 @@ slot/table/cache logic runs, so the equality tests exercise it.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import os
+from pathlib import Path
 
 import torch
 
@@ -24,7 +23,7 @@ from kernels import expert_copy
 from models.config import SwitchConfig
 
 GB = 1e9
-_INF = 1 << 62   # key of a slot that holds an expert this step needs: never a victim
+_INF = 1 << 62  # key of a slot that holds an expert this step needs: never a victim
 _LAST = 1 << 61  # key of a staging slot: used only when the cache cannot take a miss
 
 
@@ -40,8 +39,9 @@ class ExpertStore:
     would round up to a power of two) and mapped, so a kernel can also read it in place.
     """
 
-    def __init__(self, cfg: SwitchConfig, num_blocks: int, dtype: torch.dtype, budget_bytes: float | None,
-                 pin: bool):
+    def __init__(
+        self, cfg: SwitchConfig, num_blocks: int, dtype: torch.dtype, budget_bytes: float | None, pin: bool
+    ):
         self.M, self.E, self.F, self.D = num_blocks, cfg.num_experts, cfg.d_ff, cfg.d_model
         self.X = 2 * self.F * self.D
         self.dtype = dtype
@@ -49,8 +49,9 @@ class ExpertStore:
         self.total_bytes = self.M * self.E * self.expert_bytes
         if budget_bytes is not None and self.total_bytes > budget_bytes:
             raise OffloadError(
-                f"the experts need {self.total_bytes / GB:.2f} GB of pinned CPU memory ({self.M} MoE blocks x "
-                f"{self.E} experts x {self.expert_bytes / 1e6:.2f} MB in {str(dtype).replace('torch.', '')}), "
+                f"the experts need {self.total_bytes / GB:.2f} GB of pinned CPU memory "
+                f"({self.M} MoE blocks x {self.E} experts x {self.expert_bytes / 1e6:.2f} MB "
+                f"in {str(dtype).replace('torch.', '')}), "
                 f"over the budget of {budget_bytes / GB:.2f} GB; raise it with offload.pinned_budget_gb=<GB> "
                 f"(this machine has {_ram_bytes() / GB:.0f} GB of RAM)"
             )
@@ -63,8 +64,10 @@ class ExpertStore:
         ptr, size = self.data.data_ptr(), self.total_bytes
         rc = int(torch.cuda.cudart().cudaHostRegister(ptr, size, 3))  # portable | mapped
         if rc != 0:
-            raise OffloadError(f"cudaHostRegister of {size / GB:.2f} GB failed (cudaError {rc}); "
-                               "lower offload.pinned_budget_gb or free host memory")
+            raise OffloadError(
+                f"cudaHostRegister of {size / GB:.2f} GB failed (cudaError {rc}); "
+                "lower offload.pinned_budget_gb or free host memory"
+            )
         self.pinned = True
 
     def close(self) -> None:
@@ -87,8 +90,9 @@ class ExpertStore:
 
     # filling
     @classmethod
-    def from_checkpoint(cls, path: str | Path, model, dtype: torch.dtype, budget_bytes: float | None,
-                        pin: bool) -> ExpertStore:
+    def from_checkpoint(
+        cls, path: str | Path, model, dtype: torch.dtype, budget_bytes: float | None, pin: bool
+    ) -> ExpertStore:
         """Read every expert straight from the checkpoint files (memory-mapped) into its chunk."""
         from models.checkpoint import CheckpointReader, key_map
 
@@ -106,8 +110,9 @@ class ExpertStore:
         return store
 
     @classmethod
-    def from_model(cls, model, dtype: torch.dtype | None = None, budget_bytes: float | None = None,
-                   pin: bool = False) -> ExpertStore:
+    def from_model(
+        cls, model, dtype: torch.dtype | None = None, budget_bytes: float | None = None, pin: bool = False
+    ) -> ExpertStore:
         """Copy a materialised model's experts (tests, random benchmark models)."""
         moes = model.moes
         store = cls(model.cfg, len(moes), dtype or moes[0].w_in.dtype, budget_bytes, pin)
@@ -161,26 +166,37 @@ class SlotPool:
     the plan on the host, so one sync per plan), "cpu" (no GPU: synchronous copies).
     """
 
-    def __init__(self, store: ExpertStore, device: torch.device, cache_size: int, n_stage: int, ring: int,
-                 copy_mode: str = "auto"):
+    def __init__(
+        self,
+        store: ExpertStore,
+        device: torch.device,
+        cache_size: int,
+        n_stage: int,
+        ring: int,
+        copy_mode: str = "auto",
+    ):
         self.store, self.device = store, torch.device(device)
         self.M, self.E, self.C, self.n, self.R = store.M, store.E, cache_size, n_stage, ring
         self.P = self.M * self.C + self.R * self.n
         F, D = store.F, store.D
         FD = F * D
         self.pool = torch.zeros((self.P, store.X), dtype=store.dtype, device=self.device)  # [P, X]
-        self.w_in = self.pool[:, :FD].view(self.P, F, D)     # [P, F, D]
-        self.w_out = self.pool[:, FD:].view(self.P, D, F)    # [P, D, F]
+        self.w_in = self.pool[:, :FD].view(self.P, F, D)  # [P, F, D]
+        self.w_out = self.pool[:, FD:].view(self.P, D, F)  # [P, D, F]
         self.cuda = self.device.type == "cuda"
         if copy_mode == "auto":
             device_ok = store.pinned and expert_copy.HAVE_TRITON and store.data.is_pinned()
             copy_mode = ("device" if device_ok else "host") if self.cuda else "cpu"
-        interpreting = os.environ.get("TRITON_INTERPRET") == "1"  # tests run the device copy kernel on the CPU
+        interpreting = (
+            os.environ.get("TRITON_INTERPRET") == "1"
+        )  # tests run the device copy kernel on the CPU
         if copy_mode == "device" and not self.cuda and interpreting:
             pass
         elif copy_mode not in ("device", "host", "cpu") or (copy_mode == "cpu") == self.cuda:
-            raise OffloadError(f"copy_mode={copy_mode!r} does not fit device {self.device}; "
-                               "use device or host on CUDA, cpu without a GPU")
+            raise OffloadError(
+                f"copy_mode={copy_mode!r} does not fit device {self.device}; "
+                "use device or host on CUDA, cpu without a GPU"
+            )
         self.copy_mode = copy_mode
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.copy_done = [torch.cuda.Event() if self.cuda else None for _ in range(self.M)]
@@ -202,7 +218,9 @@ class SlotPool:
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
             if self.copy_mode == "device":
-                expert_copy.gather_rows(self.store.data[m], src_n, self.pool, dst_n, num_programs=32, block=8192)
+                expert_copy.gather_rows(
+                    self.store.data[m], src_n, self.pool, dst_n, num_programs=32, block=8192
+                )
             else:
                 self._copy_host(m, src_n, dst_n)
             self.copy_done[m].record(self.copy_stream)

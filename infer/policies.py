@@ -85,8 +85,17 @@ class _Block:
 class OffloadRunner:
     """Attaches a policy to a model whose experts live in an ExpertStore."""
 
-    def __init__(self, model, store: ExpertStore, spec: PolicySpec, device, *, n_enc: int, n_dec: int,
-                 copy_mode: str = "auto"):
+    def __init__(
+        self,
+        model,
+        store: ExpertStore,
+        spec: PolicySpec,
+        device,
+        *,
+        n_enc: int,
+        n_dec: int,
+        copy_mode: str = "auto",
+    ):
         spec.validate()
         if spec.name == "gpu_only":
             raise OffloadError("gpu_only needs no OffloadRunner")
@@ -95,12 +104,17 @@ class OffloadRunner:
             raise OffloadError(
                 f"policy {spec.name!r} needs a pre-gated model (config.json has pregated=false): this is an "
                 "unconverted Switch model. Fine-tune it with pre-gates (python -m train), or run it with "
-                "policy=on_demand, prefetch_all or speculative")
+                "policy=on_demand, prefetch_all or speculative"
+            )
         if spec.name == "lookahead" and cfg.lookahead < 2:
-            raise OffloadError(f"policy 'lookahead' needs a model fine-tuned with lookahead >= 2 "
-                               f"(this one has lookahead={cfg.lookahead}); use policy=pregated")
+            raise OffloadError(
+                f"policy 'lookahead' needs a model fine-tuned with lookahead >= 2 "
+                f"(this one has lookahead={cfg.lookahead}); use policy=pregated"
+            )
         if spec.name == "pregated" and cfg.lookahead != 1:
-            raise OffloadError(f"this model was fine-tuned with lookahead={cfg.lookahead}; use policy=lookahead")
+            raise OffloadError(
+                f"this model was fine-tuned with lookahead={cfg.lookahead}; use policy=lookahead"
+            )
         self.model, self.store, self.spec = model, store, spec
         self.device = torch.device(device)
         self.E, self.C = store.E, spec.cache_size
@@ -117,16 +131,18 @@ class OffloadRunner:
         self.pool = SlotPool(store, self.device, self.C, max(self.n_of), ring, copy_mode)
         dev = self.device
         M, C, n = store.M, self.C, max(self.n_of)
-        # candidate slots of block m: its C cache slots, then the n slots of staging buffer (block's ring index)
+        # candidate slots of block m: its C cache slots, then the n slots of its staging buffer
         self.cand_slot = []
         for m in range(M):
             r = (m - self.first_of[self.stack_of[m]]) % ring
             cache = torch.arange(m * C, (m + 1) * C)
             stage = M * C + r * n + torch.arange(n)
             self.cand_slot.append(torch.cat([cache, stage]).to(dev))
-        self.holder = [torch.full((C + n,), -1, dtype=torch.long, device=dev) for _ in range(M)]  # expert per slot
-        self.last_use = [torch.full((C,), -1, dtype=torch.long, device=dev) for _ in range(M)]   # LRU
-        self.freq = [torch.zeros(self.E, dtype=torch.long, device=dev) for _ in range(M)]        # LFU
+        self.holder = [
+            torch.full((C + n,), -1, dtype=torch.long, device=dev) for _ in range(M)
+        ]  # expert per slot
+        self.last_use = [torch.full((C,), -1, dtype=torch.long, device=dev) for _ in range(M)]  # LRU
+        self.freq = [torch.zeros(self.E, dtype=torch.long, device=dev) for _ in range(M)]  # LFU
         self.table = [torch.zeros(self.E, dtype=torch.int32, device=dev) for _ in range(M)]
         # persistent plan buffers (the copy stream reads them; no cross-stream temporaries)
         self.plan_src = [torch.zeros(n, dtype=torch.int32, device=dev) for _ in range(M)]
@@ -200,7 +216,7 @@ class OffloadRunner:
         C, E = self.C, self.E
         n = self.n_of[self.stack_of[m]]
         nmax = self.holder[m].numel() - C
-        holder = self.holder[m]                                     # [K] expert per candidate slot, -1 empty
+        holder = self.holder[m]  # [K] expert per candidate slot, -1 empty
         if fresh:  # staging contents from an earlier step/plan are not this block's
             holder[C:].fill_(-1)
         K = holder.numel()
@@ -211,7 +227,7 @@ class OffloadRunner:
         res_E = res[:E]
         hit_E = need_E & (res_E >= 0)
         miss_E = need_E & (res_E < 0)
-        miss_n = torch.argsort((~miss_E).to(torch.int8), stable=True)[:n]   # misses first, by expert id
+        miss_n = torch.argsort((~miss_E).to(torch.int8), stable=True)[:n]  # misses first, by expert id
         valid_n = miss_E[miss_n]
         # victims: slots not holding a needed expert; empty/least-used cache slots, then staging
         holds_needed = (holder >= 0) & need_E[holder.clamp(min=0)]
@@ -282,7 +298,9 @@ class OffloadRunner:
             if seen is not None and seen[0] == m and t is not None:
                 x_BSD = seen[1]
                 B, S, D = x_BSD.shape
-                guess = routing_from_logits(gate_logits(x_BSD.reshape(B * S, D), self.moes[t].router), (B, S), None)
+                guess = routing_from_logits(
+                    gate_logits(x_BSD.reshape(B * S, D), self.moes[t].router), (B, S), None
+                )
                 self._pending.append((t, self._need(guess)))
         elif not early:  # on_demand, or a block no pre-gate routes (the first of a stack)
             self._plan(m, self._need(routing), fresh=True)

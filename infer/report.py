@@ -35,8 +35,10 @@ def environment(device: torch.device) -> dict[str, Any]:
     except ImportError:
         env["triton"] = None
     if device.type == "cpu":
-        env["note"] = ("CPU-only run: the CPU is the compute device; the expert store is ordinary memory and "
-                       "'copies' are memcpy within RAM; no GPU memory or PCIe figures are reported")
+        env["note"] = (
+            "CPU-only run: the CPU is the compute device; the expert store is ordinary memory and "
+            "'copies' are memcpy within RAM; no GPU memory or PCIe figures are reported"
+        )
     else:
         env["cuda"] = torch.version.cuda
         env["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
@@ -107,24 +109,46 @@ def _fmt(v, spec: str, scale: float = 1.0, none: str = "-") -> str:
     return none if v is None else format(v * scale, spec)
 
 
-COLUMNS = ["policy", "quality", "same_as_gpu_only", "ttft_ms", "ms/tok med", "ms/tok p90", "tok/s",
-           "peak alloc GB", "peak rsrv GB", "copied MB", "copy GB/s", "stall ms", "hit rate", "graph"]
+COLUMNS = [
+    "policy",
+    "quality",
+    "same_as_gpu_only",
+    "ttft_ms",
+    "ms/tok med",
+    "ms/tok p90",
+    "tok/s",
+    "peak alloc GB",
+    "peak rsrv GB",
+    "copied MB",
+    "copy GB/s",
+    "stall ms",
+    "hit rate",
+    "graph",
+]
 
 
 def rows(entries: list[dict[str, Any]], quality_key: str | None) -> list[list[str]]:
     out = []
     for e in entries:
         m, q = e["metrics"], e.get("quality") or {}
-        out.append([
-            e["policy"],
-            _fmt(q.get(quality_key) if quality_key else None, ".2f"),
-            {True: "yes", False: "NO", None: "-"}[e.get("same_as_gpu_only")],
-            _fmt(m["ttft_ms"], ".1f"), _fmt(m["ms_per_token_median"], ".2f"), _fmt(m["ms_per_token_p90"], ".2f"),
-            _fmt(m["tokens_per_s"], ".1f"),
-            _fmt(m["peak_allocated_bytes"], ".3f", 1e-9), _fmt(m["peak_reserved_bytes"], ".3f", 1e-9),
-            _fmt(m["bytes_copied"], ".1f", 1e-6), _fmt(m["copy_GBps_avg"], ".1f"), _fmt(m["stall_ms"], ".1f"),
-            _fmt(m["hit_rate"], ".2f"), "yes" if m["cuda_graph"] else "no",
-        ])
+        out.append(
+            [
+                e["policy"],
+                _fmt(q.get(quality_key) if quality_key else None, ".2f"),
+                {True: "yes", False: "NO", None: "-"}[e.get("same_as_gpu_only")],
+                _fmt(m["ttft_ms"], ".1f"),
+                _fmt(m["ms_per_token_median"], ".2f"),
+                _fmt(m["ms_per_token_p90"], ".2f"),
+                _fmt(m["tokens_per_s"], ".1f"),
+                _fmt(m["peak_allocated_bytes"], ".3f", 1e-9),
+                _fmt(m["peak_reserved_bytes"], ".3f", 1e-9),
+                _fmt(m["bytes_copied"], ".1f", 1e-6),
+                _fmt(m["copy_GBps_avg"], ".1f"),
+                _fmt(m["stall_ms"], ".1f"),
+                _fmt(m["hit_rate"], ".2f"),
+                "yes" if m["cuda_graph"] else "no",
+            ]
+        )
     return out
 
 
@@ -156,14 +180,22 @@ def plot(path: Path, entries: list[dict[str, Any]], title: str) -> Path:
     mem = [e["metrics"]["peak_allocated_bytes"] for e in entries]
     fig, (a, b) = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(names) + 4), 4.2))
     x = range(len(names))
-    a.bar(x, med, color="tab:blue", yerr=[[0] * len(med), [max(0.0, p - m) for p, m in zip(p90, med)]], capsize=3)
+    a.bar(
+        x,
+        med,
+        color="tab:blue",
+        yerr=[[0] * len(med), [max(0.0, p - m) for p, m in zip(p90, med)]],
+        capsize=3,
+    )
     a.set_title("ms per output token (median; whisker to p90)")
     a.set_xticks(list(x), names, rotation=35, ha="right")
     if all(v is not None for v in mem):
         b.bar(x, [v / 1e9 for v in mem], color="tab:orange")
         b.set_title("peak GPU memory allocated (GB)")
     else:
-        b.text(0.5, 0.5, "CPU-only run:\nno GPU memory figures", ha="center", va="center", transform=b.transAxes)
+        b.text(
+            0.5, 0.5, "CPU-only run:\nno GPU memory figures", ha="center", va="center", transform=b.transAxes
+        )
         b.set_title("peak GPU memory")
     b.set_xticks(list(x), names, rotation=35, ha="right")
     fig.suptitle(title, fontsize=10)

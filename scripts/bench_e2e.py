@@ -42,10 +42,14 @@ from models.pregate import convert_to_pregated  # noqa: E402
 from models.switch import Switch  # noqa: E402
 
 SHAPES = ["switch-base-8", "switch-base-64", "switch-base-128", "switch-large-128"]
-ROUTING_NOTE = ("random weights: routing is near uniform over the experts, so a cache of C slots hits about "
-                "C/E of lookups and the pre-gate (initialised from the next router) is the next router")
-HF_NOTE = ("transformers < 5.18 has a broken Switch router: its outputs are wrong, its timing (the "
-           "anchor's purpose) is representative")
+ROUTING_NOTE = (
+    "random weights: routing is near uniform over the experts, so a cache of C slots hits about "
+    "C/E of lookups and the pre-gate (initialised from the next router) is the next router"
+)
+HF_NOTE = (
+    "transformers < 5.18 has a broken Switch router: its outputs are wrong, its timing (the "
+    "anchor's purpose) is representative"
+)
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -76,8 +80,8 @@ def build_store(cfg, model, device, dtype, budget) -> ExpertStore:
     g = torch.Generator(device=device).manual_seed(1)
     for m in range(store.M):
         t = torch.empty((store.E, store.X), dtype=dtype, device=device)
-        t[:, :FD].normal_(0.0, cfg.d_model ** -0.5, generator=g)
-        t[:, FD:].normal_(0.0, cfg.d_ff ** -0.5, generator=g)
+        t[:, :FD].normal_(0.0, cfg.d_model**-0.5, generator=g)
+        t[:, FD:].normal_(0.0, cfg.d_ff**-0.5, generator=g)
         store.data[m].copy_(t)
         del t
     return store
@@ -94,7 +98,9 @@ def hf_model(cfg, store: ExpertStore, device, dtype, experts_on: str):
     from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
     d = cfg.replace(eos_token_id=1).to_hf_dict()  # min_new_tokens forces the length instead
-    hcfg = SwitchTransformersConfig(**{k: v for k, v in d.items() if k not in ("extra", "pregated", "lookahead")})
+    hcfg = SwitchTransformersConfig(
+        **{k: v for k, v in d.items() if k not in ("extra", "pregated", "lookahead")}
+    )
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -135,7 +141,9 @@ def hf_model(cfg, store: ExpertStore, device, dtype, experts_on: str):
         for name in hf.state_dict():  # state_dict also names tied copies (lm_head.weight)
             prefix = name.split(".expert_")[0]
             main = 0 if device.type == "cuda" else "cpu"  # CPU: only exercises the code path (tests)
-            dmap[prefix if prefix in block_of else name.rsplit(".", 1)[0]] = "cpu" if prefix in block_of else main
+            dmap[prefix if prefix in block_of else name.rsplit(".", 1)[0]] = (
+                "cpu" if prefix in block_of else main
+            )
         hf = dispatch_model(hf, device_map=dmap, main_device=0 if device.type == "cuda" else "cpu")
     return hf
 
@@ -155,8 +163,14 @@ def run_hf(hf, input_ids, new_tokens: int, num_beams: int, device) -> dict:
     def gen(n):
         stamps.clear()
         with torch.no_grad():
-            return hf.generate(input_ids=input_ids, max_new_tokens=n, min_new_tokens=n, num_beams=num_beams,
-                               do_sample=False, logits_processor=LogitsProcessorList([Stamp()]))
+            return hf.generate(
+                input_ids=input_ids,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                num_beams=num_beams,
+                do_sample=False,
+                logits_processor=LogitsProcessorList([Stamp()]),
+            )
 
     gen(2)  # warm-up
     if device.type == "cuda":
@@ -189,12 +203,18 @@ def main() -> int:
     ap.add_argument("--shapes", nargs="*", default=None)
     ap.add_argument("--input-tokens", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--prefetch-all-tokens", type=int, default=24,
-                    help="prefetch_all copies every expert per block per token: fewer tokens, same per-token figures")
+    ap.add_argument(
+        "--prefetch-all-tokens",
+        type=int,
+        default=24,
+        help="prefetch_all copies every expert per block per token: fewer tokens, same per-token figures",
+    )
     ap.add_argument("--copy-mode", default="auto", choices=["auto", "device", "host"])
     ap.add_argument("--no-graph", action="store_true")
     ap.add_argument("--no-anchors", action="store_true")
-    ap.add_argument("--budget-s", type=float, default=470.0, help="skip runs that start after this many seconds")
+    ap.add_argument(
+        "--budget-s", type=float, default=470.0, help="skip runs that start after this many seconds"
+    )
     ap.add_argument("--pinned-budget-gb", type=float, default=None)
     args = ap.parse_args()
 
@@ -213,7 +233,9 @@ def main() -> int:
         shapes = args.shapes or SHAPES
         if args.quick:
             args.new_tokens = min(args.new_tokens, 64)
-    tag = "cpu-tiny" if args.tiny else re_tag(torch.cuda.get_device_name(0)) + ("-quick" if args.quick else "")
+    tag = (
+        "cpu-tiny" if args.tiny else re_tag(torch.cuda.get_device_name(0)) + ("-quick" if args.quick else "")
+    )
     json_path, png_path = out_dir / f"e2e-{tag}.json", out_dir / f"e2e-{tag}.png"
     budget = args.pinned_budget_gb * 1e9 if args.pinned_budget_gb else default_budget_bytes()
     env = rep.environment(device)
@@ -231,8 +253,13 @@ def main() -> int:
     except ImportError:
         env["accelerate"] = None
     env["pinned_peak_GBps"] = rep.pinned_peak_GBps(device)
-    result = {"environment": env, "notes": [ROUTING_NOTE, HF_NOTE], "settings": vars(args), "shapes": {},
-              "failures": []}
+    result = {
+        "environment": env,
+        "notes": [ROUTING_NOTE, HF_NOTE],
+        "settings": vars(args),
+        "shapes": {},
+        "failures": [],
+    }
 
     def save(final: bool = True):
         result["wall_s"] = time.perf_counter() - t_start
@@ -285,18 +312,33 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
     C = max(1, E // 4)
     out: dict = {
         "config": {"num_experts": E, "d_model": cfg.d_model, "d_ff": cfg.d_ff, "moe_blocks": store.M},
-        "expert_bytes": eb, "store_bytes": store.total_bytes, "nonexpert_bytes": nonexpert_bytes(model),
-        "cache_slots": C, "build_s": None, "runs": [], "anchors": [],
+        "expert_bytes": eb,
+        "store_bytes": store.total_bytes,
+        "nonexpert_bytes": nonexpert_bytes(model),
+        "cache_slots": C,
+        "build_s": None,
+        "runs": [],
+        "anchors": [],
     }
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(3, cfg.vocab_size, (1, args.input_tokens), generator=g)
-    eng = Engine(model, store, device, cuda_graph=not args.no_graph, copy_mode=args.copy_mode, measure_stall=True)
+    eng = Engine(
+        model, store, device, cuda_graph=not args.no_graph, copy_mode=args.copy_mode, measure_stall=True
+    )
     out["build_s"] = time.perf_counter() - t0
     lru, lfu = f"@lru{C}", f"@lfu{C}"
     modes = [("greedy", 1), ("beam4", 4)]
     plain = ["gpu_only", "speculative", "speculative" + lru]
-    conv = ["gpu_only", "on_demand", "on_demand" + lru, "on_demand" + lfu, "prefetch_all",
-            "pregated", "pregated" + lru, "pregated" + lfu]
+    conv = [
+        "gpu_only",
+        "on_demand",
+        "on_demand" + lru,
+        "on_demand" + lfu,
+        "prefetch_all",
+        "pregated",
+        "pregated" + lru,
+        "pregated" + lfu,
+    ]
     if args.quick:
         plain = ["gpu_only", "speculative"]
         conv = ["gpu_only", "on_demand", "on_demand" + lru, "prefetch_all", "pregated", "pregated" + lru]
@@ -361,8 +403,11 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
 
 
 def run_one(eng: Engine, spec: PolicySpec, ids, n_new: int, nb: int, args) -> dict:
-    modes = [eng.copy_mode] if spec.name == "gpu_only" else ([args.copy_mode] if args.copy_mode != "auto"
-                                                              else ["auto", "host"])
+    modes = (
+        [eng.copy_mode]
+        if spec.name == "gpu_only"
+        else ([args.copy_mode] if args.copy_mode != "auto" else ["auto", "host"])
+    )
     errors = []
     for mode in modes:
         eng.copy_mode = mode
@@ -384,9 +429,15 @@ def summary(entry: dict) -> str:
         return entry.get("error") or entry.get("skipped")
     m = entry["metrics"]
     mem = m.get("peak_allocated_bytes")
-    return (f"{m['ms_per_token_median']:.2f} ms/token, ttft {m['ttft_ms']:.1f} ms, "
-            f"peak {mem / 1e9:.2f} GB" if mem else f"{m['ms_per_token_median']:.2f} ms/token (no GPU)") + (
-        f", graph={m.get('cuda_graph')}, copy={m.get('copy_mode')}, hit={m.get('hit_rate')}" if "cuda_graph" in m else "")
+    return (
+        f"{m['ms_per_token_median']:.2f} ms/token, ttft {m['ttft_ms']:.1f} ms, peak {mem / 1e9:.2f} GB"
+        if mem
+        else f"{m['ms_per_token_median']:.2f} ms/token (no GPU)"
+    ) + (
+        f", graph={m.get('cuda_graph')}, copy={m.get('copy_mode')}, hit={m.get('hit_rate')}"
+        if "cuda_graph" in m
+        else ""
+    )
 
 
 def save_partial(result, shape, out, save) -> None:
@@ -400,8 +451,11 @@ def check_memory_bound(shape: str, out: dict, result: dict) -> None:
     all_experts = out["store_bytes"]
     checks = []
     for mode in ("greedy", "beam4"):
-        runs = {r["policy"]: r for r in out["runs"] if r.get("family") == "pregated" and r.get("decoding") == mode
-                and "metrics" in r}
+        runs = {
+            r["policy"]: r
+            for r in out["runs"]
+            if r.get("family") == "pregated" and r.get("decoding") == mode and "metrics" in r
+        }
         ref, pg = runs.get("gpu_only"), runs.get("pregated")
         if not ref or not pg or ref["metrics"].get("peak_allocated_bytes") is None:
             continue
@@ -409,9 +463,13 @@ def check_memory_bound(shape: str, out: dict, result: dict) -> None:
         bound = nonexp + 2 * E * eb + act + (64 << 20)  # + 64 MiB for the plan's small tensors
         peak = pg["metrics"]["peak_allocated_bytes"]
         ok = peak <= bound
-        checks.append({"decoding": mode, "peak": peak, "bound": bound, "activations_from_gpu_only": act, "ok": ok})
+        checks.append(
+            {"decoding": mode, "peak": peak, "bound": bound, "activations_from_gpu_only": act, "ok": ok}
+        )
         if not ok:
-            result["failures"].append(f"{shape} {mode}: pregated peak {peak / 1e9:.3f} GB > bound {bound / 1e9:.3f} GB")
+            result["failures"].append(
+                f"{shape} {mode}: pregated peak {peak / 1e9:.3f} GB > bound {bound / 1e9:.3f} GB"
+            )
     out["memory_bound_check"] = checks
 
 
@@ -436,8 +494,11 @@ def plot(path: Path, result: dict) -> None:
         w = 0.8 / len(shapes)
         for j, s in enumerate(shapes):
             vals, mems = [], []
-            items = {_short(r): r for r in result["shapes"][s]["runs"] + result["shapes"][s].get("anchors", [])
-                     if r.get("decoding") == mode or r["label"].endswith(mode)}
+            items = {
+                _short(r): r
+                for r in result["shapes"][s]["runs"] + result["shapes"][s].get("anchors", [])
+                if r.get("decoding") == mode or r["label"].endswith(mode)
+            }
             for lab in labels:
                 m = items.get(lab, {}).get("metrics") or {}
                 vals.append(m.get("ms_per_token_median") or 0)
@@ -448,13 +509,18 @@ def plot(path: Path, result: dict) -> None:
         for col, title in ((0, "ms per output token (median)"), (1, "peak GPU memory allocated (GB)")):
             ax = axes[row][col]
             ax.set_title(f"{mode}: {title}")
-            ax.set_xticks([i + 0.4 - w / 2 for i in range(len(labels))], labels, rotation=45, ha="right", fontsize=7)
+            ax.set_xticks(
+                [i + 0.4 - w / 2 for i in range(len(labels))], labels, rotation=45, ha="right", fontsize=7
+            )
             if any(p.get_height() > 0 for p in ax.patches):
                 ax.set_yscale("log")
             ax.legend(fontsize=7)
     env = result["environment"]
-    fig.suptitle(f"e2e, batch 1, {result['settings']['input_tokens']} in / {result['settings']['new_tokens']} out, "
-                 f"{env['compute_device']}, torch {env['torch']} (random weights: near-uniform routing)", fontsize=10)
+    fig.suptitle(
+        f"e2e, batch 1, {result['settings']['input_tokens']} in / {result['settings']['new_tokens']} out, "
+        f"{env['compute_device']}, torch {env['torch']} (random weights: near-uniform routing)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

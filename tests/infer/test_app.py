@@ -24,20 +24,42 @@ def _compose(overrides):
 
 
 def test_overrides_compose():
-    cfg = _compose(["policies=[gpu_only,on_demand,prefetch_all,pregated]", "cache.size=2", "cache.kind=lfu",
-                    "batch_size=2", "num_beams=2", "max_input_tokens=64", "max_new_tokens=4", "logger=none",
-                    "data=docsum", "model=tiny"])
-    assert [s.label for s in policy_specs(cfg)] == ["gpu_only", "on_demand@lfu2", "prefetch_all@lfu2", "pregated@lfu2"]
+    cfg = _compose(
+        [
+            "policies=[gpu_only,on_demand,prefetch_all,pregated]",
+            "cache.size=2",
+            "cache.kind=lfu",
+            "batch_size=2",
+            "num_beams=2",
+            "max_input_tokens=64",
+            "max_new_tokens=4",
+            "logger=none",
+            "data=docsum",
+            "model=tiny",
+        ]
+    )
+    assert [s.label for s in policy_specs(cfg)] == [
+        "gpu_only",
+        "on_demand@lfu2",
+        "prefetch_all@lfu2",
+        "pregated@lfu2",
+    ]
     assert [s.label for s in policy_specs(_compose(["policy=pregated"]))] == ["pregated"]
     assert len(policy_specs(_compose([]))) >= 5  # the default compares every policy
-    with pytest.raises(Exception):
+    with pytest.raises(Exception, match="sizee"):  # noqa: B017
         _compose(["cache.sizee=2"])  # a misspelt key fails at start
 
 
 def test_main_job_on_the_shipped_model(tmp_path):
     """The main job's path on the shipped trained model (fewer examples and tokens, to stay quick)."""
-    cfg = _compose(["num_examples=4", "batch_size=2", "max_new_tokens=6",
-                    "policies=[gpu_only,on_demand,on_demand@lru2,prefetch_all,pregated,pregated@lfu2]"])
+    cfg = _compose(
+        [
+            "num_examples=4",
+            "batch_size=2",
+            "max_new_tokens=6",
+            "policies=[gpu_only,on_demand,on_demand@lru2,prefetch_all,pregated,pregated@lfu2]",
+        ]
+    )
     rep = run(cfg, tmp_path)
     assert rep["environment"]["compute_device"] == "cpu" and "CPU-only" in rep["environment"]["note"]
     saved = json.loads((tmp_path / "report.json").read_text())
@@ -53,9 +75,22 @@ def test_main_job_on_the_shipped_model(tmp_path):
 
 def test_cli_runs_with_beams(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "infer", "policy=pregated", "num_examples=2", "batch_size=2", "num_beams=2",
-         "max_new_tokens=3", "max_input_tokens=64", f"hydra.run.dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "infer",
+            "policy=pregated",
+            "num_examples=2",
+            "batch_size=2",
+            "num_beams=2",
+            "max_new_tokens=3",
+            "max_input_tokens=64",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "pregated" in out.stdout and (tmp_path / "report.json").exists()
@@ -64,7 +99,11 @@ def test_cli_runs_with_beams(tmp_path):
 def test_bench_script_tiny(tmp_path):
     out = subprocess.run(
         [sys.executable, "scripts/bench_e2e.py", "--tiny", "--quick", "--no-anchors", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240, env={"BENCH_THREADS": "1", **_env()},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={"BENCH_THREADS": "1", **_env()},
     )
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads((tmp_path / "e2e-cpu-tiny.json").read_text())
@@ -86,8 +125,12 @@ def test_default_model_is_built_by_training_when_missing(tmp_path):
     from infer.app import default_checkpoint
 
     cfg = _compose([f"default_model.dir={tmp_path / 'built'}", "default_model.train_steps=2"])
-    cfg.default_model.train_overrides = ["eval.at_start=false", "eval.test=false", "train.eval_every=0",
-                                         "train.batch_size=4"]
+    cfg.default_model.train_overrides = [
+        "eval.at_start=false",
+        "eval.test=false",
+        "train.eval_every=0",
+        "train.batch_size=4",
+    ]
     path = default_checkpoint(cfg)
     assert (path / "config.json").exists() and (path / "model.safetensors").exists()
     assert not (path / "training_state.pt").exists()

@@ -74,8 +74,14 @@ def test_speculative_on_unconverted_model(plain_ckpt):
 
 
 def test_lookahead_policy(tmp_path):
-    path = tiny_checkpoint(tmp_path / "la", lookahead=2, num_layers=8, num_decoder_layers=8,
-                           num_sparse_encoder_layers=4, num_sparse_decoder_layers=4)
+    path = tiny_checkpoint(
+        tmp_path / "la",
+        lookahead=2,
+        num_layers=8,
+        num_decoder_layers=8,
+        num_sparse_encoder_layers=4,
+        num_sparse_decoder_layers=4,
+    )
     eng = _engine(path)
     ids, mask = prompts()
     kw = dict(max_new_tokens=5, keep_logits=True)
