@@ -48,11 +48,11 @@ class InferConf:
     offload: OffloadConf = field(default_factory=OffloadConf)
     default_model: DefaultModelConf = field(default_factory=DefaultModelConf)
     split: str = "test"
-    num_examples: int = 24  # 0: the whole split
+    num_examples: int = 48  # 0: the whole split
     batch_size: int = 8
     num_beams: int = 1
     max_input_tokens: int = 256
-    max_new_tokens: int = 48
+    max_new_tokens: int = 64
     device: str = "auto"  # auto | cpu | cuda[:i]
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
     cuda_graph: bool = True
