@@ -5,6 +5,8 @@ Two Triton paths, picked by the number of token slots R = T*k (tuned per GPU, se
           that also sums the k slots. Bound by reading the activated experts' weights. On Hopper the
           kernels are chained by programmatic dependent launch (PDL): the second starts, and pulls its
           W_out rows into L2, while the first still runs, so the two weight reads overlap.
+  fused   (opt-in config, not a default): one kernel per (token slot, F tile) doing both GEMVs, and a
+          fixed-order reduce of the F-tile partials; measured slower than decode on the H200.
   prefill (many slots):  token slots grouped by weight slot (kernels.routing.group_by_slot), then two
           grouped GEMMs over M-row tiles that each belong to one slot (tl.dot, fp32 accumulation).
 Weights are always read through slot_of_expert, so the offload runner can put an expert in any slot.
@@ -158,6 +160,97 @@ if HAVE_TRITON:
             acc_D += tl.load(weights_ptr + r).to(tl.float32) * part_D
         tl.store(y_ptr + t * stride_yt + offs_d * stride_yd, acc_D.to(y_ptr.dtype.element_ty), mask=mask_d)
 
+    @triton.jit
+    def _decode_fused_kernel(
+        x_ptr, w_in_ptr, w_out_ptr, ids_ptr, slot_of_expert_ptr, weights_ptr, part_ptr,
+        D, F,
+        stride_xt, stride_xd, stride_wis, stride_wif, stride_wid, stride_wos, stride_wod, stride_wof,
+        K: tl.constexpr, HAS_SLOT_MAP: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+        USE_PDL: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_DO: tl.constexpr,
+    ):
+        # One launch per (token slot r, F tile): h_tile = act(W_in[s, f-tile, :] @ x[t]), then at once
+        # w[r] * W_out[s, :, f-tile] @ h_tile, a partial [D] of y[t]. Both weight tiles are requested at
+        # the start (the first W_out chunk does not depend on h), so each program costs about one memory
+        # round trip and the whole expert is in flight at once. The partial goes to part [R, n_f, D]
+        # (fp32); _decode_reduce_kernel sums them in a fixed order (bitwise deterministic).
+        # On the H200 this is slower than the two-kernel decode path (see bench/results/kernels-*.md):
+        # W_out is read in BLOCK_F-wide column strips (32-64 B per row) and n_f partials go through L2.
+        # Not a default; kept as a config ("path": "fused") for comparison. An atomic-accumulate variant
+        # with a last-arriving cast was tried on the H200 and dropped: slower, and wrong results at
+        # T = 4, k = 2 (the relaxed fp32 atomics were not ordered before the last program's read).
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        r = tl.program_id(0)
+        pid_f = tl.program_id(1)
+        n_f = tl.num_programs(1)
+        slot = tl.load(ids_ptr + r)
+        if HAS_SLOT_MAP:
+            slot = tl.load(slot_of_expert_ptr + slot)
+        offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+        mask_f = offs_f < F
+        offs_do = tl.arange(0, BLOCK_DO)
+        wo_ptrs = (w_out_ptr + slot.to(tl.int64) * stride_wos
+                   + offs_do[:, None] * stride_wod + offs_f[None, :] * stride_wof)
+        wo_DF = tl.load(wo_ptrs, mask=(offs_do < D)[:, None] & mask_f[None, :], other=0.0,
+                        eviction_policy="evict_first")
+        offs_d = tl.arange(0, BLOCK_D)
+        x_ptrs = x_ptr + (r // K) * stride_xt + offs_d * stride_xd
+        w_ptrs = (w_in_ptr + slot.to(tl.int64) * stride_wis
+                  + offs_f[:, None] * stride_wif + offs_d[None, :] * stride_wid)
+        acc_F = tl.zeros([BLOCK_F], dtype=tl.float32)
+        up_F = tl.zeros([BLOCK_F], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            mask_d = offs_d < D - d0
+            x_D = tl.load(x_ptrs, mask=mask_d, other=0.0).to(w_in_ptr.dtype.element_ty).to(tl.float32)
+            mask_FD = mask_f[:, None] & mask_d[None, :]
+            w_FD = tl.load(w_ptrs, mask=mask_FD, other=0.0, eviction_policy="evict_first")
+            acc_F += tl.sum(w_FD.to(tl.float32) * x_D[None, :], axis=1)
+            if GATED:
+                u_FD = tl.load(w_ptrs + F * stride_wif, mask=mask_FD, other=0.0, eviction_policy="evict_first")
+                up_F += tl.sum(u_FD.to(tl.float32) * x_D[None, :], axis=1)
+            x_ptrs += BLOCK_D * stride_xd
+            w_ptrs += BLOCK_D * stride_wid
+        # The same roundings as the two-kernel path and the reference: pre-activation and h in w's dtype.
+        acc_F = acc_F.to(w_in_ptr.dtype.element_ty).to(tl.float32)
+        up_F = up_F.to(w_in_ptr.dtype.element_ty).to(tl.float32)
+        h_F = _activate(acc_F, up_F, ACT, GATED).to(w_in_ptr.dtype.element_ty).to(tl.float32)
+        h_F = h_F * tl.load(weights_ptr + r).to(tl.float32)  # exact enough: one fp32 rounding per term
+        out_ptrs = part_ptr + (r * n_f + pid_f) * D + offs_do
+        part_D = tl.sum(wo_DF.to(tl.float32) * h_F[None, :], axis=1)
+        tl.store(out_ptrs, part_D, mask=offs_do < D)
+        for d0 in range(BLOCK_DO, D, BLOCK_DO):  # d > BLOCK_DO only
+            out_ptrs += BLOCK_DO
+            wo_ptrs += BLOCK_DO * stride_wod
+            mask_do = offs_do < D - d0
+            wo_DF = tl.load(wo_ptrs, mask=mask_do[:, None] & mask_f[None, :], other=0.0,
+                            eviction_policy="evict_first")
+            part_D = tl.sum(wo_DF.to(tl.float32) * h_F[None, :], axis=1)
+            tl.store(out_ptrs, part_D, mask=mask_do)
+
+    @triton.jit
+    def _decode_reduce_kernel(
+        part_ptr, y_ptr, D, N_F, stride_yt, stride_yd,
+        K: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # y[t, d-tile] = sum over the K slots of token t and their n_f partials, in a fixed order.
+        if USE_PDL:
+            gdc_wait()
+        t = tl.program_id(0)
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_d = offs_d < D
+        acc_D = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for j in tl.static_range(K):
+            base = part_ptr + (t * K + j) * N_F * D
+            for n0 in range(0, N_F, BLOCK_N):
+                mask_n = offs_n < N_F - n0
+                p_ND = tl.load(base + (n0 + offs_n)[:, None] * D + offs_d[None, :],
+                               mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+                acc_D += tl.sum(p_ND, axis=0)
+        tl.store(y_ptr + t * stride_yt + offs_d * stride_yd, acc_D.to(y_ptr.dtype.element_ty), mask=mask_d)
+
     @triton.jit(do_not_specialize=["R"])
     def _grouped_in_kernel(
         x_ptr, w_in_ptr, sorted_ptr, tile_slot_ptr, h_ptr,
@@ -259,6 +352,18 @@ def _decode_config(bf: int, bd: int, w: int, obd: int, obf: int, ow: int, pdl: b
             "out": {"BLOCK_D": obd, "BLOCK_F": obf, "num_warps": ow}}
 
 
+def _fused_config(bf: int, d: int, w: int = 4, pdl: bool = True) -> dict:
+    """The fused decode kernel (one launch per token slot and F tile) and its fixed-order reduce."""
+    bd = min(_np2(d), 2048)
+    return {"path": "fused", "pdl": pdl, "BLOCK_F": bf, "BLOCK_D": bd, "BLOCK_DO": bd,
+            "num_warps": w, "red": {"BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 4}}
+
+
+def fused_candidates(d: int) -> list[dict]:
+    """Fused decode configs the benchmark compares with the two-kernel decode path."""
+    return [_fused_config(16, d), _fused_config(8, d), _fused_config(32, d, 8), _fused_config(16, d, 8)]
+
+
 def _default_config(R: int, S: int, d: int, F: int, gated: bool = False, w_bytes: int = 2) -> dict:
     if R <= DECODE_MAX_SLOTS:
         # Whole rows per load (one memory round trip per program) and enough programs to fill the GPU.
@@ -329,6 +434,27 @@ def expert_ffn_triton(
     dot_fp32 = fp32_dot(w_in.dtype)
 
     def launch(cfg: dict, out: torch.Tensor) -> None:
+        if cfg["path"] == "fused":
+            pdl = {"launch_pdl": True} if cfg.get("pdl", True) and use_pdl(x.device) else {}
+            bf = cfg["BLOCK_F"]
+            n_f = triton.cdiv(F, bf)
+            part = torch.empty((R, n_f, d), dtype=torch.float32, device=x.device)
+            _decode_fused_kernel[(R, n_f)](
+                x, w_in, w_out, ids_R, slot_map, weights_R, part,
+                d, F,
+                x.stride(0), x.stride(1), w_in.stride(0), w_in.stride(1), w_in.stride(2),
+                w_out.stride(0), w_out.stride(1), w_out.stride(2),
+                K=k, HAS_SLOT_MAP=slot_of_expert is not None, ACT=act, GATED=gated, USE_PDL=bool(pdl),
+                BLOCK_F=bf, BLOCK_D=cfg["BLOCK_D"], BLOCK_DO=cfg["BLOCK_DO"],
+                num_warps=cfg["num_warps"], **pdl,
+            )
+            red = cfg.get("red", {"BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 4})
+            _decode_reduce_kernel[(T, triton.cdiv(d, red["BLOCK_D"]))](
+                part, out, d, n_f, out.stride(0), out.stride(1),
+                K=k, USE_PDL=bool(pdl), BLOCK_N=min(red["BLOCK_N"], _np2(n_f)), BLOCK_D=red["BLOCK_D"],
+                num_warps=red["num_warps"], **pdl,
+            )
+            return
         if cfg["path"] == "decode":
             ci, co = cfg["in"], cfg["out"]
             h = torch.empty((R, F), dtype=h_dtype, device=x.device)

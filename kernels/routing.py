@@ -64,6 +64,34 @@ def _next_pow2(n: int) -> int:
 # ----------------------------------------------------------------------------------------------- routing
 if HAVE_TRITON:
 
+    @triton.jit
+    def _softmax_topk_store(logits_TE, mask_t, offs_e, mask_e, ids_ptr, probs_ptr, out_offs,
+                            K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+                            BLOCK_E: tl.constexpr):
+        # Softmax over the experts, then top-k by k rounds of (max, lowest index holding it): ties go to
+        # the lower expert index. Writes ids and probabilities of tokens offs_t at out_offs + j.
+        logits_TE = tl.where(mask_e[None, :], logits_TE, float("-inf"))
+        row_max = tl.max(logits_TE, axis=1)
+        p_TE = tl.exp(logits_TE - row_max[:, None])
+        p_TE = p_TE / tl.sum(p_TE, axis=1)[:, None]
+        p_TE = tl.where(mask_e[None, :], p_TE, -1.0)  # padding experts are never picked
+        denom = tl.full([BLOCK_T], 1.0, dtype=tl.float32)
+        if RENORMALIZE:
+            denom = tl.zeros([BLOCK_T], dtype=tl.float32)
+            left_TE = p_TE
+            for _ in tl.static_range(K):
+                top = tl.max(left_TE, axis=1)
+                idx = tl.min(tl.where(left_TE == top[:, None], offs_e[None, :], BLOCK_E), axis=1)
+                denom += top
+                left_TE = tl.where(offs_e[None, :] == idx[:, None], -2.0, left_TE)
+        left_TE = p_TE
+        for j in tl.static_range(K):
+            top = tl.max(left_TE, axis=1)
+            idx = tl.min(tl.where(left_TE == top[:, None], offs_e[None, :], BLOCK_E), axis=1)
+            tl.store(ids_ptr + out_offs + j, idx.to(tl.int32), mask=mask_t)
+            tl.store(probs_ptr + out_offs + j, top / denom, mask=mask_t)
+            left_TE = tl.where(offs_e[None, :] == idx[:, None], -2.0, left_TE)
+
     @triton.jit(do_not_specialize=["T"])
     def _route_kernel(
         x_ptr, w_ptr, ids_ptr, probs_ptr,
@@ -99,35 +127,80 @@ if HAVE_TRITON:
             x_ptrs += BLOCK_D * stride_xd
             w_ptrs += BLOCK_D * stride_wd
 
-        logits_TE = tl.where(mask_e[None, :], logits_TE, float("-inf"))
-        row_max = tl.max(logits_TE, axis=1)
-        p_TE = tl.exp(logits_TE - row_max[:, None])
-        p_TE = p_TE / tl.sum(p_TE, axis=1)[:, None]
-        p_TE = tl.where(mask_e[None, :], p_TE, -1.0)  # padding experts are never picked
+        _softmax_topk_store(logits_TE, mask_t, offs_e, mask_e, ids_ptr, probs_ptr,
+                            g * stride_og + offs_t * K, K, RENORMALIZE, BLOCK_T, BLOCK_E)
 
-        # Top-k by k rounds of (max, lowest index holding it): ties go to the lower expert index.
-        denom = tl.full([BLOCK_T], 1.0, dtype=tl.float32)
-        if RENORMALIZE:
-            denom = tl.zeros([BLOCK_T], dtype=tl.float32)
-            left_TE = p_TE
-            for _ in tl.static_range(K):
-                top = tl.max(left_TE, axis=1)
-                idx = tl.min(tl.where(left_TE == top[:, None], offs_e[None, :], BLOCK_E), axis=1)
-                denom += top
-                left_TE = tl.where(offs_e[None, :] == idx[:, None], -2.0, left_TE)
-        left_TE = p_TE
-        out_offs = g * stride_og + offs_t * K
-        for j in tl.static_range(K):
-            top = tl.max(left_TE, axis=1)
-            idx = tl.min(tl.where(left_TE == top[:, None], offs_e[None, :], BLOCK_E), axis=1)
-            tl.store(ids_ptr + out_offs + j, idx.to(tl.int32), mask=mask_t)
-            tl.store(probs_ptr + out_offs + j, top / denom, mask=mask_t)
-            left_TE = tl.where(offs_e[None, :] == idx[:, None], -2.0, left_TE)
+    @triton.jit(do_not_specialize=["T", "D_CHUNK"])
+    def _route_split_kernel(
+        x_ptr, w_ptr, part_ptr, count_ptr, ids_ptr, probs_ptr,
+        T, D, E, D_CHUNK,
+        stride_xt, stride_xd, stride_wg, stride_we, stride_wd, stride_og,
+        K: tl.constexpr, RENORMALIZE: tl.constexpr, FP32_DOT: tl.constexpr, USE_PDL: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, TILE_E: tl.constexpr, SPLIT_D: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        # Small T (one token block): the gate read is spread over cdiv(E, TILE_E) * SPLIT_D programs of
+        # gate g, each computing partial logits of TILE_E experts over one d chunk into part [G, SPLIT_D,
+        # BLOCK_T, BLOCK_E] (fp32). The last program to finish (an atomic counter per gate, which it
+        # resets to 0) sums the SPLIT_D chunks in a fixed order, so the result is deterministic, and
+        # does the softmax and top-k. One launch, no host sync; CUDA-graph capturable.
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        pid = tl.program_id(0)
+        g = tl.program_id(1)
+        n_e = tl.cdiv(E, TILE_E)
+        pid_e = pid % n_e
+        pid_d = pid // n_e
+        offs_t = tl.arange(0, BLOCK_T)
+        offs_te = pid_e * TILE_E + tl.arange(0, TILE_E)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_t = offs_t < T
+        mask_te = offs_te < E
+        d_lo = pid_d * D_CHUNK
+        d_hi = tl.minimum(D, d_lo + D_CHUNK)
+        x_ptrs = x_ptr + offs_t[:, None] * stride_xt + (d_lo + offs_d)[None, :] * stride_xd
+        w_ptrs = w_ptr + g * stride_wg + offs_te[None, :] * stride_we + (d_lo + offs_d)[:, None] * stride_wd
+        logits_TE = tl.zeros([BLOCK_T, TILE_E], dtype=tl.float32)
+        for d0 in range(d_lo, d_hi, BLOCK_D):
+            mask_d = offs_d < d_hi - d0
+            x_TD = tl.load(x_ptrs, mask=mask_t[:, None] & mask_d[None, :], other=0.0)
+            w_DE = tl.load(w_ptrs, mask=mask_d[:, None] & mask_te[None, :], other=0.0)
+            if FP32_DOT:
+                x_TD, w_DE = x_TD.to(tl.float32), w_DE.to(tl.float32)
+                logits_TE = tl.dot(x_TD, w_DE, logits_TE, input_precision="ieee")
+            else:
+                logits_TE = tl.dot(x_TD, w_DE, logits_TE)
+            x_ptrs += BLOCK_D * stride_xd
+            w_ptrs += BLOCK_D * stride_wd
+        part_g = part_ptr + g * (SPLIT_D * BLOCK_T * BLOCK_E)
+        tl.store(part_g + pid_d * (BLOCK_T * BLOCK_E) + offs_t[:, None] * BLOCK_E + offs_te[None, :], logits_TE)
+        tl.debug_barrier()  # every thread's stores precede the release below
+        done = tl.atomic_add(count_ptr + g, 1, sem="acq_rel", scope="gpu")
+        if done == tl.num_programs(0) - 1:  # the last program of gate g: all partial logits are written
+            offs_e = tl.arange(0, BLOCK_E)
+            ptrs = part_g + offs_t[:, None] * BLOCK_E + offs_e[None, :]
+            logits = tl.load(ptrs, cache_modifier=".cg")
+            for s in tl.static_range(1, SPLIT_D):
+                logits += tl.load(ptrs + s * (BLOCK_T * BLOCK_E), cache_modifier=".cg")
+            _softmax_topk_store(logits, mask_t, offs_e, offs_e < E, ids_ptr, probs_ptr,
+                                g * stride_og + offs_t * K, K, RENORMALIZE, BLOCK_T, BLOCK_E)
+            tl.store(count_ptr + g, 0)  # ready for the next launch
+
+
+SPLIT_MIN_GATE_BYTES = 64 << 10  # default: split the gate read at small T once a gate is this large
 
 
 def _route_default(T: int, E: int, d: int, x_bytes: int = 2, w_bytes: int = 2) -> dict:
     block_e = max(16, _next_pow2(E))
     block_t = 16 if T <= 16 or block_e >= 256 else (32 if T <= 512 else 64)
+    if T <= 16 and E * d * w_bytes >= SPLIT_MIN_GATE_BYTES:
+        # One program's bandwidth bounds the whole-gate read at small T: ~16 KB of gate per program.
+        tile_e = min(block_e, 32)
+        n_e = -(-E // tile_e)
+        split = max(1, min(8, _next_pow2(max(1, E * d * w_bytes // (16 << 10) // n_e))))
+        return {"BLOCK_T": 16, "BLOCK_D": 64, "TILE_E": tile_e, "SPLIT_D": split, "num_warps": 4,
+                "num_stages": 3}
     # ~16K elements of gate per iteration: enough bytes in flight for one SM at small T; and the
     # 3 pipelined stages of x and gate tiles within ~200 KB of shared memory (fp32 gates: half).
     block_d = max(16, min(_next_pow2(d), 16384 // block_e))
@@ -138,11 +211,35 @@ def _route_default(T: int, E: int, d: int, x_bytes: int = 2, w_bytes: int = 2) -
 
 def _route_candidates(T: int, E: int, d: int, x_bytes: int, w_bytes: int) -> list[dict]:
     default = _route_default(T, E, d, x_bytes, w_bytes)
+    if "SPLIT_D" in default:  # and the whole-gate kernel, as tuned before the split existed
+        whole = _route_default(17, E, d, x_bytes, w_bytes) | {"BLOCK_T": 16}
+        return [default, {**default, "SPLIT_D": max(1, default["SPLIT_D"] // 2)},
+                {**default, "SPLIT_D": min(16, default["SPLIT_D"] * 2)},
+                {**default, "TILE_E": max(16, default["TILE_E"] // 2)}, whole]
     bd = default["BLOCK_D"]
     out = [default, {**default, "BLOCK_D": max(16, bd // 2)}, {**default, "num_warps": 8, "num_stages": 4}]
     if T > 16:
         out.append({**default, "BLOCK_T": 32 if default["BLOCK_T"] == 64 else 64})
     return out
+
+
+_zeroed: dict[tuple, torch.Tensor] = {}
+
+
+def zeroed_buffer(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled buffer that the kernel using it leaves zeroed again (counters of last-arriving
+    programs, atomic accumulators): persistent per (name, size, dtype, device, stream), so launches on
+    one stream never overlap on it. While a CUDA graph is being captured a buffer not made before
+    is made by a captured fill instead (run at every replay); buffers are never freed, so captured
+    graphs may keep pointing at them."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (name, numel, dtype, str(device), stream)
+    buf = _zeroed.get(key)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return torch.zeros(numel, dtype=dtype, device=device)
+        buf = _zeroed[key] = torch.zeros(numel, dtype=dtype, device=device)
+    return buf
 
 
 def route_triton(
@@ -160,23 +257,34 @@ def route_triton(
     if T > 0:
 
         def launch(cfg: dict) -> None:
-            grid = (triton.cdiv(T, cfg["BLOCK_T"]), G)
             pdl = {"launch_pdl": True} if use_pdl(x.device) else {}
-            _route_kernel[grid](
-                x, w_GED, ids_GTK, probs_GTK,
-                T, d, E,
-                x.stride(0), x.stride(1), w_GED.stride(0), w_GED.stride(1), w_GED.stride(2), T * k,
-                K=k, RENORMALIZE=renormalize,
-                FP32_DOT=fp32_dot(x.dtype, w_GED.dtype), USE_PDL=bool(pdl),
-                BLOCK_T=cfg["BLOCK_T"], BLOCK_E=max(16, _next_pow2(E)), BLOCK_D=cfg["BLOCK_D"],
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl,
+            common = dict(K=k, RENORMALIZE=renormalize, FP32_DOT=fp32_dot(x.dtype, w_GED.dtype),
+                          USE_PDL=bool(pdl), BLOCK_T=cfg["BLOCK_T"], BLOCK_E=max(16, _next_pow2(E)),
+                          BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                          **pdl)
+            strides = (x.stride(0), x.stride(1), w_GED.stride(0), w_GED.stride(1), w_GED.stride(2), T * k)
+            if "SPLIT_D" in cfg and T <= cfg["BLOCK_T"]:
+                split, tile_e = cfg["SPLIT_D"], min(cfg["TILE_E"], common["BLOCK_E"])
+                chunk = triton.cdiv(triton.cdiv(d, split), cfg["BLOCK_D"]) * cfg["BLOCK_D"]
+                part = torch.empty((G, split, cfg["BLOCK_T"], common["BLOCK_E"]), dtype=torch.float32,
+                                   device=x.device)
+                count = zeroed_buffer("route-count", G, torch.int32, x.device)
+                _route_split_kernel[(triton.cdiv(E, tile_e) * split, G)](
+                    x, w_GED, part, count, ids_GTK, probs_GTK,
+                    T, d, E, chunk, *strides, TILE_E=tile_e, SPLIT_D=split, **common,
+                )
+                return
+            _route_kernel[(triton.cdiv(T, cfg["BLOCK_T"]), G)](
+                x, w_GED, ids_GTK, probs_GTK, T, d, E, *strides, **common,
             )
 
         if config is None:
+            # Mixed or fp32 inputs are upcast to fp32 tiles for the dot: size shared memory for 4 bytes.
+            xb, wb = (4, 4) if fp32_dot(x.dtype, w_GED.dtype) else (x.element_size(), w_GED.element_size())
             config = tuning.pick(
                 tuning.config_key("route", E, d, 0, T, x.dtype, w_GED.dtype), x.device,
-                default=lambda: _route_default(T, E, d, x.element_size(), w_GED.element_size()),
-                candidates=lambda: _route_candidates(T, E, d, x.element_size(), w_GED.element_size()),
+                default=lambda: _route_default(T, E, d, xb, wb),
+                candidates=lambda: _route_candidates(T, E, d, xb, wb),
                 run=launch,
             )
         launch(config)

@@ -161,3 +161,18 @@ def test_bad_arguments():
         expert_ffn_triton(x, w_in, w_out, ids, weights, activation="tanh")
     with pytest.raises(ValueError, match="shapes"):
         expert_ffn_triton(x, w_in, w_out, ids, weights, activation="swiglu")  # w_in needs 2F rows
+
+
+# The fused decode kernel: several W_out chunks (BLOCK_DO < D), a multi-step fixed-order reduce (BLOCK_N 2).
+def _fused():
+    return {"path": "fused", "BLOCK_F": 16, "BLOCK_D": 16, "BLOCK_DO": 16, "num_warps": 4,
+            "red": {"BLOCK_N": 2, "BLOCK_D": 16, "num_warps": 4}}
+
+
+@pytest.mark.parametrize("activation,dtype", [("relu", torch.float32), ("swiglu", torch.bfloat16)])
+def test_fused_decode(activation, dtype):
+    x, w_in, w_out, ids, weights = _problem(3, 7, 2, activation, dtype, S=9, seed=11)
+    slot_of_expert = torch.tensor([8, 0, 3, 1, 7, 2, 5], dtype=torch.int32)
+    y = _check(x, w_in, w_out, ids, weights, slot_of_expert, activation, _fused())
+    y2 = expert_ffn_triton(x, w_in, w_out, ids, weights, slot_of_expert, activation, config=_fused())
+    assert torch.equal(y, y2)  # fixed-order reduction: bitwise reproducible

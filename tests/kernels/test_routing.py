@@ -141,3 +141,17 @@ def test_group_by_slot_matches_reference(T, k, S, block_m, case):
     assert torch.equal(pos[valid].sort().values, torch.arange(T * k))
     tile_of_pos = torch.arange(pos.numel()) // block_m
     assert torch.equal(got.tile_slot.long()[tile_of_pos[valid]], slots[pos[valid]])
+
+
+@pytest.mark.parametrize("T,E,k", [(1, 40, 1), (16, 7, 2)])
+def test_route_split_gate(T, E, k):
+    # Gate read split over E tiles and d chunks, last-arriving program does softmax/top-k (small T).
+    g = torch.Generator().manual_seed(T + E)
+    x = torch.randn(T, D, generator=g)
+    w = torch.randn(2, E, D, generator=g) * 0.3
+    cfg = {"BLOCK_T": 16, "BLOCK_D": 16, "TILE_E": 16, "SPLIT_D": 2, "num_warps": 4, "num_stages": 2}
+    for _ in range(2):  # the second call relies on the counters having been reset
+        ids, wts = route_triton(x, w, k=k, renormalize=k > 1, config=cfg)
+        for gi in range(2):
+            ref_ids, ref_wts = route_reference(x, w[gi], k=k, renormalize=k > 1)
+            _check(ids[gi], wts[gi], ref_ids, ref_wts, torch.softmax(x.double() @ w[gi].double().t(), -1))
