@@ -10,6 +10,8 @@ is capturable; otherwise it runs eagerly and the reason is recorded.
 
 from __future__ import annotations
 
+import gc
+
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -157,9 +159,14 @@ class Engine:
         rows = B * max(1, num_beams)
         notes: list[str] = []
         runner = None
+        baseline = None
         if dev.type == "cuda":
+            gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
+            # what is already allocated (the model's resident weights, anything an earlier run in this
+            # process still holds): the run's own need is its peak minus this
+            baseline = torch.cuda.memory_allocated(dev)
         if spec.name == "gpu_only":
             materialize_experts(model, self.store, dev)
         else:
@@ -184,6 +191,7 @@ class Engine:
             else:
                 drop_experts(model)
         res.policy = spec.label
+        res.metrics["baseline_allocated_bytes"] = baseline
         return res
 
     def _not_capturable(self, runner) -> str | None:
