@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from infer import cpu_compute as cc
 from infer.offload import ExpertStore, OffloadError, is_expert_param
 from infer.policies import OffloadRunner, PolicySpec
 from models.generate import beam_search, greedy
@@ -134,12 +135,26 @@ class Engine:
         cuda_graph: bool = True,
         copy_mode: str = "auto",
         measure_stall: bool = False,
+        cpu_compute: str = "off",
+        link_GBps: float | None = None,
+        cpu_overhead_ms: float | None = None,
     ):
         self.model, self.store = model, store
         self.device = torch.device(device)
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
         self.copy_mode = copy_mode
         self.measure_stall = measure_stall
+        if cpu_compute not in cc.MODES:
+            raise OffloadError(f"offload.cpu_compute={cpu_compute!r}; expected one of {', '.join(cc.MODES)}")
+        self.cpu_compute = cpu_compute
+        self.link_GBps, self.cpu_overhead_ms = link_GBps, cpu_overhead_ms
+        self._calibration: cc.Calibration | None = None
+
+    def calibration(self) -> cc.Calibration:
+        """The CPU-compute cost model's numbers, measured once on this engine's store."""
+        if self._calibration is None:
+            self._calibration = cc.calibrate(self.store, self.device, self.link_GBps, self.cpu_overhead_ms)
+        return self._calibration
 
     def run(
         self,
@@ -151,7 +166,10 @@ class Engine:
         num_beams: int = 1,
         keep_logits: bool = False,
         warmup: bool = False,
+        cpu_compute: str | None = None,
     ) -> RunResult:
+        """cpu_compute: overrides the engine's offload.cpu_compute for this run."""
+        cpu_mode = self.cpu_compute if cpu_compute is None else cpu_compute
         dev, model = self.device, self.model
         input_ids = input_ids.to(dev)
         attention_mask = None if attention_mask is None else attention_mask.to(dev)
@@ -171,7 +189,15 @@ class Engine:
             materialize_experts(model, self.store, dev)
         else:
             runner = OffloadRunner(
-                model, self.store, spec, dev, n_enc=rows * S, n_dec=rows, copy_mode=self.copy_mode
+                model,
+                self.store,
+                spec,
+                dev,
+                n_enc=rows * S,
+                n_dec=rows,
+                copy_mode=self.copy_mode,
+                cpu_compute=cpu_mode,
+                calibration=self.calibration() if cpu_mode != "off" else None,
             ).attach()
             # timing events cannot sit in a captured graph: stalls are measured on eager steps only
             runner.pool.measure_stall = self.measure_stall and (
@@ -199,6 +225,11 @@ class Engine:
             return "the reference expert FFN (backend torch) reads group sizes on the host"
         if runner is not None and runner.pool.copy_mode != "device":
             return f"copy_mode={runner.pool.copy_mode} reads each plan on the host"
+        if runner is not None and runner.cpu_active:
+            return (
+                f"cpu_compute={runner.cpu_compute} reads each on-demand plan's misses on the host "
+                "and computes them on the CPU (a host sync)"
+            )
         return None
 
     def _generate(self, ids, mask, max_new_tokens, num_beams, keep_logits, runner, notes=None) -> RunResult:
@@ -223,6 +254,14 @@ class Engine:
         why_not = self._not_capturable(runner)
         if self.cuda_graph and why_not:
             notes.append(f"decode step not graph-captured: {why_not}")
+        elif runner is not None and runner.cpu_active:  # no graphs here, but say what would stop one
+            notes.append(f"cpu_compute={runner.cpu_compute}: decode step not graph-capturable (host sync)")
+        if runner is not None and runner.cpu_compute == "auto" and not runner.cpu_active:
+            c = runner.calibration
+            notes.append(
+                f"cpu_compute=auto: copying predicted faster ({c.copy_ms:.3f} ms per expert) than the CPU "
+                f"({c.cpu_ms(1):.3f} ms for one token, round trip included): nothing computed on the CPU"
+            )
         if self.cuda_graph and not why_not:
             try:
                 tc = time.perf_counter()
@@ -302,6 +341,8 @@ class Engine:
         if runner is not None:
             st = runner.stats()
             m.update(st)
+            if runner.calibration is not None:
+                m["cpu_compute_calibration"] = runner.calibration.as_dict()
             dur = t_prefill + (t_end - t1)
             m["copy_GBps"] = (st["bytes_copied"] / dur / 1e9) if dev.type == "cuda" and dur > 0 else None
         else:
@@ -313,6 +354,8 @@ class Engine:
                 copy_GBps=None,
                 pool_bytes=0,
                 copy_mode=None,
+                experts_cpu_computed=0,
+                tokens_cpu_computed=0,
             )
         return RunResult(policy="", tokens=out.tolist(), metrics=m, step_logits=logits, notes=notes)
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from infer import cpu_compute as cc
 from infer.offload import _INF, _LAST, ExpertStore, OffloadError, SlotPool
 from models.moe import Routing, gate_logits, routing_from_logits
 
@@ -81,6 +82,9 @@ class _Block:
     def fetch(self, routing: Routing):
         return self.r.on_fetch(self.m, routing)
 
+    def split(self, x_BSD: torch.Tensor, routing: Routing):
+        return self.r.on_split(self.m, x_BSD, routing)
+
 
 class OffloadRunner:
     """Attaches a policy to a model whose experts live in an ExpertStore."""
@@ -95,8 +99,14 @@ class OffloadRunner:
         n_enc: int,
         n_dec: int,
         copy_mode: str = "auto",
+        cpu_compute: str = "off",
+        calibration: cc.Calibration | None = None,
     ):
         spec.validate()
+        if cpu_compute not in cc.MODES:
+            raise OffloadError(f"offload.cpu_compute={cpu_compute!r}; expected one of {', '.join(cc.MODES)}")
+        if cpu_compute == "auto" and calibration is None:
+            raise OffloadError("offload.cpu_compute=auto needs a calibration (infer.cpu_compute.calibrate)")
         if spec.name == "gpu_only":
             raise OffloadError("gpu_only needs no OffloadRunner")
         cfg = model.cfg
@@ -156,6 +166,12 @@ class OffloadRunner:
         self._pending: list[tuple[int | None, torch.Tensor]] = []
         self._observed: tuple[int, torch.Tensor] | None = None
         self.moes = model.moes
+        # CPU compute of misses: active unless off, or auto with the CPU never predicted faster
+        self.cpu_compute, self.calibration = cpu_compute, calibration
+        self.cpu_active = cpu_compute == "always" or (cpu_compute == "auto" and calibration.cpu_wins(1))
+        self.cpu_computed = torch.zeros((), dtype=torch.long)  # experts (per block and step), host
+        self.cpu_tokens = torch.zeros((), dtype=torch.long)  # token slots computed on the host
+        self._cpu_of: dict[int, tuple[torch.Tensor, list[int]]] = {}
 
     # -- attach / state ------------------------------------------------------------------------
     def attach(self) -> OffloadRunner:
@@ -171,16 +187,20 @@ class OffloadRunner:
         self._pending.clear()
         self._prefetched.clear()
         self._observed = None
+        self._cpu_of.clear()
+
+    def _counters(self) -> tuple[torch.Tensor, ...]:
+        return (self.copied, self.hits, self.lookups, self.cpu_computed, self.cpu_tokens)
 
     def snapshot(self) -> list[torch.Tensor]:
-        return [t.clone() for t in (self.copied, self.hits, self.lookups)]
+        return [t.clone() for t in self._counters()]
 
     def restore(self, saved: list[torch.Tensor]) -> None:
-        for t, v in zip((self.copied, self.hits, self.lookups), saved):
+        for t, v in zip(self._counters(), saved):
             t.copy_(v)
 
     def reset_counters(self) -> None:
-        for t in (self.copied, self.hits, self.lookups):
+        for t in self._counters():
             t.zero_()
         self.pool.stall_events.clear()
 
@@ -204,6 +224,11 @@ class OffloadRunner:
             "stall_ms": self.pool.stall_ms(),
             "pool_bytes": self.pool.nbytes(),
             "copy_mode": self.pool.copy_mode,
+            "cpu_compute": self.cpu_compute,
+            "cpu_compute_active": self.cpu_active,
+            "experts_cpu_computed": int(self.cpu_computed),
+            "tokens_cpu_computed": int(self.cpu_tokens),
+            "bytes_cpu_read": int(self.cpu_computed) * self.store.expert_bytes,
         }
 
     # -- the plan --------------------------------------------------------------------------------
@@ -260,6 +285,61 @@ class OffloadRunner:
         self.plan_dst[m][:n].copy_(dst_n)
         self.pool.copy(m, self.plan_src[m][:n], self.plan_dst[m][:n])
 
+    # -- CPU compute of misses (infer/cpu_compute.py) -----------------------------------------------
+    def _demand(self, m: int, routing: Routing, plan_E: torch.Tensor, fresh: bool) -> None:
+        """Block m's own plan at its fetch: its misses may be computed on the CPU instead of copied."""
+        if self.cpu_active:
+            cpu_E = self._cpu_choice(m, routing, fresh)
+            if cpu_E is not None:
+                plan_E = plan_E & ~cpu_E
+        self._plan(m, plan_E, fresh)
+
+    def _cpu_choice(self, m: int, routing: Routing, fresh: bool) -> torch.Tensor | None:
+        """The missed experts of block m to compute on the CPU ([E] bool on the device), or None.
+        Reads the misses and their token counts on the host (a sync)."""
+        E, C = self.E, self.C
+        holder = self.holder[m] if not fresh else self.holder[m][:C]  # a fresh plan empties staging
+        resident = torch.zeros(E + 1, dtype=torch.bool, device=self.device)
+        resident[torch.where(holder >= 0, holder, E)] = True
+        counts = torch.bincount(routing.ids.reshape(-1).long(), minlength=E)
+        miss = (counts > 0) & ~resident[:E]
+        counts_h, miss_h = counts.tolist(), miss.tolist()  # host sync
+        if self.cpu_compute == "always":
+            chosen = [e for e in range(E) if miss_h[e]]
+        else:
+            chosen = [e for e in range(E) if miss_h[e] and self.calibration.cpu_wins(counts_h[e])]
+        if not chosen:
+            return None
+        cpu_E = torch.zeros(E, dtype=torch.bool, device=self.device)
+        cpu_E[torch.tensor(chosen, device=self.device)] = True
+        self._cpu_of[m] = (cpu_E, chosen)
+        self.cpu_computed += len(chosen)
+        self.cpu_tokens += sum(counts_h[e] for e in chosen)
+        self.lookups.add_(len(chosen))  # looked up, missed, not copied
+        return cpu_E
+
+    def on_split(self, m: int, x_BSD: torch.Tensor, routing: Routing):
+        """The device computes the resident experts (CPU-computed tokens' weights zeroed); the
+        CPU computes the chosen misses from the store's host tensors; the outputs are summed."""
+        got = self._cpu_of.pop(m, None)
+        if got is None:
+            return routing, None
+        cpu_E, experts = got
+        ids = routing.ids
+        on_cpu = cpu_E[ids.long()]  # [N, k]
+        dev_routing = Routing(ids=ids, weights=torch.where(on_cpu, 0.0, routing.weights), logits=routing.logits)
+        B, S, D = x_BSD.shape
+        host = torch.device("cpu")
+        x_h = x_BSD.reshape(B * S, D).to(host)  # activation to the host (a sync on CUDA)
+        ids_h, w_h = ids.to(host), routing.weights.to(host)
+        act, dev = self.moes[m].activation, x_BSD.device
+
+        def extra() -> torch.Tensor:  # called once the device's part is launched: the two overlap
+            y_h = cc.host_experts(self.store, m, experts, x_h, ids_h, w_h, act)
+            return y_h.view(B, S, D).to(dev)
+
+        return dev_routing, extra
+
     def _weights(self, m: int):
         self.pool.wait(m)
         return self.pool.w_in, self.pool.w_out, self.table[m]
@@ -288,11 +368,11 @@ class OffloadRunner:
         self._prefetched.discard(m)
         if name == "prefetch_all":
             if not early:
-                self._plan(m, self.all_E, fresh=True)
+                self._demand(m, routing, self.all_E, fresh=True)
             self._pending.append((self._next_in_stack(m), self.all_E))
         elif name == "speculative":
             # misses of the guess are fetched now; the outputs are those of the unconverted model
-            self._plan(m, self._need(routing), fresh=not early)
+            self._demand(m, routing, self._need(routing), fresh=not early)
             seen, self._observed = self._observed, None
             t = self._next_in_stack(m)
             if seen is not None and seen[0] == m and t is not None:
@@ -303,7 +383,7 @@ class OffloadRunner:
                 )
                 self._pending.append((t, self._need(guess)))
         elif not early:  # on_demand, or a block no pre-gate routes (the first of a stack)
-            self._plan(m, self._need(routing), fresh=True)
+            self._demand(m, routing, self._need(routing), fresh=True)
         for t, need_E in self._pending:
             if t is not None:
                 self._plan(t, need_E, fresh=True)

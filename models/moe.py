@@ -44,6 +44,11 @@ class ExpertSource(Protocol):
 
     # Optional: `observe(x_BSD)` is called with the block's FFN input just before `fetch`, when the
     # source defines it (a speculative policy applies a later block's router to it).
+    # Optional: `split(x_BSD, routing) -> (routing, extra)` is called just after `fetch`: the experts
+    # compute the returned routing (the source may zero the weights of tokens it computes itself),
+    # and `extra` (None, or a callable returning a [B, S, D] partial output, called after the
+    # expert FFN is launched so the two can overlap) is added to their output (the offload runner's
+    # CPU compute of missed experts).
 
 
 def apply_capacity(ids_BSk: torch.Tensor, weights_BSk: torch.Tensor, capacity: int | None, num_experts: int):
@@ -142,12 +147,18 @@ class SparseMLP(nn.Module):
             w_in, w_out, slots = self.expert_source.fetch(routing)
         else:
             w_in, w_out, slots = self.w_in, self.w_out, None
+        extra = None
+        split = getattr(self.expert_source, "split", None)  # optional hook (CPU compute of misses)
+        if split is not None:
+            routing, extra = split(x_BSD, routing)
         fn = _ffn.expert_ffn if self.backend == "triton" and not torch.is_grad_enabled() else _ffn.expert_ffn_reference
         if self.training and self.dropout.p > 0:
             # transformers applies dropout inside each expert, after the activation
-            return self._experts_with_dropout(x_BSD, routing, w_in, w_out, slots)
-        y_ND = fn(x_BSD.reshape(B * S, D), w_in, w_out, routing.ids, routing.weights, slots, self.activation)
-        return y_ND.view(B, S, D)
+            y_BSD = self._experts_with_dropout(x_BSD, routing, w_in, w_out, slots)
+        else:
+            y_ND = fn(x_BSD.reshape(B * S, D), w_in, w_out, routing.ids, routing.weights, slots, self.activation)
+            y_BSD = y_ND.view(B, S, D)
+        return y_BSD if extra is None else y_BSD + extra()
 
     def _experts_with_dropout(self, x_BSD, routing, w_in, w_out, slots):
         B, S, D = x_BSD.shape
