@@ -147,6 +147,9 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
         cuda_graph=cfg.cuda_graph,
         copy_mode=cfg.offload.copy_mode,
         measure_stall=cfg.measure_stall,
+        cpu_compute=str(cfg.offload.cpu_compute),
+        link_GBps=cfg.offload.link_GBps,
+        cpu_overhead_ms=cfg.offload.cpu_overhead_ms,
     )
     peak = rep.pinned_peak_GBps(device)
     env = rep.environment(device)
@@ -156,6 +159,9 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
         store_pinned=store.pinned,
         model_dtype=str(dtype).replace("torch.", ""),
     )
+    if eng.cpu_compute != "off":  # the cost model's numbers, measured once on this store
+        env["cpu_compute"] = eng.cpu_compute
+        env["cpu_compute_calibration"] = eng.calibration().as_dict()
     print(
         f"[infer] {ckpt.name}: {model.cfg.num_experts} experts x {store.M} MoE blocks "
         f"({store.total_bytes / 1e6:.1f} MB of experts in {'pinned ' if store.pinned else ''}CPU memory), "

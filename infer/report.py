@@ -99,7 +99,12 @@ def aggregate(runs: list[RunResult], pinned_peak: float | None = None) -> dict[s
         "cuda_graph": all(m["cuda_graph"] for m in ms),
         "copy_mode": ms[0].get("copy_mode"),
         "pool_bytes": ms[0].get("pool_bytes"),
+        "experts_cpu_computed": sum(m.get("experts_cpu_computed") or 0 for m in ms),
+        "tokens_cpu_computed": sum(m.get("tokens_cpu_computed") or 0 for m in ms),
+        "cpu_compute": ms[0].get("cpu_compute"),
     }
+    if ms[0].get("cpu_compute_calibration") is not None:
+        out["cpu_compute_calibration"] = ms[0]["cpu_compute_calibration"]
     if cuda and pinned_peak and out["copy_GBps_avg"] is not None:
         out["copy_fraction_of_peak"] = out["copy_GBps_avg"] / pinned_peak
     return out
@@ -123,6 +128,7 @@ COLUMNS = [
     "copy GB/s",
     "stall ms",
     "hit rate",
+    "cpu experts",
     "graph",
 ]
 
@@ -146,6 +152,7 @@ def rows(entries: list[dict[str, Any]], quality_key: str | None) -> list[list[st
                 _fmt(m["copy_GBps_avg"], ".1f"),
                 _fmt(m["stall_ms"], ".1f"),
                 _fmt(m["hit_rate"], ".2f"),
+                _fmt(m.get("experts_cpu_computed") if m.get("cpu_compute") not in (None, "off") else None, ".0f"),
                 "yes" if m["cuda_graph"] else "no",
             ]
         )

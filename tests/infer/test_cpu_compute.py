@@ -98,3 +98,27 @@ def test_cost_model_threshold():
 def test_bad_mode(ckpt):
     with pytest.raises(OffloadError, match="cpu_compute"):
         _engine(ckpt, cpu_compute="sometimes")
+
+
+def test_main_job_reports_cpu_compute(tmp_path):
+    from infer.app import run
+    from tests.infer.test_app import _compose
+
+    cfg = _compose(
+        [
+            "num_examples=2",
+            "batch_size=2",
+            "max_new_tokens=3",
+            "max_input_tokens=64",
+            "policies=[gpu_only,on_demand,pregated]",
+            "offload.cpu_compute=always",
+        ]
+    )
+    rep = run(cfg, tmp_path)
+    cal = rep["environment"]["cpu_compute_calibration"]
+    assert cal["cpu_ms_1tok"] > 0 and "cpu_wins_up_to_tokens" in cal
+    for e in rep["entries"]:
+        assert e["same_as_gpu_only"] is True, e["policy"]
+        if e["policy"] != "gpu_only":
+            assert e["metrics"]["experts_cpu_computed"] > 0 and e["metrics"]["cpu_compute"] == "always"
+    assert "cpu experts" in rep["table"]
