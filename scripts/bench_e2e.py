@@ -4,7 +4,11 @@
 For each shape (switch-base-8/64/128, switch-large-128; random bf16 weights, experts generated
 straight into the pinned store): batch 1, 256 input and 256 output tokens, greedy and beam 4,
 every policy and cache setting; `speculative` runs on the same weights before the pre-gate
-conversion (an unconverted model), every other policy after it. Checks that every policy gives
+conversion (an unconverted model), every other policy after it. Runs named `<policy>+cpu_<mode>`
+(on_demand+cpu_always, on_demand+cpu_auto, ...) compute missed experts on the CPU
+(offload.cpu_compute, infer/cpu_compute.py); its cost model's calibration is in each shape's
+`cpu_compute_calibration`. Their tokens are checked against gpu_only on the CPU (fp32); on the GPU
+the CPU's bf16 sums differ from the GPU's, so a divergence is recorded (matching prefix), not failed. Checks that every policy gives
 gpu_only's tokens, asserts the pre-gated peak-memory bound (non-expert weights + two blocks' experts
 + the activations measured under gpu_only), and runs the anchors: transformers' Switch model fully
 on the GPU, and with its experts offloaded to the CPU by accelerate (dispatch_model, expert modules
@@ -334,14 +338,19 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
         "on_demand",
         "on_demand" + lru,
         "on_demand" + lfu,
+        "on_demand+cpu_always",
+        "on_demand+cpu_auto",
+        "on_demand" + lru + "+cpu_auto",
         "prefetch_all",
         "pregated",
         "pregated" + lru,
         "pregated" + lfu,
+        "pregated+cpu_auto",
     ]
     if args.quick:
         plain = ["gpu_only", "speculative"]
-        conv = ["gpu_only", "on_demand", "on_demand" + lru, "prefetch_all", "pregated", "pregated" + lru]
+        conv = ["gpu_only", "on_demand", "on_demand" + lru, "on_demand+cpu_always", "on_demand+cpu_auto",
+                "prefetch_all", "pregated", "pregated" + lru]
     refs: dict = {}
     for family, names in (("unconverted", plain), ("pregated", conv)):
         if family == "pregated":
@@ -352,10 +361,17 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
                 if over_budget():
                     out["runs"].append({"label": label, "skipped": "time budget"})
                     continue
-                spec = PolicySpec.parse(name)
+                pname, _, cpu_mode = name.partition("+cpu_")
+                spec = PolicySpec.parse(pname)
                 n_new = args.prefetch_all_tokens if spec.name == "prefetch_all" else args.new_tokens
-                entry = run_one(eng, spec, ids, n_new, nb, args)
+                entry = run_one(eng, spec, ids, n_new, nb, args, cpu_compute=cpu_mode or "off")
                 entry.update(label=label, family=family, decoding=mode)
+                if cpu_mode:
+                    entry["policy"] = name
+                    if eng._calibration is not None:
+                        out["cpu_compute_calibration"] = eng._calibration.as_dict()
+                # the CPU's bf16 sums are not the GPU's: a divergence there is recorded, not failed
+                strict = not cpu_mode or device.type == "cpu"
                 key = (family, mode)
                 if spec.name == "gpu_only" and "tokens" in entry:
                     refs[key] = entry["tokens"]
@@ -364,12 +380,13 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
                     short = run_one(eng, PolicySpec.parse("gpu_only"), ids, n_new, nb, args)
                     if "tokens" in short:
                         entry["same_tokens_as_gpu_only"] = entry["tokens"] == short["tokens"]
-                        if not entry["same_tokens_as_gpu_only"]:
+                        if not entry["same_tokens_as_gpu_only"] and strict:
                             result["failures"].append(f"{shape} {label}: tokens differ from gpu_only")
                 elif "tokens" in entry and key in refs:
                     ref = refs[key][0][: len(entry["tokens"][0])]
                     entry["same_tokens_as_gpu_only"] = entry["tokens"][0] == ref
-                    if not entry["same_tokens_as_gpu_only"]:
+                    entry["matching_prefix_tokens"] = _prefix(entry["tokens"][0], ref)
+                    if not entry["same_tokens_as_gpu_only"] and strict:
                         result["failures"].append(f"{shape} {label}: tokens differ from gpu_only")
                 out["runs"].append(entry)
                 print(f"[bench] {shape} {label}: " + summary(entry), flush=True)
@@ -409,7 +426,14 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
     return out
 
 
-def run_one(eng: Engine, spec: PolicySpec, ids, n_new: int, nb: int, args) -> dict:
+def _prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def run_one(eng: Engine, spec: PolicySpec, ids, n_new: int, nb: int, args, cpu_compute: str = "off") -> dict:
     modes = (
         [eng.copy_mode]
         if spec.name == "gpu_only"
@@ -419,7 +443,9 @@ def run_one(eng: Engine, spec: PolicySpec, ids, n_new: int, nb: int, args) -> di
     for mode in modes:
         eng.copy_mode = mode
         try:
-            r = eng.run(spec, ids, None, max_new_tokens=n_new, num_beams=nb, warmup=True)
+            r = eng.run(
+                spec, ids, None, max_new_tokens=n_new, num_beams=nb, warmup=True, cpu_compute=cpu_compute
+            )
             m = {k: v for k, v in r.metrics.items() if k != "decode_ms"}
             return {"policy": spec.label, "metrics": m, "tokens": r.tokens, "notes": r.notes + errors}
         except Exception as e:
@@ -443,6 +469,10 @@ def summary(entry: dict) -> str:
     ) + (
         f", graph={m.get('cuda_graph')}, copy={m.get('copy_mode')}, hit={m.get('hit_rate')}"
         if "cuda_graph" in m
+        else ""
+    ) + (
+        f", cpu={m.get('cpu_compute')}: {m.get('experts_cpu_computed')} experts"
+        if m.get("cpu_compute") not in (None, "off")
         else ""
     )
 
