@@ -11,7 +11,7 @@ STAMP := .setup-done
 # machine that already has a torch in the supported range keeps it.
 $(STAMP): pyproject.toml
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,wandb]"
 	@touch $(STAMP)
 
 setup: $(STAMP)
