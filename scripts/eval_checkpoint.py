@@ -40,7 +40,9 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="train", overrides=overrides)
 
 
-def evaluate_checkpoint(ckpt: str | Path, split: str = "validation", overrides: list[str] = ()) -> dict[str, Any]:
+def evaluate_checkpoint(
+    ckpt: str | Path, split: str = "validation", overrides: list[str] = ()
+) -> dict[str, Any]:
     """The metrics of train.loop.evaluate for `ckpt` on `split` (CPU, fp32, one thread)."""
     import torch
 
@@ -76,7 +78,9 @@ def record(ckpt: str | Path, split: str, overrides: list[str]) -> dict[str, Any]
         "split": split,
         "overrides": list(overrides),
         **res,
-        "command": " ".join(["python", "scripts/eval_checkpoint.py", str(ckpt), "--split", split, *overrides]),
+        "command": " ".join(
+            ["python", "scripts/eval_checkpoint.py", str(ckpt), "--split", split, *overrides]
+        ),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -1,0 +1,822 @@
+"""Issue #7: does pre-gating keep model quality? Runs the study through `python -m train` and reports it.
+
+For each model (small, medium), task (span, docsum), variant (conventional; pre-gated with lookahead
+1, 2, 3) and seed (0, 1, 2) it fine-tunes the model's pretrained conventional checkpoint with
+conf/experiment/quality_finetune.yaml (the same steps, data and hyper-parameters for every variant;
+only `pregate.enabled` / `model.lookahead` differ), each run in its own directory
+<root>/finetune/<model>/<task>/<variant>/seed<s>, then aggregates the runs' metrics.json files into
+bench/results/quality.json, a plot (quality.png) and a markdown table (quality.md, also printed).
+
+    # the whole study on the GPU(s), pretraining first (conf/experiment/pretrain_<model>.yaml):
+    python scripts/quality_report.py --pretrain --jobs 8
+    # with pretrained checkpoints from elsewhere:
+    python scripts/quality_report.py --pretrained small=DIR medium=DIR
+    python scripts/quality_report.py --dry-run            # print the commands, run nothing
+    python scripts/quality_report.py --aggregate-only     # just (re)build the report from the run dirs
+
+Resumable: a run whose metrics.json says it finished is skipped; an unfinished one is continued
+(`train.resume=true`). `--time-budget S` stops launching runs after S seconds and sends SIGTERM to
+the ones still going at S + --grace (train saves a resumable checkpoint and exits), so a session with
+a per-command limit calls this repeatedly and the last call writes the report.
+
+Headline metrics (the test split, the final checkpoint of each run):
+  span   - test loss (span-corruption cross-entropy per target byte token on held-out modules; lower
+           is better). Token accuracy is reported beside it. Span has no decoded metric: the targets
+           are the masked words themselves, so loss is the direct measure of how well they are
+           predicted.
+  docsum - test ROUGE-L F (greedy decoding of every test docstring summary; higher is better),
+           ROUGE-1 (the paper's Xsum figure) and loss beside it.
+Mean and standard deviation (ddof=1; 0 for a single seed) over seeds. `rel_diff_pct` is
+100 (variant - conventional) / |conventional| of the means; `quality_change_pct` is the same with
+the sign turned so that positive means better. The lookahead-1 target: quality_change_pct >= -1
+(at most 1% relative worse) or |difference| <= the seed spread sqrt(std_conv^2 + std_variant^2).
+Pre-gate agreement (percent of tokens on which a pre-gate picks the expert that the router it
+replaced picks on the block's actual input), per MoE block, on the validation split: at conversion
+(the step-0 evaluation, before any update) and after fine-tuning (the final evaluation).
+Expert-load balance per MoE block (final validation evaluation): max/mean of the per-expert token
+counts (1 is perfect balance, E is collapse onto one expert) and the entropy of the load
+distribution normalised by log E (1 is perfect balance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+MODELS = ["small", "medium"]
+TASKS = ["span", "docsum"]
+VARIANTS = ["conventional", "pregated-L1", "pregated-L2", "pregated-L3"]
+SEEDS = [0, 1, 2]
+FINETUNE_EXPERIMENT = "quality_finetune"
+# task -> (headline metric, higher is better, other metrics reported)
+HEADLINE = {
+    "span": ("loss", False, ["token_accuracy"]),
+    "docsum": ("rougeL", True, ["rouge1", "rouge2", "loss", "token_accuracy"]),
+}
+# The fine-tuned model kept (weights) by default: the candidate default model of `python -m infer`.
+KEEP = ("small", "docsum", "pregated-L1", 0)
+
+
+# -- commands ---------------------------------------------------------------------------------
+def variant_overrides(variant: str) -> list[str]:
+    if variant == "conventional":
+        return ["pregate.enabled=false"]
+    m = re.fullmatch(r"pregated-L(\d+)", variant)
+    if not m:
+        raise SystemExit(f"unknown variant {variant!r}; expected conventional or pregated-L<k>")
+    return ["pregate.enabled=true", f"model.lookahead={int(m[1])}"]
+
+
+def pretrain_experiment(model: str) -> list[str]:
+    """conf/experiment/pretrain_<model>.yaml; a model without one gets the small recipe with model=<model>."""
+    if (CONF / "experiment" / f"pretrain_{model}.yaml").exists():
+        return [f"experiment=pretrain_{model}"]
+    return ["experiment=pretrain_small", f"model={model}"]
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _leaves(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            if prefix == "" and k == "defaults":
+                continue
+            out.update(_leaves(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+_LOST: dict[str, list[str]] = {}
+
+
+def lost_experiment_keys(experiment_overrides: list[str]) -> list[str]:
+    """Overrides restating the experiment's own values that composition did not keep.
+
+    conf/train.yaml lists `_self_` after `experiment` in its defaults, so its own train.*/eval.* values
+    are merged over an experiment's: `experiment=X` alone would run with train.yaml's max_steps,
+    batch_size, ... . Until that is reordered, restating the lost keys on the command line (which
+    always wins) makes the recipe take effect; when composition keeps them, this returns []."""
+    key = " ".join(experiment_overrides)
+    if key in _LOST:
+        return _LOST[key]
+    import yaml
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    sys.path.insert(0, str(ROOT))
+    import train.config
+
+    train.config.register()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=experiment_overrides)
+    name = next(o.split("=", 1)[1] for o in experiment_overrides if o.startswith("experiment="))
+    want = _leaves(yaml.safe_load((CONF / "experiment" / f"{name}.yaml").read_text()) or {})
+    lost = []
+    for k, v in want.items():
+        got = OmegaConf.select(cfg, k)
+        if got != v and not (isinstance(v, float) and isinstance(got, float) and math.isclose(v, got)):
+            lost.append(f"{k}={_fmt(v)}")
+    _LOST[key] = lost
+    return lost
+
+
+def train_command(experiment: list[str], overrides: list[str], run_dir: Path) -> list[str]:
+    """`python -m train` with the experiment, its restated lost keys, the overrides and the run dir;
+    a key given twice keeps its last value (Hydra refuses duplicates)."""
+    tail = [*overrides, "train.resume=true", "train.progress=false", f"hydra.run.dir={run_dir}"]
+    mine = {_key(o) for o in tail}
+    restated = [o for o in lost_experiment_keys(experiment) if _key(o) not in mine]
+    out: dict[str, str] = {}
+    for o in [*restated, *tail]:
+        out.pop(_key(o), None)
+        out[_key(o)] = o
+    return [sys.executable, "-m", "train", *experiment, *out.values()]
+
+
+# -- runs -------------------------------------------------------------------------------------
+def read_metrics(run_dir: Path) -> dict[str, Any] | None:
+    """The run's metrics.json if the run finished (not stopped early), else None."""
+    p = run_dir / "metrics.json"
+    if not p.exists():
+        return None
+    try:
+        m = json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None
+    return None if m.get("stopped") else m
+
+
+@dataclass
+class Job:
+    name: str
+    run_dir: Path
+    experiment: list[str]
+    overrides: list[str]
+    after: Path | None = None  # a run dir that must have finished first
+    model: str = ""
+    task: str = ""
+    variant: str = ""
+    seed: int = -1
+    cmd: list[str] = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    status: str = "pending"  # pending | done | failed | skipped | running | stopped
+
+    def build(self) -> None:
+        self.cmd = train_command(self.experiment, self.overrides, self.run_dir)
+
+
+def plan(a: argparse.Namespace) -> tuple[list[Job], dict[str, Path]]:
+    root = Path(a.root)
+    jobs: list[Job] = []
+    ckpts: dict[str, Path] = {}
+    given = dict(s.split("=", 1) for s in a.pretrained)
+    for m in a.models:
+        if m in given:
+            ckpts[m] = Path(given[m])
+            pre_dir = None
+        else:
+            pre_dir = root / "pretrain" / m
+            ckpts[m] = pre_dir / "checkpoint"
+            if a.pretrain:
+                ov = list(a.pretrain_override)
+                if a.pretrain_steps:
+                    ov.append(f"train.max_steps={a.pretrain_steps}")
+                jobs.append(Job(f"pretrain {m}", pre_dir, pretrain_experiment(m), ov, model=m))
+            elif not (ckpts[m] / "config.json").exists() and not a.dry_run and not a.aggregate_only:
+                raise SystemExit(
+                    f"no pretrained `{m}` checkpoint at {ckpts[m]}: pass --pretrain (runs "
+                    f"{' '.join(pretrain_experiment(m))}) or --pretrained {m}=DIR"
+                )
+        for t in a.tasks:
+            for v in a.variants:
+                for s in a.seeds:
+                    ov = [
+                        f"init.checkpoint={ckpts[m].resolve()}",
+                        f"data={t}",
+                        f"seed={s}",
+                        *variant_overrides(v),
+                    ]
+                    if a.steps:
+                        ov.append(f"train.max_steps={a.steps}")
+                    ov += a.override
+                    jobs.append(
+                        Job(
+                            f"{m}/{t}/{v}/seed{s}",
+                            root / "finetune" / m / t / v / f"seed{s}",
+                            [f"experiment={FINETUNE_EXPERIMENT}"],
+                            ov,
+                            after=pre_dir if a.pretrain and pre_dir is not None else None,
+                            model=m,
+                            task=t,
+                            variant=v,
+                            seed=s,
+                        )
+                    )
+    return jobs, ckpts
+
+
+def gpu_ids(spec: str) -> list[str]:
+    if spec == "auto":
+        try:
+            import torch
+
+            n = torch.cuda.device_count()
+        except Exception:  # pragma: no cover
+            n = 0
+        return [str(i) for i in range(n)]
+    return [g for g in spec.split(",") if g != ""]
+
+
+def tidy(job: Job, keep_all: bool) -> None:
+    """Drop what a finished fine-tune does not need (the optimizer state; the weights but for KEEP)."""
+    ck = job.run_dir / "checkpoint"
+    (ck / "training_state.pt").unlink(missing_ok=True)
+    if job.task and not keep_all and (job.model, job.task, job.variant, job.seed) != KEEP:
+        for p in ck.glob("*.safetensors*"):
+            p.unlink()
+
+
+def execute(jobs: list[Job], a: argparse.Namespace) -> None:
+    gpus = gpu_ids(a.gpus)
+    ncpu = os.cpu_count() or 1
+    threads = a.threads or max(1, ncpu // max(1, a.jobs))
+    t0 = time.monotonic()
+    slots: list[Job | None] = [None] * a.jobs
+    pending = [j for j in jobs if j.status == "pending"]
+    term_sent = False
+    print(
+        f"[quality] {len(pending)} runs to do, {a.jobs} at a time, GPUs {gpus or 'none'}, "
+        f"{threads} CPU threads each",
+        flush=True,
+    )
+    while pending or any(slots):
+        now = time.monotonic() - t0
+        over = a.time_budget and now > a.time_budget
+        if a.time_budget and now > a.time_budget + a.grace and not term_sent:
+            for j in slots:
+                if j is not None and j.proc is not None:
+                    print(
+                        f"[quality] time budget: SIGTERM {j.name} (it saves a resumable checkpoint)",
+                        flush=True,
+                    )
+                    j.proc.send_signal(signal.SIGTERM)
+            term_sent = True
+        for i, j in enumerate(slots):
+            if j is None or j.proc is None or j.proc.poll() is None:
+                continue
+            rc = j.proc.returncode
+            m = read_metrics(j.run_dir)
+            j.status = "done" if rc == 0 and m is not None else ("stopped" if rc == 0 else "failed")
+            if j.status == "done":
+                tidy(j, a.keep_checkpoints)
+            print(
+                f"[quality] {j.status}: {j.name} ({time.monotonic() - j.started:.0f} s)"
+                + (f" rc={rc}, see {j.run_dir / 'train.log'}" if j.status == "failed" else ""),
+                flush=True,
+            )
+            slots[i] = None
+        for i in range(a.jobs):
+            if slots[i] is not None or over:
+                continue
+            ready = None
+            for j in pending:
+                dep = next((d for d in jobs if d.run_dir == j.after), None)
+                if j.after is None or (
+                    read_metrics(j.after) is not None and (dep is None or dep.status != "running")
+                ):
+                    ready = j
+                    break
+                if dep is not None and dep.status in ("failed", "stopped"):
+                    j.status = "skipped"
+            pending = [j for j in pending if j.status == "pending"]
+            if ready is None:
+                break
+            pending.remove(ready)
+            ready.build()
+            ready.run_dir.mkdir(parents=True, exist_ok=True)
+            env = {
+                **os.environ,
+                "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+                "OMP_NUM_THREADS": str(threads),
+            }
+            env.setdefault("WANDB_MODE", "disabled")
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+            cmd = (
+                [*ready.cmd, f"train.threads={threads}"]
+                if not any(o.startswith("train.threads=") for o in ready.cmd)
+                else ready.cmd
+            )
+            log = open(ready.run_dir / "train.log", "a")  # noqa: SIM115 - closed with the process
+            ready.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            log.close()
+            ready.started = time.monotonic()
+            ready.status = "running"
+            slots[i] = ready
+            print(
+                f"[quality] start: {ready.name}" + (f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if gpus else ""),
+                flush=True,
+            )
+        if over and not any(slots):
+            left = [j for j in pending if j.status == "pending"]
+            if left:
+                print(f"[quality] time budget spent: {len(left)} runs left for the next call", flush=True)
+            break
+        if not any(slots) and pending:
+            # nothing can start: every pending run waits on a dependency that is not running
+            for j in pending:
+                j.status = "skipped"
+            break
+        time.sleep(0.2)
+
+
+# -- aggregation --------------------------------------------------------------------------------
+def stats(values: list[float]) -> dict[str, Any]:
+    n = len(values)
+    mean = sum(values) / n if n else float("nan")
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "n": n, "values": values}
+
+
+def _blocks(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
+    return {k[len(prefix) :]: float(v) for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def _per_block(runs: list[dict[str, Any]], pick) -> dict[str, dict[str, Any]]:
+    vals: dict[str, list[float]] = {}
+    for r in runs:
+        for b, v in pick(r).items():
+            vals.setdefault(b, []).append(v)
+    return {b: stats(v) for b, v in sorted(vals.items())}
+
+
+def _step0(m: dict[str, Any]) -> dict[str, Any]:
+    return next(
+        (h for h in m.get("history", []) if h.get("split") == "validation" and h.get("step") == 0), {}
+    )
+
+
+def num_experts(run_dir: Path, fallback: Path | None) -> int | None:
+    for d in (run_dir / "checkpoint", fallback):
+        if d is not None and (d / "config.json").exists():
+            return int(json.loads((d / "config.json").read_text())["num_experts"])
+    return None
+
+
+def param_count(ckpt: Path) -> int | None:
+    files = sorted(ckpt.glob("*.safetensors"))
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    n = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                n += math.prod(h.get_slice(k).get_shape())
+    return n
+
+
+def pretrain_summary(run_dir: Path) -> dict[str, Any] | None:
+    m = read_metrics(run_dir)
+    if m is None:
+        return None
+    curve = [(h["step"], h["loss"]) for h in m.get("history", []) if h.get("split") == "validation"]
+    out: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "steps": m.get("step"),
+        "train_tokens": m.get("train_tokens"),
+        "train_seconds": m.get("train_seconds"),
+        "train_tokens_per_s": m.get("train_tokens_per_s"),
+        "validation_curve": curve,
+        "test": {k: v for k, v in (m.get("test") or {}).items() if "/" not in k},
+    }
+    cfg_file = run_dir / ".hydra" / "config.yaml"
+    if cfg_file.exists():
+        import yaml
+
+        c = yaml.safe_load(cfg_file.read_text())
+        out["recipe"] = {
+            "model": c["model"]["name"],
+            "batch_size": c["train"]["batch_size"],
+            "max_steps": c["train"]["max_steps"],
+            "lr": c["optim"]["lr"],
+            "dropout_rate": c["model"]["dropout_rate"],
+            "data": c["data"]["name"],
+        }
+    out["parameters"] = param_count(run_dir / "checkpoint")
+    if curve:
+        losses = [v for _, v in curve]
+        last = curve[-1][0]
+        tail = [v for s, v in curve if s >= 0.8 * last]
+        out["validation_loss_min"] = min(losses)
+        out["validation_loss_end"] = losses[-1]
+        # flattened: the last 20% of the run moved the validation loss by < 2% of its value
+        out["flattened"] = bool(tail) and (max(tail) - min(tail)) <= 0.02 * min(tail)
+        out["rising_at_end"] = losses[-1] > 1.02 * min(losses)
+    return out
+
+
+def aggregate(jobs: list[Job], ckpts: dict[str, Path], a: argparse.Namespace) -> dict[str, Any]:
+    results: list[dict[str, Any]] = []
+    cells: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for m in a.models:
+        for t in a.tasks:
+            head, higher, others = HEADLINE[t]
+            for v in a.variants:
+                runs, seeds, missing = [], [], []
+                for s in a.seeds:
+                    d = Path(a.root) / "finetune" / m / t / v / f"seed{s}"
+                    r = read_metrics(d)
+                    if r is None:
+                        missing.append(s)
+                        continue
+                    r["_dir"] = d
+                    runs.append(r)
+                    seeds.append(s)
+                if not runs:
+                    continue
+                E = num_experts(runs[0]["_dir"], ckpts.get(m))
+                cell: dict[str, Any] = {
+                    "model": m,
+                    "task": t,
+                    "variant": v,
+                    "seeds": seeds,
+                    "missing_seeds": missing,
+                    "run_dirs": [str(r["_dir"]) for r in runs],
+                    "headline": {
+                        "metric": f"test/{head}",
+                        "higher_is_better": higher,
+                        **stats([float(r["test"][head]) for r in runs]),
+                    },
+                    "metrics": {
+                        f"{split}/{k}": stats([float(r[split][k]) for r in runs])
+                        for split in ("test", "validation")
+                        for k in [head, *others]
+                        if all(k in r.get(split, {}) for r in runs)
+                    },
+                    "steps": sorted({r["step"] for r in runs}),
+                    "train_seconds": stats([float(r["train_seconds"]) for r in runs]),
+                    "num_experts": E,
+                }
+                if v != "conventional":
+                    cell["agreement_at_conversion"] = _per_block(
+                        runs, lambda r: _blocks(_step0(r), "agreement/")
+                    )
+                    cell["agreement_after_finetune"] = _per_block(
+                        runs, lambda r: _blocks(r["validation"], "agreement/")
+                    )
+                    for when in ("at_conversion", "after_finetune"):
+                        blocks = cell[f"agreement_{when}"]
+                        cell[f"agreement_{when}_mean"] = (
+                            sum(b["mean"] for b in blocks.values()) / len(blocks) if blocks else None
+                        )
+                if E:
+                    cell["load_max_over_mean"] = _per_block(
+                        runs,
+                        lambda r, e=E: {b: x * e for b, x in _blocks(r["validation"], "load_max/").items()},
+                    )
+                    cell["load_entropy"] = _per_block(
+                        runs, lambda r: _blocks(r["validation"], "load_entropy/")
+                    )
+                    lm = cell["load_max_over_mean"]
+                    cell["load_max_over_mean_worst_block"] = (
+                        max(b["mean"] for b in lm.values()) if lm else None
+                    )
+                cells[(m, t, v)] = cell
+                results.append(cell)
+    # relative differences and the targets
+    checks = []
+    for (m, t, v), c in cells.items():
+        conv = cells.get((m, t, "conventional"))
+        if conv is None:
+            continue
+        hc, hv = conv["headline"], c["headline"]
+        diff = hv["mean"] - hc["mean"]
+        rel = 100.0 * diff / abs(hc["mean"]) if hc["mean"] else float("nan")
+        spread = math.sqrt(hc["std"] ** 2 + hv["std"] ** 2)
+        c["vs_conventional"] = {
+            "diff": diff,
+            "rel_diff_pct": rel,
+            "quality_change_pct": rel if hv["higher_is_better"] else -rel,
+            "seed_spread": spread,
+        }
+        if v == "pregated-L1":
+            q = c["vs_conventional"]["quality_change_pct"]
+            ok_rel, ok_spread = q >= -1.0, abs(diff) <= spread
+            checks.append(
+                {
+                    "model": m,
+                    "task": t,
+                    "quality_change_pct": q,
+                    "within_1pct": abs(rel) <= 1.0,
+                    "at_most_1pct_worse": ok_rel,
+                    "within_seed_spread": ok_spread,
+                    "pass": ok_rel or ok_spread,
+                    "n_seeds": [hc["n"], hv["n"]],
+                }
+            )
+    trends = []
+    for m in a.models:
+        for t in a.tasks:
+            ls = {
+                v: cells[(m, t, v)]["headline"]["mean"]
+                for v in a.variants
+                if (m, t, v) in cells and v.startswith("pregated-L")
+            }
+            if len(ls) < 2:
+                continue
+            order = sorted(ls, key=lambda v: int(v.rsplit("L", 1)[1]))
+            higher = HEADLINE[t][1]
+            q = [ls[v] if higher else -ls[v] for v in order]  # quality: higher is better
+            trends.append(
+                {
+                    "model": m,
+                    "task": t,
+                    "lookaheads": order,
+                    "headline_means": [ls[v] for v in order],
+                    "declines_with_lookahead": all(x >= y for x, y in zip(q, q[1:])),
+                }
+            )
+    pretrain = {m: pretrain_summary(Path(a.root) / "pretrain" / m) for m in a.models}
+    return {
+        "issue": 7,
+        "what": "pre-gated vs conventional fine-tuning of Switch models pretrained here from scratch on "
+        "the embedded stdlib text; see scripts/quality_report.py's docstring for the metrics",
+        "recipes": {
+            "pretrain": {m: pretrain_experiment(m) for m in a.models},
+            "finetune": f"conf/experiment/{FINETUNE_EXPERIMENT}.yaml",
+            "extra_overrides": a.override,
+            "steps_override": a.steps,
+        },
+        "models": a.models,
+        "tasks": a.tasks,
+        "variants": a.variants,
+        "seeds": a.seeds,
+        "headline_metrics": {
+            t: {"metric": f"test/{h[0]}", "higher_is_better": h[1]} for t, h in HEADLINE.items()
+        },
+        "pretrain": pretrain,
+        "results": results,
+        "lookahead1_target": checks,
+        "lookahead_trend": trends,
+        "runs": {
+            "planned": len([j for j in jobs if j.model and j.task]),
+            "finished": sum(len(c["seeds"]) for c in results),
+            "failed": [j.name for j in jobs if j.status == "failed"],
+        },
+        "machine": machine(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _finite(x: Any) -> Any:
+    """NaN/inf -> None, so that the report is strict JSON (e.g. a relative difference to a 0 mean)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["cuda"] = torch.version.cuda
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # pragma: no cover
+        pass
+    for mod in ("hydra", "omegaconf", "numpy"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # pragma: no cover
+            pass
+    try:
+        info["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    except Exception:  # pragma: no cover
+        pass
+    return info
+
+
+# -- presentation ---------------------------------------------------------------------------------
+def _ms(s: dict[str, Any] | None, nd: int = 3) -> str:
+    if not s:
+        return "-"
+    return f"{s['mean']:.{nd}f} ± {s['std']:.{nd}f}" + (f" (n={s['n']})" if s["n"] != 3 else "")
+
+
+def markdown(rep: dict[str, Any]) -> str:
+    lines = [
+        "| model | task | variant | headline (test) | Δ vs conventional | token acc. (test) | "
+        "pre-gate agreement %: conversion → fine-tuned | load max/mean (worst block) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for c in rep["results"]:
+        h = c["headline"]
+        name = h["metric"].split("/", 1)[1]
+        vs = c.get("vs_conventional")
+        delta = "-" if c["variant"] == "conventional" or not vs else f"{vs['rel_diff_pct']:+.2f}%"
+        ag = "-"
+        if c.get("agreement_at_conversion_mean") is not None:
+            ag = f"{c['agreement_at_conversion_mean']:.1f} → {c['agreement_after_finetune_mean']:.1f}"
+        lb = c.get("load_max_over_mean_worst_block")
+        load = "-" if lb is None else f"{lb:.2f} (E={c['num_experts']})"
+        lines.append(
+            f"| {c['model']} | {c['task']} | {c['variant']} | {name} {_ms(h)} | {delta} | "
+            f"{_ms(c['metrics'].get('test/token_accuracy'), 2)} | {ag} | "
+            f"{load} |"
+        )
+    out = ["\n".join(lines), ""]
+    for k in rep["lookahead1_target"]:
+        out.append(
+            f"- {k['model']}/{k['task']}: pre-gated L=1 quality change {k['quality_change_pct']:+.2f}% "
+            f"({'within' if k['within_seed_spread'] else 'outside'} the seed spread) -> "
+            f"{'PASS' if k['pass'] else 'FAIL'}"
+        )
+    for t in rep["lookahead_trend"]:
+        out.append(
+            f"- {t['model']}/{t['task']}: lookahead {', '.join(v.rsplit('L', 1)[1] for v in t['lookaheads'])}"
+            f" -> {', '.join(f'{x:.3f}' for x in t['headline_means'])}"
+            f" ({'declines' if t['declines_with_lookahead'] else 'does not decline monotonically'})"
+        )
+    for m, p in rep["pretrain"].items():
+        if p:
+            out.append(
+                f"- pretrain {m}: {p.get('parameters') or 0:,} parameters, {p['steps']} steps, validation "
+                f"loss {p['validation_curve'][0][1]:.3f} -> min {p['validation_loss_min']:.3f} -> end "
+                f"{p['validation_loss_end']:.3f} (flattened: {p['flattened']}, rising at end: "
+                f"{p['rising_at_end']})"
+                if p.get("validation_curve")
+                else f"- pretrain {m}: no curve"
+            )
+    return "\n".join(out) + "\n"
+
+
+def plot(rep: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in rep["models"] if any(c["model"] == m for c in rep["results"])]
+    tasks = [t for t in rep["tasks"] if any(c["task"] == t for c in rep["results"])]
+    if not models or not tasks:
+        return
+    fig, axes = plt.subplots(
+        len(models), 2 * len(tasks), figsize=(4.2 * 2 * len(tasks), 3.4 * len(models)), squeeze=False
+    )
+    for i, m in enumerate(models):
+        for j, t in enumerate(tasks):
+            cs = [c for c in rep["results"] if c["model"] == m and c["task"] == t]
+            ax = axes[i][2 * j]
+            names = [c["variant"].replace("pregated-", "") for c in cs]
+            means = [c["headline"]["mean"] for c in cs]
+            stds = [c["headline"]["std"] for c in cs]
+            colors = ["tab:gray" if c["variant"] == "conventional" else "tab:blue" for c in cs]
+            ax.bar(names, means, yerr=stds, capsize=4, color=colors)
+            lo, hi = min(mm - s for mm, s in zip(means, stds)), max(mm + s for mm, s in zip(means, stds))
+            pad = max(1e-6, 0.5 * (hi - lo) or 0.05 * abs(hi))
+            ax.set_ylim(lo - pad, hi + pad)
+            ax.set_title(f"{m} / {t}: {cs[0]['headline']['metric']}", fontsize=9)
+            ax.set_ylabel(
+                ("↑ " if cs[0]["headline"]["higher_is_better"] else "↓ ") + cs[0]["headline"]["metric"]
+            )
+            ax = axes[i][2 * j + 1]
+            pg = [c for c in cs if c.get("agreement_at_conversion_mean") is not None]
+            x = range(len(pg))
+            ax.bar(
+                [k - 0.2 for k in x],
+                [c["agreement_at_conversion_mean"] for c in pg],
+                0.4,
+                label="at conversion",
+            )
+            ax.bar(
+                [k + 0.2 for k in x],
+                [c["agreement_after_finetune_mean"] for c in pg],
+                0.4,
+                label="fine-tuned",
+            )
+            ax.set_xticks(list(x), [c["variant"].replace("pregated-", "") for c in pg])
+            ax.set_ylim(0, 100)
+            ax.set_title(f"{m} / {t}: pre-gate agreement with the router (%)", fontsize=9)
+            ax.legend(fontsize=7)
+    fig.suptitle("Pre-gated vs conventional fine-tuning (mean ± std over seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- main -----------------------------------------------------------------------------------------
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=MODELS)
+    ap.add_argument("--tasks", nargs="+", default=TASKS, choices=sorted(HEADLINE))
+    ap.add_argument("--variants", nargs="+", default=VARIANTS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=SEEDS)
+    ap.add_argument("--steps", type=int, default=0, help="override the fine-tunes' train.max_steps")
+    ap.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every fine-tune")
+    ap.add_argument("--pretrain", action="store_true", help="run conf/experiment/pretrain_<model>.yaml first")
+    ap.add_argument(
+        "--pretrained",
+        nargs="*",
+        default=[],
+        metavar="MODEL=DIR",
+        help="pretrained checkpoint dirs (default: <root>/pretrain/<model>/checkpoint)",
+    )
+    ap.add_argument("--pretrain-steps", type=int, default=0)
+    ap.add_argument("--pretrain-override", nargs="*", default=[])
+    ap.add_argument("--root", default=str(ROOT / "outputs" / "quality"), help="run directories")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality.json"))
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (spread over the GPUs)")
+    ap.add_argument("--gpus", default="auto", help="comma-separated GPU ids, or auto (all visible)")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads per run (0: cores / jobs)")
+    ap.add_argument("--time-budget", type=float, default=0, help="seconds; stop launching after this")
+    ap.add_argument("--grace", type=float, default=60, help="seconds after the budget before SIGTERM")
+    ap.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep every fine-tuned model's weights (default: only " + "/".join(map(str, KEEP)) + ")",
+    )
+    ap.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    ap.add_argument("--aggregate-only", action="store_true", help="only build the report from the run dirs")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    for v in a.variants:
+        variant_overrides(v)
+    jobs, ckpts = plan(a)
+    if a.dry_run:
+        for j in jobs:
+            j.build()
+            done = read_metrics(j.run_dir) is not None
+            print(("# done: " if done else "") + " ".join(j.cmd))
+        return 0
+    if not a.aggregate_only:
+        for j in jobs:
+            if read_metrics(j.run_dir) is not None:
+                j.status = "done"
+        execute(jobs, a)
+    rep = aggregate(jobs, ckpts, a)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(_finite(rep), indent=2, default=str) + "\n")
+    md = markdown(rep)
+    out.with_suffix(".md").write_text(f"<!-- {rep['command']} ({rep['date']}) -->\n" + md)
+    try:
+        plot(rep, out.with_suffix(".png"))
+    except Exception as e:  # the numbers matter more than the picture
+        print(f"[quality] plot failed: {e}", file=sys.stderr)
+    print(md)
+    print(f"[quality] wrote {out}, {out.with_suffix('.md').name}, {out.with_suffix('.png').name}")
+    left = rep["runs"]["planned"] - rep["runs"]["finished"]
+    if rep["runs"]["failed"]:
+        print(f"[quality] failed runs: {rep['runs']['failed']}", file=sys.stderr)
+        return 1
+    if left and not a.aggregate_only:
+        print(f"[quality] {left} runs not finished yet (call again to continue)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
