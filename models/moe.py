@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from kernels import expert_ffn as _ffn
 from kernels import routing as _routing
+from kernels.grouped_ffn import grouped_expert_ffn
 from models.config import ACTIVATIONS, SwitchConfig
 
 BACKENDS = ("torch", "triton")
@@ -96,6 +97,9 @@ class SparseMLP(nn.Module):
         self.pregate: nn.Linear | None = None  # routes MoE block (this + lookahead) of the same stack
         self.uses_own_router = True            # False for blocks routed by an earlier pre-gate
         self.backend = "torch"
+        # training path of the expert FFN: "reference" (per-expert loop) or "grouped"
+        # (kernels/grouped_ffn.py: grouped GEMMs, no host sync; GPUs with torch._grouped_mm)
+        self.train_backend = "reference"
         self.expert_source: ExpertSource | None = None
 
     def add_pregate(self, init_from: nn.Linear) -> None:
@@ -151,13 +155,20 @@ class SparseMLP(nn.Module):
         split = getattr(self.expert_source, "split", None)  # optional hook (CPU compute of misses)
         if split is not None:
             routing, extra = split(x_BSD, routing)
-        fn = _ffn.expert_ffn if self.backend == "triton" and not torch.is_grad_enabled() else _ffn.expert_ffn_reference
-        if self.training and self.dropout.p > 0:
+        fast = self.backend == "triton" and not torch.is_grad_enabled()
+        fn = _ffn.expert_ffn if fast else _ffn.expert_ffn_reference
+        grouped = self.train_backend == "grouped" and torch.is_grad_enabled()
+        if grouped and slots is None and extra is None and routing.ids.shape[-1] == 1:
+            drop = self.dropout.p if self.training else 0.0
+            y_ND = grouped_expert_ffn(x_BSD.reshape(B * S, D), w_in, w_out, routing.ids, routing.weights,
+                                      self.activation, drop)
+            y_BSD = y_ND.view(B, S, D)
+        elif self.training and self.dropout.p > 0:
             # transformers applies dropout inside each expert, after the activation
             y_BSD = self._experts_with_dropout(x_BSD, routing, w_in, w_out, slots)
         else:
-            y_ND = fn(x_BSD.reshape(B * S, D), w_in, w_out, routing.ids, routing.weights, slots, self.activation)
-            y_BSD = y_ND.view(B, S, D)
+            x_ND = x_BSD.reshape(B * S, D)
+            y_BSD = fn(x_ND, w_in, w_out, routing.ids, routing.weights, slots, self.activation).view(B, S, D)
         return y_BSD if extra is None else y_BSD + extra()
 
     def _experts_with_dropout(self, x_BSD, routing, w_in, w_out, slots):
