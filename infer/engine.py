@@ -11,7 +11,6 @@ is capturable; otherwise it runs eagerly and the reason is recorded.
 from __future__ import annotations
 
 import gc
-
 import statistics
 import time
 from dataclasses import dataclass, field

@@ -53,7 +53,7 @@ def gather_rows_reference(src_EC: torch.Tensor, ids_n: torch.Tensor, dst_SC: tor
     """dst[dst_row[i]] = src[ids[i]] for every i with ids[i] >= 0 and dst_row[i] >= 0 (dst_row None: i)."""
     ids = ids_n.long().cpu()
     rows = torch.arange(len(ids)) if dst_row_n is None else dst_row_n.long().cpu()
-    for i, (e, r) in enumerate(zip(ids.tolist(), rows.tolist())):
+    for e, r in zip(ids.tolist(), rows.tolist()):
         if e >= 0 and r >= 0:
             dst_SC[r].copy_(src_EC[e])
     return dst_SC

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 # Hugging Face activation name -> name used by kernels.expert_ffn (exact-erf GELU, as ACT2FN["gelu"]).
 ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "silu": "silu"}
 

@@ -212,7 +212,8 @@ class Stack(nn.Module):
             if self.decoder:
                 x = blk.cross_norm(h)
                 ck, cv = cross_kv[i]
-                h = _clamp_fp16(h + blk.dropout(blk.cross_attn.attend(blk.cross_attn.heads(blk.cross_attn.q, x), ck, cv, cross_bias)))
+                ca = blk.cross_attn
+                h = _clamp_fp16(h + blk.dropout(ca.attend(ca.heads(ca.q, x), ck, cv, cross_bias)))
             x = blk.ff_norm(h)
             if blk.sparse:
                 mlp: SparseMLP = blk.ff
@@ -427,7 +428,9 @@ class Switch(nn.Module):
 
     # -- incremental decoding ------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_len: int = 64) -> DecodeState:
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_len: int = 64
+    ) -> DecodeState:
         """Encode the prompts and allocate the decoder's caches for `max_len` decoder positions."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)

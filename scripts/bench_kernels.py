@@ -33,8 +33,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import tuning  # noqa: E402
-from kernels.expert_ffn import _default_config, expert_ffn, expert_ffn_reference, expert_ffn_triton  # noqa: E402
-from kernels.expert_ffn import fused_candidates  # noqa: E402
+from kernels.expert_ffn import (  # noqa: E402
+    _default_config,
+    expert_ffn,
+    expert_ffn_reference,
+    expert_ffn_triton,
+    fused_candidates,  # noqa: E402
+)
 from kernels.routing import _route_candidates, route, route_reference, route_triton  # noqa: E402
 
 SHAPES = {"switch-base": (768, 3072), "switch-large": (1024, 4096)}

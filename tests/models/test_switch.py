@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models.config import ConfigError, PRESETS, SwitchConfig, preset
+from models.config import PRESETS, ConfigError, SwitchConfig, preset
 from models.generate import beam_search, greedy
 from models.switch import Switch
 from models.tokenizer import ByteTokenizer, load_tokenizer
