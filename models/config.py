@@ -175,13 +175,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_sparse_encoder_layers=2, num_sparse_decoder_layers=2, num_experts=8, expert_capacity=None,
         dropout_rate=0.0,
     ),
-    "small": dict(
-        vocab_size=384, d_model=256, d_kv=32, d_ff=1024, num_heads=8, num_layers=6, num_decoder_layers=6,
-        num_sparse_encoder_layers=3, num_sparse_decoder_layers=3, num_experts=8, expert_capacity=None,
+    "small": dict(  # 34.7M parameters; 4+4 MoE blocks so lookahead 1-3 all leave pre-gates
+        vocab_size=384, d_model=256, d_kv=32, d_ff=768, num_heads=8, num_layers=8, num_decoder_layers=8,
+        num_sparse_encoder_layers=4, num_sparse_decoder_layers=4, num_experts=8, expert_capacity=None,
         dropout_rate=0.0,
     ),
-    "medium": dict(
-        vocab_size=384, d_model=512, d_kv=64, d_ff=2048, num_heads=8, num_layers=8, num_decoder_layers=8,
+    "medium": dict(  # 170.1M parameters, 32 experts
+        vocab_size=384, d_model=384, d_kv=64, d_ff=768, num_heads=6, num_layers=8, num_decoder_layers=8,
         num_sparse_encoder_layers=4, num_sparse_decoder_layers=4, num_experts=32, expert_capacity=None,
         dropout_rate=0.0,
     ),
