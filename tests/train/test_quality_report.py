@@ -74,20 +74,11 @@ def test_finetune_recipe_is_the_same_for_every_variant():
     assert _compose(["experiment=quality_finetune", "data=span"]).data.name == "span"
 
 
-@pytest.mark.xfail(
-    reason="conf/train.yaml lists _self_ after `experiment`, so an experiment's train.*/eval.* "
-    "values are overridden by train.yaml's; quality_report.py restates them meanwhile",
-    strict=False,
-)
 def test_experiment_alone_sets_its_train_keys():
     cfg = _compose(["experiment=pretrain_small"])
     assert cfg.train.max_steps == 2000 and cfg.train.batch_size == 64
 
 
-@pytest.mark.xfail(
-    reason="models/config.py PRESETS still has the old small/medium sizes (conf/model/*.yaml were resized for #7)",
-    strict=False,
-)
 @pytest.mark.parametrize("name", ["small", "medium"])
 def test_model_yaml_mirrors_preset(name):
     cfg = _compose([f"model={name}"])
