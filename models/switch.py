@@ -69,7 +69,7 @@ class Attention(nn.Module):
         self.num_buckets = cfg.relative_attention_num_buckets
         self.max_distance = cfg.relative_attention_max_distance
         self.relative_attention_bias = nn.Embedding(self.num_buckets, self.h) if relative_bias else None
-        self._qkv_weight: torch.Tensor | None = None  # [3 * H * Dh, D], set by Switch.fuse_for_inference
+        self._qkv_weight: torch.Tensor | None = None  # [3 * H * Dh, D], q/k/v are views of it (fuse_qkv)
 
     def position_bias(self, q_pos: torch.Tensor, k_len: int) -> torch.Tensor:
         """[1, H, Q, K] bias for query positions q_pos [Q] against keys 0..k_len-1."""
@@ -82,13 +82,30 @@ class Attention(nn.Module):
         return proj(x_BQD).view(B, Q, self.h, self.dh).transpose(1, 2)  # [B, H, Q, Dh]
 
     def qkv(self, x_BQD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v heads; one matrix product when inference weights are fused (Switch.fuse_for_inference)."""
+        """q, k, v heads; one matrix product under no_grad when the weights are fused (fuse_qkv)."""
         w = self._qkv_weight
-        if w is None or torch.is_grad_enabled():
+        if w is None or torch.is_grad_enabled() or not self.qkv_fused():
             return self.heads(self.q, x_BQD), self.heads(self.k, x_BQD), self.heads(self.v, x_BQD)
         B, Q, _ = x_BQD.shape
         qkv = F.linear(x_BQD, w).view(B, Q, 3, self.h, self.dh)
         return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
+
+    def qkv_fused(self) -> bool:
+        """True while q, k and v are still the three row blocks of the fused matrix (a dtype or
+        device change, or a load, gives them new storage)."""
+        w = self._qkv_weight
+        return w is not None and self.q.weight.data_ptr() == w.data_ptr() and self.q.weight.dtype == w.dtype
+
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """Put q, k, v into one [3 * H * Dh, D] matrix and make the three weights views of its row
+        blocks: no extra memory, training updates stay visible, one launch instead of three."""
+        if self.qkv_fused():
+            return
+        w = torch.cat([self.q.weight, self.k.weight, self.v.weight])
+        n = self.q.weight.shape[0]
+        self.q.weight.data, self.k.weight.data, self.v.weight.data = w[:n], w[n : 2 * n], w[2 * n :]
+        self._qkv_weight = w
 
     def attend(self, q_BHQd, k_BHKd, v_BHKd, bias) -> torch.Tensor:
         # T5 does not scale q.k: the scale is folded into the initialisation of q.
@@ -331,21 +348,14 @@ class Switch(nn.Module):
             moe.backend = backend
         return self
 
-    @torch.no_grad()
-    def fuse_for_inference(self, enable: bool = True) -> Switch:
-        """Concatenate each self-attention's q, k, v weights into one matrix (a copy of them),
-        used under no_grad: one launch instead of three per block. Call again after changing
-        weights; `enable=False` drops the copies."""
+    def fuse_for_inference(self) -> Switch:
+        """Fuse each self-attention's q/k/v weights (views of one matrix; no extra memory); the
+        inference runner calls it once after loading. Idempotent. Not for models wrapped by FSDP,
+        whose parameters are views of its own flat buffers."""
         for stack in (self.encoder, self.decoder):
             for blk in stack.blocks:
-                a = blk.self_attn
-                a._qkv_weight = torch.cat([a.q.weight, a.k.weight, a.v.weight]) if enable else None
+                blk.self_attn.fuse_qkv()
         return self
-
-    def train(self, mode: bool = True) -> Switch:
-        if mode:
-            self.fuse_for_inference(False)  # training changes the weights: never read stale copies
-        return super().train(mode)
 
     @property
     def device(self) -> torch.device:

@@ -128,16 +128,27 @@ def test_hf_tokenizer_files_are_used(tmp_path):
     assert tok.decode([3, 4]) == "hello world"
 
 
-def test_fused_qkv_gives_the_same_logits_and_is_dropped_for_training():
+def test_fused_qkv_shares_storage_and_gives_the_same_logits():
     model = _model(seed=5)
     x, y = torch.randint(3, 384, (2, 9)), torch.randint(3, 384, (2, 4))
+    n_params = sum(p.numel() for p in model.parameters())
     with torch.no_grad():
         ref = model(x, labels=y).logits
         model.fuse_for_inference()
         fused = model(x, labels=y).logits
+    att = model.encoder.blocks[0].self_attn
+    assert att.qkv_fused() and att.k.weight.data_ptr() == att._qkv_weight[att.q.weight.shape[0]:].data_ptr()
+    assert sum(p.numel() for p in model.parameters()) == n_params
     assert (ref - fused).abs().max() < 1e-5
-    model.train()
-    assert model.encoder.blocks[0].self_attn._qkv_weight is None
+    # training updates the views, so the fused matrix never goes stale
+    with torch.no_grad():
+        att.v.weight.add_(1.0)
+    assert torch.equal(att._qkv_weight[2 * att.q.weight.shape[0]:], att.v.weight)
+    # a dtype change gives the weights new storage: the fused path steps aside
+    model.to(torch.float64)
+    assert not att.qkv_fused()
+    with torch.no_grad():
+        model(x.clone(), labels=y)
 
 
 def test_grouped_training_path_matches_reference_loop():
