@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from models.checkpoint import load_switch, save_switch
+from models.checkpoint import load_switch, replace_dir, save_switch
 from models.config import config_from_conf
 from models.generate import generate
 from models.pregate import convert_to_pregated
@@ -327,15 +327,7 @@ def save_checkpoint(path: Path, model: Switch, tok, state: dict[str, Any] | None
     save_switch(model, staging, extra_files=extra)
     if state is not None:
         torch.save(state, staging / STATE_FILE)
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(staging, path)
-        import shutil
-
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, path)
+    replace_dir(staging, path)
 
 
 def find_resumable(path: Path) -> Path | None:
