@@ -150,6 +150,7 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
         cpu_compute=str(cfg.offload.cpu_compute),
         link_GBps=cfg.offload.link_GBps,
         cpu_overhead_ms=cfg.offload.cpu_overhead_ms,
+        prefill_slots=int(cfg.offload.prefill_slots),
     )
     peak = rep.pinned_peak_GBps(device)
     env = rep.environment(device)

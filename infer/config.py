@@ -29,6 +29,7 @@ class OffloadConf:
     cpu_compute: str = "off"  # off | auto (cost model) | always: missed experts computed on the CPU
     link_GBps: float | None = None  # cost model's copy bandwidth; null: one expert's copy, measured
     cpu_overhead_ms: float | None = None  # cost model's host round trip per block; null: measured
+    prefill_slots: int = 16  # slots the encoder pass streams its experts through (two buffers of half)
 
 
 @dataclass

@@ -72,6 +72,19 @@ def drop_experts(model: Switch) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- graphs
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device) -> torch.cuda.Stream:
+    """One warm-up stream per device for every capture. A new stream per capture made cuBLAS(Lt) allocate
+    a workspace for it (torch keeps one per handle and stream for the life of the process: 64 MiB on
+    Hopper), so each generate call left ~64 MiB allocated until torch's 32 pooled streams came round."""
+    key = torch.device(device)
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(key)
+    return _SIDE_STREAMS[key]
+
+
 class GraphStep:
     """decode_one_token captured as one CUDA graph for a given DecodeState (its buffers keep their
     addresses; the position is a device tensor advanced inside the graph)."""
@@ -80,7 +93,7 @@ class GraphStep:
         self.model = model
         self.tok = torch.zeros(batch, dtype=torch.long, device=state.pos.device)
         pos0 = state.pos.clone()
-        side = torch.cuda.Stream()
+        side = _side_stream(state.pos.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up (allocator, Triton autotuning) outside the capture
             for _ in range(2):
@@ -137,6 +150,7 @@ class Engine:
         cpu_compute: str = "off",
         link_GBps: float | None = None,
         cpu_overhead_ms: float | None = None,
+        prefill_slots: int = 16,
     ):
         self.model, self.store = model, store
         self.device = torch.device(device)
@@ -148,6 +162,7 @@ class Engine:
         self.cpu_compute = cpu_compute
         self.link_GBps, self.cpu_overhead_ms = link_GBps, cpu_overhead_ms
         self._calibration: cc.Calibration | None = None
+        self.prefill_slots = prefill_slots
 
     def calibration(self) -> cc.Calibration:
         """The CPU-compute cost model's numbers, measured once on this engine's store."""
@@ -197,6 +212,7 @@ class Engine:
                 copy_mode=self.copy_mode,
                 cpu_compute=cpu_mode,
                 calibration=self.calibration() if cpu_mode != "off" else None,
+                prefill_slots=self.prefill_slots,
             ).attach()
             # timing events cannot sit in a captured graph: stalls are measured on eager steps only
             runner.pool.measure_stall = self.measure_stall and (

@@ -174,10 +174,13 @@ class SlotPool:
         n_stage: int,
         ring: int,
         copy_mode: str = "auto",
+        n_prefill: int = 0,
     ):
         self.store, self.device = store, torch.device(device)
         self.M, self.E, self.C, self.n, self.R = store.M, store.E, cache_size, n_stage, ring
-        self.P = self.M * self.C + self.R * self.n
+        self.n_prefill = n_prefill  # slots the encoder's blocks stream their experts through (after staging)
+        self.prefill_base = self.M * self.C + self.R * self.n
+        self.P = self.prefill_base + n_prefill
         F, D = store.F, store.D
         FD = F * D
         self.pool = torch.zeros((self.P, store.X), dtype=store.dtype, device=self.device)  # [P, X]
@@ -200,15 +203,17 @@ class SlotPool:
         self.copy_mode = copy_mode
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.copy_done = [torch.cuda.Event() if self.cuda else None for _ in range(self.M)]
+        self.prefill_done = [torch.cuda.Event() if self.cuda else None for _ in range(2)]  # per buffer
         self.stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.measure_stall = False
 
     def nbytes(self) -> int:
         return self.pool.numel() * self.pool.element_size()
 
-    def copy(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor) -> None:
+    def copy(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor, done=None) -> None:
         """Copy expert src_n[j] of block m into slot dst_n[j] where src_n[j] >= 0. On CUDA this
-        returns at once: the copy runs on the copy stream once the compute stream has passed this point."""
+        returns at once: the copy runs on the copy stream once the compute stream has passed this point.
+        done: the event recorded after the copies (block m's by default)."""
         if not self.cuda:
             if self.copy_mode == "device":  # the kernel under TRITON_INTERPRET (tests)
                 expert_copy.gather_rows(self.store.data[m], src_n, self.pool, dst_n)
@@ -223,26 +228,27 @@ class SlotPool:
                 )
             else:
                 self._copy_host(m, src_n, dst_n)
-            self.copy_done[m].record(self.copy_stream)
+            (self.copy_done[m] if done is None else done).record(self.copy_stream)
 
     def _copy_host(self, m, src_n, dst_n) -> None:
         pairs = torch.stack([src_n, dst_n], 1)
         for e, p in pairs[src_n >= 0].tolist():  # host sync on CUDA
             self.pool[p].copy_(self.store.data[m, e], non_blocking=True)
 
-    def wait(self, m: int) -> None:
-        """The compute stream waits for block m's copies (only those)."""
+    def wait(self, m: int, done=None) -> None:
+        """The compute stream waits for block m's copies (only those), or for the event done."""
         if not self.cuda:
             return
+        event = self.copy_done[m] if done is None else done
         compute = torch.cuda.current_stream(self.device)
         if self.measure_stall:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record(compute)
-            compute.wait_event(self.copy_done[m])
+            compute.wait_event(event)
             b.record(compute)
             self.stall_events.append((a, b))
         else:
-            compute.wait_event(self.copy_done[m])
+            compute.wait_event(event)
 
     def stall_ms(self) -> float | None:
         if not self.cuda or not self.measure_stall:

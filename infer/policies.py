@@ -82,6 +82,9 @@ class _Block:
     def fetch(self, routing: Routing):
         return self.r.on_fetch(self.m, routing)
 
+    def chunks(self, routing: Routing):
+        return self.r.on_chunks(self.m, routing)
+
     def split(self, x_BSD: torch.Tensor, routing: Routing):
         return self.r.on_split(self.m, x_BSD, routing)
 
@@ -101,8 +104,11 @@ class OffloadRunner:
         copy_mode: str = "auto",
         cpu_compute: str = "off",
         calibration: cc.Calibration | None = None,
+        prefill_slots: int = 16,
     ):
         spec.validate()
+        if prefill_slots < 1:
+            raise OffloadError(f"offload.prefill_slots must be >= 1, got {prefill_slots}")
         if cpu_compute not in cc.MODES:
             raise OffloadError(f"offload.cpu_compute={cpu_compute!r}; expected one of {', '.join(cc.MODES)}")
         if cpu_compute == "auto" and calibration is None:
@@ -136,11 +142,33 @@ class OffloadRunner:
         if spec.name == "prefetch_all":
             n_enc = n_dec = self.E
         self.n_of = [min(self.E, n_enc), min(self.E, n_dec)]
+        # The encoder pass (many tokens) may route to every expert of a block, the decode step to a
+        # few: the encoder's blocks stream their experts through a small double-buffered region of
+        # prefill_slots slots, in chunks (one host sync per block), so that the staging buffers only
+        # need the decode step's slots. prefetch_all needs all E slots per block anyway.
+        # With CPU compute of misses active the encoder's blocks keep their whole-block plans (its CPU
+        # choice is made per plan): the pool is then sized for the prefill as before.
+        cpu_active = cpu_compute == "always" or (cpu_compute == "auto" and calibration.cpu_wins(1))
+        self.stream_enc = spec.name != "prefetch_all" and self.n_of[0] > self.n_of[1] and not cpu_active
+        if self.stream_enc:
+            nbuf = 2 if prefill_slots >= 2 else 1
+            chunk = prefill_slots // nbuf
+            if chunk * nbuf >= self.n_of[0]:  # one chunk holds every expert a block can need
+                nbuf, chunk = 1, self.n_of[0]
+            self.n_of[0] = self.n_of[1]  # the encoder's blocks do not use the staging buffers
+        else:
+            nbuf, chunk = 0, 0
+        self.prefill_bufs, self.prefill_chunk = nbuf, chunk
         ring = (cfg.lookahead + 1) if spec.name in ("pregated", "lookahead") else 2
         self.ring = ring
-        self.pool = SlotPool(store, self.device, self.C, max(self.n_of), ring, copy_mode)
+        self.pool = SlotPool(store, self.device, self.C, max(self.n_of), ring, copy_mode, nbuf * chunk)
         dev = self.device
         M, C, n = store.M, self.C, max(self.n_of)
+        self.prefill_slot = [
+            self.pool.prefill_base + b * chunk + torch.arange(chunk, device=dev) for b in range(nbuf)
+        ]
+        self.prefill_src = [torch.full((chunk,), -1, dtype=torch.int32, device=dev) for _ in range(nbuf)]
+        self.prefill_dst = [s.to(torch.int32) for s in self.prefill_slot]
         # candidate slots of block m: its C cache slots, then the n slots of its staging buffer
         self.cand_slot = []
         for m in range(M):
@@ -223,6 +251,14 @@ class OffloadRunner:
             "hit_rate": (int(self.hits) / lookups) if lookups else None,
             "stall_ms": self.pool.stall_ms(),
             "pool_bytes": self.pool.nbytes(),
+            "pool_cache_bytes": self.pool.M * self.pool.C * self.store.expert_bytes,
+            "pool_staging_bytes": self.pool.R * self.pool.n * self.store.expert_bytes,
+            "pool_prefill_bytes": self.pool.n_prefill * self.store.expert_bytes,
+            "pool_slots": {
+                "cache": self.pool.M * self.pool.C,
+                "decode_staging": self.pool.R * self.pool.n,
+                "prefill": self.pool.n_prefill,
+            },
             "copy_mode": self.pool.copy_mode,
             "cpu_compute": self.cpu_compute,
             "cpu_compute_active": self.cpu_active,
@@ -352,8 +388,60 @@ class OffloadRunner:
     # Stack.run calls prefetch(target) before the source block's fetch, so plans are queued here and
     # issued from on_fetch after the source block's own copies: the copy stream serves the block that
     # computes first, first.
+    def _streamed(self, m: int) -> bool:
+        return self.stream_enc and self.stack_of[m] == 0
+
+    def on_chunks(self, m: int, routing: Routing):
+        """None, or (block m is an encoder block streamed through the prefill slots) an iterator of
+        (w_in, w_out, slot_of_expert, token ids): the experts a block's tokens need, in chunks of
+        prefill_chunk experts by expert id; chunk i+1's copy is issued before chunk i's compute,
+        into the other buffer, so the two overlap on CUDA. Reads the needed experts and each chunk's
+        tokens on the host (a sync; the encoder pass is never graph-captured)."""
+        if not self._streamed(m):
+            return None
+        self._prefetched.discard(m)
+        self._observed = None
+        return self._stream(m, routing)
+
+    def _stream(self, m: int, routing: Routing):
+        dev, pool = self.device, self.pool
+        ids = routing.ids.long()  # [N, k]
+        need_E = self._need(routing)
+        experts = need_E.nonzero().flatten()
+        n_need = experts.numel()  # host sync
+        c, nbuf = self.prefill_chunk, self.prefill_bufs
+        chunks = [experts[i : i + c] for i in range(0, n_need, c)]
+        self.lookups.add_(n_need)
+        self.copied.add_(n_need)
+
+        def issue(i: int) -> None:
+            b = i % nbuf
+            ch = chunks[i]
+            src = self.prefill_src[b]
+            src.fill_(-1)
+            src[: ch.numel()].copy_(ch.to(torch.int32))
+            pool.copy(m, src, self.prefill_dst[b], done=pool.prefill_done[b])
+
+        issue(0)
+        for i, ch in enumerate(chunks):
+            if nbuf > 1 and i + 1 < len(chunks):
+                issue(i + 1)  # into the other buffer, whose last reader (chunk i - 1) is already issued
+            pool.wait(m, done=pool.prefill_done[i % nbuf])
+            slots = self.prefill_slot[i % nbuf]
+            # experts off the chunk: any valid slot (their tokens are not computed, or weigh 0 when k > 1)
+            table = torch.full((self.E,), pool.prefill_base + (i % nbuf) * c, dtype=torch.int32, device=dev)
+            table[ch] = slots[: ch.numel()].to(torch.int32)
+            in_chunk = torch.zeros(self.E, dtype=torch.bool, device=dev)
+            in_chunk[ch] = True
+            tok = in_chunk[ids].any(-1).nonzero().flatten()  # host sync
+            yield pool.w_in, pool.w_out, table, tok, in_chunk
+            if nbuf == 1 and i + 1 < len(chunks):
+                issue(i + 1)
+
     def on_prefetch(self, m: int, routing: Routing) -> None:
         """A pre-gate routed block m early."""
+        if self._streamed(m):  # streamed at its own fetch
+            return
         if self.spec.name in ("pregated", "lookahead"):
             self._pending.append((m, self._need(routing)))
 

@@ -50,6 +50,12 @@ class ExpertSource(Protocol):
     # and `extra` (None, or a callable returning a [B, S, D] partial output, called after the
     # expert FFN is launched so the two can overlap) is added to their output (the offload runner's
     # CPU compute of missed experts).
+    # Optional: `chunks(routing)` is called first, when the source defines it: None (then fetch as
+    # usual), or an iterable of (w_in, w_out, slot_of_expert, tok [n] token ids, in_chunk [E] bool):
+    # the experts computed chunk by chunk through a few slots (the offload runner's prefill streaming).
+    # Each chunk computes the tokens tok routed to its experts (with k > 1 the other experts' weights
+    # are zeroed); the outputs are summed into zeros, so with k = 1 each token's output is bitwise the
+    # unchunked one (same rows per expert, added once to zero).
 
 
 def apply_capacity(ids_BSk: torch.Tensor, weights_BSk: torch.Tensor, capacity: int | None, num_experts: int):
@@ -144,6 +150,10 @@ class SparseMLP(nn.Module):
     # -- experts -----------------------------------------------------------------------------
     def experts(self, x_BSD: torch.Tensor, routing: Routing) -> torch.Tensor:
         B, S, D = x_BSD.shape
+        chunks = getattr(self.expert_source, "chunks", None)
+        parts = chunks(routing) if chunks is not None else None
+        if parts is not None:
+            return self._experts_chunked(x_BSD, routing, parts)
         if self.expert_source is not None:
             observe = getattr(self.expert_source, "observe", None)  # optional hook (speculative prefetch)
             if observe is not None:
@@ -170,6 +180,22 @@ class SparseMLP(nn.Module):
             x_ND = x_BSD.reshape(B * S, D)
             y_BSD = fn(x_ND, w_in, w_out, routing.ids, routing.weights, slots, self.activation).view(B, S, D)
         return y_BSD if extra is None else y_BSD + extra()
+
+    def _experts_chunked(self, x_BSD, routing, parts):
+        B, S, D = x_BSD.shape
+        x_ND = x_BSD.reshape(B * S, D)
+        fast = self.backend == "triton" and not torch.is_grad_enabled()
+        fn = _ffn.expert_ffn if fast else _ffn.expert_ffn_reference
+        y = torch.zeros_like(x_ND)
+        for w_in, w_out, slots, tok, in_chunk in parts:
+            if tok.numel() == 0:
+                continue
+            ids = routing.ids[tok]
+            w = routing.weights[tok]
+            if ids.shape[-1] > 1:
+                w = torch.where(in_chunk[ids.long()], w, 0.0)
+            y.index_add_(0, tok, fn(x_ND[tok], w_in, w_out, ids, w, slots, self.activation))
+        return y.view(B, S, D)
 
     def _experts_with_dropout(self, x_BSD, routing, w_in, w_out, slots):
         B, S, D = x_BSD.shape

@@ -116,7 +116,41 @@ def test_policy_spec_parsing():
 def test_slots_stay_bounded(pregated_ckpt):
     model, store = load_offloaded(pregated_ckpt, "cpu", torch.float32, None)
     r = OffloadRunner(model, store, PolicySpec("pregated"), "cpu", n_enc=1000, n_dec=1)
-    assert r.pool.P == 2 * store.E  # two blocks' experts at most without a cache
+    assert r.pool.P == 2 * 1 + store.E  # decode: 2 blocks x 1 row; prefill: one chunk of all 8 experts
+    r = OffloadRunner(model, store, PolicySpec("prefetch_all"), "cpu", n_enc=1000, n_dec=1)
+    assert r.pool.P == 2 * store.E  # prefetch_all needs every expert of two blocks anyway
+
+
+@pytest.fixture(scope="module")
+def wide_ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ck") / "wide", num_experts=32)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_pool_does_not_scale_with_experts_for_the_prefill(wide_ckpt, num_beams):
+    """E = 32: the encoder's blocks stream their experts through prefill_slots slots (in chunks, two
+    buffers); the pool holds the decode step's slots (2 blocks x rows x k) + those + the cache, and
+    every policy still gives gpu_only's tokens and bitwise-equal logits."""
+    model, store = load_offloaded(wide_ckpt, "cpu", torch.float32, None)
+    assert store.E == 32
+    ids, mask = prompts()
+    rows, k = ids.shape[0] * num_beams, 1
+    kw = dict(max_new_tokens=5, num_beams=num_beams, keep_logits=True)
+    ref = Engine(model, store, "cpu").run(PolicySpec("gpu_only"), ids, mask, **kw)
+    for prefill_slots in (1, 4, 5, 16):
+        eng = Engine(model, store, "cpu", prefill_slots=prefill_slots)
+        for spec in (PolicySpec("pregated"), PolicySpec("on_demand", 2, "lru"), PolicySpec("pregated", 3, "lfu")):
+            res = eng.run(spec, ids, mask, **kw)
+            _same(ref, res)
+            m = res.metrics
+            cache = store.M * spec.cache_size
+            bound = (2 * rows * k + prefill_slots + cache) * store.expert_bytes
+            assert m["pool_bytes"] <= bound < 2 * store.E * store.expert_bytes, (prefill_slots, spec)
+            assert m["pool_bytes"] == m["pool_cache_bytes"] + m["pool_staging_bytes"] + m["pool_prefill_bytes"]
+            assert m["pool_slots"]["prefill"] <= prefill_slots
+            assert m["pool_slots"]["decode_staging"] == 2 * rows * k
+            # every expert the encoder needs is copied once, through the prefill slots
+            assert m["experts_copied"] > 0 and m["expert_lookups"] >= m["experts_copied"] - 0
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
