@@ -153,6 +153,7 @@ class Engine:
         prefill_slots: int = 16,
     ):
         self.model, self.store = model, store
+        model.fuse_for_inference()  # q/k/v as one matrix product (views: no extra memory)
         self.device = torch.device(device)
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
         self.copy_mode = copy_mode
