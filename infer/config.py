@@ -60,7 +60,7 @@ class InferConf:
     device: str = "auto"  # auto | cpu | cuda[:i]
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
     cuda_graph: bool = True
-    measure_stall: bool = True  # CUDA events around each wait (eager steps only)
+    measure_stall: bool = True  # CUDA events around each wait (eager); graph steps: by difference
     warmup: bool = True  # one untimed short pass per policy (allocator, kernels, caches)
     threads: int = 0  # torch CPU threads; 0: 1 on the CPU (small models), torch's default on CUDA
     seed: int = 0

@@ -113,6 +113,76 @@ class GraphStep:
         return self.out
 
 
+# ----------------------------------------------------------------------------------------------- stall
+STALL_REPLAYS = 20
+
+
+def stall_by_difference(
+    runner: OffloadRunner,
+    state: DecodeState,
+    step_with,
+    make_step_without,
+    inputs: list[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    replays: int = STALL_REPLAYS,
+) -> dict:
+    """Stall per token of a step whose waits cannot be timed (a captured graph), by difference:
+    median time of `replays` steps with copies minus that of the same steps with none launched
+    (make_step_without() is called under runner.no_copies(): a second capture of the step in which
+    plans and tables update but nothing is copied), clamped at 0. Both passes replay the run's first
+    recorded steps (inputs: (token, pos) per step) from the same runner state, so they make the same
+    plans; the runner's counters and placement, and state.pos, are restored afterwards (the run's
+    results are already taken; the replays' outputs are discarded). Timing: CUDA events around each
+    step on CUDA, perf_counter otherwise (tests)."""
+    saved, pos_saved = runner.save_state(), state.pos.clone()
+    cuda = device.type == "cuda"
+
+    def time_steps(step) -> list[float]:
+        times = []
+        for j in range(replays):
+            i = j % len(inputs)
+            if i == 0:  # (again) from the state the recorded steps started from
+                runner.load_state(saved)
+            tok, pos = inputs[i]
+            state.pos.copy_(pos)
+            if cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                step(state, tok)
+                b.record()
+                times.append((a, b))
+            else:
+                t = time.perf_counter()
+                step(state, tok)
+                times.append(1e3 * (time.perf_counter() - t))
+        if cuda:
+            torch.cuda.synchronize(device)
+            times = [a.elapsed_time(b) for a, b in times]
+        return times
+
+    try:
+        with_ms = statistics.median(time_steps(step_with))
+        with runner.no_copies():
+            state.pos.copy_(inputs[0][1])  # a capture's warm-up runs steps: from a valid position
+            runner.load_state(saved)
+            step_without = make_step_without()
+            without_ms = statistics.median(time_steps(step_without))
+            del step_without
+    finally:
+        runner.load_state(saved)
+        state.pos.copy_(pos_saved)
+        _sync(device)
+    return {
+        "stall_ms_per_token": max(0.0, with_ms - without_ms),
+        "step_ms_median_with_copies": with_ms,
+        "step_ms_median_without_copies": without_ms,
+        "stall_method": (
+            f"derived by difference: median of {replays} graph replays with copies minus the same "
+            "steps captured without copies (clamped at 0)"
+        ),
+    }
+
+
 # ----------------------------------------------------------------------------------------------- running
 @dataclass
 class RunResult:
@@ -215,7 +285,8 @@ class Engine:
                 calibration=self.calibration() if cpu_mode != "off" else None,
                 prefill_slots=self.prefill_slots,
             ).attach()
-            # timing events cannot sit in a captured graph: stalls are measured on eager steps only
+            # timing events cannot sit in a captured graph: eager steps time each wait; a graph step's
+            # stall is derived after the run (stall_by_difference)
             runner.pool.measure_stall = self.measure_stall and (
                 not self.cuda_graph or bool(self._not_capturable(runner))
             )
@@ -297,8 +368,13 @@ class Engine:
                     runner.clear_pending()  # a capture that broke mid-step leaves half a step's plans queued
                 step = model.decode_one_token
         logits: list[torch.Tensor] = []
+        # graph steps' waits cannot be timed: their stall is derived afterwards, by difference
+        stall_diff = self.measure_stall and graphed and runner is not None
+        step_inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def recording_step(state, tok):
+            if stall_diff and len(step_inputs) < STALL_REPLAYS:
+                step_inputs.append((tok.clone(), state.pos.clone()))
             out = step(state, tok)
             if keep_logits:
                 logits.append(out.detach().clone().cpu())
@@ -361,12 +437,40 @@ class Engine:
                 m["cpu_compute_calibration"] = runner.calibration.as_dict()
             dur = t_prefill + (t_end - t1)
             m["copy_GBps"] = (st["bytes_copied"] / dur / 1e9) if dev.type == "cuda" and dur > 0 else None
+            m.update(
+                stall_ms_per_token=None,
+                step_ms_median_with_copies=None,
+                step_ms_median_without_copies=None,
+                stall_method=None,
+            )
+            if st["stall_ms"] is not None:  # eager steps: CUDA events around each wait
+                m["stall_ms_per_token"] = st["stall_ms"] / steps if steps else None
+                m["stall_method"] = "CUDA events around each wait (eager steps; the prefill's waits included)"
+            elif stall_diff and step_inputs:  # after the run: its outputs and counters are taken
+                try:
+                    m.update(
+                        stall_by_difference(
+                            runner,
+                            state,
+                            step,
+                            lambda: GraphStep(model, state, B * nb),
+                            step_inputs,
+                            dev,
+                        )
+                    )
+                except Exception as e:
+                    notes.append(
+                        f"stall by difference failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                    )
+                    torch.cuda.synchronize()
         else:
             m.update(
                 experts_copied=0,
                 bytes_copied=0,
                 hit_rate=None,
                 stall_ms=None,
+                stall_ms_per_token=None,
+                stall_method=None,
                 copy_GBps=None,
                 pool_bytes=0,
                 copy_mode=None,

@@ -21,6 +21,7 @@ staging slots) -> the block's expert->slot table. Legend as in infer/offload.py.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -226,6 +227,31 @@ class OffloadRunner:
     def restore(self, saved: list[torch.Tensor]) -> None:
         for t, v in zip(self._counters(), saved):
             t.copy_(v)
+
+    def _placement(self) -> list[torch.Tensor]:
+        return [*self.holder, *self.last_use, *self.freq, *self.table, self.tick]
+
+    def save_state(self) -> list[torch.Tensor]:
+        """Counters and placement (slot holders, LRU/LFU keys, tables): everything a step changes."""
+        return [t.clone() for t in (*self._counters(), *self._placement())]
+
+    def load_state(self, saved: list[torch.Tensor]) -> None:
+        for t, v in zip((*self._counters(), *self._placement()), saved):
+            t.copy_(v)
+
+    @contextmanager
+    def no_copies(self):
+        """Steps inside plan as usual (slot tables update) but launch no copies and wait for none: their
+        results are wrong and must be discarded. Counters and placement are restored on exit, and the
+        flag is off again."""
+        saved = self.save_state()
+        self.pool.skip_copies = True
+        try:
+            yield self
+        finally:
+            self.pool.skip_copies = False
+            self.clear_pending()
+            self.load_state(saved)
 
     def reset_counters(self) -> None:
         for t in self._counters():

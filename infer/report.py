@@ -79,6 +79,7 @@ def aggregate(runs: list[RunResult], pinned_peak: float | None = None) -> dict[s
     hits = sum(m.get("cache_hits") or 0 for m in ms)
     copied = sum(m.get("bytes_copied") or 0 for m in ms)
     stalls = [m.get("stall_ms") for m in ms]
+    per_tok = [m["stall_ms_per_token"] for m in ms if m.get("stall_ms_per_token") is not None]
     cuda = ms[0]["peak_allocated_bytes"] is not None
     out: dict[str, Any] = {
         "batches": len(ms),
@@ -95,6 +96,9 @@ def aggregate(runs: list[RunResult], pinned_peak: float | None = None) -> dict[s
         "copy_GBps_avg": (copied / total_s / 1e9) if cuda and total_s else None,
         "pinned_peak_GBps": pinned_peak,
         "stall_ms": sum(stalls) if all(s is not None for s in stalls) else None,
+        # eager steps: events around the waits; graph steps: derived by difference (stall_method)
+        "stall_ms_per_token": statistics.median(per_tok) if per_tok else None,
+        "stall_method": next((m["stall_method"] for m in ms if m.get("stall_method")), None),
         "hit_rate": (hits / lookups) if lookups else None,
         "cuda_graph": all(m["cuda_graph"] for m in ms),
         "copy_mode": ms[0].get("copy_mode"),
@@ -127,6 +131,7 @@ COLUMNS = [
     "copied MB",
     "copy GB/s",
     "stall ms",
+    "stall ms/tok",
     "hit rate",
     "cpu experts",
     "graph",
@@ -151,6 +156,7 @@ def rows(entries: list[dict[str, Any]], quality_key: str | None) -> list[list[st
                 _fmt(m["bytes_copied"], ".1f", 1e-6),
                 _fmt(m["copy_GBps_avg"], ".1f"),
                 _fmt(m["stall_ms"], ".1f"),
+                _fmt(m.get("stall_ms_per_token"), ".3f"),
                 _fmt(m["hit_rate"], ".2f"),
                 _fmt(m.get("experts_cpu_computed") if m.get("cpu_compute") not in (None, "off") else None, ".0f"),
                 "yes" if m["cuda_graph"] else "no",

@@ -474,6 +474,19 @@ def summary(entry: dict) -> str:
         f", cpu={m.get('cpu_compute')}: {m.get('experts_cpu_computed')} experts"
         if m.get("cpu_compute") not in (None, "off")
         else ""
+    ) + _stall(m)
+
+
+def _stall(m: dict) -> str:
+    """Stall per token: CUDA events around the waits (eager), or derived by difference of graph replays."""
+    s = m.get("stall_ms_per_token")
+    if s is None:
+        return ""
+    if m.get("step_ms_median_without_copies") is None:
+        return f", stall {s:.3f} ms/token (events)"
+    return (
+        f", stall {s:.3f} ms/token (by difference: step {m['step_ms_median_with_copies']:.3f} ms with copies"
+        f" - {m['step_ms_median_without_copies']:.3f} ms without)"
     )
 
 

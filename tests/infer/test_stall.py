@@ -1,0 +1,102 @@
+"""Stall by difference (graph steps): the no-copy switch and the measurement's bookkeeping, on the CPU.
+The timing itself needs a GPU (CUDA events around graph replays); here only the logic is checked."""
+
+import pytest
+import torch
+
+from infer.engine import Engine, load_offloaded, stall_by_difference
+from infer.policies import OffloadRunner, PolicySpec
+from tests.infer.util import prompts, tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ck") / "pregated", pregated=True)
+
+
+def _setup(ckpt, spec):
+    model, store = load_offloaded(ckpt, "cpu", torch.float32, None)
+    ids, mask = prompts()
+    B, S = ids.shape
+    runner = OffloadRunner(model, store, spec, "cpu", n_enc=B * S, n_dec=B).attach()
+    state = model.prefill(ids, mask, max_len=6)
+    return model, runner, state, torch.zeros(B, dtype=torch.long)
+
+
+def _counters(runner):
+    return [int(t) for t in runner._counters()]
+
+
+SPECS = [PolicySpec("pregated", 2, "lru"), PolicySpec("on_demand"), PolicySpec("prefetch_all")]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_no_copies_switch(ckpt, spec):
+    model, runner, state, tok = _setup(ckpt, spec)
+    pool = runner.pool
+    model.decode_one_token(state, tok)  # one ordinary step: copies
+    before_pool, before = pool.pool.clone(), _counters(runner)
+    before_state = [t.clone() for t in runner.save_state()]
+    assert not pool.skip_copies
+    with runner.no_copies():
+        assert pool.skip_copies
+        for _ in range(2):
+            model.decode_one_token(state, tok)
+        assert torch.equal(pool.pool, before_pool)  # nothing copied
+        assert _counters(runner)[2] > before[2]  # but the plans ran (lookups counted, tables updated)
+    assert not pool.skip_copies  # off again
+    assert _counters(runner) == before  # counters back
+    assert all(torch.equal(a, b) for a, b in zip(runner.save_state(), before_state))  # placement back
+    model.decode_one_token(state, tok)  # copies again (with a cache the step may also hit everything)
+    after = _counters(runner)
+    assert after[0] > before[0] if spec.cache_size == 0 else after[0] + after[1] > before[0] + before[1]
+    runner.detach()
+
+
+def test_no_copies_flag_off_after_an_error(ckpt):
+    _, runner, _, _ = _setup(ckpt, PolicySpec("on_demand"))
+    before = _counters(runner)
+    with pytest.raises(RuntimeError):
+        with runner.no_copies():
+            runner.copied.add_(5)
+            raise RuntimeError("boom")
+    assert not runner.pool.skip_copies and _counters(runner) == before
+    runner.detach()
+
+
+def test_stall_by_difference_bookkeeping(ckpt):
+    """With eager steps standing in for the two graphs: both passes run, the runner's counters,
+    placement and state.pos are restored, the no-copy variant is built under the flag."""
+    model, runner, state, tok = _setup(ckpt, PolicySpec("pregated", 2, "lfu"))
+    inputs = []
+    for _ in range(3):
+        inputs.append((tok.clone(), state.pos.clone()))
+        model.decode_one_token(state, tok)
+    saved, pos = [t.clone() for t in runner.save_state()], state.pos.clone()
+    flags = []
+
+    def make_without():
+        flags.append(runner.pool.skip_copies)
+        return model.decode_one_token
+
+    m = stall_by_difference(runner, state, model.decode_one_token, make_without, inputs, torch.device("cpu"), replays=5)
+    assert flags == [True] and not runner.pool.skip_copies
+    assert m["stall_ms_per_token"] >= 0.0
+    assert m["step_ms_median_with_copies"] > 0 and m["step_ms_median_without_copies"] > 0
+    assert "difference" in m["stall_method"]
+    assert torch.equal(state.pos, pos)
+    assert all(torch.equal(a, b) for a, b in zip(runner.save_state(), saved))
+    runner.detach()
+
+
+def test_cpu_run_with_measure_stall_unchanged(ckpt):
+    """On the CPU nothing is captured: no stall figure, and the outputs are gpu_only's, bitwise."""
+    model, store = load_offloaded(ckpt, "cpu", torch.float32, None)
+    ids, mask = prompts()
+    kw = dict(max_new_tokens=5, keep_logits=True)
+    ref = Engine(model, store, "cpu").run(PolicySpec("gpu_only"), ids, mask, **kw)
+    res = Engine(model, store, "cpu", measure_stall=True).run(PolicySpec("pregated", 2), ids, mask, **kw)
+    assert res.tokens == ref.tokens
+    assert all(torch.equal(a, b) for a, b in zip(ref.step_logits, res.step_logits))
+    m = res.metrics
+    assert m["stall_ms"] is None and m["stall_ms_per_token"] is None and m["stall_method"] is None
