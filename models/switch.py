@@ -351,7 +351,7 @@ class Switch(nn.Module):
     def fuse_for_inference(self) -> Switch:
         """Fuse each self-attention's q/k/v weights (views of one matrix; no extra memory); the
         inference runner calls it once after loading. Idempotent. Not for models wrapped by FSDP,
-        whose parameters are views of its own flat buffers."""
+        whose parameters are sharded DTensors."""
         for stack in (self.encoder, self.decoder):
             for blk in stack.blocks:
                 blk.self_attn.fuse_qkv()

@@ -50,7 +50,7 @@ class TrainConf:
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     device: str = "auto"  # auto | cpu | cuda
     expert_backend: str = "auto"  # auto (grouped GEMM on a capable GPU) | grouped | reference
-    parallel: str = "ddp"  # ddp | fsdp (under torchrun)
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard; under torchrun)
     eval_every: int = 100  # 0: only at the start and the end
     save_every: int = 0  # 0: only at the end
     log_every: int = 10

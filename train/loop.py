@@ -11,6 +11,7 @@ and N data-parallel ranks give the same update as one process with the same glob
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -156,22 +157,68 @@ def wrap_parallel(model: Switch, cfg: DictConfig, d: Dist) -> torch.nn.Module:
             model, device_ids=dev_ids, find_unused_parameters=False
         )
     if cfg.train.parallel == "fsdp":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
 
-        # One FSDP unit: parameters, gradients and optimiser state are sharded between steps and
-        # gathered for the forward. Per-block units would need models.switch.Block to have a
-        # forward (Stack.run calls the blocks' sub-modules directly).
-        return FSDP(model, use_orig_params=True, device_id=d.device if d.device.type == "cuda" else None)
+        # FSDP2, one unit (the root): parameters become DTensors sharded on dim 0 between steps,
+        # gathered in the root's pre-forward hook and gradients reduce-scattered (averaged, like
+        # DDP) after backward. Per-block units would need models.switch.Block to have a forward
+        # (Stack.run calls the blocks' sub-modules directly, so their hooks would not fire).
+        # Works on CPU with gloo and on GPUs with NCCL. Frozen parameters stay frozen.
+        mesh = init_device_mesh(d.device.type, (d.world,))
+        fully_shard(model, mesh=mesh)
+        return model
     raise ValueError(f"train.parallel={cfg.train.parallel!r}; expected ddp or fsdp")
 
 
-def full_model_for_io(wrapped: torch.nn.Module, model: Switch, d: Dist):
-    """A context in which `model` holds full (unsharded) parameters (FSDP), else nothing."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+def is_fsdp(wrapped: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
 
-    if isinstance(wrapped, FSDP):
-        return FSDP.summon_full_params(wrapped, writeback=False, rank0_only=True)
-    return nullcontext()
+    return isinstance(wrapped, FSDPModule)
+
+
+def full_model_for_io(
+    wrapped: torch.nn.Module, model: Switch, io_model: Switch | None, d: Dist
+) -> Switch | None:
+    """The model with full parameters for evaluation / saving on rank 0 (None on other ranks).
+    Under FSDP every rank must call this (it all-gathers): the full weights are copied into
+    `io_model`, an unsharded copy of the model kept on rank 0."""
+    if not is_fsdp(wrapped):
+        return model if d.main else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not d.main:
+        return None
+    io_model.load_state_dict(sd)
+    return io_model
+
+
+def optimizer_state(wrapped: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimiser state to save: full (keyed by parameter name) on rank 0 under FSDP."""
+    if not is_fsdp(wrapped):
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(
+        wrapped, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+
+
+def load_optimizer_state(wrapped: torch.nn.Module, opt: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
+    """Load a saved optimiser state: by parameter id (plain / DDP) or by name (saved under FSDP)."""
+    by_name = any(isinstance(k, str) for k in sd.get("state", {})) or any(
+        isinstance(p, str) for g in sd.get("param_groups", []) for p in g.get("params", [])
+    )
+    if not is_fsdp(wrapped) and not by_name:
+        opt.load_state_dict(sd)
+        return
+    if is_fsdp(wrapped) and not by_name:
+        raise ValueError("resuming under train.parallel=fsdp needs a checkpoint saved under fsdp")
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    target = wrapped.module if hasattr(wrapped, "module") and not is_fsdp(wrapped) else wrapped
+    set_optimizer_state_dict(target, opt, sd, options=StateDictOptions(full_state_dict=True))
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -384,13 +431,15 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
 
     backend = fast_experts.install(model, cfg.train.expert_backend, d.device)
     params = [p for p in model.parameters() if p.requires_grad]
+    # Under FSDP rank 0 keeps an unsharded copy to receive the full weights for evaluation/saving.
+    io_model = copy.deepcopy(model) if cfg.train.parallel == "fsdp" and d.world > 1 and d.main else None
     wrapped = wrap_parallel(model, cfg, d)
-    if cfg.train.parallel == "fsdp" and d.world > 1:
-        params = [p for p in wrapped.parameters() if p.requires_grad]
+    if is_fsdp(wrapped):
+        params = [p for p in wrapped.parameters() if p.requires_grad]  # now sharded DTensors
     opt, sched = make_optimizer(cfg, params)
     history: list[dict[str, Any]] = []
     if resumed_state is not None:
-        opt.load_state_dict(resumed_state["optimizer"])
+        load_optimizer_state(wrapped, opt, resumed_state["optimizer"])
         sched.load_state_dict(resumed_state["scheduler"])
         set_rng_state(resumed_state["rng"][d.rank], d.device)
         history = resumed_state.get("history", [])
@@ -413,11 +462,9 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
 
     def do_eval(split_data: Encoded, prefix: str, at: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        with full_model_for_io(wrapped, model, d):
-            if d.main:
-                metrics, rows = evaluate(
-                    model, split_data, task, tok, cfg, d, probe=from_ckpt or model.cfg.pregated
-                )
+        full = full_model_for_io(wrapped, model, io_model, d)
+        if d.main:
+            metrics, rows = evaluate(full, split_data, task, tok, cfg, d, probe=from_ckpt or model.cfg.pregated)
         if d.main:
             example = metrics.pop("_example", None)
             tracker.log({f"{prefix}/{k}": v for k, v in metrics.items()}, step=at)
@@ -438,11 +485,7 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
             if d.world > 1:
                 rngs = [None] * d.world
                 dist.all_gather_object(rngs, rng_state(d.device))
-            opt_sd = opt.state_dict()
-            if cfg.train.parallel == "fsdp" and d.world > 1:
-                from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-                opt_sd = FSDP.optim_state_dict(wrapped, opt)
+            opt_sd = optimizer_state(wrapped, opt)
             state = {
                 "step": at,
                 "optimizer": opt_sd,
@@ -452,9 +495,9 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
                 "samples_seen": at * B,
                 "config": OmegaConf.to_container(cfg),
             }
-        with full_model_for_io(wrapped, model, d):
-            if d.main:
-                save_checkpoint(ckpt_dir, model, tok, state)
+        full = full_model_for_io(wrapped, model, io_model, d)
+        if d.main:
+            save_checkpoint(ckpt_dir, full, tok, state)
         if d.world > 1:
             dist.barrier()
 

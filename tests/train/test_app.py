@@ -205,6 +205,40 @@ def test_ddp_two_processes_equals_one(tmp_path):
     assert worst < 1e-4, worst
 
 
+def test_fsdp_two_processes_equals_one_and_resumes(tmp_path):
+    # FSDP2 (fully_shard) on 2 gloo CPU processes; pre-gated, so the frozen routers are sharded too
+    args = FAST + [
+        "train.batch_size=8",
+        "model.router_jitter_noise=0.0",
+        "train.max_steps=3",
+        "optim.lr=1e-3",
+        "pregate.enabled=true",
+        "train.eval_every=2",
+        "eval.max_examples=4",
+    ]
+    _app(args + [f"hydra.run.dir={tmp_path / 'one'}"])
+    fsdp = args + ["train.parallel=fsdp"]
+    _app(fsdp + [f"hydra.run.dir={tmp_path / 'two'}"], torchrun=2)
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-4, worst
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert abs(m1["validation"]["loss"] - m2["validation"]["loss"]) < 1e-4
+    # kill at step 2 under FSDP, resume under FSDP: same weights as the uninterrupted FSDP run
+    p = _app(fsdp + ["train.stop_after_steps=2", f"hydra.run.dir={tmp_path / 'killed'}"], torchrun=2)
+    assert "stopped at step 2" in p.stdout
+    p = _app(
+        fsdp + ["train.resume=true", f"train.out_dir={tmp_path / 'killed'}", f"hydra.run.dir={tmp_path / 'res'}"],
+        torchrun=2,
+    )
+    assert "resumed at step 2" in p.stdout
+    c = _weights(tmp_path / "killed")
+    worst = max((b[k] - c[k]).abs().max().item() for k in b)
+    assert worst < 1e-6, worst
+
+
 def test_grouped_expert_ffn_matches_reference():
     from train.experts import check_grouped, grouped_expert_ffn
 
