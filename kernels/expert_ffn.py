@@ -71,6 +71,31 @@ if HAVE_TRITON:
                                          dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
+    def _gemv_in_tile(x_ptr, w_in_ptr, slot, r, offs_f, mask_f, D, F, stride_xt, stride_xd, stride_ws, stride_wf,
+                      stride_wd, K: tl.constexpr, GATED: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_F: tl.constexpr):
+        # W_in[slot, f-tile, :] @ x[r // K] in fp32 (and the "up" half for gated activations); x is
+        # rounded to the weights' dtype first, as the reference does.
+        offs_d = tl.arange(0, BLOCK_D)
+        x_ptrs = x_ptr + (r // K) * stride_xt + offs_d * stride_xd
+        w_ptrs = (w_in_ptr + slot.to(tl.int64) * stride_ws
+                  + offs_f[:, None] * stride_wf + offs_d[None, :] * stride_wd)
+        acc_F = tl.zeros([BLOCK_F], dtype=tl.float32)
+        up_F = tl.zeros([BLOCK_F], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            mask_d = offs_d < D - d0
+            x_D = tl.load(x_ptrs, mask=mask_d, other=0.0).to(w_in_ptr.dtype.element_ty).to(tl.float32)
+            mask_FD = mask_f[:, None] & mask_d[None, :]
+            w_FD = tl.load(w_ptrs, mask=mask_FD, other=0.0, eviction_policy="evict_first")
+            acc_F += tl.sum(w_FD.to(tl.float32) * x_D[None, :], axis=1)
+            if GATED:
+                u_FD = tl.load(w_ptrs + F * stride_wf, mask=mask_FD, other=0.0, eviction_policy="evict_first")
+                up_F += tl.sum(u_FD.to(tl.float32) * x_D[None, :], axis=1)
+            x_ptrs += BLOCK_D * stride_xd
+            w_ptrs += BLOCK_D * stride_wd
+        return acc_F, up_F
+
+    @triton.jit
     def _decode_in_kernel(
         x_ptr, w_in_ptr, ids_ptr, slot_of_expert_ptr, h_ptr,
         D, F,
@@ -88,25 +113,9 @@ if HAVE_TRITON:
         if HAS_SLOT_MAP:
             slot = tl.load(slot_of_expert_ptr + slot)
         offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
-        offs_d = tl.arange(0, BLOCK_D)
         mask_f = offs_f < F
-        x_ptrs = x_ptr + (r // K) * stride_xt + offs_d * stride_xd
-        w_ptrs = (w_in_ptr + slot.to(tl.int64) * stride_ws
-                  + offs_f[:, None] * stride_wf + offs_d[None, :] * stride_wd)
-        acc_F = tl.zeros([BLOCK_F], dtype=tl.float32)
-        up_F = tl.zeros([BLOCK_F], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            mask_d = offs_d < D - d0
-            # x is rounded to the weights' dtype first, as the reference does.
-            x_D = tl.load(x_ptrs, mask=mask_d, other=0.0).to(w_in_ptr.dtype.element_ty).to(tl.float32)
-            mask_FD = mask_f[:, None] & mask_d[None, :]
-            w_FD = tl.load(w_ptrs, mask=mask_FD, other=0.0, eviction_policy="evict_first")
-            acc_F += tl.sum(w_FD.to(tl.float32) * x_D[None, :], axis=1)
-            if GATED:
-                u_FD = tl.load(w_ptrs + F * stride_wf, mask=mask_FD, other=0.0, eviction_policy="evict_first")
-                up_F += tl.sum(u_FD.to(tl.float32) * x_D[None, :], axis=1)
-            x_ptrs += BLOCK_D * stride_xd
-            w_ptrs += BLOCK_D * stride_wd
+        acc_F, up_F = _gemv_in_tile(x_ptr, w_in_ptr, slot, r, offs_f, mask_f, D, F, stride_xt, stride_xd,
+                                    stride_ws, stride_wf, stride_wd, K, GATED, BLOCK_D, BLOCK_F)
         # Rounded to the weights' dtype like the reference's (and the prefill path's) hidden activations.
         acc_F = acc_F.to(h_ptr.dtype.element_ty).to(tl.float32)
         up_F = up_F.to(h_ptr.dtype.element_ty).to(tl.float32)
@@ -195,23 +204,8 @@ if HAVE_TRITON:
                    + offs_do[:, None] * stride_wod + offs_f[None, :] * stride_wof)
         wo_DF = tl.load(wo_ptrs, mask=(offs_do < D)[:, None] & mask_f[None, :], other=0.0,
                         eviction_policy="evict_first")
-        offs_d = tl.arange(0, BLOCK_D)
-        x_ptrs = x_ptr + (r // K) * stride_xt + offs_d * stride_xd
-        w_ptrs = (w_in_ptr + slot.to(tl.int64) * stride_wis
-                  + offs_f[:, None] * stride_wif + offs_d[None, :] * stride_wid)
-        acc_F = tl.zeros([BLOCK_F], dtype=tl.float32)
-        up_F = tl.zeros([BLOCK_F], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            mask_d = offs_d < D - d0
-            x_D = tl.load(x_ptrs, mask=mask_d, other=0.0).to(w_in_ptr.dtype.element_ty).to(tl.float32)
-            mask_FD = mask_f[:, None] & mask_d[None, :]
-            w_FD = tl.load(w_ptrs, mask=mask_FD, other=0.0, eviction_policy="evict_first")
-            acc_F += tl.sum(w_FD.to(tl.float32) * x_D[None, :], axis=1)
-            if GATED:
-                u_FD = tl.load(w_ptrs + F * stride_wif, mask=mask_FD, other=0.0, eviction_policy="evict_first")
-                up_F += tl.sum(u_FD.to(tl.float32) * x_D[None, :], axis=1)
-            x_ptrs += BLOCK_D * stride_xd
-            w_ptrs += BLOCK_D * stride_wid
+        acc_F, up_F = _gemv_in_tile(x_ptr, w_in_ptr, slot, r, offs_f, mask_f, D, F, stride_xt, stride_xd,
+                                    stride_wis, stride_wif, stride_wid, K, GATED, BLOCK_D, BLOCK_F)
         # The same roundings as the two-kernel path and the reference: pre-activation and h in w's dtype.
         acc_F = acc_F.to(w_in_ptr.dtype.element_ty).to(tl.float32)
         up_F = up_F.to(w_in_ptr.dtype.element_ty).to(tl.float32)
