@@ -86,6 +86,15 @@ class CheckpointReader:
         for f in files:
             for k in self._keys_of(f):
                 self._where[k] = f
+        # int8-rowwise tensors (save_switch(quantize="int8")): `K` int8 plus `K` + SCALE_SUFFIX; the
+        # scale keys are not model keys, get(K) dequantizes.
+        self._scale = {k[: -len(SCALE_SUFFIX)]: (k, f) for k, f in self._where.items() if k.endswith(SCALE_SUFFIX)}
+        for k, _ in self._scale.values():
+            del self._where[k]
+        orphan = [k for k in self._scale if k not in self._where]
+        if orphan:
+            raise CheckpointError(f"{self.path}: int8 scale without its tensor for {orphan[:3]}; "
+                                  "the checkpoint is incomplete")
 
     def _weight_files(self) -> list[Path]:
         p = self.path
@@ -134,10 +143,24 @@ class CheckpointReader:
         f = self._where[key]
         h = self._handle(f)
         try:
-            return h.get_tensor(key) if f.suffix == ".safetensors" else h[key]
+            t = h.get_tensor(key) if f.suffix == ".safetensors" else h[key]
+            if key in self._scale:
+                scale_key, sf = self._scale[key]
+                g = self._handle(sf)
+                scale = g.get_tensor(scale_key) if sf.suffix == ".safetensors" else g[scale_key]
+                return dequantize_int8(t, scale)
+            if t.dtype == torch.int8:
+                raise CheckpointError(f"{f}: tensor {key!r} is int8 without its scale {key + SCALE_SUFFIX!r}")
+            return t
+        except CheckpointError:
+            raise
         except Exception as e:
             raise CheckpointError(f"{f}: cannot read tensor {key!r} ({type(e).__name__}: {e}); "
                                   "the file may be truncated or corrupt") from e
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self._scale)
 
     def shape(self, key: str) -> tuple[int, ...]:
         f = self._where[key]
@@ -145,6 +168,30 @@ class CheckpointReader:
         if f.suffix == ".safetensors":
             return tuple(h.get_slice(key).get_shape())
         return tuple(h[key].shape)
+
+
+SCALE_SUFFIX = ".int8_scale"
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: w[r, :] ~= q[r, :] * scale[r] (scale fp32, absmax / 127)."""
+    w32 = w.detach().float()
+    scale = w32.abs().amax(dim=-1).clamp_min(1e-12) / 127.0
+    q = torch.round(w32 / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    if q.dtype != torch.int8 or scale.shape != q.shape[:1]:
+        raise CheckpointError(f"int8 tensor {list(q.shape)} ({q.dtype}) does not match its scale {list(scale.shape)}")
+    return q.float() * scale.float()[:, None]
+
+
+def _quantizable(key: str, t: torch.Tensor) -> bool:
+    """Matrices of the FFNs, attention and embeddings; routers, pre-gates, norms and the position
+    bias stay in full precision (routing decisions are sensitive, and they are small)."""
+    return t.dim() == 2 and t.shape[1] >= 64 and "router" not in key and "pregate" not in key \
+        and "relative_attention_bias" not in key
 
 
 def load_config(path: str | Path) -> SwitchConfig:
@@ -224,7 +271,7 @@ def load_switch(
 
 
 def _checkpoint_dtype(reader: CheckpointReader, key: str) -> torch.dtype:
-    return reader.get(key).dtype
+    return torch.float32 if reader.quantized else reader.get(key).dtype
 
 
 def _set_param(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
@@ -245,9 +292,16 @@ def hf_state_dict(model: Switch) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def save_switch(model: Switch, path: str | Path, *, max_shard_bytes: int | None = None,
-                extra_files: dict[str, str] | None = None) -> Path:
+                extra_files: dict[str, str] | None = None, quantize: str | None = None) -> Path:
     """Save as a Hugging Face checkpoint directory that transformers loads; written to a temporary
-    directory beside `path` and renamed into place, so a crash never leaves a half-written checkpoint."""
+    directory beside `path` and renamed into place, so a crash never leaves a half-written checkpoint.
+
+    quantize="int8": the FFN, attention and embedding matrices as symmetric per-row int8 with an fp32
+    scale per row (key + ".int8_scale"), about a quarter of fp32's bytes; routers, pre-gates, norms
+    and the position bias stay as they are. This project's loaders dequantize on read (to fp32);
+    transformers cannot load such a directory."""
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize={quantize!r}: expected None or 'int8'")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -255,6 +309,9 @@ def save_switch(model: Switch, path: str | Path, *, max_shard_bytes: int | None 
         cfg = model.cfg
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2, sort_keys=True) + "\n")
         tensors = {k: v.to("cpu").contiguous() for k, v in hf_state_dict(model)}
+        if quantize == "int8":
+            for k in [k for k, v in tensors.items() if _quantizable(k, v)]:
+                tensors[k], tensors[k + SCALE_SUFFIX] = quantize_int8(tensors[k])
         if max_shard_bytes is None:
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         else:

@@ -175,8 +175,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_sparse_encoder_layers=2, num_sparse_decoder_layers=2, num_experts=8, expert_capacity=None,
         dropout_rate=0.0,
     ),
-    "small": dict(  # 34.7M parameters; 4+4 MoE blocks so lookahead 1-3 all leave pre-gates
-        vocab_size=384, d_model=256, d_kv=32, d_ff=768, num_heads=8, num_layers=8, num_decoder_layers=8,
+    "small": dict(  # 19.0M parameters (19 MB as int8: shippable); 4+4 MoE blocks so lookahead 1-3 all leave pre-gates
+        vocab_size=384, d_model=256, d_kv=32, d_ff=384, num_heads=6, num_layers=8, num_decoder_layers=8,
         num_sparse_encoder_layers=4, num_sparse_decoder_layers=4, num_experts=8, expert_capacity=None,
         dropout_rate=0.0,
     ),
