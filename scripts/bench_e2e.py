@@ -15,8 +15,22 @@ on the GPU, and with its experts offloaded to the CPU by accelerate (dispatch_mo
 mapped to "cpu"). Random weights route near uniformly (every expert equally likely), so caches hit
 about C/E of the time: a floor for caching, not what a trained model sees.
 
+Batch sweep (--batch-sweep 1,2,4,8,16,32, off by default): greedy decoding of B random prompts of the
+same length (eos disabled: every row makes exactly --sweep-new-tokens tokens) under gpu_only,
+on_demand, prefetch_all (fewer tokens) and pregated; ms per decode step (one step makes B tokens),
+tokens/s, peak memory, bytes copied, tokens checked against gpu_only at the same B, and the
+crossover: the smallest B where pregated's step is no faster than on_demand's. Plot
+e2e-<tag>-batch.png.
+
+Copy efficiency (greedy and beam 4, on_demand / prefetch_all / pregated, and pregated in the sweep):
+bytes copied during the timed decode steps (the run's bytes minus those of a 1-token run of the same
+prompt: prefill + first step) / the timed steps' wall time, over the pinned host->GPU peak measured
+at the start of the run. A lower bound on the copy stream's bandwidth: equal to it when the copy
+stream is busy for the whole step.
+
     python3 scripts/bench_e2e.py --out bench/results [--quick] [--shapes switch-base-8 ...]
-    python3 scripts/bench_e2e.py --tiny --out /tmp/x     # CPU smoke test with the tiny model
+    python3 scripts/bench_e2e.py --out bench/results --shapes switch-base-128 --batch-sweep 1,2,4,8,16,32
+    python3 scripts/bench_e2e.py --tiny --out /tmp/x     # CPU smoke test with the tiny model (sweep 1,2)
 
 No Hydra needed. Results are written after every run (JSON + PNG), so a run cut short keeps what
 it measured; a time budget (--budget-s) skips what would not fit and says so.
@@ -220,7 +234,18 @@ def main() -> int:
         "--budget-s", type=float, default=470.0, help="skip runs that start after this many seconds"
     )
     ap.add_argument("--pinned-budget-gb", type=float, default=None)
+    ap.add_argument(
+        "--batch-sweep",
+        default=None,
+        help="comma-separated batch sizes (e.g. 1,2,4,8,16,32): greedy sweep of gpu_only, on_demand, "
+        "prefetch_all, pregated after each shape's table (default: none; --tiny: 1,2)",
+    )
+    ap.add_argument("--sweep-shapes", nargs="*", default=None, help="shapes to sweep (default: every shape run)")
+    ap.add_argument("--sweep-new-tokens", type=int, default=64)
+    ap.add_argument("--sweep-prefetch-all-tokens", type=int, default=8)
+    ap.add_argument("--sweep-only", action="store_true", help="only the batch sweep: no table, no anchors")
     args = ap.parse_args()
+    args.batch_sweep = parse_batches(args.batch_sweep)
 
     t_start = time.perf_counter()
     out_dir = Path(args.out)
@@ -229,6 +254,8 @@ def main() -> int:
         device, dtype = torch.device("cpu"), torch.float32
         shapes = args.shapes or ["tiny"]
         args.input_tokens, args.new_tokens, args.prefetch_all_tokens = 16, 6, 4
+        args.batch_sweep = args.batch_sweep or [1, 2]
+        args.sweep_new_tokens, args.sweep_prefetch_all_tokens = min(args.sweep_new_tokens, 4), 3
     else:
         if not torch.cuda.is_available():
             print("no CUDA device: use --tiny for the CPU smoke test", file=sys.stderr)
@@ -241,6 +268,10 @@ def main() -> int:
         "cpu-tiny" if args.tiny else re_tag(torch.cuda.get_device_name(0)) + ("-quick" if args.quick else "")
     )
     json_path, png_path = out_dir / f"e2e-{tag}.json", out_dir / f"e2e-{tag}.png"
+    batch_png = out_dir / f"e2e-{tag}-batch.png"
+    if args.sweep_only and not args.batch_sweep:
+        print("--sweep-only needs --batch-sweep", file=sys.stderr)
+        return 2
     budget = args.pinned_budget_gb * 1e9 if args.pinned_budget_gb else default_budget_bytes()
     env = rep.environment(device)
     env["command"] = " ".join(["python3"] + sys.argv)
@@ -270,10 +301,11 @@ def main() -> int:
         json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
         if not final:
             return
-        try:
-            plot(png_path, result)
-        except Exception as e:  # the JSON is what counts
-            print(f"[bench] plot failed: {e}", file=sys.stderr)
+        for fn, path in ((plot, png_path), (plot_batch, batch_png)):
+            try:
+                fn(path, result)
+            except Exception as e:  # the JSON is what counts
+                print(f"[bench] plot {path.name} failed: {type(e).__name__}: {e}", file=sys.stderr)
 
     def over_budget() -> bool:
         return time.perf_counter() - t_start > args.budget_s
@@ -289,11 +321,21 @@ def main() -> int:
         result["shapes"][shape] = res
         save()
     fails = result["failures"]
-    print(f"[bench] wrote {json_path} and {png_path} in {time.perf_counter() - t_start:.0f} s")
+    written = ", ".join(str(p) for p in (json_path, png_path, batch_png) if p.exists())
+    print(f"[bench] wrote {written} in {time.perf_counter() - t_start:.0f} s")
     if fails:
         print("[bench] FAILED checks:\n  " + "\n  ".join(fails), file=sys.stderr)
         return 1
     return 0
+
+
+def parse_batches(text: str | None) -> list[int]:
+    if not text:
+        return []
+    out = sorted({int(x) for x in text.replace(" ", "").split(",") if x})
+    if not out or out[0] < 1:
+        raise SystemExit(f"--batch-sweep {text!r}: expected positive batch sizes, e.g. 1,2,4,8,16,32")
+    return out
 
 
 def re_tag(name: str) -> str:
@@ -315,7 +357,13 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
     E, eb = cfg.num_experts, store.expert_bytes
     C = max(1, E // 4)
     out: dict = {
-        "config": {"num_experts": E, "d_model": cfg.d_model, "d_ff": cfg.d_ff, "moe_blocks": store.M},
+        "config": {
+            "num_experts": E,
+            "d_model": cfg.d_model,
+            "d_ff": cfg.d_ff,
+            "moe_blocks": store.M,
+            "decoder_moe_blocks": len(model.decoder.moes),
+        },
         "expert_bytes": eb,
         "store_bytes": store.total_bytes,
         "nonexpert_bytes": nonexpert_bytes(model),
@@ -351,8 +399,14 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
         plain = ["gpu_only", "speculative"]
         conv = ["gpu_only", "on_demand", "on_demand" + lru, "on_demand+cpu_always", "on_demand+cpu_auto",
                 "prefetch_all", "pregated", "pregated" + lru]
+    link = result["environment"].get("pinned_peak_GBps")
     refs: dict = {}
-    for family, names in (("unconverted", plain), ("pregated", conv)):
+    if args.sweep_only:
+        plain, conv, modes_run = [], [], []
+        convert_to_pregated(model, 1)
+    else:
+        modes_run = modes
+    for family, names in (("unconverted", plain), ("pregated", conv)) if modes_run else ():
         if family == "pregated":
             convert_to_pregated(model, 1)
         for mode, nb in modes:
@@ -388,12 +442,25 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
                     entry["matching_prefix_tokens"] = _prefix(entry["tokens"][0], ref)
                     if not entry["same_tokens_as_gpu_only"] and strict:
                         result["failures"].append(f"{shape} {label}: tokens differ from gpu_only")
+                if (
+                    family == "pregated"
+                    and not cpu_mode
+                    and spec.name in COPY_ACCOUNTED
+                    and spec.cache_size == 0
+                    and "metrics" in entry
+                    and not over_budget()
+                ):
+                    entry["copy"] = copy_accounting(eng, spec, ids, nb, entry["metrics"], link)
                 out["runs"].append(entry)
                 print(f"[bench] {shape} {label}: " + summary(entry), flush=True)
                 save_partial(result, shape, out, save)
-    check_memory_bound(shape, out, result)
+    if not args.sweep_only:
+        check_memory_bound(shape, out, result, args.input_tokens, eng.prefill_slots)
+        out["floors"] = floors(out, link)
+    if args.batch_sweep and (args.sweep_shapes is None or shape in args.sweep_shapes):
+        out["batch_sweep"] = bench_sweep(shape, cfg, eng, args, over_budget, result, out, save)
     # anchors
-    if not args.no_anchors:
+    if not args.no_anchors and not args.sweep_only:
         del eng
         for what in ("gpu", "cpu"):
             for mode, nb in modes:
@@ -447,6 +514,9 @@ def run_one(eng: Engine, spec: PolicySpec, ids, n_new: int, nb: int, args, cpu_c
                 spec, ids, None, max_new_tokens=n_new, num_beams=nb, warmup=True, cpu_compute=cpu_compute
             )
             m = {k: v for k, v in r.metrics.items() if k != "decode_ms"}
+            # the timed decode steps (every step but the first, which is in ttft): copy accounting
+            m["decode_steps_timed"] = len(r.metrics["decode_ms"])
+            m["decode_ms_total"] = sum(r.metrics["decode_ms"])
             return {"policy": spec.label, "metrics": m, "tokens": r.tokens, "notes": r.notes + errors}
         except Exception as e:
             errors.append(f"copy_mode={mode} failed: {type(e).__name__}: {str(e)[:300]}")
@@ -474,7 +544,18 @@ def summary(entry: dict) -> str:
         f", cpu={m.get('cpu_compute')}: {m.get('experts_cpu_computed')} experts"
         if m.get("cpu_compute") not in (None, "off")
         else ""
-    ) + _stall(m)
+    ) + _stall(m) + _copy(entry.get("copy"))
+
+
+def _copy(c: dict | None) -> str:
+    if not c:
+        return ""
+    if "error" in c:
+        return f", copy accounting: {c['error']}"
+    eff = c.get("copy_efficiency")
+    return f", decode copies {c['decode_bytes_per_step'] / 1e6:.1f} MB/step" + (
+        f" at >= {c['achieved_GBps_lower_bound']:.1f} GB/s ({100 * eff:.0f}% of pinned peak)" if eff else ""
+    )
 
 
 def _stall(m: dict) -> str:
@@ -495,37 +576,257 @@ def save_partial(result, shape, out, save) -> None:
     save(final=False)
 
 
-def check_memory_bound(shape: str, out: dict, result: dict) -> None:
-    """Peak under pregated (no cache) <= non-expert weights + two blocks' experts + gpu_only's activations."""
-    E, eb, nonexp = out["config"]["num_experts"], out["expert_bytes"], out["nonexpert_bytes"]
-    all_experts = out["store_bytes"]
-    checks = []
+# ----------------------------------------------------------------------------------------------- copies
+COPY_ACCOUNTED = ("on_demand", "prefetch_all", "pregated")
+COPY_METHOD = (
+    "lower bound: bytes copied during the timed decode steps (the run's bytes_copied minus those of a "
+    "1-token run of the same prompt, i.e. prefill + first step) / the timed steps' wall time; equals the "
+    "copy stream's bandwidth when the copy stream is busy for the whole step. copy_efficiency = this / "
+    "pinned_peak_GBps (one 256 MiB pinned copy, measured at the start of the run)"
+)
+CRITICAL_METHOD = (
+    "copying is on the critical path when the stall (step with copies - step without, or events around "
+    "the waits) is >= 5% of the step (and >= 0.01 ms)"
+)
+
+
+def copy_accounting(eng: Engine, spec: PolicySpec, ids, nb: int, m: dict, link: float | None) -> dict:
+    """Bytes and bandwidth of the copies of the timed decode steps of a run with metrics m (see COPY_METHOD)."""
+    steps, total_ms = m.get("decode_steps_timed") or 0, m.get("decode_ms_total") or 0.0
+    if m.get("new_tokens", 0) < 2 or not steps or total_ms <= 0:
+        return {"error": "fewer than 2 tokens: no timed decode step"}
+    saved_stall, saved_mode = eng.measure_stall, eng.copy_mode
+    eng.measure_stall = False
+    if m.get("copy_mode") in ("device", "host", "cpu"):
+        eng.copy_mode = m["copy_mode"]  # the mode the measured run used (run_one may have fallen back)
+    try:
+        one = eng.run(spec, ids, None, max_new_tokens=1, num_beams=nb, warmup=False)
+    except Exception as e:
+        if eng.device.type == "cuda":
+            torch.cuda.synchronize()
+        return {"error": f"1-token run failed: {type(e).__name__}: {str(e)[:300]}"}
+    finally:
+        eng.measure_stall, eng.copy_mode = saved_stall, saved_mode
+    return copy_figures(m["bytes_copied"], one.metrics["bytes_copied"], steps, total_ms, m, link)
+
+
+def copy_figures(bytes_run: int, bytes_first: int, steps: int, total_ms: float, m: dict, link) -> dict:
+    dec = max(0, bytes_run - bytes_first)
+    gbps = dec / (total_ms / 1e3) / 1e9
+    per_step = dec / steps
+    stall, step = m.get("stall_ms_per_token"), m.get("ms_per_token_median")
+    critical = None if stall is None or not step else bool(stall >= max(0.01, 0.05 * step))
+    cuda = m.get("peak_allocated_bytes") is not None
+    return {
+        "prefill_and_first_step_bytes": bytes_first,
+        "decode_bytes": dec,
+        "decode_steps": steps,
+        "decode_bytes_per_step": per_step,
+        "achieved_GBps_lower_bound": gbps if cuda else None,
+        "copy_efficiency": gbps / link if cuda and link else None,
+        "copy_floor_ms_per_step": per_step / (link * 1e9) * 1e3 if link else None,
+        "copy_on_critical_path": critical,
+        "stall_ms_per_token": stall,
+        "method": COPY_METHOD,
+        "critical_path_method": CRITICAL_METHOD,
+    }
+
+
+def floors(out: dict, link: float | None) -> dict:
+    """Per decoding mode: the copy floor (bytes pregated must copy per step / the pinned peak) and gpu_only's
+    step. Greedy batch 1 needs one expert per decoder MoE block per step (computed); where the run measured
+    pregated's decode bytes (copy accounting) that is used (beam 4: the beams' distinct experts)."""
+    n_dec = out["config"].get("decoder_moe_blocks") or out["config"]["moe_blocks"] // 2
+    computed = n_dec * out["expert_bytes"]
+    res: dict = {"link_GBps": link, "definition": "copy floor = bytes pregated copies per decode step / "
+                 "pinned host->GPU peak of the same run; gpu_only = its median decode step"}
     for mode in ("greedy", "beam4"):
-        runs = {
-            r["policy"]: r
-            for r in out["runs"]
-            if r.get("family") == "pregated" and r.get("decoding") == mode and "metrics" in r
+        runs = _runs(out, mode)
+        pg = runs.get("pregated", {})
+        measured = (pg.get("copy") or {}).get("decode_bytes_per_step")
+        by = measured if measured is not None else (computed if mode == "greedy" else None)
+        res[mode] = {
+            "copy_bytes_per_step": by,
+            "copy_bytes_source": "measured (pregated decode)" if measured is not None else (
+                "computed: one expert per decoder MoE block" if by is not None else None),
+            "copy_bytes_per_step_computed_batch1": computed if mode == "greedy" else None,
+            "copy_floor_ms": by / (link * 1e9) * 1e3 if link and by is not None else None,
+            "gpu_only_ms": ((runs.get("gpu_only") or {}).get("metrics") or {}).get("ms_per_token_median"),
         }
+    return res
+
+
+def _runs(out: dict, mode: str) -> dict:
+    return {
+        r["policy"]: r
+        for r in out.get("runs", [])
+        if r.get("family") == "pregated" and r.get("decoding") == mode and "metrics" in r
+    }
+
+
+# ----------------------------------------------------------------------------------------------- memory
+def pregated_pool_experts(E: int, rows: int, S: int, prefill_slots: int) -> tuple[int, int]:
+    """Expert slots the pregated policy (lookahead 1, no cache) holds: (two blocks' decode experts, the
+    encoder's streaming region), as infer.policies.OffloadRunner sizes them."""
+    n_enc, n_dec = min(E, rows * S), min(E, rows)  # Switch routes each token to k = 1 expert
+    if n_enc <= n_dec:  # nothing to stream: the staging buffers serve the encoder too
+        return 2 * n_enc, 0
+    nbuf = 2 if prefill_slots >= 2 else 1
+    chunk = prefill_slots // nbuf
+    if chunk * nbuf >= n_enc:
+        nbuf, chunk = 1, n_enc
+    return 2 * n_dec, nbuf * chunk
+
+
+def memory_bound(ref: dict, pg: dict, E: int, eb: int, store_bytes: int, rows: int, S: int, prefill_slots: int):
+    """Peak under pregated (no cache) <= non-expert weights + two blocks' experts + gpu_only's activations.
+    ref, pg: gpu_only's and pregated's metrics of the same decoding and batch. "Two blocks' experts": the
+    experts two MoE blocks use (the current one and the next, pre-gated: min(E, rows) each), plus the
+    encoder pass's streaming region; the resident non-expert weights are in the pregated run's baseline
+    (what was allocated when it started, with anything earlier runs in this process still hold)."""
+    if ref.get("peak_allocated_bytes") is None or pg.get("peak_allocated_bytes") is None:
+        return None
+    base_ref = ref.get("baseline_allocated_bytes") or 0
+    base_pg = pg.get("baseline_allocated_bytes") or 0
+    act = max(0, ref["peak_allocated_bytes"] - base_ref - store_bytes)
+    two, stream = pregated_pool_experts(E, rows, S, prefill_slots)
+    slack = 64 << 20  # the plan's small tensors
+    bound = base_pg + (two + stream) * eb + act + slack
+    peak = pg["peak_allocated_bytes"]
+    return {
+        "rows": rows,
+        "peak": peak,
+        "bound": bound,
+        "ok": peak <= bound,
+        "two_blocks_experts": two,
+        "streaming_region_experts": stream,
+        "pool_bytes_reported": pg.get("pool_bytes"),
+        "pool_bytes_expected": (two + stream) * eb,
+        "activations_from_gpu_only": act,
+        "baseline_pregated": base_pg,
+        "slack_bytes": slack,
+        "bound_all_experts_of_two_blocks": base_pg + 2 * E * eb + act + slack,
+        "gpu_only_peak": ref["peak_allocated_bytes"],
+        "peak_vs_gpu_only_pct": 100.0 * peak / ref["peak_allocated_bytes"],
+        "own_need_vs_gpu_only_pct": 100.0 * (peak - base_pg) / max(1, ref["peak_allocated_bytes"] - base_ref),
+    }
+
+
+def check_memory_bound(shape: str, out: dict, result: dict, S: int, prefill_slots: int) -> None:
+    """memory_bound for greedy and beam 4 at batch 1; a peak over the bound is a failed check."""
+    E, eb = out["config"]["num_experts"], out["expert_bytes"]
+    checks = []
+    for mode, nb in (("greedy", 1), ("beam4", 4)):
+        runs = _runs(out, mode)
         ref, pg = runs.get("gpu_only"), runs.get("pregated")
-        if not ref or not pg or ref["metrics"].get("peak_allocated_bytes") is None:
+        if not ref or not pg:
             continue
-        # Each run's own need: its peak minus what was allocated when it started (the resident
-        # non-expert weights, and anything earlier runs in this process still hold).
-        base_ref = ref["metrics"].get("baseline_allocated_bytes") or 0
-        base_pg = pg["metrics"].get("baseline_allocated_bytes") or 0
-        act = max(0, ref["metrics"]["peak_allocated_bytes"] - base_ref - all_experts)
-        bound = base_pg + 2 * E * eb + act + (64 << 20)  # + 64 MiB for the plan's small tensors
-        peak = pg["metrics"]["peak_allocated_bytes"]
-        ok = peak <= bound
-        checks.append(
-            {"decoding": mode, "peak": peak, "bound": bound, "activations_from_gpu_only": act,
-             "baseline_pregated": base_pg, "nonexpert_bytes": nonexp, "ok": ok}
-        )
-        if not ok:
+        c = memory_bound(ref["metrics"], pg["metrics"], E, eb, out["store_bytes"], nb, S, prefill_slots)
+        if c is None:
+            continue
+        c = {"decoding": mode, "nonexpert_bytes": out["nonexpert_bytes"], **c}
+        checks.append(c)
+        if not c["ok"]:
             result["failures"].append(
-                f"{shape} {mode}: pregated peak {peak / 1e9:.3f} GB > bound {bound / 1e9:.3f} GB"
+                f"{shape} {mode}: pregated peak {c['peak'] / 1e9:.3f} GB > bound {c['bound'] / 1e9:.3f} GB"
             )
     out["memory_bound_check"] = checks
+
+
+# ----------------------------------------------------------------------------------------------- sweep
+SWEEP_POLICIES = ("gpu_only", "on_demand", "prefetch_all", "pregated")
+CROSSOVER_DEFINITION = (
+    "smallest batch B of the sweep where pregated's median decode step is no faster than on_demand's "
+    "(pregated ms/step >= on_demand ms/step); null if pregated stays ahead over the whole sweep"
+)
+
+
+def crossover(points: list[dict]) -> dict:
+    """on_demand / pregated step-time ratio per batch, and the crossover batch (CROSSOVER_DEFINITION)."""
+    ratios, cross = {}, None
+    for p in sorted(points, key=lambda p: p["batch"]):
+        od, pg = _step_ms(p, "on_demand"), _step_ms(p, "pregated")
+        if od is None or pg is None:
+            continue
+        ratios[str(p["batch"])] = od / pg
+        if cross is None and pg >= od:
+            cross = p["batch"]
+    return {"crossover_batch": cross, "on_demand_over_pregated": ratios, "definition": CROSSOVER_DEFINITION}
+
+
+def _step_ms(point: dict, policy: str) -> float | None:
+    return ((point.get("runs", {}).get(policy) or {}).get("metrics") or {}).get("ms_per_token_median")
+
+
+def bench_sweep(shape, cfg, eng: Engine, args, over_budget, result, out, save) -> dict:
+    """Greedy decoding of B prompts per batch size of args.batch_sweep, on the pre-gated model."""
+    link = result["environment"].get("pinned_peak_GBps")
+    store = eng.store
+    sw: dict = {
+        "batches": list(args.batch_sweep),
+        "policies": list(SWEEP_POLICIES),
+        "decoding": "greedy",
+        "input_tokens": args.input_tokens,
+        "new_tokens": args.sweep_new_tokens,
+        "prefetch_all_tokens": min(args.sweep_prefetch_all_tokens, args.sweep_new_tokens),
+        "ms_per_step": "median decode step (one step makes B tokens); tokens_per_s = B / step",
+        "points": [],
+    }
+    out["batch_sweep"] = sw
+    g = torch.Generator().manual_seed(4)
+    for B in args.batch_sweep:
+        point: dict = {"batch": B, "runs": {}}
+        sw["points"].append(point)
+        ids = torch.randint(3, cfg.vocab_size, (B, args.input_tokens), generator=g)
+        ref_tokens = None
+        for name in SWEEP_POLICIES:
+            if over_budget():
+                point["runs"][name] = {"skipped": f"time budget ({args.budget_s:.0f} s) spent"}
+                continue
+            spec = PolicySpec.parse(name)
+            n_new = sw["prefetch_all_tokens"] if name == "prefetch_all" else args.sweep_new_tokens
+            saved_stall = eng.measure_stall
+            # prefetch_all's stall would replay its (slow) steps 2 x 20 times: not worth the time here
+            eng.measure_stall = saved_stall and name != "prefetch_all"
+            try:
+                entry = run_one(eng, spec, ids, n_new, 1, args)
+            finally:
+                eng.measure_stall = saved_stall
+            tokens = entry.pop("tokens", None)
+            if "metrics" in entry:
+                m = entry["metrics"]
+                step = m.get("ms_per_token_median")
+                m["ms_per_token_of_batch"] = step / B if step else None
+                m["decode_tokens_per_s"] = B * 1e3 / step if step else None
+                if name == "gpu_only":
+                    ref_tokens = tokens
+                elif tokens is not None and ref_tokens is not None:
+                    n = len(tokens[0])
+                    same = [row[:n] for row in ref_tokens] == tokens
+                    entry["same_tokens_as_gpu_only"] = same
+                    if not same:
+                        result["failures"].append(f"{shape} batch {B} {name}: tokens differ from gpu_only")
+                if name in ("on_demand", "pregated") and not over_budget():
+                    entry["copy"] = copy_accounting(eng, spec, ids, 1, m, link)
+            point["runs"][name] = entry
+            print(f"[bench] {shape} sweep B={B} {name}: " + summary(entry), flush=True)
+            sw.update(crossover(sw["points"]))
+            save_partial(result, shape, out, save)
+        pg = point["runs"].get("pregated", {})
+        point["copy_floor_ms_per_step"] = (pg.get("copy") or {}).get("copy_floor_ms_per_step")
+        ref = (point["runs"].get("gpu_only") or {}).get("metrics")
+        if ref and "metrics" in pg:
+            point["memory"] = memory_bound(
+                ref, pg["metrics"], store.E, store.expert_bytes, store.total_bytes, B, args.input_tokens,
+                eng.prefill_slots,
+            )
+            if point["memory"] is not None and not point["memory"]["ok"]:
+                result["failures"].append(f"{shape} batch {B}: pregated peak over its memory bound")
+    sw.update(crossover(sw["points"]))
+    print(f"[bench] {shape} sweep: crossover batch {sw['crossover_batch']}, on_demand/pregated "
+          + ", ".join(f"B={b}: {r:.2f}" for b, r in sw["on_demand_over_pregated"].items()), flush=True)
+    save_partial(result, shape, out, save)
+    return sw
 
 
 # ----------------------------------------------------------------------------------------------- plot
@@ -559,8 +860,14 @@ def plot(path: Path, result: dict) -> None:
                 vals.append(m.get("ms_per_token_median") or 0)
                 mems.append((m.get("peak_allocated_bytes") or 0) / 1e9)
             x = [i + j * w for i in range(len(labels))]
-            axes[row][0].bar(x, vals, w, label=s)
+            bars = axes[row][0].bar(x, vals, w, label=s)
             axes[row][1].bar(x, mems, w, label=s)
+            # the floors of this shape, across the axes in its colour
+            fl = (result["shapes"][s].get("floors") or {}).get(mode) or {}
+            color = bars.patches[0].get_facecolor() if bars.patches else None
+            for key, style, what in (("copy_floor_ms", "--", "copy floor"), ("gpu_only_ms", ":", "gpu_only")):
+                if fl.get(key):
+                    axes[row][0].axhline(fl[key], ls=style, lw=1.2, color=color, label=f"{s}: {what}")
         for col, title in ((0, "ms per output token (median)"), (1, "peak GPU memory allocated (GB)")):
             ax = axes[row][col]
             ax.set_title(f"{mode}: {title}")
@@ -571,11 +878,69 @@ def plot(path: Path, result: dict) -> None:
                 ax.set_yscale("log")
             ax.legend(fontsize=7)
     env = result["environment"]
+    link = env.get("pinned_peak_GBps")
+    link_s = f"{link:.1f} GB/s" if link else "n/a"
     fig.suptitle(
         f"e2e, batch 1, {result['settings']['input_tokens']} in / {result['settings']['new_tokens']} out, "
-        f"{env['compute_device']}, torch {env['torch']} (random weights: near-uniform routing)",
+        f"{env['compute_device']}, torch {env['torch']} (random weights: near-uniform routing); floors: "
+        f"-- copy (pregated's bytes per step / pinned peak "
+        f"{link_s}), : gpu_only",
         fontsize=10,
     )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_batch(path: Path, result: dict) -> None:
+    """Batch sweep: ms per decode step vs batch per policy (log2 x), pregated's copy floor, the crossover;
+    below, on_demand / pregated per batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = [
+        s for s, v in result["shapes"].items() if isinstance(v, dict) and (v.get("batch_sweep") or {}).get("points")
+    ]
+    if not shapes:
+        return
+    fig, axes = plt.subplots(2, len(shapes), figsize=(max(9.0, 6.5 * len(shapes)), 8), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1.3]})
+    for j, s in enumerate(shapes):
+        sw = result["shapes"][s]["batch_sweep"]
+        pts = sorted(sw["points"], key=lambda p: p["batch"])
+        ax, rx = axes[0][j], axes[1][j]
+        for pol in sw["policies"]:
+            xy = [(p["batch"], _step_ms(p, pol)) for p in pts if _step_ms(p, pol)]
+            if xy:
+                ax.plot(*zip(*xy), marker="o", label=pol)
+        fl = [(p["batch"], p.get("copy_floor_ms_per_step")) for p in pts if p.get("copy_floor_ms_per_step")]
+        if fl:
+            ax.plot(*zip(*fl), ls="--", color="grey", label="copy floor (pregated bytes / pinned peak)")
+        cross = sw.get("crossover_batch")
+        for a in (ax, rx):
+            a.set_xscale("log", base=2)
+            a.set_xticks([p["batch"] for p in pts], [str(p["batch"]) for p in pts])
+            if cross is not None:
+                a.axvline(cross, color="red", lw=1, ls="-.")
+        if ax.lines:
+            ax.set_yscale("log")
+        if cross is not None:
+            ax.text(cross, ax.get_ylim()[1], f" crossover B={cross}", color="red", va="top", fontsize=8)
+        ax.set_title(f"{s}: ms per decode step (median), greedy, {sw['new_tokens']} tokens"
+                     + ("" if cross is not None else "; no crossover in the sweep"), fontsize=9)
+        ax.set_xlabel("batch")
+        ax.legend(fontsize=7)
+        r = sorted((int(b), v) for b, v in (sw.get("on_demand_over_pregated") or {}).items())
+        if r:
+            rx.plot(*zip(*r), marker="o", color="tab:purple")
+        rx.axhline(1.0, color="black", lw=0.8)
+        rx.set_title("on_demand / pregated (ms per step; > 1: pregated ahead)", fontsize=9)
+        rx.set_xlabel("batch")
+    env = result["environment"]
+    fig.suptitle(f"batch sweep, {result['settings']['input_tokens']} input tokens, {env['compute_device']}, "
+                 f"torch {env['torch']}\n(random weights: near-uniform routing)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -111,6 +111,19 @@ def test_bench_script_tiny(tmp_path):
     assert runs and all(r.get("same_tokens_as_gpu_only") for r in runs if "metrics" in r)
     assert not res["failures"]
     assert (tmp_path / "e2e-cpu-tiny.png").exists()
+    # --tiny sweeps batches 1 and 2 (greedy, every policy), with the crossover and copy accounting
+    sw = res["shapes"]["tiny"]["batch_sweep"]
+    assert [p["batch"] for p in sw["points"]] == [1, 2]
+    for p in sw["points"]:
+        assert set(p["runs"]) == {"gpu_only", "on_demand", "prefetch_all", "pregated"}
+        assert all(r.get("same_tokens_as_gpu_only") for n, r in p["runs"].items() if n != "gpu_only")
+        assert p["runs"]["pregated"]["copy"]["decode_bytes_per_step"] > 0
+    assert "crossover_batch" in sw and set(sw["on_demand_over_pregated"]) == {"1", "2"}
+    # greedy batch 1 copies one expert per decoder MoE block per step
+    tiny = res["shapes"]["tiny"]
+    pg = next(r for r in runs if r["label"] == "pregated/greedy/pregated")
+    assert pg["copy"]["decode_bytes_per_step"] == tiny["config"]["decoder_moe_blocks"] * tiny["expert_bytes"]
+    assert (tmp_path / "e2e-cpu-tiny-batch.png").exists()
     _ = torch
 
 

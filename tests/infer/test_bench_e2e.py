@@ -1,0 +1,174 @@
+"""scripts/bench_e2e.py's arithmetic (crossover, copy efficiency, floors, the pre-gated memory bound), its
+plots, and scripts/summarize_e2e.py, on hand-made numbers. The CPU smoke run of the script (with its
+batch sweep) is tests/infer/test_app.py::test_bench_script_tiny."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench_e2e as bench  # noqa: E402
+import summarize_e2e as summ  # noqa: E402
+
+
+def _point(B, **ms):
+    return {"batch": B, "runs": {p: {"metrics": {"ms_per_token_median": v}} for p, v in ms.items()}}
+
+
+# ----------------------------------------------------------------------------------------------- crossover
+def test_crossover_is_the_first_batch_where_pregated_is_no_faster():
+    pts = [  # unsorted on purpose; on_demand catches up at 8
+        _point(16, on_demand=30.0, pregated=33.0),
+        _point(1, on_demand=2.7, pregated=1.8),
+        _point(4, on_demand=6.0, pregated=4.0),
+        _point(8, on_demand=10.0, pregated=10.0),
+        _point(2, on_demand=4.0, pregated=2.5),
+    ]
+    c = bench.crossover(pts)
+    assert c["crossover_batch"] == 8
+    assert list(c["on_demand_over_pregated"]) == ["1", "2", "4", "8", "16"]
+    assert c["on_demand_over_pregated"]["1"] == pytest.approx(1.5)
+    assert c["on_demand_over_pregated"]["8"] == pytest.approx(1.0)
+    assert c["on_demand_over_pregated"]["16"] == pytest.approx(30 / 33)
+
+
+def test_crossover_none_and_missing_runs():
+    pts = [_point(1, on_demand=3.0, pregated=2.0), _point(2, on_demand=5.0, pregated=4.9)]
+    assert bench.crossover(pts)["crossover_batch"] is None
+    # a batch whose pregated run was skipped (budget) or failed is no crossover
+    pts += [{"batch": 4, "runs": {"on_demand": {"metrics": {"ms_per_token_median": 1.0}},
+                                  "pregated": {"skipped": "time budget"}}},
+            _point(8, on_demand=4.0, pregated=6.0)]
+    c = bench.crossover(pts)
+    assert c["crossover_batch"] == 8 and "4" not in c["on_demand_over_pregated"]
+
+
+# ----------------------------------------------------------------------------------------------- copies
+def test_copy_figures():
+    m = {"stall_ms_per_token": 0.5, "ms_per_token_median": 2.0, "peak_allocated_bytes": 1}
+    # 255 timed steps of 2 ms, 6 experts of 9.4 MB each per step, 50 GB/s peak
+    per_step = 6 * 9_437_184
+    c = bench.copy_figures(1_000_000 + 255 * per_step, 1_000_000, 255, 255 * 2.0, m, 50.0)
+    assert c["decode_bytes"] == 255 * per_step and c["decode_bytes_per_step"] == per_step
+    assert c["achieved_GBps_lower_bound"] == pytest.approx(per_step / 2e-3 / 1e9)
+    assert c["copy_efficiency"] == pytest.approx(per_step / 2e-3 / 1e9 / 50.0)
+    assert c["copy_floor_ms_per_step"] == pytest.approx(per_step / 50e9 * 1e3)
+    assert c["copy_on_critical_path"] is True
+    m["stall_ms_per_token"] = 0.05  # 2.5% of the step: off the critical path
+    assert bench.copy_figures(2, 1, 1, 1.0, m, 50.0)["copy_on_critical_path"] is False
+    cpu = bench.copy_figures(2, 1, 1, 1.0, {"ms_per_token_median": 1.0, "peak_allocated_bytes": None}, None)
+    assert cpu["copy_efficiency"] is None and cpu["achieved_GBps_lower_bound"] is None
+
+
+def test_floors_computed_for_greedy_measured_for_beams():
+    eb, link = 10_000_000, 50.0
+    runs = [
+        {"policy": "gpu_only", "family": "pregated", "decoding": "greedy", "metrics": {"ms_per_token_median": 0.9}},
+        {"policy": "pregated", "family": "pregated", "decoding": "greedy", "metrics": {}},
+        {"policy": "pregated", "family": "pregated", "decoding": "beam4", "metrics": {},
+         "copy": {"decode_bytes_per_step": 3 * 6 * eb}},
+    ]
+    out = {"config": {"moe_blocks": 12, "decoder_moe_blocks": 6}, "expert_bytes": eb, "runs": runs}
+    f = bench.floors(out, link)
+    assert f["greedy"]["copy_floor_ms"] == pytest.approx(6 * eb / 50e9 * 1e3)
+    assert f["greedy"]["gpu_only_ms"] == 0.9
+    assert f["beam4"]["copy_floor_ms"] == pytest.approx(18 * eb / 50e9 * 1e3)
+    assert f["beam4"]["copy_bytes_source"].startswith("measured")
+    assert bench.floors(out, None)["greedy"]["copy_floor_ms"] is None
+
+
+# ----------------------------------------------------------------------------------------------- memory
+@pytest.mark.parametrize(
+    "E,rows,S,slots", [(8, 1, 16, 16), (8, 4, 16, 16), (8, 8, 16, 16), (32, 1, 64, 16), (32, 2, 64, 5), (32, 3, 64, 1)]
+)
+def test_pool_experts_match_the_runner(E, rows, S, slots):
+    """bench_e2e's count of pregated's expert slots is the pool OffloadRunner allocates."""
+    from infer.offload import ExpertStore
+    from infer.policies import OffloadRunner, PolicySpec
+    from models.config import preset
+    from models.pregate import convert_to_pregated
+    from models.switch import Switch
+
+    torch.manual_seed(0)
+    model = Switch(preset("tiny", num_experts=E))
+    model.init_weights()
+    convert_to_pregated(model, 1)
+    store = ExpertStore.from_model(model)
+    r = OffloadRunner(model, store, PolicySpec("pregated"), "cpu", n_enc=rows * S, n_dec=rows, prefill_slots=slots)
+    two, stream = bench.pregated_pool_experts(E, rows, S, slots)
+    assert (two, stream) == (r.pool.R * r.pool.n, r.pool.n_prefill)
+    assert r.pool.nbytes() == (two + stream) * store.expert_bytes
+
+
+def test_memory_bound():
+    GB, eb, E = 10**9, 10**7, 128
+    store = 12 * E * eb  # 15.36 GB
+    ref = {"peak_allocated_bytes": 1 * GB + store + 200 * 10**6, "baseline_allocated_bytes": 1 * GB}
+    two, stream = bench.pregated_pool_experts(E, 1, 256, 16)
+    assert (two, stream) == (2, 16)
+    exact = 1 * GB + (two + stream) * eb + 200 * 10**6 + (64 << 20)
+    pg = {"peak_allocated_bytes": exact, "baseline_allocated_bytes": 1 * GB, "pool_bytes": 18 * eb}
+    c = bench.memory_bound(ref, pg, E, eb, store, 1, 256, 16)
+    assert c["ok"] and c["bound"] == exact and c["activations_from_gpu_only"] == 200 * 10**6
+    assert c["pool_bytes_expected"] == c["pool_bytes_reported"]
+    assert c["peak_vs_gpu_only_pct"] == pytest.approx(100 * exact / ref["peak_allocated_bytes"])
+    assert c["bound_all_experts_of_two_blocks"] > c["bound"]
+    pg["peak_allocated_bytes"] = exact + 1  # one byte over: fails
+    assert not bench.memory_bound(ref, pg, E, eb, store, 1, 256, 16)["ok"]
+    assert bench.memory_bound({"peak_allocated_bytes": None}, pg, E, eb, store, 1, 256, 16) is None
+
+
+# ----------------------------------------------------------------------------------------------- plots, summary
+def _doc():
+    eb, link = 10**7, 50.0
+
+    def run(policy, mode, ms, peak):
+        return {"label": f"pregated/{mode}/{policy}", "policy": policy, "family": "pregated", "decoding": mode,
+                "metrics": {"ms_per_token_median": ms, "peak_allocated_bytes": peak}}
+
+    runs = [run("gpu_only", m, 1.0, 16e9) for m in ("greedy", "beam4")]
+    runs += [run("on_demand", m, 2.7, 3e9) for m in ("greedy", "beam4")]
+    runs += [run("pregated", m, 1.8, 3e9) for m in ("greedy", "beam4")]
+    runs[-2]["copy"] = bench.copy_figures(10**9 + 255 * 6 * eb, 10**9, 255, 255 * 1.8, runs[-2]["metrics"] | {
+        "stall_ms_per_token": 0.8}, link)
+    pts = [_point(B, gpu_only=1.0 + B / 8, on_demand=2.7 + B, pregated=1.8 + 1.3 * B, prefetch_all=150.0)
+           for B in (1, 2, 4, 8, 16, 32)]
+    for p in pts:
+        p["copy_floor_ms_per_step"] = 1.2 * p["batch"] ** 0.5
+    sw = {"batches": [1, 2, 4, 8, 16, 32], "policies": list(bench.SWEEP_POLICIES), "input_tokens": 256,
+          "new_tokens": 64, "prefetch_all_tokens": 8, "points": pts}
+    sw.update(bench.crossover(pts))
+    shape = {"config": {"num_experts": 128, "moe_blocks": 12, "decoder_moe_blocks": 6}, "expert_bytes": eb,
+             "runs": runs, "anchors": [], "batch_sweep": sw}
+    shape["floors"] = bench.floors(shape, link)
+    return {
+        "environment": {"compute_device": "test GPU", "torch": "x", "pinned_peak_GBps": link},
+        "settings": {"input_tokens": 256, "new_tokens": 256},
+        "shapes": {"switch-base-128": shape, "switch-large-128": {"skipped": "time budget (400 s) spent"}},
+        "failures": [],
+    }
+
+
+def test_plots_are_written(tmp_path):
+    doc = _doc()
+    assert doc["shapes"]["switch-base-128"]["batch_sweep"]["crossover_batch"] == 4  # 1.8 + 5.2 >= 2.7 + 4
+    bench.plot(tmp_path / "e2e.png", doc)
+    bench.plot_batch(tmp_path / "e2e-batch.png", doc)
+    assert (tmp_path / "e2e.png").stat().st_size > 10_000
+    assert (tmp_path / "e2e-batch.png").stat().st_size > 10_000
+
+
+def test_summary_has_sweep_copy_efficiency_and_floors():
+    text = summ.summarize(_doc(), "x.json")
+    assert "Crossover (smallest B where pregated is no faster than on_demand): **4**" in text
+    sweep = [ln for ln in text.splitlines() if ln.startswith("| 8 |")]
+    assert sweep and "| 1.50 |" not in sweep[0] and f"| {(2.7 + 8) / (1.8 + 10.4):.2f} |" in sweep[0]
+    eff = 6 * 10**7 / 1.8e-3 / 1e9 / 50.0
+    assert f"| switch-base-128 | greedy | pregated | 60.0 | {50 * eff:.1f} | {100 * eff:.0f} | 0.800 | yes |" in text
+    floor = 6 * 10**7 / 50e9 * 1e3
+    assert f"| {floor:.2f} |" in text  # the copy floor column of the main table
+    assert "switch-large-128: time budget (400 s) spent" in text
