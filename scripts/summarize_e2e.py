@@ -1,6 +1,7 @@
 """Markdown summary of an end-to-end benchmark JSON (scripts/bench_e2e.py): per model shape and
-decoding mode, ms per output token and peak GPU memory of each policy and anchor, the copy floor,
-and the ratios the performance targets are stated in.
+decoding mode, ms per output token and peak GPU memory of each policy and anchor, the floors (copy
+floor, gpu_only), the ratios the performance targets are stated in, copy efficiency, the pre-gated
+memory bound, and the batch sweep (ms per step per policy, on_demand / pregated, the crossover).
 
 Usage: python scripts/summarize_e2e.py bench/results/e2e-h200.json [--out bench/results/e2e-h200.md]
 """
@@ -12,16 +13,17 @@ import json
 from pathlib import Path
 
 POLICIES = ("gpu_only", "on_demand", "prefetch_all", "pregated")
+COPY_POLICIES = ("on_demand", "prefetch_all", "pregated")
 
 
 def _ms(entry):
-    return None if entry is None else entry.get("metrics", {}).get("ms_per_token_median")
+    return None if entry is None else (entry.get("metrics") or {}).get("ms_per_token_median")
 
 
 def _gb(entry):
     if entry is None:
         return None
-    b = entry.get("metrics", {}).get("peak_allocated_bytes")
+    b = (entry.get("metrics") or {}).get("peak_allocated_bytes")
     return None if b is None else b / 1e9
 
 
@@ -29,59 +31,182 @@ def _f(x, fmt="{:.2f}"):
     return "-" if x is None else fmt.format(x)
 
 
+def _yn(x):
+    return {True: "yes", False: "no", None: "-"}[x]
+
+
+def _runs(s: dict, mode: str) -> dict:
+    return {r["policy"]: r for r in s.get("runs", [])
+            if r.get("family") == "pregated" and r.get("decoding") == mode and "metrics" in r}
+
+
+def _floor(s: dict, mode: str, link) -> float | None:
+    """The copy floor in ms per step: the run's own (bench_e2e floors), else computed for greedy."""
+    fl = (s.get("floors") or {}).get(mode) or {}
+    if "copy_floor_ms" in fl:
+        return fl["copy_floor_ms"]
+    if mode != "greedy" or not link:  # older JSONs: beams' distinct experts were not measured
+        return None
+    cfg = s["config"]
+    n_dec_moe = cfg.get("decoder_moe_blocks") or cfg["moe_blocks"] // 2
+    return n_dec_moe * s["expert_bytes"] / (link * 1e9) * 1e3
+
+
 def summarize(doc: dict, source: str) -> str:
     env = doc.get("environment", {})
     link = env.get("pinned_peak_GBps")
+    settings = doc["settings"]
+    shapes = {k: v for k, v in doc["shapes"].items() if isinstance(v, dict) and "config" in v}
     lines = [
         f"# End-to-end decoding: {env.get('compute_device', '?')}",
         "",
         f"From `{source}` ({env.get('date', '?')}; `{env.get('command', '?')}`; torch {env.get('torch')}, "
         f"triton {env.get('triton')}, transformers {env.get('transformers')}). Batch 1, "
-        f"{doc['settings']['input_tokens']} input and {doc['settings']['new_tokens']} output tokens, bf16, "
+        f"{settings['input_tokens']} input and {settings['new_tokens']} output tokens, bf16, "
         "random weights (near-uniform routing), pre-gated with lookahead 1. ms/token is the median decode "
-        "step; peak is GPU memory allocated. Copy floor = the experts one token needs "
-        f"(one per decoder MoE block; greedy only) / the pinned host->GPU peak measured in the same run "
-        f"({_f(link, '{:.1f}')} GB/s).",
-        "",
-        "| shape | decoding | gpu_only | on_demand | prefetch_all | pregated | transformers (GPU) | "
-        "transformers + accelerate offload | copy floor | pregated / max(gpu_only, floor) | "
-        "on_demand / pregated | accelerate / pregated | peak GB gpu_only / pregated |",
-        "|" + "---|" * 13,
+        "step; peak is GPU memory allocated. Copy floor = the bytes pregated copies per decode step (greedy: "
+        "one expert per decoder MoE block; beam 4: measured, where the run did) / the pinned host->GPU peak "
+        f"measured in the same run ({_f(link, '{:.1f}')} GB/s).",
     ]
-    for shape, s in doc["shapes"].items():
-        cfg = s["config"]
-        n_dec_moe = cfg["moe_blocks"] // 2  # as many MoE blocks in the decoder as in the encoder
-        floor = n_dec_moe * s["expert_bytes"] / (link * 1e9) * 1e3 if link else None
-        for mode in ("greedy", "beam4"):
-            runs = {r["policy"]: r for r in s["runs"]
-                    if r.get("family") == "pregated" and r.get("decoding") == mode and "metrics" in r}
-            anchors = {a["label"].split("/")[1]: a for a in s["anchors"]
-                       if a["label"].endswith("/" + mode) and "metrics" in a}
-            ms = {p: _ms(runs.get(p)) for p in POLICIES}
-            hf_gpu, hf_off = _ms(anchors.get("gpu_only")), _ms(anchors.get("accelerate_cpu_offload"))
-            pg = ms["pregated"]
-            # greedy needs exactly one expert per decoder MoE block; beams share experts to an extent
-            # the run does not report separately from the prefill's copies, so no floor is claimed there
-            fl = floor if mode == "greedy" else None
-            known = [x for x in (ms["gpu_only"], fl) if x is not None]
-            ref = max(known) if known else None
-            lines.append(
-                f"| {shape} | {mode} | " + " | ".join(_f(ms[p]) for p in POLICIES)
-                + f" | {_f(hf_gpu)} | {_f(hf_off)} | {_f(fl)} | "
-                + f"{_f(pg / ref if pg and ref else None)} | "
-                + f"{_f(ms['on_demand'] / pg if pg and ms['on_demand'] else None)} | "
-                + f"{_f(hf_off / pg if pg and hf_off else None, '{:.1f}')} | "
-                + f"{_f(_gb(runs.get('gpu_only')))} / {_f(_gb(runs.get('pregated')))} |"
-            )
-    skipped = [f"{shape}: {a['label']}" for shape, s in doc["shapes"].items()
-               for a in s["runs"] + s["anchors"] if "skipped" in a]
+    not_run = [f"{k}: {v.get('skipped') or v.get('error')}" for k, v in doc["shapes"].items() if k not in shapes]
+    if any(s.get("runs") for s in shapes.values()):
+        lines += [
+            "",
+            "| shape | decoding | gpu_only | on_demand | prefetch_all | pregated | transformers (GPU) | "
+            "transformers + accelerate offload | copy floor | pregated / max(gpu_only, floor) | "
+            "on_demand / pregated | accelerate / pregated | peak GB gpu_only / pregated | pregated peak % of "
+            "gpu_only |",
+            "|" + "---|" * 14,
+        ]
+        for shape, s in shapes.items():
+            if not s.get("runs"):
+                continue
+            for mode in ("greedy", "beam4"):
+                runs = _runs(s, mode)
+                anchors = {a["label"].split("/")[1]: a for a in s.get("anchors", [])
+                           if a["label"].endswith("/" + mode) and "metrics" in a}
+                ms = {p: _ms(runs.get(p)) for p in POLICIES}
+                hf_gpu, hf_off = _ms(anchors.get("gpu_only")), _ms(anchors.get("accelerate_cpu_offload"))
+                pg = ms["pregated"]
+                fl = _floor(s, mode, link)
+                known = [x for x in (ms["gpu_only"], fl) if x is not None]
+                ref = max(known) if known else None
+                g_gpu, g_pg = _gb(runs.get("gpu_only")), _gb(runs.get("pregated"))
+                lines.append(
+                    f"| {shape} | {mode} | " + " | ".join(_f(ms[p]) for p in POLICIES)
+                    + f" | {_f(hf_gpu)} | {_f(hf_off)} | {_f(fl)} | "
+                    + f"{_f(pg / ref if pg and ref else None)} | "
+                    + f"{_f(ms['on_demand'] / pg if pg and ms['on_demand'] else None)} | "
+                    + f"{_f(hf_off / pg if pg and hf_off else None, '{:.1f}')} | "
+                    + f"{_f(g_gpu)} / {_f(g_pg)} | "
+                    + f"{_f(100 * g_pg / g_gpu if g_pg and g_gpu else None, '{:.1f}')} |"
+                )
+        lines += copy_table(shapes) + memory_table(shapes)
+    for shape, s in shapes.items():
+        if (s.get("batch_sweep") or {}).get("points"):
+            lines += sweep_table(shape, s["batch_sweep"])
+    skipped = [f"{shape}: {a['label']}" for shape, s in shapes.items()
+               for a in s.get("runs", []) + s.get("anchors", []) if "skipped" in a]
+    skipped += [f"{shape}: batch {p['batch']} {pol}" for shape, s in shapes.items()
+                for p in (s.get("batch_sweep") or {}).get("points", [])
+                for pol, r in p["runs"].items() if "skipped" in r]
+    if not_run:
+        lines += ["", "Shapes not measured: " + "; ".join(not_run) + "."]
     if skipped:
         lines += ["", "Skipped by the run's time budget: " + "; ".join(skipped) + "."]
     if doc.get("failures"):
         lines += ["", "Failed checks: " + "; ".join(doc["failures"]) + "."]
     else:
-        lines += ["", "Checks: every policy gave gpu_only's tokens; the pre-gated peak-memory bound held."]
+        checked = any(s.get("memory_bound_check") for s in shapes.values()) or any(
+            p.get("memory") for s in shapes.values() for p in (s.get("batch_sweep") or {}).get("points", [])
+        )
+        lines += ["", "Checks: every policy gave gpu_only's tokens; " + (
+            "the pre-gated peak-memory bound held." if checked else
+            "the pre-gated peak-memory bound was not checked (no GPU memory figures).")]
     return "\n".join(lines) + "\n"
+
+
+def copy_table(shapes: dict) -> list[str]:
+    rows = []
+    for shape, s in shapes.items():
+        for mode in ("greedy", "beam4"):
+            runs = _runs(s, mode)
+            for pol in COPY_POLICIES:
+                c = (runs.get(pol) or {}).get("copy")
+                if not c or "error" in c:
+                    continue
+                eff = c.get("copy_efficiency")
+                rows.append(
+                    f"| {shape} | {mode} | {pol} | {c['decode_bytes_per_step'] / 1e6:.1f} | "
+                    f"{_f(c.get('achieved_GBps_lower_bound'), '{:.1f}')} | {_f(eff and 100 * eff, '{:.0f}')} | "
+                    f"{_f(c.get('stall_ms_per_token'), '{:.3f}')} | {_yn(c.get('copy_on_critical_path'))} |"
+                )
+    if not rows:
+        return []
+    return [
+        "",
+        "Copy efficiency during decoding: bytes copied in the timed decode steps (the run's bytes minus those "
+        "of a 1-token run of the same prompt) / their wall time, a lower bound on the copy stream's bandwidth "
+        "(equal to it when the copy stream is busy for the whole step), as % of the pinned peak. Copying is "
+        "on the critical path when the stall is >= 5% of the step (target there: >= 90% of the peak).",
+        "",
+        "| shape | decoding | policy | MB copied per step | GB/s (lower bound) | % of pinned peak | "
+        "stall ms/token | copy on critical path |",
+        "|" + "---|" * 8,
+    ] + rows
+
+
+def memory_table(shapes: dict) -> list[str]:
+    rows = []
+    for shape, s in shapes.items():
+        for c in s.get("memory_bound_check", []):
+            two, stream = c.get("two_blocks_experts"), c.get("streaming_region_experts")
+            experts = "-" if two is None else f"{two} + {stream}"
+            rows.append(
+                f"| {shape} | {c['decoding']} | {c['peak'] / 1e9:.3f} | {c['bound'] / 1e9:.3f} | "
+                f"{_yn(c['ok'])} | {experts} | "
+                f"{_f(c.get('peak_vs_gpu_only_pct'), '{:.1f}')} |"
+            )
+    if not rows:
+        return []
+    return [
+        "",
+        "Pre-gated peak memory: bound = non-expert weights (the run's baseline allocation) + two blocks' "
+        "experts (decode: the current and the next block's, min(E, rows) each) + the encoder's streaming "
+        "region + gpu_only's activations + 64 MiB.",
+        "",
+        "| shape | decoding | pregated peak GB | bound GB | within | experts in bound (two blocks + streaming) "
+        "| peak % of gpu_only |",
+        "|" + "---|" * 7,
+    ] + rows
+
+
+def sweep_table(shape: str, sw: dict) -> list[str]:
+    cross = sw.get("crossover_batch")
+    ratios = sw.get("on_demand_over_pregated") or {}
+    lines = [
+        "",
+        f"Batch sweep, {shape}: greedy, {sw['input_tokens']} input and {sw['new_tokens']} output tokens per "
+        f"prompt (prefetch_all: {sw['prefetch_all_tokens']}); ms per decode step (median; one step makes B "
+        "tokens). Copy floor = pregated's measured bytes per step / pinned peak. Crossover (smallest B where "
+        f"pregated is no faster than on_demand): **{cross if cross is not None else 'none in the sweep'}**.",
+        "",
+        "| B | gpu_only | on_demand | prefetch_all | pregated | copy floor | on_demand / pregated | "
+        "pregated tokens/s | pregated copy % of peak | pregated peak % of gpu_only |",
+        "|" + "---|" * 10,
+    ]
+    for p in sorted(sw["points"], key=lambda p: p["batch"]):
+        runs = p["runs"]
+        pg = (runs.get("pregated") or {}).get("metrics") or {}
+        eff = ((runs.get("pregated") or {}).get("copy") or {}).get("copy_efficiency")
+        mem = (p.get("memory") or {}).get("peak_vs_gpu_only_pct")
+        lines.append(
+            f"| {p['batch']} | " + " | ".join(_f(_ms(runs.get(pol))) for pol in POLICIES)
+            + f" | {_f(p.get('copy_floor_ms_per_step'))} | {_f(ratios.get(str(p['batch'])))} | "
+            + f"{_f(pg.get('decode_tokens_per_s'), '{:.0f}')} | {_f(eff and 100 * eff, '{:.0f}')} | "
+            + f"{_f(mem, '{:.1f}')} |"
+        )
+    return lines
 
 
 def main() -> None:
