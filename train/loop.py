@@ -11,7 +11,6 @@ and N data-parallel ranks give the same update as one process with the same glob
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -158,15 +157,21 @@ def wrap_parallel(model: Switch, cfg: DictConfig, d: Dist) -> torch.nn.Module:
         )
     if cfg.train.parallel == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-        # FSDP2, one unit (the root): parameters become DTensors sharded on dim 0 between steps,
-        # gathered in the root's pre-forward hook and gradients reduce-scattered (averaged, like
-        # DDP) after backward. Per-block units would need models.switch.Block to have a forward
-        # (Stack.run calls the blocks' sub-modules directly, so their hooks would not fire).
+        # FSDP2, one unit (the root): parameters become DTensors sharded on dim 0. The root's
+        # pre-forward hook all-gathers them and keeps them gathered until its backward (or, after
+        # an evaluation, reshard()) frees them; gradients are reduce-scattered (averaged, like DDP).
         # Works on CPU with gloo and on GPUs with NCCL. Frozen parameters stay frozen.
+        # Per-block units would need models.switch.Block to have a forward that covers all of the
+        # block's parameters: Stack.run calls the blocks' sub-modules and methods directly (and
+        # Switch.forward reads block 0's position bias and the decoder blocks' cross-attention
+        # k/v outside the stacks), so a block's hooks would not fire.
         mesh = init_device_mesh(d.device.type, (d.world,))
         fully_shard(model, mesh=mesh)
+        # generation (evaluation's ROUGE / EM-F1) calls these instead of forward
+        register_fsdp_forward_method(model, "prefill")
+        register_fsdp_forward_method(model, "decode_one_token")
         return model
     raise ValueError(f"train.parallel={cfg.train.parallel!r}; expected ddp or fsdp")
 
@@ -177,12 +182,11 @@ def is_fsdp(wrapped: torch.nn.Module) -> bool:
     return isinstance(wrapped, FSDPModule)
 
 
-def full_model_for_io(
-    wrapped: torch.nn.Module, model: Switch, io_model: Switch | None, d: Dist
-) -> Switch | None:
-    """The model with full parameters for evaluation / saving on rank 0 (None on other ranks).
-    Under FSDP every rank must call this (it all-gathers): the full weights are copied into
-    `io_model`, an unsharded copy of the model kept on rank 0."""
+def model_for_saving(wrapped: torch.nn.Module, model: Switch, d: Dist) -> Switch | None:
+    """The model with full parameters to save, on rank 0 (None on other ranks). Under FSDP every
+    rank must call this (it all-gathers): the full weights are gathered into CPU memory on rank 0
+    only and put into a parameter-less (meta device) skeleton of the model, which the caller drops
+    after saving; nothing but the shards is kept between checkpoints."""
     if not is_fsdp(wrapped):
         return model if d.main else None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -190,8 +194,31 @@ def full_model_for_io(
     sd = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not d.main:
         return None
-    io_model.load_state_dict(sd)
-    return io_model
+    with torch.device("meta"):
+        skeleton = Switch(model.cfg.replace(pregated=False))
+    if model.cfg.pregated:
+        convert_to_pregated(skeleton, model.cfg.lookahead, init_from_router=False)
+    skeleton.load_state_dict(sd, assign=True)
+    return skeleton
+
+
+def param_memory() -> dict[str, int]:
+    """This process's parameter memory over every live Switch model: {"models": how many,
+    "bytes": bytes of their parameters' storage here (a DTensor's local shard; meta counts 0)}."""
+    import gc
+
+    from torch.distributed.tensor import DTensor
+
+    gc.collect()
+    models = [o for o in gc.get_objects() if issubclass(type(o), Switch)]  # type(): no __class__ lookups
+    storages: dict[int, int] = {}
+    for m in models:
+        for p in m.parameters():
+            t = p.to_local() if isinstance(p, DTensor) else p
+            if t.device.type != "meta":
+                st = t.untyped_storage()
+                storages[st.data_ptr()] = st.nbytes()
+    return {"models": len(models), "bytes": sum(storages.values())}
 
 
 def optimizer_state(wrapped: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
@@ -287,10 +314,17 @@ def autocast(d: Dist, cfg: DictConfig):
 # -- evaluation -------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(
-    model: Switch, data: Encoded, task: Task, tok, cfg: DictConfig, d: Dist, probe: bool
+    model: Switch, data: Encoded, task: Task, tok, cfg: DictConfig, d: Dist, probe: bool, sharded: bool = False
 ) -> tuple[dict[str, float], list[list[Any]]]:
     """Loss, token accuracy, task metric, per-block expert loads and (probe) pre-gate agreement.
-    Returns (metrics, load rows [stack, block, expert, tokens, fraction])."""
+    Returns (metrics, load rows [stack, block, expert, tokens, fraction]).
+
+    sharded (FSDP): every rank calls this with the sharded model, whose forwards are collective.
+    The loss batches are dealt out between the ranks (rank r takes batches r, r + world, ...; a
+    rank short of a batch runs a discarded one, so every rank runs as many forwards) and the sums
+    are combined; generation runs the same examples on every rank (greedy decoding stops when its
+    batch is done, so the ranks must decode the same batches to run the same number of steps).
+    Every rank returns the same metrics."""
     was_training = model.training
     model.eval()
     stacks = {"encoder": model.encoder, "decoder": model.decoder}
@@ -305,10 +339,21 @@ def evaluate(
     n = len(data) if not cfg.eval.max_examples else min(len(data), cfg.eval.max_examples)
     bs = cfg.eval.batch_size
     devs = [d.device] if d.device.type == "cuda" else []
+    starts = list(range(0, n, bs))
+    if sharded and d.world > 1:
+        per_rank = -(-len(starts) // d.world)
+        mine = [starts[j * d.world + d.rank] if j * d.world + d.rank < len(starts) else None for j in range(per_rank)]
+    else:
+        mine = starts
     with torch.random.fork_rng(devices=devs), autocast(d, cfg):
-        for i in range(0, n, bs):
-            b = collate(data, list(range(i, min(n, i + bs))), d.device)
+        for i in mine:
+            lo = 0 if i is None else i
+            b = collate(data, list(range(lo, min(n, lo + bs))), d.device)
             out = model(**b)
+            if i is None:  # only keeps this rank's forwards in step with the others'
+                for s in stacks.values():
+                    s.agreement = {}
+                continue
             mask = b["labels"] != -100
             k = int(mask.sum())
             loss_sum += float(out.lm_loss) * k
@@ -327,6 +372,15 @@ def evaluate(
                 for m, a in s.agreement.items():
                     agree.setdefault((name, m), []).append(float(a))
                 s.agreement = {}
+        if sharded and d.world > 1:
+            parts: list[Any] = [None] * d.world
+            dist.all_gather_object(parts, (loss_sum, n_tok, n_correct, loads, agree))
+            loss_sum, n_tok, n_correct = (sum(p[j] for p in parts) for j in range(3))
+            loads = {key: sum(p[3][key] for p in parts) for key in loads}
+            agree = {}
+            for p in parts:
+                for key, v in p[4].items():
+                    agree.setdefault(key, []).extend(v)
         metrics: dict[str, float] = {
             "loss": loss_sum / max(1, n_tok),
             "token_accuracy": 100.0 * n_correct / max(1, n_tok),
@@ -431,15 +485,14 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
 
     backend = fast_experts.install(model, cfg.train.expert_backend, d.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    # Under FSDP rank 0 keeps an unsharded copy to receive the full weights for evaluation/saving.
-    io_model = copy.deepcopy(model) if cfg.train.parallel == "fsdp" and d.world > 1 and d.main else None
+    full_param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     wrapped = wrap_parallel(model, cfg, d)
     if is_fsdp(wrapped):
         params = [p for p in wrapped.parameters() if p.requires_grad]  # now sharded DTensors
     opt, sched = make_optimizer(cfg, params)
     history: list[dict[str, Any]] = []
     if resumed_state is not None:
-        load_optimizer_state(wrapped, opt, resumed_state["optimizer"])
+        load_optimizer_state(wrapped, opt, resumed_state.pop("optimizer"))  # then dropped: it is full
         sched.load_state_dict(resumed_state["scheduler"])
         set_rng_state(resumed_state["rng"][d.rank], d.device)
         history = resumed_state.get("history", [])
@@ -449,6 +502,7 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
         np.random.seed(cfg.seed + d.rank)
 
     tracker = None
+    mem_after_setup = param_memory() if d.main else None
     if d.main:
         run_config = OmegaConf.to_container(cfg, resolve=True)
         tracker = Tracker(cfg.logger, run_config, "train", out_dir, name=run_name or out_dir.name)
@@ -462,9 +516,14 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
 
     def do_eval(split_data: Encoded, prefix: str, at: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        full = full_model_for_io(wrapped, model, io_model, d)
-        if d.main:
-            metrics, rows = evaluate(full, split_data, task, tok, cfg, d, probe=from_ckpt or model.cfg.pregated)
+        probe = from_ckpt or model.cfg.pregated
+        if is_fsdp(wrapped):  # every rank, on the sharded model
+            metrics, rows = evaluate(model, split_data, task, tok, cfg, d, probe=probe, sharded=True)
+            # The root unit keeps its gathered parameters after a forward (for the backward that
+            # follows in training); with no backward they are freed here, back to the shards.
+            wrapped.reshard()
+        elif d.main:  # the unwrapped module: no collectives
+            metrics, rows = evaluate(model, split_data, task, tok, cfg, d, probe=probe)
         if d.main:
             example = metrics.pop("_example", None)
             tracker.log({f"{prefix}/{k}": v for k, v in metrics.items()}, step=at)
@@ -495,9 +554,10 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
                 "samples_seen": at * B,
                 "config": OmegaConf.to_container(cfg),
             }
-        full = full_model_for_io(wrapped, model, io_model, d)
+        full = model_for_saving(wrapped, model, d)
         if d.main:
             save_checkpoint(ckpt_dir, full, tok, state)
+        del full
         if d.world > 1:
             dist.barrier()
 
@@ -626,6 +686,10 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
                 f"in {ckpt_dir}"
             )
     if d.main:
+        # parameter memory of rank 0 (all live models; under FSDP only the local shards)
+        result["param_memory"] = {
+            "full_bytes": full_param_bytes, "after_setup": mem_after_setup, "at_end": param_memory()
+        }
         result["history"] = history
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
         tracker.finish()

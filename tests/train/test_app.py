@@ -214,7 +214,11 @@ def test_fsdp_two_processes_equals_one_and_resumes(tmp_path):
         "optim.lr=1e-3",
         "pregate.enabled=true",
         "train.eval_every=2",
-        "eval.max_examples=4",
+        # 3 evaluation batches: under FSDP rank 0 takes 2, rank 1 one and a discarded one
+        "eval.max_examples=3",
+        "eval.batch_size=1",
+        "eval.generate_examples=2",
+        "eval.max_new_tokens=4",
     ]
     _app(args + [f"hydra.run.dir={tmp_path / 'one'}"])
     fsdp = args + ["train.parallel=fsdp"]
@@ -225,7 +229,17 @@ def test_fsdp_two_processes_equals_one_and_resumes(tmp_path):
     assert worst < 1e-4, worst
     m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
     m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    assert abs(m1["validation"]["loss"] - m2["validation"]["loss"]) < 1e-4
+    v1, v2 = m1["validation"], m2["validation"]
+    for k in ("loss", "token_accuracy", "rouge1", "agreement/encoder1", "load_max/decoder0"):
+        assert abs(v1[k] - v2[k]) < 1e-4, (k, v1[k], v2[k])
+    # evaluated and saved on the sharded model: rank 0 holds one model, its parameters sharded
+    # (about half of the bytes with 2 ranks), after setup and after the final checkpoint
+    mem = m2["param_memory"]
+    for at in ("after_setup", "at_end"):
+        assert mem[at]["models"] == 1, mem
+        assert mem[at]["bytes"] < 0.7 * mem["full_bytes"], mem
+    one = m1["param_memory"]
+    assert one["after_setup"]["bytes"] == one["full_bytes"] and one["at_end"]["models"] == 1
     # kill at step 2 under FSDP, resume under FSDP: same weights as the uninterrupted FSDP run
     p = _app(fsdp + ["train.stop_after_steps=2", f"hydra.run.dir={tmp_path / 'killed'}"], torchrun=2)
     assert "stopped at step 2" in p.stdout
