@@ -505,7 +505,9 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
     mem_after_setup = param_memory() if d.main else None
     if d.main:
         run_config = OmegaConf.to_container(cfg, resolve=True)
-        tracker = Tracker(cfg.logger, run_config, "train", out_dir, name=run_name or out_dir.name)
+        # a resumed run continues the W&B run of the checkpoint (its id is in the training state)
+        run_id = resumed_state.get("wandb_run_id") if resumed_state is not None else None
+        tracker = Tracker(cfg.logger, run_config, "train", out_dir, name=run_name or out_dir.name, run_id=run_id)
         n_params = sum(p.numel() for p in model.parameters())
         print(
             f"[train] {model.cfg.num_experts}-expert Switch, {n_params / 1e6:.2f}M params, "
@@ -552,6 +554,7 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
                 "rng": rngs,
                 "history": history,
                 "samples_seen": at * B,
+                "wandb_run_id": tracker.run_id if tracker is not None else None,
                 "config": OmegaConf.to_container(cfg),
             }
         full = model_for_saving(wrapped, model, d)

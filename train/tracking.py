@@ -18,12 +18,16 @@ class LoggerConf:
 
 
 class Tracker:
-    """`Tracker(conf, run_config, job_type, run_dir)`; log(), table(), artifact(), finish()."""
+    """`Tracker(conf, run_config, job_type, run_dir)`; log(), table(), artifact(), finish().
+
+    run_id: continue that W&B run (resume="allow": created if it does not exist); `run_id` is then
+    the id of the run in use (None without tracking), for the caller to store for a later resume."""
 
     def __init__(self, conf: Any, run_config: dict[str, Any], job_type: str, run_dir: str | Path,
-                 name: str | None = None):
+                 name: str | None = None, run_id: str | None = None):
         self.kind = conf.kind
         self.run = None
+        self.run_id: str | None = None
         if self.kind == "none":
             return
         if self.kind != "wandb":
@@ -37,7 +41,9 @@ class Tracker:
         self.run = wandb.init(
             project=conf.project, entity=conf.entity, mode=mode, config=run_config, job_type=job_type,
             dir=str(run_dir), name=name, tags=list(conf.tags), reinit="finish_previous",
+            **({"id": run_id, "resume": "allow"} if run_id else {}),
         )
+        self.run_id = self.run.id
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         if self.run is not None:
