@@ -159,21 +159,42 @@ def wrap_parallel(model: Switch, cfg: DictConfig, d: Dist) -> torch.nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-        # FSDP2, one unit (the root): parameters become DTensors sharded on dim 0. The root's
-        # pre-forward hook all-gathers them and keeps them gathered until its backward (or, after
-        # an evaluation, reshard()) frees them; gradients are reduce-scattered (averaged, like DDP).
-        # Works on CPU with gloo and on GPUs with NCCL. Frozen parameters stay frozen.
-        # Per-block units would need models.switch.Block to have a forward that covers all of the
+        # FSDP2: parameters become DTensors sharded on dim 0. Units: every MoE FFN (router,
+        # pre-gate and expert weights: most of a Switch model's parameters), then the root (the
+        # rest). A unit's parameters are all-gathered by its pre-forward hook; an MoE FFN's are
+        # freed again after its forward (gathered again for its backward), so only one MoE
+        # block's experts are unsharded at a time; the root keeps its own gathered until its
+        # backward (or, after an evaluation, reshard()). Gradients are reduce-scattered
+        # (averaged, like DDP). Works on CPU with gloo and on GPUs with NCCL; frozen parameters
+        # stay frozen. Stack.run calls SparseMLP.gates / .experts rather than forward, so those
+        # are registered as forward methods, and their Routing results are made pytrees so that
+        # FSDP's pre-backward hooks reach the tensors inside.
+        # Per-Block units would need models.switch.Block to have a forward covering all of the
         # block's parameters: Stack.run calls the blocks' sub-modules and methods directly (and
         # Switch.forward reads block 0's position bias and the decoder blocks' cross-attention
         # k/v outside the stacks), so a block's hooks would not fire.
         mesh = init_device_mesh(d.device.type, (d.world,))
+        _routing_as_pytree()
+        for moe in model.moes:
+            fully_shard(moe, mesh=mesh)
+            register_fsdp_forward_method(moe, "gates")
+            register_fsdp_forward_method(moe, "experts")
         fully_shard(model, mesh=mesh)
         # generation (evaluation's ROUGE / EM-F1) calls these instead of forward
         register_fsdp_forward_method(model, "prefill")
         register_fsdp_forward_method(model, "decode_one_token")
         return model
     raise ValueError(f"train.parallel={cfg.train.parallel!r}; expected ddp or fsdp")
+
+
+def _routing_as_pytree() -> None:
+    """Register models.moe.Routing (a dataclass of tensors) as a pytree node, once per process."""
+    import torch.utils._pytree as pytree
+
+    from models.moe import Routing
+
+    if Routing not in pytree.SUPPORTED_NODES:
+        pytree.register_dataclass(Routing)
 
 
 def is_fsdp(wrapped: torch.nn.Module) -> bool:
@@ -691,7 +712,8 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
     if d.main:
         # parameter memory of rank 0 (all live models; under FSDP only the local shards)
         result["param_memory"] = {
-            "full_bytes": full_param_bytes, "after_setup": mem_after_setup, "at_end": param_memory()
+            "full_bytes": full_param_bytes, "after_setup": mem_after_setup, "at_end": param_memory(),
+            "fsdp_units": sum(is_fsdp(m) for m in model.modules()),
         }
         result["history"] = history
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -238,6 +238,10 @@ def test_fsdp_two_processes_equals_one_and_resumes(tmp_path):
     for at in ("after_setup", "at_end"):
         assert mem[at]["models"] == 1, mem
         assert mem[at]["bytes"] < 0.7 * mem["full_bytes"], mem
+    # FSDP units: every MoE FFN (one MoE block's experts unsharded at a time), then the root
+    from models.checkpoint import load_switch
+
+    assert mem["fsdp_units"] == 1 + len(load_switch(tmp_path / "two" / "checkpoint").moes) > 2, mem
     one = m1["param_memory"]
     assert one["after_setup"]["bytes"] == one["full_bytes"] and one["at_end"]["models"] == 1
     # kill at step 2 under FSDP, resume under FSDP: same weights as the uninterrupted FSDP run
