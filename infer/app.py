@@ -51,8 +51,8 @@ def policy_specs(cfg) -> list[PolicySpec]:
 
 
 def default_checkpoint(cfg) -> Path:
-    """The shipped default model; when it is missing, build it with the project's own training
-    (`python -m train`, the default tiny pre-gated model on the embedded data, bounded steps)."""
+    """The shipped default model; when it is missing, build a stand-in with the project's own training
+    (`python -m train`: the default tiny pre-gated model on the embedded data, bounded steps)."""
     d = Path(cfg.default_model.dir)
     d = d if d.is_absolute() else ROOT / d
     if (d / "config.json").exists():

@@ -269,6 +269,7 @@ def execute(jobs: list[Job], a: argparse.Namespace) -> None:
     t0 = time.monotonic()
     slots: list[Job | None] = [None] * a.jobs
     pending = [j for j in jobs if j.status == "pending"]
+    needed = {j.after for j in jobs if j.after is not None}
     term_sent = False
     print(
         f"[quality] {len(pending)} runs to do, {a.jobs} at a time, GPUs {gpus or 'none'}, "
@@ -305,7 +306,9 @@ def execute(jobs: list[Job], a: argparse.Namespace) -> None:
             if slots[i] is not None or over:
                 continue
             ready = None
-            for j in pending:
+            # Jobs that others wait on (pretraining) first: they are the critical path. Otherwise a
+            # model's fine-tunes can fill every slot while the other model's pretraining waits.
+            for j in sorted(pending, key=lambda j: j.run_dir not in needed):
                 dep = next((d for d in jobs if d.run_dir == j.after), None)
                 if j.after is None or (
                     read_metrics(j.after) is not None and (dep is None or dep.status != "running")

@@ -8,7 +8,8 @@ shipped int8 weights and the source weights through scripts/eval_checkpoint.py (
 1 thread), so the cost of int8 storage is measured, not assumed.
 
     python scripts/ship_default.py outputs/quality/finetune/small/docsum/pregated-L1/seed0/checkpoint \\
-        --recipe bench/results/quality.json
+        --run-dir outputs/quality/finetune/small/docsum/pregated-L1/seed0 \\
+        --pretrain-dir outputs/quality/pretrain/small data=docsum eval.generate_examples=256
     python scripts/eval_checkpoint.py checkpoints/default --check     # what the test re-runs
 """
 
@@ -29,16 +30,37 @@ sys.path.insert(0, str(ROOT / "scripts"))
 MAX_BYTES = 20_000_000  # the issue's limit for a model that ships with the repository
 
 
+def run_summary(d: Path) -> dict:
+    """What a `python -m train` run dir says about how it was made: its command-line overrides and
+    final metrics (test and validation, without the per-block entries)."""
+    import yaml
+
+    out: dict = {"run_dir": str(d)}
+    ov = d / ".hydra" / "overrides.yaml"
+    if ov.exists():
+        out["overrides"] = yaml.safe_load(ov.read_text())
+    m = d / "metrics.json"
+    if m.exists():
+        mj = json.loads(m.read_text())
+        out["steps"] = mj.get("step")
+        for split in ("validation", "test"):
+            if isinstance(mj.get(split), dict):
+                out[split] = {k: v for k, v in mj[split].items() if "/" not in k}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("source", help="a checkpoint directory (config.json + weights) of a pre-gated model")
     ap.add_argument("--out", default=str(ROOT / "checkpoints" / "default"))
     ap.add_argument("--split", default="validation")
-    ap.add_argument("--recipe", default=None, help="a JSON file describing how the source was made (copied in)")
+    ap.add_argument("--run-dir", default=None, help="the fine-tune's run dir (.hydra/, metrics.json): its overrides "
+                    "and final metrics go into recipe.json")
+    ap.add_argument("--pretrain-dir", default=None, help="the pretraining run dir, likewise")
     ap.add_argument("--note", default="", help="a line of text for recipe.json")
     ap.add_argument("--no-quantize", action="store_true", help="keep the source dtype (the size check still applies)")
     ap.add_argument("overrides", nargs="*", help="eval_checkpoint overrides (data=..., eval....)")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)
 
     import eval_checkpoint
     import torch
@@ -58,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         "note": a.note,
         "command": " ".join(["python", "scripts/ship_default.py", *(argv if argv is not None else sys.argv[1:])]),
     }
-    if a.recipe:
-        recipe["study"] = json.loads(Path(a.recipe).read_text())
+    for key, d in (("finetune", a.run_dir), ("pretrain", a.pretrain_dir)):
+        if d:
+            recipe[key] = run_summary(Path(d))
     tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=out.parent))
     try:
         save_switch(model, tmp / "ckpt", quantize=None if a.no_quantize else "int8",

@@ -285,3 +285,40 @@ def test_aggregation_targets_and_trend(tmp_path):
     (t,) = rep["lookahead_trend"]
     assert t["headline_means"] == [31.0, 30.5, 28.5] and t["declines_with_lookahead"]
     assert "PASS" in quality_report.markdown(rep)
+
+
+def test_scheduler_starts_pretraining_first(tmp_path, monkeypatch):
+    """With every slot wanted by ready fine-tunes, a pretraining run that others wait on still
+    starts in the first wave (it is the critical path)."""
+    import argparse
+    import json as _json
+
+    started: list[str] = []
+
+    class FakeProc:
+        def __init__(self, cmd, **kw):
+            self.run_dir = Path(next(c.split("=", 1)[1] for c in cmd if c.startswith("hydra.run.dir=")))
+            started.append(self.run_dir.name)
+            self.returncode = None
+
+        def poll(self):
+            (self.run_dir / "metrics.json").write_text(_json.dumps({"stopped": False}))
+            self.returncode = 0
+            return 0
+
+        def send_signal(self, sig):  # pragma: no cover - no time budget here
+            pass
+
+    monkeypatch.setattr(quality_report.subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(
+        quality_report.Job, "build", lambda self: setattr(self, "cmd", [f"hydra.run.dir={self.run_dir}"])
+    )
+    J = quality_report.Job
+    jobs = [J(f"ftA{i}", tmp_path / f"ftA{i}", [], []) for i in range(4)]
+    jobs.append(J("preB", tmp_path / "preB", [], []))
+    jobs.append(J("ftB", tmp_path / "ftB", [], [], after=tmp_path / "preB"))
+    a = argparse.Namespace(jobs=2, gpus="", threads=1, time_budget=0, grace=0, keep_checkpoints=False)
+    quality_report.execute(jobs, a)
+    assert "preB" in started[:2], started
+    assert started.index("ftB") > started.index("preB")
+    assert sorted(started) == sorted(j.run_dir.name for j in jobs)
