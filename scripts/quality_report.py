@@ -262,6 +262,39 @@ def tidy(job: Job, keep_all: bool) -> None:
             p.unlink()
 
 
+def start_mps(root: Path) -> dict[str, str] | None:
+    """Start an MPS control daemon (the runs inherit its pipe directory through the environment);
+    None, with the reason printed, where that is not possible."""
+    import shutil
+
+    exe = shutil.which("nvidia-cuda-mps-control")
+    if exe is None:
+        print("[quality] --mps: nvidia-cuda-mps-control not found; the runs time-slice the GPU", flush=True)
+        return None
+    env = {
+        "CUDA_MPS_PIPE_DIRECTORY": str(root / "mps" / "pipe"),
+        "CUDA_MPS_LOG_DIRECTORY": str(root / "mps" / "log"),
+    }
+    for d in env.values():
+        Path(d).mkdir(parents=True, exist_ok=True)
+    r = subprocess.run([exe, "-d"], env={**os.environ, **env}, capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"[quality] --mps: the daemon did not start ({r.stderr.strip() or r.returncode}); "
+              "the runs time-slice the GPU", flush=True)
+        return None
+    os.environ.update(env)
+    print(f"[quality] MPS daemon started (pipes in {env['CUDA_MPS_PIPE_DIRECTORY']})", flush=True)
+    return {"exe": exe, **env}
+
+
+def stop_mps(mps: dict[str, str]) -> None:
+    env = {**os.environ, **{k: v for k, v in mps.items() if k != "exe"}}
+    subprocess.run([mps["exe"]], input="quit\n", text=True, env=env, capture_output=True)
+    for k in mps:
+        if k != "exe":
+            os.environ.pop(k, None)
+
+
 def execute(jobs: list[Job], a: argparse.Namespace) -> None:
     gpus = gpu_ids(a.gpus)
     ncpu = os.cpu_count() or 1
@@ -293,7 +326,10 @@ def execute(jobs: list[Job], a: argparse.Namespace) -> None:
                 continue
             rc = j.proc.returncode
             m = read_metrics(j.run_dir)
-            j.status = "done" if rc == 0 and m is not None else ("stopped" if rc == 0 else "failed")
+            # a run this loop sent SIGTERM to and that died of it (before its handler was in place) is
+            # stopped, not failed: it resumes from its last checkpoint (or from scratch) next call
+            stopped = rc == 0 or (term_sent and rc == -signal.SIGTERM)
+            j.status = "done" if rc == 0 and m is not None else ("stopped" if stopped else "failed")
             if j.status == "done":
                 tidy(j, a.keep_checkpoints)
             print(
@@ -779,6 +815,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="keep every fine-tuned model's weights (default: only " + "/".join(map(str, KEEP)) + ")",
     )
+    ap.add_argument(
+        "--mps",
+        action="store_true",
+        help="start the CUDA MPS daemon for the runs, so their kernels share the GPU concurrently instead of "
+        "time-slicing (needs nvidia-cuda-mps-control; without it the runs time-slice as usual)",
+    )
     ap.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     ap.add_argument("--aggregate-only", action="store_true", help="only build the report from the run dirs")
     return ap.parse_args(argv)
@@ -799,7 +841,12 @@ def main(argv: list[str] | None = None) -> int:
         for j in jobs:
             if read_metrics(j.run_dir) is not None:
                 j.status = "done"
-        execute(jobs, a)
+        mps = start_mps(Path(a.root)) if a.mps else None
+        try:
+            execute(jobs, a)
+        finally:
+            if mps:
+                stop_mps(mps)
     rep = aggregate(jobs, ckpts, a)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -322,3 +322,11 @@ def test_scheduler_starts_pretraining_first(tmp_path, monkeypatch):
     assert "preB" in started[:2], started
     assert started.index("ftB") > started.index("preB")
     assert sorted(started) == sorted(j.run_dir.name for j in jobs)
+
+
+def test_mps_absent_falls_back(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert quality_report.start_mps(tmp_path) is None
+    assert "time-slice" in capsys.readouterr().out
