@@ -10,6 +10,8 @@ Two Triton paths, picked by the number of token slots R = T*k (tuned per GPU, se
   prefill (many slots):  token slots grouped by weight slot (kernels.routing.group_by_slot), then two
           grouped GEMMs over M-row tiles that each belong to one slot (tl.dot, fp32 accumulation).
 Weights are always read through slot_of_expert, so the offload runner can put an expert in any slot.
+The path and tiles depend only on (E, d, F, the batch's token count), not on S or on which other tokens
+share a call (choose_config), so a token's output is the same under every offload policy, bitwise.
 Neither path synchronizes the host, so both can be captured in a CUDA graph.
 
 Legend: T tokens, d model width, F expert hidden width (2F rows in w_in for gated activations), S weight
@@ -358,11 +360,11 @@ def fused_candidates(d: int) -> list[dict]:
     return [_fused_config(16, d), _fused_config(8, d), _fused_config(32, d, 8), _fused_config(16, d, 8)]
 
 
-def _default_config(R: int, S: int, d: int, F: int, gated: bool = False, w_bytes: int = 2) -> dict:
+def _default_config(R: int, E: int, d: int, F: int, gated: bool = False, w_bytes: int = 2) -> dict:
     if R <= DECODE_MAX_SLOTS:
         # Whole rows per load (one memory round trip per program) and enough programs to fill the GPU.
         return _decode_config(8, min(_np2(d), 2048), 4, 2, min(_np2(F), 4096), 4)
-    per_slot = R / min(S, R)  # mean token slots per used weight slot: how tall the tiles can usefully be
+    per_slot = R / min(E, R)  # mean token slots per used expert: how tall the tiles can usefully be
     # (From the H200 sweep: 16-row tiles while a tile would be mostly padding, 64 once slots are full.)
     bm = 16 if per_slot <= 8 else 32 if per_slot <= 24 else 64
     gemm = {"BLOCK_N": 64 if bm == 16 else 128, "BLOCK_K": 64, "num_warps": 4,
@@ -377,7 +379,7 @@ def _default_config(R: int, S: int, d: int, F: int, gated: bool = False, w_bytes
     return {"path": "prefill", "BLOCK_M": bm, "in": gemm_in, "out": dict(gemm)}
 
 
-def _candidates(R: int, S: int, d: int, F: int) -> list[dict]:
+def _candidates(R: int, E: int, d: int, F: int) -> list[dict]:
     out = []
     if R <= 64:
         bd, bf = min(_np2(d), 2048), min(_np2(F), 4096)
@@ -389,7 +391,7 @@ def _candidates(R: int, S: int, d: int, F: int) -> list[dict]:
         for bm, bn, bk, w, st in ((16, 64, 64, 4, 4), (16, 128, 64, 4, 4), (32, 64, 64, 4, 4),
                                   (32, 128, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 64, 8, 4),
                                   (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)):
-            if bm <= 2 * _np2(max(1, R // min(S, R))) or bm == 16:
+            if bm <= 2 * _np2(max(1, R // min(E, R))) or bm == 16:
                 gemm = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st}
                 out.append({"path": "prefill", "BLOCK_M": bm, "in": dict(gemm), "out": dict(gemm)})
     return out
@@ -405,8 +407,14 @@ def expert_ffn_triton(
     slot_of_expert: torch.Tensor | None = None,
     activation: str = "relu",
     config: dict | None = None,
+    config_tokens: int | None = None,
 ) -> torch.Tensor:
-    """Triton expert FFN (see `expert_ffn`); `config` forces a path/tiles (tests, benchmarks)."""
+    """Triton expert FFN (see `expert_ffn`); `config` forces a path/tiles (tests, benchmarks).
+
+    Without `config` the path and tiles come from `choose_config`, keyed by the number of experts E
+    (slot_of_expert's length when given, else the number of weight slots) and the token count
+    (`config_tokens` when given: a call computing part of a larger batch's tokens takes the whole
+    batch's config, so each token's output is the one the whole call would give)."""
     if activation not in _ACT_CODE:
         raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     act, gated = _ACT_CODE[activation]
@@ -495,14 +503,44 @@ def expert_ffn_triton(
             out.copy_(rows.view(T, k, d).sum(dim=1))
 
     if config is None:
-        kernel = "ffn" + ("-glu" if gated else "") + (f"-k{k}" if k > 1 else "")
-        config = tuning.pick(
-            tuning.config_key(kernel, S, d, F, T, x.dtype, w_in.dtype), x.device,
-            default=lambda: _default_config(R, S, d, F, gated, w_in.element_size()),
-            candidates=lambda: _candidates(R, S, d, F), run=lambda cfg: launch(cfg, y),
-        )
+        E = slot_of_expert.numel() if slot_of_expert is not None else S
+        n = T if config_tokens is None else config_tokens
+        config = choose_config(n, k, E, d, F, activation, x.dtype, w_in.dtype, x.device,
+                               run=(lambda cfg: launch(cfg, y)) if n == T else None)
     launch(config, y)
     return y
+
+
+def choose_config(
+    n_tokens: int,
+    k: int,
+    E: int,
+    d: int,
+    F: int,
+    activation: str,
+    x_dtype: torch.dtype,
+    w_dtype: torch.dtype,
+    device: torch.device,
+    run=None,
+) -> dict:
+    """The config of an expert FFN call over n_tokens tokens of a model with E experts.
+
+    Keyed by the model's expert count and the call's token count only, never by how many weight
+    slots hold the experts or how a block's tokens are split up: the offload runner's calls (a slot
+    pool of any size, the encoder's experts streamed in chunks, which pass the block's token count as
+    config_tokens) then take exactly the path and tiles gpu_only takes for the same tokens, and since a
+    token's output depends only on the config (not on the other tokens of the call), every policy
+    gives gpu_only's outputs bitwise. `run(cfg)` times a candidate (autotuning; None: no autotuning).
+    """
+    _, gated = _ACT_CODE[activation]
+    R = n_tokens * k
+    w_bytes = torch.empty((), dtype=w_dtype).element_size()
+    kernel = "ffn" + ("-glu" if gated else "") + (f"-k{k}" if k > 1 else "")
+    return tuning.pick(
+        tuning.config_key(kernel, E, d, F, n_tokens, x_dtype, w_dtype), torch.device(device),
+        default=lambda: _default_config(R, E, d, F, gated, w_bytes),
+        candidates=(lambda: _candidates(R, E, d, F)) if run is not None else None, run=run,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- reference
@@ -550,12 +588,15 @@ def expert_ffn(
     weights: torch.Tensor,
     slot_of_expert: torch.Tensor | None = None,
     activation: str = "relu",
+    config_tokens: int | None = None,
 ) -> torch.Tensor:
     """y[t] = sum_j weights[t, j] * w_out[s] @ act(w_in[s] @ x[t]), s = slot_of_expert[ids[t, j]].
 
     Triton on CUDA (decode or prefill path by token count), the reference otherwise (see use_triton).
-    Output in x's dtype, fp32 accumulation.
+    Output in x's dtype, fp32 accumulation. config_tokens: x holds part of a batch of that many tokens
+    (see expert_ffn_triton); the reference computes each expert's rows alike either way.
     """
     if use_triton(x, w_in, w_out, weights):
-        return expert_ffn_triton(x, w_in, w_out, ids, weights, slot_of_expert, activation)
+        return expert_ffn_triton(x, w_in, w_out, ids, weights, slot_of_expert, activation,
+                                 config_tokens=config_tokens)
     return expert_ffn_reference(x, w_in, w_out, ids, weights, slot_of_expert, activation)

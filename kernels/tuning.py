@@ -2,8 +2,11 @@
 autotuner (env PGMOE_AUTOTUNE=1) that times candidates on first use and caches the winner for the process.
 
 A config is a plain dict; its key is (kernel, E, d, F, token bucket, gpu); the token bucket is T rounded
-up to a power of two. Lookups never synchronize the host, so a capturing CUDA graph only ever takes the
-table or the default (the autotuner is skipped while a stream is capturing).
+up to a power of two. E is the model's expert count, never the number of weight slots an offloaded call
+reads from, and T the token count of the whole batch a call is part of (kernels.expert_ffn.choose_config):
+every offload policy then runs each token with gpu_only's kernels and tiles (bitwise the same outputs).
+Lookups never synchronize the host, so a capturing CUDA graph only ever takes the table or the default
+(the autotuner is skipped while a stream is capturing).
 """
 
 from __future__ import annotations

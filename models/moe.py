@@ -186,6 +186,8 @@ class SparseMLP(nn.Module):
         x_ND = x_BSD.reshape(B * S, D)
         fast = self.backend == "triton" and not torch.is_grad_enabled()
         fn = _ffn.expert_ffn if fast else _ffn.expert_ffn_reference
+        # the Triton FFN takes the whole block's config (path, tiles) for every chunk, as gpu_only's one call
+        kw = {"config_tokens": B * S} if fast else {}
         y = torch.zeros_like(x_ND)
         for w_in, w_out, slots, tok, in_chunk in parts:
             if tok.numel() == 0:
@@ -194,7 +196,7 @@ class SparseMLP(nn.Module):
             w = routing.weights[tok]
             if ids.shape[-1] > 1:
                 w = torch.where(in_chunk[ids.long()], w, 0.0)
-            y.index_add_(0, tok, fn(x_ND[tok], w_in, w_out, ids, w, slots, self.activation))
+            y.index_add_(0, tok, fn(x_ND[tok], w_in, w_out, ids, w, slots, self.activation, **kw))
         return y.view(B, S, D)
 
     def _experts_with_dropout(self, x_BSD, routing, w_in, w_out, slots):

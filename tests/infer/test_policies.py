@@ -172,4 +172,33 @@ def test_gpu_path_under_the_interpreter(pregated_ckpt, monkeypatch, backend):
         assert res.metrics["copy_mode"] == "device"
         assert res.tokens == ref.tokens
         for a, b in zip(ref.step_logits, res.step_logits):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            assert torch.equal(a, b)
+
+
+def test_triton_beam_search_with_prefill_streaming_matches_gpu_only(pregated_ckpt, monkeypatch):
+    """Beam search (4 beams) on the Triton expert FFN (interpreter, fp32, where the decode and prefill
+    paths differ in the last bits): the encoder's experts streamed through 4 prefill slots (chunks of
+    2 experts, each chunk's tokens alone: few enough for the decode path) still give gpu_only's tokens
+    and bitwise-equal logits, since every chunk takes the config of the block's whole token count."""
+    pytest.importorskip("triton")
+    from kernels import tuning
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("PGMOE_FORCE_TRITON", "1")
+    monkeypatch.setattr(tuning, "_chosen", {})
+    model, store = load_offloaded(pregated_ckpt, "cpu", torch.float32, None)
+    model.set_backend("triton")
+    cfg = model.cfg
+    # the decode step (4 rows) with whole-row tiles: the interpreter runs a handful of programs per call
+    fast = {"path": "decode", "pdl": False, "in": {"BLOCK_F": cfg.d_ff, "BLOCK_D": cfg.d_model, "num_warps": 4},
+            "out": {"BLOCK_D": cfg.d_model, "BLOCK_F": cfg.d_ff, "num_warps": 4}}
+    key = tuning.config_key("ffn", cfg.num_experts, cfg.d_model, cfg.d_ff, 4, torch.float32, torch.float32)
+    tuning.set_config(key, torch.device("cpu"), fast)
+    ids, mask = prompts(n=1, length=8)
+    kw = dict(max_new_tokens=3, num_beams=4, keep_logits=True)
+    ref = Engine(model, store, "cpu").run(PolicySpec("gpu_only"), ids, mask, **kw)
+    eng = Engine(model, store, "cpu", prefill_slots=4)
+    for spec in (PolicySpec("on_demand"), PolicySpec("pregated")):
+        res = eng.run(spec, ids, mask, **kw)
+        assert res.metrics["pool_slots"]["prefill"] == 4
+        _same(ref, res)

@@ -59,3 +59,64 @@ def test_tuned_table_configs_run(table):
                 assert ((y - ref).norm() / ref.norm()) <= 1e-4, key
         tried.add("route" if kind == "route" else cfg["path"])
     assert tried == {"route", "decode", "prefill"}
+
+
+def _ffn_problem(T, E, S, d, f, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, d, generator=g)
+    w_in, w_out = torch.randn(S, f, d, generator=g) / d**0.5, torch.randn(S, d, f, generator=g) / f**0.5
+    ids = torch.randint(0, E, (T, 1), generator=g, dtype=torch.int32)
+    weights = torch.rand(T, 1, generator=g) + 0.1
+    return x, w_in, w_out, ids, weights
+
+
+def test_offload_calls_take_gpu_only_config(monkeypatch):
+    """The expert FFN's config is keyed by the model's expert count and the block's token count: a call
+    through a slot pool of another size, or on one chunk of the block's tokens (the encoder's streaming,
+    config_tokens = the block's tokens), takes gpu_only's path and tiles, and each token's output is
+    gpu_only's bitwise (fp32, where the decode and prefill paths differ in the last bits)."""
+    monkeypatch.setattr(tuning, "_chosen", {})
+    picked = []
+    pick = tuning.pick
+    monkeypatch.setattr(tuning, "pick", lambda key, *a, **kw: picked.append(key) or pick(key, *a, **kw))
+    T, E, S, d, f = 40, 8, 13, 24, 40  # 40 tokens: the prefill path; a chunk of <= 16 alone: the decode path
+    x, w_in, w_out, ids, weights = _ffn_problem(T, E, E, d, f)
+    ref = expert_ffn_triton(x, w_in, w_out, ids, weights)  # gpu_only: all E experts resident
+    assert tuning.current(picked[-1], torch.device("cpu"))["path"] == "prefill"
+    # the experts in a pool of S slots, read through a slot table
+    slot_of_expert = torch.randperm(S, generator=torch.Generator().manual_seed(1))[:E].to(torch.int32)
+    p_in, p_out = torch.zeros(S, f, d), torch.zeros(S, d, f)
+    p_in[slot_of_expert.long()], p_out[slot_of_expert.long()] = w_in, w_out
+    y = expert_ffn_triton(x, p_in, p_out, ids, weights, slot_of_expert)
+    assert torch.equal(y, ref)
+    # streamed: two experts at a time, each chunk's tokens alone
+    for e0 in range(0, E, 2):
+        tok = ((ids[:, 0] >= e0) & (ids[:, 0] < e0 + 2)).nonzero().flatten()
+        assert 0 < tok.numel() <= 16
+        y = expert_ffn_triton(x[tok], p_in, p_out, ids[tok], weights[tok], slot_of_expert, config_tokens=T)
+        assert torch.equal(y, ref[tok]), e0
+    assert set(picked) == {picked[0]}, picked
+    assert picked[0] == tuning.config_key("ffn", E, d, f, T, torch.float32, torch.float32)
+
+
+def test_switch_base_offload_uses_the_tuned_h200_configs(monkeypatch):
+    """On the H200 table: gpu_only (E = 128 resident) and every offload call (a pool of any size, a chunk
+    of the encoder's tokens) of switch-base-128 get the one tuned config for (E, d, F, tokens)."""
+    from kernels import expert_ffn as ffn
+
+    monkeypatch.setattr(tuning, "_chosen", {})
+    monkeypatch.setattr(tuning, "gpu_name", lambda device: "nvidia-h200")
+    table = tuning._table("nvidia-h200")
+    seen = []
+    choose = ffn.choose_config
+    monkeypatch.setattr(ffn, "choose_config", lambda *a, **kw: seen.append(a[:3]) or choose(*a, **kw))
+    d, f = 768, 3072
+    for T in (1, 4, 256, 2048):
+        want = table[f"ffn:E128:d{d}:F{f}:T{T}"]
+        assert ffn.choose_config(T, 1, 128, d, f, "relu", torch.bfloat16, torch.bfloat16, "cpu") == want
+    # what an offload call passes: E from the slot table (not the pool's slot count), the block's tokens
+    x, w_in, w_out, ids, weights = _ffn_problem(4, 128, 24, 8, 8)
+    slot_of_expert = torch.randint(0, 24, (128,), dtype=torch.int32)
+    seen.clear()
+    expert_ffn_triton(x, w_in, w_out, ids, weights, slot_of_expert, config_tokens=256)
+    assert seen == [(256, 1, 128)]
