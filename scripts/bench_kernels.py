@@ -248,7 +248,7 @@ def check_ffn(out: list):
         torch_err = rel(expert_ffn_reference(x, w_in, w_out, ids, wts, slot_map, act), ref)
         bound = 1e-4 if dtype == torch.float32 else 2 * torch_err
         ok = bool(torch.isfinite(y).all()) and err <= bound
-        path = (cfg or tuning.current(_ffn_key(T, k, S, d, f, gated, dtype), DEV) or {}).get("path")
+        path = (cfg or tuning.current(_ffn_key(T, k, E, d, f, gated, dtype), DEV) or {}).get("path")
         out.append({"what": "expert_ffn", "T": T, "E": E, "S": S, "k": k, "d": d, "F": f,
                     "activation": act, "path": path, "dtype": str(dtype), "rel_err": err,
                     "torch_rel_err": torch_err, "ok": ok})
