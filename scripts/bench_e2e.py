@@ -8,19 +8,27 @@ conversion (an unconverted model), every other policy after it. Runs named `<pol
 (on_demand+cpu_always, on_demand+cpu_auto, ...) compute missed experts on the CPU
 (offload.cpu_compute, infer/cpu_compute.py); its cost model's calibration is in each shape's
 `cpu_compute_calibration`. Their tokens are checked against gpu_only on the CPU (fp32); on the GPU
-the CPU's bf16 sums differ from the GPU's, so a divergence is recorded (matching prefix), not failed. Checks that every policy gives
-gpu_only's tokens, asserts the pre-gated peak-memory bound (non-expert weights + two blocks' experts
-+ the activations measured under gpu_only), and runs the anchors: transformers' Switch model fully
-on the GPU, and with its experts offloaded to the CPU by accelerate (dispatch_model, expert modules
-mapped to "cpu"). Random weights route near uniformly (every expert equally likely), so caches hit
+the CPU's bf16 sums differ from the GPU's, so a divergence is recorded (matching prefix), not failed.
+Checks that every policy gives gpu_only's tokens, asserts the pre-gated peak-memory bound
+(non-expert weights + two blocks' experts + the activations measured under gpu_only), and runs the
+anchors: transformers' Switch model fully on the GPU, and with its experts offloaded to the CPU by
+accelerate (dispatch_model, expert modules mapped to "cpu"). --table-runs MODES:POLICIES keeps only
+the named runs of this table (with --sweep-only: those runs, then the sweep). Random weights route near uniformly (every expert equally likely), so caches hit
 about C/E of the time: a floor for caching, not what a trained model sees.
 
-Batch sweep (--batch-sweep 1,2,4,8,16,32, off by default): greedy decoding of B random prompts of the
+Batch sweep (--batch-sweep 1,2,4,8,16,32, off by default): decoding of B random prompts of the
 same length (eos disabled: every row makes exactly --sweep-new-tokens tokens) under gpu_only,
 on_demand, prefetch_all (fewer tokens) and pregated; ms per decode step (one step makes B tokens),
-tokens/s, peak memory, bytes copied, tokens checked against gpu_only at the same B, and the
-crossover: the smallest B where pregated's step is no faster than on_demand's. Plot
-e2e-<tag>-batch.png.
+tokens/s, peak memory, bytes copied, and the crossover: the smallest B where pregated's step is no
+faster than on_demand's. Decoder inputs (--sweep-inputs): `forced` (default) takes every row's next
+token from a fixed random [B, new_tokens] table, the same for every policy (teacher forcing, applied
+to the logits outside the decode step / CUDA graph): the rows' inputs differ, so they route as
+independently as the router allows, and every policy decodes the same tokens by construction; each
+policy's own predictions (argmax of the unforced logits) are checked against gpu_only's. `greedy`
+feeds back each row's argmax: with random weights the rows then decode alike and route alike, which
+understates the copies at B > 1. Per point: distinct experts copied per decoder MoE block per step
+(decode copy bytes / expert bytes / decoder MoE blocks) next to the uniform-routing expectation
+E * (1 - (1 - 1/E) ** B). Plot e2e-<tag>-batch.png.
 
 Copy efficiency (greedy and beam 4, on_demand / prefetch_all / pregated, and pregated in the sweep):
 bytes copied during the timed decode steps (the run's bytes minus those of a 1-token run of the same
@@ -30,6 +38,10 @@ stream is busy for the whole step.
 
     python3 scripts/bench_e2e.py --out bench/results [--quick] [--shapes switch-base-8 ...]
     python3 scripts/bench_e2e.py --out bench/results --shapes switch-base-128 --batch-sweep 1,2,4,8,16,32
+    # the sweep alone, with beam-4 runs of three policies first (--table-runs MODES:POLICIES)
+    python3 scripts/bench_e2e.py --out bench/results --shapes switch-base-128 --sweep-only \
+        --batch-sweep 1,2,4,8,16,32 --table-runs beam4:gpu_only,on_demand,pregated --new-tokens 64 \
+        --budget-s 135
     python3 scripts/bench_e2e.py --tiny --out /tmp/x     # CPU smoke test with the tiny model (sweep 1,2)
 
 No Hydra needed. Results are written after every run (JSON + PNG), so a run cut short keeps what
@@ -39,6 +51,7 @@ it measured; a time budget (--budget-s) skips what would not fit and says so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -51,6 +64,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+import infer.engine as engine_mod  # noqa: E402
 from infer import report as rep  # noqa: E402
 from infer.engine import Engine  # noqa: E402
 from infer.offload import ExpertStore, OffloadError, default_budget_bytes, is_expert_param  # noqa: E402
@@ -243,9 +257,30 @@ def main() -> int:
     ap.add_argument("--sweep-shapes", nargs="*", default=None, help="shapes to sweep (default: every shape run)")
     ap.add_argument("--sweep-new-tokens", type=int, default=64)
     ap.add_argument("--sweep-prefetch-all-tokens", type=int, default=8)
-    ap.add_argument("--sweep-only", action="store_true", help="only the batch sweep: no table, no anchors")
+    ap.add_argument(
+        "--sweep-inputs",
+        default="forced",
+        choices=list(SWEEP_INPUTS),
+        help="the sweep rows' decoder inputs: forced (default): a fixed random token table per batch size, the "
+        "same for every policy (diverse rows, routing as independent as the router allows); greedy: each row's "
+        "own argmax (with random weights the rows decode alike and route alike)",
+    )
+    ap.add_argument(
+        "--sweep-only",
+        action="store_true",
+        help="only the batch sweep: no anchors, and no table runs but those named by --table-runs",
+    )
+    ap.add_argument(
+        "--table-runs",
+        default=None,
+        metavar="MODES:POLICIES",
+        help="only these runs of the per-shape table (pre-gated model; speculative* run on the unconverted one), "
+        "e.g. beam4:gpu_only,on_demand,pregated or greedy,beam4:pregated,pregated@lru32; with --sweep-only: "
+        "these runs, then the sweep",
+    )
     args = ap.parse_args()
     args.batch_sweep = parse_batches(args.batch_sweep)
+    args.table_runs = parse_table_runs(args.table_runs)
 
     t_start = time.perf_counter()
     out_dir = Path(args.out)
@@ -329,6 +364,22 @@ def main() -> int:
     return 0
 
 
+def parse_table_runs(text: str | None) -> dict | None:
+    """"beam4:gpu_only,on_demand,pregated" -> {"modes": ["beam4"], "policies": [...]}; None: no filter."""
+    if not text:
+        return None
+    modes_s, sep, pols_s = text.partition(":")
+    modes = [m for m in modes_s.replace(" ", "").split(",") if m]
+    pols = [p for p in pols_s.replace(" ", "").split(",") if p]
+    bad = [m for m in modes if m not in ("greedy", "beam4")]
+    if not sep or not modes or not pols or bad:
+        raise SystemExit(f"--table-runs {text!r}: expected MODES:POLICIES, modes from greedy,beam4, e.g. "
+                         "beam4:gpu_only,on_demand,pregated")
+    for p in pols:
+        PolicySpec.parse(p.partition("+cpu_")[0])  # an unknown policy fails here, before any run
+    return {"modes": modes, "policies": pols}
+
+
 def parse_batches(text: str | None) -> list[int]:
     if not text:
         return []
@@ -401,15 +452,21 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
                 "prefetch_all", "pregated", "pregated" + lru]
     link = result["environment"].get("pinned_peak_GBps")
     refs: dict = {}
-    if args.sweep_only:
+    table = getattr(args, "table_runs", None)
+    if table:  # only the named runs (gpu_only is in the list where the tokens are to be checked)
+        plain = [n for n in table["policies"] if n.startswith("speculative")]
+        conv = [n for n in table["policies"] if not n.startswith("speculative")]
+        modes_run = [(m, nb) for m, nb in modes if m in table["modes"]]
+    elif args.sweep_only:
         plain, conv, modes_run = [], [], []
-        convert_to_pregated(model, 1)
     else:
         modes_run = modes
+    converted = False
     for family, names in (("unconverted", plain), ("pregated", conv)) if modes_run else ():
         if family == "pregated":
             convert_to_pregated(model, 1)
-        for mode, nb in modes:
+            converted = True
+        for mode, nb in modes_run:
             for name in names:
                 label = f"{family}/{mode}/{name}"
                 if over_budget():
@@ -418,6 +475,7 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
                 pname, _, cpu_mode = name.partition("+cpu_")
                 spec = PolicySpec.parse(pname)
                 n_new = args.prefetch_all_tokens if spec.name == "prefetch_all" else args.new_tokens
+                t_run = time.perf_counter()
                 entry = run_one(eng, spec, ids, n_new, nb, args, cpu_compute=cpu_mode or "off")
                 entry.update(label=label, family=family, decoding=mode)
                 if cpu_mode:
@@ -451,19 +509,22 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
                     and not over_budget()
                 ):
                     entry["copy"] = copy_accounting(eng, spec, ids, nb, entry["metrics"], link)
+                entry["wall_s"] = time.perf_counter() - t_run
                 out["runs"].append(entry)
                 print(f"[bench] {shape} {label}: " + summary(entry), flush=True)
                 save_partial(result, shape, out, save)
-    if not args.sweep_only:
+    if out["runs"]:
         check_memory_bound(shape, out, result, args.input_tokens, eng.prefill_slots)
         out["floors"] = floors(out, link)
     if args.batch_sweep and (args.sweep_shapes is None or shape in args.sweep_shapes):
+        if not converted:
+            convert_to_pregated(model, 1)
         out["batch_sweep"] = bench_sweep(shape, cfg, eng, args, over_budget, result, out, save)
     # anchors
     if not args.no_anchors and not args.sweep_only:
         del eng
         for what in ("gpu", "cpu"):
-            for mode, nb in modes:
+            for mode, nb in modes_run if table else modes:
                 label = f"transformers/{'gpu_only' if what == 'gpu' else 'accelerate_cpu_offload'}/{mode}"
                 if over_budget():
                     out["anchors"].append({"label": label, "skipped": "time budget"})
@@ -527,9 +588,20 @@ def run_one(eng: Engine, spec: PolicySpec, ids, n_new: int, nb: int, args, cpu_c
     return {"policy": spec.label, "error": "; ".join(errors)}
 
 
+T_START = time.perf_counter()
+
+
 def summary(entry: dict) -> str:
+    """One log line per run; ends with the run's wall time (measurements and checks) and the time since
+    the script started."""
+    clock = (f" [{entry['wall_s']:.1f} s, at {time.perf_counter() - T_START:.0f} s]"
+             if entry.get("wall_s") is not None else "")
     if "error" in entry or "skipped" in entry:
-        return entry.get("error") or entry.get("skipped")
+        return (entry.get("error") or entry.get("skipped")) + clock
+    return _summary(entry) + clock
+
+
+def _summary(entry: dict) -> str:
     m = entry["metrics"]
     mem = m.get("peak_allocated_bytes")
     return (
@@ -758,27 +830,124 @@ def _step_ms(point: dict, policy: str) -> float | None:
     return ((point.get("runs", {}).get(policy) or {}).get("metrics") or {}).get("ms_per_token_median")
 
 
+def expected_distinct_experts(E: int, rows: int) -> float:
+    """Distinct experts per MoE block per step that `rows` independent rows routed uniformly at random
+    over E experts (top-1) touch, on average: E * (1 - (1 - 1/E) ** rows)."""
+    return E * (1.0 - (1.0 - 1.0 / E) ** rows)
+
+
+SWEEP_INPUTS = ("forced", "greedy")
+FORCED_METHOD = (
+    "teacher forcing: every row's next token is taken from a fixed random [B, new_tokens] id table "
+    "(drawn once per batch size, the same for every policy), so the rows' decoder inputs are diverse and "
+    "every policy decodes the same tokens by construction. The step's logits are computed as usual; "
+    "outside the decode step (after the captured graph, if any) the forced token's logit is set to +inf "
+    "and the greedy loop's argmax picks it. Cost per step, the same for every policy: one argmax over "
+    "the logits (the model's own prediction, kept for the check against gpu_only) and one scatter. "
+    "same_predictions_as_gpu_only compares those predictions (argmax of the unforced logits) with "
+    "gpu_only's at every step and row"
+)
+GREEDY_INPUTS_NOTE = (
+    "greedy inputs: each row feeds back its own argmax. With random weights the greedy output barely "
+    "depends on the prompt, so the rows tend to decode the same tokens and route alike: decode copies "
+    "at B > 1 are fewer than independent rows would need"
+)
+
+
+class ForcedTokens:
+    """Teacher forcing of the engine's greedy decoding to a fixed token table, done by wrapping the
+    decode step the engine hands to models.generate.greedy (infer.engine imports greedy by name; it is
+    replaced for the duration of `active()` and restored after). The wrapper runs outside the step
+    (so outside a captured CUDA graph): it keeps the logits' argmax (the model's prediction) and
+    returns the logits with the forced token's entry set to +inf, so greedy's argmax yields the
+    table's token. `predictions` holds the last generate call's predictions [B, n] as lists."""
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table  # [B, n] long, CPU
+        self.predictions: list[list[int]] | None = None
+
+    @contextlib.contextmanager
+    def active(self):
+        orig = engine_mod.greedy
+        if getattr(orig, "_forced", False):
+            raise RuntimeError("ForcedTokens: nested forcing")
+
+        def forced_greedy(model, input_ids, attention_mask=None, max_new_tokens=32, eos_token_id=None,
+                          step=None, state=None, on_token=None):
+            if max_new_tokens > self.table.shape[1] or input_ids.shape[0] != self.table.shape[0]:
+                raise ValueError(f"forced table {tuple(self.table.shape)} does not cover "
+                                 f"{input_ids.shape[0]} rows x {max_new_tokens} tokens")
+            table = self.table[:, :max_new_tokens].to(input_ids.device)
+            inner = step or model.decode_one_token
+            preds: list[torch.Tensor] = []
+
+            def forced_step(st, tok):
+                logits = inner(st, tok)
+                t = len(preds)
+                preds.append(logits.argmax(-1))
+                return logits.scatter(-1, table[:, t : t + 1], float("inf"))
+
+            out = orig(model, input_ids, attention_mask, max_new_tokens, eos_token_id,
+                       step=forced_step, state=state, on_token=on_token)
+            self.predictions = torch.stack(preds, dim=1).tolist() if preds else [[] for _ in range(len(table))]
+            return out
+
+        forced_greedy._forced = True
+        engine_mod.greedy = forced_greedy
+        try:
+            yield self
+        finally:
+            engine_mod.greedy = orig
+
+
+def distinct_per_step(tokens: list[list[int]] | None) -> float | None:
+    """Mean over steps of the number of distinct tokens across the rows (B when every row differs)."""
+    if not tokens or not tokens[0]:
+        return None
+    n = min(len(r) for r in tokens)
+    return sum(len({r[t] for r in tokens}) for t in range(n)) / n
+
+
 def bench_sweep(shape, cfg, eng: Engine, args, over_budget, result, out, save) -> dict:
-    """Greedy decoding of B prompts per batch size of args.batch_sweep, on the pre-gated model."""
+    """Decoding of B prompts per batch size of args.batch_sweep, on the pre-gated model; the rows' decoder
+    inputs forced to a random token table (args.sweep_inputs == "forced", FORCED_METHOD) or greedy."""
     link = result["environment"].get("pinned_peak_GBps")
     store = eng.store
+    n_dec = len(eng.model.decoder.moes)
+    mode = getattr(args, "sweep_inputs", "forced")
+    if mode not in SWEEP_INPUTS:
+        raise ValueError(f"sweep inputs {mode!r}: expected one of {SWEEP_INPUTS}")
     sw: dict = {
         "batches": list(args.batch_sweep),
         "policies": list(SWEEP_POLICIES),
         "decoding": "greedy",
+        "inputs": mode,
+        "inputs_method": FORCED_METHOD if mode == "forced" else GREEDY_INPUTS_NOTE,
         "input_tokens": args.input_tokens,
         "new_tokens": args.sweep_new_tokens,
         "prefetch_all_tokens": min(args.sweep_prefetch_all_tokens, args.sweep_new_tokens),
         "ms_per_step": "median decode step (one step makes B tokens); tokens_per_s = B / step",
+        "num_experts": store.E,
+        "decoder_moe_blocks": n_dec,
+        "expert_bytes": store.expert_bytes,
+        "experts_per_block_definition": (
+            "distinct experts copied per decoder MoE block per decode step = decode copy bytes per step "
+            "/ expert bytes / decoder MoE blocks (no cache: every expert a step uses is copied once); "
+            "uniform_routing_expectation = E * (1 - (1 - 1/E) ** B), what B independent rows routed "
+            "uniformly at random (top-1) would touch"
+        ),
         "points": [],
     }
     out["batch_sweep"] = sw
     g = torch.Generator().manual_seed(4)
+    g_forced = torch.Generator().manual_seed(5)
     for B in args.batch_sweep:
-        point: dict = {"batch": B, "runs": {}}
+        point: dict = {"batch": B, "runs": {}, "uniform_routing_expectation": expected_distinct_experts(store.E, B)}
         sw["points"].append(point)
         ids = torch.randint(3, cfg.vocab_size, (B, args.input_tokens), generator=g)
-        ref_tokens = None
+        table = torch.randint(3, cfg.vocab_size, (B, args.sweep_new_tokens), generator=g_forced)
+        forcing = ForcedTokens(table) if mode == "forced" else None
+        ref_tokens = ref_preds = None
         for name in SWEEP_POLICIES:
             if over_budget():
                 point["runs"][name] = {"skipped": f"time budget ({args.budget_s:.0f} s) spent"}
@@ -788,32 +957,55 @@ def bench_sweep(shape, cfg, eng: Engine, args, over_budget, result, out, save) -
             saved_stall = eng.measure_stall
             # prefetch_all's stall would replay its (slow) steps 2 x 20 times: not worth the time here
             eng.measure_stall = saved_stall and name != "prefetch_all"
-            try:
-                entry = run_one(eng, spec, ids, n_new, 1, args)
-            finally:
-                eng.measure_stall = saved_stall
-            tokens = entry.pop("tokens", None)
+            t_run = time.perf_counter()
+            with forcing.active() if forcing else contextlib.nullcontext():
+                try:
+                    entry = run_one(eng, spec, ids, n_new, 1, args)
+                finally:
+                    eng.measure_stall = saved_stall
+                preds = forcing.predictions if forcing else None
+                tokens = entry.pop("tokens", None)
+                if "metrics" in entry:
+                    m = entry["metrics"]
+                    step = m.get("ms_per_token_median")
+                    m["ms_per_token_of_batch"] = step / B if step else None
+                    m["decode_tokens_per_s"] = B * 1e3 / step if step else None
+                    if name in ("on_demand", "pregated") and not over_budget():
+                        entry["copy"] = copy_accounting(eng, spec, ids, 1, m, link)
+                        by = (entry["copy"] or {}).get("decode_bytes_per_step")
+                        if by is not None:
+                            entry["copy"]["experts_per_decoder_block_per_step"] = by / store.expert_bytes / n_dec
+            entry["wall_s"] = time.perf_counter() - t_run
             if "metrics" in entry:
-                m = entry["metrics"]
-                step = m.get("ms_per_token_median")
-                m["ms_per_token_of_batch"] = step / B if step else None
-                m["decode_tokens_per_s"] = B * 1e3 / step if step else None
                 if name == "gpu_only":
-                    ref_tokens = tokens
+                    ref_tokens, ref_preds = tokens, preds
+                    point["distinct_tokens_per_step"] = distinct_per_step(tokens)
                 elif tokens is not None and ref_tokens is not None:
                     n = len(tokens[0])
                     same = [row[:n] for row in ref_tokens] == tokens
                     entry["same_tokens_as_gpu_only"] = same
                     if not same:
                         result["failures"].append(f"{shape} batch {B} {name}: tokens differ from gpu_only")
-                if name in ("on_demand", "pregated") and not over_budget():
-                    entry["copy"] = copy_accounting(eng, spec, ids, 1, m, link)
+                    if preds is not None and ref_preds is not None:
+                        pairs = [(a, b) for ra, rb in zip(preds, ref_preds) for a, b in zip(ra, rb[:n])]
+                        agree = sum(a == b for a, b in pairs)
+                        entry["same_predictions_as_gpu_only"] = agree == len(pairs)
+                        entry["predictions_matching_gpu_only"] = agree / len(pairs) if pairs else None
+                        if agree != len(pairs):
+                            result["failures"].append(
+                                f"{shape} batch {B} {name}: forced-input predictions differ from gpu_only's at "
+                                f"{len(pairs) - agree} of {len(pairs)} (row, step)s"
+                            )
             point["runs"][name] = entry
             print(f"[bench] {shape} sweep B={B} {name}: " + summary(entry), flush=True)
             sw.update(crossover(sw["points"]))
             save_partial(result, shape, out, save)
         pg = point["runs"].get("pregated", {})
         point["copy_floor_ms_per_step"] = (pg.get("copy") or {}).get("copy_floor_ms_per_step")
+        point["experts_per_decoder_block_per_step"] = {
+            pol: ((point["runs"].get(pol) or {}).get("copy") or {}).get("experts_per_decoder_block_per_step")
+            for pol in ("on_demand", "pregated")
+        }
         ref = (point["runs"].get("gpu_only") or {}).get("metrics")
         if ref and "metrics" in pg:
             point["memory"] = memory_bound(
@@ -822,11 +1014,30 @@ def bench_sweep(shape, cfg, eng: Engine, args, over_budget, result, out, save) -
             )
             if point["memory"] is not None and not point["memory"]["ok"]:
                 result["failures"].append(f"{shape} batch {B}: pregated peak over its memory bound")
+        ex = point["experts_per_decoder_block_per_step"]
+        print(f"[bench] {shape} sweep B={B}: distinct experts per decoder block per step: on_demand "
+              f"{_f1(ex['on_demand'])}, pregated {_f1(ex['pregated'])}, uniform routing "
+              f"{point['uniform_routing_expectation']:.2f}; distinct tokens per step "
+              f"{_f1(point.get('distinct_tokens_per_step'))} of {B}", flush=True)
     sw.update(crossover(sw["points"]))
     print(f"[bench] {shape} sweep: crossover batch {sw['crossover_batch']}, on_demand/pregated "
           + ", ".join(f"B={b}: {r:.2f}" for b, r in sw["on_demand_over_pregated"].items()), flush=True)
     save_partial(result, shape, out, save)
     return sw
+
+
+def experts_per_block(point: dict, policy: str, n_dec: int | None, expert_bytes: int | None) -> float | None:
+    """Distinct experts copied per decoder MoE block per step of a sweep point: recorded, or derived from the
+    decode copy bytes (JSONs from before the field)."""
+    v = (point.get("experts_per_decoder_block_per_step") or {}).get(policy)
+    if v is not None:
+        return v
+    by = (((point.get("runs") or {}).get(policy) or {}).get("copy") or {}).get("decode_bytes_per_step")
+    return by / expert_bytes / n_dec if by is not None and n_dec and expert_bytes else None
+
+
+def _f1(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 # ----------------------------------------------------------------------------------------------- plot
@@ -899,18 +1110,19 @@ def plot_batch(path: Path, result: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (the experts panel's tick labels)
 
     shapes = [
         s for s, v in result["shapes"].items() if isinstance(v, dict) and (v.get("batch_sweep") or {}).get("points")
     ]
     if not shapes:
         return
-    fig, axes = plt.subplots(2, len(shapes), figsize=(max(9.0, 6.5 * len(shapes)), 8), squeeze=False,
-                             gridspec_kw={"height_ratios": [3, 1.3]})
+    fig, axes = plt.subplots(3, len(shapes), figsize=(max(9.0, 6.5 * len(shapes)), 11), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1.3, 1.8]})
     for j, s in enumerate(shapes):
         sw = result["shapes"][s]["batch_sweep"]
         pts = sorted(sw["points"], key=lambda p: p["batch"])
-        ax, rx = axes[0][j], axes[1][j]
+        ax, rx, ex = axes[0][j], axes[1][j], axes[2][j]
         for pol in sw["policies"]:
             xy = [(p["batch"], _step_ms(p, pol)) for p in pts if _step_ms(p, pol)]
             if xy:
@@ -919,7 +1131,7 @@ def plot_batch(path: Path, result: dict) -> None:
         if fl:
             ax.plot(*zip(*fl), ls="--", color="grey", label="copy floor (pregated bytes / pinned peak)")
         cross = sw.get("crossover_batch")
-        for a in (ax, rx):
+        for a in (ax, rx, ex):
             a.set_xscale("log", base=2)
             a.set_xticks([p["batch"] for p in pts], [str(p["batch"]) for p in pts])
             if cross is not None:
@@ -928,7 +1140,8 @@ def plot_batch(path: Path, result: dict) -> None:
             ax.set_yscale("log")
         if cross is not None:
             ax.text(cross, ax.get_ylim()[1], f" crossover B={cross}", color="red", va="top", fontsize=8)
-        ax.set_title(f"{s}: ms per decode step (median), greedy, {sw['new_tokens']} tokens"
+        inputs = sw.get("inputs", "greedy")
+        ax.set_title(f"{s}: ms per decode step (median), {sw['new_tokens']} tokens, inputs {inputs}"
                      + ("" if cross is not None else "; no crossover in the sweep"), fontsize=9)
         ax.set_xlabel("batch")
         ax.legend(fontsize=7)
@@ -938,9 +1151,34 @@ def plot_batch(path: Path, result: dict) -> None:
         rx.axhline(1.0, color="black", lw=0.8)
         rx.set_title("on_demand / pregated (ms per step; > 1: pregated ahead)", fontsize=9)
         rx.set_xlabel("batch")
+        # routing diversity: distinct experts copied per decoder MoE block per step vs uniform routing
+        E = sw.get("num_experts") or (result["shapes"][s].get("config") or {}).get("num_experts")
+        if E:
+            bs = [p["batch"] for p in pts]
+            ex.plot(bs, [expected_distinct_experts(E, b) for b in bs], ls="--", color="grey",
+                    label="uniform routing: E(1-(1-1/E)^B)")
+        cfg_s = result["shapes"][s].get("config") or {}
+        n_dec = sw.get("decoder_moe_blocks") or cfg_s.get("decoder_moe_blocks")
+        eb = sw.get("expert_bytes") or result["shapes"][s].get("expert_bytes")
+        for pol, mk, color in (("on_demand", "s", "C1"), ("pregated", "o", "C3")):  # the top panel's colours
+            xy = [(p["batch"], experts_per_block(p, pol, n_dec, eb)) for p in pts]
+            xy = [(b, v) for b, v in xy if v is not None]
+            if xy:
+                ex.plot(*zip(*xy), marker=mk, color=color, ls="-" if pol == "pregated" else ":",
+                        label=f"{pol} (measured)")
+        if ex.lines:
+            ex.set_yscale("log", base=2)
+            ex.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ex.legend(fontsize=7)
+        ex.set_title(f"distinct experts copied per decoder MoE block per step (E={E}), inputs {inputs}",
+                     fontsize=9)
+        ex.set_xlabel("batch")
     env = result["environment"]
+    forced = any(result["shapes"][s]["batch_sweep"].get("inputs") == "forced" for s in shapes)
+    inputs_s = ("inputs forced: each row's tokens from a random table, the same for every policy" if forced
+                else "inputs greedy: rows that decode alike route alike")
     fig.suptitle(f"batch sweep, {result['settings']['input_tokens']} input tokens, {env['compute_device']}, "
-                 f"torch {env['torch']}\n(random weights: near-uniform routing)", fontsize=10)
+                 f"torch {env['torch']}\n(random weights: near-uniform routing; {inputs_s})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,7 +1,8 @@
 """Markdown summary of an end-to-end benchmark JSON (scripts/bench_e2e.py): per model shape and
 decoding mode, ms per output token and peak GPU memory of each policy and anchor, the floors (copy
 floor, gpu_only), the ratios the performance targets are stated in, copy efficiency, the pre-gated
-memory bound, and the batch sweep (ms per step per policy, on_demand / pregated, the crossover).
+memory bound, and the batch sweep (ms per step per policy, on_demand / pregated, the crossover, distinct
+experts copied per decoder MoE block per step against the uniform-routing expectation).
 
 Usage: python scripts/summarize_e2e.py bench/results/e2e-h200.json [--out bench/results/e2e-h200.md]
 """
@@ -85,6 +86,8 @@ def summarize(doc: dict, source: str) -> str:
                 runs = _runs(s, mode)
                 anchors = {a["label"].split("/")[1]: a for a in s.get("anchors", [])
                            if a["label"].endswith("/" + mode) and "metrics" in a}
+                if not runs and not anchors:  # a decoding the run left out (--table-runs)
+                    continue
                 ms = {p: _ms(runs.get(p)) for p in POLICIES}
                 hf_gpu, hf_off = _ms(anchors.get("gpu_only")), _ms(anchors.get("accelerate_cpu_offload"))
                 pg = ms["pregated"]
@@ -104,7 +107,7 @@ def summarize(doc: dict, source: str) -> str:
         lines += copy_table(shapes) + memory_table(shapes)
     for shape, s in shapes.items():
         if (s.get("batch_sweep") or {}).get("points"):
-            lines += sweep_table(shape, s["batch_sweep"])
+            lines += sweep_table(shape, s["batch_sweep"], s.get("config"), s.get("expert_bytes"))
     skipped = [f"{shape}: {a['label']}" for shape, s in shapes.items()
                for a in s.get("runs", []) + s.get("anchors", []) if "skipped" in a]
     skipped += [f"{shape}: batch {p['batch']} {pol}" for shape, s in shapes.items()
@@ -120,7 +123,9 @@ def summarize(doc: dict, source: str) -> str:
         checked = any(s.get("memory_bound_check") for s in shapes.values()) or any(
             p.get("memory") for s in shapes.values() for p in (s.get("batch_sweep") or {}).get("points", [])
         )
-        lines += ["", "Checks: every policy gave gpu_only's tokens; " + (
+        forced = any((s.get("batch_sweep") or {}).get("inputs") == "forced" for s in shapes.values())
+        lines += ["", "Checks: every policy gave gpu_only's tokens" + (
+            " (sweep: forced inputs; every policy's predictions matched gpu_only's)" if forced else "") + "; " + (
             "the pre-gated peak-memory bound held." if checked else
             "the pre-gated peak-memory bound was not checked (no GPU memory figures).")]
     return "\n".join(lines) + "\n"
@@ -181,30 +186,67 @@ def memory_table(shapes: dict) -> list[str]:
     ] + rows
 
 
-def sweep_table(shape: str, sw: dict) -> list[str]:
+def expected_distinct_experts(E: int, rows: int) -> float:
+    """Distinct experts per MoE block per step of `rows` independent rows routed uniformly (top-1)."""
+    return E * (1.0 - (1.0 - 1.0 / E) ** rows)
+
+
+INPUTS_TEXT = {
+    "forced": "decoder inputs forced: every row's next token comes from a fixed random token table, the same "
+    "for every policy (same tokens by construction; each policy's predictions under those inputs are checked "
+    "against gpu_only's)",
+    "greedy": "decoder inputs greedy: each row feeds back its own argmax; with random weights the rows decode "
+    "alike and route alike, so copies at B > 1 understate what independent rows need",
+}
+
+
+def _experts(p: dict, pol: str, sw: dict, cfg: dict | None, eb: int | None) -> float | None:
+    """Distinct experts copied per decoder MoE block per step: recorded, or from the decode bytes (older JSONs)."""
+    v = (p.get("experts_per_decoder_block_per_step") or {}).get(pol)
+    if v is not None:
+        return v
+    by = (((p["runs"].get(pol) or {}).get("copy")) or {}).get("decode_bytes_per_step")
+    n_dec = sw.get("decoder_moe_blocks") or (cfg or {}).get("decoder_moe_blocks")
+    eb = sw.get("expert_bytes") or eb
+    return by / eb / n_dec if by is not None and n_dec and eb else None
+
+
+def sweep_table(shape: str, sw: dict, cfg: dict | None = None, expert_bytes: int | None = None) -> list[str]:
     cross = sw.get("crossover_batch")
     ratios = sw.get("on_demand_over_pregated") or {}
+    E = sw.get("num_experts") or (cfg or {}).get("num_experts")
+    inputs = sw.get("inputs", "greedy")
     lines = [
         "",
         f"Batch sweep, {shape}: greedy, {sw['input_tokens']} input and {sw['new_tokens']} output tokens per "
-        f"prompt (prefetch_all: {sw['prefetch_all_tokens']}); ms per decode step (median; one step makes B "
-        "tokens). Copy floor = pregated's measured bytes per step / pinned peak. Crossover (smallest B where "
-        f"pregated is no faster than on_demand): **{cross if cross is not None else 'none in the sweep'}**.",
+        f"prompt (prefetch_all: {sw['prefetch_all_tokens']}); {INPUTS_TEXT.get(inputs, inputs)}. ms per decode "
+        "step (median; one step makes B tokens). Copy floor = pregated's measured bytes per step / pinned peak. "
+        "Experts/block/step = distinct experts copied per decoder MoE block per decode step (decode copy bytes "
+        "per step / expert bytes / decoder MoE blocks); uniform = E(1 - (1 - 1/E)^B), what B independent rows "
+        "routed uniformly would touch; distinct tokens = rows with different decoder inputs per step (gpu_only). "
+        f"Crossover (smallest B where pregated is no faster than on_demand): "
+        f"**{cross if cross is not None else 'none in the sweep'}**.",
         "",
         "| B | gpu_only | on_demand | prefetch_all | pregated | copy floor | on_demand / pregated | "
-        "pregated tokens/s | pregated copy % of peak | pregated peak % of gpu_only |",
-        "|" + "---|" * 10,
+        "pregated tokens/s | pregated copy % of peak | pregated peak % of gpu_only | experts/block/step "
+        "on_demand / pregated | uniform | distinct tokens |",
+        "|" + "---|" * 13,
     ]
     for p in sorted(sw["points"], key=lambda p: p["batch"]):
         runs = p["runs"]
         pg = (runs.get("pregated") or {}).get("metrics") or {}
         eff = ((runs.get("pregated") or {}).get("copy") or {}).get("copy_efficiency")
         mem = (p.get("memory") or {}).get("peak_vs_gpu_only_pct")
+        uni = p.get("uniform_routing_expectation")
+        if uni is None and E:
+            uni = expected_distinct_experts(E, p["batch"])
+        ex = [_experts(p, pol, sw, cfg, expert_bytes) for pol in ("on_demand", "pregated")]
         lines.append(
             f"| {p['batch']} | " + " | ".join(_f(_ms(runs.get(pol))) for pol in POLICIES)
             + f" | {_f(p.get('copy_floor_ms_per_step'))} | {_f(ratios.get(str(p['batch'])))} | "
             + f"{_f(pg.get('decode_tokens_per_s'), '{:.0f}')} | {_f(eff and 100 * eff, '{:.0f}')} | "
-            + f"{_f(mem, '{:.1f}')} |"
+            + f"{_f(mem, '{:.1f}')} | {_f(ex[0])} / {_f(ex[1])} | {_f(uni)} | "
+            + f"{_f(p.get('distinct_tokens_per_step'))} |"
         )
     return lines
 

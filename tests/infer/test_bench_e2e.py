@@ -1,7 +1,9 @@
-"""scripts/bench_e2e.py's arithmetic (crossover, copy efficiency, floors, the pre-gated memory bound), its
-plots, and scripts/summarize_e2e.py, on hand-made numbers. The CPU smoke run of the script (with its
-batch sweep) is tests/infer/test_app.py::test_bench_script_tiny."""
+"""scripts/bench_e2e.py's arithmetic (crossover, copy efficiency, floors, the pre-gated memory bound, the
+uniform-routing expectation), its plots, and scripts/summarize_e2e.py, on hand-made numbers; the batch sweep's
+forced decoder inputs on the tiny model (CPU). The CPU smoke run of the whole script (with its batch sweep) is
+tests/infer/test_app.py::test_bench_script_tiny."""
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -139,8 +141,13 @@ def _doc():
            for B in (1, 2, 4, 8, 16, 32)]
     for p in pts:
         p["copy_floor_ms_per_step"] = 1.2 * p["batch"] ** 0.5
+        p["uniform_routing_expectation"] = bench.expected_distinct_experts(128, p["batch"])
+        p["experts_per_decoder_block_per_step"] = {"on_demand": 0.9 * p["uniform_routing_expectation"],
+                                                   "pregated": 0.9 * p["uniform_routing_expectation"]}
+        p["distinct_tokens_per_step"] = float(p["batch"])
     sw = {"batches": [1, 2, 4, 8, 16, 32], "policies": list(bench.SWEEP_POLICIES), "input_tokens": 256,
-          "new_tokens": 64, "prefetch_all_tokens": 8, "points": pts}
+          "new_tokens": 64, "prefetch_all_tokens": 8, "points": pts, "inputs": "forced", "num_experts": 128,
+          "decoder_moe_blocks": 6, "expert_bytes": eb}
     sw.update(bench.crossover(pts))
     shape = {"config": {"num_experts": 128, "moe_blocks": 12, "decoder_moe_blocks": 6}, "expert_bytes": eb,
              "runs": runs, "anchors": [], "batch_sweep": sw}
@@ -172,3 +179,122 @@ def test_summary_has_sweep_copy_efficiency_and_floors():
     floor = 6 * 10**7 / 50e9 * 1e3
     assert f"| {floor:.2f} |" in text  # the copy floor column of the main table
     assert "switch-large-128: time budget (400 s) spent" in text
+    # routing diversity: measured experts per decoder block per step, the uniform expectation, distinct tokens
+    u8 = 128 * (1 - (1 - 1 / 128) ** 8)
+    assert sweep[0].endswith(f"| {0.9 * u8:.2f} / {0.9 * u8:.2f} | {u8:.2f} | 8.00 |")
+    assert "decoder inputs forced" in text
+
+
+def test_summary_sweep_experts_from_bytes_of_older_jsons():
+    """JSONs from before the routing-diversity fields: experts per block from the decode bytes, inputs greedy."""
+    doc = _doc()
+    sw = doc["shapes"]["switch-base-128"]["batch_sweep"]
+    for k in ("inputs", "num_experts", "decoder_moe_blocks", "expert_bytes"):
+        del sw[k]
+    for p in sw["points"]:
+        del p["uniform_routing_expectation"], p["experts_per_decoder_block_per_step"], p["distinct_tokens_per_step"]
+        p["runs"]["pregated"]["copy"] = {"decode_bytes_per_step": 3 * 6 * 10**7}
+    text = summ.summarize(doc, "x.json")
+    row = next(ln for ln in text.splitlines() if ln.startswith("| 8 |"))
+    assert row.endswith(f"| - / 3.00 | {128 * (1 - (1 - 1 / 128) ** 8):.2f} | - |")
+    assert "decoder inputs greedy" in text
+
+
+# ----------------------------------------------------------------------------------------------- sweep inputs
+def test_expected_distinct_experts():
+    assert bench.expected_distinct_experts(128, 1) == pytest.approx(1.0)
+    assert bench.expected_distinct_experts(128, 2) == pytest.approx(2 - 1 / 128)  # two rows collide w.p. 1/E
+    assert bench.expected_distinct_experts(128, 8) == pytest.approx(7.78, abs=0.01)
+    assert bench.expected_distinct_experts(128, 32) == pytest.approx(28.41, abs=0.01)
+    assert bench.expected_distinct_experts(1, 5) == pytest.approx(1.0)
+    for E, B in ((8, 3), (128, 16), (64, 1000)):
+        v = bench.expected_distinct_experts(E, B)
+        assert v <= min(E, B) and v == pytest.approx(summ.expected_distinct_experts(E, B))
+    # Monte Carlo: B rows, each routed uniformly to one of E experts
+    g = torch.Generator().manual_seed(0)
+    draws = torch.randint(0, 16, (20000, 6), generator=g)
+    mc = sum(len(set(r)) for r in draws.tolist()) / len(draws)
+    assert mc == pytest.approx(bench.expected_distinct_experts(16, 6), rel=0.01)
+
+
+def test_parse_table_runs():
+    assert bench.parse_table_runs(None) is None
+    assert bench.parse_table_runs("beam4:gpu_only,on_demand,pregated") == {
+        "modes": ["beam4"], "policies": ["gpu_only", "on_demand", "pregated"]}
+    assert bench.parse_table_runs("greedy,beam4:pregated@lru32,on_demand+cpu_auto")["modes"] == ["greedy", "beam4"]
+    for bad in ("beam4", "beam8:gpu_only", "beam4:", "beam4:no_such_policy"):
+        with pytest.raises((SystemExit, ValueError)):
+            bench.parse_table_runs(bad)
+
+
+def _tiny_engine():
+    from infer.engine import Engine
+    from models.config import preset
+    from models.pregate import convert_to_pregated
+
+    cfg = preset("tiny").replace(eos_token_id=-1)
+    dev = torch.device("cpu")
+    model = bench.build_own(cfg, dev, torch.float32)
+    store = bench.build_store(cfg, model, dev, torch.float32, None)
+    convert_to_pregated(model, 1)
+    return cfg, Engine(model, store, dev, cuda_graph=False, measure_stall=True)
+
+
+def _sweep(cfg, eng, inputs, batches):
+    args = argparse.Namespace(batch_sweep=batches, input_tokens=16, sweep_new_tokens=5, sweep_prefetch_all_tokens=3,
+                              budget_s=1e9, copy_mode="auto", sweep_inputs=inputs)
+    result = {"environment": {"pinned_peak_GBps": None}, "shapes": {}, "failures": []}
+    out: dict = {}
+    sw = bench.bench_sweep("tiny", cfg, eng, args, lambda: False, result, out, lambda final=True: None)
+    return sw, result
+
+
+def test_forced_tokens_are_the_table_under_every_policy():
+    """ForcedTokens: every policy decodes exactly the table's tokens; the rows differ; the model's own
+    predictions under the forced inputs agree across policies; greedy is restored afterwards."""
+    import infer.engine as engine_mod
+    from infer.policies import PolicySpec
+
+    cfg, eng = _tiny_engine()
+    B, n = 3, 5
+    ids = torch.randint(3, cfg.vocab_size, (B, 16), generator=torch.Generator().manual_seed(0))
+    table = torch.randint(3, cfg.vocab_size, (B, n), generator=torch.Generator().manual_seed(1))
+    forcing = bench.ForcedTokens(table)
+    orig = engine_mod.greedy
+    toks, preds = {}, {}
+    for name in ("gpu_only", "on_demand", "pregated"):
+        with forcing.active():
+            r = eng.run(PolicySpec.parse(name), ids, max_new_tokens=n, warmup=True)
+        toks[name], preds[name] = r.tokens, forcing.predictions
+        assert engine_mod.greedy is orig
+    assert all(t == table.tolist() for t in toks.values())
+    assert len({tuple(row) for row in toks["gpu_only"]}) == B  # the rows' tokens differ
+    assert preds["on_demand"] == preds["gpu_only"] == preds["pregated"]
+    assert len(preds["gpu_only"]) == B and all(len(row) == n for row in preds["gpu_only"])
+    with pytest.raises(ValueError), forcing.active():  # a table shorter than the run: refused
+        eng.run(PolicySpec.parse("gpu_only"), ids, max_new_tokens=n + 1)
+    assert engine_mod.greedy is orig
+
+
+def test_sweep_forced_inputs_tiny():
+    """The tiny sweep with forced inputs (the default): identical tokens and predictions across policies,
+    every row a different token per step, experts per decoder block per step recorded with the
+    uniform-routing expectation."""
+    cfg, eng = _tiny_engine()
+    sw, result = _sweep(cfg, eng, "forced", [1, 2, 4])
+    assert not result["failures"], result["failures"]
+    assert sw["inputs"] == "forced" and "teacher forcing" in sw["inputs_method"]
+    for p in sw["points"]:
+        B = p["batch"]
+        assert p["distinct_tokens_per_step"] == B  # diverse rows: B different decoder inputs every step
+        for name in ("on_demand", "prefetch_all", "pregated"):
+            r = p["runs"][name]
+            assert r["same_tokens_as_gpu_only"] and r["same_predictions_as_gpu_only"], name
+            assert r["predictions_matching_gpu_only"] == 1.0
+        assert p["uniform_routing_expectation"] == pytest.approx(bench.expected_distinct_experts(8, B))
+        ex = p["experts_per_decoder_block_per_step"]
+        assert ex["pregated"] is not None and 1.0 <= ex["pregated"] <= min(8, B)
+        by = p["runs"]["pregated"]["copy"]["decode_bytes_per_step"]
+        assert ex["pregated"] == pytest.approx(by / eng.store.expert_bytes / len(eng.model.decoder.moes))
+    assert sw["points"][0]["experts_per_decoder_block_per_step"]["pregated"] == pytest.approx(1.0)
+    assert sw["points"][-1]["experts_per_decoder_block_per_step"]["on_demand"] > 1.5  # 4 diverse rows, E = 8
