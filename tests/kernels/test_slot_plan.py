@@ -1,0 +1,167 @@
+"""plan_slots: the one-kernel slot plan equals its reference bitwise (Triton interpreter on CPU), and the
+reference equals OffloadRunner._plan."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from kernels.slot_plan import INF_KEY, LAST_KEY, plan_slots, plan_slots_reference  # noqa: E402
+
+STATE = ("need_E", "holder_K", "cand_slot_K", "table_E", "last_use_C", "freq_E", "tick", "hits", "lookups",
+         "copied", "plan_src", "plan_dst")
+
+
+def _state(E: int, C: int, nmax: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """A random state a runner can reach: distinct experts in the slots, some empty; ties among the keys."""
+    K = C + nmax
+    holder = torch.full((K,), -1, dtype=torch.long)
+    perm = torch.randperm(E, generator=g)[: min(E, K)]
+    holder[torch.randperm(K, generator=g)[: perm.numel()]] = perm
+    holder[torch.rand(K, generator=g) < 0.3] = -1
+    scalar = lambda hi: torch.randint(0, hi, (), generator=g)  # noqa: E731
+    return dict(
+        need_E=torch.zeros(E, dtype=torch.bool),
+        holder_K=holder,
+        cand_slot_K=torch.randperm(4 * K + 7, generator=g)[:K],
+        table_E=torch.randint(0, 1000, (E,), generator=g, dtype=torch.int32),
+        last_use_C=torch.randint(-1, 5, (C,), generator=g),
+        freq_E=torch.randint(0, 4, (E,), generator=g),
+        tick=scalar(5) + 5,
+        hits=scalar(100),
+        lookups=scalar(100) + 100,
+        copied=scalar(100),
+        plan_src=torch.randint(-1, E, (nmax,), generator=g, dtype=torch.int32),
+        plan_dst=torch.randint(0, 1000, (nmax,), generator=g, dtype=torch.int32),
+    )
+
+
+def _ids(kind: str, st: dict, E: int, n: int, g: torch.Generator) -> torch.Tensor:
+    resident = st["holder_K"][st["holder_K"] >= 0]
+    if kind == "none":
+        return torch.zeros(0, dtype=torch.long)
+    if kind == "hits":  # resident experts only: no miss
+        return resident[torch.randint(0, max(resident.numel(), 1), (3,), generator=g)] if resident.numel() else \
+            torch.zeros(0, dtype=torch.long)
+    if kind == "all":
+        return torch.arange(E).flip(0)
+    if kind == "over":  # more misses than n where E allows
+        return torch.randperm(E, generator=g)[: min(E, 2 * n + 1)]
+    return torch.randint(0, E, (max(1, n // 2), 2), generator=g)  # k = 2, repeats
+
+
+KINDS = ["random", "none", "over", "hits", "all", "random"]
+
+
+@pytest.mark.parametrize("cache_kind", ["lru", "lfu"])
+@pytest.mark.parametrize("n", [1, 4, 16])
+@pytest.mark.parametrize("C", [0, 4, 32])
+@pytest.mark.parametrize("E", [8, 128])
+def test_kernel_matches_reference_over_steps(E, C, n, cache_kind):
+    n = min(n, E)
+    g = torch.Generator().manual_seed(E * 1000 + C * 10 + n + (cache_kind == "lfu"))
+    nmax = n + int(torch.randint(0, 3, (), generator=g))
+    ref = _state(E, C, nmax, g)
+    ker = {k: v.clone() for k, v in ref.items()}
+    for step, kind in enumerate(KINDS):
+        ids = _ids(kind, ref, E, n, g)
+        fresh = bool(torch.rand((), generator=g) < 0.5) if step else True
+        use_ids = step % 2 == 1
+        if not use_ids:
+            ref["need_E"].zero_().index_fill_(0, ids.reshape(-1), True)
+            ker["need_E"].copy_(ref["need_E"])
+        kw = dict(C=C, n=n, cache_kind=cache_kind, fresh=fresh,
+                  ids=ids.to(torch.int32 if step % 4 == 1 else torch.int64) if use_ids else None)
+        src_r, dst_r = plan_slots_reference(*(ref[k] for k in STATE), **kw)
+        src_k, dst_k = plan_slots(*(ker[k] for k in STATE), impl="triton", **kw)
+        for k in STATE:
+            assert torch.equal(ref[k], ker[k]), (step, kind, k, ref[k], ker[k])
+        assert torch.equal(src_r, src_k) and torch.equal(dst_r, dst_k)
+        need = int(ref["need_E"].sum())
+        assert int((src_r >= 0).sum()) <= min(n, need)
+
+
+def test_plan_details():
+    """Misses by expert id, the first n only; victims: empty/oldest cache slots, then staging in order."""
+    E, C, nmax = 8, 3, 2
+    for impl in ("reference", "triton"):
+        st = _state(E, C, nmax, torch.Generator().manual_seed(0))
+        st["holder_K"].copy_(torch.tensor([5, -1, 2, 7, -1]))
+        st["last_use_C"].copy_(torch.tensor([3, -1, 1]))
+        st["cand_slot_K"].copy_(torch.tensor([10, 11, 12, 20, 21]))
+        st["need_E"].zero_()[[0, 2, 4, 6]] = True  # 2 is a hit; misses 0, 4, 6: 0 and 4 copied
+        st["hits"].zero_(), st["lookups"].zero_(), st["copied"].zero_(), st["tick"].fill_(9)
+        src, dst = plan_slots(*(st[k] for k in STATE), C=C, n=2, fresh=True, impl=impl)
+        assert src.tolist() == [0, 4] and dst.tolist() == [11, 10]  # the empty slot, then last use 3
+        assert st["holder_K"].tolist() == [4, 0, 2, -1, -1]
+        assert st["table_E"][[0, 2, 4]].tolist() == [11, 12, 10]
+        assert st["last_use_C"].tolist() == [9, 9, 9] and int(st["tick"]) == 10
+        assert [int(st[k]) for k in ("hits", "lookups", "copied")] == [1, 4, 2]
+
+
+def test_sentinels_and_errors():
+    from infer.offload import _INF, _LAST
+
+    assert (INF_KEY, LAST_KEY) == (_INF, _LAST)
+    st = _state(8, 2, 2, torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="n <= K - C"):
+        plan_slots(*(st[k] for k in STATE), C=2, n=3)
+    with pytest.raises(ValueError, match="cache_kind"):
+        plan_slots(*(st[k] for k in STATE), C=2, n=1, cache_kind="fifo")
+
+
+@pytest.fixture(scope="module")
+def runner_model(tmp_path_factory):
+    from infer.engine import load_offloaded
+    from tests.infer.util import tiny_checkpoint
+
+    path = tiny_checkpoint(tmp_path_factory.mktemp("ck") / "pregated", pregated=True)
+    return load_offloaded(path, "cpu", torch.float32, None)
+
+
+@pytest.mark.parametrize("spec", ["pregated@lru2", "pregated@lfu3", "on_demand", "speculative@lru5"])
+def test_reference_matches_offload_runner(runner_model, spec):
+    from infer.policies import OffloadRunner, PolicySpec
+
+    model, store = runner_model
+    r = OffloadRunner(model, store, PolicySpec.parse(spec), "cpu", n_enc=6, n_dec=3)
+    r.pool.skip_copies = True
+    g = torch.Generator().manual_seed(len(spec))
+    E, C = r.E, r.C
+    for step in range(12):
+        m = int(torch.randint(0, store.M, (), generator=g))
+        need = torch.zeros(E, dtype=torch.bool)
+        need[torch.randint(0, E, (int(torch.randint(0, 5, (), generator=g)),), generator=g)] = True
+        fresh = bool(step % 3)
+        n = r.n_of[r.stack_of[m]]
+        st = dict(need_E=need.clone(), holder_K=r.holder[m].clone(), cand_slot_K=r.cand_slot[m].clone(),
+                  table_E=r.table[m].clone(), last_use_C=r.last_use[m].clone(), freq_E=r.freq[m].clone(),
+                  tick=r.tick.clone(), hits=r.hits.clone(), lookups=r.lookups.clone(), copied=r.copied.clone(),
+                  plan_src=r.plan_src[m].clone(), plan_dst=r.plan_dst[m].clone())
+        plan_slots_reference(*(st[k] for k in STATE), C=C, n=n, cache_kind=r.spec.cache_kind, fresh=fresh)
+        r._plan(m, need, fresh)
+        got = dict(holder_K=r.holder[m], table_E=r.table[m], last_use_C=r.last_use[m], freq_E=r.freq[m],
+                   tick=r.tick, hits=r.hits, lookups=r.lookups, copied=r.copied, plan_src=r.plan_src[m],
+                   plan_dst=r.plan_dst[m])
+        for k, v in got.items():
+            assert torch.equal(st[k], v), (spec, step, k)
+    assert int(r.lookups) > 0
+
+
+def test_dispatch(monkeypatch):
+    import kernels.slot_plan as sp
+
+    def no_reference(*a, **k):
+        raise AssertionError("reference called")
+
+    monkeypatch.setattr(sp, "plan_slots_reference", no_reference)
+    st = _state(8, 2, 2, torch.Generator().manual_seed(2))
+    monkeypatch.setenv("PGMOE_FORCE_TRITON", "1")
+    sp.plan_slots(*(st[k] for k in STATE), C=2, n=2)  # the kernel under the interpreter
+    monkeypatch.delenv("PGMOE_FORCE_TRITON")
+    with pytest.raises(AssertionError, match="reference called"):
+        sp.plan_slots(*(st[k] for k in STATE), C=2, n=2)
