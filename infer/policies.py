@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from infer import cpu_compute as cc
-from infer.offload import _INF, _LAST, ExpertStore, OffloadError, SlotPool
+from infer.offload import ExpertStore, OffloadError, SlotPool
+from kernels.slot_plan import plan_slots
 from models.moe import Routing, gate_logits, routing_from_logits
 
 POLICIES = ("gpu_only", "on_demand", "prefetch_all", "pregated", "lookahead", "speculative")
@@ -299,53 +300,19 @@ class OffloadRunner:
         return need.index_fill_(0, routing.ids.reshape(-1).long(), True)
 
     def _plan(self, m: int, need_E: torch.Tensor, fresh: bool) -> None:
-        """Place the experts need_E [E] of block m in slots, start the copies of the misses."""
-        C, E = self.C, self.E
+        """Place the experts need_E [E] of block m in slots, start the copies of the misses.
+
+        One kernel on CUDA (kernels/slot_plan.py; its reference, the same plan in ~35 small torch ops, on
+        the CPU): hits keep their slot; the misses, by expert id, take the n lowest-keyed candidate slots
+        (empty or least recently / frequently used cache slots, then staging; never one holding a needed
+        expert); the expert -> slot table, cache bookkeeping and counters are updated on the device."""
         n = self.n_of[self.stack_of[m]]
-        nmax = self.holder[m].numel() - C
-        holder = self.holder[m]  # [K] expert per candidate slot, -1 empty
-        if fresh:  # staging contents from an earlier step/plan are not this block's
-            holder[C:].fill_(-1)
-        K = holder.numel()
-        cand = torch.arange(K, device=self.device)
-        # expert -> candidate slot holding it (index E collects the empty slots)
-        res = torch.full((E + 1,), -1, dtype=torch.long, device=self.device)
-        res.scatter_(0, torch.where(holder >= 0, holder, E), cand)
-        res_E = res[:E]
-        hit_E = need_E & (res_E >= 0)
-        miss_E = need_E & (res_E < 0)
-        miss_n = torch.argsort((~miss_E).to(torch.int8), stable=True)[:n]  # misses first, by expert id
-        valid_n = miss_E[miss_n]
-        # victims: slots not holding a needed expert; empty/least-used cache slots, then staging
-        holds_needed = (holder >= 0) & need_E[holder.clamp(min=0)]
-        if self.spec.cache_kind == "lfu":
-            score = torch.where(holder[:C] >= 0, self.freq[m][holder[:C].clamp(min=0)], -1)
-        else:
-            score = self.last_use[m]
-        key = torch.cat([score, torch.full((nmax,), _LAST, dtype=torch.long, device=self.device)])
-        key = torch.where(holds_needed, _INF, key)
-        victim_n = torch.argsort(key, stable=True)[:n]
-        holder.scatter_(0, victim_n, torch.where(valid_n, miss_n, holder[victim_n]))
-        slot_K = self.cand_slot[m]
-        dst_n = slot_K[victim_n]
-        # expert -> slot table: hits keep their slot, misses get their victim's
-        table = self.table[m]
-        table.copy_(torch.where(hit_E, slot_K[res_E.clamp(min=0)].to(torch.int32), table))
-        table.scatter_(0, miss_n, torch.where(valid_n, dst_n.to(torch.int32), table[miss_n]))
-        # cache bookkeeping
-        if C:
-            if self.spec.cache_kind == "lfu":
-                self.freq[m].add_(need_E.long())
-            else:
-                used = (holder[:C] >= 0) & need_E[holder[:C].clamp(min=0)]
-                self.last_use[m].copy_(torch.where(used, self.tick, self.last_use[m]))
-                self.tick.add_(1)
-        self.hits.add_(hit_E.sum())
-        self.lookups.add_(need_E.sum())
-        self.copied.add_(valid_n.sum())
-        self.plan_src[m][:n].copy_(torch.where(valid_n, miss_n, -1))  # -1: nothing to copy
-        self.plan_dst[m][:n].copy_(dst_n)
-        self.pool.copy(m, self.plan_src[m][:n], self.plan_dst[m][:n])
+        src_n, dst_n = plan_slots(
+            need_E, self.holder[m], self.cand_slot[m], self.table[m], self.last_use[m], self.freq[m],
+            self.tick, self.hits, self.lookups, self.copied, self.plan_src[m], self.plan_dst[m],
+            C=self.C, n=n, cache_kind=self.spec.cache_kind, fresh=fresh,
+        )
+        self.pool.copy(m, src_n, dst_n)
 
     # -- CPU compute of misses (infer/cpu_compute.py) -----------------------------------------------
     def _demand(self, m: int, routing: Routing, plan_E: torch.Tensor, fresh: bool) -> None:

@@ -36,6 +36,11 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+# plan_slots' implementation when the caller names none: PGMOE_PLAN_IMPL=auto|triton|reference (benchmarks
+# set the module attribute to compare the two in one run).
+DEFAULT_IMPL = os.environ.get("PGMOE_PLAN_IMPL", "auto")
+
+
 def use_kernel(t: torch.Tensor) -> bool:
     """The kernel on CUDA tensors; on CPU tensors only under Triton's interpreter with PGMOE_FORCE_TRITON=1
     (as kernels.routing: an interpreted plan costs ~20 ms, the reference well under 1 ms)."""
@@ -262,7 +267,7 @@ def plan_slots(
     cache_kind: str = "lru",
     fresh: bool = True,
     ids: torch.Tensor | None = None,
-    impl: str = "auto",
+    impl: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Place the needed experts of one block in its candidate slots; returns (plan_src[:n], plan_dst[:n]).
 
@@ -277,6 +282,7 @@ def plan_slots(
     first. impl: 'auto' (the kernel on CUDA; on CPU under TRITON_INTERPRET=1 with PGMOE_FORCE_TRITON=1),
     'triton' or 'reference'. The kernel path synchronises nothing and allocates nothing (ids should be contiguous).
     """
+    impl = impl or DEFAULT_IMPL
     if impl not in ("auto", "triton", "reference"):
         raise ValueError(f"plan_slots: impl={impl!r}; expected auto, triton or reference")
     if impl == "reference" or (impl == "auto" and not use_kernel(holder_K)):

@@ -69,6 +69,7 @@ from infer import report as rep  # noqa: E402
 from infer.engine import Engine  # noqa: E402
 from infer.offload import ExpertStore, OffloadError, default_budget_bytes, is_expert_param  # noqa: E402
 from infer.policies import PolicySpec  # noqa: E402
+from kernels import slot_plan  # noqa: E402
 from models.config import preset  # noqa: E402
 from models.pregate import convert_to_pregated  # noqa: E402
 from models.switch import Switch  # noqa: E402
@@ -364,6 +365,11 @@ def main() -> int:
     return 0
 
 
+# A table run named "<policy>#torchplan" plans its slots with the PyTorch reference of the slot-plan
+# kernel (kernels/slot_plan.py: ~35 small ops per MoE block instead of one kernel): the lever's A/B.
+PLAN_VARIANTS = {"": None, "torchplan": "reference"}
+
+
 def parse_table_runs(text: str | None) -> dict | None:
     """"beam4:gpu_only,on_demand,pregated" -> {"modes": ["beam4"], "policies": [...]}; None: no filter."""
     if not text:
@@ -376,7 +382,11 @@ def parse_table_runs(text: str | None) -> dict | None:
         raise SystemExit(f"--table-runs {text!r}: expected MODES:POLICIES, modes from greedy,beam4, e.g. "
                          "beam4:gpu_only,on_demand,pregated")
     for p in pols:
-        PolicySpec.parse(p.partition("+cpu_")[0])  # an unknown policy fails here, before any run
+        core, _, variant = p.partition("#")
+        if variant not in PLAN_VARIANTS:
+            raise SystemExit(f"--table-runs: {p!r}: unknown variant #{variant}; known: "
+                             + ", ".join("#" + v for v in PLAN_VARIANTS if v))
+        PolicySpec.parse(core.partition("+cpu_")[0])  # an unknown policy fails here, before any run
     return {"modes": modes, "policies": pols}
 
 
@@ -472,13 +482,21 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
                 if over_budget():
                     out["runs"].append({"label": label, "skipped": "time budget"})
                     continue
-                pname, _, cpu_mode = name.partition("+cpu_")
+                core, _, variant = name.partition("#")
+                pname, _, cpu_mode = core.partition("+cpu_")
                 spec = PolicySpec.parse(pname)
                 n_new = args.prefetch_all_tokens if spec.name == "prefetch_all" else args.new_tokens
                 t_run = time.perf_counter()
-                entry = run_one(eng, spec, ids, n_new, nb, args, cpu_compute=cpu_mode or "off")
+                impl_before = slot_plan.DEFAULT_IMPL
+                if PLAN_VARIANTS.get(variant):
+                    slot_plan.DEFAULT_IMPL = PLAN_VARIANTS[variant]
+                try:
+                    entry = run_one(eng, spec, ids, n_new, nb, args, cpu_compute=cpu_mode or "off")
+                finally:
+                    slot_plan.DEFAULT_IMPL = impl_before
+                entry["slot_plan"] = PLAN_VARIANTS.get(variant) or slot_plan.DEFAULT_IMPL
                 entry.update(label=label, family=family, decoding=mode)
-                if cpu_mode:
+                if cpu_mode or variant:
                     entry["policy"] = name
                     if eng._calibration is not None:
                         out["cpu_compute_calibration"] = eng._calibration.as_dict()
@@ -503,6 +521,7 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
                 if (
                     family == "pregated"
                     and not cpu_mode
+                    and not variant
                     and spec.name in COPY_ACCOUNTED
                     and spec.cache_size == 0
                     and "metrics" in entry

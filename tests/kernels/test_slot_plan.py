@@ -1,16 +1,15 @@
 """plan_slots: the one-kernel slot plan equals its reference bitwise (Triton interpreter on CPU), and the
 reference equals OffloadRunner._plan."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
 from kernels.slot_plan import INF_KEY, LAST_KEY, plan_slots, plan_slots_reference  # noqa: E402
+
+# the kernel's device: the GPU where there is one, else the CPU under TRITON_INTERPRET=1 (tests/conftest.py)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 STATE = ("need_E", "holder_K", "cand_slot_K", "table_E", "last_use_C", "freq_E", "tick", "hits", "lookups",
          "copied", "plan_src", "plan_dst")
@@ -66,7 +65,7 @@ def test_kernel_matches_reference_over_steps(E, C, n, cache_kind):
     g = torch.Generator().manual_seed(E * 1000 + C * 10 + n + (cache_kind == "lfu"))
     nmax = n + int(torch.randint(0, 3, (), generator=g))
     ref = _state(E, C, nmax, g)
-    ker = {k: v.clone() for k, v in ref.items()}
+    ker = {k: v.clone().to(DEV) for k, v in ref.items()}
     for step, kind in enumerate(KINDS):
         ids = _ids(kind, ref, E, n, g)
         fresh = bool(torch.rand((), generator=g) < 0.5) if step else True
@@ -77,10 +76,12 @@ def test_kernel_matches_reference_over_steps(E, C, n, cache_kind):
         kw = dict(C=C, n=n, cache_kind=cache_kind, fresh=fresh,
                   ids=ids.to(torch.int32 if step % 4 == 1 else torch.int64) if use_ids else None)
         src_r, dst_r = plan_slots_reference(*(ref[k] for k in STATE), **kw)
+        if use_ids:
+            kw["ids"] = kw["ids"].to(DEV)
         src_k, dst_k = plan_slots(*(ker[k] for k in STATE), impl="triton", **kw)
         for k in STATE:
-            assert torch.equal(ref[k], ker[k]), (step, kind, k, ref[k], ker[k])
-        assert torch.equal(src_r, src_k) and torch.equal(dst_r, dst_k)
+            assert torch.equal(ref[k], ker[k].cpu()), (step, kind, k, ref[k], ker[k])
+        assert torch.equal(src_r, src_k.cpu()) and torch.equal(dst_r, dst_k.cpu())
         need = int(ref["need_E"].sum())
         assert int((src_r >= 0).sum()) <= min(n, need)
 
