@@ -319,3 +319,53 @@ def plan_slots(
         num_warps=4,
     )
     return plan_src[:n], plan_dst[:n]
+
+
+# --------------------------------------------------------------------------------------------- self-check
+def self_check(device: str | torch.device, seed: int = 0) -> str | None:
+    """Run the kernel against the reference on `device` over random plan sequences (LRU/LFU, with and
+    without cache, needs from ids and from a mask, fresh or not); None if every mutated tensor and
+    output matched bitwise after every step, else a message naming the first mismatch or the error.
+    Benchmarks call it first on the GPU, where the tests (interpreted on the CPU) do not reach."""
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(seed)
+    names = ("need_E", "holder_K", "cand_slot_K", "table_E", "last_use_C", "freq_E", "tick", "hits",
+             "lookups", "copied", "plan_src", "plan_dst")
+    try:
+        for E, C, n, kind in ((128, 0, 1, "lru"), (128, 32, 4, "lfu"), (128, 4, 16, "lru"), (8, 4, 4, "lfu"),
+                              (256, 64, 8, "lru")):
+            nmax = n + 2
+            K = C + nmax
+            holder = torch.full((K,), -1, dtype=torch.long)
+            perm = torch.randperm(E, generator=g)[: min(E, K)]
+            holder[torch.randperm(K, generator=g)[: perm.numel()]] = perm
+            holder[torch.rand(K, generator=g) < 0.3] = -1
+            ref = dict(
+                need_E=torch.zeros(E, dtype=torch.bool), holder_K=holder,
+                cand_slot_K=torch.randperm(4 * K + 7, generator=g)[:K],
+                table_E=torch.randint(0, 1000, (E,), generator=g, dtype=torch.int32),
+                last_use_C=torch.randint(-1, 5, (C,), generator=g), freq_E=torch.randint(0, 4, (E,), generator=g),
+                tick=torch.tensor(7), hits=torch.tensor(3), lookups=torch.tensor(100), copied=torch.tensor(5),
+                plan_src=torch.full((nmax,), -1, dtype=torch.int32), plan_dst=torch.zeros(nmax, dtype=torch.int32),
+            )
+            ker = {k: v.clone().to(device) for k, v in ref.items()}
+            for step in range(6):
+                ids = torch.randint(0, E, (max(1, n // 2) + step, 2), generator=g) if step != 3 else \
+                    torch.randperm(E, generator=g)[: min(E, 2 * n + 1)]
+                fresh = step == 0 or bool(torch.rand((), generator=g) < 0.5)
+                use_ids = step % 2 == 1
+                if not use_ids:
+                    ref["need_E"].zero_().index_fill_(0, ids.reshape(-1), True)
+                    ker["need_E"].copy_(ref["need_E"])
+                kw = dict(C=C, n=n, cache_kind=kind, fresh=fresh)
+                src_r, dst_r = plan_slots_reference(*(ref[k] for k in names), ids=ids if use_ids else None, **kw)
+                src_k, dst_k = plan_slots(*(ker[k] for k in names), ids=ids.to(device) if use_ids else None,
+                                          impl="triton", **kw)
+                for k in names:
+                    if not torch.equal(ref[k], ker[k].cpu()):
+                        return f"slot plan kernel != reference: {k} (E={E}, C={C}, n={n}, {kind}, step {step})"
+                if not (torch.equal(src_r, src_k.cpu()) and torch.equal(dst_r, dst_k.cpu())):
+                    return f"slot plan kernel != reference: plan (E={E}, C={C}, n={n}, {kind}, step {step})"
+    except Exception as e:  # a compile or launch failure is a failed check, reported, not raised
+        return f"slot plan kernel failed: {type(e).__name__}: {str(e)[:300]}"
+    return None

@@ -324,12 +324,19 @@ def main() -> int:
     except ImportError:
         env["accelerate"] = None
     env["pinned_peak_GBps"] = rep.pinned_peak_GBps(device)
+    # The slot-plan kernel is checked against its reference on this device first (compiled, as the runs
+    # use it); a failure is reported and the runs plan with the reference instead of failing.
+    plan_msg = slot_plan.self_check(device) if device.type == "cuda" else None
+    env["slot_plan_check"] = plan_msg or ("ok" if device.type == "cuda" else "not run (CPU: the reference plans)")
+    if plan_msg:
+        print(f"[bench] {plan_msg}: every run plans with the PyTorch reference", file=sys.stderr, flush=True)
+        slot_plan.DEFAULT_IMPL = "reference"
     result = {
         "environment": env,
         "notes": [ROUTING_NOTE, HF_NOTE],
         "settings": vars(args),
         "shapes": {},
-        "failures": [],
+        "failures": [plan_msg] if plan_msg else [],
     }
 
     def save(final: bool = True):

@@ -166,3 +166,22 @@ def test_dispatch(monkeypatch):
     monkeypatch.delenv("PGMOE_FORCE_TRITON")
     with pytest.raises(AssertionError, match="reference called"):
         sp.plan_slots(*(st[k] for k in STATE), C=2, n=2)
+
+
+def test_self_check_passes_and_can_fail(monkeypatch):
+    """The benchmarks' pre-check (kernels.slot_plan.self_check) passes on the kernel and reports a broken one."""
+    import kernels.slot_plan as sp
+
+    monkeypatch.setenv("PGMOE_FORCE_TRITON", "1")
+    assert sp.self_check(DEV) is None
+    real = sp.plan_slots_reference
+
+    def off_by_one(*a, **kw):
+        src, dst = real(*a, **kw)
+        kw_tick = a[6]
+        kw_tick.add_(1)
+        return src, dst
+
+    monkeypatch.setattr(sp, "plan_slots_reference", off_by_one)
+    msg = sp.self_check(DEV)
+    assert msg is not None and "tick" in msg
