@@ -302,10 +302,11 @@ class OffloadRunner:
     def _plan(self, m: int, need_E: torch.Tensor, fresh: bool) -> None:
         """Place the experts need_E [E] of block m in slots, start the copies of the misses.
 
-        One kernel on CUDA (kernels/slot_plan.py; its reference, the same plan in ~35 small torch ops, on
-        the CPU): hits keep their slot; the misses, by expert id, take the n lowest-keyed candidate slots
-        (empty or least recently / frequently used cache slots, then staging; never one holding a needed
-        expert); the expert -> slot table, cache bookkeeping and counters are updated on the device."""
+        kernels/slot_plan.py: the same plan as one kernel (PGMOE_PLAN_IMPL=auto on CUDA; opt-in until it
+        is measured on the GPU) or as its PyTorch reference (~35 small ops, the default). Hits keep their
+        slot; the misses, by expert id, take the n lowest-keyed candidate slots (empty or least recently /
+        frequently used cache slots, then staging; never one holding a needed expert); the expert -> slot
+        table, cache bookkeeping and counters are updated on the device."""
         n = self.n_of[self.stack_of[m]]
         src_n, dst_n = plan_slots(
             need_E, self.holder[m], self.cand_slot[m], self.table[m], self.last_use[m], self.freq[m],

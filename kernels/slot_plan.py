@@ -36,9 +36,10 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-# plan_slots' implementation when the caller names none: PGMOE_PLAN_IMPL=auto|triton|reference (benchmarks
-# set the module attribute to compare the two in one run).
-DEFAULT_IMPL = os.environ.get("PGMOE_PLAN_IMPL", "auto")
+# plan_slots' implementation when the caller names none: PGMOE_PLAN_IMPL=auto|triton|reference. The
+# reference until the kernel has been checked and timed on a GPU: scripts/bench_e2e.py runs self_check()
+# there and then switches to "auto" (the kernel on CUDA), with <policy>#torchplan runs for the A/B.
+DEFAULT_IMPL = os.environ.get("PGMOE_PLAN_IMPL", "reference")
 
 
 def use_kernel(t: torch.Tensor) -> bool:

@@ -331,6 +331,8 @@ def main() -> int:
     if plan_msg:
         print(f"[bench] {plan_msg}: every run plans with the PyTorch reference", file=sys.stderr, flush=True)
         slot_plan.DEFAULT_IMPL = "reference"
+    elif device.type == "cuda" and "PGMOE_PLAN_IMPL" not in os.environ:
+        slot_plan.DEFAULT_IMPL = "auto"  # the checked kernel; <policy>#torchplan runs keep the reference
     result = {
         "environment": env,
         "notes": [ROUTING_NOTE, HF_NOTE],
@@ -373,7 +375,8 @@ def main() -> int:
 
 
 # A table run named "<policy>#torchplan" plans its slots with the PyTorch reference of the slot-plan
-# kernel (kernels/slot_plan.py: ~35 small ops per MoE block instead of one kernel): the lever's A/B.
+# kernel (kernels/slot_plan.py: ~35 small ops per MoE block instead of one kernel; on CUDA the other runs
+# use the kernel once its self-check passed): the lever's A/B.
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
 
 

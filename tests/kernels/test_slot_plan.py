@@ -162,10 +162,16 @@ def test_dispatch(monkeypatch):
     monkeypatch.setattr(sp, "plan_slots_reference", no_reference)
     st = _state(8, 2, 2, torch.Generator().manual_seed(2))
     monkeypatch.setenv("PGMOE_FORCE_TRITON", "1")
-    sp.plan_slots(*(st[k] for k in STATE), C=2, n=2)  # the kernel under the interpreter
-    monkeypatch.delenv("PGMOE_FORCE_TRITON")
+    sp.plan_slots(*(st[k] for k in STATE), C=2, n=2, impl="auto")  # the kernel under the interpreter
+    # the default (no impl named) is DEFAULT_IMPL: the reference until the kernel is measured on a GPU
+    monkeypatch.setattr(sp, "DEFAULT_IMPL", "reference")
     with pytest.raises(AssertionError, match="reference called"):
         sp.plan_slots(*(st[k] for k in STATE), C=2, n=2)
+    monkeypatch.setattr(sp, "DEFAULT_IMPL", "auto")
+    sp.plan_slots(*(st[k] for k in STATE), C=2, n=2)
+    monkeypatch.delenv("PGMOE_FORCE_TRITON")
+    with pytest.raises(AssertionError, match="reference called"):
+        sp.plan_slots(*(st[k] for k in STATE), C=2, n=2, impl="auto")
 
 
 def test_self_check_passes_and_can_fail(monkeypatch):
