@@ -30,6 +30,14 @@ understates the copies at B > 1. Per point: distinct experts copied per decoder 
 (decode copy bytes / expert bytes / decoder MoE blocks) next to the uniform-routing expectation
 E * (1 - (1 - 1/E) ** B). Plot e2e-<tag>-batch.png.
 
+Lookahead lever (--lookaheads 1,2[,3]): after the lookahead-1 table, for each L > 1 the same random weights
+(non-expert weights rebuilt from the same seed and compared with lookahead 1's; the same expert store) are
+converted with lookahead L and run as family `pregated-L<L>`: gpu_only, on_demand and the `lookahead` policy
+(infer/policies.py: block m's pre-gate routes block m + L, so each expert's copy has L blocks of compute to hide
+behind; the model refuses `pregated`), greedy and beam 4 or the modes of --table-runs, tokens checked against
+that family's own gpu_only (another model: other tokens than lookahead 1's). Every table run carries
+`lookahead` (0: unconverted). `--tiny` with a lookahead > 1 gives tiny 4 + 4 MoE blocks (it has 2 + 2).
+
 Copy efficiency (greedy and beam 4, on_demand / prefetch_all / pregated, and pregated in the sweep):
 bytes copied during the timed decode steps (the run's bytes minus those of a 1-token run of the same
 prompt: prefill + first step) / the timed steps' wall time, over the pinned host->GPU peak measured
@@ -42,6 +50,9 @@ stream is busy for the whole step.
     python3 scripts/bench_e2e.py --out bench/results --shapes switch-base-128 --sweep-only \
         --batch-sweep 1,2,4,8,16,32 --table-runs beam4:gpu_only,on_demand,pregated --new-tokens 64 \
         --budget-s 135
+    # the lookahead lever: greedy, lookahead 1 and 2 side by side
+    python3 scripts/bench_e2e.py --out bench/results --shapes switch-base-128 --no-anchors \
+        --table-runs greedy:gpu_only,on_demand,pregated --lookaheads 1,2
     python3 scripts/bench_e2e.py --tiny --out /tmp/x     # CPU smoke test with the tiny model (sweep 1,2)
 
 No Hydra needed. Results are written after every run (JSON + PNG), so a run cut short keeps what
@@ -70,7 +81,7 @@ from infer.engine import Engine  # noqa: E402
 from infer.offload import ExpertStore, OffloadError, default_budget_bytes, is_expert_param  # noqa: E402
 from infer.policies import PolicySpec  # noqa: E402
 from kernels import slot_plan  # noqa: E402
-from models.config import preset  # noqa: E402
+from models.config import ConfigError, preset  # noqa: E402
 from models.pregate import convert_to_pregated  # noqa: E402
 from models.switch import Switch  # noqa: E402
 
@@ -279,7 +290,17 @@ def main() -> int:
         "e.g. beam4:gpu_only,on_demand,pregated or greedy,beam4:pregated,pregated@lru32; with --sweep-only: "
         "these runs, then the sweep",
     )
+    ap.add_argument(
+        "--lookaheads",
+        default="1",
+        metavar="L,L,...",
+        help="pre-gate lookaheads to measure (default 1). Lookahead 1 is the table above; for each L > 1, after "
+        "it, the same random weights converted with lookahead L run as family pregated-L<L>: gpu_only, on_demand "
+        "and the `lookahead` policy (--table-runs: its modes, and its gpu_only/on_demand/pregated/lookahead "
+        "names, pregated read as lookahead), tokens checked against that family's gpu_only",
+    )
     args = ap.parse_args()
+    args.lookaheads = parse_lookaheads(args.lookaheads)
     args.batch_sweep = parse_batches(args.batch_sweep)
     args.table_runs = parse_table_runs(args.table_runs)
 
@@ -361,7 +382,7 @@ def main() -> int:
             save()
             continue
         print(f"[bench] {shape}: building random weights ...", flush=True)
-        cfg = preset(shape).replace(eos_token_id=-1)  # never stop early: exactly new_tokens tokens
+        cfg = shape_config(shape, args.lookaheads).replace(eos_token_id=-1)  # never stop early: new_tokens tokens
         res = bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, save)
         result["shapes"][shape] = res
         save()
@@ -398,6 +419,70 @@ def parse_table_runs(text: str | None) -> dict | None:
                              + ", ".join("#" + v for v in PLAN_VARIANTS if v))
         PolicySpec.parse(core.partition("+cpu_")[0])  # an unknown policy fails here, before any run
     return {"modes": modes, "policies": pols}
+
+
+def parse_lookaheads(text: str | None) -> list[int]:
+    """"1,2" -> [1, 2]; lookahead 1 (the main table) is always measured."""
+    try:
+        out = sorted({int(x) for x in str(text or "1").replace(" ", "").split(",") if x} | {1})
+    except ValueError:
+        out = [0]
+    if out[0] < 1:
+        raise SystemExit(f"--lookaheads {text!r}: expected positive lookaheads, e.g. 1,2")
+    return out
+
+
+# The runs of a family converted with lookahead L > 1 (no --table-runs): its gpu_only (the tokens' reference),
+# on_demand (which does not use the pre-gates: the same work as at lookahead 1) and the pre-gated policy.
+LOOKAHEAD_FAMILY_POLICIES = ("gpu_only", "on_demand", "lookahead")
+
+
+def pregate_policy(lookahead: int) -> str:
+    """The offload policy of a model converted with this lookahead (infer/policies.py refuses the other)."""
+    return "pregated" if lookahead == 1 else "lookahead"
+
+
+def family_policies(names, lookahead: int) -> list[str]:
+    """The run names of a pre-gated family of this lookahead: `pregated` and `lookahead` both name its pre-gated
+    policy (suffixes kept; duplicates dropped). At lookahead 1 every other name is kept; at L > 1 only
+    gpu_only, on_demand and the pre-gated policy (the lever's comparison), with their suffixes."""
+    out: list[str] = []
+    for name in names:
+        rest_i = min((i for i in (name.find(c) for c in "@+#") if i >= 0), default=len(name))
+        pol, rest = name[:rest_i], name[rest_i:]
+        if pol in ("pregated", "lookahead"):
+            pol = pregate_policy(lookahead)
+        elif lookahead > 1 and pol not in ("gpu_only", "on_demand"):
+            continue
+        if pol + rest not in out:
+            out.append(pol + rest)
+    return out
+
+
+TINY_MOE_BLOCKS = 4  # per stack, when a lookahead > 1 is asked for (tiny has 2: lookahead 2 leaves no pre-gate)
+
+
+def shape_config(shape: str, lookaheads=(1,)):
+    """The shape's preset. `tiny` with a lookahead > 1: 8 + 8 layers with 4 + 4 MoE blocks (or more, so that
+    the largest lookahead leaves a pre-gate in each stack), for every family of the run."""
+    L = max(lookaheads)
+    if shape != "tiny" or L == 1:
+        return preset(shape)
+    n = max(TINY_MOE_BLOCKS, L + 1)
+    return preset(shape, num_layers=2 * n, num_decoder_layers=2 * n, num_sparse_encoder_layers=n,
+                  num_sparse_decoder_layers=n)
+
+
+def same_nonexpert_weights(a: Switch, b: Switch) -> bool:
+    """Do two models hold the same non-expert weights (pre-gates aside: they differ with the lookahead)?"""
+    sa, sb = a.state_dict(), b.state_dict()
+
+    def keys(sd):
+        return {k for k in sd if not is_expert_param(k) and ".pregate." not in k}
+
+    if keys(sa) != keys(sb):
+        return False
+    return all(torch.equal(sa[k], sb[k]) for k in keys(sa))
 
 
 def parse_batches(text: str | None) -> list[int]:
@@ -481,67 +566,118 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
         plain, conv, modes_run = [], [], []
     else:
         modes_run = modes
+    def run_named(eng: Engine, family: str, mode: str, nb: int, name: str) -> None:
+        """One table run of `name` (policy[@cache][+cpu_mode][#variant]) under `eng`'s model: measured,
+        its tokens checked against gpu_only's of the same family and decoding, copies accounted. The entry's
+        `lookahead` is the model's (0: unconverted)."""
+        label = f"{family}/{mode}/{name}"
+        lookahead = eng.model.cfg.lookahead if eng.model.cfg.pregated else 0
+        if over_budget():
+            out["runs"].append({"label": label, "skipped": "time budget", "family": family, "lookahead": lookahead})
+            return
+        core, _, variant = name.partition("#")
+        pname, _, cpu_mode = core.partition("+cpu_")
+        spec = PolicySpec.parse(pname)
+        n_new = args.prefetch_all_tokens if spec.name == "prefetch_all" else args.new_tokens
+        t_run = time.perf_counter()
+        impl_before = slot_plan.DEFAULT_IMPL
+        if PLAN_VARIANTS.get(variant):
+            slot_plan.DEFAULT_IMPL = PLAN_VARIANTS[variant]
+        try:
+            entry = run_one(eng, spec, ids, n_new, nb, args, cpu_compute=cpu_mode or "off")
+        finally:
+            slot_plan.DEFAULT_IMPL = impl_before
+        entry["slot_plan"] = PLAN_VARIANTS.get(variant) or slot_plan.DEFAULT_IMPL
+        entry.update(label=label, family=family, decoding=mode, lookahead=lookahead)
+        if cpu_mode or variant:
+            entry["policy"] = name
+            if eng._calibration is not None:
+                out["cpu_compute_calibration"] = eng._calibration.as_dict()
+        # the CPU's bf16 sums are not the GPU's: a divergence there is recorded, not failed
+        strict = not cpu_mode or device.type == "cpu"
+        key = (family, mode)
+        if spec.name == "gpu_only" and "tokens" in entry:
+            refs[key] = entry["tokens"]
+        if nb > 1 and n_new != args.new_tokens and "tokens" in entry:
+            # beam search's result depends on the length limit: compare with gpu_only at the same one
+            short = run_one(eng, PolicySpec.parse("gpu_only"), ids, n_new, nb, args)
+            if "tokens" in short:
+                entry["same_tokens_as_gpu_only"] = entry["tokens"] == short["tokens"]
+                if not entry["same_tokens_as_gpu_only"] and strict:
+                    result["failures"].append(f"{shape} {label}: tokens differ from gpu_only")
+        elif "tokens" in entry and key in refs:
+            ref = refs[key][0][: len(entry["tokens"][0])]
+            entry["same_tokens_as_gpu_only"] = entry["tokens"][0] == ref
+            entry["matching_prefix_tokens"] = _prefix(entry["tokens"][0], ref)
+            if not entry["same_tokens_as_gpu_only"] and strict:
+                result["failures"].append(f"{shape} {label}: tokens differ from gpu_only")
+        if (
+            family.startswith("pregated")
+            and not cpu_mode
+            and not variant
+            and spec.name in COPY_ACCOUNTED
+            and spec.cache_size == 0
+            and "metrics" in entry
+            and not over_budget()
+        ):
+            entry["copy"] = copy_accounting(eng, spec, ids, nb, entry["metrics"], link)
+        entry["wall_s"] = time.perf_counter() - t_run
+        out["runs"].append(entry)
+        print(f"[bench] {shape} {label}: " + summary(entry), flush=True)
+        save_partial(result, shape, out, save)
+
     converted = False
     for family, names in (("unconverted", plain), ("pregated", conv)) if modes_run else ():
         if family == "pregated":
             convert_to_pregated(model, 1)
             converted = True
+            names = family_policies(names, 1)
         for mode, nb in modes_run:
             for name in names:
-                label = f"{family}/{mode}/{name}"
-                if over_budget():
-                    out["runs"].append({"label": label, "skipped": "time budget"})
-                    continue
-                core, _, variant = name.partition("#")
-                pname, _, cpu_mode = core.partition("+cpu_")
-                spec = PolicySpec.parse(pname)
-                n_new = args.prefetch_all_tokens if spec.name == "prefetch_all" else args.new_tokens
-                t_run = time.perf_counter()
-                impl_before = slot_plan.DEFAULT_IMPL
-                if PLAN_VARIANTS.get(variant):
-                    slot_plan.DEFAULT_IMPL = PLAN_VARIANTS[variant]
-                try:
-                    entry = run_one(eng, spec, ids, n_new, nb, args, cpu_compute=cpu_mode or "off")
-                finally:
-                    slot_plan.DEFAULT_IMPL = impl_before
-                entry["slot_plan"] = PLAN_VARIANTS.get(variant) or slot_plan.DEFAULT_IMPL
-                entry.update(label=label, family=family, decoding=mode)
-                if cpu_mode or variant:
-                    entry["policy"] = name
-                    if eng._calibration is not None:
-                        out["cpu_compute_calibration"] = eng._calibration.as_dict()
-                # the CPU's bf16 sums are not the GPU's: a divergence there is recorded, not failed
-                strict = not cpu_mode or device.type == "cpu"
-                key = (family, mode)
-                if spec.name == "gpu_only" and "tokens" in entry:
-                    refs[key] = entry["tokens"]
-                if nb > 1 and n_new != args.new_tokens and "tokens" in entry:
-                    # beam search's result depends on the length limit: compare with gpu_only at the same one
-                    short = run_one(eng, PolicySpec.parse("gpu_only"), ids, n_new, nb, args)
-                    if "tokens" in short:
-                        entry["same_tokens_as_gpu_only"] = entry["tokens"] == short["tokens"]
-                        if not entry["same_tokens_as_gpu_only"] and strict:
-                            result["failures"].append(f"{shape} {label}: tokens differ from gpu_only")
-                elif "tokens" in entry and key in refs:
-                    ref = refs[key][0][: len(entry["tokens"][0])]
-                    entry["same_tokens_as_gpu_only"] = entry["tokens"][0] == ref
-                    entry["matching_prefix_tokens"] = _prefix(entry["tokens"][0], ref)
-                    if not entry["same_tokens_as_gpu_only"] and strict:
-                        result["failures"].append(f"{shape} {label}: tokens differ from gpu_only")
-                if (
-                    family == "pregated"
-                    and not cpu_mode
-                    and not variant
-                    and spec.name in COPY_ACCOUNTED
-                    and spec.cache_size == 0
-                    and "metrics" in entry
-                    and not over_budget()
-                ):
-                    entry["copy"] = copy_accounting(eng, spec, ids, nb, entry["metrics"], link)
-                entry["wall_s"] = time.perf_counter() - t_run
-                out["runs"].append(entry)
-                print(f"[bench] {shape} {label}: " + summary(entry), flush=True)
-                save_partial(result, shape, out, save)
+                run_named(eng, family, mode, nb, name)
+    # the lookahead lever: the same random weights (non-expert ones rebuilt from the same seed, the same
+    # expert store) converted with lookahead L > 1, each family checked against its own gpu_only
+    for L in [x for x in getattr(args, "lookaheads", [1]) if x > 1] if modes_run else ():
+        family = f"pregated-L{L}"
+        names = family_policies(table["policies"] if table else LOOKAHEAD_FAMILY_POLICIES, L)
+        fam: dict = {"lookahead": L, "policies": names, "policy_of_pregates": "lookahead"}
+        out.setdefault("lookahead_families", {})[family] = fam
+        if over_budget():
+            fam["skipped"] = "time budget"
+            for mode, _ in modes_run:
+                for name in names:
+                    out["runs"].append({"label": f"{family}/{mode}/{name}", "skipped": "time budget",
+                                        "family": family, "lookahead": L})
+            save_partial(result, shape, out, save)
+            continue
+        print(f"[bench] {shape}: the same weights converted with lookahead {L} ...", flush=True)
+        t_build = time.perf_counter()
+        model_L = build_own(cfg, device, dtype)
+        if device.type == "cuda":
+            model_L.set_backend("triton")
+        try:
+            convert_to_pregated(model_L, L)
+        except ConfigError as e:
+            fam["error"] = str(e)
+            result["failures"].append(f"{shape} {family}: {e}")
+            del model_L
+            save_partial(result, shape, out, save)
+            continue
+        eng_L = Engine(
+            model_L, store, device, cuda_graph=not args.no_graph, copy_mode=args.copy_mode, measure_stall=True
+        )
+        fam["model_lookahead"] = model_L.cfg.lookahead
+        fam["same_nonexpert_weights_as_lookahead_1"] = same_nonexpert_weights(model, model_L)
+        if not fam["same_nonexpert_weights_as_lookahead_1"]:
+            result["failures"].append(f"{shape} {family}: the rebuilt non-expert weights differ from lookahead 1's")
+        fam["build_s"] = time.perf_counter() - t_build
+        for mode, nb in modes_run:
+            for name in names:
+                run_named(eng_L, family, mode, nb, name)
+        del eng_L, model_L
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     if out["runs"]:
         check_memory_bound(shape, out, result, args.input_tokens, eng.prefill_slots)
         out["floors"] = floors(out, link)
@@ -678,7 +814,7 @@ def save_partial(result, shape, out, save) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- copies
-COPY_ACCOUNTED = ("on_demand", "prefetch_all", "pregated")
+COPY_ACCOUNTED = ("on_demand", "prefetch_all", "pregated", "lookahead")
 COPY_METHOD = (
     "lower bound: bytes copied during the timed decode steps (the run's bytes_copied minus those of a "
     "1-token run of the same prompt, i.e. prefill + first step) / the timed steps' wall time; equals the "
@@ -950,6 +1086,7 @@ def bench_sweep(shape, cfg, eng: Engine, args, over_budget, result, out, save) -
         "batches": list(args.batch_sweep),
         "policies": list(SWEEP_POLICIES),
         "decoding": "greedy",
+        "lookahead": eng.model.cfg.lookahead,
         "inputs": mode,
         "inputs_method": FORCED_METHOD if mode == "forced" else GREEDY_INPUTS_NOTE,
         "input_tokens": args.input_tokens,

@@ -1,8 +1,10 @@
 """Markdown summary of an end-to-end benchmark JSON (scripts/bench_e2e.py): per model shape and
 decoding mode, ms per output token and peak GPU memory of each policy and anchor, the floors (copy
 floor, gpu_only), the ratios the performance targets are stated in, copy efficiency, the pre-gated
-memory bound, and the batch sweep (ms per step per policy, on_demand / pregated, the crossover, distinct
-experts copied per decoder MoE block per step against the uniform-routing expectation).
+memory bound, the lookahead lever (bench_e2e --lookaheads 1,2: per lookahead, gpu_only, on_demand and the
+pre-gated policy's ms/token, its stall and copy efficiency), and the batch sweep (ms per step per policy,
+on_demand / pregated, the crossover, distinct experts copied per decoder MoE block per step against the
+uniform-routing expectation).
 
 Usage: python scripts/summarize_e2e.py bench/results/e2e-h200.json [--out bench/results/e2e-h200.md]
 """
@@ -64,7 +66,9 @@ def summarize(doc: dict, source: str) -> str:
         f"From `{source}` ({env.get('date', '?')}; `{env.get('command', '?')}`; torch {env.get('torch')}, "
         f"triton {env.get('triton')}, transformers {env.get('transformers')}). Batch 1, "
         f"{settings['input_tokens']} input and {settings['new_tokens']} output tokens, bf16, "
-        "random weights (near-uniform routing), pre-gated with lookahead 1. ms/token is the median decode "
+        "random weights (near-uniform routing), pre-gated with lookahead 1"
+        + (" (other lookaheads: the lookahead table)" if max(settings.get("lookaheads") or [1]) > 1 else "")
+        + ". ms/token is the median decode "
         "step; peak is GPU memory allocated. Copy floor = the bytes pregated copies per decode step (greedy: "
         "one expert per decoder MoE block; beam 4: measured, where the run did) / the pinned host->GPU peak "
         f"measured in the same run ({_f(link, '{:.1f}')} GB/s).",
@@ -104,7 +108,7 @@ def summarize(doc: dict, source: str) -> str:
                     + f"{_f(g_gpu)} / {_f(g_pg)} | "
                     + f"{_f(100 * g_pg / g_gpu if g_pg and g_gpu else None, '{:.1f}')} |"
                 )
-        lines += copy_table(shapes) + memory_table(shapes)
+        lines += copy_table(shapes) + memory_table(shapes) + lookahead_table(shapes)
     for shape, s in shapes.items():
         if (s.get("batch_sweep") or {}).get("points"):
             lines += sweep_table(shape, s["batch_sweep"], s.get("config"), s.get("expert_bytes"))
@@ -158,6 +162,62 @@ def copy_table(shapes: dict) -> list[str]:
         "| shape | decoding | policy | MB copied per step | GB/s (lower bound) | % of pinned peak | "
         "stall ms/token | copy on critical path |",
         "|" + "---|" * 8,
+    ] + rows
+
+
+def run_lookahead(r: dict) -> int | None:
+    """A table run's pre-gate lookahead: recorded, or from its family (JSONs from before the field)."""
+    if r.get("lookahead") is not None:
+        return r["lookahead"]
+    fam = r.get("family") or ""
+    if fam == "pregated":
+        return 1
+    if fam.startswith("pregated-L") and fam[len("pregated-L"):].isdigit():
+        return int(fam[len("pregated-L"):])
+    return 0 if fam == "unconverted" else None
+
+
+def lookahead_table(shapes: dict) -> list[str]:
+    """The lookahead lever, where the run measured a lookahead > 1: per shape, decoding and lookahead, gpu_only,
+    on_demand and the pre-gated policy (pregated at 1, lookahead above) of the model converted with it."""
+    by: dict = {}
+    for shape, s in shapes.items():
+        for r in s.get("runs", []):
+            L = run_lookahead(r)
+            if L and "metrics" in r and r.get("decoding"):
+                pol = r["policy"]
+                if pol == ("pregated" if L == 1 else "lookahead"):
+                    pol = "pre-gated"
+                by.setdefault((shape, r["decoding"], L), {})[pol] = r
+    if not any(L > 1 for _, _, L in by):
+        return []
+    rows = []
+    for (shape, mode, L), runs in sorted(by.items(), key=lambda kv: (list(shapes).index(kv[0][0]),
+                                                                      kv[0][1] != "greedy", kv[0][2])):
+        pg = runs.get("pre-gated")
+        c = (pg or {}).get("copy") or {}
+        stall = ((pg or {}).get("metrics") or {}).get("stall_ms_per_token")
+        if stall is None:
+            stall = c.get("stall_ms_per_token")
+        eff = c.get("copy_efficiency")
+        gpu, od, p = _ms(runs.get("gpu_only")), _ms(runs.get("on_demand")), _ms(pg)
+        same = [r.get("same_tokens_as_gpu_only") for pol, r in runs.items() if pol != "gpu_only"]
+        rows.append(
+            f"| {shape} | {mode} | {L} | {_f(gpu)} | {_f(od)} | {_f(p)} | {_f(stall, '{:.3f}')} | "
+            f"{_f(eff and 100 * eff, '{:.0f}')} | {_f(p / gpu if p and gpu else None)} | "
+            f"{_f(od / p if p and od else None)} | {_yn(all(same) if same and None not in same else None)} |"
+        )
+    return [
+        "",
+        "Lookahead lever: the same random weights converted with lookahead L (block m's pre-gate routes block "
+        "m + L, so each expert's copy has L blocks of compute to hide behind; the first L MoE blocks of each "
+        "stack are fetched on demand). Pre-gated = policy `pregated` at L = 1, `lookahead` above; stall = step "
+        "with copies - step without (graph replays), per token; copy % = decode bytes / step time / pinned peak "
+        "(a lower bound on the copy stream's busy share). Tokens are checked against the same model's gpu_only.",
+        "",
+        "| shape | decoding | lookahead | gpu_only | on_demand | pre-gated | stall ms/token | copy % of pinned "
+        "peak | pre-gated / gpu_only | on_demand / pre-gated | tokens = gpu_only |",
+        "|" + "---|" * 11,
     ] + rows
 
 

@@ -1,7 +1,8 @@
 """scripts/bench_e2e.py's arithmetic (crossover, copy efficiency, floors, the pre-gated memory bound, the
 uniform-routing expectation), its plots, and scripts/summarize_e2e.py, on hand-made numbers; the batch sweep's
-forced decoder inputs on the tiny model (CPU). The CPU smoke run of the whole script (with its batch sweep) is
-tests/infer/test_app.py::test_bench_script_tiny."""
+forced decoder inputs on the tiny model (CPU); the lookahead lever (--lookaheads: family policies, the rebuilt
+weights, a --tiny --lookaheads 1,2 run, the summary's lookahead table). The CPU smoke run of the whole script
+(with its batch sweep) is tests/infer/test_app.py::test_bench_script_tiny."""
 
 import argparse
 import sys
@@ -298,3 +299,123 @@ def test_sweep_forced_inputs_tiny():
         assert ex["pregated"] == pytest.approx(by / eng.store.expert_bytes / len(eng.model.decoder.moes))
     assert sw["points"][0]["experts_per_decoder_block_per_step"]["pregated"] == pytest.approx(1.0)
     assert sw["points"][-1]["experts_per_decoder_block_per_step"]["on_demand"] > 1.5  # 4 diverse rows, E = 8
+
+
+# ----------------------------------------------------------------------------------------------- lookahead lever
+def test_parse_lookaheads():
+    assert bench.parse_lookaheads(None) == [1]
+    assert bench.parse_lookaheads("1") == [1]
+    assert bench.parse_lookaheads("2,1,2") == [1, 2]
+    assert bench.parse_lookaheads("3") == [1, 3]  # lookahead 1 (the main table) always runs
+    for bad in ("0,1", "1,x", "-1"):
+        with pytest.raises(SystemExit):
+            bench.parse_lookaheads(bad)
+
+
+def test_family_policies_map_the_pregated_policy_to_the_lookahead():
+    names = ["gpu_only", "speculative", "on_demand", "on_demand@lru32", "prefetch_all", "pregated",
+             "pregated@lru32", "pregated+cpu_auto", "pregated#torchplan", "lookahead"]
+    assert bench.family_policies(names, 1) == [
+        "gpu_only", "speculative", "on_demand", "on_demand@lru32", "prefetch_all", "pregated", "pregated@lru32",
+        "pregated+cpu_auto", "pregated#torchplan"]  # `lookahead` is the lookahead-1 model's `pregated`
+    assert bench.family_policies(names, 2) == [
+        "gpu_only", "on_demand", "on_demand@lru32", "lookahead", "lookahead@lru32", "lookahead+cpu_auto",
+        "lookahead#torchplan"]
+    assert bench.family_policies(bench.LOOKAHEAD_FAMILY_POLICIES, 3) == ["gpu_only", "on_demand", "lookahead"]
+    assert bench.family_policies(["lookahead"], 1) == ["pregated"]
+
+
+def test_tiny_config_has_moe_blocks_for_the_lookahead():
+    from models.config import preset
+
+    assert bench.shape_config("tiny") == preset("tiny")
+    assert bench.shape_config("tiny", [1]) == preset("tiny")
+    assert bench.shape_config("switch-base-128", [1, 2]) == preset("switch-base-128")
+    for Ls, n in (([1, 2], 4), ([1, 3], 4), ([1, 5], 6)):
+        cfg = bench.shape_config("tiny", Ls)
+        assert len(cfg.sparse_layers(False)) == len(cfg.sparse_layers(True)) == n
+
+
+def test_rebuilt_model_has_the_same_nonexpert_weights():
+    """build_own with the same config gives the same non-expert weights: a model converted with lookahead 2 is
+    the lookahead-1 model's weights (the pre-gates aside, which differ with the lookahead)."""
+    from models.pregate import convert_to_pregated
+
+    cfg = bench.shape_config("tiny", [1, 2])
+    dev = torch.device("cpu")
+    a, b = bench.build_own(cfg, dev, torch.float32), bench.build_own(cfg, dev, torch.float32)
+    convert_to_pregated(a, 1)
+    convert_to_pregated(b, 2)
+    assert bench.same_nonexpert_weights(a, b)
+    with torch.no_grad():
+        b.moes[3].router.weight[0, 0] += 1.0
+    assert not bench.same_nonexpert_weights(a, b)
+
+
+def test_bench_tiny_lookaheads_1_2(tmp_path):
+    """--tiny --lookaheads 1,2: the pregated-L2 family runs gpu_only, on_demand and `lookahead` on the same
+    weights converted with lookahead 2, each with its own gpu_only's tokens; the summary's lookahead table."""
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "BENCH_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "scripts/bench_e2e.py", "--tiny", "--no-anchors", "--out", str(tmp_path), "--lookaheads",
+         "1,2", "--table-runs", "greedy:gpu_only,on_demand,pregated", "--sweep-new-tokens", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "e2e-cpu-tiny.json").read_text())
+    assert not res["failures"], res["failures"]
+    tiny = res["shapes"]["tiny"]
+    assert tiny["config"]["moe_blocks"] == 8  # 4 + 4 MoE blocks: lookahead 2 leaves pre-gates in each stack
+    runs = {r["label"]: r for r in tiny["runs"]}
+    assert set(runs) == {f"{fam}/greedy/{pol}" for fam, pols in (("pregated", ("gpu_only", "on_demand", "pregated")),
+                         ("pregated-L2", ("gpu_only", "on_demand", "lookahead"))) for pol in pols}
+    fam = tiny["lookahead_families"]["pregated-L2"]
+    assert fam["model_lookahead"] == 2 and fam["same_nonexpert_weights_as_lookahead_1"]
+    for fam_name, L, pg in (("pregated", 1, "pregated"), ("pregated-L2", 2, "lookahead")):
+        ref = runs[f"{fam_name}/greedy/gpu_only"]
+        assert len(ref["tokens"][0]) == 6
+        for pol in ("gpu_only", "on_demand", pg):
+            r = runs[f"{fam_name}/greedy/{pol}"]
+            assert r["lookahead"] == L and r["family"] == fam_name and "metrics" in r, r.get("error")
+            assert r["tokens"] == ref["tokens"] and r["same_tokens_as_gpu_only"]
+        # greedy batch 1: one expert per decoder MoE block per step, prefetched or fetched on demand
+        c = runs[f"{fam_name}/greedy/{pg}"]["copy"]
+        assert c["decode_bytes_per_step"] == tiny["config"]["decoder_moe_blocks"] * tiny["expert_bytes"]
+    text = summ.summarize(res, "x.json")
+    assert "| tiny | greedy | 1 |" in text and "| tiny | greedy | 2 |" in text
+    row2 = next(ln for ln in text.splitlines() if ln.startswith("| tiny | greedy | 2 |"))
+    assert row2.endswith("| yes |")
+
+
+def _la_run(fam, L, pol, ms, stall=None, eff=None, same=True):
+    r = {"label": f"{fam}/greedy/{pol}", "policy": pol, "family": fam, "decoding": "greedy", "lookahead": L,
+         "metrics": {"ms_per_token_median": ms, "stall_ms_per_token": stall}, "same_tokens_as_gpu_only": same}
+    if eff is not None:
+        r["copy"] = {"copy_efficiency": eff, "stall_ms_per_token": stall}
+    return r
+
+
+def test_summary_lookahead_table():
+    doc = _doc()
+    s = doc["shapes"]["switch-base-128"]
+    assert "Lookahead lever" not in summ.summarize(doc, "x.json")  # lookahead 1 only: no table
+    for r in s["runs"]:
+        r.pop("lookahead", None)  # older JSONs: the lookahead from the family
+    s["runs"] += [
+        _la_run("pregated-L2", 2, "gpu_only", 0.91),
+        _la_run("pregated-L2", 2, "on_demand", 2.70, 1.2, 0.39),
+        _la_run("pregated-L2", 2, "lookahead", 1.30, 0.05, 0.78),
+        _la_run("unconverted", 0, "gpu_only", 0.9),
+    ]
+    text = summ.summarize(doc, "x.json")
+    assert "Lookahead lever" in text
+    assert "| switch-base-128 | greedy | 1 | 1.00 | 2.70 | 1.80 | 0.800 | " in text  # from the L = 1 family
+    assert "| switch-base-128 | greedy | 2 | 0.91 | 2.70 | 1.30 | 0.050 | 78 | 1.43 | 2.08 | yes |" in text
+    assert "| switch-base-128 | beam4 | 1 |" in text and "| switch-base-128 | beam4 | 2 |" not in text
+    assert "| switch-base-128 | greedy | 0 |" not in text
+    s["runs"][-2]["same_tokens_as_gpu_only"] = False
+    assert "| 2.08 | no |" in summ.summarize(doc, "x.json")
