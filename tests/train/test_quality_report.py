@@ -330,3 +330,19 @@ def test_mps_absent_falls_back(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert quality_report.start_mps(tmp_path) is None
     assert "time-slice" in capsys.readouterr().out
+
+
+def test_param_count_from_config_when_weights_dropped(tmp_path):
+    """The committed run records keep config.json but no weights: the parameter count comes from it."""
+    from models.checkpoint import save_switch
+    from models.config import preset
+    from models.pregate import convert_to_pregated
+
+    m = Switch(preset("tiny"))
+    convert_to_pregated(m, 1)
+    save_switch(m, tmp_path / "ck")
+    with_weights = quality_report.param_count(tmp_path / "ck")
+    (tmp_path / "ck" / "model.safetensors").unlink()
+    assert with_weights == sum(p.numel() for p in m.parameters())
+    assert quality_report.param_count(tmp_path / "ck") == with_weights
+    assert quality_report.param_count(tmp_path / "missing") is None
