@@ -39,7 +39,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def policy_specs(cfg) -> list[PolicySpec]:
+def policy_specs(cfg, cache_size: int | None = None) -> list[PolicySpec]:
+    """The policies to run; cache_size: what cache.size=auto resolved to (None before loading: 0)."""
     names = (
         list(cfg.policies)
         if cfg.policies
@@ -47,7 +48,40 @@ def policy_specs(cfg) -> list[PolicySpec]:
     )
     if not names:
         raise ValueError("no policy to run: set policy=<name> or policies=[...]")
-    return [PolicySpec.parse(n, 0 if n == "gpu_only" else cfg.cache.size, cfg.cache.kind) for n in names]
+    size = cache_size_setting(cfg.cache.size)
+    if size == "auto":
+        size = 0 if cache_size is None else cache_size
+    return [PolicySpec.parse(n, 0 if n == "gpu_only" else size, cfg.cache.kind) for n in names]
+
+
+def cache_size_setting(value) -> int | str:
+    """cache.size as given: a non-negative int or "auto"; anything else is an error naming the key."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = -1
+    if n < 0 or (isinstance(value, float) and value != n):
+        raise ValueError(f"cache.size={value!r}: expected a number of slots >= 0 or auto")
+    return n
+
+
+def auto_cache_size(cfg, store, device: torch.device) -> tuple[int, str]:
+    """cache.size=auto: the slots per MoE block that fit the GPU memory the caches may take
+    (cache.budget_gb, else the free memory now, after loading, minus cache.reserve_gb), capped at the
+    number of experts; with the reason, for the report."""
+    per_slot = store.M * store.expert_bytes  # one slot in every MoE block
+    if cfg.cache.budget_gb is not None:
+        budget, how = float(cfg.cache.budget_gb) * GB, f"cache.budget_gb={cfg.cache.budget_gb}"
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = free - float(cfg.cache.reserve_gb) * GB
+        how = f"free GPU memory {free / GB:.2f} GB - cache.reserve_gb={cfg.cache.reserve_gb}"
+    else:
+        return 0, "no GPU and no cache.budget_gb: auto gives no cache"
+    size = max(0, min(store.E, int(budget // per_slot)))
+    return size, f"{how} -> {size} slots x {store.M} blocks x {store.expert_bytes / 1e6:.1f} MB"
 
 
 def default_checkpoint(cfg) -> Path:
@@ -116,7 +150,7 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads or 1)
     torch.manual_seed(cfg.seed)
     dtype = resolve_dtype(cfg.dtype, device)
-    specs = policy_specs(cfg)
+    specs = policy_specs(cfg)  # validates the names (and cache.size) before anything is loaded
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else default_checkpoint(cfg)
     budget = (
         cfg.offload.pinned_budget_gb * GB
@@ -124,6 +158,11 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
         else default_budget_bytes()
     )
     model, store = load_offloaded(ckpt, device, dtype, budget)
+    cache_note = None
+    if cache_size_setting(cfg.cache.size) == "auto":
+        size, cache_note = auto_cache_size(cfg, store, device)
+        specs = policy_specs(cfg, cache_size=size)
+        print(f"[infer] cache.size=auto: {cache_note}", flush=True)
     if device.type == "cuda":
         model.set_backend("triton")  # fused routing and the slot-table expert FFN; no host syncs
     if not cfg.checkpoint and cfg.model.name and model.cfg.d_model != cfg.model.d_model:
@@ -154,6 +193,8 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
     )
     peak = rep.pinned_peak_GBps(device)
     env = rep.environment(device)
+    if cache_note is not None:
+        env["cache_auto"] = cache_note
     env.update(
         checkpoint=str(ckpt),
         pinned_store_bytes=store.total_bytes,

@@ -4,6 +4,7 @@ a wrong type fails at start). No Hydra import at module level: scripts use the r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from models.config import ModelConf
 from train.data import DataConf
@@ -18,8 +19,12 @@ class PolicyConf:
 
 @dataclass
 class CacheConf:
-    size: int = 0  # cache slots per MoE block (0: no cache)
+    # cache slots per MoE block: an int (0: no cache) or "auto": as many as the GPU memory left after
+    # loading allows (budget_gb, or the free memory minus reserve_gb), at most the number of experts
+    size: Any = 0
     kind: str = "lru"  # lru | lfu
+    budget_gb: float | None = None  # size=auto: GPU memory the caches may take; null: free - reserve_gb
+    reserve_gb: float = 4.0  # size=auto without budget_gb: kept free (activations, graphs, slot pools)
 
 
 @dataclass

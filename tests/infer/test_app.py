@@ -148,3 +148,34 @@ def test_default_model_is_built_by_training_when_missing(tmp_path):
     assert (path / "config.json").exists() and (path / "model.safetensors").exists()
     assert not (path / "training_state.pt").exists()
     assert default_checkpoint(cfg) == path  # second call: found, not rebuilt
+
+
+def test_cache_size_auto(tmp_path):
+    """cache.size=auto sizes every CPU policy's cache from the memory budget (here cache.budget_gb on the
+    CPU), capped at the number of experts; a bad value fails naming the key."""
+    from infer.app import cache_size_setting, policy_specs
+    from models.checkpoint import load_config
+
+    mcfg = load_config(ROOT / "checkpoints" / "default")
+    n_moe = mcfg.num_sparse_encoder_layers + mcfg.num_sparse_decoder_layers
+    per_slot = n_moe * mcfg.expert_bytes(4)  # fp32 on the CPU
+    budget_gb = 3.5 * per_slot / 1e9  # room for 3 slots per block
+    cfg = _compose(["num_examples=2", "batch_size=2", "max_new_tokens=4", "policies=[gpu_only,on_demand,pregated]",
+                    "cache.size=auto", f"cache.budget_gb={budget_gb}"])
+    rep = run(cfg, tmp_path)
+    sizes = {e["policy"]: e["spec"]["cache_size"] for e in rep["entries"]}
+    assert sizes == {"gpu_only": 0, "on_demand@lru3": 3, "pregated@lru3": 3}, sizes
+    assert "3 slots" in rep["environment"]["cache_auto"]
+    assert all(e["same_as_gpu_only"] for e in rep["entries"])
+    # a budget beyond every expert is capped at E
+    big = _compose(["cache.size=auto", f"cache.budget_gb={1000 * budget_gb}"])
+    from infer.app import auto_cache_size
+    from infer.offload import ExpertStore
+
+    store = ExpertStore(mcfg, n_moe, torch.float32, None, pin=False)
+    assert auto_cache_size(big, store, torch.device("cpu"))[0] == mcfg.num_experts
+    assert auto_cache_size(_compose(["cache.size=auto"]), store, torch.device("cpu"))[0] == 0  # CPU, no budget
+    assert cache_size_setting("auto") == "auto" and cache_size_setting(4) == 4
+    for bad in ("big", -1, 2.5):
+        with pytest.raises(ValueError, match="cache.size"):
+            policy_specs(_compose([f"cache.size={bad}"]))
