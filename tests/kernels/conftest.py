@@ -4,6 +4,9 @@ TRITON_INTERPRET must be set before triton builds its @triton.jit functions (see
 interpreter casts fp32 -> bf16 by truncation where the GPU (cvt.rn.bf16.f32) rounds to nearest even;
 that is patched so the bf16 tolerances test the numerics the GPU has. (Its bf16 tl.dot is wrong too:
 the launchers run dots on fp32 operands under the interpreter, see kernels.routing.fp32_dot.)
+This holds on a GPU machine too (the interpreter is forced here), so these tests do not check the
+compiled kernels: the GPU checks are scripts/bench_kernels.py's correctness pass and
+kernels.slot_plan.self_check (run by scripts/bench_e2e.py).
 """
 
 import os
