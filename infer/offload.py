@@ -23,8 +23,6 @@ from kernels import expert_copy
 from models.config import SwitchConfig
 
 GB = 1e9
-_INF = 1 << 62  # key of a slot that holds an expert this step needs: never a victim
-_LAST = 1 << 61  # key of a staging slot: used only when the cache cannot take a miss
 
 
 class OffloadError(ValueError):

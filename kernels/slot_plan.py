@@ -26,14 +26,11 @@ try:
 except ImportError:  # CPU-only installs without triton: the reference still works
     HAVE_TRITON = False
 
-# Victim keys (equal to infer.offload's): a slot holding a needed expert, a staging slot.
+# Victim keys above any LRU tick or LFU count: a slot holding an expert this plan needs (never a victim),
+# a staging slot (taken only when no cache slot can take a miss).
 INF_KEY = 1 << 62
 LAST_KEY = 1 << 61
 CACHE_KINDS = ("lru", "lfu")
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 # plan_slots' implementation when the caller names none: PGMOE_PLAN_IMPL=auto|triton|reference. The
@@ -304,12 +301,12 @@ def plan_slots(
     need_u8 = need_E.view(torch.uint8)
     ids_R = ids.reshape(-1) if ids is not None else need_u8
     R = ids_R.numel() if ids is not None else 0
-    BLOCK_E, BLOCK_K = _next_pow2(max(E, 2)), _next_pow2(max(K, 2))
+    BLOCK_E, BLOCK_K = triton.next_power_of_2(max(E, 2)), triton.next_power_of_2(max(K, 2))
     if holder_K.is_cuda:  # keep the pairwise tiles ([BLOCK_K or BLOCK_E, CHUNK]) in registers
         chunk_k = max(1, min(BLOCK_K, 4096 // max(BLOCK_K, BLOCK_E)))
-        chunk_r = max(1, min(_next_pow2(max(R, 1)), 4096 // BLOCK_E))
+        chunk_r = max(1, min(triton.next_power_of_2(max(R, 1)), 4096 // BLOCK_E))
     else:  # the interpreter: few, wide steps
-        chunk_k, chunk_r = BLOCK_K, min(_next_pow2(max(R, 1)), 1024)
+        chunk_k, chunk_r = BLOCK_K, min(triton.next_power_of_2(max(R, 1)), 1024)
     _plan_slots_kernel[(1,)](  # placeholders for unused pointers: never null (an empty tensor's may be)
         need_u8, ids_R, holder_K, cand_slot_K, table_E, last_use_C if C else holder_K, freq_E,
         tick, hits, lookups, copied, plan_src, plan_dst,
@@ -323,6 +320,39 @@ def plan_slots(
 
 
 # --------------------------------------------------------------------------------------------- self-check
+# plan_slots' positional tensors, in order
+STATE_NAMES = ("need_E", "holder_K", "cand_slot_K", "table_E", "last_use_C", "freq_E", "tick", "hits", "lookups",
+               "copied", "plan_src", "plan_dst")
+
+
+def random_state(E: int, C: int, nmax: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """A random state (CPU) a runner can reach: distinct experts in the slots, some empty; ties among the
+    keys. For self_check and the tests."""
+    K = C + nmax
+    holder = torch.full((K,), -1, dtype=torch.long)
+    perm = torch.randperm(E, generator=g)[: min(E, K)]
+    holder[torch.randperm(K, generator=g)[: perm.numel()]] = perm
+    holder[torch.rand(K, generator=g) < 0.3] = -1
+
+    def scalar(hi: int) -> torch.Tensor:
+        return torch.randint(0, hi, (), generator=g)
+
+    return dict(
+        need_E=torch.zeros(E, dtype=torch.bool),
+        holder_K=holder,
+        cand_slot_K=torch.randperm(4 * K + 7, generator=g)[:K],
+        table_E=torch.randint(0, 1000, (E,), generator=g, dtype=torch.int32),
+        last_use_C=torch.randint(-1, 5, (C,), generator=g),
+        freq_E=torch.randint(0, 4, (E,), generator=g),
+        tick=scalar(5) + 5,
+        hits=scalar(100),
+        lookups=scalar(100) + 100,
+        copied=scalar(100),
+        plan_src=torch.randint(-1, E, (nmax,), generator=g, dtype=torch.int32),
+        plan_dst=torch.randint(0, 1000, (nmax,), generator=g, dtype=torch.int32),
+    )
+
+
 def self_check(device: str | torch.device, seed: int = 0) -> str | None:
     """Run the kernel against the reference on `device` over random plan sequences (LRU/LFU, with and
     without cache, needs from ids and from a mask, fresh or not); None if every mutated tensor and
@@ -330,25 +360,11 @@ def self_check(device: str | torch.device, seed: int = 0) -> str | None:
     Benchmarks call it first on the GPU, where the tests (interpreted on the CPU) do not reach."""
     device = torch.device(device)
     g = torch.Generator().manual_seed(seed)
-    names = ("need_E", "holder_K", "cand_slot_K", "table_E", "last_use_C", "freq_E", "tick", "hits",
-             "lookups", "copied", "plan_src", "plan_dst")
+    names = STATE_NAMES
     try:
         for E, C, n, kind in ((128, 0, 1, "lru"), (128, 32, 4, "lfu"), (128, 4, 16, "lru"), (8, 4, 4, "lfu"),
                               (256, 64, 8, "lru")):
-            nmax = n + 2
-            K = C + nmax
-            holder = torch.full((K,), -1, dtype=torch.long)
-            perm = torch.randperm(E, generator=g)[: min(E, K)]
-            holder[torch.randperm(K, generator=g)[: perm.numel()]] = perm
-            holder[torch.rand(K, generator=g) < 0.3] = -1
-            ref = dict(
-                need_E=torch.zeros(E, dtype=torch.bool), holder_K=holder,
-                cand_slot_K=torch.randperm(4 * K + 7, generator=g)[:K],
-                table_E=torch.randint(0, 1000, (E,), generator=g, dtype=torch.int32),
-                last_use_C=torch.randint(-1, 5, (C,), generator=g), freq_E=torch.randint(0, 4, (E,), generator=g),
-                tick=torch.tensor(7), hits=torch.tensor(3), lookups=torch.tensor(100), copied=torch.tensor(5),
-                plan_src=torch.full((nmax,), -1, dtype=torch.int32), plan_dst=torch.zeros(nmax, dtype=torch.int32),
-            )
+            ref = random_state(E, C, n + 2, g)
             ker = {k: v.clone().to(device) for k, v in ref.items()}
             for step in range(6):
                 ids = torch.randint(0, E, (max(1, n // 2) + step, 2), generator=g) if step != 3 else \

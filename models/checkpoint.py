@@ -209,6 +209,18 @@ def _expected_shape(param: torch.Tensor, expert: int | None) -> tuple[int, ...]:
     return tuple(param.shape[1:]) if expert is not None else tuple(param.shape)
 
 
+def meta_model(cfg: SwitchConfig) -> Switch:
+    """The model `cfg` describes (pre-gates included when cfg.pregated), parameters on the meta device:
+    the skeleton a checkpoint is loaded into, or counted."""
+    from models.pregate import convert_to_pregated
+
+    with torch.device("meta"):
+        model = Switch(cfg.replace(pregated=False))
+    if cfg.pregated:
+        convert_to_pregated(model, cfg.lookahead, init_from_router=False)
+    return model
+
+
 def load_switch(
     path: str | Path,
     *,
@@ -222,15 +234,10 @@ def load_switch(
 
     skip(own_name) -> True leaves that parameter on the meta device (the offload runner loads
     expert weights straight into pinned memory instead)."""
-    from models.pregate import convert_to_pregated
-
     path = Path(path)
     cfg = load_config(path)
     reader = CheckpointReader(path)
-    with torch.device("meta"):
-        model = Switch(cfg.replace(pregated=False))
-    if cfg.pregated:
-        convert_to_pregated(model, cfg.lookahead, init_from_router=False)
+    model = meta_model(cfg)
     mapping = key_map(cfg, model)
 
     unexpected = [k for k in reader.keys() if k not in mapping and k not in _TIED]

@@ -433,19 +433,10 @@ def param_count(ckpt: Path) -> int | None:
     if not files:  # weights dropped (a kept record of the runs): count the model config.json describes
         if not (ckpt / "config.json").exists():
             return None
-        import torch
-
         sys.path.insert(0, str(ROOT))
-        from models.checkpoint import load_config
-        from models.pregate import convert_to_pregated
-        from models.switch import Switch
+        from models.checkpoint import load_config, meta_model
 
-        cfg = load_config(ckpt)
-        with torch.device("meta"):
-            model = Switch(cfg.replace(pregated=False))
-            if cfg.pregated:
-                convert_to_pregated(model, cfg.lookahead, init_from_router=False)
-        return sum(p.numel() for p in model.parameters())
+        return sum(p.numel() for p in meta_model(load_config(ckpt)).parameters())
     from safetensors import safe_open
 
     n = 0

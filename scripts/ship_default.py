@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     import eval_checkpoint
     import torch
 
-    from models.checkpoint import load_switch, save_switch
+    from models.checkpoint import load_switch, replace_dir, save_switch
 
     src, out = Path(a.source), Path(a.out)
     model = load_switch(src, dtype=torch.float32)
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, d in (("finetune", a.run_dir), ("pretrain", a.pretrain_dir)):
         if d:
             recipe[key] = run_summary(Path(d))
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=out.parent))
     try:
         save_switch(model, tmp / "ckpt", quantize=None if a.no_quantize else "int8",
@@ -95,11 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         source = eval_checkpoint.evaluate_checkpoint(src, a.split, a.overrides)
         shipped["weights_bytes"] = size
         shipped["source_metrics"] = source["metrics"]
-        shipped["command"] = shipped["command"].replace(str(tmp / "ckpt"), "checkpoints/default")
+        shown = out.resolve().relative_to(ROOT) if out.resolve().is_relative_to(ROOT) else out
+        shipped["command"] = shipped["command"].replace(str(tmp / "ckpt"), str(shown))
         (tmp / "ckpt" / eval_checkpoint.METRICS_FILE).write_text(json.dumps(shipped, indent=2) + "\n")
-        from models.checkpoint import replace_dir
-
-        out.parent.mkdir(parents=True, exist_ok=True)
         replace_dir(tmp / "ckpt", out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

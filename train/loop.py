@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from models.checkpoint import load_switch, replace_dir, save_switch
+from models.checkpoint import load_switch, meta_model, replace_dir, save_switch
 from models.config import config_from_conf
 from models.generate import generate
 from models.pregate import convert_to_pregated
@@ -215,10 +215,7 @@ def model_for_saving(wrapped: torch.nn.Module, model: Switch, d: Dist) -> Switch
     sd = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not d.main:
         return None
-    with torch.device("meta"):
-        skeleton = Switch(model.cfg.replace(pregated=False))
-    if model.cfg.pregated:
-        convert_to_pregated(skeleton, model.cfg.lookahead, init_from_router=False)
+    skeleton = meta_model(model.cfg)
     skeleton.load_state_dict(sd, assign=True)
     return skeleton
 

@@ -6,37 +6,20 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels.slot_plan import INF_KEY, LAST_KEY, plan_slots, plan_slots_reference  # noqa: E402
+from kernels.slot_plan import (  # noqa: E402
+    INF_KEY,
+    LAST_KEY,
+    STATE_NAMES,
+    plan_slots,
+    plan_slots_reference,
+    random_state,
+)
 
 # the kernel's device: the GPU where there is one, else the CPU under TRITON_INTERPRET=1 (tests/conftest.py)
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
-STATE = ("need_E", "holder_K", "cand_slot_K", "table_E", "last_use_C", "freq_E", "tick", "hits", "lookups",
-         "copied", "plan_src", "plan_dst")
-
-
-def _state(E: int, C: int, nmax: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-    """A random state a runner can reach: distinct experts in the slots, some empty; ties among the keys."""
-    K = C + nmax
-    holder = torch.full((K,), -1, dtype=torch.long)
-    perm = torch.randperm(E, generator=g)[: min(E, K)]
-    holder[torch.randperm(K, generator=g)[: perm.numel()]] = perm
-    holder[torch.rand(K, generator=g) < 0.3] = -1
-    scalar = lambda hi: torch.randint(0, hi, (), generator=g)  # noqa: E731
-    return dict(
-        need_E=torch.zeros(E, dtype=torch.bool),
-        holder_K=holder,
-        cand_slot_K=torch.randperm(4 * K + 7, generator=g)[:K],
-        table_E=torch.randint(0, 1000, (E,), generator=g, dtype=torch.int32),
-        last_use_C=torch.randint(-1, 5, (C,), generator=g),
-        freq_E=torch.randint(0, 4, (E,), generator=g),
-        tick=scalar(5) + 5,
-        hits=scalar(100),
-        lookups=scalar(100) + 100,
-        copied=scalar(100),
-        plan_src=torch.randint(-1, E, (nmax,), generator=g, dtype=torch.int32),
-        plan_dst=torch.randint(0, 1000, (nmax,), generator=g, dtype=torch.int32),
-    )
+STATE = STATE_NAMES
+_state = random_state  # a random reachable state (CPU tensors)
 
 
 def _ids(kind: str, st: dict, E: int, n: int, g: torch.Generator) -> torch.Tensor:
@@ -105,9 +88,7 @@ def test_plan_details():
 
 
 def test_sentinels_and_errors():
-    from infer.offload import _INF, _LAST
-
-    assert (INF_KEY, LAST_KEY) == (_INF, _LAST)
+    assert LAST_KEY < INF_KEY  # a staging slot is taken before one holding a needed expert (never)
     st = _state(8, 2, 2, torch.Generator().manual_seed(1))
     with pytest.raises(ValueError, match="n <= K - C"):
         plan_slots(*(st[k] for k in STATE), C=2, n=3)
