@@ -213,7 +213,7 @@ def plan(a: argparse.Namespace) -> tuple[list[Job], dict[str, Path]]:
                     f"no pretrained `{m}` checkpoint at {ckpts[m]}: pass --pretrain (runs "
                     f"{' '.join(pretrain_experiment(m))}) or --pretrained {m}=DIR"
                 )
-        for t in a.tasks:
+        for t in [] if a.pretrain_only else a.tasks:
             for v in a.variants:
                 for s in a.seeds:
                     ov = [
@@ -808,6 +808,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--pretrain-steps", type=int, default=0)
     ap.add_argument("--pretrain-override", nargs="*", default=[])
+    ap.add_argument("--pretrain-only", action="store_true",
+                    help="with --pretrain: only the pretraining runs (e.g. two recipes on two GPUs, each with "
+                    "its own --root), no fine-tuning")
     ap.add_argument("--root", default=str(ROOT / "outputs" / "quality"), help="run directories")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality.json"))
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (spread over the GPUs)")

@@ -56,6 +56,10 @@ class TrainConf:
     log_every: int = 10
     resume: bool = False  # continue from <out_dir>/checkpoint when it holds a training state
     stop_after_steps: int = 0  # debug: save and exit after this many steps, as if killed
+    # A step whose loss or gradient norm is not finite is skipped (no update; counted in metrics.json as
+    # nonfinite_steps); this many in a row stop the run with an error (the weights stay the last finite).
+    max_nonfinite_steps: int = 10
+    nan_at_step: int = -1  # debug: make this step's gradients NaN (tests the guard above)
     out_dir: str | None = None  # default: the Hydra run dir; the checkpoint is <out_dir>/checkpoint
     progress: bool = True
     threads: int = 0  # torch CPU threads; 0: torch's default

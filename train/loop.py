@@ -572,6 +572,7 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
                 "rng": rngs,
                 "history": history,
                 "samples_seen": at * B,
+                "nonfinite_steps": nonfinite_steps,
                 "wandb_run_id": tracker.run_id if tracker is not None else None,
                 "config": OmegaConf.to_container(cfg),
             }
@@ -604,6 +605,8 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
     coef_z, coef_aux = model.cfg.router_z_loss_coef, model.cfg.router_aux_loss_coef
     wrapped.train()
     stopped = False
+    nonfinite_steps = int(resumed_state.get("nonfinite_steps", 0)) if resumed_state is not None else 0
+    nonfinite_run = 0
     while step < cfg.train.max_steps:
         idx = order.batch_at(step)
         n_target = sum(len(train_data.targets[i]) for i in idx)
@@ -626,14 +629,38 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
             logged["lm"] += float(out.lm_loss.detach()) * k / n_target
             logged["z"] += float(out.z_loss.detach()) * mb / B
             logged["aux"] += float(out.aux_loss.detach()) * mb / B
-        if cfg.optim.clip_grad_norm > 0:
-            if hasattr(wrapped, "clip_grad_norm_"):
-                gnorm = wrapped.clip_grad_norm_(cfg.optim.clip_grad_norm)
-            else:
-                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad_norm)
+        if step == cfg.train.nan_at_step:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+        # The global gradient norm (over ranks: DDP gradients are all-reduced, FSDP's clip reduces):
+        # clipping with max_norm=inf measures without changing anything.
+        max_norm = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else float("inf")
+        if hasattr(wrapped, "clip_grad_norm_"):
+            gnorm = wrapped.clip_grad_norm_(max_norm)
         else:
-            gnorm = torch.zeros(())
-        opt.step()
+            gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        finite = math.isfinite(float(gnorm)) and all(math.isfinite(v) for v in logged.values())
+        if d.world > 1:  # the loss terms are per rank: every rank skips, or none
+            f = torch.tensor([float(not finite)], device=d.device)
+            dist.all_reduce(f)
+            finite = f.item() == 0
+        if finite:
+            opt.step()
+            nonfinite_run = 0
+        else:
+            nonfinite_steps += 1
+            nonfinite_run += 1
+            if d.main:
+                print(f"[train] step {step + 1}: non-finite loss or gradient norm (loss {logged['lm']}, grad norm "
+                      f"{float(gnorm)}): update skipped ({nonfinite_steps} so far)", flush=True)
+            if nonfinite_run > cfg.train.max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"{nonfinite_run} optimizer steps in a row had a non-finite loss or gradient norm (last at "
+                    f"step {step + 1}); stopping. The weights are the last finite ones (the last saved "
+                    f"checkpoint is in {ckpt_dir}). Lower optim.lr, raise optim.warmup_steps, use "
+                    f"train.precision=fp32, or raise train.max_nonfinite_steps to tolerate more."
+                )
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -659,6 +686,13 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
                     step=step,
                 )
                 t_last, tok_count = now, 0
+                # the training curve, also without W&B: in metrics.json's history (split "train")
+                history.append({"step": step, "split": "train", "loss": logged["lm"], "z_loss": logged["z"],
+                                "aux_loss": logged["aux"], "grad_norm": float(gnorm),
+                                "lr": sched.get_last_lr()[0], "tokens_per_s": tps})
+                if not cfg.train.progress:
+                    print(f"[train] step {step} train: loss {logged['lm']:.4f}, grad norm {float(gnorm):.3g}, "
+                          f"lr {sched.get_last_lr()[0]:.3g}, {tps:,.0f} tok/s", flush=True)
         stop = stopper.flag
         if d.world > 1:
             f = torch.tensor([float(stop)], device=d.device)
@@ -688,6 +722,7 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
         "step": step, "stopped": stopped, "checkpoint": str(ckpt_dir), "world_size": d.world,
         "train_tokens": run_tokens, "train_seconds": run_train_s,
         "train_tokens_per_s": run_tokens / run_train_s if run_train_s > 0 else None,
+        "nonfinite_steps": nonfinite_steps,
     }
     if not stopped:
         final_val = do_eval(val_data, "validation", step)
