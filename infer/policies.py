@@ -302,8 +302,8 @@ class OffloadRunner:
     def _plan(self, m: int, need_E: torch.Tensor, fresh: bool) -> None:
         """Place the experts need_E [E] of block m in slots, start the copies of the misses.
 
-        kernels/slot_plan.py: the same plan as one kernel (PGMOE_PLAN_IMPL=auto on CUDA; opt-in until it
-        is measured on the GPU) or as its PyTorch reference (~35 small ops, the default). Hits keep their
+        kernels/slot_plan.py: the same plan as one kernel (the default on CUDA) or as its PyTorch
+        reference (~35 small ops; on the CPU, or PGMOE_PLAN_IMPL=reference). Hits keep their
         slot; the misses, by expert id, take the n lowest-keyed candidate slots (empty or least recently /
         frequently used cache slots, then staging; never one holding a needed expert); the expert -> slot
         table, cache bookkeeping and counters are updated on the device."""
