@@ -572,6 +572,8 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
                 "rng": rngs,
                 "history": history,
                 "samples_seen": at * B,
+                "train_tokens": run_tokens,
+                "train_seconds": run_train_s,
                 "nonfinite_steps": nonfinite_steps,
                 "wandb_run_id": tracker.run_id if tracker is not None else None,
                 "config": OmegaConf.to_container(cfg),
@@ -601,6 +603,9 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
     t_last, tok_count = time.perf_counter(), 0
     # Throughput over the whole run, evaluation excluded: training tokens (global batch) per second.
     run_tokens, run_train_s = 0, 0.0
+    if resumed_state is not None:  # a resumed run reports the whole run's tokens and seconds
+        run_tokens = int(resumed_state.get("train_tokens", 0))
+        run_train_s = float(resumed_state.get("train_seconds", 0.0))
     cast = autocast(d, cfg)
     coef_z, coef_aux = model.cfg.router_z_loss_coef, model.cfg.router_aux_loss_coef
     wrapped.train()

@@ -162,6 +162,9 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path):
     )
     assert "resumed at step 4" in p.stdout
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "killed")
+    m_full, m_res = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("full", "killed"))
+    assert m_res["train_tokens"] == m_full["train_tokens"]  # the whole run's, not the last segment's
+    assert m_res["train_seconds"] > 0 and m_res["nonfinite_steps"] == 0
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -306,8 +309,8 @@ def test_experiment_configs_compose():
 
 
 def test_nonfinite_step_is_skipped_and_a_run_of_them_stops(tmp_path):
-    """A NaN gradient (forced at step 2) skips that update only: the run ends with finite weights, equal
-    to a run whose step 2 never updated... and records it; too many in a row stop with a clear error."""
+    """A NaN gradient (forced at step 2) skips that update only: the run ends with finite weights and
+    counts it; too many in a row stop with a clear error."""
     from train.loop import run
 
     ok = run(_compose(FAST + ["train.nan_at_step=2", "train.log_every=1"]), tmp_path / "ok")
