@@ -26,7 +26,12 @@ Headline metrics (the test split, the final checkpoint of each run):
            predicted.
   docsum - test ROUGE-L F (greedy decoding of every test docstring summary; higher is better),
            ROUGE-1 (the paper's Xsum figure) and loss beside it.
-Mean and standard deviation (ddof=1; 0 for a single seed) over seeds. `rel_diff_pct` is
+Mean and standard deviation (ddof=1; 0 for a single seed) over seeds. A run whose test headline
+metric or loss (or validation loss) is not finite diverged: it is left out of every mean and std of
+its row, which says how many seeds diverged (`n_runs`, `n_finite`, `diverged_seeds`), and a verdict
+(the lookahead-1 target, the lookahead trend) over a row with a diverged seed is not judged (`judged`
+false and the reason) rather than passed or failed. Runs that skipped optimizer steps for a non-finite
+loss or gradient norm (`nonfinite_steps`) but ended finite are listed under the table. `rel_diff_pct` is
 100 (variant - conventional) / |conventional| of the means; `quality_change_pct` is the same with
 the sign turned so that positive means better. The lookahead-1 target: quality_change_pct >= -1
 (at most 1% relative worse) or |difference| <= the seed spread sqrt(std_conv^2 + std_variant^2).
@@ -403,6 +408,29 @@ def stats(values: list[float]) -> dict[str, Any]:
     return {"mean": mean, "std": std, "n": n, "values": values}
 
 
+def _isfinite(x: Any) -> bool:
+    """A finite number (None, a string, NaN or inf is not)."""
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def diverged(run: dict[str, Any], head: str) -> bool:
+    """The run's test headline metric or loss, or its validation loss, is not finite (null included)."""
+    test, val = run["test"], run.get("validation") or {}
+    return not all(_isfinite(x) for x in (test[head], test.get("loss", 0.0), val.get("loss", 0.0)))
+
+
+def _diverged_note(c: dict[str, Any]) -> str:
+    """e.g. `pregated-L1: 2 of 3 seeds diverged (seeds 0, 1)`."""
+    ds = c["diverged_seeds"]
+    return (
+        f"{c['variant']}: {len(ds)} of {c['n_runs']} seeds diverged "
+        f"(seed{'s' if len(ds) > 1 else ''} {', '.join(map(str, ds))})"
+    )
+
+
 def _blocks(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
     return {k[len(prefix) :]: float(v) for k, v in metrics.items() if k.startswith(prefix)}
 
@@ -502,18 +530,28 @@ def aggregate(jobs: list[Job], ckpts: dict[str, Path], a: argparse.Namespace) ->
                         missing.append(s)
                         continue
                     r["_dir"] = d
+                    r["_seed"] = s
                     runs.append(r)
                     seeds.append(s)
                 if not runs:
                     continue
                 E = num_experts(runs[0]["_dir"], ckpts.get(m))
+                all_runs = runs
+                # a diverged run counts as run, but none of its numbers enters the row's statistics
+                runs = [r for r in all_runs if not diverged(r, head)]
                 cell: dict[str, Any] = {
                     "model": m,
                     "task": t,
                     "variant": v,
                     "seeds": seeds,
                     "missing_seeds": missing,
-                    "run_dirs": [str(r["_dir"]) for r in runs],
+                    "run_dirs": [str(r["_dir"]) for r in all_runs],
+                    "n_runs": len(all_runs),
+                    "n_finite": len(runs),
+                    "diverged_seeds": [r["_seed"] for r in all_runs if diverged(r, head)],
+                    # optimizer steps skipped for a non-finite loss or gradient norm, per seed (older
+                    # records lack the key: 0)
+                    "nonfinite_steps": [int(r.get("nonfinite_steps") or 0) for r in all_runs],
                     "headline": {
                         "metric": f"test/{head}",
                         "higher_is_better": higher,
@@ -523,9 +561,9 @@ def aggregate(jobs: list[Job], ckpts: dict[str, Path], a: argparse.Namespace) ->
                         f"{split}/{k}": stats([float(r[split][k]) for r in runs])
                         for split in ("test", "validation")
                         for k in [head, *others]
-                        if all(k in r.get(split, {}) for r in runs)
+                        if runs and all(k in r.get(split, {}) for r in runs)
                     },
-                    "steps": sorted({r["step"] for r in runs}),
+                    "steps": sorted({r["step"] for r in all_runs}),
                     "train_seconds": stats([float(r["train_seconds"]) for r in runs]),
                     "num_experts": E,
                 }
@@ -562,6 +600,23 @@ def aggregate(jobs: list[Job], ckpts: dict[str, Path], a: argparse.Namespace) ->
         if conv is None:
             continue
         hc, hv = conv["headline"], c["headline"]
+        if not (hc["n"] and hv["n"]):  # a side with no finite run: nothing to compare
+            c["vs_conventional"] = None
+            if v == "pregated-L1":
+                checks.append(
+                    {
+                        "model": m,
+                        "task": t,
+                        "judged": False,
+                        "why": "; ".join(_diverged_note(x) for x in (conv, c) if x["diverged_seeds"]),
+                        "pass": None,
+                        "n_seeds": [conv["n_runs"], c["n_runs"]],
+                        "n_finite": [hc["n"], hv["n"]],
+                    }
+                )
+            continue
+        # over the finite seeds; `complete`: no seed of either row diverged
+        complete = not (conv["diverged_seeds"] or c["diverged_seeds"])
         diff = hv["mean"] - hc["mean"]
         rel = 100.0 * diff / abs(hc["mean"]) if hc["mean"] else float("nan")
         spread = math.sqrt(hc["std"] ** 2 + hv["std"] ** 2)
@@ -570,14 +625,30 @@ def aggregate(jobs: list[Job], ckpts: dict[str, Path], a: argparse.Namespace) ->
             "rel_diff_pct": rel,
             "quality_change_pct": rel if hv["higher_is_better"] else -rel,
             "seed_spread": spread,
+            "complete": complete,
         }
-        if v == "pregated-L1":
+        if v == "pregated-L1" and not complete:
+            # a mean over the seeds that happened not to diverge is no basis for a verdict
+            checks.append(
+                {
+                    "model": m,
+                    "task": t,
+                    "judged": False,
+                    "why": "; ".join(_diverged_note(x) for x in (conv, c) if x["diverged_seeds"]),
+                    "quality_change_pct_finite_seeds": c["vs_conventional"]["quality_change_pct"],
+                    "pass": None,
+                    "n_seeds": [conv["n_runs"], c["n_runs"]],
+                    "n_finite": [hc["n"], hv["n"]],
+                }
+            )
+        elif v == "pregated-L1":
             q = c["vs_conventional"]["quality_change_pct"]
             ok_rel, ok_spread = q >= -1.0, abs(diff) <= spread
             checks.append(
                 {
                     "model": m,
                     "task": t,
+                    "judged": True,
                     "quality_change_pct": q,
                     "within_1pct": abs(rel) <= 1.0,
                     "at_most_1pct_worse": ok_rel,
@@ -589,25 +660,27 @@ def aggregate(jobs: list[Job], ckpts: dict[str, Path], a: argparse.Namespace) ->
     trends = []
     for m in a.models:
         for t in a.tasks:
-            ls = {
-                v: cells[(m, t, v)]["headline"]["mean"]
-                for v in a.variants
-                if (m, t, v) in cells and v.startswith("pregated-L")
-            }
-            if len(ls) < 2:
+            rows = {v: cells[(m, t, v)] for v in a.variants if (m, t, v) in cells and v.startswith("pregated-L")}
+            if len(rows) < 2:
                 continue
-            order = sorted(ls, key=lambda v: int(v.rsplit("L", 1)[1]))
-            higher = HEADLINE[t][1]
-            q = [ls[v] if higher else -ls[v] for v in order]  # quality: higher is better
-            trends.append(
-                {
-                    "model": m,
-                    "task": t,
-                    "lookaheads": order,
-                    "headline_means": [ls[v] for v in order],
-                    "declines_with_lookahead": all(x >= y for x, y in zip(q, q[1:])),
-                }
-            )
+            order = sorted(rows, key=lambda v: int(v.rsplit("L", 1)[1]))
+            bad = [rows[v] for v in order if rows[v]["diverged_seeds"]]
+            means = [rows[v]["headline"]["mean"] if rows[v]["headline"]["n"] else None for v in order]
+            trend: dict[str, Any] = {
+                "model": m,
+                "task": t,
+                "lookaheads": order,
+                "headline_means": means,
+                "judged": not bad,
+            }
+            if bad:
+                trend["why"] = "; ".join(_diverged_note(x) for x in bad)
+                trend["declines_with_lookahead"] = None
+            else:
+                higher = HEADLINE[t][1]
+                q = [x if higher else -x for x in means]  # quality: higher is better
+                trend["declines_with_lookahead"] = all(x >= y for x, y in zip(q, q[1:]))
+            trends.append(trend)
     pretrain = {m: pretrain_summary(Path(a.root) / "pretrain" / m) for m in a.models}
     return {
         "issue": 7,
@@ -633,6 +706,9 @@ def aggregate(jobs: list[Job], ckpts: dict[str, Path], a: argparse.Namespace) ->
         "runs": {
             "planned": len([j for j in jobs if j.model and j.task]),
             "finished": sum(len(c["seeds"]) for c in results),
+            "diverged": [
+                f"{c['model']}/{c['task']}/{c['variant']}/seed{s}" for c in results for s in c["diverged_seeds"]
+            ],
             "failed": [j.name for j in jobs if j.status == "failed"],
         },
         "machine": machine(),
@@ -688,35 +764,68 @@ def _ms(s: dict[str, Any] | None, nd: int = 3) -> str:
     return f"{s['mean']:.{nd}f} ± {s['std']:.{nd}f}" + (f" (n={s['n']})" if s["n"] != 3 else "")
 
 
+def _headline_cell(c: dict[str, Any]) -> str:
+    """`loss 1.533 ± 0.006`; with diverged seeds `loss 2.352 (1 of 3 seeds; 2 diverged)`, or
+    `loss diverged (3 of 3 seeds)` when none is finite."""
+    h = c["headline"]
+    name = h["metric"].split("/", 1)[1]
+    nd = len(c.get("diverged_seeds") or [])
+    if not nd:
+        return f"{name} {_ms(h)}"
+    if not h["n"]:
+        return f"{name} diverged ({nd} of {c['n_runs']} seeds)"
+    num = f"{h['mean']:.3f}" if h["n"] == 1 else f"{h['mean']:.3f} ± {h['std']:.3f}"
+    return f"{name} {num} ({h['n']} of {c['n_runs']} seeds; {nd} diverged)"
+
+
 def markdown(rep: dict[str, Any]) -> str:
     lines = [
         "| model | task | variant | headline (test) | Δ vs conventional | token acc. (test) | "
         "pre-gate agreement %: conversion → fine-tuned | load max/mean (worst block) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    skipped = []
     for c in rep["results"]:
-        h = c["headline"]
-        name = h["metric"].split("/", 1)[1]
         vs = c.get("vs_conventional")
         delta = "-" if c["variant"] == "conventional" or not vs else f"{vs['rel_diff_pct']:+.2f}%"
+        if delta != "-" and not vs.get("complete", True):
+            delta += " (finite seeds)"
+        for s, k in zip(c["seeds"], c.get("nonfinite_steps") or []):
+            if k and s not in c["diverged_seeds"]:
+                skipped.append(f"{c['model']}/{c['task']}/{c['variant']}/seed{s} ({k})")
         ag = "-"
         if c.get("agreement_at_conversion_mean") is not None:
             ag = f"{c['agreement_at_conversion_mean']:.1f} → {c['agreement_after_finetune_mean']:.1f}"
         lb = c.get("load_max_over_mean_worst_block")
         load = "-" if lb is None else f"{lb:.2f} (E={c['num_experts']})"
         lines.append(
-            f"| {c['model']} | {c['task']} | {c['variant']} | {name} {_ms(h)} | {delta} | "
+            f"| {c['model']} | {c['task']} | {c['variant']} | {_headline_cell(c)} | {delta} | "
             f"{_ms(c['metrics'].get('test/token_accuracy'), 2)} | {ag} | "
             f"{load} |"
         )
     out = ["\n".join(lines), ""]
+    if skipped:
+        out += [
+            "Optimizer steps skipped for a non-finite loss or gradient norm, in runs whose results are finite "
+            "(and counted): " + ", ".join(skipped) + ".",
+            "",
+        ]
     for k in rep["lookahead1_target"]:
+        if not k.get("judged", True):
+            out.append(f"- {k['model']}/{k['task']}: pre-gated L=1 vs conventional not judged: {k['why']}")
+            continue
         out.append(
             f"- {k['model']}/{k['task']}: pre-gated L=1 quality change {k['quality_change_pct']:+.2f}% "
             f"({'within' if k['within_seed_spread'] else 'outside'} the seed spread) -> "
             f"{'PASS' if k['pass'] else 'FAIL'}"
         )
     for t in rep["lookahead_trend"]:
+        if not t.get("judged", True):
+            out.append(
+                f"- {t['model']}/{t['task']}: lookahead {', '.join(v.rsplit('L', 1)[1] for v in t['lookaheads'])}"
+                f" trend not judged: {t['why']}"
+            )
+            continue
         out.append(
             f"- {t['model']}/{t['task']}: lookahead {', '.join(v.rsplit('L', 1)[1] for v in t['lookaheads'])}"
             f" -> {', '.join(f'{x:.3f}' for x in t['headline_means'])}"
@@ -752,20 +861,41 @@ def plot(rep: dict[str, Any], path: Path) -> None:
         for j, t in enumerate(tasks):
             cs = [c for c in rep["results"] if c["model"] == m and c["task"] == t]
             ax = axes[i][2 * j]
-            names = [c["variant"].replace("pregated-", "") for c in cs]
-            means = [c["headline"]["mean"] for c in cs]
-            stds = [c["headline"]["std"] for c in cs]
-            colors = ["tab:gray" if c["variant"] == "conventional" else "tab:blue" for c in cs]
-            ax.bar(names, means, yerr=stds, capsize=4, color=colors)
-            lo, hi = min(mm - s for mm, s in zip(means, stds)), max(mm + s for mm, s in zip(means, stds))
-            pad = max(1e-6, 0.5 * (hi - lo) or 0.05 * abs(hi))
-            ax.set_ylim(lo - pad, hi + pad)
+            # a row whose runs all diverged (or whose numbers are otherwise not finite) gets no bar, and
+            # its label says so; a row with some seeds diverged is marked with its finite-seed count
+            labels, xs, means, stds, colors = [], [], [], [], []
+            for k, c in enumerate(cs):
+                h = c["headline"]
+                label = c["variant"].replace("pregated-", "")
+                ok = h["n"] > 0 and _isfinite(h["mean"]) and _isfinite(h["std"])
+                if not ok:
+                    label += "\ndiverged" if not h["n"] else "\nnot finite"
+                elif c.get("diverged_seeds"):
+                    label += f"\n{h['n']} of {c['n_runs']} finite"
+                labels.append(label)
+                if ok:
+                    xs.append(k)
+                    means.append(h["mean"])
+                    stds.append(h["std"])
+                    colors.append("tab:gray" if c["variant"] == "conventional" else "tab:blue")
+            ax.bar(xs, means, yerr=stds, capsize=4, color=colors)
+            ax.set_xticks(range(len(cs)), labels)
+            if means:
+                lo, hi = min(mm - s for mm, s in zip(means, stds)), max(mm + s for mm, s in zip(means, stds))
+                pad = max(1e-6, 0.5 * (hi - lo) or 0.05 * abs(hi))
+                ax.set_ylim(lo - pad, hi + pad)
+            else:
+                ax.text(0.5, 0.5, "every run diverged", ha="center", va="center", transform=ax.transAxes)
             ax.set_title(f"{m} / {t}: {cs[0]['headline']['metric']}", fontsize=9)
             ax.set_ylabel(
                 ("↑ " if cs[0]["headline"]["higher_is_better"] else "↓ ") + cs[0]["headline"]["metric"]
             )
             ax = axes[i][2 * j + 1]
-            pg = [c for c in cs if c.get("agreement_at_conversion_mean") is not None]
+            pg = [
+                c
+                for c in cs
+                if _isfinite(c.get("agreement_at_conversion_mean")) and _isfinite(c.get("agreement_after_finetune_mean"))
+            ]
             x = range(len(pg))
             ax.bar(
                 [k - 0.2 for k in x],

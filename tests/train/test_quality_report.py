@@ -349,3 +349,163 @@ def test_param_count_from_config_when_weights_dropped(tmp_path):
     assert with_weights == sum(p.numel() for p in m.parameters())
     assert quality_report.param_count(tmp_path / "ck") == with_weights
     assert quality_report.param_count(tmp_path / "missing") is None
+
+
+# -- runs that diverged (non-finite metrics) ----------------------------------------------------------
+def _fake_span_run(root, variant, seed, loss, agree1=80.0, nonfinite_steps=None):
+    """A finished span run whose test loss is `loss` (NaN: it diverged, as the medium study's did:
+    token accuracy 0, every token on one expert, agreement 100)."""
+    d = root / "finetune" / "m" / "span" / variant / f"seed{seed}"
+    bad = not math.isfinite(loss)
+    _fake_run(d, {"loss": loss, "token_accuracy": 0.0 if bad else 40.0 + seed}, 50.0, 100.0 if bad else agree1)
+    m = json.loads((d / "metrics.json").read_text())
+    m["validation"]["loss"] = loss
+    m["validation"]["load_max/encoder0"] = 1.0 if bad else 0.25
+    if nonfinite_steps is not None:
+        m["nonfinite_steps"] = nonfinite_steps
+    (d / "metrics.json").write_text(json.dumps(m))  # NaN is written as the NaN literal, as train does
+
+
+def _span_report(root, variants=quality_report.VARIANTS):
+    a = quality_report.parse(
+        ["--models", "m", "--tasks", "span", "--variants", *variants, "--root", str(root), "--aggregate-only"]
+    )
+    return quality_report.aggregate([], {}, a)
+
+
+NAN = float("nan")
+
+
+def test_diverged_seed_is_left_out_of_the_row(tmp_path):
+    """1 of 3 seeds diverged: every statistic of the row is over the 2 finite seeds, and the row says so."""
+    for s, x in enumerate([2.0, NAN, 2.2]):
+        _fake_span_run(tmp_path, "conventional", s, x)
+    rep = _span_report(tmp_path, ["conventional"])
+    (c,) = rep["results"]
+    assert c["seeds"] == [0, 1, 2] and c["n_runs"] == 3 and c["n_finite"] == 2 and c["diverged_seeds"] == [1]
+    assert c["headline"]["values"] == [2.0, 2.2] and c["headline"]["n"] == 2
+    assert math.isclose(c["headline"]["mean"], 2.1) and math.isclose(c["headline"]["std"], statistics.stdev([2.0, 2.2]))
+    acc = c["metrics"]["test/token_accuracy"]
+    assert acc["values"] == [40.0, 42.0] and acc["mean"] == 41.0  # not dragged down by the diverged 0
+    assert c["metrics"]["validation/loss"]["values"] == [2.0, 2.2]
+    assert c["load_max_over_mean"]["encoder0"]["values"] == [2.0, 2.0]  # the collapsed 8.0 is left out
+    assert rep["runs"]["diverged"] == ["m/span/conventional/seed1"] and rep["runs"]["finished"] == 3
+    md = quality_report.markdown(rep)
+    assert "| loss 2.100 ± 0.141 (2 of 3 seeds; 1 diverged) | - | 41.00 ± 1.41 (n=2) |" in md
+    assert "nan" not in md.lower()
+    # quality.json as main() writes it
+    assert quality_report.main(
+        ["--models", "m", "--tasks", "span", "--variants", "conventional", "--root", str(tmp_path),
+         "--aggregate-only", "--out", str(tmp_path / "q" / "quality.json")]
+    ) == 0
+    (j,) = json.loads((tmp_path / "q" / "quality.json").read_text(), parse_constant=pytest.fail)["results"]
+    assert (j["n_runs"], j["n_finite"], j["diverged_seeds"]) == (3, 2, [1])
+    assert "(2 of 3 seeds; 1 diverged)" in (tmp_path / "q" / "quality.md").read_text()
+
+
+def test_one_finite_seed_and_fully_diverged_row(tmp_path):
+    for s, x in enumerate([NAN, NAN, 2.279]):
+        _fake_span_run(tmp_path, "conventional", s, x)
+    for s in range(3):
+        _fake_span_run(tmp_path, "pregated-L1", s, float("inf") if s == 2 else NAN)
+    rep = _span_report(tmp_path, ["conventional", "pregated-L1"])
+    c = {x["variant"]: x for x in rep["results"]}
+    conv, l1 = c["conventional"], c["pregated-L1"]
+    assert conv["headline"]["values"] == [2.279] and conv["diverged_seeds"] == [0, 1]
+    assert (l1["n_runs"], l1["n_finite"], l1["diverged_seeds"]) == (3, 0, [0, 1, 2])
+    assert l1["headline"]["n"] == 0 and l1["metrics"] == {} and l1["vs_conventional"] is None
+    assert l1["agreement_after_finetune_mean"] is None and l1["load_max_over_mean_worst_block"] is None
+    md = quality_report.markdown(rep)
+    assert "| m | span | conventional | loss 2.279 (1 of 3 seeds; 2 diverged) | - |" in md
+    assert "| m | span | pregated-L1 | loss diverged (3 of 3 seeds) | - | - | - | - |" in md
+    (k,) = rep["lookahead1_target"]
+    assert not k["judged"] and k["pass"] is None and k["n_finite"] == [1, 0]
+    assert "not judged: conventional: 2 of 3 seeds diverged (seeds 0, 1); pregated-L1: 3 of 3" in md
+    assert "PASS" not in md and "FAIL" not in md and "nan" not in md.lower()
+    quality_report.plot(rep, tmp_path / "quality.png")
+    assert (tmp_path / "quality.png").stat().st_size > 0
+
+
+def test_verdicts_are_not_judged_over_a_diverged_seed(tmp_path):
+    """One diverged seed in a compared row: the lookahead-1 target and the trend are not judged, though
+    the finite seeds alone would pass; the Δ column says it is over the finite seeds."""
+    losses = {
+        "conventional": [2.0, 2.0, 2.0],
+        "pregated-L1": [2.0, NAN, 2.0],
+        "pregated-L2": [2.1, 2.1, 2.1],
+        "pregated-L3": [2.2, 2.2, 2.2],
+    }
+    for v, xs in losses.items():
+        for s, x in enumerate(xs):
+            _fake_span_run(tmp_path, v, s, x)
+    rep = _span_report(tmp_path)
+    (k,) = rep["lookahead1_target"]
+    assert k == {
+        "model": "m",
+        "task": "span",
+        "judged": False,
+        "why": "pregated-L1: 1 of 3 seeds diverged (seed 1)",
+        "quality_change_pct_finite_seeds": 0.0,
+        "pass": None,
+        "n_seeds": [3, 3],
+        "n_finite": [3, 2],
+    }
+    (t,) = rep["lookahead_trend"]
+    assert not t["judged"] and t["declines_with_lookahead"] is None and t["headline_means"] == [2.0, 2.1, 2.2]
+    md = quality_report.markdown(rep)
+    assert "- m/span: pre-gated L=1 vs conventional not judged: pregated-L1: 1 of 3 seeds diverged (seed 1)" in md
+    assert "- m/span: lookahead 1, 2, 3 trend not judged: pregated-L1: 1 of 3 seeds diverged (seed 1)" in md
+    assert "| +0.00% (finite seeds) |" in md and "| +5.00% |" in md
+    assert "PASS" not in md and "FAIL" not in md and "declines" not in md
+    # the same with every seed finite: judged as before
+    for v, xs in losses.items():
+        for s, x in enumerate(xs):
+            _fake_span_run(tmp_path / "ok", v, s, x if math.isfinite(x) else 2.0)
+    rep = _span_report(tmp_path / "ok")
+    (k,) = rep["lookahead1_target"]
+    (t,) = rep["lookahead_trend"]
+    assert k["judged"] and k["pass"] and t["judged"] and t["declines_with_lookahead"]
+    md = quality_report.markdown(rep)
+    assert "-> PASS" in md and "(declines)" in md and "finite seeds" not in md and "diverged" not in md
+
+
+def test_nonfinite_steps_are_noted_under_the_table(tmp_path):
+    """Runs that skipped non-finite steps but ended finite are counted, and listed under the table;
+    records without the key (older runs) count as 0."""
+    _fake_span_run(tmp_path, "conventional", 0, 2.0, nonfinite_steps=3)
+    _fake_span_run(tmp_path, "conventional", 1, 2.1)  # no key
+    _fake_span_run(tmp_path, "conventional", 2, NAN, nonfinite_steps=11)  # diverged: not in the note
+    _fake_span_run(tmp_path, "pregated-L1", 0, 2.0, nonfinite_steps=1)
+    _fake_span_run(tmp_path, "pregated-L1", 1, 2.0, nonfinite_steps=0)
+    rep = _span_report(tmp_path, ["conventional", "pregated-L1"])
+    c = {x["variant"]: x for x in rep["results"]}
+    assert c["conventional"]["nonfinite_steps"] == [3, 0, 11] and c["conventional"]["headline"]["values"] == [2.0, 2.1]
+    assert c["pregated-L1"]["nonfinite_steps"] == [1, 0] and c["pregated-L1"]["n_finite"] == 2
+    md = quality_report.markdown(rep)
+    table, rest = md.split("\n\n", 1)
+    assert "skipped" not in table
+    note = next(line for line in rest.splitlines() if "non-finite" in line)
+    assert "m/span/conventional/seed0 (3), m/span/pregated-L1/seed0 (1)." in note
+    assert "seed2" not in note and "seed1" not in note
+    # no skipped step anywhere: no note
+    _fake_span_run(tmp_path / "none", "conventional", 0, 2.0, nonfinite_steps=0)
+    assert "non-finite" not in quality_report.markdown(_span_report(tmp_path / "none", ["conventional"]))
+
+
+def test_plot_skips_non_finite_values(tmp_path):
+    """The medium study's shape: 2 of 3 span seeds of every variant NaN, plus a fully diverged row and a
+    NaN agreement; the plot is drawn (it used to fail: "Axis limits cannot be NaN or Inf")."""
+    for v in quality_report.VARIANTS:
+        for s in range(3):
+            _fake_span_run(tmp_path, v, s, 2.3 + 0.01 * s if s == 2 and v != "pregated-L3" else NAN)
+    rep = _span_report(tmp_path)
+    rep["results"][1]["agreement_after_finetune_mean"] = NAN
+    rep["results"][2]["headline"]["std"] = float("inf")
+    quality_report.plot(rep, tmp_path / "quality.png")
+    assert (tmp_path / "quality.png").stat().st_size > 0
+    # every row diverged: still a picture
+    for v in quality_report.VARIANTS:
+        for s in range(3):
+            _fake_span_run(tmp_path / "all", v, s, NAN)
+    quality_report.plot(_span_report(tmp_path / "all"), tmp_path / "all.png")
+    assert (tmp_path / "all.png").stat().st_size > 0
