@@ -20,6 +20,8 @@ slots, E experts, k experts per token, R = T*k token slots, P grouped positions 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -247,6 +249,96 @@ if HAVE_TRITON:
                 acc_D += tl.sum(p_ND, axis=0)
         tl.store(y_ptr + t * stride_yt + offs_d * stride_yd, acc_D.to(y_ptr.dtype.element_ty), mask=mask_d)
 
+    @triton.jit
+    def _decode_gridsync_kernel(
+        x_ptr, w_in_ptr, w_out_ptr, ids_ptr, slot_of_expert_ptr, weights_ptr, h_ptr, y_ptr, sync_ptr,
+        D, F, N1, N_F, N2, N_D,
+        stride_xt, stride_xd, stride_wis, stride_wif, stride_wid, stride_wos, stride_wod, stride_wof,
+        stride_yt, stride_yd,
+        K: tl.constexpr, HAS_SLOT_MAP: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+        USE_PDL: tl.constexpr, PHASE: tl.constexpr, MAX_SPIN: tl.constexpr,
+        BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, BLOCK_FO: tl.constexpr,
+        F_LINES: tl.constexpr, LINE: tl.constexpr,
+    ):
+        # The whole decode FFN in one launch of G programs, all resident at once. Each program first asks
+        # L2 for its phase-2 tile, W_out[s, d-tile, :] (prefetch: no registers held), then computes phase-1
+        # tiles h[r, f-tile] = act(W_in[s, f-tile, :] @ x[t]) (tiles pid, pid + G, ...) and stores them,
+        # meets every other program at a grid barrier, and finishes y[t, d-tile] = sum_j w[r] *
+        # W_out-tile @ h[r] (fixed order) from L2. Both weight matrices stream from HBM at once, in one launch.
+        # The barrier needs every program resident (the launcher bounds G by the occupancy) and one such
+        # launch at a time per sync buffer (calls on one stream are ordered; with PDL a launch passes
+        # gdc_wait only after the previous grid has finished). sync: [count, generation, timeouts].
+        # PHASE 1 / 2 run the halves as two launches with no barrier: Triton's interpreter runs programs
+        # one after another, where a barrier would never open (tests use it; the GPU runs PHASE 0).
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        pid = tl.program_id(0)
+        G = tl.num_programs(0)
+        # phase-2 tile of this program: token t, rows d-tile (programs past the last tile store nothing)
+        t = tl.minimum(pid // N_D, N2 // N_D - 1)
+        offs_do = (pid % N_D) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+        mask2 = (offs_do < D) & (offs_do * 0 + pid < N2)  # (a block-shaped test: the interpreter wants one)
+        if PHASE == 0:
+            lines = tl.minimum(tl.arange(0, F_LINES) * LINE, F - 1)
+            for j in tl.static_range(K):
+                slot = tl.load(ids_ptr + t * K + j)
+                if HAS_SLOT_MAP:
+                    slot = tl.load(slot_of_expert_ptr + slot)
+                _prefetch_l2(w_out_ptr + slot.to(tl.int64) * stride_wos
+                             + tl.minimum(offs_do, D - 1)[:, None] * stride_wod + lines[None, :] * stride_wof)
+        if PHASE != 2:
+            for i in range(pid, N1, G):
+                r = i // N_F
+                slot = tl.load(ids_ptr + r)
+                if HAS_SLOT_MAP:
+                    slot = tl.load(slot_of_expert_ptr + slot)
+                offs_f = (i % N_F) * BLOCK_F + tl.arange(0, BLOCK_F)
+                mask_f = offs_f < F
+                acc_F, up_F = _gemv_in_tile(x_ptr, w_in_ptr, slot, r, offs_f, mask_f, D, F, stride_xt, stride_xd,
+                                            stride_wis, stride_wif, stride_wid, K, GATED, BLOCK_D, BLOCK_F)
+                acc_F = acc_F.to(h_ptr.dtype.element_ty).to(tl.float32)
+                up_F = up_F.to(h_ptr.dtype.element_ty).to(tl.float32)
+                h_F = _activate(acc_F, up_F, ACT, GATED)
+                tl.store(h_ptr + r * F + offs_f, h_F.to(h_ptr.dtype.element_ty), mask=mask_f)
+        if PHASE == 0:  # grid barrier (sense by generation number)
+            gen = tl.load(sync_ptr + 1, volatile=True)
+            arrived = tl.atomic_add(sync_ptr, 1, sem="acq_rel")  # releases this program's h stores
+            if arrived == G - 1:  # the last one: reset the count, open the barrier
+                tl.atomic_xchg(sync_ptr, 0, sem="relaxed")
+                tl.atomic_xchg(sync_ptr + 1, gen + 1, sem="release")
+            else:
+                spins = 0
+                cur = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
+                while (cur == gen) & (spins < MAX_SPIN):
+                    cur = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
+                    spins += 1
+                if cur == gen:  # never on a GPU that holds the grid; counted, so a check can see it
+                    tl.atomic_add(sync_ptr + 2, 1, sem="relaxed")
+        if PHASE != 1:
+            offs_fo = tl.arange(0, BLOCK_FO)
+            acc_D = tl.zeros([BLOCK_DO], dtype=tl.float32)
+            for j in tl.static_range(K):
+                r = t * K + j
+                slot = tl.load(ids_ptr + r)
+                if HAS_SLOT_MAP:
+                    slot = tl.load(slot_of_expert_ptr + slot)
+                wo_ptrs = (w_out_ptr + slot.to(tl.int64) * stride_wos + offs_do[:, None] * stride_wod
+                           + offs_fo[None, :] * stride_wof)
+                h_ptrs = h_ptr + r * F + offs_fo
+                part_D = tl.zeros([BLOCK_DO], dtype=tl.float32)
+                for f0 in range(0, F, BLOCK_FO):
+                    mask_fo = offs_fo < F - f0
+                    # .cg: from L2, where the other programs' h stores are (L1 is not coherent)
+                    h_F = tl.load(h_ptrs, mask=mask_fo, other=0.0, cache_modifier=".cg").to(tl.float32)
+                    wo_DF = tl.load(wo_ptrs, mask=mask2[:, None] & mask_fo[None, :], other=0.0,
+                                    eviction_policy="evict_first")
+                    part_D += tl.sum(wo_DF.to(tl.float32) * h_F[None, :], axis=1)
+                    h_ptrs += BLOCK_FO
+                    wo_ptrs += BLOCK_FO * stride_wof
+                acc_D += tl.load(weights_ptr + r).to(tl.float32) * part_D
+            tl.store(y_ptr + t * stride_yt + offs_do * stride_yd, acc_D.to(y_ptr.dtype.element_ty), mask=mask2)
+
     @triton.jit(do_not_specialize=["R"])
     def _grouped_in_kernel(
         x_ptr, w_in_ptr, sorted_ptr, tile_slot_ptr, h_ptr,
@@ -348,6 +440,42 @@ def _decode_config(bf: int, bd: int, w: int, obd: int, obf: int, ow: int, pdl: b
             "out": {"BLOCK_D": obd, "BLOCK_F": obf, "num_warps": ow}}
 
 
+def gridsync_config(d: int, F: int, bf: int = 32, bdo: int = 8, w: int = 8, pdl: bool = True) -> dict:
+    """The one-launch decode kernel with a grid barrier (_decode_gridsync_kernel)."""
+    return {"path": "gridsync", "pdl": pdl, "BLOCK_F": bf, "BLOCK_D": min(_np2(d), 2048), "BLOCK_DO": bdo,
+            "num_warps": w}
+
+
+def gridsync_candidates(d: int, F: int) -> list[dict]:
+    """Grid-barrier decode configs the benchmark compares with the two-kernel decode path (T = 1)."""
+    return [gridsync_config(d, F), gridsync_config(d, F, 32, 8, 4), gridsync_config(d, F, 16, 8, 8),
+            gridsync_config(d, F, 64, 16, 8)]
+
+
+_SYNC: dict[tuple[str, int | None], torch.Tensor] = {}
+
+
+def _sync_buffer(device: torch.device) -> torch.Tensor:
+    """The grid barrier's [count, generation, timeouts] (int32) of a device, made once (outside any graph
+    capture, at the first eager call) and left at count 0 by every launch."""
+    key = (device.type, device.index)
+    if key not in _SYNC:
+        _SYNC[key] = torch.zeros(3, dtype=torch.int32, device=device)
+    return _SYNC[key]
+
+
+def gridsync_timeouts(device: torch.device) -> int:
+    """How many programs left a grid barrier by its spin limit instead of by the barrier opening (a
+    correctness check: must stay 0)."""
+    buf = _SYNC.get((device.type, device.index))
+    return 0 if buf is None else int(buf[2])
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _fused_config(bf: int, d: int, w: int = 4, pdl: bool = True) -> dict:
     """The fused decode kernel (one launch per token slot and F tile) and its fixed-order reduce."""
     bd = min(_np2(d), 2048)
@@ -436,6 +564,30 @@ def expert_ffn_triton(
     dot_fp32 = fp32_dot(w_in.dtype)
 
     def launch(cfg: dict, out: torch.Tensor) -> None:
+        if cfg["path"] == "gridsync":
+            bf, bdo = cfg["BLOCK_F"], cfg["BLOCK_DO"]
+            n_f, n_d = triton.cdiv(F, bf), triton.cdiv(d, bdo)
+            N1, N2 = R * n_f, T * n_d
+            interp = not x.is_cuda
+            n_sm = None if interp else _sm_count(x.device)
+            G = max(N1, N2) if interp else max(N2, min(N1, n_sm))
+            if not interp and G > n_sm:
+                raise ValueError(f"gridsync config {cfg}: {T} token(s) x {n_d} row tiles = {N2} programs, more "
+                                 f"than the {n_sm} multiprocessors that must hold them at once; raise BLOCK_DO")
+            pdl = {"launch_pdl": True} if cfg.get("pdl", True) and use_pdl(x.device) else {}
+            h = torch.empty((R, F), dtype=h_dtype, device=x.device)
+            args = (x, w_in, w_out, ids_R, slot_map, weights_R, h, out, _sync_buffer(x.device),
+                    d, F, N1, n_f, N2, n_d,
+                    x.stride(0), x.stride(1), w_in.stride(0), w_in.stride(1), w_in.stride(2),
+                    w_out.stride(0), w_out.stride(1), w_out.stride(2), out.stride(0), out.stride(1))
+            line = 128 // w_out.element_size()  # elements per 128-byte line, for the L2 prefetch
+            meta = dict(K=k, HAS_SLOT_MAP=slot_of_expert is not None, ACT=act, GATED=gated, USE_PDL=bool(pdl),
+                        MAX_SPIN=1 << 21, BLOCK_F=bf, BLOCK_D=cfg["BLOCK_D"], BLOCK_DO=bdo,
+                        BLOCK_FO=min(cfg.get("BLOCK_FO", 1024), _np2(F)), F_LINES=_np2(triton.cdiv(F, line)),
+                        LINE=line, num_warps=cfg["num_warps"], **pdl)
+            for phase in ((1, 2) if interp else (0,)):
+                _decode_gridsync_kernel[(G,)](*args, PHASE=phase, **meta)
+            return
         if cfg["path"] == "fused":
             pdl = {"launch_pdl": True} if cfg.get("pdl", True) and use_pdl(x.device) else {}
             bf = cfg["BLOCK_F"]

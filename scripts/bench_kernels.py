@@ -39,6 +39,9 @@ from kernels.expert_ffn import (  # noqa: E402
     expert_ffn_reference,
     expert_ffn_triton,
     fused_candidates,  # noqa: E402
+    gridsync_candidates,  # noqa: E402
+    gridsync_config,  # noqa: E402
+    gridsync_timeouts,  # noqa: E402
 )
 from kernels.routing import _route_candidates, route, route_reference, route_triton  # noqa: E402
 
@@ -208,7 +211,12 @@ def check_ffn(out: list):
     prefill = {"path": "prefill", "BLOCK_M": 32, "in": gemm, "out": gemm}
     fused = fused_candidates(1024)[0]
     fused_small = {**fused, "BLOCK_D": 256, "BLOCK_DO": 128}  # several W_out chunks, d = 200
+    grid = gridsync_config(768, 3072, 16, 8, 8)
     cases = [  # (T, E, k, d, F, activation, config, slot table, dtype)
+        (1, 128, 1, 768, 3072, "relu", grid, True, torch.bfloat16),
+        (1, 8, 1, 1024, 4096, "swiglu", gridsync_config(1024, 4096, 16, 8, 8), False, torch.bfloat16),
+        (2, 64, 2, 768, 3072, "gelu", gridsync_config(768, 3072, 16, 16, 8), True, torch.bfloat16),
+        (3, 7, 2, 200, 328, "relu", gridsync_config(200, 328, 16, 8, 4), True, torch.float32),
         (1, 128, 1, 1024, 4096, "relu", fused, False, torch.bfloat16),
         (4, 64, 2, 768, 3072, "gelu", fused, True, torch.bfloat16),
         (3, 7, 2, 200, 328, "swiglu", fused_small, True, torch.bfloat16),
@@ -249,9 +257,14 @@ def check_ffn(out: list):
         bound = 1e-4 if dtype == torch.float32 else 2 * torch_err
         ok = bool(torch.isfinite(y).all()) and err <= bound
         path = (cfg or tuning.current(_ffn_key(T, k, E, d, f, gated, dtype), DEV) or {}).get("path")
+        extra = {}
+        if path == "gridsync":  # the grid barrier: repeated calls equal, and no program timed out of it
+            ys = [expert_ffn_triton(x, w_in, w_out, ids, wts, slot_map, act, config=cfg) for _ in range(50)]
+            extra = {"repeat_equal": all(torch.equal(v, y) for v in ys), "barrier_timeouts": gridsync_timeouts(DEV)}
+            ok = ok and extra["repeat_equal"] and extra["barrier_timeouts"] == 0
         out.append({"what": "expert_ffn", "T": T, "E": E, "S": S, "k": k, "d": d, "F": f,
                     "activation": act, "path": path, "dtype": str(dtype), "rel_err": err,
-                    "torch_rel_err": torch_err, "ok": ok})
+                    "torch_rel_err": torch_err, "ok": ok, **extra})
         log(out[-1])
 
 
@@ -371,6 +384,8 @@ def _cfg_name(cfg: dict) -> str:
         return f"fused-{cfg.get('reduce', 'scratch')} BF{cfg['BLOCK_F']} w{cfg['num_warps']}"
     if cfg.get("path") == "decode":
         return f"2-kernel in BF{cfg['in']['BLOCK_F']} out BD{cfg['out']['BLOCK_D']}"
+    if cfg.get("path") == "gridsync":
+        return f"grid-barrier BF{cfg['BLOCK_F']} BDO{cfg['BLOCK_DO']} w{cfg['num_warps']}"
     if "SPLIT_D" in cfg:
         return f"split TILE_E{cfg['TILE_E']} SPLIT_D{cfg['SPLIT_D']} BD{cfg['BLOCK_D']}"
     return f"whole-gate BD{cfg['BLOCK_D']} w{cfg['num_warps']}"
@@ -407,7 +422,7 @@ def sweep_decode(out: list, reps: int):
             copies = [(w_in, w_out)] + [experts(E, d, f, seed=E + d + c) for c in range(1, n_copies)]
             b2b = make_sets(1, E, 1, d, seed=E + 1, n_sets=16)
             rows = []
-            for cfg in [old] + fused_candidates(d):
+            for cfg in [old] + fused_candidates(d) + gridsync_candidates(d, f):
                 r = {"config": cfg, "name": _cfg_name(cfg)}
                 try:
                     r["us"] = bench_us([lambda x=x, i=i, w=w, cfg=cfg: expert_ffn_triton(x, w_in, w_out, i, w, config=cfg)
@@ -584,7 +599,11 @@ def main():
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--skip-sweep", action="store_true", help="no T = 1 decode/routing sweep")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds after which timing cases are skipped")
+    ap.add_argument("--experts", default=",".join(map(str, EXPERTS)),
+                    help="comma-separated expert counts for the sweep and timings (default: 8,64,128)")
     args = ap.parse_args()
+    global EXPERTS
+    EXPERTS = tuple(int(e) for e in args.experts.split(","))
     if args.tune:
         os.environ["PGMOE_AUTOTUNE"] = "1"
     out_dir = Path(args.out)

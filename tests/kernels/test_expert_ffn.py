@@ -176,3 +176,30 @@ def test_fused_decode(activation, dtype):
     y = _check(x, w_in, w_out, ids, weights, slot_of_expert, activation, _fused())
     y2 = expert_ffn_triton(x, w_in, w_out, ids, weights, slot_of_expert, activation, config=_fused())
     assert torch.equal(y, y2)  # fixed-order reduction: bitwise reproducible
+
+
+# The one-launch grid-barrier decode kernel. Under the interpreter it runs as its two phases (no barrier:
+# programs run one after another there); the barrier itself is checked on the GPU by scripts/bench_kernels.py.
+# Small tiles: several phase-1 tiles per program are not reachable here (the interpreter gives every tile its
+# own program), but partial F and D tiles, k = 2 (a second W_out tile per row block), gated activations and
+# a slot table are.
+@pytest.mark.parametrize("T,k,activation,dtype", [(1, 1, "relu", torch.float32), (3, 2, "swiglu", torch.bfloat16),
+                                                  (2, 1, "gelu", torch.bfloat16), (4, 2, "geglu", torch.float32)])
+def test_gridsync_decode(T, k, activation, dtype):
+    x, w_in, w_out, ids, weights = _problem(T, 7, k, activation, dtype, S=9, seed=13 + T)
+    slot_of_expert = torch.tensor([8, 0, 3, 1, 7, 2, 5], dtype=torch.int32)
+    cfg = {"path": "gridsync", "BLOCK_F": 16, "BLOCK_D": 16, "BLOCK_DO": 16, "num_warps": 4}
+    y = _check(x, w_in, w_out, ids, weights, slot_of_expert, activation, cfg)
+    assert torch.equal(y, expert_ffn_triton(x, w_in, w_out, ids, weights, slot_of_expert, activation, config=cfg))
+    # a token's output does not depend on the other tokens of the call (what makes offload policies
+    # give gpu_only's outputs bitwise)
+    y0 = expert_ffn_triton(x[:1], w_in, w_out, ids[:1], weights[:1], slot_of_expert, activation, config=cfg)
+    assert torch.equal(y0, y[:1])
+
+
+def test_gridsync_candidates_fit_the_h200():
+    """Every benchmark candidate keeps T = 1 within 132 resident programs (one per multiprocessor)."""
+    for d, f in ((768, 3072), (1024, 4096)):
+        for cfg in ffn.gridsync_candidates(d, f):
+            n_d = -(-d // cfg["BLOCK_DO"])
+            assert n_d <= 132, cfg
