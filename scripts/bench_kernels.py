@@ -591,6 +591,7 @@ def markdown(meta, ceil, rows, tgts, sweep=()) -> str:
 
 
 def main():
+    global EXPERTS
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tune", action="store_true", help="autotune configs not in kernels/configs/<gpu>.json")
@@ -602,7 +603,6 @@ def main():
     ap.add_argument("--experts", default=",".join(map(str, EXPERTS)),
                     help="comma-separated expert counts for the sweep and timings (default: 8,64,128)")
     args = ap.parse_args()
-    global EXPERTS
     EXPERTS = tuple(int(e) for e in args.experts.split(","))
     if args.tune:
         os.environ["PGMOE_AUTOTUNE"] = "1"
