@@ -7,6 +7,10 @@ Two Triton paths, picked by the number of token slots R = T*k (tuned per GPU, se
           W_out rows into L2, while the first still runs, so the two weight reads overlap.
   fused   (opt-in config, not a default): one kernel per (token slot, F tile) doing both GEMVs, and a
           fixed-order reduce of the F-tile partials; measured slower than decode on the H200.
+  gridsync (opt-in config, not a default): one launch of <= #SM programs: W_out tiles prefetched to L2,
+          the h tiles, a grid barrier, then y from L2. Correct and deterministic on the H200, but slower
+          than decode there (T = 1, 16 back to back: 10.4 vs 7.4 us switch-base, 13.3 vs 10.5 us
+          switch-large; bench/results/kernels-nvidia-h200-gridsync-sweep.md).
   prefill (many slots):  token slots grouped by weight slot (kernels.routing.group_by_slot), then two
           grouped GEMMs over M-row tiles that each belong to one slot (tl.dot, fp32 accumulation).
 Weights are always read through slot_of_expert, so the offload runner can put an expert in any slot.
