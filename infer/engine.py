@@ -217,6 +217,7 @@ class Engine:
         cuda_graph: bool = True,
         copy_mode: str = "auto",
         measure_stall: bool = False,
+        measure_copy: bool = False,
         cpu_compute: str = "off",
         link_GBps: float | None = None,
         cpu_overhead_ms: float | None = None,
@@ -228,6 +229,9 @@ class Engine:
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
         self.copy_mode = copy_mode
         self.measure_stall = measure_stall
+        # CUDA events around each block's copies (eager steps only): metrics' copy_kernel (bandwidth while
+        # the copy stream copies, beside the whole step's lower bound)
+        self.measure_copy = measure_copy
         if cpu_compute not in cc.MODES:
             raise OffloadError(f"offload.cpu_compute={cpu_compute!r}; expected one of {', '.join(cc.MODES)}")
         self.cpu_compute = cpu_compute
@@ -287,9 +291,9 @@ class Engine:
             ).attach()
             # timing events cannot sit in a captured graph: eager steps time each wait; a graph step's
             # stall is derived after the run (stall_by_difference)
-            runner.pool.measure_stall = self.measure_stall and (
-                not self.cuda_graph or bool(self._not_capturable(runner))
-            )
+            eager = not self.cuda_graph or bool(self._not_capturable(runner))
+            runner.pool.measure_stall = self.measure_stall and eager
+            runner.pool.measure_copy = self.measure_copy and eager
         try:
             if warmup:  # one untimed pass (allocator, kernels); cache and counters reset after
                 self._generate(input_ids, attention_mask, min(2, max_new_tokens), num_beams, False, runner)

@@ -204,6 +204,10 @@ class SlotPool:
         self.prefill_done = [torch.cuda.Event() if self.cuda else None for _ in range(2)]  # per buffer
         self.stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.measure_stall = False
+        # CUDA events around each block's copies on the copy stream (eager steps only: timing events
+        # cannot sit in a captured graph): (start, end, experts copied) for copy_kernel_stats()
+        self.copy_events: list[tuple[torch.cuda.Event, torch.cuda.Event, torch.Tensor]] = []
+        self.measure_copy = False
         # no copies launched and none waited for (plans and slot tables still update; the weights read
         # are stale, so results are wrong): the "no-copy" step that stall-by-difference times
         self.skip_copies = False
@@ -224,13 +228,20 @@ class SlotPool:
                 self._copy_host(m, src_n, dst_n)
             return
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        timed = self.measure_copy and done is None  # the per-block copies (the decode path's), not prefill's
         with torch.cuda.stream(self.copy_stream):
+            if timed:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record(self.copy_stream)
             if self.copy_mode == "device":
                 expert_copy.gather_rows(
                     self.store.data[m], src_n, self.pool, dst_n, num_programs=32, block=8192
                 )
             else:
                 self._copy_host(m, src_n, dst_n)
+            if timed:
+                b.record(self.copy_stream)
+                self.copy_events.append((a, b, (src_n >= 0).sum()))
             (self.copy_done[m] if done is None else done).record(self.copy_stream)
 
     def _copy_host(self, m, src_n, dst_n) -> None:
@@ -252,6 +263,18 @@ class SlotPool:
             self.stall_events.append((a, b))
         else:
             compute.wait_event(event)
+
+    def copy_kernel_stats(self) -> dict | None:
+        """The timed per-block copies (measure_copy): their bytes, busy time and bandwidth while copying."""
+        if not self.cuda or not self.measure_copy:
+            return None
+        torch.cuda.synchronize(self.device)
+        timed = [(a.elapsed_time(b), int(n)) for a, b, n in self.copy_events]
+        timed = [(ms, n) for ms, n in timed if n > 0]  # all hits: no copy ran
+        ms = sum(t for t, _ in timed)
+        nbytes = sum(n for _, n in timed) * self.store.expert_bytes
+        return {"copies": len(timed), "bytes": nbytes, "busy_ms": ms,
+                "GBps": nbytes / (ms / 1e3) / 1e9 if ms > 0 else None}
 
     def stall_ms(self) -> float | None:
         if not self.cuda or not self.measure_stall:

@@ -258,6 +258,7 @@ class OffloadRunner:
         for t in self._counters():
             t.zero_()
         self.pool.stall_events.clear()
+        self.pool.copy_events.clear()
 
     def reset(self) -> None:
         """Empty cache and staging (a cold start)."""
@@ -277,6 +278,7 @@ class OffloadRunner:
             "expert_lookups": lookups,
             "hit_rate": (int(self.hits) / lookups) if lookups else None,
             "stall_ms": self.pool.stall_ms(),
+            "copy_kernel": self.pool.copy_kernel_stats(),
             "pool_bytes": self.pool.nbytes(),
             "pool_cache_bytes": self.pool.M * self.pool.C * self.store.expert_bytes,
             "pool_staging_bytes": self.pool.R * self.pool.n * self.store.expert_bytes,

@@ -138,6 +138,7 @@ def _doc():
     runs += [run("pregated", m, 1.8, 3e9) for m in ("greedy", "beam4")]
     runs[-2]["copy"] = bench.copy_figures(10**9 + 255 * 6 * eb, 10**9, 255, 255 * 1.8, runs[-2]["metrics"] | {
         "stall_ms_per_token": 0.8}, link)
+    runs[-2]["copy"]["while_copying"] = {"GBps": 45.0, "efficiency": 45.0 / link}
     pts = [_point(B, gpu_only=1.0 + B / 8, on_demand=2.7 + B, pregated=1.8 + 1.3 * B, prefetch_all=150.0)
            for B in (1, 2, 4, 8, 16, 32)]
     for p in pts:
@@ -176,7 +177,8 @@ def test_summary_has_sweep_copy_efficiency_and_floors():
     sweep = [ln for ln in text.splitlines() if ln.startswith("| 8 |")]
     assert sweep and "| 1.50 |" not in sweep[0] and f"| {(2.7 + 8) / (1.8 + 10.4):.2f} |" in sweep[0]
     eff = 6 * 10**7 / 1.8e-3 / 1e9 / 50.0
-    assert f"| switch-base-128 | greedy | pregated | 60.0 | {50 * eff:.1f} | {100 * eff:.0f} | 0.800 | yes |" in text
+    assert (f"| switch-base-128 | greedy | pregated | 60.0 | {50 * eff:.1f} | {100 * eff:.0f} | 45.0 | 90 | 0.800 | "
+            "yes |") in text
     floor = 6 * 10**7 / 50e9 * 1e3
     assert f"| {floor:.2f} |" in text  # the copy floor column of the main table
     assert "switch-large-128: time budget (400 s) spent" in text

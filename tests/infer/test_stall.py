@@ -95,8 +95,10 @@ def test_cpu_run_with_measure_stall_unchanged(ckpt):
     ids, mask = prompts()
     kw = dict(max_new_tokens=5, keep_logits=True)
     ref = Engine(model, store, "cpu").run(PolicySpec("gpu_only"), ids, mask, **kw)
-    res = Engine(model, store, "cpu", measure_stall=True).run(PolicySpec("pregated", 2), ids, mask, **kw)
+    eng = Engine(model, store, "cpu", measure_stall=True, measure_copy=True)
+    res = eng.run(PolicySpec("pregated", 2), ids, mask, **kw)
     assert res.tokens == ref.tokens
     assert all(torch.equal(a, b) for a, b in zip(ref.step_logits, res.step_logits))
     m = res.metrics
     assert m["stall_ms"] is None and m["stall_ms_per_token"] is None and m["stall_method"] is None
+    assert m["copy_kernel"] is None  # copy timing needs CUDA events
