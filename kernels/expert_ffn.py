@@ -79,6 +79,25 @@ if HAVE_TRITON:
                                          dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
+    def _slot_of(ids_ptr, slot_of_expert_ptr, r, HAS_SLOT_MAP: tl.constexpr):
+        # the weight slot of token slot r: its expert id, through the slot table when there is one
+        slot = tl.load(ids_ptr + r)
+        if HAS_SLOT_MAP:
+            slot = tl.load(slot_of_expert_ptr + slot)
+        return slot
+
+    @triton.jit
+    def _prefetch_w_out_rows(w_out_ptr, ids_ptr, slot_of_expert_ptr, t, offs_d, D, F, stride_ws, stride_wd,
+                             stride_wf, K: tl.constexpr, HAS_SLOT_MAP: tl.constexpr, F_LINES: tl.constexpr,
+                             LINE: tl.constexpr):
+        # Ask L2 for rows offs_d of W_out of token t's K experts (one prefetch per 128-byte line).
+        lines = tl.minimum(tl.arange(0, F_LINES) * LINE, F - 1)
+        for j in tl.static_range(K):
+            slot = _slot_of(ids_ptr, slot_of_expert_ptr, t * K + j, HAS_SLOT_MAP)
+            _prefetch_l2(w_out_ptr + slot.to(tl.int64) * stride_ws
+                         + tl.minimum(offs_d, D - 1)[:, None] * stride_wd + lines[None, :] * stride_wf)
+
+    @triton.jit
     def _gemv_in_tile(x_ptr, w_in_ptr, slot, r, offs_f, mask_f, D, F, stride_xt, stride_xd, stride_ws, stride_wf,
                       stride_wd, K: tl.constexpr, GATED: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_F: tl.constexpr):
@@ -117,9 +136,7 @@ if HAVE_TRITON:
             gdc_launch_dependents()
         r = tl.program_id(0)
         pid_f = tl.program_id(1)
-        slot = tl.load(ids_ptr + r)
-        if HAS_SLOT_MAP:
-            slot = tl.load(slot_of_expert_ptr + slot)
+        slot = _slot_of(ids_ptr, slot_of_expert_ptr, r, HAS_SLOT_MAP)
         offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
         mask_f = offs_f < F
         acc_F, up_F = _gemv_in_tile(x_ptr, w_in_ptr, slot, r, offs_f, mask_f, D, F, stride_xt, stride_xd,
@@ -148,20 +165,13 @@ if HAVE_TRITON:
         offs_f = tl.arange(0, BLOCK_F)
         mask_d = offs_d < D
         if USE_PDL:
-            lines = tl.minimum(tl.arange(0, F_LINES) * LINE, F - 1)
-            for j in tl.static_range(K):
-                slot = tl.load(ids_ptr + t * K + j)
-                if HAS_SLOT_MAP:
-                    slot = tl.load(slot_of_expert_ptr + slot)
-                _prefetch_l2(w_out_ptr + slot.to(tl.int64) * stride_ws
-                             + tl.minimum(offs_d, D - 1)[:, None] * stride_wd + lines[None, :] * stride_wf)
+            _prefetch_w_out_rows(w_out_ptr, ids_ptr, slot_of_expert_ptr, t, offs_d, D, F, stride_ws, stride_wd,
+                                 stride_wf, K, HAS_SLOT_MAP, F_LINES, LINE)
             gdc_wait()  # h is written by _decode_in_kernel
         acc_D = tl.zeros([BLOCK_D], dtype=tl.float32)
         for j in tl.static_range(K):
             r = t * K + j
-            slot = tl.load(ids_ptr + r)
-            if HAS_SLOT_MAP:
-                slot = tl.load(slot_of_expert_ptr + slot)
+            slot = _slot_of(ids_ptr, slot_of_expert_ptr, r, HAS_SLOT_MAP)
             w_ptrs = (w_out_ptr + slot.to(tl.int64) * stride_ws
                       + offs_d[:, None] * stride_wd + offs_f[None, :] * stride_wf)
             h_ptrs = h_ptr + r * F + offs_f
@@ -202,9 +212,7 @@ if HAVE_TRITON:
         r = tl.program_id(0)
         pid_f = tl.program_id(1)
         n_f = tl.num_programs(1)
-        slot = tl.load(ids_ptr + r)
-        if HAS_SLOT_MAP:
-            slot = tl.load(slot_of_expert_ptr + slot)
+        slot = _slot_of(ids_ptr, slot_of_expert_ptr, r, HAS_SLOT_MAP)
         offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
         mask_f = offs_f < F
         offs_do = tl.arange(0, BLOCK_DO)
@@ -284,19 +292,12 @@ if HAVE_TRITON:
         offs_do = (pid % N_D) * BLOCK_DO + tl.arange(0, BLOCK_DO)
         mask2 = (offs_do < D) & (offs_do * 0 + pid < N2)  # (a block-shaped test: the interpreter wants one)
         if PHASE == 0:
-            lines = tl.minimum(tl.arange(0, F_LINES) * LINE, F - 1)
-            for j in tl.static_range(K):
-                slot = tl.load(ids_ptr + t * K + j)
-                if HAS_SLOT_MAP:
-                    slot = tl.load(slot_of_expert_ptr + slot)
-                _prefetch_l2(w_out_ptr + slot.to(tl.int64) * stride_wos
-                             + tl.minimum(offs_do, D - 1)[:, None] * stride_wod + lines[None, :] * stride_wof)
+            _prefetch_w_out_rows(w_out_ptr, ids_ptr, slot_of_expert_ptr, t, offs_do, D, F, stride_wos, stride_wod,
+                                 stride_wof, K, HAS_SLOT_MAP, F_LINES, LINE)
         if PHASE != 2:
             for i in range(pid, N1, G):
                 r = i // N_F
-                slot = tl.load(ids_ptr + r)
-                if HAS_SLOT_MAP:
-                    slot = tl.load(slot_of_expert_ptr + slot)
+                slot = _slot_of(ids_ptr, slot_of_expert_ptr, r, HAS_SLOT_MAP)
                 offs_f = (i % N_F) * BLOCK_F + tl.arange(0, BLOCK_F)
                 mask_f = offs_f < F
                 acc_F, up_F = _gemv_in_tile(x_ptr, w_in_ptr, slot, r, offs_f, mask_f, D, F, stride_xt, stride_xd,
@@ -324,9 +325,7 @@ if HAVE_TRITON:
             acc_D = tl.zeros([BLOCK_DO], dtype=tl.float32)
             for j in tl.static_range(K):
                 r = t * K + j
-                slot = tl.load(ids_ptr + r)
-                if HAS_SLOT_MAP:
-                    slot = tl.load(slot_of_expert_ptr + slot)
+                slot = _slot_of(ids_ptr, slot_of_expert_ptr, r, HAS_SLOT_MAP)
                 wo_ptrs = (w_out_ptr + slot.to(tl.int64) * stride_wos + offs_do[:, None] * stride_wod
                            + offs_fo[None, :] * stride_wof)
                 h_ptrs = h_ptr + r * F + offs_fo
