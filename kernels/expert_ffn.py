@@ -123,6 +123,22 @@ if HAVE_TRITON:
         return acc_F, up_F
 
     @triton.jit
+    def _h_tile(x_ptr, w_in_ptr, ids_ptr, slot_of_expert_ptr, h_ptr, r, pid_f, D, F, stride_xt, stride_xd,
+                stride_ws, stride_wf, stride_wd, K: tl.constexpr, HAS_SLOT_MAP: tl.constexpr, ACT: tl.constexpr,
+                GATED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
+        # h[r, f-tile pid_f] = act(W_in[s, f-tile, :] @ x[r // K]), stored in the weights' dtype; the
+        # pre-activation is rounded to it first, like the reference's (and the prefill path's).
+        slot = _slot_of(ids_ptr, slot_of_expert_ptr, r, HAS_SLOT_MAP)
+        offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+        mask_f = offs_f < F
+        acc_F, up_F = _gemv_in_tile(x_ptr, w_in_ptr, slot, r, offs_f, mask_f, D, F, stride_xt, stride_xd,
+                                    stride_ws, stride_wf, stride_wd, K, GATED, BLOCK_D, BLOCK_F)
+        acc_F = acc_F.to(h_ptr.dtype.element_ty).to(tl.float32)
+        up_F = up_F.to(h_ptr.dtype.element_ty).to(tl.float32)
+        h_F = _activate(acc_F, up_F, ACT, GATED)
+        tl.store(h_ptr + r * F + offs_f, h_F.to(h_ptr.dtype.element_ty), mask=mask_f)
+
+    @triton.jit
     def _decode_in_kernel(
         x_ptr, w_in_ptr, ids_ptr, slot_of_expert_ptr, h_ptr,
         D, F,
@@ -134,18 +150,8 @@ if HAVE_TRITON:
         if USE_PDL:  # ids (and x) come from earlier kernels; let _decode_out_kernel start loading W_out
             gdc_wait()
             gdc_launch_dependents()
-        r = tl.program_id(0)
-        pid_f = tl.program_id(1)
-        slot = _slot_of(ids_ptr, slot_of_expert_ptr, r, HAS_SLOT_MAP)
-        offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
-        mask_f = offs_f < F
-        acc_F, up_F = _gemv_in_tile(x_ptr, w_in_ptr, slot, r, offs_f, mask_f, D, F, stride_xt, stride_xd,
-                                    stride_ws, stride_wf, stride_wd, K, GATED, BLOCK_D, BLOCK_F)
-        # Rounded to the weights' dtype like the reference's (and the prefill path's) hidden activations.
-        acc_F = acc_F.to(h_ptr.dtype.element_ty).to(tl.float32)
-        up_F = up_F.to(h_ptr.dtype.element_ty).to(tl.float32)
-        h_F = _activate(acc_F, up_F, ACT, GATED)
-        tl.store(h_ptr + r * F + offs_f, h_F.to(h_ptr.dtype.element_ty), mask=mask_f)
+        _h_tile(x_ptr, w_in_ptr, ids_ptr, slot_of_expert_ptr, h_ptr, tl.program_id(0), tl.program_id(1), D, F,
+                stride_xt, stride_xd, stride_ws, stride_wf, stride_wd, K, HAS_SLOT_MAP, ACT, GATED, BLOCK_D, BLOCK_F)
 
     @triton.jit
     def _decode_out_kernel(
@@ -296,16 +302,8 @@ if HAVE_TRITON:
                                  stride_wof, K, HAS_SLOT_MAP, F_LINES, LINE)
         if PHASE != 2:
             for i in range(pid, N1, G):
-                r = i // N_F
-                slot = _slot_of(ids_ptr, slot_of_expert_ptr, r, HAS_SLOT_MAP)
-                offs_f = (i % N_F) * BLOCK_F + tl.arange(0, BLOCK_F)
-                mask_f = offs_f < F
-                acc_F, up_F = _gemv_in_tile(x_ptr, w_in_ptr, slot, r, offs_f, mask_f, D, F, stride_xt, stride_xd,
-                                            stride_wis, stride_wif, stride_wid, K, GATED, BLOCK_D, BLOCK_F)
-                acc_F = acc_F.to(h_ptr.dtype.element_ty).to(tl.float32)
-                up_F = up_F.to(h_ptr.dtype.element_ty).to(tl.float32)
-                h_F = _activate(acc_F, up_F, ACT, GATED)
-                tl.store(h_ptr + r * F + offs_f, h_F.to(h_ptr.dtype.element_ty), mask=mask_f)
+                _h_tile(x_ptr, w_in_ptr, ids_ptr, slot_of_expert_ptr, h_ptr, i // N_F, i % N_F, D, F, stride_xt,
+                        stride_xd, stride_wis, stride_wif, stride_wid, K, HAS_SLOT_MAP, ACT, GATED, BLOCK_D, BLOCK_F)
         if PHASE == 0:  # grid barrier (sense by generation number)
             gen = tl.load(sync_ptr + 1, volatile=True)
             arrived = tl.atomic_add(sync_ptr, 1, sem="acq_rel")  # releases this program's h stores
