@@ -25,6 +25,7 @@ slots, E experts, k experts per token, R = T*k token slots, P grouped positions 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,31 @@ if HAVE_TRITON:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 ACTIVATIONS = ("relu", "gelu", "silu", "geglu", "swiglu")
+
+
+class Int8Weights(NamedTuple):
+    """Expert weights as symmetric per-row int8: w[s, r, :] ~= q[s, r, :] * scale[s, r] (what
+    models.checkpoint.quantize_int8 gives per expert). Both paths read q as int8 and apply the scale
+    once per output row after the sum, so a copy of the weights moves half of bf16's bytes."""
+
+    q: torch.Tensor  # int8 [S, R, C] (any strides with the last one 1)
+    scale: torch.Tensor  # float32 [S, R]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def dequantize(self, s: int, dtype: torch.dtype) -> torch.Tensor:
+        """Slot s's weights in dtype (q * scale computed in dtype)."""
+        return self.q[s].to(dtype) * self.scale[s].to(dtype)[:, None]
+
+
+def quantize_experts(w: torch.Tensor) -> Int8Weights:
+    """Int8Weights of w [S, R, C] (symmetric per row, scale = absmax / 127, as models.checkpoint)."""
+    w32 = w.detach().float()
+    scale = w32.abs().amax(dim=-1).clamp_min(1e-12) / 127.0
+    q = torch.round(w32 / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return Int8Weights(q, scale)
 # name -> (ACT code of _activate, GATED)
 _ACT_CODE = {"relu": (0, False), "gelu": (1, False), "silu": (2, False), "geglu": (1, True),
              "swiglu": (2, True)}
@@ -100,9 +126,10 @@ if HAVE_TRITON:
     @triton.jit
     def _gemv_in_tile(x_ptr, w_in_ptr, slot, r, offs_f, mask_f, D, F, stride_xt, stride_xd, stride_ws, stride_wf,
                       stride_wd, K: tl.constexpr, GATED: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_F: tl.constexpr):
+                      BLOCK_F: tl.constexpr, s_ptr, stride_ss, stride_sf, HAS_SCALE: tl.constexpr):
         # W_in[slot, f-tile, :] @ x[r // K] in fp32 (and the "up" half for gated activations); x is
-        # rounded to the weights' dtype first, as the reference does.
+        # rounded to the weights' dtype first, as the reference does. HAS_SCALE: W_in is int8 with a
+        # per-row scale s[slot, f] (x stays in its dtype; the row sums are scaled once at the end).
         offs_d = tl.arange(0, BLOCK_D)
         x_ptrs = x_ptr + (r // K) * stride_xt + offs_d * stride_xd
         w_ptrs = (w_in_ptr + slot.to(tl.int64) * stride_ws
@@ -111,7 +138,10 @@ if HAVE_TRITON:
         up_F = tl.zeros([BLOCK_F], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             mask_d = offs_d < D - d0
-            x_D = tl.load(x_ptrs, mask=mask_d, other=0.0).to(w_in_ptr.dtype.element_ty).to(tl.float32)
+            x_D = tl.load(x_ptrs, mask=mask_d, other=0.0)
+            if not HAS_SCALE:
+                x_D = x_D.to(w_in_ptr.dtype.element_ty)
+            x_D = x_D.to(tl.float32)
             mask_FD = mask_f[:, None] & mask_d[None, :]
             w_FD = tl.load(w_ptrs, mask=mask_FD, other=0.0, eviction_policy="evict_first")
             acc_F += tl.sum(w_FD.to(tl.float32) * x_D[None, :], axis=1)
@@ -120,19 +150,26 @@ if HAVE_TRITON:
                 up_F += tl.sum(u_FD.to(tl.float32) * x_D[None, :], axis=1)
             x_ptrs += BLOCK_D * stride_xd
             w_ptrs += BLOCK_D * stride_wd
+        if HAS_SCALE:
+            s_F = s_ptr + slot.to(tl.int64) * stride_ss + offs_f * stride_sf
+            acc_F *= tl.load(s_F, mask=mask_f, other=0.0).to(tl.float32)
+            if GATED:
+                up_F *= tl.load(s_F + F * stride_sf, mask=mask_f, other=0.0).to(tl.float32)
         return acc_F, up_F
 
     @triton.jit
     def _h_tile(x_ptr, w_in_ptr, ids_ptr, slot_of_expert_ptr, h_ptr, r, pid_f, D, F, stride_xt, stride_xd,
                 stride_ws, stride_wf, stride_wd, K: tl.constexpr, HAS_SLOT_MAP: tl.constexpr, ACT: tl.constexpr,
-                GATED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
+                GATED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, s_ptr, stride_ss, stride_sf,
+                HAS_SCALE: tl.constexpr):
         # h[r, f-tile pid_f] = act(W_in[s, f-tile, :] @ x[r // K]), stored in the weights' dtype; the
         # pre-activation is rounded to it first, like the reference's (and the prefill path's).
         slot = _slot_of(ids_ptr, slot_of_expert_ptr, r, HAS_SLOT_MAP)
         offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
         mask_f = offs_f < F
         acc_F, up_F = _gemv_in_tile(x_ptr, w_in_ptr, slot, r, offs_f, mask_f, D, F, stride_xt, stride_xd,
-                                    stride_ws, stride_wf, stride_wd, K, GATED, BLOCK_D, BLOCK_F)
+                                    stride_ws, stride_wf, stride_wd, K, GATED, BLOCK_D, BLOCK_F, s_ptr, stride_ss,
+                                    stride_sf, HAS_SCALE)
         acc_F = acc_F.to(h_ptr.dtype.element_ty).to(tl.float32)
         up_F = up_F.to(h_ptr.dtype.element_ty).to(tl.float32)
         h_F = _activate(acc_F, up_F, ACT, GATED)
@@ -140,26 +177,28 @@ if HAVE_TRITON:
 
     @triton.jit
     def _decode_in_kernel(
-        x_ptr, w_in_ptr, ids_ptr, slot_of_expert_ptr, h_ptr,
+        x_ptr, w_in_ptr, ids_ptr, slot_of_expert_ptr, h_ptr, s_ptr,
         D, F,
-        stride_xt, stride_xd, stride_ws, stride_wf, stride_wd,
+        stride_xt, stride_xd, stride_ws, stride_wf, stride_wd, stride_ss, stride_sf,
         K: tl.constexpr, HAS_SLOT_MAP: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
-        USE_PDL: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+        USE_PDL: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SCALE: tl.constexpr,
     ):
         # h[r, f-tile] = act(W_in[s, f-tile, :] @ x[t]): a GEMV; the weight tile is the only real traffic.
         if USE_PDL:  # ids (and x) come from earlier kernels; let _decode_out_kernel start loading W_out
             gdc_wait()
             gdc_launch_dependents()
         _h_tile(x_ptr, w_in_ptr, ids_ptr, slot_of_expert_ptr, h_ptr, tl.program_id(0), tl.program_id(1), D, F,
-                stride_xt, stride_xd, stride_ws, stride_wf, stride_wd, K, HAS_SLOT_MAP, ACT, GATED, BLOCK_D, BLOCK_F)
+                stride_xt, stride_xd, stride_ws, stride_wf, stride_wd, K, HAS_SLOT_MAP, ACT, GATED, BLOCK_D, BLOCK_F,
+                s_ptr, stride_ss, stride_sf, HAS_SCALE)
 
     @triton.jit
     def _decode_out_kernel(
-        h_ptr, w_out_ptr, ids_ptr, slot_of_expert_ptr, weights_ptr, y_ptr,
+        h_ptr, w_out_ptr, ids_ptr, slot_of_expert_ptr, weights_ptr, y_ptr, s_ptr,
         D, F,
-        stride_ws, stride_wd, stride_wf, stride_yt, stride_yd,
+        stride_ws, stride_wd, stride_wf, stride_yt, stride_yd, stride_ss, stride_sd,
         K: tl.constexpr, HAS_SLOT_MAP: tl.constexpr, USE_PDL: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, F_LINES: tl.constexpr, LINE: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
     ):
         # y[t, d-tile] = sum_j w[t, j] * W_out[s_j, d-tile, :] @ h[t*K + j]: the k-sum happens here, in a
         # fixed order, so the output needs no atomics and no second pass. With PDL this kernel starts
@@ -190,6 +229,9 @@ if HAVE_TRITON:
                 part_D += tl.sum(w_DF.to(tl.float32) * h_F[None, :], axis=1)
                 h_ptrs += BLOCK_F
                 w_ptrs += BLOCK_F * stride_wf
+            if HAS_SCALE:  # int8 W_out: its per-row (per d) scale
+                part_D *= tl.load(s_ptr + slot.to(tl.int64) * stride_ss + offs_d * stride_sd, mask=mask_d,
+                                  other=0.0).to(tl.float32)
             acc_D += tl.load(weights_ptr + r).to(tl.float32) * part_D
         tl.store(y_ptr + t * stride_yt + offs_d * stride_yd, acc_D.to(y_ptr.dtype.element_ty), mask=mask_d)
 
@@ -227,7 +269,7 @@ if HAVE_TRITON:
         wo_DF = tl.load(wo_ptrs, mask=(offs_do < D)[:, None] & mask_f[None, :], other=0.0,
                         eviction_policy="evict_first")
         acc_F, up_F = _gemv_in_tile(x_ptr, w_in_ptr, slot, r, offs_f, mask_f, D, F, stride_xt, stride_xd,
-                                    stride_wis, stride_wif, stride_wid, K, GATED, BLOCK_D, BLOCK_F)
+                                    stride_wis, stride_wif, stride_wid, K, GATED, BLOCK_D, BLOCK_F, x_ptr, 0, 0, False)
         # The same roundings as the two-kernel path and the reference: pre-activation and h in w's dtype.
         acc_F = acc_F.to(w_in_ptr.dtype.element_ty).to(tl.float32)
         up_F = up_F.to(w_in_ptr.dtype.element_ty).to(tl.float32)
@@ -303,7 +345,8 @@ if HAVE_TRITON:
         if PHASE != 2:
             for i in range(pid, N1, G):
                 _h_tile(x_ptr, w_in_ptr, ids_ptr, slot_of_expert_ptr, h_ptr, i // N_F, i % N_F, D, F, stride_xt,
-                        stride_xd, stride_wis, stride_wif, stride_wid, K, HAS_SLOT_MAP, ACT, GATED, BLOCK_D, BLOCK_F)
+                        stride_xd, stride_wis, stride_wif, stride_wid, K, HAS_SLOT_MAP, ACT, GATED, BLOCK_D, BLOCK_F,
+                        x_ptr, 0, 0, False)
         if PHASE == 0:  # grid barrier (sense by generation number)
             gen = tl.load(sync_ptr + 1, volatile=True)
             arrived = tl.atomic_add(sync_ptr, 1, sem="acq_rel")  # releases this program's h stores
@@ -342,11 +385,11 @@ if HAVE_TRITON:
 
     @triton.jit(do_not_specialize=["R"])
     def _grouped_in_kernel(
-        x_ptr, w_in_ptr, sorted_ptr, tile_slot_ptr, h_ptr,
+        x_ptr, w_in_ptr, sorted_ptr, tile_slot_ptr, h_ptr, s_ptr,
         R, D, F,
-        stride_xt, stride_xd, stride_ws, stride_wf, stride_wd, stride_hp,
+        stride_xt, stride_xd, stride_ws, stride_wf, stride_wd, stride_hp, stride_ss, stride_sf,
         K: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, FP32_DOT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr,
     ):
         # h[p, n-tile] = act(x[t_p] @ W_in[s]^T) for the BLOCK_M grouped positions p of one tile, all of
         # slot s. Rows are gathered from x through sorted_ids; padding rows load zeros and are not stored.
@@ -369,20 +412,31 @@ if HAVE_TRITON:
         for k0 in range(0, D, BLOCK_K):
             mask_k = offs_k < D - k0
             x_MK = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            x_MK = x_MK.to(w_in_ptr.dtype.element_ty)
-            w_KN = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if HAS_SCALE:  # int8 weights: exact in x's dtype (via fp32: the interpreter's direct cast
+                # to bf16 is wrong); the per-row scales apply after the sum
+                w_KN = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(tl.float32).to(x_MK.dtype)
+            else:
+                x_MK = x_MK.to(w_in_ptr.dtype.element_ty)
+                w_KN = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             if FP32_DOT:
                 acc_MN = tl.dot(x_MK.to(tl.float32), w_KN.to(tl.float32), acc_MN, input_precision="ieee")
             else:
                 acc_MN = tl.dot(x_MK, w_KN, acc_MN)
             if GATED:
                 u_KN = tl.load(w_ptrs + F * stride_wf, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                if HAS_SCALE:
+                    u_KN = u_KN.to(tl.float32).to(x_MK.dtype)
                 if FP32_DOT:
                     up_MN = tl.dot(x_MK.to(tl.float32), u_KN.to(tl.float32), up_MN, input_precision="ieee")
                 else:
                     up_MN = tl.dot(x_MK, u_KN, up_MN)
             x_ptrs += BLOCK_K * stride_xd
             w_ptrs += BLOCK_K * stride_wd
+        if HAS_SCALE:
+            s_N = s_ptr + slot.to(tl.int64) * stride_ss + offs_n * stride_sf
+            acc_MN *= tl.load(s_N, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            if GATED:
+                up_MN *= tl.load(s_N + F * stride_sf, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         acc_MN = acc_MN.to(h_ptr.dtype.element_ty).to(tl.float32)
         up_MN = up_MN.to(h_ptr.dtype.element_ty).to(tl.float32)
         h_MN = _activate(acc_MN, up_MN, ACT, GATED)
@@ -391,10 +445,11 @@ if HAVE_TRITON:
 
     @triton.jit(do_not_specialize=["R"])
     def _grouped_out_kernel(
-        h_ptr, w_out_ptr, sorted_ptr, tile_slot_ptr, weights_ptr, out_ptr,
+        h_ptr, w_out_ptr, sorted_ptr, tile_slot_ptr, weights_ptr, out_ptr, s_ptr,
         R, D, F,
-        stride_hp, stride_ws, stride_wd, stride_wf, stride_or, stride_od,
+        stride_hp, stride_ws, stride_wd, stride_wf, stride_or, stride_od, stride_ss, stride_sd,
         FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
     ):
         # out[r_p, n-tile] = w[r_p] * h[p] @ W_out[s]^T, scattered back to token-slot order (rows r_p are
         # distinct, so plain stores suffice).
@@ -417,12 +472,17 @@ if HAVE_TRITON:
             mask_k = offs_k < F - k0
             h_MK = tl.load(h_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             w_KN = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if HAS_SCALE:  # int8 weights: exact in h's dtype
+                w_KN = w_KN.to(tl.float32).to(h_MK.dtype)
             if FP32_DOT:
                 acc_MN = tl.dot(h_MK.to(tl.float32), w_KN.to(tl.float32), acc_MN, input_precision="ieee")
             else:
                 acc_MN = tl.dot(h_MK, w_KN, acc_MN)
             h_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_wf
+        if HAS_SCALE:
+            acc_MN *= tl.load(s_ptr + slot.to(tl.int64) * stride_ss + offs_n * stride_sd, mask=mask_n,
+                              other=0.0).to(tl.float32)[None, :]
         acc_MN *= tl.load(weights_ptr + r_M, mask=mask_m, other=0.0).to(tl.float32)[:, None]
         out_ptrs = out_ptr + r_M[:, None] * stride_or + offs_n[None, :] * stride_od
         tl.store(out_ptrs, acc_MN.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -547,6 +607,18 @@ def expert_ffn_triton(
     if activation not in _ACT_CODE:
         raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     act, gated = _ACT_CODE[activation]
+    quant = isinstance(w_in, Int8Weights)
+    if quant != isinstance(w_out, Int8Weights):
+        raise ValueError("w_in and w_out must both be Int8Weights or both tensors")
+    if quant:
+        (w_in, s_in), (w_out, s_out) = w_in, w_out
+        if w_in.dtype != torch.int8 or w_out.dtype != torch.int8 or s_in.shape != w_in.shape[:2] \
+                or s_out.shape != w_out.shape[:2]:
+            raise ValueError(f"Int8Weights: q must be int8 [S, R, C] with scale [S, R]; got w_in {w_in.dtype} "
+                             f"{tuple(w_in.shape)} / {tuple(s_in.shape)}, w_out {w_out.dtype} {tuple(w_out.shape)} / "
+                             f"{tuple(s_out.shape)}")
+    else:
+        s_in = s_out = x  # any pointer when unused
     T, d = x.shape
     S, F_in, _ = w_in.shape
     F = w_out.shape[2]
@@ -561,10 +633,15 @@ def expert_ffn_triton(
     ids_R = ids.reshape(-1).contiguous()
     weights_R = weights.reshape(-1).contiguous()
     slot_map = slot_of_expert if slot_of_expert is not None else ids_R  # any pointer when unused
-    h_dtype = w_in.dtype
-    dot_fp32 = fp32_dot(w_in.dtype)
+    # int8 weights: h in x's dtype, and the GEMMs take the int8 tiles converted (exactly) to it
+    h_dtype = x.dtype if quant else w_in.dtype
+    dot_fp32 = fp32_dot(x.dtype if quant else w_in.dtype)
+    scale_args = (s_in.stride(0), s_in.stride(1)) if quant else (0, 0)
+    scale_out_args = (s_out.stride(0), s_out.stride(1)) if quant else (0, 0)
 
     def launch(cfg: dict, out: torch.Tensor) -> None:
+        if quant and cfg["path"] in ("gridsync", "fused"):
+            raise ValueError(f"int8 weights: the {cfg['path']} path does not read them; use decode or prefill")
         if cfg["path"] == "gridsync":
             bf, bdo = cfg["BLOCK_F"], cfg["BLOCK_DO"]
             n_f, n_d = triton.cdiv(F, bf), triton.cdiv(d, bdo)
@@ -615,20 +692,20 @@ def expert_ffn_triton(
             h = torch.empty((R, F), dtype=h_dtype, device=x.device)
             pdl = {"launch_pdl": True} if cfg.get("pdl", True) and use_pdl(x.device) else {}
             _decode_in_kernel[(R, triton.cdiv(F, ci["BLOCK_F"]))](
-                x, w_in, ids_R, slot_map, h,
+                x, w_in, ids_R, slot_map, h, s_in,
                 d, F,
-                x.stride(0), x.stride(1), w_in.stride(0), w_in.stride(1), w_in.stride(2),
+                x.stride(0), x.stride(1), w_in.stride(0), w_in.stride(1), w_in.stride(2), *scale_args,
                 K=k, HAS_SLOT_MAP=slot_of_expert is not None, ACT=act, GATED=gated, USE_PDL=bool(pdl),
-                BLOCK_F=ci["BLOCK_F"], BLOCK_D=ci["BLOCK_D"], num_warps=ci["num_warps"], **pdl,
+                BLOCK_F=ci["BLOCK_F"], BLOCK_D=ci["BLOCK_D"], HAS_SCALE=quant, num_warps=ci["num_warps"], **pdl,
             )
             line = 128 // w_out.element_size()  # elements per 128-byte line, for the L2 prefetch
             _decode_out_kernel[(T, triton.cdiv(d, co["BLOCK_D"]))](
-                h, w_out, ids_R, slot_map, weights_R, out,
+                h, w_out, ids_R, slot_map, weights_R, out, s_out,
                 d, F,
-                w_out.stride(0), w_out.stride(1), w_out.stride(2), out.stride(0), out.stride(1),
+                w_out.stride(0), w_out.stride(1), w_out.stride(2), out.stride(0), out.stride(1), *scale_out_args,
                 K=k, HAS_SLOT_MAP=slot_of_expert is not None, USE_PDL=bool(pdl),
                 BLOCK_D=co["BLOCK_D"], BLOCK_F=co["BLOCK_F"], F_LINES=_np2(triton.cdiv(F, line)), LINE=line,
-                num_warps=co["num_warps"], **pdl,
+                HAS_SCALE=quant, num_warps=co["num_warps"], **pdl,
             )
             return
         bm, ci, co = cfg["BLOCK_M"], cfg["in"], cfg["out"]
@@ -636,20 +713,21 @@ def expert_ffn_triton(
         n_tiles = grouping.tile_slot.numel()
         h = torch.empty((n_tiles * bm, F), dtype=h_dtype, device=x.device)
         _grouped_in_kernel[(n_tiles, triton.cdiv(F, ci["BLOCK_N"]))](
-            x, w_in, grouping.sorted_ids, grouping.tile_slot, h,
+            x, w_in, grouping.sorted_ids, grouping.tile_slot, h, s_in,
             R, d, F,
-            x.stride(0), x.stride(1), w_in.stride(0), w_in.stride(1), w_in.stride(2), h.stride(0),
+            x.stride(0), x.stride(1), w_in.stride(0), w_in.stride(1), w_in.stride(2), h.stride(0), *scale_args,
             K=k, ACT=act, GATED=gated, FP32_DOT=dot_fp32,
-            BLOCK_M=bm, BLOCK_N=ci["BLOCK_N"], BLOCK_K=ci["BLOCK_K"],
+            BLOCK_M=bm, BLOCK_N=ci["BLOCK_N"], BLOCK_K=ci["BLOCK_K"], HAS_SCALE=quant,
             num_warps=ci["num_warps"], num_stages=ci["num_stages"],
         )
         # k = 1: token slot r is token t, so rows go straight to y; k > 1: fp32 rows, then a fixed-order sum.
         rows = out if k == 1 else torch.empty((R, d), dtype=torch.float32, device=x.device)
         _grouped_out_kernel[(n_tiles, triton.cdiv(d, co["BLOCK_N"]))](
-            h, w_out, grouping.sorted_ids, grouping.tile_slot, weights_R, rows,
+            h, w_out, grouping.sorted_ids, grouping.tile_slot, weights_R, rows, s_out,
             R, d, F,
             h.stride(0), w_out.stride(0), w_out.stride(1), w_out.stride(2), rows.stride(0), rows.stride(1),
-            FP32_DOT=dot_fp32, BLOCK_M=bm, BLOCK_N=co["BLOCK_N"], BLOCK_K=co["BLOCK_K"],
+            *scale_out_args,
+            FP32_DOT=dot_fp32, BLOCK_M=bm, BLOCK_N=co["BLOCK_N"], BLOCK_K=co["BLOCK_K"], HAS_SCALE=quant,
             num_warps=co["num_warps"], num_stages=co["num_stages"],
         )
         if k > 1:
@@ -710,8 +788,12 @@ def expert_ffn_reference(
 
     x [T, d]; w_in [S, F, d] ([S, 2F, d] gated, gate rows first); w_out [S, d, F]; ids, weights [T, k].
     Each expert's rows are computed in the weights' dtype, scaled by the routing weight, and
-    summed into the output (as transformers' Switch model does).
+    summed into the output (as transformers' Switch model does). Int8Weights are dequantized per
+    slot into x's dtype first.
     """
+    quant = isinstance(w_in, Int8Weights)
+    if quant != isinstance(w_out, Int8Weights):
+        raise ValueError("w_in and w_out must both be Int8Weights or both tensors")
     T, k = ids.shape
     slots_R = ids.reshape(-1).long()
     if slot_of_expert is not None:
@@ -727,8 +809,9 @@ def expert_ffn_reference(
         rows = order[start : start + n]
         start += n
         tok = token_R[rows]
-        h = _act(x[tok].to(w_in.dtype) @ w_in[s].t(), activation)
-        out = (h @ w_out[s].t()) * weights.reshape(-1)[rows, None].to(h.dtype)
+        wi, wo = (w_in.dequantize(s, x.dtype), w_out.dequantize(s, x.dtype)) if quant else (w_in[s], w_out[s])
+        h = _act(x[tok].to(wi.dtype) @ wi.t(), activation)
+        out = (h @ wo.t()) * weights.reshape(-1)[rows, None].to(h.dtype)
         y = y.index_add(0, tok, out.to(x.dtype))
     return y
 
@@ -749,7 +832,8 @@ def expert_ffn(
     Output in x's dtype, fp32 accumulation. config_tokens: x holds part of a batch of that many tokens
     (see expert_ffn_triton); the reference computes each expert's rows alike either way.
     """
-    if use_triton(x, w_in, w_out, weights):
+    tensors = [t.q if isinstance(t, Int8Weights) else t for t in (w_in, w_out)]
+    if use_triton(x, *tensors, weights):
         return expert_ffn_triton(x, w_in, w_out, ids, weights, slot_of_expert, activation,
                                  config_tokens=config_tokens)
     return expert_ffn_reference(x, w_in, w_out, ids, weights, slot_of_expert, activation)

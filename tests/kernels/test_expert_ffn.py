@@ -203,3 +203,44 @@ def test_gridsync_candidates_fit_the_h200():
         for cfg in ffn.gridsync_candidates(d, f):
             n_d = -(-d // cfg["BLOCK_DO"])
             assert n_d <= 132, cfg
+
+
+# int8 expert weights (symmetric per row, Int8Weights): both paths against the reference in float64 on the
+# dequantized weights, with the tolerances above (the kernels apply each row's scale after the row sum).
+@pytest.mark.parametrize("path", ["decode", "prefill", "auto"])
+@pytest.mark.parametrize("T,k,activation,dtype", [(3, 2, "relu", torch.float32), (5, 1, "swiglu", torch.bfloat16),
+                                                  (64, 2, "gelu", torch.bfloat16), (1, 1, "geglu", torch.float32)])
+def test_int8_weights(path, T, k, activation, dtype):
+    x, w_in, w_out, ids, weights = _problem(T, 7, k, activation, dtype, S=9, seed=17 + T)
+    slot_of_expert = torch.tensor([8, 0, 3, 1, 7, 2, 5], dtype=torch.int32)
+    qi, qo = ffn.quantize_experts(w_in), ffn.quantize_experts(w_out)
+    assert qi.q.dtype == torch.int8 and qi.scale.shape == w_in.shape[:2]
+    # the dequantized weights are close to the originals (the quantization itself)
+    assert _rel(qi.dequantize(3, torch.float64), w_in[3].double()) < 0.02
+    y = expert_ffn_triton(x, qi, qo, ids, weights, slot_of_expert, activation, config=CONFIGS[path])
+    deq_in = torch.stack([qi.dequantize(s, torch.float64) for s in range(9)])
+    deq_out = torch.stack([qo.dequantize(s, torch.float64) for s in range(9)])
+    ref = expert_ffn_reference(x.double(), deq_in, deq_out, ids, weights.double(), slot_of_expert, activation)
+    err = _rel(y, ref)
+    assert y.dtype == dtype
+    if dtype == torch.float32:
+        assert err <= 1e-4, err
+    else:
+        torch_err = _rel(expert_ffn_reference(x, qi, qo, ids, weights, slot_of_expert, activation), ref)
+        assert err <= 2 * torch_err, (err, torch_err)
+    # the reference takes Int8Weights too (dequantized per slot in x's dtype)
+    ref_q = expert_ffn_reference(x.double(), ffn.Int8Weights(qi.q, qi.scale.double()),
+                                 ffn.Int8Weights(qo.q, qo.scale.double()), ids, weights.double(), slot_of_expert,
+                                 activation)
+    assert _rel(ref_q, ref) < 1e-12
+
+
+def test_int8_weights_errors():
+    x, w_in, w_out, ids, weights = _problem(2, 4, 1)
+    qi, qo = ffn.quantize_experts(w_in), ffn.quantize_experts(w_out)
+    with pytest.raises(ValueError, match="both"):
+        expert_ffn_triton(x, qi, w_out, ids, weights)
+    with pytest.raises(ValueError, match="int8 \\[S, R, C\\]"):
+        expert_ffn_triton(x, ffn.Int8Weights(w_in, qi.scale), qo, ids, weights)
+    with pytest.raises(ValueError, match="fused path"):
+        expert_ffn_triton(x, qi, qo, ids, weights, config=_fused())
