@@ -157,7 +157,10 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
         if cfg.offload.pinned_budget_gb is not None
         else default_budget_bytes()
     )
-    model, store = load_offloaded(ckpt, device, dtype, budget)
+    quantize = str(cfg.offload.quantize)
+    if quantize not in ("none", "int8"):
+        raise SystemExit(f"offload.quantize={quantize!r}: expected none or int8")
+    model, store = load_offloaded(ckpt, device, dtype, budget, None if quantize == "none" else quantize)
     cache_note = None
     if cache_size_setting(cfg.cache.size) == "auto":
         size, cache_note = auto_cache_size(cfg, store, device)
@@ -199,6 +202,8 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
         checkpoint=str(ckpt),
         pinned_store_bytes=store.total_bytes,
         store_pinned=store.pinned,
+        expert_quantize=store.quantize or "none",
+        expert_bytes=store.expert_bytes,
         model_dtype=str(dtype).replace("torch.", ""),
     )
     if eng.cpu_compute != "off":  # the cost model's numbers, measured once on this store

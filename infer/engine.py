@@ -20,16 +20,18 @@ import torch
 
 from infer import cpu_compute as cc
 from infer.offload import ExpertStore, OffloadError, is_expert_param
-from infer.policies import OffloadRunner, PolicySpec
+from infer.policies import OffloadRunner, PolicySpec, check_cpu_compute
+from kernels.expert_ffn import Int8Weights
 from models.generate import beam_search, greedy
 from models.switch import DecodeState, Switch
 
 
 # ----------------------------------------------------------------------------------------------- loading
 def load_offloaded(
-    path: str | Path, device, dtype: torch.dtype | None, budget_bytes: float | None
+    path: str | Path, device, dtype: torch.dtype | None, budget_bytes: float | None, quantize: str | None = None
 ) -> tuple[Switch, ExpertStore]:
-    """Non-expert weights onto `device`, experts straight from the checkpoint into the (pinned) store.
+    """Non-expert weights onto `device`, experts straight from the checkpoint into the (pinned) store
+    (quantize="int8": stored, copied and computed as per-row int8, see ExpertStore).
     The budget is checked from config.json before anything is allocated."""
     from models.checkpoint import load_config, load_switch
 
@@ -38,37 +40,54 @@ def load_offloaded(
     n_moe = len(cfg.sparse_layers(False)) + len(cfg.sparse_layers(True))
     if dtype is None:
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    need = n_moe * cfg.num_experts * cfg.expert_bytes(torch.empty((), dtype=dtype).element_size())
-    if budget_bytes is not None and need > budget_bytes:
-        ExpertStore(cfg, n_moe, dtype, budget_bytes, pin=False)  # raises, naming the sizes and the override
+    per_expert = cfg.expert_bytes(1 if quantize else torch.empty((), dtype=dtype).element_size())
+    if budget_bytes is not None and n_moe * cfg.num_experts * per_expert > budget_bytes:
+        ExpertStore(cfg, n_moe, dtype, budget_bytes, pin=False, quantize=quantize)  # raises, naming the fix
     model = load_switch(path, device=device, dtype=dtype, skip=is_expert_param)
-    store = ExpertStore.from_checkpoint(path, model, dtype, budget_bytes, pin=device.type == "cuda")
+    store = ExpertStore.from_checkpoint(path, model, dtype, budget_bytes, pin=device.type == "cuda",
+                                        quantize=quantize)
     return model, store
 
 
 def materialize_experts(model: Switch, store: ExpertStore, device) -> None:
-    """Put every expert on the device (gpu_only)."""
+    """Put every expert on the device (gpu_only): tensors, or Int8Weights with a quantized store."""
     E, F, D = store.E, store.F, store.D
     for m, moe in enumerate(model.moes):
-        w_in = torch.empty((E, F, D), dtype=store.dtype, device=device)
-        w_out = torch.empty((E, D, F), dtype=store.dtype, device=device)
-        for e in range(E):  # contiguous pinned chunks: straight DMA, no temporary block on either side
-            w_in[e].copy_(store.w_in(m, e), non_blocking=True)
-            w_out[e].copy_(store.w_out(m, e), non_blocking=True)
-        moe.w_in = torch.nn.Parameter(w_in, requires_grad=False)
-        moe.w_out = torch.nn.Parameter(w_out, requires_grad=False)
+        parts = []  # (device tensor [E, ...], the store's view of expert e)
+        if store.quantize:
+            w_in = Int8Weights(torch.empty((E, F, D), dtype=torch.int8, device=device),
+                               torch.empty((E, F), dtype=torch.float32, device=device))
+            w_out = Int8Weights(torch.empty((E, D, F), dtype=torch.int8, device=device),
+                                torch.empty((E, D), dtype=torch.float32, device=device))
+            for e in range(E):
+                parts += [(w_in.q[e], store.w_in(m, e).q), (w_in.scale[e], store.w_in(m, e).scale),
+                          (w_out.q[e], store.w_out(m, e).q), (w_out.scale[e], store.w_out(m, e).scale)]
+        else:
+            w_in = torch.empty((E, F, D), dtype=store.dtype, device=device)
+            w_out = torch.empty((E, D, F), dtype=store.dtype, device=device)
+            for e in range(E):
+                parts += [(w_in[e], store.w_in(m, e)), (w_out[e], store.w_out(m, e))]
+        for dst, src in parts:  # contiguous pinned pieces: straight DMA, no temporary block on either side
+            dst.copy_(src, non_blocking=True)
+        if store.quantize:
+            moe._parameters.pop("w_in", None)  # plain attributes: int8 weights are not parameters
+            moe._parameters.pop("w_out", None)
+            moe.w_in, moe.w_out = w_in, w_out
+        else:
+            moe.w_in = torch.nn.Parameter(w_in, requires_grad=False)
+            moe.w_out = torch.nn.Parameter(w_out, requires_grad=False)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def drop_experts(model: Switch) -> None:
+    dtype = next(p.dtype for n, p in model.named_parameters() if not is_expert_param(n))
+    E, F, D = model.cfg.num_experts, model.cfg.d_ff, model.cfg.d_model
     for moe in model.moes:
-        moe.w_in = torch.nn.Parameter(
-            torch.empty(moe.w_in.shape, device="meta", dtype=moe.w_in.dtype), requires_grad=False
-        )
-        moe.w_out = torch.nn.Parameter(
-            torch.empty(moe.w_out.shape, device="meta", dtype=moe.w_out.dtype), requires_grad=False
-        )
+        for name, shape in (("w_in", (E, F, D)), ("w_out", (E, D, F))):
+            moe.__dict__.pop(name, None)  # Int8Weights attributes (a quantized gpu_only run)
+            setattr(moe, name, torch.nn.Parameter(torch.empty(shape, device="meta", dtype=dtype),
+                                                  requires_grad=False))
 
 
 # ----------------------------------------------------------------------------------------------- graphs
@@ -259,6 +278,7 @@ class Engine:
     ) -> RunResult:
         """cpu_compute: overrides the engine's offload.cpu_compute for this run."""
         cpu_mode = self.cpu_compute if cpu_compute is None else cpu_compute
+        check_cpu_compute(self.store, cpu_mode)  # before a calibration reads the store
         dev, model = self.device, self.model
         input_ids = input_ids.to(dev)
         attention_mask = None if attention_mask is None else attention_mask.to(dev)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from kernels import expert_copy
+from kernels.expert_ffn import Int8Weights, quantize_experts
 from models.config import SwitchConfig
 
 GB = 1e9
@@ -35,25 +36,39 @@ class ExpertStore:
 
     On CUDA the chunk is page-locked with cudaHostRegister (exact size; torch's pinned allocator
     would round up to a power of two) and mapped, so a kernel can also read it in place.
+
+    quantize="int8": each chunk is w_in then w_out as symmetric per-row int8, then their fp32 row
+    scales (F, then D of them), as bytes: data int8 [M, E, 2*F*D + 4*(F + D)], about half of bf16's
+    bytes to copy per expert. The experts are then computed from the int8 weights (Int8Weights), in
+    every policy and in gpu_only alike; `dtype` stays the dtype the model computes in.
     """
 
     def __init__(
-        self, cfg: SwitchConfig, num_blocks: int, dtype: torch.dtype, budget_bytes: float | None, pin: bool
+        self, cfg: SwitchConfig, num_blocks: int, dtype: torch.dtype, budget_bytes: float | None, pin: bool,
+        quantize: str | None = None,
     ):
+        if quantize not in (None, "int8"):
+            raise OffloadError(f"offload.quantize={quantize!r}; expected none or int8")
         self.M, self.E, self.F, self.D = num_blocks, cfg.num_experts, cfg.d_ff, cfg.d_model
-        self.X = 2 * self.F * self.D
-        self.dtype = dtype
-        self.expert_bytes = self.X * torch.empty((), dtype=dtype).element_size()
+        if quantize and (self.F * self.D) % 2:
+            raise OffloadError(f"offload.quantize=int8 needs d_ff * d_model even (4-byte aligned row scales); "
+                               f"got {self.F} x {self.D}")
+        self.quantize = quantize
+        self.compute_dtype = dtype
+        FD = self.F * self.D
+        self.X = 2 * FD + (4 * (self.F + self.D) if quantize else 0)  # elements of data's dtype per expert
+        self.dtype = torch.int8 if quantize else dtype
+        self.expert_bytes = self.X * torch.empty((), dtype=self.dtype).element_size()
         self.total_bytes = self.M * self.E * self.expert_bytes
         if budget_bytes is not None and self.total_bytes > budget_bytes:
             raise OffloadError(
                 f"the experts need {self.total_bytes / GB:.2f} GB of pinned CPU memory "
                 f"({self.M} MoE blocks x {self.E} experts x {self.expert_bytes / 1e6:.2f} MB "
-                f"in {str(dtype).replace('torch.', '')}), "
+                f"in {'int8 + row scales' if quantize else str(dtype).replace('torch.', '')}), "
                 f"over the budget of {budget_bytes / GB:.2f} GB; raise it with offload.pinned_budget_gb=<GB> "
                 f"(this machine has {_ram_bytes() / GB:.0f} GB of RAM)"
             )
-        self.data = torch.empty((self.M, self.E, self.X), dtype=dtype)  # [M, E, X]
+        self.data = torch.empty((self.M, self.E, self.X), dtype=self.dtype)  # [M, E, X]
         self.pinned = False
         if pin:
             self._pin()
@@ -79,45 +94,75 @@ class ExpertStore:
         except Exception:
             pass
 
-    # views of one expert
-    def w_in(self, m: int, e: int) -> torch.Tensor:
-        return self.data[m, e, : self.F * self.D].view(self.F, self.D)  # [F, D]
+    # views of one expert (and of many: `rows` is [..., X], an expert's chunk per row)
+    def w_in(self, m: int, e: int) -> torch.Tensor | Int8Weights:
+        return self.weights(self.data[m, e])[0]  # [F, D]
 
-    def w_out(self, m: int, e: int) -> torch.Tensor:
-        return self.data[m, e, self.F * self.D :].view(self.D, self.F)  # [D, F]
+    def w_out(self, m: int, e: int) -> torch.Tensor | Int8Weights:
+        return self.weights(self.data[m, e])[1]  # [D, F]
+
+    def weights(self, rows: torch.Tensor):
+        """(w_in [..., F, D], w_out [..., D, F]) as views of chunks rows [..., X]: tensors, or Int8Weights
+        (q, fp32 scale) with quantize="int8"."""
+        F, D, FD = self.F, self.D, self.F * self.D
+        lead = rows.shape[:-1]
+        w_in = rows[..., :FD].view(*lead, F, D)
+        w_out = rows[..., FD : 2 * FD].view(*lead, D, F)
+        if not self.quantize:
+            return w_in, w_out
+        s_in = rows[..., 2 * FD : 2 * FD + 4 * F].view(torch.float32)  # [..., F]
+        s_out = rows[..., 2 * FD + 4 * F :].view(torch.float32)  # [..., D]
+        return Int8Weights(w_in, s_in), Int8Weights(w_out, s_out)
+
+    def write(self, m: int, e: int, leaf: str, w: torch.Tensor) -> None:
+        """Store w (w_in [F, D] or w_out [D, F], any float dtype) as expert e of block m (quantized per row
+        with quantize="int8")."""
+        dst = self.w_in(m, e) if leaf == "w_in" else self.w_out(m, e)
+        if not self.quantize:
+            dst.copy_(w)
+            return
+        q = quantize_experts(w[None])
+        dst.q.copy_(q.q[0])
+        dst.scale.copy_(q.scale[0])
 
     # filling
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, model, dtype: torch.dtype, budget_bytes: float | None, pin: bool
+        cls, path: str | Path, model, dtype: torch.dtype, budget_bytes: float | None, pin: bool,
+        quantize: str | None = None,
     ) -> ExpertStore:
         """Read every expert straight from the checkpoint files (memory-mapped) into its chunk."""
         from models.checkpoint import CheckpointReader, key_map
 
         names = _moe_names(model)
-        store = cls(model.cfg, len(names), dtype, budget_bytes, pin)
+        store = cls(model.cfg, len(names), dtype, budget_bytes, pin, quantize)
         reader = CheckpointReader(path)
         where = {name: m for m, name in enumerate(names)}
         for key, (own, e) in key_map(model.cfg, model).items():
             if e is None:
                 continue
             mod, leaf = own.rsplit(".", 1)
-            m = where[mod]
-            dst = store.w_in(m, e) if leaf == "w_in" else store.w_out(m, e)
-            dst.copy_(reader.get(key))
+            store.write(where[mod], e, leaf, reader.get(key))
         return store
 
     @classmethod
     def from_model(
-        cls, model, dtype: torch.dtype | None = None, budget_bytes: float | None = None, pin: bool = False
+        cls, model, dtype: torch.dtype | None = None, budget_bytes: float | None = None, pin: bool = False,
+        quantize: str | None = None,
     ) -> ExpertStore:
         """Copy a materialised model's experts (tests, random benchmark models)."""
         moes = model.moes
-        store = cls(model.cfg, len(moes), dtype or moes[0].w_in.dtype, budget_bytes, pin)
-        FD = store.F * store.D
+        store = cls(model.cfg, len(moes), dtype or moes[0].w_in.dtype, budget_bytes, pin, quantize)
         for m, moe in enumerate(moes):
-            store.data[m, :, :FD].copy_(moe.w_in.detach().reshape(store.E, FD))
-            store.data[m, :, FD:].copy_(moe.w_out.detach().reshape(store.E, FD))
+            w_in, w_out = store.weights(store.data[m])
+            if quantize:
+                for dst, w in ((w_in, moe.w_in), (w_out, moe.w_out)):
+                    q = quantize_experts(w)
+                    dst.q.copy_(q.q)
+                    dst.scale.copy_(q.scale)
+            else:
+                w_in.copy_(moe.w_in.detach())
+                w_out.copy_(moe.w_out.detach())
         return store
 
 
@@ -179,11 +224,8 @@ class SlotPool:
         self.n_prefill = n_prefill  # slots the encoder's blocks stream their experts through (after staging)
         self.prefill_base = self.M * self.C + self.R * self.n
         self.P = self.prefill_base + n_prefill
-        F, D = store.F, store.D
-        FD = F * D
         self.pool = torch.zeros((self.P, store.X), dtype=store.dtype, device=self.device)  # [P, X]
-        self.w_in = self.pool[:, :FD].view(self.P, F, D)  # [P, F, D]
-        self.w_out = self.pool[:, FD:].view(self.P, D, F)  # [P, D, F]
+        self.w_in, self.w_out = store.weights(self.pool)  # [P, F, D], [P, D, F] (Int8Weights when quantized)
         self.cuda = self.device.type == "cuda"
         if copy_mode == "auto":
             device_ok = store.pinned and expert_copy.HAVE_TRITON and store.data.is_pinned()
@@ -223,7 +265,8 @@ class SlotPool:
             return
         if not self.cuda:
             if self.copy_mode == "device":  # the kernel under TRITON_INTERPRET (tests)
-                expert_copy.gather_rows(self.store.data[m], src_n, self.pool, dst_n)
+                src, dst = self._rows(m)
+                expert_copy.gather_rows(src, src_n, dst, dst_n)
             else:
                 self._copy_host(m, src_n, dst_n)
             return
@@ -234,15 +277,22 @@ class SlotPool:
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record(self.copy_stream)
             if self.copy_mode == "device":
-                expert_copy.gather_rows(
-                    self.store.data[m], src_n, self.pool, dst_n, num_programs=32, block=8192
-                )
+                src, dst = self._rows(m)
+                expert_copy.gather_rows(src, src_n, dst, dst_n, num_programs=32, block=8192)
             else:
                 self._copy_host(m, src_n, dst_n)
             if timed:
                 b.record(self.copy_stream)
                 self.copy_events.append((a, b, (src_n >= 0).sum()))
             (self.copy_done[m] if done is None else done).record(self.copy_stream)
+
+    def _rows(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block m's chunks and the pool as rows for the copy kernel (int8 chunks as int32 words: the
+        kernel moves 4 bytes per element either way)."""
+        src, dst = self.store.data[m], self.pool
+        if self.store.quantize:
+            src, dst = src.view(torch.int32), dst.view(torch.int32)
+        return src, dst
 
     def _copy_host(self, m, src_n, dst_n) -> None:
         pairs = torch.stack([src_n, dst_n], 1)

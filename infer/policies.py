@@ -91,6 +91,13 @@ class _Block:
         return self.r.on_split(self.m, x_BSD, routing)
 
 
+def check_cpu_compute(store: ExpertStore, cpu_compute: str) -> None:
+    if store.quantize and cpu_compute != "off":
+        raise OffloadError(f"offload.cpu_compute={cpu_compute} with offload.quantize={store.quantize}: the CPU "
+                           "computes experts from float weights only; use offload.cpu_compute=off or "
+                           "offload.quantize=none")
+
+
 class OffloadRunner:
     """Attaches a policy to a model whose experts live in an ExpertStore."""
 
@@ -113,6 +120,7 @@ class OffloadRunner:
             raise OffloadError(f"offload.prefill_slots must be >= 1, got {prefill_slots}")
         if cpu_compute not in cc.MODES:
             raise OffloadError(f"offload.cpu_compute={cpu_compute!r}; expected one of {', '.join(cc.MODES)}")
+        check_cpu_compute(store, cpu_compute)
         if cpu_compute == "auto" and calibration is None:
             raise OffloadError("offload.cpu_compute=auto needs a calibration (infer.cpu_compute.calibrate)")
         if spec.name == "gpu_only":

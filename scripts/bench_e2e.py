@@ -81,6 +81,7 @@ from infer.engine import Engine  # noqa: E402
 from infer.offload import ExpertStore, OffloadError, default_budget_bytes, is_expert_param  # noqa: E402
 from infer.policies import PolicySpec  # noqa: E402
 from kernels import slot_plan  # noqa: E402
+from kernels.expert_ffn import quantize_experts  # noqa: E402
 from models.config import ConfigError, preset  # noqa: E402
 from models.pregate import convert_to_pregated  # noqa: E402
 from models.switch import Switch  # noqa: E402
@@ -129,6 +130,65 @@ def build_store(cfg, model, device, dtype, budget) -> ExpertStore:
         store.data[m].copy_(t)
         del t
     return store
+
+
+INT8_FAMILY_POLICIES = ("gpu_only", "on_demand", "pregated")
+
+
+def quantized_store(store: ExpertStore, cfg, device, budget) -> ExpertStore:
+    """The same experts as per-row int8 (offload.quantize=int8), quantized block by block on the device."""
+    q = ExpertStore(cfg, store.M, store.dtype, budget, pin=device.type == "cuda", quantize="int8")
+    for m in range(store.M):
+        w_in, w_out = store.weights(store.data[m].to(device))
+        q_in, q_out = q.weights(q.data[m])
+        for dst, w in ((q_in, w_in), (q_out, w_out)):
+            qw = quantize_experts(w)
+            dst.q.copy_(qw.q)
+            dst.scale.copy_(qw.scale)
+    return q
+
+
+def bench_int8_family(shape, cfg, model, store, device, dtype, budget, args, over_budget, result, out, save,
+                      modes_run, table, run_named, refs, link) -> None:
+    """Family pregated-int8: the lookahead-1 model with an int8 store (see --int8)."""
+    family = "pregated-int8"
+    names = [n for n in (table["policies"] if table else INT8_FAMILY_POLICIES)
+             if n.partition("#")[0].partition("@")[0].partition("+")[0] in INT8_FAMILY_POLICIES
+             and "+cpu_" not in n]
+    fam: dict = {"quantize": "int8", "policies": names}
+    out["int8_family"] = fam
+    if over_budget():
+        fam["skipped"] = "time budget"
+        save_partial(result, shape, out, save)
+        return
+    print(f"[bench] {shape}: the same experts as per-row int8 ...", flush=True)
+    t_build = time.perf_counter()
+    try:
+        store_q = quantized_store(store, cfg, device, budget)
+    except OffloadError as e:
+        fam["error"] = str(e)
+        result["failures"].append(f"{shape} {family}: {e}")
+        save_partial(result, shape, out, save)
+        return
+    n_dec = out["config"]["decoder_moe_blocks"]
+    fam.update(expert_bytes=store_q.expert_bytes, store_bytes=store_q.total_bytes,
+               copy_floor_ms_greedy=n_dec * store_q.expert_bytes / (link * 1e9) * 1e3 if link else None,
+               build_s=time.perf_counter() - t_build)
+    eng_q = Engine(model, store_q, device, cuda_graph=not args.no_graph, copy_mode=args.copy_mode,
+                   measure_stall=True)
+    for mode, nb in modes_run:
+        for name in names:
+            run_named(eng_q, family, mode, nb, name)
+        a, b = refs.get(("pregated", mode)), refs.get((family, mode))
+        if a and b:  # the quantization's effect on the tokens (random weights: a rough sign only)
+            n = min(len(a[0]), len(b[0]))
+            same = next((i for i in range(n) if a[0][i] != b[0][i]), n)
+            fam.setdefault("gpu_only_tokens_matching_bf16", {})[mode] = {"matching_prefix": same, "of": n}
+    del eng_q, store_q
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    save_partial(result, shape, out, save)
 
 
 def nonexpert_bytes(model: Switch) -> int:
@@ -298,6 +358,14 @@ def main() -> int:
         "it, the same random weights converted with lookahead L run as family pregated-L<L>: gpu_only, on_demand "
         "and the `lookahead` policy (--table-runs: its modes, and its gpu_only/on_demand/pregated/lookahead "
         "names, pregated read as lookahead), tokens checked against that family's gpu_only",
+    )
+    ap.add_argument(
+        "--int8",
+        action="store_true",
+        help="after the lookahead-1 table, the same model with its experts stored, copied and computed as "
+        "per-row int8 (offload.quantize=int8: about half the bytes to copy) runs as family pregated-int8: "
+        "gpu_only, on_demand, pregated (--table-runs: its modes and those names), tokens checked against that "
+        "family's gpu_only (int8 too), and the agreement of its gpu_only tokens with the bf16 gpu_only's",
     )
     args = ap.parse_args()
     args.lookaheads = parse_lookaheads(args.lookaheads)
@@ -678,6 +746,9 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if getattr(args, "int8", False) and modes_run and converted:
+        bench_int8_family(shape, cfg, model, store, device, dtype, budget, args, over_budget, result, out, save,
+                          modes_run, table, run_named, refs, link)
     if out["runs"]:
         check_memory_bound(shape, out, result, args.input_tokens, eng.prefill_slots)
         out["floors"] = floors(out, link)

@@ -108,7 +108,7 @@ def summarize(doc: dict, source: str) -> str:
                     + f"{_f(g_gpu)} / {_f(g_pg)} | "
                     + f"{_f(100 * g_pg / g_gpu if g_pg and g_gpu else None, '{:.1f}')} |"
                 )
-        lines += copy_table(shapes) + memory_table(shapes) + lookahead_table(shapes)
+        lines += copy_table(shapes) + memory_table(shapes) + lookahead_table(shapes) + int8_table(shapes)
     for shape, s in shapes.items():
         if (s.get("batch_sweep") or {}).get("points"):
             lines += sweep_table(shape, s["batch_sweep"], s.get("config"), s.get("expert_bytes"))
@@ -190,7 +190,7 @@ def lookahead_table(shapes: dict) -> list[str]:
     for shape, s in shapes.items():
         for r in s.get("runs", []):
             L = run_lookahead(r)
-            if L and "metrics" in r and r.get("decoding"):
+            if L and "metrics" in r and r.get("decoding") and r.get("family") != INT8_FAMILY:
                 pol = r["policy"]
                 if pol == ("pregated" if L == 1 else "lookahead"):
                     pol = "pre-gated"
@@ -224,6 +224,54 @@ def lookahead_table(shapes: dict) -> list[str]:
         "| shape | decoding | lookahead | gpu_only | on_demand | pre-gated | stall ms/token | copy % of pinned "
         "peak | pre-gated / gpu_only | on_demand / pre-gated | tokens = gpu_only |",
         "|" + "---|" * 11,
+    ] + rows
+
+
+INT8_FAMILY = "pregated-int8"
+
+
+def int8_table(shapes: dict) -> list[str]:
+    """The int8-transfer lever (bench_e2e.py --int8): the lookahead-1 model with its experts as per-row int8
+    beside the same model in the run's dtype, per shape and decoding."""
+    rows = []
+    for shape, s in shapes.items():
+        fam = s.get("int8_family")
+        if not fam or fam.get("skipped") or fam.get("error"):
+            continue
+        for mode in ("greedy", "beam4"):
+            got = {}
+            for r in s.get("runs", []):
+                if r.get("decoding") == mode and "metrics" in r and r.get("family") in ("pregated", INT8_FAMILY):
+                    got[(r["family"], r["policy"])] = r
+            if not any(f == INT8_FAMILY for f, _ in got):
+                continue
+            match = (fam.get("gpu_only_tokens_matching_bf16") or {}).get(mode) or {}
+            for f, label in (("pregated", "float"), (INT8_FAMILY, "int8")):
+                gpu, od, pg = (_ms(got.get((f, p))) for p in ("gpu_only", "on_demand", "pregated"))
+                c = (got.get((f, "pregated")) or {}).get("copy") or {}
+                floor = c.get("copy_floor_ms_per_step")
+                same = [r.get("same_tokens_as_gpu_only") for (ff, p), r in got.items() if ff == f and p != "gpu_only"]
+                rows.append(
+                    f"| {shape} | {mode} | {label} | {_f(gpu)} | {_f(od)} | {_f(pg)} | "
+                    f"{_f(c.get('decode_bytes_per_step') and c['decode_bytes_per_step'] / 1e6, '{:.1f}')} | "
+                    f"{_f(floor)} | {_f(pg / max(gpu, floor) if pg and gpu and floor else None)} | "
+                    f"{_f(od / pg if od and pg else None)} | "
+                    f"{_yn(all(same) if same and None not in same else None)} | "
+                    + (f"{match.get('matching_prefix')} of {match.get('of')} |" if label == "int8" and match else "- |")
+                )
+    if not rows:
+        return []
+    return [
+        "",
+        "Int8 expert transfer (`--int8`, offload.quantize=int8): the same model with its experts stored, copied "
+        "and computed as per-row int8 (about half of bf16's bytes), its policies checked against its own "
+        "(int8) gpu_only; the last column: how many leading tokens of the int8 gpu_only equal the bf16 "
+        "gpu_only's (random weights: a rough sign; the quantization's quality cost is measured on a trained "
+        "model).",
+        "",
+        "| shape | decoding | experts | gpu_only | on_demand | pregated | MB copied per step | copy floor | "
+        "pregated / max(gpu_only, floor) | on_demand / pregated | tokens = own gpu_only | int8 tokens = bf16 |",
+        "|" + "---|" * 12,
     ] + rows
 
 

@@ -421,3 +421,40 @@ def test_summary_lookahead_table():
     assert "| switch-base-128 | greedy | 0 |" not in text
     s["runs"][-2]["same_tokens_as_gpu_only"] = False
     assert "| 2.08 | no |" in summ.summarize(doc, "x.json")
+
+
+def test_bench_tiny_int8_family(tmp_path):
+    """--tiny --int8: the same model with an int8 store (pregated-int8): gpu_only, on_demand and pregated, each
+    with its own (int8) gpu_only's tokens; greedy copies one int8 expert per decoder MoE block per step (about a
+    quarter of the fp32 one on the CPU); the summary's int8 table; the lookahead table keeps lookahead 1's
+    float rows."""
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "BENCH_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "scripts/bench_e2e.py", "--tiny", "--no-anchors", "--out", str(tmp_path), "--int8",
+         "--lookaheads", "1,2", "--table-runs", "greedy:gpu_only,on_demand,pregated", "--sweep-new-tokens", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "e2e-cpu-tiny.json").read_text())
+    assert not res["failures"], res["failures"]
+    tiny = res["shapes"]["tiny"]
+    fam = tiny["int8_family"]
+    cfg = tiny["config"]
+    assert fam["expert_bytes"] == 2 * cfg["d_ff"] * cfg["d_model"] + 4 * (cfg["d_ff"] + cfg["d_model"])
+    assert fam["expert_bytes"] < tiny["expert_bytes"] / 3  # fp32 on the CPU: 8 * F * D bytes
+    runs = {r["label"]: r for r in tiny["runs"]}
+    ref = runs["pregated-int8/greedy/gpu_only"]
+    for pol in ("on_demand", "pregated"):
+        r = runs[f"pregated-int8/greedy/{pol}"]
+        assert r["tokens"] == ref["tokens"] and r["same_tokens_as_gpu_only"]
+    c = runs["pregated-int8/greedy/pregated"]["copy"]
+    assert c["decode_bytes_per_step"] == cfg["decoder_moe_blocks"] * fam["expert_bytes"]
+    assert fam["gpu_only_tokens_matching_bf16"]["greedy"]["of"] == 6
+    text = summ.summarize(res, "x.json")
+    assert "| tiny | greedy | int8 |" in text and "| tiny | greedy | float |" in text
+    la = [ln for ln in text.splitlines() if ln.startswith("| tiny | greedy | 1 |")]
+    assert len(la) == 1 and la[0].endswith("| yes |")

@@ -202,3 +202,52 @@ def test_triton_beam_search_with_prefill_streaming_matches_gpu_only(pregated_ckp
         res = eng.run(spec, ids, mask, **kw)
         assert res.metrics["pool_slots"]["prefill"] == 4
         _same(ref, res)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_int8_experts_every_policy_matches_int8_gpu_only(pregated_ckpt, num_beams):
+    """offload.quantize=int8: every policy and cache computes from the same int8 weights as gpu_only, so
+    the outputs are gpu_only's bitwise; and the quantization itself moves the logits only a little."""
+    model, store = load_offloaded(pregated_ckpt, "cpu", torch.float32, None, quantize="int8")
+    assert store.quantize == "int8" and store.data.dtype == torch.int8
+    F, D = model.cfg.d_ff, model.cfg.d_model
+    assert store.expert_bytes == 2 * F * D + 4 * (F + D)  # about a quarter of fp32's 8 * F * D bytes
+    eng = Engine(model, store, "cpu")
+    ids, mask = prompts()
+    kw = dict(max_new_tokens=6, num_beams=num_beams, keep_logits=True)
+    ref = eng.run(PolicySpec("gpu_only"), ids, mask, **kw)
+    for name in CPU_POLICIES:
+        for size, kind in CACHES[:2]:
+            res = eng.run(PolicySpec(name, size, kind), ids, mask, **kw)
+            _same(ref, res)
+            assert res.metrics["bytes_copied"] == res.metrics["experts_copied"] * store.expert_bytes
+    full = _engine(pregated_ckpt).run(PolicySpec("gpu_only"), ids, mask, **kw)
+    first = (ref.step_logits[0] - full.step_logits[0]).abs().max() / full.step_logits[0].abs().max()
+    assert 0 < first < 0.05, first
+
+
+def test_int8_store_round_trip_and_errors(pregated_ckpt, monkeypatch):
+    """The int8 chunk holds q and the row scales: dequantized, within int8's rounding of the checkpoint's
+    weights; the device copy kernel (interpreter) moves the chunks as 4-byte words; CPU compute refuses."""
+    from infer.offload import _moe_names
+    from kernels.expert_ffn import Int8Weights
+    from models.checkpoint import CheckpointReader, key_map
+
+    model, store = load_offloaded(pregated_ckpt, "cpu", torch.float32, None, quantize="int8")
+    w = store.w_in(1, 2)
+    assert isinstance(w, Int8Weights) and w.q.dtype == torch.int8 and w.scale.dtype == torch.float32
+    block = _moe_names(model)[1]
+    key = next(k for k, (own, e) in key_map(model.cfg, model).items() if own == f"{block}.w_in" and e == 2)
+    ref = CheckpointReader(pregated_ckpt).get(key)
+    deq = w.q.float() * w.scale[:, None]
+    assert ((deq - ref).abs() <= w.scale[:, None] / 2 + 1e-7).all()
+    with pytest.raises(OffloadError, match="cpu_compute=always with offload.quantize=int8"):
+        Engine(model, store, "cpu", cpu_compute="always").run(PolicySpec("on_demand"), *prompts(), max_new_tokens=2)
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ids, mask = prompts(n=2, length=5)
+    kw = dict(max_new_tokens=2, keep_logits=True)
+    ref = Engine(model, store, "cpu").run(PolicySpec("gpu_only"), ids, mask, **kw)
+    res = Engine(model, store, "cpu", copy_mode="device").run(PolicySpec("pregated", 2, "lru"), ids, mask, **kw)
+    assert res.metrics["copy_mode"] == "device" and res.tokens == ref.tokens
+    assert all(torch.equal(a, b) for a, b in zip(ref.step_logits, res.step_logits))
