@@ -42,6 +42,7 @@ from kernels.expert_ffn import (  # noqa: E402
     gridsync_candidates,  # noqa: E402
     gridsync_config,  # noqa: E402
     gridsync_timeouts,  # noqa: E402
+    quantize_experts,  # noqa: E402
 )
 from kernels.routing import _route_candidates, route, route_reference, route_triton  # noqa: E402
 
@@ -266,6 +267,28 @@ def check_ffn(out: list):
                     "activation": act, "path": path, "dtype": str(dtype), "rel_err": err,
                     "torch_rel_err": torch_err, "ok": ok, **extra})
         log(out[-1])
+    # int8 experts (Int8Weights, offload.quantize=int8): both paths against float64 on the dequantized weights
+    for T, E, k, d, f, act, slots in [(1, 128, 1, 768, 3072, "relu", True), (4, 64, 2, 1024, 4096, "gelu", False),
+                                      (256, 128, 1, 768, 3072, "relu", True), (3, 7, 2, 200, 328, "swiglu", True),
+                                      (300, 16, 2, 200, 328, "geglu", False)]:
+        gated = act in ("geglu", "swiglu")
+        S = E + 3 if slots else E
+        w_in, w_out = experts(S, d, f, seed=T + E + d + 1, gated=gated)
+        qi, qo = quantize_experts(w_in), quantize_experts(w_out)
+        (x, ids, wts), = make_sets(T, E, k, d, seed=T * E + 1, n_sets=1, small_rotation=False)
+        slot_map = torch.randperm(S, device=DEV)[:E].to(torch.int32) if slots else None
+        poison()
+        y = expert_ffn_triton(x, qi, qo, ids, wts, slot_map, act)
+        deq = [torch.stack([w.dequantize(s, torch.float64) for s in range(S)]) for w in (qi, qo)]
+        ref = expert_ffn_reference(x.double(), *deq, ids, wts.double(), slot_map, act)
+        err = rel(y, ref)
+        torch_err = rel(expert_ffn_reference(x, qi, qo, ids, wts, slot_map, act), ref)
+        ok = bool(torch.isfinite(y).all()) and err <= 2 * torch_err
+        path = (tuning.current(tuning.config_key("ffn" + ("-glu" if gated else "") + (f"-k{k}" if k > 1 else ""),
+                                                 E, d, f, T, x.dtype, torch.int8), DEV) or {}).get("path")
+        out.append({"what": "expert_ffn_int8", "T": T, "E": E, "S": S, "k": k, "d": d, "F": f, "activation": act,
+                    "path": path, "rel_err": err, "torch_rel_err": torch_err, "ok": ok})
+        log(out[-1])
 
 
 def host_profile(out: dict):
@@ -481,6 +504,12 @@ def time_case(name, d, f, E, T, ceil, reps) -> dict:
                    for c, (x, _, _) in enumerate(b2b)]
         r["step_graph_b2b_us"] = graph_per_call_us(steps16)
         r["b2b_weight_copies"] = n_copies
+        # int8 experts (offload.quantize=int8): half the weight bytes; the same back-to-back measure
+        q_copies = [tuple(quantize_experts(w) for w in c) for c in copies]
+        calls_q = [lambda x=x, i=i, w=w, c=c: expert_ffn(x, *q_copies[c % n_copies], i, w)
+                   for c, (x, i, w) in enumerate(b2b)]
+        r["ffn_int8_graph_b2b_us"] = graph_per_call_us(calls_q)
+        del q_copies, calls_q
         del copies
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -511,6 +540,9 @@ def time_case(name, d, f, E, T, ceil, reps) -> dict:
     r["active_experts"] = active
     r["floor_bytes_us"] = (weight_bytes + 2 * T * d * 2) / (ceil["hbm_GBps"] * 1e3)
     r["floor_flops_us"] = flops / (ceil["bf16_TFLOPs"] * 1e6)
+    if r.get("ffn_int8_graph_b2b_us"):  # int8 weights and their fp32 row scales
+        r["floor_int8_us"] = active * (2 * d * f + 4 * (d + f)) / (ceil["hbm_GBps"] * 1e3)
+        r["x_floor_int8_graph_b2b"] = r["ffn_int8_graph_b2b_us"] / max(r["floor_int8_us"], r["floor_flops_us"])
     r["floor_us"] = max(r["floor_bytes_us"], r["floor_flops_us"])
     r["x_floor"] = r["ffn_us"] / r["floor_us"]
     r["x_floor_graph"] = r["ffn_graph_us"] / r["floor_us"] if fast else None
@@ -578,6 +610,15 @@ def markdown(meta, ceil, rows, tgts, sweep=()) -> str:
     for t in tgts:
         case = ", ".join(f"{k}={v}" for k, v in t.items() if k not in ("target", "value", "ok"))
         lines.append(f"| {t['target']} | {case} | {f(t['value'], 2)} | {'yes' if t['ok'] else 'NO'} |")
+    q_rows = [r for r in rows if r.get("ffn_int8_graph_b2b_us")]
+    if q_rows:
+        lines += ["", "Int8 experts (Int8Weights, offload.quantize=int8; default configs): per call, 16 back to back "
+                  "in a graph, beside bf16; floor = activated experts' int8 weights and row scales / HBM rate.", "",
+                  "| shape | E | T | bf16 b2b | int8 b2b | int8 floor | int8 x floor |", "|---|---|---|---|---|---|---|"]
+        for r in q_rows:
+            lines.append(f"| {r['shape']} | {r['E']} | {r['T']} | {f(r.get('ffn_graph_b2b_us'))} | "
+                         f"{f(r['ffn_int8_graph_b2b_us'])} | {f(r.get('floor_int8_us'))} | "
+                         f"{f(r.get('x_floor_int8_graph_b2b'), 2)} |")
     if sweep:
         lines += ["", "T = 1 sweep (us; FFN: single call after L2 flush / per call, 16 back to back in a graph; "
                   "det = bitwise equal over 20 runs; the best, marked *, is used above):", "",
