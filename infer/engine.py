@@ -51,24 +51,8 @@ def load_offloaded(
 
 def materialize_experts(model: Switch, store: ExpertStore, device) -> None:
     """Put every expert on the device (gpu_only): tensors, or Int8Weights with a quantized store."""
-    E, F, D = store.E, store.F, store.D
     for m, moe in enumerate(model.moes):
-        parts = []  # (device tensor [E, ...], the store's view of expert e)
-        if store.quantize:
-            w_in = Int8Weights(torch.empty((E, F, D), dtype=torch.int8, device=device),
-                               torch.empty((E, F), dtype=torch.float32, device=device))
-            w_out = Int8Weights(torch.empty((E, D, F), dtype=torch.int8, device=device),
-                                torch.empty((E, D), dtype=torch.float32, device=device))
-            for e in range(E):
-                parts += [(w_in.q[e], store.w_in(m, e).q), (w_in.scale[e], store.w_in(m, e).scale),
-                          (w_out.q[e], store.w_out(m, e).q), (w_out.scale[e], store.w_out(m, e).scale)]
-        else:
-            w_in = torch.empty((E, F, D), dtype=store.dtype, device=device)
-            w_out = torch.empty((E, D, F), dtype=store.dtype, device=device)
-            for e in range(E):
-                parts += [(w_in[e], store.w_in(m, e)), (w_out[e], store.w_out(m, e))]
-        for dst, src in parts:  # contiguous pinned pieces: straight DMA, no temporary block on either side
-            dst.copy_(src, non_blocking=True)
+        w_in, w_out = (_block_on_device(store, m, which, device) for which in (0, 1))
         if store.quantize:
             moe._parameters.pop("w_in", None)  # plain attributes: int8 weights are not parameters
             moe._parameters.pop("w_out", None)
@@ -78,6 +62,20 @@ def materialize_experts(model: Switch, store: ExpertStore, device) -> None:
             moe.w_out = torch.nn.Parameter(w_out, requires_grad=False)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _block_on_device(store: ExpertStore, m: int, which: int, device):
+    """Block m's w_in (which 0) or w_out (1) of every expert, stacked on the device, expert by expert from
+    the contiguous pinned pieces (straight DMA, no temporary block on either side)."""
+    def pieces(e):
+        w = store.weights(store.data[m, e])[which]
+        return tuple(w) if isinstance(w, Int8Weights) else (w,)
+
+    out = [torch.empty((store.E, *p.shape), dtype=p.dtype, device=device) for p in pieces(0)]
+    for e in range(store.E):
+        for dst, src in zip(out, pieces(e)):
+            dst[e].copy_(src, non_blocking=True)
+    return Int8Weights(*out) if store.quantize else out[0]
 
 
 def drop_experts(model: Switch) -> None:

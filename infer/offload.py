@@ -40,7 +40,7 @@ class ExpertStore:
     quantize="int8": each chunk is w_in then w_out as symmetric per-row int8, then their fp32 row
     scales (F, then D of them), as bytes: data int8 [M, E, 2*F*D + 4*(F + D)], about half of bf16's
     bytes to copy per expert. The experts are then computed from the int8 weights (Int8Weights), in
-    every policy and in gpu_only alike; `dtype` stays the dtype the model computes in.
+    every policy and in gpu_only alike; the model computes in `dtype` either way.
     """
 
     def __init__(
@@ -54,7 +54,6 @@ class ExpertStore:
             raise OffloadError(f"offload.quantize=int8 needs d_ff * d_model even (4-byte aligned row scales); "
                                f"got {self.F} x {self.D}")
         self.quantize = quantize
-        self.compute_dtype = dtype
         FD = self.F * self.D
         self.X = 2 * FD + (4 * (self.F + self.D) if quantize else 0)  # elements of data's dtype per expert
         self.dtype = torch.int8 if quantize else dtype
@@ -114,16 +113,15 @@ class ExpertStore:
         s_out = rows[..., 2 * FD + 4 * F :].view(torch.float32)  # [..., D]
         return Int8Weights(w_in, s_in), Int8Weights(w_out, s_out)
 
-    def write(self, m: int, e: int, leaf: str, w: torch.Tensor) -> None:
-        """Store w (w_in [F, D] or w_out [D, F], any float dtype) as expert e of block m (quantized per row
-        with quantize="int8")."""
-        dst = self.w_in(m, e) if leaf == "w_in" else self.w_out(m, e)
-        if not self.quantize:
-            dst.copy_(w)
-            return
-        q = quantize_experts(w[None])
-        dst.q.copy_(q.q[0])
-        dst.scale.copy_(q.scale[0])
+    @staticmethod
+    def put(dst: torch.Tensor | Int8Weights, w: torch.Tensor) -> None:
+        """Write float weights w into a view from weights() (quantizing per row when it is Int8Weights)."""
+        if isinstance(dst, Int8Weights):
+            q = quantize_experts(w)
+            dst.q.copy_(q.q)
+            dst.scale.copy_(q.scale)
+        else:
+            dst.copy_(w.detach())
 
     # filling
     @classmethod
@@ -142,7 +140,8 @@ class ExpertStore:
             if e is None:
                 continue
             mod, leaf = own.rsplit(".", 1)
-            store.write(where[mod], e, leaf, reader.get(key))
+            m = where[mod]
+            store.put(store.w_in(m, e) if leaf == "w_in" else store.w_out(m, e), reader.get(key))
         return store
 
     @classmethod
@@ -155,14 +154,8 @@ class ExpertStore:
         store = cls(model.cfg, len(moes), dtype or moes[0].w_in.dtype, budget_bytes, pin, quantize)
         for m, moe in enumerate(moes):
             w_in, w_out = store.weights(store.data[m])
-            if quantize:
-                for dst, w in ((w_in, moe.w_in), (w_out, moe.w_out)):
-                    q = quantize_experts(w)
-                    dst.q.copy_(q.q)
-                    dst.scale.copy_(q.scale)
-            else:
-                w_in.copy_(moe.w_in.detach())
-                w_out.copy_(moe.w_out.detach())
+            store.put(w_in, moe.w_in)
+            store.put(w_out, moe.w_out)
         return store
 
 

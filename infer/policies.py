@@ -158,8 +158,10 @@ class OffloadRunner:
         # need the decode step's slots. prefetch_all needs all E slots per block anyway.
         # With CPU compute of misses active the encoder's blocks keep their whole-block plans (its CPU
         # choice is made per plan): the pool is then sized for the prefill as before.
-        cpu_active = cpu_compute == "always" or (cpu_compute == "auto" and calibration.cpu_wins(1))
-        self.stream_enc = spec.name != "prefetch_all" and self.n_of[0] > self.n_of[1] and not cpu_active
+        # CPU compute of misses: active unless off, or auto with the CPU never predicted faster
+        self.cpu_compute, self.calibration = cpu_compute, calibration
+        self.cpu_active = cpu_compute == "always" or (cpu_compute == "auto" and calibration.cpu_wins(1))
+        self.stream_enc = spec.name != "prefetch_all" and self.n_of[0] > self.n_of[1] and not self.cpu_active
         if self.stream_enc:
             nbuf = 2 if prefill_slots >= 2 else 1
             chunk = prefill_slots // nbuf
@@ -204,9 +206,6 @@ class OffloadRunner:
         self._pending: list[tuple[int | None, torch.Tensor]] = []
         self._observed: tuple[int, torch.Tensor] | None = None
         self.moes = model.moes
-        # CPU compute of misses: active unless off, or auto with the CPU never predicted faster
-        self.cpu_compute, self.calibration = cpu_compute, calibration
-        self.cpu_active = cpu_compute == "always" or (cpu_compute == "auto" and calibration.cpu_wins(1))
         self.cpu_computed = torch.zeros((), dtype=torch.long)  # experts (per block and step), host
         self.cpu_tokens = torch.zeros((), dtype=torch.long)  # token slots computed on the host
         self._cpu_of: dict[int, tuple[torch.Tensor, list[int]]] = {}

@@ -42,8 +42,8 @@ ACTIVATIONS = ("relu", "gelu", "silu", "geglu", "swiglu")
 
 
 class Int8Weights(NamedTuple):
-    """Expert weights as symmetric per-row int8: w[s, r, :] ~= q[s, r, :] * scale[s, r] (what
-    models.checkpoint.quantize_int8 gives per expert). Both paths read q as int8 and apply the scale
+    """Expert weights as symmetric per-row int8: w[s, r, :] ~= q[s, r, :] * scale[s, r] (quantize_experts;
+    the scheme of int8 checkpoints too, models.checkpoint.quantize_int8). Both paths read q as int8 and apply the scale
     once per output row after the sum, so a copy of the weights moves half of bf16's bytes."""
 
     q: torch.Tensor  # int8 [S, R, C] (any strides with the last one 1)
@@ -59,11 +59,21 @@ class Int8Weights(NamedTuple):
 
 
 def quantize_experts(w: torch.Tensor) -> Int8Weights:
-    """Int8Weights of w [S, R, C] (symmetric per row, scale = absmax / 127, as models.checkpoint)."""
+    """Int8Weights of w [..., R, C]: symmetric per row, scale = absmax / 127 (fp32)."""
     w32 = w.detach().float()
     scale = w32.abs().amax(dim=-1).clamp_min(1e-12) / 127.0
     q = torch.round(w32 / scale[..., None]).clamp_(-127, 127).to(torch.int8)
     return Int8Weights(q, scale)
+
+
+def _quantized(w_in, w_out) -> bool:
+    """Whether the weights are Int8Weights (both must be, or neither)."""
+    quant = isinstance(w_in, Int8Weights)
+    if quant != isinstance(w_out, Int8Weights):
+        raise ValueError("w_in and w_out must both be Int8Weights or both tensors")
+    return quant
+
+
 # name -> (ACT code of _activate, GATED)
 _ACT_CODE = {"relu": (0, False), "gelu": (1, False), "silu": (2, False), "geglu": (1, True),
              "swiglu": (2, True)}
@@ -325,7 +335,7 @@ if HAVE_TRITON:
         # tiles h[r, f-tile] = act(W_in[s, f-tile, :] @ x[t]) (tiles pid, pid + G, ...) and stores them,
         # meets every other program at a grid barrier, and finishes y[t, d-tile] = sum_j w[r] *
         # W_out-tile @ h[r] (fixed order) from L2. Both weight matrices stream from HBM at once, in one launch.
-        # The barrier needs every program resident (the launcher bounds G by the occupancy) and one such
+        # The barrier needs every program resident (the launcher keeps G <= #SM, one program per SM) and one such
         # launch at a time per sync buffer (calls on one stream are ordered; with PDL a launch passes
         # gdc_wait only after the previous grid has finished). sync: [count, generation, timeouts].
         # PHASE 1 / 2 run the halves as two launches with no barrier: Triton's interpreter runs programs
@@ -607,9 +617,7 @@ def expert_ffn_triton(
     if activation not in _ACT_CODE:
         raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     act, gated = _ACT_CODE[activation]
-    quant = isinstance(w_in, Int8Weights)
-    if quant != isinstance(w_out, Int8Weights):
-        raise ValueError("w_in and w_out must both be Int8Weights or both tensors")
+    quant = _quantized(w_in, w_out)
     if quant:
         (w_in, s_in), (w_out, s_out) = w_in, w_out
         if w_in.dtype != torch.int8 or w_out.dtype != torch.int8 or s_in.shape != w_in.shape[:2] \
@@ -791,9 +799,7 @@ def expert_ffn_reference(
     summed into the output (as transformers' Switch model does). Int8Weights are dequantized per
     slot into x's dtype first.
     """
-    quant = isinstance(w_in, Int8Weights)
-    if quant != isinstance(w_out, Int8Weights):
-        raise ValueError("w_in and w_out must both be Int8Weights or both tensors")
+    quant = _quantized(w_in, w_out)
     T, k = ids.shape
     slots_R = ids.reshape(-1).long()
     if slot_of_expert is not None:

@@ -18,13 +18,11 @@ import os
 
 import torch
 
-try:
+from kernels.routing import HAVE_TRITON, use_triton  # the kernel on CUDA; on the CPU only when forced
+
+if HAVE_TRITON:  # CPU-only installs without triton: the reference still works
     import triton
     import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # CPU-only installs without triton: the reference still works
-    HAVE_TRITON = False
 
 # Victim keys above any LRU tick or LFU count: a slot holding an expert this plan needs (never a victim),
 # a staging slot (taken only when no cache slot can take a miss).
@@ -38,16 +36,6 @@ CACHE_KINDS = ("lru", "lfu")
 # switch-base-128, same tokens): pregated 1.52 vs 1.67 ms/token, on_demand 2.22 vs 2.71 with the reference
 # plan; scripts/bench_e2e.py still runs self_check() first and falls back to the reference if it fails.
 DEFAULT_IMPL = os.environ.get("PGMOE_PLAN_IMPL", "auto")
-
-
-def use_kernel(t: torch.Tensor) -> bool:
-    """The kernel on CUDA tensors; on CPU tensors only under Triton's interpreter with PGMOE_FORCE_TRITON=1
-    (as kernels.routing: an interpreted plan costs ~20 ms, the reference well under 1 ms)."""
-    if not HAVE_TRITON:
-        return False
-    if t.is_cuda:
-        return True
-    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("PGMOE_FORCE_TRITON") == "1"
 
 
 # --------------------------------------------------------------------------------------------- reference
@@ -284,7 +272,7 @@ def plan_slots(
     impl = impl or DEFAULT_IMPL
     if impl not in ("auto", "triton", "reference"):
         raise ValueError(f"plan_slots: impl={impl!r}; expected auto, triton or reference")
-    if impl == "reference" or (impl == "auto" and not use_kernel(holder_K)):
+    if impl == "reference" or (impl == "auto" and not use_triton(holder_K)):
         return plan_slots_reference(
             need_E, holder_K, cand_slot_K, table_E, last_use_C, freq_E, tick, hits, lookups, copied,
             plan_src, plan_dst, C=C, n=n, cache_kind=cache_kind, fresh=fresh, ids=ids,

@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from kernels.expert_ffn import quantize_experts
 from models.config import ConfigError, SwitchConfig
 from models.switch import Switch
 
@@ -174,10 +175,9 @@ SCALE_SUFFIX = ".int8_scale"
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: w[r, :] ~= q[r, :] * scale[r] (scale fp32, absmax / 127)."""
-    w32 = w.detach().float()
-    scale = w32.abs().amax(dim=-1).clamp_min(1e-12) / 127.0
-    q = torch.round(w32 / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    """Symmetric per-row int8: w[r, :] ~= q[r, :] * scale[r] (scale fp32, absmax / 127); the scheme the
+    expert FFN kernels read (kernels.expert_ffn.quantize_experts)."""
+    q, scale = quantize_experts(w)
     return q, scale
 
 

@@ -165,8 +165,7 @@ class SparseMLP(nn.Module):
         split = getattr(self.expert_source, "split", None)  # optional hook (CPU compute of misses)
         if split is not None:
             routing, extra = split(x_BSD, routing)
-        fast = self.backend == "triton" and not torch.is_grad_enabled()
-        fn = _ffn.expert_ffn if fast else _ffn.expert_ffn_reference
+        fn = self._ffn()
         grouped = self.train_backend == "grouped" and torch.is_grad_enabled()
         if grouped and slots is None and extra is None and routing.ids.shape[-1] == 1:
             drop = self.dropout.p if self.training else 0.0
@@ -181,13 +180,17 @@ class SparseMLP(nn.Module):
             y_BSD = fn(x_ND, w_in, w_out, routing.ids, routing.weights, slots, self.activation).view(B, S, D)
         return y_BSD if extra is None else y_BSD + extra()
 
+    def _ffn(self):
+        """The expert FFN: the Triton kernels (backend triton, no grad) or the differentiable reference."""
+        fast = self.backend == "triton" and not torch.is_grad_enabled()
+        return _ffn.expert_ffn if fast else _ffn.expert_ffn_reference
+
     def _experts_chunked(self, x_BSD, routing, parts):
         B, S, D = x_BSD.shape
         x_ND = x_BSD.reshape(B * S, D)
-        fast = self.backend == "triton" and not torch.is_grad_enabled()
-        fn = _ffn.expert_ffn if fast else _ffn.expert_ffn_reference
+        fn = self._ffn()
         # the Triton FFN takes the whole block's config (path, tiles) for every chunk, as gpu_only's one call
-        kw = {"config_tokens": B * S} if fast else {}
+        kw = {"config_tokens": B * S} if fn is _ffn.expert_ffn else {}
         y = torch.zeros_like(x_ND)
         for w_in, w_out, slots, tok, in_chunk in parts:
             if tok.numel() == 0:

@@ -81,7 +81,6 @@ from infer.engine import Engine  # noqa: E402
 from infer.offload import ExpertStore, OffloadError, default_budget_bytes, is_expert_param  # noqa: E402
 from infer.policies import PolicySpec  # noqa: E402
 from kernels import slot_plan  # noqa: E402
-from kernels.expert_ffn import quantize_experts  # noqa: E402
 from models.config import ConfigError, preset  # noqa: E402
 from models.pregate import convert_to_pregated  # noqa: E402
 from models.switch import Switch  # noqa: E402
@@ -139,12 +138,8 @@ def quantized_store(store: ExpertStore, cfg, device, budget) -> ExpertStore:
     """The same experts as per-row int8 (offload.quantize=int8), quantized block by block on the device."""
     q = ExpertStore(cfg, store.M, store.dtype, budget, pin=device.type == "cuda", quantize="int8")
     for m in range(store.M):
-        w_in, w_out = store.weights(store.data[m].to(device))
-        q_in, q_out = q.weights(q.data[m])
-        for dst, w in ((q_in, w_in), (q_out, w_out)):
-            qw = quantize_experts(w)
-            dst.q.copy_(qw.q)
-            dst.scale.copy_(qw.scale)
+        for dst, w in zip(q.weights(q.data[m]), store.weights(store.data[m].to(device))):
+            q.put(dst, w)
     return q
 
 
@@ -898,23 +893,33 @@ CRITICAL_METHOD = (
 )
 
 
+@contextlib.contextmanager
+def engine_settings(eng: Engine, **settings):
+    """The engine's attributes set to `settings` inside, restored on exit."""
+    saved = {k: getattr(eng, k) for k in settings}
+    for k, v in settings.items():
+        setattr(eng, k, v)
+    try:
+        yield eng
+    finally:
+        for k, v in saved.items():
+            setattr(eng, k, v)
+
+
 def copy_accounting(eng: Engine, spec: PolicySpec, ids, nb: int, m: dict, link: float | None) -> dict:
     """Bytes and bandwidth of the copies of the timed decode steps of a run with metrics m (see COPY_METHOD)."""
     steps, total_ms = m.get("decode_steps_timed") or 0, m.get("decode_ms_total") or 0.0
     if m.get("new_tokens", 0) < 2 or not steps or total_ms <= 0:
         return {"error": "fewer than 2 tokens: no timed decode step"}
-    saved_stall, saved_mode = eng.measure_stall, eng.copy_mode
-    eng.measure_stall = False
-    if m.get("copy_mode") in ("device", "host", "cpu"):
-        eng.copy_mode = m["copy_mode"]  # the mode the measured run used (run_one may have fallen back)
+    # the copy mode the measured run used (run_one may have fallen back)
+    mode = m["copy_mode"] if m.get("copy_mode") in ("device", "host", "cpu") else eng.copy_mode
     try:
-        one = eng.run(spec, ids, None, max_new_tokens=1, num_beams=nb, warmup=False)
+        with engine_settings(eng, measure_stall=False, copy_mode=mode):
+            one = eng.run(spec, ids, None, max_new_tokens=1, num_beams=nb, warmup=False)
     except Exception as e:
         if eng.device.type == "cuda":
             torch.cuda.synchronize()
         return {"error": f"1-token run failed: {type(e).__name__}: {str(e)[:300]}"}
-    finally:
-        eng.measure_stall, eng.copy_mode = saved_stall, saved_mode
     out = copy_figures(m["bytes_copied"], one.metrics["bytes_copied"], steps, total_ms, m, link)
     if eng.device.type == "cuda":
         out["while_copying"] = copy_kernel_eager(eng, spec, ids, nb, m, link)
@@ -926,17 +931,13 @@ def copy_kernel_eager(eng: Engine, spec: PolicySpec, ids, nb: int, m: dict, link
     8-token run of the same policy (timing events cannot sit in a captured graph; each copy is one
     kernel of whole experts, timed alike either way). Beside the lower bound above, which also counts
     the time the link waits for routing."""
-    saved = eng.cuda_graph, eng.measure_copy, eng.measure_stall, eng.copy_mode
-    eng.cuda_graph, eng.measure_copy, eng.measure_stall = False, True, False
-    if m.get("copy_mode") in ("device", "host"):
-        eng.copy_mode = m["copy_mode"]
+    mode = m["copy_mode"] if m.get("copy_mode") in ("device", "host") else eng.copy_mode
     try:
-        ck = eng.run(spec, ids, None, max_new_tokens=8, num_beams=nb, warmup=False).metrics.get("copy_kernel")
+        with engine_settings(eng, cuda_graph=False, measure_copy=True, measure_stall=False, copy_mode=mode):
+            ck = eng.run(spec, ids, None, max_new_tokens=8, num_beams=nb, warmup=False).metrics.get("copy_kernel")
     except Exception as e:  # noqa: BLE001 - recorded; the run's other figures stand
         torch.cuda.synchronize()
         return {"error": f"eager run failed: {type(e).__name__}: {str(e)[:300]}"}
-    finally:
-        eng.cuda_graph, eng.measure_copy, eng.measure_stall, eng.copy_mode = saved
     if not ck or not ck.get("GBps"):
         return {"error": "no copies timed", "copy_kernel": ck}
     return {**ck, "efficiency": ck["GBps"] / link if link else None,
@@ -1216,15 +1217,12 @@ def bench_sweep(shape, cfg, eng: Engine, args, over_budget, result, out, save) -
                 continue
             spec = PolicySpec.parse(name)
             n_new = sw["prefetch_all_tokens"] if name == "prefetch_all" else args.sweep_new_tokens
-            saved_stall = eng.measure_stall
             # prefetch_all's stall would replay its (slow) steps 2 x 20 times: not worth the time here
-            eng.measure_stall = saved_stall and name != "prefetch_all"
+            stall = eng.measure_stall and name != "prefetch_all"
             t_run = time.perf_counter()
             with forcing.active() if forcing else contextlib.nullcontext():
-                try:
+                with engine_settings(eng, measure_stall=stall):
                     entry = run_one(eng, spec, ids, n_new, 1, args)
-                finally:
-                    eng.measure_stall = saved_stall
                 preds = forcing.predictions if forcing else None
                 tokens = entry.pop("tokens", None)
                 if "metrics" in entry:

@@ -600,63 +600,52 @@ def aggregate(jobs: list[Job], ckpts: dict[str, Path], a: argparse.Namespace) ->
         if conv is None:
             continue
         hc, hv = conv["headline"], c["headline"]
-        if not (hc["n"] and hv["n"]):  # a side with no finite run: nothing to compare
-            c["vs_conventional"] = None
-            if v == "pregated-L1":
-                checks.append(
-                    {
-                        "model": m,
-                        "task": t,
-                        "judged": False,
-                        "why": "; ".join(_diverged_note(x) for x in (conv, c) if x["diverged_seeds"]),
-                        "pass": None,
-                        "n_seeds": [conv["n_runs"], c["n_runs"]],
-                        "n_finite": [hc["n"], hv["n"]],
-                    }
-                )
-            continue
-        # over the finite seeds; `complete`: no seed of either row diverged
+        # `complete`: no seed of either row diverged (a Δ over the finite seeds is shown, never judged)
         complete = not (conv["diverged_seeds"] or c["diverged_seeds"])
-        diff = hv["mean"] - hc["mean"]
-        rel = 100.0 * diff / abs(hc["mean"]) if hc["mean"] else float("nan")
-        spread = math.sqrt(hc["std"] ** 2 + hv["std"] ** 2)
-        c["vs_conventional"] = {
-            "diff": diff,
-            "rel_diff_pct": rel,
-            "quality_change_pct": rel if hv["higher_is_better"] else -rel,
-            "seed_spread": spread,
-            "complete": complete,
-        }
-        if v == "pregated-L1" and not complete:
+        c["vs_conventional"] = None
+        if hc["n"] and hv["n"]:  # over the finite seeds
+            diff = hv["mean"] - hc["mean"]
+            rel = 100.0 * diff / abs(hc["mean"]) if hc["mean"] else float("nan")
+            spread = math.sqrt(hc["std"] ** 2 + hv["std"] ** 2)
+            c["vs_conventional"] = {
+                "diff": diff,
+                "rel_diff_pct": rel,
+                "quality_change_pct": rel if hv["higher_is_better"] else -rel,
+                "seed_spread": spread,
+                "complete": complete,
+            }
+        if v != "pregated-L1":
+            continue
+        if not complete:
             # a mean over the seeds that happened not to diverge is no basis for a verdict
-            checks.append(
-                {
-                    "model": m,
-                    "task": t,
-                    "judged": False,
-                    "why": "; ".join(_diverged_note(x) for x in (conv, c) if x["diverged_seeds"]),
-                    "quality_change_pct_finite_seeds": c["vs_conventional"]["quality_change_pct"],
-                    "pass": None,
-                    "n_seeds": [conv["n_runs"], c["n_runs"]],
-                    "n_finite": [hc["n"], hv["n"]],
-                }
-            )
-        elif v == "pregated-L1":
-            q = c["vs_conventional"]["quality_change_pct"]
-            ok_rel, ok_spread = q >= -1.0, abs(diff) <= spread
-            checks.append(
-                {
-                    "model": m,
-                    "task": t,
-                    "judged": True,
-                    "quality_change_pct": q,
-                    "within_1pct": abs(rel) <= 1.0,
-                    "at_most_1pct_worse": ok_rel,
-                    "within_seed_spread": ok_spread,
-                    "pass": ok_rel or ok_spread,
-                    "n_seeds": [hc["n"], hv["n"]],
-                }
-            )
+            check = {
+                "model": m,
+                "task": t,
+                "judged": False,
+                "why": "; ".join(_diverged_note(x) for x in (conv, c) if x["diverged_seeds"]),
+                "pass": None,
+                "n_seeds": [conv["n_runs"], c["n_runs"]],
+                "n_finite": [hc["n"], hv["n"]],
+            }
+            if c["vs_conventional"]:
+                check["quality_change_pct_finite_seeds"] = c["vs_conventional"]["quality_change_pct"]
+            checks.append(check)
+            continue
+        q = c["vs_conventional"]["quality_change_pct"]
+        ok_rel, ok_spread = q >= -1.0, abs(diff) <= spread
+        checks.append(
+            {
+                "model": m,
+                "task": t,
+                "judged": True,
+                "quality_change_pct": q,
+                "within_1pct": abs(rel) <= 1.0,
+                "at_most_1pct_worse": ok_rel,
+                "within_seed_spread": ok_spread,
+                "pass": ok_rel or ok_spread,
+                "n_seeds": [hc["n"], hv["n"]],
+            }
+        )
     trends = []
     for m in a.models:
         for t in a.tasks:

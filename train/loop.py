@@ -638,19 +638,15 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
             for p in params:
                 if p.grad is not None:
                     p.grad.fill_(float("nan"))
-        # The global gradient norm (over ranks: DDP gradients are all-reduced, FSDP's clip reduces):
-        # clipping with max_norm=inf measures without changing anything.
+        # The global gradient norm (over ranks: DDP gradients are all-reduced, FSDP's clip reduces);
+        # clipping with max_norm=inf measures without changing anything. A non-finite loss on any rank
+        # makes it non-finite on every rank, so all ranks skip the same steps with no extra collective.
         max_norm = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else float("inf")
         if hasattr(wrapped, "clip_grad_norm_"):
             gnorm = wrapped.clip_grad_norm_(max_norm)
         else:
             gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        finite = math.isfinite(float(gnorm)) and all(math.isfinite(v) for v in logged.values())
-        if d.world > 1:  # the loss terms are per rank: every rank skips, or none
-            f = torch.tensor([float(not finite)], device=d.device)
-            dist.all_reduce(f)
-            finite = f.item() == 0
-        if finite:
+        if math.isfinite(float(gnorm)):
             opt.step()
             nonfinite_run = 0
         else:
