@@ -18,7 +18,7 @@ import torch
 
 from infer import report as rep
 from infer.engine import Engine, RunResult, load_offloaded
-from infer.offload import GB, default_budget_bytes
+from infer.offload import GB, CopySettings, default_budget_bytes
 from infer.policies import PolicySpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,6 +193,8 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
         link_GBps=cfg.offload.link_GBps,
         cpu_overhead_ms=cfg.offload.cpu_overhead_ms,
         prefill_slots=int(cfg.offload.prefill_slots),
+        copy=CopySettings(str(cfg.offload.copy_priority), int(cfg.offload.copy_programs),
+                          int(cfg.offload.copy_block), int(cfg.offload.copy_warps)),
     )
     peak = rep.pinned_peak_GBps(device)
     env = rep.environment(device)

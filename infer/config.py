@@ -38,6 +38,12 @@ class OffloadConf:
     # none | int8: experts stored, copied and computed as symmetric per-row int8 (half of bf16's bytes
     # to copy; every policy, gpu_only included, then computes from the same int8 weights)
     quantize: str = "none"
+    # the device copy kernel (copy_mode device): normal | high stream priority for the copy stream,
+    # programs per copied expert, elements per program and iteration (infer.offload.CopySettings)
+    copy_priority: str = "normal"
+    copy_programs: int = 32
+    copy_block: int = 8192
+    copy_warps: int = 4
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from infer import cpu_compute as cc
-from infer.offload import ExpertStore, OffloadError, is_expert_param
+from infer.offload import CopySettings, ExpertStore, OffloadError, is_expert_param
 from infer.policies import OffloadRunner, PolicySpec, check_cpu_compute
 from kernels.expert_ffn import Int8Weights
 from models.generate import beam_search, greedy
@@ -239,6 +239,7 @@ class Engine:
         link_GBps: float | None = None,
         cpu_overhead_ms: float | None = None,
         prefill_slots: int = 16,
+        copy: CopySettings | None = None,
     ):
         self.model, self.store = model, store
         model.fuse_for_inference()  # q/k/v as one matrix product (views: no extra memory)
@@ -255,6 +256,7 @@ class Engine:
         self.link_GBps, self.cpu_overhead_ms = link_GBps, cpu_overhead_ms
         self._calibration: cc.Calibration | None = None
         self.prefill_slots = prefill_slots
+        self.copy = copy or CopySettings()  # the device copy kernel's stream priority and grid
 
     def calibration(self) -> cc.Calibration:
         """The CPU-compute cost model's numbers, measured once on this engine's store."""
@@ -306,6 +308,7 @@ class Engine:
                 cpu_compute=cpu_mode,
                 calibration=self.calibration() if cpu_mode != "off" else None,
                 prefill_slots=self.prefill_slots,
+                copy=self.copy,
             ).attach()
             # timing events cannot sit in a captured graph: eager steps time each wait; a graph step's
             # stall is derived after the run (stall_by_difference)

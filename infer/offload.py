@@ -15,6 +15,7 @@ slot/table/cache logic runs, so the equality tests exercise it.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -187,6 +188,37 @@ def is_expert_param(name: str) -> bool:
     return name.endswith(".ff.w_in") or name.endswith(".ff.w_out")
 
 
+@dataclass(frozen=True)
+class CopySettings:
+    """How the device copy kernel moves experts (offload.copy_priority / copy_programs / copy_block).
+
+    priority: "normal", or "high": the copy stream at the device's highest stream priority, so that
+    the copy kernel's blocks are scheduled ahead of the compute kernels waiting for free SMs (a
+    captured graph keeps each kernel node's priority). programs: persistent programs per copied
+    expert (each PCIe read is issued by an SM: more programs, more reads in flight, fewer SMs for
+    the compute it overlaps); block: elements each program moves per iteration; warps: per program."""
+
+    priority: str = "normal"
+    programs: int = 32
+    block: int = 8192
+    warps: int = 4
+
+    def __post_init__(self):
+        if self.priority not in ("normal", "high"):
+            raise OffloadError(f"offload.copy_priority={self.priority!r}; expected normal or high")
+        if not isinstance(self.programs, int) or not 1 <= self.programs <= 1024:
+            raise OffloadError(f"offload.copy_programs={self.programs!r}; expected an integer in 1..1024")
+        b = self.block
+        if not isinstance(b, int) or b < 256 or b > 65536 or b & (b - 1):
+            raise OffloadError(f"offload.copy_block={b!r}; expected a power of two in 256..65536")
+        if self.warps not in (1, 2, 4, 8, 16):
+            raise OffloadError(f"offload.copy_warps={self.warps!r}; expected 1, 2, 4, 8 or 16")
+
+    def stream_priority(self) -> int:
+        """torch.cuda.Stream's priority (lower is higher; out-of-range values map to the device's highest)."""
+        return -100 if self.priority == "high" else 0
+
+
 # ----------------------------------------------------------------------------------------------- slots
 class SlotPool:
     """GPU slots for expert weights: pool [P, X]; w_in [P, F, D] and w_out [P, D, F] are views of it
@@ -211,8 +243,10 @@ class SlotPool:
         ring: int,
         copy_mode: str = "auto",
         n_prefill: int = 0,
+        copy: CopySettings | None = None,
     ):
         self.store, self.device = store, torch.device(device)
+        self.copy_settings = copy or CopySettings()
         self.M, self.E, self.C, self.n, self.R = store.M, store.E, cache_size, n_stage, ring
         self.n_prefill = n_prefill  # slots the encoder's blocks stream their experts through (after staging)
         self.prefill_base = self.M * self.C + self.R * self.n
@@ -234,7 +268,8 @@ class SlotPool:
                 "use device or host on CUDA, cpu without a GPU"
             )
         self.copy_mode = copy_mode
-        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.copy_stream = (torch.cuda.Stream(self.device, priority=self.copy_settings.stream_priority())
+                            if self.cuda else None)
         self.copy_done = [torch.cuda.Event() if self.cuda else None for _ in range(self.M)]
         self.prefill_done = [torch.cuda.Event() if self.cuda else None for _ in range(2)]  # per buffer
         self.stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
@@ -259,7 +294,8 @@ class SlotPool:
         if not self.cuda:
             if self.copy_mode == "device":  # the kernel under TRITON_INTERPRET (tests)
                 src, dst = self._rows(m)
-                expert_copy.gather_rows(src, src_n, dst, dst_n)
+                cs = self.copy_settings
+                expert_copy.gather_rows(src, src_n, dst, dst_n, cs.programs, cs.block, cs.warps)
             else:
                 self._copy_host(m, src_n, dst_n)
             return
@@ -271,7 +307,8 @@ class SlotPool:
                 a.record(self.copy_stream)
             if self.copy_mode == "device":
                 src, dst = self._rows(m)
-                expert_copy.gather_rows(src, src_n, dst, dst_n, num_programs=32, block=8192)
+                cs = self.copy_settings
+                expert_copy.gather_rows(src, src_n, dst, dst_n, cs.programs, cs.block, cs.warps)
             else:
                 self._copy_host(m, src_n, dst_n)
             if timed:
@@ -326,4 +363,4 @@ class SlotPool:
         return sum(a.elapsed_time(b) for a, b in self.stall_events)
 
 
-__all__ = ["ExpertStore", "SlotPool", "OffloadError", "default_budget_bytes", "is_expert_param", "GB"]
+__all__ = ["CopySettings", "ExpertStore", "SlotPool", "OffloadError", "default_budget_bytes", "is_expert_param", "GB"]

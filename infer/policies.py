@@ -22,12 +22,12 @@ staging slots) -> the block's expert->slot table. Legend as in infer/offload.py.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
 from infer import cpu_compute as cc
-from infer.offload import ExpertStore, OffloadError, SlotPool
+from infer.offload import CopySettings, ExpertStore, OffloadError, SlotPool
 from kernels.slot_plan import plan_slots
 from models.moe import Routing, gate_logits, routing_from_logits
 
@@ -114,6 +114,7 @@ class OffloadRunner:
         cpu_compute: str = "off",
         calibration: cc.Calibration | None = None,
         prefill_slots: int = 16,
+        copy: CopySettings | None = None,
     ):
         spec.validate()
         if prefill_slots < 1:
@@ -173,7 +174,7 @@ class OffloadRunner:
         self.prefill_bufs, self.prefill_chunk = nbuf, chunk
         ring = (cfg.lookahead + 1) if spec.name in ("pregated", "lookahead") else 2
         self.ring = ring
-        self.pool = SlotPool(store, self.device, self.C, max(self.n_of), ring, copy_mode, nbuf * chunk)
+        self.pool = SlotPool(store, self.device, self.C, max(self.n_of), ring, copy_mode, nbuf * chunk, copy)
         dev = self.device
         M, C, n = store.M, self.C, max(self.n_of)
         self.prefill_slot = [
@@ -296,6 +297,7 @@ class OffloadRunner:
                 "prefill": self.pool.n_prefill,
             },
             "copy_mode": self.pool.copy_mode,
+            "copy_settings": asdict(self.pool.copy_settings),
             "cpu_compute": self.cpu_compute,
             "cpu_compute_active": self.cpu_active,
             "experts_cpu_computed": int(self.cpu_computed),

@@ -60,7 +60,8 @@ def gather_rows_reference(src_EC: torch.Tensor, ids_n: torch.Tensor, dst_SC: tor
 
 
 def gather_rows(src_EC: torch.Tensor, ids_n: torch.Tensor, dst_SC: torch.Tensor,
-                dst_row_n: torch.Tensor | None = None, num_programs: int = 16, block: int = 4096) -> torch.Tensor:
+                dst_row_n: torch.Tensor | None = None, num_programs: int = 16, block: int = 4096,
+                num_warps: int = 4) -> torch.Tensor:
     """Copy rows of `src` (pinned host memory, or any memory the GPU can address) chosen by `ids`
     (on the GPU) into rows of `dst` (on the GPU), without a host synchronisation.
 
@@ -81,7 +82,7 @@ def gather_rows(src_EC: torch.Tensor, ids_n: torch.Tensor, dst_SC: torch.Tensor,
     C = src_EC[0].numel()
     _gather_rows_kernel[(n, num_programs)](
         src_EC, ids_n, dst_SC, dst_row_n if dst_row_n is not None else ids_n, C,
-        HAS_DST_ROW=dst_row_n is not None, BLOCK=block, NUM_PROGRAMS=num_programs,
+        HAS_DST_ROW=dst_row_n is not None, BLOCK=block, NUM_PROGRAMS=num_programs, num_warps=num_warps,
     )
     return dst_SC
 

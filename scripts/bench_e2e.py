@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -78,7 +79,7 @@ import torch  # noqa: E402
 import infer.engine as engine_mod  # noqa: E402
 from infer import report as rep  # noqa: E402
 from infer.engine import Engine  # noqa: E402
-from infer.offload import ExpertStore, OffloadError, default_budget_bytes, is_expert_param  # noqa: E402
+from infer.offload import CopySettings, ExpertStore, OffloadError, default_budget_bytes, is_expert_param  # noqa: E402
 from infer.policies import PolicySpec  # noqa: E402
 from kernels import slot_plan  # noqa: E402
 from models.config import ConfigError, preset  # noqa: E402
@@ -458,10 +459,35 @@ def main() -> int:
     return 0
 
 
-# A table run named "<policy>#torchplan" plans its slots with the PyTorch reference of the slot-plan
-# kernel (kernels/slot_plan.py: ~35 small ops per MoE block instead of one kernel; on CUDA the other runs
-# use the kernel once its self-check passed): the lever's A/B.
+# Variants of a table run, "<policy>#<variant>[#<variant>...]" (the levers' A/B in one run):
+#   torchplan: slots planned by the PyTorch reference of the slot-plan kernel (kernels/slot_plan.py: ~35
+#              small ops per MoE block instead of one kernel; on CUDA the other runs use the kernel once
+#              its self-check passed)
+#   hi:        the copy stream at the highest priority (offload.copy_priority=high)
+#   p<N>, b<B>, w<W>: the device copy kernel with N programs per expert, B elements per iteration, W
+#              warps per program (offload.copy_programs / copy_block / copy_warps), e.g. pregated#p64#b4096
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
+
+
+def parse_variant(variant: str) -> tuple[str | None, dict]:
+    """"torchplan#hi#p64" -> ("reference", {"priority": "high", "programs": 64}); SystemExit when unknown."""
+    plan, copy = None, {}
+    for tok in [t for t in variant.split("#") if t]:
+        if tok in PLAN_VARIANTS:
+            plan = PLAN_VARIANTS[tok]
+        elif tok == "hi":
+            copy["priority"] = "high"
+        elif tok[:1] in ("p", "b", "w") and tok[1:].isdigit():
+            copy[{"p": "programs", "b": "block", "w": "warps"}[tok[0]]] = int(tok[1:])
+        else:
+            raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #hi, #p<programs>, #b<block>, "
+                             "#w<warps>")
+    if copy:
+        try:
+            CopySettings(**copy)
+        except OffloadError as e:
+            raise SystemExit(f"run variant #{variant}: {e}") from None
+    return plan, copy
 
 
 def parse_table_runs(text: str | None) -> dict | None:
@@ -477,9 +503,7 @@ def parse_table_runs(text: str | None) -> dict | None:
                          "beam4:gpu_only,on_demand,pregated")
     for p in pols:
         core, _, variant = p.partition("#")
-        if variant not in PLAN_VARIANTS:
-            raise SystemExit(f"--table-runs: {p!r}: unknown variant #{variant}; known: "
-                             + ", ".join("#" + v for v in PLAN_VARIANTS if v))
+        parse_variant(variant)
         PolicySpec.parse(core.partition("+cpu_")[0])  # an unknown policy fails here, before any run
     return {"modes": modes, "policies": pols}
 
@@ -644,13 +668,15 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
         n_new = args.prefetch_all_tokens if spec.name == "prefetch_all" else args.new_tokens
         t_run = time.perf_counter()
         impl_before = slot_plan.DEFAULT_IMPL
-        if PLAN_VARIANTS.get(variant):
-            slot_plan.DEFAULT_IMPL = PLAN_VARIANTS[variant]
+        plan, copy = parse_variant(variant)
+        if plan:
+            slot_plan.DEFAULT_IMPL = plan
         try:
-            entry = run_one(eng, spec, ids, n_new, nb, args, cpu_compute=cpu_mode or "off")
+            with engine_settings(eng, copy=dataclasses.replace(eng.copy, **copy)):
+                entry = run_one(eng, spec, ids, n_new, nb, args, cpu_compute=cpu_mode or "off")
         finally:
             slot_plan.DEFAULT_IMPL = impl_before
-        entry["slot_plan"] = PLAN_VARIANTS.get(variant) or slot_plan.DEFAULT_IMPL
+        entry["slot_plan"] = plan or slot_plan.DEFAULT_IMPL
         entry.update(label=label, family=family, decoding=mode, lookahead=lookahead)
         if cpu_mode or variant:
             entry["policy"] = name
@@ -677,7 +703,7 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
         if (
             family.startswith("pregated")
             and not cpu_mode
-            and not variant
+            and not plan  # copy variants are accounted (their bandwidth is the point); plan variants not
             and spec.name in COPY_ACCOUNTED
             and spec.cache_size == 0
             and "metrics" in entry

@@ -108,7 +108,8 @@ def summarize(doc: dict, source: str) -> str:
                     + f"{_f(g_gpu)} / {_f(g_pg)} | "
                     + f"{_f(100 * g_pg / g_gpu if g_pg and g_gpu else None, '{:.1f}')} |"
                 )
-        lines += copy_table(shapes) + memory_table(shapes) + lookahead_table(shapes) + int8_table(shapes)
+        lines += (copy_table(shapes) + variant_table(shapes) + memory_table(shapes) + lookahead_table(shapes)
+                  + int8_table(shapes))
     for shape, s in shapes.items():
         if (s.get("batch_sweep") or {}).get("points"):
             lines += sweep_table(shape, s["batch_sweep"], s.get("config"), s.get("expert_bytes"))
@@ -168,6 +169,45 @@ def copy_table(shapes: dict) -> list[str]:
         "| shape | decoding | policy | MB copied per step | GB/s (lower bound) | % of pinned peak | "
         "GB/s while copying | % of pinned peak | stall ms/token | copy on critical path |",
         "|" + "---|" * 10,
+    ] + rows
+
+
+def variant_table(shapes: dict) -> list[str]:
+    """Table runs named <policy>#<variant> (bench_e2e's levers: #torchplan, #hi, #p<N>, #b<B>) beside their
+    base policy of the same run: ms/token, the copy stall, the copy bandwidth's lower bound."""
+    rows, seen = [], set()
+    for shape, s in shapes.items():
+        for mode in ("greedy", "beam4"):
+            runs = _runs(s, mode)
+            for name, r in runs.items():
+                base, sep, _variant = name.partition("#")
+                if not sep:
+                    continue
+                for label, e in ((base, runs.get(base)), (name, r)):
+                    if e is None or (shape, mode, label) in seen:
+                        continue
+                    seen.add((shape, mode, label))
+                    m, c = e.get("metrics") or {}, e.get("copy") or {}
+                    cs = m.get("copy_settings") or {}
+                    setting = (f"{cs.get('priority', '-')}, {cs.get('programs', '-')} x {cs.get('block', '-')}, "
+                               f"{cs.get('warps', 4)} warps" if cs else "-")
+                    rows.append(
+                        f"| {shape} | {mode} | {label} | {e.get('slot_plan') or '-'} | {setting} | {_f(_ms(e))} | "
+                        f"{_f(m.get('stall_ms_per_token'), '{:.3f}')} | "
+                        f"{_f(c.get('achieved_GBps_lower_bound'), '{:.1f}')} |"
+                    )
+    if not rows:
+        return []
+    return [
+        "",
+        "Lever variants, each beside its base policy of the same run (`<policy>#<variant>`: #torchplan = the "
+        "PyTorch slot plan; #hi = the copy stream at the highest priority; #p<N>/#b<B>/#w<W> = the device "
+        "copy kernel's programs per expert, elements per iteration and warps per program). Stall: the captured step with its copies "
+        "minus without; GB/s: the copy bandwidth's lower bound (decode bytes / step time).",
+        "",
+        "| shape | decoding | run | slot plan | copy: priority, programs x block, warps | ms/token | stall ms/token | "
+        "GB/s (lower bound) |",
+        "|" + "---|" * 8,
     ] + rows
 
 

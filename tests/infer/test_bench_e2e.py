@@ -225,7 +225,12 @@ def test_parse_table_runs():
     assert bench.parse_table_runs("beam4:gpu_only,on_demand,pregated") == {
         "modes": ["beam4"], "policies": ["gpu_only", "on_demand", "pregated"]}
     assert bench.parse_table_runs("greedy,beam4:pregated@lru32,on_demand+cpu_auto")["modes"] == ["greedy", "beam4"]
-    for bad in ("beam4", "beam8:gpu_only", "beam4:", "beam4:no_such_policy"):
+    assert bench.parse_table_runs("greedy:pregated#hi#p64#b4096#w8,on_demand#torchplan")["policies"] == [
+        "pregated#hi#p64#b4096#w8", "on_demand#torchplan"]
+    assert bench.parse_variant("torchplan#hi#p64") == ("reference", {"priority": "high", "programs": 64})
+    assert bench.parse_variant("") == (None, {})
+    for bad in ("beam4", "beam8:gpu_only", "beam4:", "beam4:no_such_policy", "greedy:pregated#fast",
+                "greedy:pregated#p0", "greedy:pregated#b1000", "greedy:pregated#w3"):
         with pytest.raises((SystemExit, ValueError)):
             bench.parse_table_runs(bad)
 
@@ -458,3 +463,30 @@ def test_bench_tiny_int8_family(tmp_path):
     assert "| tiny | greedy | int8 |" in text and "| tiny | greedy | float |" in text
     la = [ln for ln in text.splitlines() if ln.startswith("| tiny | greedy | 1 |")]
     assert len(la) == 1 and la[0].endswith("| yes |")
+
+
+def test_bench_tiny_copy_variants(tmp_path):
+    """Runs named <policy>#<variant> (copy stream priority, copy kernel grid) run beside their base policy with
+    its tokens, record their copy settings and copy accounting, and get the summary's variant table."""
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "BENCH_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "scripts/bench_e2e.py", "--tiny", "--no-anchors", "--out", str(tmp_path), "--table-runs",
+         "greedy:gpu_only,pregated,pregated#hi#p8#b1024#w2", "--batch-sweep", "1", "--sweep-new-tokens", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "e2e-cpu-tiny.json").read_text())
+    assert not res["failures"], res["failures"]
+    runs = {r["label"]: r for r in res["shapes"]["tiny"]["runs"]}
+    base, var = runs["pregated/greedy/pregated"], runs["pregated/greedy/pregated#hi#p8#b1024#w2"]
+    assert var["same_tokens_as_gpu_only"] and var["tokens"] == base["tokens"]
+    assert var["metrics"]["copy_settings"] == {"priority": "high", "programs": 8, "block": 1024, "warps": 2}
+    assert base["metrics"]["copy_settings"] == {"priority": "normal", "programs": 32, "block": 8192, "warps": 4}
+    assert var["copy"]["decode_bytes_per_step"] == base["copy"]["decode_bytes_per_step"] > 0
+    text = summ.summarize(res, "x.json")
+    assert "| tiny | greedy | pregated#hi#p8#b1024#w2 | auto | high, 8 x 1024, 2 warps |" in text
+    assert "| tiny | greedy | pregated | auto | normal, 32 x 8192, 4 warps |" in text

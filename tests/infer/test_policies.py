@@ -1,10 +1,12 @@
 """Contract 3: offloading never changes the answer (bitwise on one device), and clear errors."""
 
+from dataclasses import asdict
+
 import pytest
 import torch
 
 from infer.engine import Engine, load_offloaded
-from infer.offload import OffloadError
+from infer.offload import CopySettings, OffloadError
 from infer.policies import OffloadRunner, PolicySpec
 from tests.infer.util import prompts, tiny_checkpoint
 
@@ -167,12 +169,23 @@ def test_gpu_path_under_the_interpreter(pregated_ckpt, monkeypatch, backend):
     ids, mask = prompts(n=2, length=5)
     kw = dict(max_new_tokens=2, keep_logits=True)
     ref = Engine(model, store, "cpu").run(PolicySpec("gpu_only"), ids, mask, **kw)
-    for spec in (PolicySpec("pregated", 2, "lru"),):
-        res = Engine(model, store, "cpu", copy_mode="device").run(spec, ids, mask, **kw)
+    # the default copy grid, and a small one (2 programs of 256 elements, 1 warp: many iterations per row)
+    for spec, copy in ((PolicySpec("pregated", 2, "lru"), None),
+                       (PolicySpec("on_demand"), CopySettings("high", programs=2, block=256, warps=1))):
+        res = Engine(model, store, "cpu", copy_mode="device", copy=copy).run(spec, ids, mask, **kw)
         assert res.metrics["copy_mode"] == "device"
+        assert res.metrics["copy_settings"] == asdict(copy or CopySettings())
         assert res.tokens == ref.tokens
         for a, b in zip(ref.step_logits, res.step_logits):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [dict(priority="urgent"), dict(programs=0), dict(programs=2.5),
+                                 dict(block=1000), dict(block=128), dict(warps=3)])
+def test_copy_settings_refuse_bad_values(bad):
+    field = next(iter(bad))
+    with pytest.raises(OffloadError, match=f"copy_{field}"):
+        CopySettings(**bad)
 
 
 def test_triton_beam_search_with_prefill_streaming_matches_gpu_only(pregated_ckpt, monkeypatch):
