@@ -18,6 +18,8 @@ Resumable: a run whose metrics.json says it finished is skipped; an unfinished o
 (`train.resume=true`). `--time-budget S` stops launching runs after S seconds and sends SIGTERM to
 the ones still going at S + --grace (train saves a resumable checkpoint and exits), so a session with
 a per-command limit calls this repeatedly and the last call writes the report.
+A run that runs out of GPU memory beside the others (too many --jobs for the GPU) goes back in the
+queue, up to twice, and fewer runs start at a time from then on.
 
 Headline metrics (the test split, the final checkpoint of each run):
   span   - test loss (span-corruption cross-entropy per target byte token on held-out modules; lower
@@ -191,6 +193,8 @@ class Job:
     proc: subprocess.Popen | None = None
     started: float = 0.0
     status: str = "pending"  # pending | done | failed | skipped | running | stopped
+    oom_retries: int = 0  # times it was put back after running out of GPU memory
+
 
     def build(self) -> None:
         self.cmd = train_command(self.experiment, self.overrides, self.run_dir)
@@ -300,12 +304,30 @@ def stop_mps(mps: dict[str, str]) -> None:
             os.environ.pop(k, None)
 
 
+OOM_RETRIES = 2  # a run that ran out of GPU memory is put back this often (resumes from its checkpoint)
+OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError")
+
+
+def ran_out_of_memory(run_dir: Path) -> bool:
+    """Whether the end of the run's train.log reports a CUDA out-of-memory error."""
+    try:
+        with open(run_dir / "train.log", "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 20000))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return False
+    return any(m in tail for m in OOM_MARKERS)
+
+
 def execute(jobs: list[Job], a: argparse.Namespace) -> None:
     gpus = gpu_ids(a.gpus)
     ncpu = os.cpu_count() or 1
     threads = a.threads or max(1, ncpu // max(1, a.jobs))
     t0 = time.monotonic()
     slots: list[Job | None] = [None] * a.jobs
+    # runs at a time: --jobs, lowered when a run runs out of GPU memory beside the others
+    limit = a.jobs
     pending = [j for j in jobs if j.status == "pending"]
     needed = {j.after for j in jobs if j.after is not None}
     term_sent = False
@@ -335,6 +357,20 @@ def execute(jobs: list[Job], a: argparse.Namespace) -> None:
             # stopped, not failed: it resumes from its last checkpoint (or from scratch) next call
             stopped = rc == 0 or (term_sent and rc == -signal.SIGTERM)
             j.status = "done" if rc == 0 and m is not None else ("stopped" if stopped else "failed")
+            if j.status == "failed" and not term_sent and j.oom_retries < OOM_RETRIES and ran_out_of_memory(j.run_dir):
+                # too many runs for the GPU's memory: fewer at a time, and this one again (train.resume)
+                others = sum(1 for o in slots if o is not None and o is not j)
+                limit = max(1, min(limit, others))
+                j.oom_retries += 1
+                j.status, j.proc = "pending", None
+                pending.append(j)
+                print(
+                    f"[quality] out of GPU memory: {j.name} goes back in the queue (retry {j.oom_retries} of "
+                    f"{OOM_RETRIES}); at most {limit} runs at a time from now (--jobs {a.jobs} was too many)",
+                    flush=True,
+                )
+                slots[i] = None
+                continue
             if j.status == "done":
                 tidy(j, a.keep_checkpoints)
             print(
@@ -344,7 +380,7 @@ def execute(jobs: list[Job], a: argparse.Namespace) -> None:
             )
             slots[i] = None
         for i in range(a.jobs):
-            if slots[i] is not None or over:
+            if slots[i] is not None or over or sum(o is not None for o in slots) >= limit:
                 continue
             ready = None
             # Jobs that others wait on (pretraining) first: they are the critical path. Otherwise a

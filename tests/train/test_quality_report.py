@@ -328,6 +328,61 @@ def test_scheduler_starts_pretraining_first(tmp_path, monkeypatch):
     assert sorted(started) == sorted(j.run_dir.name for j in jobs)
 
 
+def test_scheduler_retries_a_run_that_ran_out_of_gpu_memory_with_fewer_at_a_time(tmp_path, monkeypatch, capsys):
+    """A run whose log ends in a CUDA out-of-memory error goes back in the queue (it resumes), and from then
+    on at most as many runs as were running beside it start at a time; any other failure stays a failure."""
+    import argparse
+    import json as _json
+
+    running: set[str] = set()
+    peak_after_oom: list[int] = []
+    oom_seen = []
+    attempts: dict[str, int] = {}
+
+    class FakeProc:
+        def __init__(self, cmd, stdout=None, **kw):
+            self.run_dir = Path(next(c.split("=", 1)[1] for c in cmd if c.startswith("hydra.run.dir=")))
+            self.name = self.run_dir.name
+            attempts[self.name] = attempts.get(self.name, 0) + 1
+            running.add(self.name)
+            if oom_seen:
+                peak_after_oom.append(len(running))
+            self.returncode, self.polls = None, 0
+
+        def poll(self):
+            self.polls += 1
+            if self.polls < 3:  # runs overlap for a few scheduler rounds
+                return None
+            running.discard(self.name)
+            if self.name == "ft0" and attempts["ft0"] == 1:
+                (self.run_dir / "train.log").write_text("...\ntorch.OutOfMemoryError: CUDA out of memory. Tried\n")
+                oom_seen.append(True)
+                self.returncode = 1
+            elif self.name == "ft3":
+                (self.run_dir / "train.log").write_text("ValueError: a bug\n")
+                self.returncode = 1
+            else:
+                (self.run_dir / "metrics.json").write_text(_json.dumps({"stopped": False}))
+                self.returncode = 0
+            return self.returncode
+
+    monkeypatch.setattr(quality_report.subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(quality_report.time, "sleep", lambda s: None)
+    monkeypatch.setattr(
+        quality_report.Job, "build", lambda self: setattr(self, "cmd", [f"hydra.run.dir={self.run_dir}"])
+    )
+    J = quality_report.Job
+    jobs = [J(f"ft{i}", tmp_path / f"ft{i}", [], []) for i in range(6)]
+    a = argparse.Namespace(jobs=3, gpus="", threads=1, time_budget=0, grace=0, keep_checkpoints=False)
+    quality_report.execute(jobs, a)
+    st = {j.name: j.status for j in jobs}
+    assert st["ft0"] == "done" and attempts["ft0"] == 2 and jobs[0].oom_retries == 1
+    assert st["ft3"] == "failed" and attempts["ft3"] == 1  # not an OOM: not retried
+    assert all(st[f"ft{i}"] == "done" for i in (1, 2, 4, 5))
+    assert peak_after_oom and max(peak_after_oom) <= 2  # ft0 ran beside two others: 2 at a time after
+    assert "out of GPU memory: ft0 goes back in the queue" in capsys.readouterr().out
+
+
 def test_mps_absent_falls_back(tmp_path, monkeypatch, capsys):
     import shutil
 
