@@ -359,22 +359,29 @@ def test_rebuilt_model_has_the_same_nonexpert_weights():
     assert not bench.same_nonexpert_weights(a, b)
 
 
-def test_bench_tiny_lookaheads_1_2(tmp_path):
-    """--tiny --lookaheads 1,2: the pregated-L2 family runs gpu_only, on_demand and `lookahead` on the same
-    weights converted with lookahead 2, each with its own gpu_only's tokens; the summary's lookahead table."""
+def _bench_tiny(tmp_path, *args: str) -> dict:
+    """scripts/bench_e2e.py --tiny --no-anchors with `args` in a subprocess (one thread): its JSON, checked
+    for a zero exit and no failed checks."""
     import json
     import os
     import subprocess
 
     env = {**os.environ, "BENCH_THREADS": "1", "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
-        [sys.executable, "scripts/bench_e2e.py", "--tiny", "--no-anchors", "--out", str(tmp_path), "--lookaheads",
-         "1,2", "--table-runs", "greedy:gpu_only,on_demand,pregated", "--sweep-new-tokens", "2"],
+        [sys.executable, "scripts/bench_e2e.py", "--tiny", "--no-anchors", "--out", str(tmp_path), *args],
         cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads((tmp_path / "e2e-cpu-tiny.json").read_text())
     assert not res["failures"], res["failures"]
+    return res
+
+
+def test_bench_tiny_lookaheads_1_2(tmp_path):
+    """--tiny --lookaheads 1,2: the pregated-L2 family runs gpu_only, on_demand and `lookahead` on the same
+    weights converted with lookahead 2, each with its own gpu_only's tokens; the summary's lookahead table."""
+    res = _bench_tiny(tmp_path, "--lookaheads", "1,2", "--table-runs", "greedy:gpu_only,on_demand,pregated",
+                      "--sweep-new-tokens", "2")
     tiny = res["shapes"]["tiny"]
     assert tiny["config"]["moe_blocks"] == 8  # 4 + 4 MoE blocks: lookahead 2 leaves pre-gates in each stack
     runs = {r["label"]: r for r in tiny["runs"]}
@@ -433,19 +440,8 @@ def test_bench_tiny_int8_family(tmp_path):
     with its own (int8) gpu_only's tokens; greedy copies one int8 expert per decoder MoE block per step (about a
     quarter of the fp32 one on the CPU); the summary's int8 table; the lookahead table keeps lookahead 1's
     float rows."""
-    import json
-    import os
-    import subprocess
-
-    env = {**os.environ, "BENCH_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(
-        [sys.executable, "scripts/bench_e2e.py", "--tiny", "--no-anchors", "--out", str(tmp_path), "--int8",
-         "--lookaheads", "1,2", "--table-runs", "greedy:gpu_only,on_demand,pregated", "--sweep-new-tokens", "2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    res = json.loads((tmp_path / "e2e-cpu-tiny.json").read_text())
-    assert not res["failures"], res["failures"]
+    res = _bench_tiny(tmp_path, "--int8", "--lookaheads", "1,2", "--table-runs", "greedy:gpu_only,on_demand,pregated",
+                      "--sweep-new-tokens", "2")
     tiny = res["shapes"]["tiny"]
     fam = tiny["int8_family"]
     cfg = tiny["config"]
@@ -468,19 +464,8 @@ def test_bench_tiny_int8_family(tmp_path):
 def test_bench_tiny_copy_variants(tmp_path):
     """Runs named <policy>#<variant> (copy stream priority, copy kernel grid) run beside their base policy with
     its tokens, record their copy settings and copy accounting, and get the summary's variant table."""
-    import json
-    import os
-    import subprocess
-
-    env = {**os.environ, "BENCH_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(
-        [sys.executable, "scripts/bench_e2e.py", "--tiny", "--no-anchors", "--out", str(tmp_path), "--table-runs",
-         "greedy:gpu_only,pregated,pregated#hi#p8#b1024#w2", "--batch-sweep", "1", "--sweep-new-tokens", "2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    res = json.loads((tmp_path / "e2e-cpu-tiny.json").read_text())
-    assert not res["failures"], res["failures"]
+    res = _bench_tiny(tmp_path, "--table-runs", "greedy:gpu_only,pregated,pregated#hi#p8#b1024#w2", "--batch-sweep",
+                      "1", "--sweep-new-tokens", "2")
     runs = {r["label"]: r for r in res["shapes"]["tiny"]["runs"]}
     base, var = runs["pregated/greedy/pregated"], runs["pregated/greedy/pregated#hi#p8#b1024#w2"]
     assert var["same_tokens_as_gpu_only"] and var["tokens"] == base["tokens"]
