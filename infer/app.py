@@ -151,6 +151,8 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     dtype = resolve_dtype(cfg.dtype, device)
     specs = policy_specs(cfg)  # validates the names (and cache.size) before anything is loaded
+    copy = CopySettings(str(cfg.offload.copy_priority), int(cfg.offload.copy_programs),
+                        int(cfg.offload.copy_block), int(cfg.offload.copy_warps))  # checked here too
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else default_checkpoint(cfg)
     budget = (
         cfg.offload.pinned_budget_gb * GB
@@ -193,8 +195,7 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
         link_GBps=cfg.offload.link_GBps,
         cpu_overhead_ms=cfg.offload.cpu_overhead_ms,
         prefill_slots=int(cfg.offload.prefill_slots),
-        copy=CopySettings(str(cfg.offload.copy_priority), int(cfg.offload.copy_programs),
-                          int(cfg.offload.copy_block), int(cfg.offload.copy_warps)),
+        copy=copy,
     )
     peak = rep.pinned_peak_GBps(device)
     env = rep.environment(device)

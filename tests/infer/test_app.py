@@ -179,3 +179,21 @@ def test_cache_size_auto(tmp_path):
     for bad in ("big", -1, 2.5):
         with pytest.raises(ValueError, match="cache.size"):
             policy_specs(_compose([f"cache.size={bad}"]))
+
+
+def test_bad_copy_setting_fails_before_any_run(tmp_path):
+    """offload.copy_priority / copy_programs / copy_block / copy_warps are checked before the model is loaded,
+    with the key and the accepted values in the message."""
+    import infer.app as app
+    from infer.offload import OffloadError
+
+    def no_load(*a, **k):  # pragma: no cover - reached only if the check came too late
+        raise AssertionError("the model was loaded before the copy settings were checked")
+
+    for bad, key in (("offload.copy_priority=urgent", "copy_priority"), ("offload.copy_block=1000", "copy_block"),
+                     ("offload.copy_warps=3", "copy_warps"), ("offload.copy_programs=0", "copy_programs")):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(app, "load_offloaded", no_load)
+            with pytest.raises(OffloadError, match=key):
+                run(_compose([bad, "num_examples=1", "max_new_tokens=1", "logger=none"]), tmp_path)
+    assert not list(tmp_path.glob("**/report.json"))
