@@ -190,7 +190,7 @@ def is_expert_param(name: str) -> bool:
 
 @dataclass(frozen=True)
 class CopySettings:
-    """How the device copy kernel moves experts (offload.copy_priority / copy_programs / copy_block).
+    """How the device copy kernel moves experts (offload.copy_priority / _programs / _block / _warps).
 
     priority: "normal", or "high": the copy stream at the device's highest stream priority, so that
     the copy kernel's blocks are scheduled ahead of the compute kernels waiting for free SMs (a

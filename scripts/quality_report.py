@@ -195,7 +195,6 @@ class Job:
     status: str = "pending"  # pending | done | failed | skipped | running | stopped
     oom_retries: int = 0  # times it was put back after running out of GPU memory
 
-
     def build(self) -> None:
         self.cmd = train_command(self.experiment, self.overrides, self.run_dir)
 

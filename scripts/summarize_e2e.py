@@ -173,7 +173,7 @@ def copy_table(shapes: dict) -> list[str]:
 
 
 def variant_table(shapes: dict) -> list[str]:
-    """Table runs named <policy>#<variant> (bench_e2e's levers: #torchplan, #hi, #p<N>, #b<B>) beside their
+    """Table runs named <policy>#<variant> (bench_e2e's levers: #torchplan, #hi, #p<N>, #b<B>, #w<W>) beside their
     base policy of the same run: ms/token, the copy stall, the copy bandwidth's lower bound."""
     rows, seen = [], set()
     for shape, s in shapes.items():
@@ -202,8 +202,9 @@ def variant_table(shapes: dict) -> list[str]:
         "",
         "Lever variants, each beside its base policy of the same run (`<policy>#<variant>`: #torchplan = the "
         "PyTorch slot plan; #hi = the copy stream at the highest priority; #p<N>/#b<B>/#w<W> = the device "
-        "copy kernel's programs per expert, elements per iteration and warps per program). Stall: the captured step with its copies "
-        "minus without; GB/s: the copy bandwidth's lower bound (decode bytes / step time).",
+        "copy kernel's programs per expert, elements per iteration and warps per program). Stall: the "
+        "captured step with its copies minus without; GB/s: the copy bandwidth's lower bound (decode bytes / "
+        "step time).",
         "",
         "| shape | decoding | run | slot plan | copy: priority, programs x block, warps | ms/token | stall ms/token | "
         "GB/s (lower bound) |",
