@@ -27,6 +27,7 @@ class ByteTokenizer:
             raise ValueError(f"a byte tokenizer needs vocab_size >= {self.offset + 257}, got {vocab_size}")
         self.vocab_size = vocab_size
         self.num_sentinels = vocab_size - (self.offset + 256)
+        self._byte_ids = [b + self.offset for b in range(256)]  # byte -> id, a table lookup per byte
 
     def sentinel(self, i: int) -> int:
         if not 0 <= i < self.num_sentinels:
@@ -40,7 +41,7 @@ class ByteTokenizer:
             if i % 2:
                 ids.append(self.sentinel(int(part)))
             else:
-                ids.extend(b + self.offset for b in part.encode("utf-8"))
+                ids.extend(map(self._byte_ids.__getitem__, part.encode("utf-8")))
         if max_length is not None:
             ids = ids[: max_length - (1 if add_eos else 0)]
         return ids + [self.eos_token_id] if add_eos else ids

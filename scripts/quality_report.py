@@ -194,9 +194,22 @@ class Job:
     started: float = 0.0
     status: str = "pending"  # pending | done | failed | skipped | running | stopped
     oom_retries: int = 0  # times it was put back after running out of GPU memory
+    init_run: Path | None = None  # a pretraining run dir: init.checkpoint is resolved at launch
 
     def build(self) -> None:
+        if self.init_run is not None:  # its best weights exist only once the pretraining has run
+            init = f"init.checkpoint={pretrained_checkpoint(self.init_run).resolve()}"
+            self.overrides = [init if o.startswith("init.checkpoint=") else o for o in self.overrides]
         self.cmd = train_command(self.experiment, self.overrides, self.run_dir)
+
+
+def pretrained_checkpoint(pre_dir: Path) -> Path:
+    """What fine-tunes start from: the pretraining's lowest-validation-loss weights where it kept them
+    (train.keep_best: <run>/best, named in its metrics.json), else its final checkpoint."""
+    m = read_metrics(pre_dir) or {}
+    if m.get("best") and (pre_dir / "best" / "config.json").exists():
+        return pre_dir / "best"
+    return pre_dir / "checkpoint"
 
 
 def plan(a: argparse.Namespace) -> tuple[list[Job], dict[str, Path]]:
@@ -210,7 +223,7 @@ def plan(a: argparse.Namespace) -> tuple[list[Job], dict[str, Path]]:
             pre_dir = None
         else:
             pre_dir = root / "pretrain" / m
-            ckpts[m] = pre_dir / "checkpoint"
+            ckpts[m] = pretrained_checkpoint(pre_dir)
             if a.pretrain:
                 ov = list(a.pretrain_override)
                 if a.pretrain_steps:
@@ -240,6 +253,7 @@ def plan(a: argparse.Namespace) -> tuple[list[Job], dict[str, Path]]:
                             [f"experiment={FINETUNE_EXPERIMENT}"],
                             ov,
                             after=pre_dir if a.pretrain and pre_dir is not None else None,
+                            init_run=pre_dir,
                             model=m,
                             task=t,
                             variant=v,
@@ -543,10 +557,25 @@ def pretrain_summary(run_dir: Path) -> dict[str, Any] | None:
         last = curve[-1][0]
         tail = [v for s, v in curve if s >= 0.8 * last]
         out["validation_loss_min"] = min(losses)
+        out["validation_loss_min_step"] = min(curve, key=lambda sv: sv[1])[0]
         out["validation_loss_end"] = losses[-1]
         # flattened: the last 20% of the run moved the validation loss by < 2% of its value
         out["flattened"] = bool(tail) and (max(tail) - min(tail)) <= 0.02 * min(tail)
+        # stopped improving: no new minimum in the last 20% of the run (it ran past its best point)
+        out["stopped_improving"] = out["validation_loss_min_step"] < 0.8 * last
         out["rising_at_end"] = losses[-1] > 1.02 * min(losses)
+        # long enough (issue #7): flat at the end, or past the point where validation loss stopped falling
+        out["long_enough"] = out["flattened"] or out["stopped_improving"]
+    best = m.get("best")
+    start = pretrained_checkpoint(run_dir)
+    out["finetunes_start_from"] = (
+        {"checkpoint": "best", "step": best["step"], "validation_loss": best["validation_loss"]}
+        if start.name == "best" and best
+        else {"checkpoint": "final", "step": m.get("step"), "validation_loss": m.get("validation_loss_end")}
+    )
+    if cfg_file.exists():
+        out["recipe"]["remask_each_epoch"] = bool(c["data"].get("remask_each_epoch", False))
+        out["recipe"]["keep_best"] = bool(c["train"].get("keep_best", False))
     return out
 
 
@@ -859,13 +888,21 @@ def markdown(rep: dict[str, Any]) -> str:
         if p:
             out.append(
                 f"- pretrain {m}: {p.get('parameters') or 0:,} parameters, {p['steps']} steps, validation "
-                f"loss {p['validation_curve'][0][1]:.3f} -> min {p['validation_loss_min']:.3f} -> end "
-                f"{p['validation_loss_end']:.3f} (flattened: {p['flattened']}, rising at end: "
-                f"{p['rising_at_end']})"
+                f"loss {p['validation_curve'][0][1]:.3f} -> min {p['validation_loss_min']:.3f} (step "
+                f"{p['validation_loss_min_step']}) -> end {p['validation_loss_end']:.3f} (flat over the last 20%: "
+                f"{p['flattened']}, stopped improving: {p['stopped_improving']}, rising at end: "
+                f"{p['rising_at_end']}); fine-tunes start from {_start(p)}"
                 if p.get("validation_curve")
                 else f"- pretrain {m}: no curve"
             )
     return "\n".join(out) + "\n"
+
+
+def _start(p: dict[str, Any]) -> str:
+    f = p.get("finetunes_start_from") or {}
+    loss = f.get("validation_loss")
+    what = "the best-validation weights" if f.get("checkpoint") == "best" else "the final checkpoint"
+    return f"{what} (step {f.get('step')}" + (f", validation loss {loss:.3f})" if loss is not None else ")")
 
 
 def plot(rep: dict[str, Any], path: Path) -> None:

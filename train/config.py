@@ -53,6 +53,9 @@ class TrainConf:
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard; under torchrun)
     eval_every: int = 100  # 0: only at the start and the end
     save_every: int = 0  # 0: only at the end
+    # also keep the weights of the lowest validation loss so far in <out_dir>/best (Hugging Face layout,
+    # no training state; best.json says the step and loss), checked at every validation evaluation
+    keep_best: bool = False
     log_every: int = 10
     resume: bool = False  # continue from <out_dir>/checkpoint when it holds a training state
     stop_after_steps: int = 0  # debug: save and exit after this many steps, as if killed

@@ -60,6 +60,10 @@ class DataConf:
     noise_density: float = 0.15  # span: fraction of words masked
     mean_span_length: float = 3.0  # span: mean masked span, in whitespace words
     chunk_words: int = 64  # span: words per example
+    # span: a fresh corruption of every training chunk each pass over the data (T5 corrupts on the fly),
+    # seeded by (seed, chunk, epoch), so the training order stays a pure function of (seed, step). Off:
+    # one fixed corruption per chunk. Epoch 0 is the fixed corruption either way; other splits never change.
+    remask_each_epoch: bool = False
     split_percent: list[int] = field(
         default_factory=lambda: [80, 10, 10]
     )  # train/validation/test by module hash
@@ -80,7 +84,7 @@ class DataConf:
 
 
 class Task:
-    """A text-to-text task built from a `data` config node; examples(split) is deterministic."""
+    """A text-to-text task built from a `data` config node; examples(split, epoch) is deterministic."""
 
     def __init__(self, conf: DataConf):
         self.conf = conf
@@ -90,11 +94,21 @@ class Task:
             raise ValueError(f"data.metric={self.metric!r}; expected rouge, em_f1 or loss")
         self._cache: dict[str, list[Example]] = {}
 
-    def examples(self, split: str) -> list[Example]:
+    def varies_by_epoch(self, split: str) -> bool:
+        """Whether examples(split, epoch) differ between epochs (span's training split, remasked)."""
+        return False
+
+    def examples(self, split: str, epoch: int = 0) -> list[Example]:
+        """The split's examples; for a split that varies by epoch, those of pass `epoch` over the data
+        (the same count and order every epoch). The epoch-0 list and the latest other epoch are cached."""
         if split not in SPLITS:
             raise ValueError(f"split={split!r}; expected one of {SPLITS}")
-        if split not in self._cache:
-            exs = self._load(split)
+        if epoch < 0:
+            raise ValueError(f"epoch={epoch}; expected >= 0")
+        epoch = epoch if self.varies_by_epoch(split) else 0
+        key = (split, epoch)
+        if key not in self._cache:
+            exs = self._load(split, epoch)
             if self.conf.input_prefix:
                 exs = [Example(self.conf.input_prefix + e.input, e.target, e.answers) for e in exs]
             cap = self.conf.max_examples.get(split)
@@ -102,10 +116,13 @@ class Task:
                 order = list(range(len(exs)))
                 random.Random(_stable_int(f"{self.conf.seed}/{split}/cap")).shuffle(order)
                 exs = [exs[i] for i in sorted(order[:cap])]
-            self._cache[split] = exs
-        return self._cache[split]
+            if epoch:  # keep epoch 0 and the newest epoch only: training walks the epochs in order
+                for k in [k for k in self._cache if k[0] == split and k[1] not in (0, epoch)]:
+                    del self._cache[k]
+            self._cache[key] = exs
+        return self._cache[key]
 
-    def _load(self, split: str) -> list[Example]:  # pragma: no cover - abstract
+    def _load(self, split: str, epoch: int = 0) -> list[Example]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -354,7 +371,7 @@ class DocSumTask(Task):
     """Docstring body -> its first-line summary (docstrings whose first paragraph is one line).
     A body that occurs twice (an overriding method's copy) is kept once, in its first module."""
 
-    def _load(self, split: str) -> list[Example]:
+    def _load(self, split: str, epoch: int = 0) -> list[Example]:
         c = self.conf
         out, seen = [], set()
         for d in stdlib_docs():
@@ -425,9 +442,13 @@ def span_corrupt(
 
 
 class SpanTask(Task):
-    """T5 span corruption over `chunk_words`-word chunks of the embedded corpus."""
+    """T5 span corruption over `chunk_words`-word chunks of the embedded corpus; with
+    `remask_each_epoch`, the training chunks get a fresh corruption on every pass over the data."""
 
-    def _load(self, split: str) -> list[Example]:
+    def varies_by_epoch(self, split: str) -> bool:
+        return split == "train" and self.conf.remask_each_epoch
+
+    def _load(self, split: str, epoch: int = 0) -> list[Example]:
         c = self.conf
         out = []
         for d in stdlib_docs():
@@ -438,8 +459,8 @@ class SpanTask(Task):
                 chunk = words[j : j + c.chunk_words]
                 if len(chunk) < 8:
                     continue
-                rng = random.Random(_stable_int(f"{c.seed}/{d.name}/{j}"))
-                ex = span_corrupt(chunk, c.noise_density, c.mean_span_length, rng)
+                key = f"{c.seed}/{d.name}/{j}" + (f"/epoch{epoch}" if epoch else "")
+                ex = span_corrupt(chunk, c.noise_density, c.mean_span_length, random.Random(_stable_int(key)))
                 ex = Example(_cut(ex.input, c.max_input_bytes * 2), ex.target)
                 out.append(ex)
         return out
@@ -547,7 +568,7 @@ ROW_CONVERTERS = {"xsum": _row_xsum, "squad": _row_squad, "web_questions": _row_
 
 
 class HFTask(Task):
-    def _load(self, split: str) -> list[Example]:
+    def _load(self, split: str, epoch: int = 0) -> list[Example]:
         if self.conf.schema not in ROW_CONVERTERS:
             raise ValueError(f"data.schema={self.conf.schema!r}; expected one of {sorted(ROW_CONVERTERS)}")
         conv = ROW_CONVERTERS[self.conf.schema]
@@ -563,7 +584,7 @@ class HFTask(Task):
 
 
 class JsonlTask(Task):
-    def _load(self, split: str) -> list[Example]:
+    def _load(self, split: str, epoch: int = 0) -> list[Example]:
         if not self.conf.path:
             raise ValueError(
                 "data=jsonl needs data.path (a directory of <split>.jsonl files or a {split} pattern)"

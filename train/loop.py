@@ -277,13 +277,14 @@ class Encoded:
         return len(self.inputs)
 
 
-def encode(task: Task, split: str, tok, cfg: DictConfig, limit: int = 0) -> Encoded:
-    exs = task.examples(split)
+def encode(task: Task, split: str, tok, cfg: DictConfig, limit: int = 0, epoch: int = 0) -> Encoded:
+    exs = task.examples(split, epoch)
     if limit:
         exs = exs[:limit]
+    n_in, n_out = cfg.train.max_input_len, cfg.train.max_target_len  # read once: config access is slow
     return Encoded(
-        [tok.encode(e.input, max_length=cfg.train.max_input_len) for e in exs],
-        [tok.encode(e.target, max_length=cfg.train.max_target_len) for e in exs],
+        [tok.encode(e.input, max_length=n_in) for e in exs],
+        [tok.encode(e.target, max_length=n_out) for e in exs],
         exs,
     )
 
@@ -304,15 +305,71 @@ class Order:
         return self._perm[epoch]
 
     def batch_at(self, step: int) -> list[int]:
+        return [i for _, i in self.slots(step)]
+
+    def slots(self, step: int) -> list[tuple[int, int]]:
+        """(epoch, example index) of each sequence of the global batch of `step` (a batch may straddle
+        two epochs)."""
         out = []
         for p in range(step * self.batch, (step + 1) * self.batch):
-            out.append(self.perm(p // self.n)[p % self.n])
+            out.append((p // self.n, self.perm(p // self.n)[p % self.n]))
         return out
 
 
+class TrainData:
+    """The training split as the steps see it: one encoding, or, for a task whose training examples vary
+    by epoch (span with data.remask_each_epoch), the encoding of each pass over the data (every epoch has
+    the same number of examples). The next epoch's is made in a background thread while this one trains
+    (a pure function of the epoch: the same result as making it when asked)."""
+
+    def __init__(self, task: Task, tok, cfg: DictConfig):
+        self.task, self.tok, self.cfg = task, tok, cfg
+        self.varies = task.varies_by_epoch("train")
+        self._enc: dict[int, Encoded] = {0: encode(task, "train", tok, cfg)}
+        self._next: tuple[int, Any] | None = None  # (epoch, future) being made ahead
+        self._pool = None
+        if self.varies:
+            self._ahead(1)
+
+    def __len__(self) -> int:
+        return len(self._enc[0])
+
+    def _make(self, e: int) -> Encoded:
+        return encode(self.task, "train", self.tok, self.cfg, epoch=e)
+
+    def epoch(self, e: int) -> Encoded:
+        if not self.varies:
+            return self._enc[0]
+        if e not in self._enc:
+            for k in [k for k in self._enc if k not in (0, e - 1)]:  # keep epoch 0 and the previous one
+                del self._enc[k]
+            ahead = self._next
+            self._enc[e] = ahead[1].result() if ahead is not None and ahead[0] == e else self._make(e)
+            if len(self._enc[e]) != len(self):
+                raise RuntimeError(f"training epoch {e} has {len(self._enc[e])} examples, epoch 0 {len(self)}")
+            self._ahead(e + 1)
+        return self._enc[e]
+
+    def _ahead(self, e: int) -> None:
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="remask")
+        self._next = (e, self._pool.submit(self._make, e))
+
+    def rows(self, slots: list[tuple[int, int]]) -> tuple[list[list[int]], list[list[int]]]:
+        """(input ids, target ids) of each (epoch, index) slot."""
+        encs = [self.epoch(e) for e, _ in slots]
+        return [x.inputs[i] for x, (_, i) in zip(encs, slots)], [x.targets[i] for x, (_, i) in zip(encs, slots)]
+
+
 def collate(data: Encoded, idx: list[int], device: torch.device) -> dict[str, torch.Tensor]:
-    enc = pad_batch([data.inputs[i] for i in idx])
-    lab = pad_batch([data.targets[i] for i in idx], pad_id=-100)["input_ids"]
+    return collate_rows([data.inputs[i] for i in idx], [data.targets[i] for i in idx], device)
+
+
+def collate_rows(inputs: list[list[int]], targets: list[list[int]], device: torch.device) -> dict[str, torch.Tensor]:
+    enc = pad_batch(inputs)
+    lab = pad_batch(targets, pad_id=-100)["input_ids"]
     return {
         "input_ids": enc["input_ids"].to(device),
         "attention_mask": enc["attention_mask"].to(device),
@@ -436,10 +493,13 @@ def evaluate(
 
 
 # -- checkpoints ------------------------------------------------------------------------------
-def save_checkpoint(path: Path, model: Switch, tok, state: dict[str, Any] | None) -> None:
-    """Hugging Face layout + pre-gate keys + tokenizer + (optionally) the training state, all renamed
-    into place at once: a kill at any point leaves either the old or the new checkpoint."""
-    extra = {}
+def save_checkpoint(
+    path: Path, model: Switch, tok, state: dict[str, Any] | None, extra: dict[str, str] | None = None
+) -> None:
+    """Hugging Face layout + pre-gate keys + tokenizer + (optionally) the training state and `extra` files
+    (name -> text), all renamed into place at once: a kill at any point leaves either the old or the new
+    checkpoint."""
+    extra = dict(extra or {})
     if isinstance(tok, ByteTokenizer):
         extra[BYTE_TOKENIZER_FILE] = json.dumps({"type": "byte", "vocab_size": tok.vocab_size}) + "\n"
     staging = path.with_name(f".{path.name}.staging-{os.getpid()}")
@@ -474,12 +534,13 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
     out_dir = Path(cfg.train.out_dir or run_dir)
     out_dir = Path(broadcast(str(out_dir.resolve()), d))
     ckpt_dir = out_dir / "checkpoint"
+    best_dir = out_dir / "best"
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
 
     model, tok, from_ckpt = build_model(cfg, d)
     task = build_task(cfg.data)
-    train_data = encode(task, "train", tok, cfg)
+    train_data = TrainData(task, tok, cfg)
     val_data = encode(task, "validation", tok, cfg)
 
     B, accum, world = cfg.train.batch_size, cfg.train.grad_accum, d.world
@@ -532,7 +593,15 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
             f"pregated={model.cfg.pregated} lookahead={model.cfg.lookahead}, data={task.name} "
             f"({len(train_data)} train / {len(val_data)} validation), device={d.device} x{world}, "
             f"experts={backend}, out={out_dir}" + (f", resumed at step {step}" if resumed_state else "")
+            + (", training examples remasked each epoch" if train_data.varies else "")
         )
+    # the lowest validation loss so far and its step (train.keep_best keeps its weights in best_dir)
+    best: dict[str, Any] | None = resumed_state.get("best") if resumed_state is not None else None
+    if resumed_state is None and cfg.train.keep_best and d.main and best_dir.exists():
+        import shutil
+
+        print(f"[train] starting fresh: removing the previous run's {best_dir}")
+        shutil.rmtree(best_dir)
 
     def do_eval(split_data: Encoded, prefix: str, at: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -557,6 +626,22 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
             dist.barrier()
         return metrics
 
+    def keep_if_best(metrics: dict[str, float], at: int) -> None:
+        """train.keep_best: save the weights to best_dir when this evaluation's loss is the lowest so far."""
+        nonlocal best
+        if not cfg.train.keep_best or at == 0:
+            return
+        loss = broadcast(metrics.get("loss") if d.main else None, d)
+        if loss is None or not math.isfinite(loss) or (best is not None and loss >= best["validation_loss"]):
+            return
+        best = {"step": at, "validation_loss": float(loss)}
+        full = model_for_saving(wrapped, model, d)
+        if d.main:
+            save_checkpoint(best_dir, full, tok, None, extra={"best.json": json.dumps(best) + "\n"})
+        del full
+        if d.world > 1:
+            dist.barrier()
+
     def checkpoint(at: int, with_state: bool = True) -> None:
         state = None
         if with_state:
@@ -575,6 +660,7 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
                 "train_tokens": run_tokens,
                 "train_seconds": run_train_s,
                 "nonfinite_steps": nonfinite_steps,
+                "best": best,
                 "wandb_run_id": tracker.run_id if tracker is not None else None,
                 "config": OmegaConf.to_container(cfg),
             }
@@ -613,15 +699,15 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
     nonfinite_steps = int(resumed_state.get("nonfinite_steps", 0)) if resumed_state is not None else 0
     nonfinite_run = 0
     while step < cfg.train.max_steps:
-        idx = order.batch_at(step)
-        n_target = sum(len(train_data.targets[i]) for i in idx)
-        tok_count += n_target + sum(len(train_data.inputs[i]) for i in idx)
-        run_tokens += n_target + sum(len(train_data.inputs[i]) for i in idx)
+        inputs, targets = train_data.rows(order.slots(step))
+        n_target = sum(len(t) for t in targets)
+        tok_count += n_target + sum(len(x) for x in inputs)
+        run_tokens += n_target + sum(len(x) for x in inputs)
         t_step = time.perf_counter()
         logged = {"lm": 0.0, "z": 0.0, "aux": 0.0}
         for a in range(accum):
             lo = (a * world + d.rank) * mb
-            b = collate(train_data, idx[lo : lo + mb], d.device)
+            b = collate_rows(inputs[lo : lo + mb], targets[lo : lo + mb], d.device)
             k = int((b["labels"] != -100).sum())
             sync = a == accum - 1 or d.world == 1 or not hasattr(wrapped, "no_sync")
             with nullcontext() if sync else wrapped.no_sync(), cast:
@@ -700,7 +786,7 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
             dist.all_reduce(f)
             stop = bool(f.item())
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
-            do_eval(val_data, "validation", step)
+            keep_if_best(do_eval(val_data, "validation", step), step)
             wrapped.train()
         if stop or (
             cfg.train.stop_after_steps and step == cfg.train.stop_after_steps and step < cfg.train.max_steps
@@ -727,6 +813,7 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
     }
     if not stopped:
         final_val = do_eval(val_data, "validation", step)
+        keep_if_best(final_val, step)
         result["validation"] = final_val
         if cfg.eval.test:
             test_data = encode(task, "test", tok, cfg)
@@ -737,6 +824,8 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
             if first is not None:
                 result["validation_loss_start"] = first["loss"]
             result["validation_loss_end"] = final_val.get("loss")
+            if cfg.train.keep_best and best is not None:
+                result["best"] = {**best, "checkpoint": str(best_dir)}
             tracker.artifact(f"checkpoint-{out_dir.name}", "model", ckpt_dir)
             print(
                 f"[train] done: {step} steps; checkpoint (Hugging Face layout + pre-gates + training state) "

@@ -327,3 +327,47 @@ def test_nonfinite_step_is_skipped_and_a_run_of_them_stops(tmp_path):
     assert any(not torch.equal(w[k], plain[k]) for k in w)
     with pytest.raises(FloatingPointError, match="non-finite.*train.max_nonfinite_steps"):
         run(_compose(FAST + ["train.nan_at_step=1", "train.max_nonfinite_steps=0"]), tmp_path / "stop")
+
+
+def test_remasked_span_with_best_weights_resumes_exactly(tmp_path):
+    """data.remask_each_epoch (a batch straddles two epochs: 6 training chunks, batch 4) and
+    train.keep_best: a kill + resume gives the uninterrupted run's weights, best step and best weights,
+    and the best weights are those of the lowest validation loss after step 0."""
+    from train.loop import run
+
+    common = FAST + [
+        "data=span",
+        "data.remask_each_epoch=true",
+        "+data.max_examples.train=6",
+        "data.max_examples.validation=4",
+        "train.eval_every=2",
+        "train.keep_best=true",
+        "optim.lr=3e-3",
+    ]
+    full = run(_compose(common + [f"train.out_dir={tmp_path / 'full'}"]), tmp_path / "full")
+    killed = run(_compose(common + ["train.stop_after_steps=3", f"train.out_dir={tmp_path / 'k'}"]), tmp_path / "k")
+    assert killed["stopped"] and killed["step"] == 3
+    res = run(_compose(common + ["train.resume=true", f"train.out_dir={tmp_path / 'k'}"]), tmp_path / "k")
+    val = [(h["step"], h["loss"]) for h in full["history"] if h["split"] == "validation" and h["step"] > 0]
+    assert [s for s, _ in val] == [2, 4, 6]
+    want = min(val, key=lambda sv: sv[1])
+    assert (full["best"]["step"], full["best"]["validation_loss"]) == want
+    assert res["best"]["step"] == want[0] and res["best"]["validation_loss"] == pytest.approx(want[1], abs=0)
+    assert json.loads((tmp_path / "full" / "best" / "best.json").read_text())["step"] == want[0]
+    for sub in ("checkpoint", "best"):
+        a = load_file(str(tmp_path / "full" / sub / "model.safetensors"))
+        b = load_file(str(tmp_path / "k" / sub / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    assert not (tmp_path / "full" / "best" / "training_state.pt").exists()
+    # the epochs' training examples differ (they are remasked), the step order sees them in turn
+    from train.data import build_task
+    from train.loop import Order, TrainData
+    from models.tokenizer import ByteTokenizer
+
+    cfg = _compose(common)
+    data = TrainData(build_task(cfg.data), ByteTokenizer(), cfg)
+    assert data.varies and len(data) == 6 and data.epoch(1).inputs != data.epoch(0).inputs
+    slots = Order(6, 4, cfg.seed).slots(1)  # positions 4..7: two of epoch 0, two of epoch 1
+    assert [e for e, _ in slots] == [0, 0, 1, 1]
+    inputs, _ = data.rows(slots)
+    assert inputs[2] == data.epoch(1).inputs[slots[2][1]]

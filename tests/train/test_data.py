@@ -46,6 +46,11 @@ def test_span_corruption_format():
         and ex.input.count("<extra_id_") == ex.target.count("<extra_id_") - 1
     )
     # reassembling the spans into the input gives back the text
+    assert _rebuild(ex) == words
+
+
+def _rebuild(ex):
+    """The text of a span-corruption example: each sentinel of the input replaced by its span."""
     spans, cur = {}, None
     for w in ex.target.split():
         if w.startswith("<extra_id_"):
@@ -53,8 +58,29 @@ def test_span_corruption_format():
             spans[cur] = []
         else:
             spans[cur].append(w)
-    rebuilt = [x for w in ex.input.split() for x in (spans[w] if w in spans else [w])]
-    assert rebuilt == words
+    return [x for w in ex.input.split() for x in (spans[w] if w in spans else [w])]
+
+
+def test_span_remask_each_epoch_corrupts_the_same_text_afresh():
+    conf = {"name": "span", "kind": "span", "metric": "loss", "max_examples": {"validation": 64}}
+    fixed, remask = build_task(conf), build_task({**conf, "remask_each_epoch": True})
+    assert not fixed.varies_by_epoch("train") and remask.varies_by_epoch("train")
+    assert not remask.varies_by_epoch("validation")
+    e0, e1, e2 = (remask.examples("train", e) for e in (0, 1, 2))
+    assert e0 == fixed.examples("train") == fixed.examples("train", 5)  # epoch 0: the fixed corruption
+    assert len(e0) == len(e1) == len(e2) > 1000
+    assert e1 == build_task({**conf, "remask_each_epoch": True}).examples("train", 1)  # deterministic
+    # the same chunks, masked differently: the texts agree, the inputs mostly do not
+    same_text = sum(_rebuild(a) == _rebuild(b) for a, b in zip(e0, e1))
+    assert same_text >= 0.97 * len(e0), same_text  # the rest: inputs cut at max_input_bytes * 2
+    # (a chunk with one masked span always loses its tail, as in T5's mask: only the span count varies it)
+    multi = [i for i, a in enumerate(e0) if a.target.count("<extra_id_") >= 3]  # two spans or more
+    assert len(multi) > 0.5 * len(e0)
+    for x, y in ((e0, e1), (e1, e2)):
+        assert sum(x[i].input != y[i].input for i in multi) >= 0.95 * len(multi)
+    assert remask.examples("validation", 3) == fixed.examples("validation")  # held-out splits never change
+    with pytest.raises(ValueError, match="epoch=-1"):
+        remask.examples("train", -1)
 
 
 def test_span_task_encodes_sentinels():

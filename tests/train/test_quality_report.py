@@ -150,7 +150,7 @@ def test_dry_run_prints_the_grid(tmp_path):
 
 
 def test_pipeline_end_to_end(tmp_path):
-    pre = [*TINY4, "train.max_steps=4", "train.eval_every=2", *SMALL_RUN]
+    pre = [*TINY4, "train.max_steps=4", "train.eval_every=2", "train.keep_best=true", *SMALL_RUN]
     ft = [*SMALL_RUN, "eval.generate_examples=4", "eval.max_new_tokens=4"]
     common = ["--steps", "3", "--override", *ft, "--pretrain-override", *pre]
     # 1: pretrain, then both tasks x {conventional, L3}, seed 0
@@ -167,6 +167,13 @@ def test_pipeline_end_to_end(tmp_path):
     assert rep["runs"]["finished"] == 4 and not rep["runs"]["failed"]
     p = rep["pretrain"]["tiny"]
     assert p["steps"] == 4 and [s for s, _ in p["validation_curve"]] == [0, 2, 4] and p["parameters"] > 0
+    # the pretraining kept its best-validation weights (train.keep_best): the fine-tunes start from them
+    best = min(p["validation_curve"][1:], key=lambda sv: sv[1])
+    assert p["finetunes_start_from"] == {"checkpoint": "best", "step": best[0], "validation_loss": best[1]}
+    assert p["recipe"]["keep_best"] and not p["recipe"]["remask_each_epoch"]
+    assert p["long_enough"] == (p["flattened"] or p["stopped_improving"])
+    ov = (tmp_path / "runs" / "finetune" / "tiny" / "span" / "conventional" / "seed0" / ".hydra" / "overrides.yaml")
+    assert f"init.checkpoint={(tmp_path / 'runs' / 'pretrain' / 'tiny' / 'best').resolve()}" in ov.read_text()
     cells = {(c["task"], c["variant"]): c for c in rep["results"]}
     assert set(cells) == {(t, v) for t in ("span", "docsum") for v in ("conventional", "pregated-L3")}
     for (t, v), c in cells.items():
