@@ -406,8 +406,16 @@ class Engine:
             return out
 
         stamps: list[float] = []
+        executed = [0]  # steps run: greedy runs one past the output where every row ended (its docstring)
 
-        def on_token(_t):
+        def counting_step(state, tok):
+            executed[0] += 1
+            return recording_step(state, tok)
+
+        def on_token(_t):  # greedy calls it once step t is complete (its event): no device-wide sync
+            stamps.append(time.perf_counter())
+
+        def on_token_synced(_t):
             _sync(dev)
             stamps.append(time.perf_counter())
 
@@ -419,13 +427,13 @@ class Engine:
                 mask,
                 max_new_tokens,
                 num_beams=nb,
-                step=recording_step,
+                step=counting_step,
                 state=state,
-                on_token=on_token,
+                on_token=on_token_synced,
             )
         else:
             out = greedy(
-                model, ids, mask, max_new_tokens, step=recording_step, state=state, on_token=on_token
+                model, ids, mask, max_new_tokens, step=counting_step, state=state, on_token=on_token
             )
         _sync(dev)
         t_end = time.perf_counter()
@@ -440,6 +448,7 @@ class Engine:
             "num_beams": nb,
             "input_tokens": int(ids.shape[1]),
             "new_tokens": steps,
+            "decode_steps_executed": executed[0],
             "ttft_ms": 1e3 * t_prefill + (per_token[0] if per_token else 0.0),
             "prefill_ms": 1e3 * t_prefill,
             "ms_per_token_median": statistics.median(decode_ms) if decode_ms else None,
@@ -502,7 +511,8 @@ class Engine:
                 experts_cpu_computed=0,
                 tokens_cpu_computed=0,
             )
-        return RunResult(policy="", tokens=out.tolist(), metrics=m, step_logits=logits, notes=notes)
+        # (a step greedy ran past the output, where every row had ended, is not one of the output's)
+        return RunResult(policy="", tokens=out.tolist(), metrics=m, step_logits=logits[:steps], notes=notes)
 
 
 def check_offload_possible(spec: PolicySpec, model: Switch) -> None:

@@ -28,26 +28,53 @@ def greedy(
     on_token: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Greedy decoding -> generated ids [B, n] (n <= max_new_tokens, without the start token);
-    sequences that ended are padded with pad_token_id, as transformers does."""
+    sequences that ended are padded with pad_token_id, as transformers does.
+
+    The host never waits for the step it just launched: step t + 1 is queued before the host reads
+    whether every sequence had ended at step t (a flag copied to pinned memory behind step t, waited
+    on through an event), so the GPU does not idle while the host runs the loop. Where every sequence
+    ended at step t, the already-queued step t + 1 is dropped from the output (it ran, so the state
+    has advanced one step past the output). on_token(t) is called once step t's token is complete
+    (its event waited on; the host is then at most one step ahead), not after a device-wide sync."""
     cfg = model.cfg
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
     step = step or model.decode_one_token
     state = state or model.prefill(input_ids, attention_mask, max_len=max_new_tokens)
-    B = input_ids.shape[0]
-    tok = torch.full((B,), cfg.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
-    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    out = []
+    B, dev = input_ids.shape[0], input_ids.device
+    cuda = dev.type == "cuda"
+    tok = torch.full((B,), cfg.decoder_start_token_id, dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    # "every sequence ended after step t", two host slots (steps t and t - 1 are in flight at once)
+    ended = torch.zeros(2, dtype=torch.bool, pin_memory=cuda)
+    out: list[torch.Tensor] = []
+    pending: tuple[int, torch.cuda.Event | None] | None = None  # the step launched before this one
+
+    def finish(t: int, ev: torch.cuda.Event | None) -> bool:
+        if ev is not None:
+            ev.synchronize()  # step t and its flag, not the step queued after it
+        if on_token is not None:
+            on_token(t)
+        return bool(ended[t % 2])
+
     for t in range(max_new_tokens):
         logits = step(state, tok)
         nxt = logits.argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, cfg.pad_token_id), nxt)
         out.append(nxt)
-        if on_token is not None:
-            on_token(t)
         done |= nxt == eos
-        if bool(done.all()):
-            break
+        ended[t % 2].copy_(done.all(), non_blocking=cuda)
+        ev = None
+        if cuda:
+            ev = torch.cuda.Event()
+            ev.record()
         tok = nxt
+        if pending is not None and finish(*pending):
+            out.pop()  # every sequence had ended: step t is past the end
+            pending = None
+            break
+        pending = (t, ev)
+    if pending is not None:
+        finish(*pending)
     return torch.stack(out, dim=1)
 
 

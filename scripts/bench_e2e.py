@@ -946,7 +946,11 @@ def copy_accounting(eng: Engine, spec: PolicySpec, ids, nb: int, m: dict, link: 
         if eng.device.type == "cuda":
             torch.cuda.synchronize()
         return {"error": f"1-token run failed: {type(e).__name__}: {str(e)[:300]}"}
-    out = copy_figures(m["bytes_copied"], one.metrics["bytes_copied"], steps, total_ms, m, link)
+    # the bytes after the first step cover the steps run after it: one more than the timed steps where
+    # greedy ran a step past the output (every row had ended); scaled to the timed steps
+    run_after_first = max(1, (m.get("decode_steps_executed") or steps + 1) - 1)
+    bytes_timed = one.metrics["bytes_copied"] + (m["bytes_copied"] - one.metrics["bytes_copied"]) * steps / run_after_first
+    out = copy_figures(int(bytes_timed), one.metrics["bytes_copied"], steps, total_ms, m, link)
     if eng.device.type == "cuda":
         out["while_copying"] = copy_kernel_eager(eng, spec, ids, nb, m, link)
     return out

@@ -264,3 +264,38 @@ def test_int8_store_round_trip_and_errors(pregated_ckpt, monkeypatch):
     res = Engine(model, store, "cpu", copy_mode="device").run(PolicySpec("pregated", 2, "lru"), ids, mask, **kw)
     assert res.metrics["copy_mode"] == "device" and res.tokens == ref.tokens
     assert all(torch.equal(a, b) for a, b in zip(ref.step_logits, res.step_logits))
+
+
+def test_early_end_runs_one_step_past_the_output_and_reports_it(pregated_ckpt, monkeypatch):
+    """Greedy queues a step before it reads whether every row ended: where the run ends early (here
+    every row is made to emit EOS at step 3), one step more than the output ran
+    (decode_steps_executed), and the tokens, logits and timed steps are the output's only, for
+    gpu_only and an offloading policy alike."""
+    import infer.engine as engine_mod
+
+    eng = _engine(pregated_ckpt)
+    ids, mask = prompts()
+    kw = dict(max_new_tokens=8, keep_logits=True)
+    full = eng.run(PolicySpec("gpu_only"), ids, mask, **kw)
+    assert full.metrics["decode_steps_executed"] == full.metrics["new_tokens"] == 8
+    eos, k = eng.model.cfg.eos_token_id, 3
+    real_greedy = engine_mod.greedy
+
+    def greedy_ending_at_k(model, *a, step=None, **kw2):
+        calls = []
+
+        def ending(state, tok):
+            logits = step(state, tok)
+            calls.append(1)
+            return logits.index_fill(-1, torch.tensor([eos]), float("inf")) if len(calls) == k + 1 else logits
+
+        return real_greedy(model, *a, step=ending, **kw2)
+
+    monkeypatch.setattr(engine_mod, "greedy", greedy_ending_at_k)
+    for name in ("gpu_only", "pregated"):
+        r = eng.run(PolicySpec(name), ids, mask, **kw)
+        assert r.tokens == [row[:k] + [eos] for row in full.tokens], name
+        assert r.metrics["new_tokens"] == k + 1 and r.metrics["decode_steps_executed"] == k + 2
+        assert len(r.metrics["decode_ms"]) == k and len(r.step_logits) == k + 1
+        for a, b in zip(full.step_logits, r.step_logits):
+            assert torch.equal(a, b), name

@@ -172,3 +172,55 @@ def test_grouped_training_path_matches_reference_loop():
     g = model.moes[0].w_in.grad
     # bf16 operands (the grouped path) against the fp32 loop, through the whole model: a few 1e-2
     assert ((g - g_ref).norm() / g_ref.norm()).item() < 6e-2
+
+
+def _scripted(table, V=16):
+    """A stand-in model whose step t emits table[:, t] (one-hot logits), counting the steps it runs."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(eos_token_id=1, pad_token_id=0, decoder_start_token_id=0)
+    runs = []
+
+    def step(state, tok):
+        t = len(runs)
+        runs.append(tok.clone())
+        return torch.nn.functional.one_hot(table[:, t], V).float()
+
+    return SimpleNamespace(cfg=cfg), step, runs
+
+
+def _greedy_reference(table, n, eos=1, pad=0):
+    """Greedy's output by definition: each row's tokens up to and including its EOS, then pad; stop at
+    the first step after which every row has ended (or at n)."""
+    done = torch.zeros(table.shape[0], dtype=torch.bool)
+    cols = []
+    for t in range(n):
+        nxt = torch.where(done, torch.full_like(table[:, t], pad), table[:, t])
+        cols.append(nxt)
+        done |= nxt == eos
+        if bool(done.all()):
+            break
+    return torch.stack(cols, dim=1)
+
+
+@pytest.mark.parametrize("eos_at,n", [((2, 4), 8), ((4, 4), 8), ((7, 3), 8), ((9, 9), 8), ((0, 0), 8), ((3, 5), 5)])
+def test_greedy_stops_one_step_late_without_changing_the_output(eos_at, n):
+    """Greedy queues step t + 1 before it reads whether every row ended at step t: the output, the
+    tokens fed to each step and the on_token calls are those of a loop that checks after every step,
+    and exactly one extra step runs where all rows ended before max_new_tokens."""
+    g = torch.Generator().manual_seed(sum(eos_at) + n)
+    table = torch.randint(2, 16, (2, 10), generator=g)
+    for r, t in enumerate(eos_at):
+        if t < 10:
+            table[r, t] = 1
+    model, step, runs = _scripted(table)
+    seen = []
+    out = greedy(model, torch.zeros(2, 3, dtype=torch.long), max_new_tokens=n, step=step, state=object(),
+                 on_token=seen.append)
+    want = _greedy_reference(table, n)
+    assert torch.equal(out, want)
+    assert seen == list(range(want.shape[1]))
+    assert len(runs) == want.shape[1] + (1 if want.shape[1] < n else 0)
+    # each step was fed the previous step's (padded) output
+    for t in range(1, want.shape[1]):
+        assert torch.equal(runs[t], want[:, t - 1])
