@@ -532,6 +532,7 @@ def pretrain_summary(run_dir: Path) -> dict[str, Any] | None:
     out: dict[str, Any] = {
         "run_dir": str(run_dir),
         "steps": m.get("step"),
+        "early_stopped": bool(m.get("early_stopped")),
         "train_tokens": m.get("train_tokens"),
         "train_seconds": m.get("train_seconds"),
         "train_tokens_per_s": m.get("train_tokens_per_s"),
@@ -576,6 +577,7 @@ def pretrain_summary(run_dir: Path) -> dict[str, Any] | None:
     if cfg_file.exists():
         out["recipe"]["remask_each_epoch"] = bool(c["data"].get("remask_each_epoch", False))
         out["recipe"]["keep_best"] = bool(c["train"].get("keep_best", False))
+        out["recipe"]["early_stop_evals"] = int(c["train"].get("early_stop_evals", 0))
     return out
 
 
@@ -887,7 +889,8 @@ def markdown(rep: dict[str, Any]) -> str:
     for m, p in rep["pretrain"].items():
         if p:
             out.append(
-                f"- pretrain {m}: {p.get('parameters') or 0:,} parameters, {p['steps']} steps, validation "
+                f"- pretrain {m}: {p.get('parameters') or 0:,} parameters, {p['steps']} steps"
+                f"{' (early stop: no new validation minimum for train.early_stop_evals evaluations)' if p.get('early_stopped') else ''}, validation "
                 f"loss {p['validation_curve'][0][1]:.3f} -> min {p['validation_loss_min']:.3f} (step "
                 f"{p['validation_loss_min_step']}) -> end {p['validation_loss_end']:.3f} (flat over the last 20%: "
                 f"{p['flattened']}, stopped improving: {p['stopped_improving']}, rising at end: "

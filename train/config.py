@@ -56,6 +56,9 @@ class TrainConf:
     # also keep the weights of the lowest validation loss so far in <out_dir>/best (Hugging Face layout,
     # no training state; best.json says the step and loss), checked at every validation evaluation
     keep_best: bool = False
+    # stop when this many validation evaluations in a row have not gone below the lowest validation loss
+    # so far (0: off); the run then ends as at max_steps (final evaluation, test, checkpoint)
+    early_stop_evals: int = 0
     log_every: int = 10
     resume: bool = False  # continue from <out_dir>/checkpoint when it holds a training state
     stop_after_steps: int = 0  # debug: save and exit after this many steps, as if killed

@@ -538,6 +538,11 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
 
+    if cfg.train.early_stop_evals < 0 or (cfg.train.early_stop_evals and not cfg.train.eval_every):
+        raise ValueError(
+            f"train.early_stop_evals={cfg.train.early_stop_evals} needs an integer >= 0 and, when > 0, "
+            f"validation during the run (train.eval_every={cfg.train.eval_every}: set it > 0)"
+        )
     model, tok, from_ckpt = build_model(cfg, d)
     task = build_task(cfg.data)
     train_data = TrainData(task, tok, cfg)
@@ -597,6 +602,8 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
         )
     # the lowest validation loss so far and its step (train.keep_best keeps its weights in best_dir)
     best: dict[str, Any] | None = resumed_state.get("best") if resumed_state is not None else None
+    # validation evaluations since that minimum (train.early_stop_evals stops the run at this many)
+    evals_since_best = int(resumed_state.get("evals_since_best", 0)) if resumed_state is not None else 0
     if resumed_state is None and cfg.train.keep_best and d.main and best_dir.exists():
         import shutil
 
@@ -626,21 +633,27 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
             dist.barrier()
         return metrics
 
-    def keep_if_best(metrics: dict[str, float], at: int) -> None:
-        """train.keep_best: save the weights to best_dir when this evaluation's loss is the lowest so far."""
-        nonlocal best
-        if not cfg.train.keep_best or at == 0:
-            return
+    def note_validation(metrics: dict[str, float], at: int) -> bool:
+        """Track the lowest validation loss (train.keep_best: save its weights to best_dir). True when
+        train.early_stop_evals evaluations in a row have not gone below it (every rank agrees: rank 0's
+        loss is broadcast)."""
+        nonlocal best, evals_since_best
+        if at == 0:
+            return False
         loss = broadcast(metrics.get("loss") if d.main else None, d)
         if loss is None or not math.isfinite(loss) or (best is not None and loss >= best["validation_loss"]):
-            return
-        best = {"step": at, "validation_loss": float(loss)}
-        full = model_for_saving(wrapped, model, d)
-        if d.main:
-            save_checkpoint(best_dir, full, tok, None, extra={"best.json": json.dumps(best) + "\n"})
-        del full
-        if d.world > 1:
-            dist.barrier()
+            evals_since_best += 1
+            patience = cfg.train.early_stop_evals
+            return bool(patience) and best is not None and evals_since_best >= patience
+        best, evals_since_best = {"step": at, "validation_loss": float(loss)}, 0
+        if cfg.train.keep_best:
+            full = model_for_saving(wrapped, model, d)
+            if d.main:
+                save_checkpoint(best_dir, full, tok, None, extra={"best.json": json.dumps(best) + "\n"})
+            del full
+            if d.world > 1:
+                dist.barrier()
+        return False
 
     def checkpoint(at: int, with_state: bool = True) -> None:
         state = None
@@ -661,6 +674,7 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
                 "train_seconds": run_train_s,
                 "nonfinite_steps": nonfinite_steps,
                 "best": best,
+                "evals_since_best": evals_since_best,
                 "wandb_run_id": tracker.run_id if tracker is not None else None,
                 "config": OmegaConf.to_container(cfg),
             }
@@ -696,9 +710,14 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
     coef_z, coef_aux = model.cfg.router_z_loss_coef, model.cfg.router_aux_loss_coef
     wrapped.train()
     stopped = False
+    # resumed after its early stop was due (killed at that very evaluation): no further steps
+    early_stopped = bool(cfg.train.early_stop_evals) and best is not None and (
+        evals_since_best >= cfg.train.early_stop_evals
+    )
+    last_val: tuple[int, dict[str, float]] | None = None  # the latest in-loop validation (step, metrics)
     nonfinite_steps = int(resumed_state.get("nonfinite_steps", 0)) if resumed_state is not None else 0
     nonfinite_run = 0
-    while step < cfg.train.max_steps:
+    while step < cfg.train.max_steps and not early_stopped:
         inputs, targets = train_data.rows(order.slots(step))
         n_target = sum(len(t) for t in targets)
         tok_count += n_target + sum(len(x) for x in inputs)
@@ -786,8 +805,16 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
             dist.all_reduce(f)
             stop = bool(f.item())
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
-            keep_if_best(do_eval(val_data, "validation", step), step)
+            last_val = (step, do_eval(val_data, "validation", step))
+            early_stopped = note_validation(last_val[1], step)
             wrapped.train()
+            if early_stopped and not stop:
+                if d.main:
+                    print(
+                        f"[train] early stop at step {step}: validation loss has not gone below "
+                        f"{best['validation_loss']:.4f} (step {best['step']}) for {evals_since_best} evaluations"
+                    )
+                break
         if stop or (
             cfg.train.stop_after_steps and step == cfg.train.stop_after_steps and step < cfg.train.max_steps
         ):
@@ -810,10 +837,14 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
         "train_tokens": run_tokens, "train_seconds": run_train_s,
         "train_tokens_per_s": run_tokens / run_train_s if run_train_s > 0 else None,
         "nonfinite_steps": nonfinite_steps,
+        "early_stopped": early_stopped and not stopped,
     }
     if not stopped:
-        final_val = do_eval(val_data, "validation", step)
-        keep_if_best(final_val, step)
+        if early_stopped and last_val is not None and last_val[0] == step:
+            final_val = last_val[1]  # evaluated at this step already
+        else:
+            final_val = do_eval(val_data, "validation", step)
+            note_validation(final_val, step)
         result["validation"] = final_val
         if cfg.eval.test:
             test_data = encode(task, "test", tok, cfg)
@@ -824,8 +855,8 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
             if first is not None:
                 result["validation_loss_start"] = first["loss"]
             result["validation_loss_end"] = final_val.get("loss")
-            if cfg.train.keep_best and best is not None:
-                result["best"] = {**best, "checkpoint": str(best_dir)}
+            if best is not None:
+                result["best"] = {**best, "checkpoint": str(best_dir) if cfg.train.keep_best else None}
             tracker.artifact(f"checkpoint-{out_dir.name}", "model", ckpt_dir)
             print(
                 f"[train] done: {step} steps; checkpoint (Hugging Face layout + pre-gates + training state) "

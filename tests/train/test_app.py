@@ -371,3 +371,27 @@ def test_remasked_span_with_best_weights_resumes_exactly(tmp_path):
     assert [e for e, _ in slots] == [0, 0, 1, 1]
     inputs, _ = data.rows(slots)
     assert inputs[2] == data.epoch(1).inputs[slots[2][1]]
+
+
+def test_early_stop_after_evaluations_without_a_new_minimum(tmp_path):
+    """train.early_stop_evals: with the weights frozen (lr 0) the validation loss never goes below its
+    first value (step 1), so patience 2 stops the run at step 3, which then ends as at max_steps (final
+    evaluation not repeated, test, checkpoint). A kill at step 2 and a resume stop at the same step."""
+    from train.loop import run
+
+    common = FAST + ["optim.lr=0.0", "train.eval_every=1", "train.early_stop_evals=2", "eval.test=true"]
+    r = run(_compose(common + [f"train.out_dir={tmp_path / 'a'}"]), tmp_path / "a")
+    assert r["early_stopped"] and r["step"] == 3 and not r["stopped"]
+    assert [h["step"] for h in r["history"] if h["split"] == "validation"] == [1, 2, 3]
+    assert r["best"]["step"] == 1 and r["best"]["checkpoint"] is None  # tracked; weights not kept
+    assert "test" in r and (tmp_path / "a" / "checkpoint" / "model.safetensors").exists()
+    k = run(_compose(common + ["train.stop_after_steps=2", f"train.out_dir={tmp_path / 'k'}"]), tmp_path / "k")
+    assert k["stopped"] and not k["early_stopped"]
+    k = run(_compose(common + ["train.resume=true", f"train.out_dir={tmp_path / 'k'}"]), tmp_path / "k")
+    assert k["early_stopped"] and k["step"] == 3 and k["best"]["step"] == 1
+    # the full run to max_steps when the loss keeps falling
+    ok = run(_compose(FAST + ["train.eval_every=2", "train.early_stop_evals=5", f"train.out_dir={tmp_path / 'f'}"]),
+             tmp_path / "f")
+    assert ok["step"] == 6 and not ok["early_stopped"]
+    with pytest.raises(ValueError, match="train.early_stop_evals=2 needs"):
+        run(_compose(FAST + ["train.early_stop_evals=2", f"train.out_dir={tmp_path / 'bad'}"]), tmp_path / "bad")
