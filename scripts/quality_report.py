@@ -908,6 +908,28 @@ def _start(p: dict[str, Any]) -> str:
     return f"{what} (step {f.get('step')}" + (f", validation loss {loss:.3f})" if loss is not None else ")")
 
 
+def _plot_pretrain(ax, model: str, p: dict[str, Any]) -> None:
+    """The pretraining's validation curve, its minimum and the weights the fine-tunes started from."""
+    curve = [(st, v) for st, v in p.get("validation_curve") or [] if _isfinite(v)]
+    if not curve:
+        ax.text(0.5, 0.5, "no pretraining record", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(f"{model}: pretraining", fontsize=9)
+        return
+    ax.plot([st for st, _ in curve], [v for _, v in curve], marker=".", color="tab:gray")
+    lo = min(curve, key=lambda sv: sv[1])
+    ax.scatter([lo[0]], [lo[1]], color="tab:green", zorder=3, label=f"min {lo[1]:.3f} (step {lo[0]})")
+    f = p.get("finetunes_start_from") or {}
+    if _isfinite(f.get("validation_loss")) and f.get("step") is not None:
+        ax.scatter([f["step"]], [f["validation_loss"]], marker="x", color="tab:red", zorder=4,
+                   label=f"fine-tunes start ({f.get('checkpoint')})")
+    later = [v for st, v in curve if st > 0]  # the y range without the random-init loss
+    if later:
+        ax.set_ylim(min(later) - 0.05 * abs(min(later)), max(later) + 0.05 * abs(max(later)))
+    ax.set_xlabel("step", fontsize=8)
+    ax.set_title(f"{model}: pretraining validation loss", fontsize=9)
+    ax.legend(fontsize=7)
+
+
 def plot(rep: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -918,10 +940,13 @@ def plot(rep: dict[str, Any], path: Path) -> None:
     tasks = [t for t in rep["tasks"] if any(c["task"] == t for c in rep["results"])]
     if not models or not tasks:
         return
-    fig, axes = plt.subplots(
-        len(models), 2 * len(tasks), figsize=(4.2 * 2 * len(tasks), 3.4 * len(models)), squeeze=False
-    )
+    pre = rep.get("pretrain") or {}
+    curves = any((pre.get(m) or {}).get("validation_curve") for m in models)
+    ncol = 2 * len(tasks) + (1 if curves else 0)
+    fig, axes = plt.subplots(len(models), ncol, figsize=(4.2 * ncol, 3.4 * len(models)), squeeze=False)
     for i, m in enumerate(models):
+        if curves:
+            _plot_pretrain(axes[i][ncol - 1], m, pre.get(m) or {})
         for j, t in enumerate(tasks):
             cs = [c for c in rep["results"] if c["model"] == m and c["task"] == t]
             ax = axes[i][2 * j]
