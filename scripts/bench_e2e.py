@@ -946,11 +946,8 @@ def copy_accounting(eng: Engine, spec: PolicySpec, ids, nb: int, m: dict, link: 
         if eng.device.type == "cuda":
             torch.cuda.synchronize()
         return {"error": f"1-token run failed: {type(e).__name__}: {str(e)[:300]}"}
-    # the bytes after the first step cover the steps run after it: one more than the timed steps where
-    # greedy ran a step past the output (every row had ended); scaled to the timed steps
-    run_after_first = max(1, (m.get("decode_steps_executed") or steps + 1) - 1)
-    bytes_timed = one.metrics["bytes_copied"] + (m["bytes_copied"] - one.metrics["bytes_copied"]) * steps / run_after_first
-    out = copy_figures(int(bytes_timed), one.metrics["bytes_copied"], steps, total_ms, m, link)
+    bytes_timed = timed_bytes(m["bytes_copied"], one.metrics["bytes_copied"], steps, m.get("decode_steps_executed"))
+    out = copy_figures(bytes_timed, one.metrics["bytes_copied"], steps, total_ms, m, link)
     if eng.device.type == "cuda":
         out["while_copying"] = copy_kernel_eager(eng, spec, ids, nb, m, link)
     return out
@@ -972,6 +969,14 @@ def copy_kernel_eager(eng: Engine, spec: PolicySpec, ids, nb: int, m: dict, link
         return {"error": "no copies timed", "copy_kernel": ck}
     return {**ck, "efficiency": ck["GBps"] / link if link else None,
             "method": "CUDA events around each block's copies on the copy stream, eager 8-token run"}
+
+
+def timed_bytes(bytes_run: int, bytes_first: int, timed_steps: int, executed: int | None) -> int:
+    """A run's bytes as if it had run only its timed steps after the first: the steps run after the first
+    are one more than the timed ones where greedy ran a step past the output (every row had ended), so
+    the bytes after the first step are scaled by timed / run (executed None: an older engine, no extra)."""
+    after_first = max(1, (executed if executed is not None else timed_steps + 1) - 1)
+    return bytes_first + round((bytes_run - bytes_first) * timed_steps / after_first)
 
 
 def copy_figures(bytes_run: int, bytes_first: int, steps: int, total_ms: float, m: dict, link) -> dict:

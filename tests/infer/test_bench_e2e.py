@@ -51,6 +51,13 @@ def test_crossover_none_and_missing_runs():
 
 
 # ----------------------------------------------------------------------------------------------- copies
+def test_timed_bytes_leaves_out_a_step_run_past_the_output():
+    # 10 tokens: 9 timed steps after the first; 100 bytes per step after a 1,000-byte first step
+    assert bench.timed_bytes(1_000 + 9 * 100, 1_000, 9, 10) == 1_900  # no extra step
+    assert bench.timed_bytes(1_000 + 10 * 100, 1_000, 9, 11) == 1_900  # one step past the output ran
+    assert bench.timed_bytes(1_000 + 9 * 100, 1_000, 9, None) == 1_900  # records without the count
+
+
 def test_copy_figures():
     m = {"stall_ms_per_token": 0.5, "ms_per_token_median": 2.0, "peak_allocated_bytes": 1}
     # 255 timed steps of 2 ms, 6 experts of 9.4 MB each per step, 50 GB/s peak
