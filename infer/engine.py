@@ -35,6 +35,8 @@ def load_offloaded(
     The budget is checked from config.json before anything is allocated."""
     from models.checkpoint import load_config, load_switch
 
+    if quantize not in (None, "int8"):  # before anything is read
+        raise OffloadError(f"offload.quantize={quantize!r}; expected none or int8")
     device = torch.device(device)
     cfg = load_config(path)
     n_moe = len(cfg.sparse_layers(False)) + len(cfg.sparse_layers(True))

@@ -100,27 +100,29 @@ class Task:
 
     def examples(self, split: str, epoch: int = 0) -> list[Example]:
         """The split's examples; for a split that varies by epoch, those of pass `epoch` over the data
-        (the same count and order every epoch). The epoch-0 list and the latest other epoch are cached."""
+        (the same count and order every epoch). Epoch 0 is cached; a later epoch is made on each call
+        (the training loop keeps what it encoded)."""
         if split not in SPLITS:
             raise ValueError(f"split={split!r}; expected one of {SPLITS}")
         if epoch < 0:
             raise ValueError(f"epoch={epoch}; expected >= 0")
         epoch = epoch if self.varies_by_epoch(split) else 0
-        key = (split, epoch)
-        if key not in self._cache:
-            exs = self._load(split, epoch)
-            if self.conf.input_prefix:
-                exs = [Example(self.conf.input_prefix + e.input, e.target, e.answers) for e in exs]
-            cap = self.conf.max_examples.get(split)
-            if cap is not None and len(exs) > cap:
-                order = list(range(len(exs)))
-                random.Random(_stable_int(f"{self.conf.seed}/{split}/cap")).shuffle(order)
-                exs = [exs[i] for i in sorted(order[:cap])]
-            if epoch:  # keep epoch 0 and the newest epoch only: training walks the epochs in order
-                for k in [k for k in self._cache if k[0] == split and k[1] not in (0, epoch)]:
-                    del self._cache[k]
-            self._cache[key] = exs
-        return self._cache[key]
+        if epoch:
+            return self._finish(split, self._load(split, epoch))
+        if split not in self._cache:
+            self._cache[split] = self._finish(split, self._load(split, 0))
+        return self._cache[split]
+
+    def _finish(self, split: str, exs: list[Example]) -> list[Example]:
+        """The input prefix and the per-split cap (the same examples kept every epoch)."""
+        if self.conf.input_prefix:
+            exs = [Example(self.conf.input_prefix + e.input, e.target, e.answers) for e in exs]
+        cap = self.conf.max_examples.get(split)
+        if cap is not None and len(exs) > cap:
+            order = list(range(len(exs)))
+            random.Random(_stable_int(f"{self.conf.seed}/{split}/cap")).shuffle(order)
+            exs = [exs[i] for i in sorted(order[:cap])]
+        return exs
 
     def _load(self, split: str, epoch: int = 0) -> list[Example]:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -304,9 +304,6 @@ class Order:
             self._perm = {epoch: torch.randperm(self.n, generator=g).tolist()}
         return self._perm[epoch]
 
-    def batch_at(self, step: int) -> list[int]:
-        return [i for _, i in self.slots(step)]
-
     def slots(self, step: int) -> list[tuple[int, int]]:
         """(epoch, example index) of each sequence of the global batch of `step` (a batch may straddle
         two epochs)."""

@@ -197,3 +197,15 @@ def test_bad_copy_setting_fails_before_any_run(tmp_path):
             with pytest.raises(OffloadError, match=key):
                 run(_compose([bad, "num_examples=1", "max_new_tokens=1", "logger=none"]), tmp_path)
     assert not list(tmp_path.glob("**/report.json"))
+
+
+def test_bad_quantize_fails_before_the_checkpoint_is_read(tmp_path, monkeypatch):
+    import models.checkpoint
+    from infer.offload import OffloadError
+
+    def no_read(*a, **k):  # pragma: no cover - reached only if the check came too late
+        raise AssertionError("the checkpoint was read before offload.quantize was checked")
+
+    monkeypatch.setattr(models.checkpoint, "load_config", no_read)
+    with pytest.raises(OffloadError, match="offload.quantize='int4'; expected none or int8"):
+        run(_compose(["offload.quantize=int4", "num_examples=1", "max_new_tokens=1", "logger=none"]), tmp_path)

@@ -360,9 +360,9 @@ def test_remasked_span_with_best_weights_resumes_exactly(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
     assert not (tmp_path / "full" / "best" / "training_state.pt").exists()
     # the epochs' training examples differ (they are remasked), the step order sees them in turn
+    from models.tokenizer import ByteTokenizer
     from train.data import build_task
     from train.loop import Order, TrainData
-    from models.tokenizer import ByteTokenizer
 
     cfg = _compose(common)
     data = TrainData(build_task(cfg.data), ByteTokenizer(), cfg)
