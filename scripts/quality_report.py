@@ -195,12 +195,17 @@ class Job:
     status: str = "pending"  # pending | done | failed | skipped | running | stopped
     oom_retries: int = 0  # times it was put back after running out of GPU memory
     init_run: Path | None = None  # a pretraining run dir: init.checkpoint is resolved at launch
+    nproc: int = 1  # > 1: data-parallel under torchrun (DDP), one process per GPU
 
     def build(self) -> None:
         if self.init_run is not None:  # its best weights exist only once the pretraining has run
             init = f"init.checkpoint={pretrained_checkpoint(self.init_run).resolve()}"
             self.overrides = [init if o.startswith("init.checkpoint=") else o for o in self.overrides]
         self.cmd = train_command(self.experiment, self.overrides, self.run_dir)
+        if self.nproc > 1:  # python -m torch.distributed.run --nproc_per_node=N -m train ...
+            i = self.cmd.index("-m")
+            self.cmd = [*self.cmd[:i], "-m", "torch.distributed.run", f"--nproc_per_node={self.nproc}",
+                        "--standalone", *self.cmd[i:]]
 
 
 def pretrained_checkpoint(pre_dir: Path) -> Path:
@@ -228,7 +233,9 @@ def plan(a: argparse.Namespace) -> tuple[list[Job], dict[str, Path]]:
                 ov = list(a.pretrain_override)
                 if a.pretrain_steps:
                     ov.append(f"train.max_steps={a.pretrain_steps}")
-                jobs.append(Job(f"pretrain {m}", pre_dir, pretrain_experiment(m), ov, model=m))
+                jobs.append(
+                    Job(f"pretrain {m}", pre_dir, pretrain_experiment(m), ov, model=m, nproc=a.pretrain_nproc)
+                )
             elif not (ckpts[m] / "config.json").exists() and not a.dry_run and not a.aggregate_only:
                 raise SystemExit(
                     f"no pretrained `{m}` checkpoint at {ckpts[m]}: pass --pretrain (runs "
@@ -368,7 +375,8 @@ def execute(jobs: list[Job], a: argparse.Namespace) -> None:
             m = read_metrics(j.run_dir)
             # a run this loop sent SIGTERM to and that died of it (before its handler was in place) is
             # stopped, not failed: it resumes from its last checkpoint (or from scratch) next call
-            stopped = rc == 0 or (term_sent and rc == -signal.SIGTERM)
+            # (torchrun exits non-zero after passing the SIGTERM on, once its ranks have saved and exited)
+            stopped = rc == 0 or (term_sent and (rc == -signal.SIGTERM or j.nproc > 1))
             j.status = "done" if rc == 0 and m is not None else ("stopped" if stopped else "failed")
             if j.status == "failed" and not term_sent and j.oom_retries < OOM_RETRIES and ran_out_of_memory(j.run_dir):
                 # too many runs for the GPU's memory: fewer at a time, and this one again (train.resume)
@@ -420,7 +428,13 @@ def execute(jobs: list[Job], a: argparse.Namespace) -> None:
             }
             env.setdefault("WANDB_MODE", "disabled")
             if gpus:
-                env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+                env["CUDA_VISIBLE_DEVICES"] = (
+                    ",".join(gpus[: ready.nproc]) if ready.nproc > 1 else gpus[i % len(gpus)]
+                )
+            if ready.nproc > 1:
+                # NCCL's ranks outside the MPS daemon (its clients cannot share memory between processes)
+                for k in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"):
+                    env.pop(k, None)
             cmd = (
                 [*ready.cmd, f"train.threads={threads}"]
                 if not any(o.startswith("train.threads=") for o in ready.cmd)
@@ -1027,6 +1041,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--pretrain-steps", type=int, default=0)
     ap.add_argument("--pretrain-override", nargs="*", default=[])
+    ap.add_argument(
+        "--pretrain-nproc",
+        type=int,
+        default=1,
+        help="GPUs per pretraining: > 1 runs it data-parallel (torchrun, DDP) with the same global batch",
+    )
     ap.add_argument("--pretrain-only", action="store_true",
                     help="with --pretrain: only the pretraining runs (e.g. two recipes on two GPUs, each with "
                     "its own --root), no fine-tuning")
@@ -1057,6 +1077,12 @@ def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     for v in a.variants:
         variant_overrides(v)
+    if a.pretrain_nproc < 1:
+        raise SystemExit(f"--pretrain-nproc {a.pretrain_nproc}: expected 1 or more")
+    if a.pretrain_nproc > 1 and a.pretrain and not (a.dry_run or a.aggregate_only):
+        gpus = gpu_ids(a.gpus)
+        if 0 < len(gpus) < a.pretrain_nproc:
+            raise SystemExit(f"--pretrain-nproc {a.pretrain_nproc} needs that many GPUs; --gpus gives {gpus}")
     jobs, ckpts = plan(a)
     if a.dry_run:
         for j in jobs:

@@ -51,6 +51,16 @@ class TrainConf:
     device: str = "auto"  # auto | cpu | cuda
     expert_backend: str = "auto"  # auto (grouped GEMM on a capable GPU) | grouped | reference
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard; under torchrun)
+    # FSDP: the dtype in which parameters are all-gathered and computed with (bf16 halves the gather
+    # traffic and the unsharded memory; gradients are still reduced and kept in fp32). bf16 needs
+    # precision bf16 (or auto on a GPU).
+    fsdp_param_dtype: str = "fp32"  # fp32 | bf16
+    # DDP: the dtype of the gradient all-reduce (bf16 halves the traffic; the sum is rounded to bf16)
+    ddp_grad_dtype: str = "fp32"  # fp32 | bf16
+    # random init directly on the GPU (seconds instead of minutes for multi-billion-parameter shapes;
+    # with the same seed, other initial weights than the default CPU init)
+    init_on_device: bool = False
+    save_at_end: bool = True  # false: no final checkpoint (throughput benchmarks); metrics.json is kept
     eval_every: int = 100  # 0: only at the start and the end
     save_every: int = 0  # 0: only at the end
     # also keep the weights of the lowest validation loss so far in <out_dir>/best (Hugging Face layout,

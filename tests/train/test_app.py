@@ -206,6 +206,19 @@ def test_ddp_two_processes_equals_one(tmp_path):
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-4, worst
+    # the logged training losses are the global batch's (summed over the ranks), not rank 0's share
+    curves = []
+    for r in ("one", "two"):
+        hist = json.loads((tmp_path / r / "metrics.json").read_text())["history"]
+        curves.append([(h["step"], h["loss"], h["z_loss"], h["aux_loss"]) for h in hist if h["split"] == "train"])
+    assert len(curves[0]) == len(curves[1]) >= 1
+    for x, y in zip(*curves):
+        assert x[0] == y[0] and all(abs(u - v) <= 1e-4 * max(1.0, abs(u)) for u, v in zip(x[1:], y[1:])), (x, y)
+    # gradients all-reduced in bf16 (train.ddp_grad_dtype=bf16): within bf16 rounding, not bitwise
+    _app(args + ["train.ddp_grad_dtype=bf16", f"hydra.run.dir={tmp_path / 'bf16'}"], torchrun=2)
+    c = _weights(tmp_path / "bf16")
+    worst = max((a[k] - c[k]).abs().max().item() for k in a)
+    assert 0 < worst < 5e-3, worst
 
 
 def test_fsdp_two_processes_equals_one_and_resumes(tmp_path):
@@ -258,6 +271,37 @@ def test_fsdp_two_processes_equals_one_and_resumes(tmp_path):
     c = _weights(tmp_path / "killed")
     worst = max((b[k] - c[k]).abs().max().item() for k in b)
     assert worst < 1e-6, worst
+
+
+def test_fsdp_bf16_parameters_and_bad_settings(tmp_path):
+    # train.fsdp_param_dtype=bf16 (all-gather and compute in bf16, fp32 gradients and shards) on 2 gloo
+    # CPU processes vs one bf16-autocast process: the same weights within bf16 rounding
+    args = FAST + [
+        "train.batch_size=8",
+        "train.max_steps=4",
+        "model.router_jitter_noise=0.0",
+        "optim.lr=1e-3",
+        "pregate.enabled=true",
+        "train.precision=bf16",
+    ]
+    _app(args + [f"hydra.run.dir={tmp_path / 'one'}"])
+    _app(args + ["train.parallel=fsdp", "train.fsdp_param_dtype=bf16", f"hydra.run.dir={tmp_path / 'two'}"], torchrun=2)
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert 0 < worst < 5e-3, worst  # not bitwise (bf16 gathers), but within bf16 rounding of the updates
+    # clear errors, before any training
+    p = _app(args + ["train.parallel=fsdp", "optim=adafactor", f"hydra.run.dir={tmp_path / 'x'}"], False, torchrun=2)
+    assert p.returncode != 0 and "optim=adafactor does not run under train.parallel=fsdp" in p.stdout + p.stderr
+    bad = FAST + ["train.parallel=fsdp", "train.fsdp_param_dtype=bf16", "train.precision=fp32"]
+    p = _app(bad + [f"hydra.run.dir={tmp_path / 'y'}"], False, torchrun=2)
+    assert p.returncode != 0 and "train.fsdp_param_dtype=bf16 needs bf16 training" in p.stdout + p.stderr
+    p = _app(FAST + ["train.fsdp_param_dtype=fp16", f"hydra.run.dir={tmp_path / 'z'}"], False)
+    assert p.returncode != 0 and "train.fsdp_param_dtype='fp16'" in p.stdout + p.stderr
+    # train.save_at_end=false: metrics, no checkpoint
+    _app(FAST + ["train.max_steps=2", "train.save_at_end=false", f"hydra.run.dir={tmp_path / 'nosave'}"])
+    assert json.loads((tmp_path / "nosave" / "metrics.json").read_text())["step"] == 2
+    assert not (tmp_path / "nosave" / "checkpoint").exists()
 
 
 def test_grouped_expert_ffn_matches_reference():

@@ -298,6 +298,34 @@ def test_aggregation_targets_and_trend(tmp_path):
     assert "PASS" in quality_report.markdown(rep)
 
 
+def test_pretraining_data_parallel_under_torchrun(tmp_path):
+    # --pretrain-nproc 2: the pretraining runs under torchrun (2 gloo CPU processes here, DDP), with the
+    # remasked epochs, best-weights and early-stop machinery of the medium recipe
+    pre = [*TINY4, "train.max_steps=4", "train.eval_every=2", "train.keep_best=true", "train.early_stop_evals=3",
+           "data.remask_each_epoch=true", *SMALL_RUN]
+    args = ["--pretrain", "--pretrain-only", "--pretrain-nproc", "2", "--pretrain-override", *pre]
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "quality_report.py"), "--dry-run", "--models", "tiny",
+         "--root", str(tmp_path / "runs"), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert p.returncode == 0, p.stderr
+    want = " -m torch.distributed.run --nproc_per_node=2 --standalone -m train experiment=pretrain_small model=tiny"
+    assert want in p.stdout
+    _, rep = _report(tmp_path, *args)
+    m = json.loads((tmp_path / "runs" / "pretrain" / "tiny" / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["step"] == 4 and not m["stopped"]
+    assert (tmp_path / "runs" / "pretrain" / "tiny" / "best" / "model.safetensors").exists()
+    assert rep["pretrain"]["tiny"]["finetunes_start_from"]["checkpoint"] == "best"
+    # more processes than GPUs: a clear error before anything runs
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "quality_report.py"), "--models", "tiny", "--gpus", "0",
+         "--root", str(tmp_path / "other"), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert p.returncode != 0 and "--pretrain-nproc 2 needs that many GPUs" in p.stderr
+
+
 def test_scheduler_starts_pretraining_first(tmp_path, monkeypatch):
     """With every slot wanted by ready fine-tunes, a pretraining run that others wait on still
     starts in the first wave (it is the critical path)."""
