@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels.expert_copy import gather_rows  # noqa: E402
 
 
-def cuda_time(fn, warmup=5, iters=30):
+def cuda_times(fn, warmup=5, iters=30) -> list[float]:
+    """ms of each of `iters` calls (CUDA events, a sync after each), after `warmup` calls."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -40,7 +41,11 @@ def cuda_time(fn, warmup=5, iters=30):
         b.record()
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return times
+
+
+def cuda_time(fn, warmup=5, iters=30):
+    return statistics.median(cuda_times(fn, warmup, iters))
 
 
 def probe_copies(res):

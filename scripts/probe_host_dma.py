@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kernels.expert_copy import gather_rows  # noqa: E402
+from scripts.probe_decode import cuda_times as cuda_ms  # noqa: E402
 
 try:
     import triton
@@ -72,21 +73,6 @@ except ImportError:  # pragma: no cover
 def wait_flag(flag: torch.Tensor, err: torch.Tensor, max_iters: int = 20_000_000) -> None:
     """Block the current stream until flag[0] != 0, then reset it to 0 (err[0] += 1 on a timeout)."""
     _wait_flag_kernel[(1,)](flag, err, MAX_ITERS=max_iters)
-
-
-def cuda_ms(fn, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b))
-    return out
 
 
 def calibrate_sleep(target_us: float) -> int:

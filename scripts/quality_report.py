@@ -432,7 +432,7 @@ def execute(jobs: list[Job], a: argparse.Namespace) -> None:
                     ",".join(gpus[: ready.nproc]) if ready.nproc > 1 else gpus[i % len(gpus)]
                 )
             if ready.nproc > 1:
-                # NCCL's ranks outside the MPS daemon (its clients cannot share memory between processes)
+                # the ranks run outside the MPS daemon: NCCL under MPS is not a setup measured here
                 for k in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"):
                     env.pop(k, None)
             cmd = (
