@@ -76,7 +76,7 @@ def common_overrides(a: argparse.Namespace, model: str, steps: int) -> list[str]
         "eval.at_start=false",
         "eval.test=false",
         "eval.generate_examples=0",
-        "eval.max_examples=64",
+        f"eval.max_examples={8 if a.tiny else 64}",
         "train.save_at_end=false",
         "train.init_on_device=true",
         "train.progress=false",
@@ -89,7 +89,7 @@ def common_overrides(a: argparse.Namespace, model: str, steps: int) -> list[str]
         "seed=0",
     ]
     if a.tiny:
-        ov += ["train.max_input_len=64", "train.max_target_len=32", "eval.max_examples=8", "train.threads=1"]
+        ov += ["train.max_input_len=64", "train.max_target_len=32", "train.threads=1"]
     return [*ov, *a.override]
 
 

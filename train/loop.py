@@ -193,10 +193,7 @@ def wrap_parallel(model: Switch, cfg: DictConfig, d: Dist) -> torch.nn.Module:
         # Switch.forward reads block 0's position bias and the decoder blocks' cross-attention
         # k/v outside the stacks), so a block's hooks would not fire.
         kw: dict[str, Any] = {}
-        pdt = cfg.train.fsdp_param_dtype
-        if pdt not in ("fp32", "bf16"):
-            raise ValueError(f"train.fsdp_param_dtype={pdt!r}; expected fp32 or bf16")
-        if pdt == "bf16":
+        if cfg.train.fsdp_param_dtype == "bf16":  # (its values are checked at the start of run)
             if precision(d, cfg) != "bf16":
                 raise ValueError(
                     "train.fsdp_param_dtype=bf16 needs bf16 training: set train.precision=bf16 (or auto on a GPU)"
