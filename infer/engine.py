@@ -337,7 +337,7 @@ class Engine:
     def _not_capturable(self, runner) -> str | None:
         if any(m.backend != "triton" for m in self.model.moes):
             return "the reference expert FFN (backend torch) reads group sizes on the host"
-        if runner is not None and runner.pool.copy_mode != "device":
+        if runner is not None and runner.pool.copy_mode not in ("device", "dma"):
             return f"copy_mode={runner.pool.copy_mode} reads each plan on the host"
         if runner is not None and runner.cpu_active:
             return (

@@ -14,13 +14,17 @@ slot/table/cache logic runs, so the equality tests exercise it.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import threading
+import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from kernels import expert_copy
+from kernels import expert_copy, mailbox
 from kernels.expert_ffn import Int8Weights, quantize_experts
 from models.config import SwitchConfig
 
@@ -230,7 +234,9 @@ class SlotPool:
     issued; one event per block (its copies done) is all the ordering needed.
 
     copy_mode: "device" (kernels.expert_copy.gather_rows: a kernel reads the pinned store over PCIe
-    by ids on the GPU; no host sync, graph-capturable), "host" (cudaMemcpyAsync per expert; reads
+    by ids on the GPU; no host sync, graph-capturable), "dma" (the copy engines, started by a host
+    thread that reads each plan from a pinned mailbox: DmaCopier; graph-capturable; the encoder's
+    streamed prefill chunks still use the device kernel), "host" (cudaMemcpyAsync per expert; reads
     the plan on the host, so one sync per plan), "cpu" (no GPU: synchronous copies).
     """
 
@@ -260,18 +266,23 @@ class SlotPool:
         interpreting = (
             os.environ.get("TRITON_INTERPRET") == "1"
         )  # tests run the device copy kernel on the CPU
-        if copy_mode == "device" and not self.cuda and interpreting:
+        if copy_mode in ("device", "dma") and not self.cuda and interpreting:
             pass
-        elif copy_mode not in ("device", "host", "cpu") or (copy_mode == "cpu") == self.cuda:
+        elif copy_mode not in ("device", "dma", "host", "cpu") or (copy_mode == "cpu") == self.cuda:
             raise OffloadError(
                 f"copy_mode={copy_mode!r} does not fit device {self.device}; "
-                "use device or host on CUDA, cpu without a GPU"
+                "use device, dma or host on CUDA, cpu without a GPU"
             )
+        if copy_mode in ("device", "dma") and self.cuda and not (store.pinned and expert_copy.HAVE_TRITON):
+            raise OffloadError(f"copy_mode={copy_mode} needs the expert store pinned (offload.pin=true) and "
+                               "triton installed; use copy_mode=host")
         self.copy_mode = copy_mode
         self.copy_stream = (torch.cuda.Stream(self.device, priority=self.copy_settings.stream_priority())
                             if self.cuda else None)
         self.copy_done = [torch.cuda.Event() if self.cuda else None for _ in range(self.M)]
-        self.prefill_done = [torch.cuda.Event() if self.cuda else None for _ in range(2)]  # per buffer
+        # per prefill buffer (on the CPU a stand-in: a copy with done= is a prefill chunk's, which copy_mode
+        # dma leaves to the device kernel)
+        self.prefill_done = [torch.cuda.Event() if self.cuda else object() for _ in range(2)]
         self.stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.measure_stall = False
         # CUDA events around each block's copies on the copy stream (eager steps only: timing events
@@ -281,6 +292,13 @@ class SlotPool:
         # no copies launched and none waited for (plans and slot tables still update; the weights read
         # are stale, so results are wrong): the "no-copy" step that stall-by-difference times
         self.skip_copies = False
+        self.dma = DmaCopier(self) if copy_mode == "dma" else None
+
+    def close(self) -> None:
+        """Stop the dma copier's thread (copy_mode dma); raises OffloadError where its copies failed."""
+        if self.dma is not None:
+            dma, self.dma = self.dma, None
+            dma.close()
 
     def nbytes(self) -> int:
         return self.pool.numel() * self.pool.element_size()
@@ -291,8 +309,11 @@ class SlotPool:
         done: the event recorded after the copies (block m's by default)."""
         if self.skip_copies:
             return
+        dma = self.dma is not None and done is None  # the dma copier takes the per-block plans
         if not self.cuda:
-            if self.copy_mode == "device":  # the kernel under TRITON_INTERPRET (tests)
+            if dma:  # under TRITON_INTERPRET (tests): the thread copies, wait() holds until it has
+                self.dma.post(m, src_n, dst_n)
+            elif self.copy_mode in ("device", "dma"):  # the kernel under TRITON_INTERPRET (tests)
                 src, dst = self._rows(m)
                 cs = self.copy_settings
                 expert_copy.gather_rows(src, src_n, dst, dst_n, cs.programs, cs.block, cs.warps)
@@ -300,12 +321,15 @@ class SlotPool:
                 self._copy_host(m, src_n, dst_n)
             return
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-        timed = self.measure_copy and done is None  # the per-block copies (the decode path's), not prefill's
+        # the per-block copies (the decode path's), not prefill's; dma's run on the copier's stream
+        timed = self.measure_copy and done is None and not dma
         with torch.cuda.stream(self.copy_stream):
             if timed:
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record(self.copy_stream)
-            if self.copy_mode == "device":
+            if dma:
+                self.dma.post(m, src_n, dst_n)  # copy_done[m] then means "posted"
+            elif self.copy_mode in ("device", "dma"):
                 src, dst = self._rows(m)
                 cs = self.copy_settings
                 expert_copy.gather_rows(src, src_n, dst, dst_n, cs.programs, cs.block, cs.warps)
@@ -331,18 +355,24 @@ class SlotPool:
 
     def wait(self, m: int, done=None) -> None:
         """The compute stream waits for block m's copies (only those), or for the event done."""
-        if not self.cuda or self.skip_copies:
+        if self.skip_copies:
+            return
+        dma = self.dma is not None and done is None
+        if not self.cuda:
+            if dma:
+                self.dma.wait(m)
             return
         event = self.copy_done[m] if done is None else done
         compute = torch.cuda.current_stream(self.device)
         if self.measure_stall:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record(compute)
-            compute.wait_event(event)
+        compute.wait_event(event)
+        if dma:
+            self.dma.wait(m)  # after the post (the event): until the copier's copies are done
+        if self.measure_stall:
             b.record(compute)
             self.stall_events.append((a, b))
-        else:
-            compute.wait_event(event)
 
     def copy_kernel_stats(self) -> dict | None:
         """The timed per-block copies (measure_copy): their bytes, busy time and bandwidth while copying."""
@@ -363,4 +393,153 @@ class SlotPool:
         return sum(a.elapsed_time(b) for a, b in self.stall_events)
 
 
-__all__ = ["CopySettings", "ExpertStore", "SlotPool", "OffloadError", "default_budget_bytes", "is_expert_param", "GB"]
+# ----------------------------------------------------------------------------------------------- dma
+def _yield_gil() -> None:
+    """Give the GIL and the core away for a moment (a ctypes call runs without the GIL)."""
+    _SCHED_YIELD()
+
+
+try:
+    _SCHED_YIELD = ctypes.CDLL(None).sched_yield
+except (OSError, AttributeError):  # pragma: no cover - not Linux
+    def _SCHED_YIELD():
+        time.sleep(0)
+
+
+class DmaCopier:
+    """copy_mode "dma": the copy engines move the experts, a host thread starts them (kernels/mailbox.py
+    has the handshake). post(m, src, dst) runs on the pool's copy stream (capturable): it appends the plan
+    to a ring on the device and copies the ring, then its head, to pinned host memory; the thread handles
+    new entries in order: one cudaMemcpyAsync per expert on its own stream, then done[m] behind them;
+    wait(m) holds the compute stream until done[m] >= posted[m].
+
+    The thread polls the head, giving the GIL away between polls; after IDLE_S without a post it sleeps
+    between polls (SLEEP_S). A wait that times out (MAX_ITERS polls on the GPU), a ring overrun or an
+    error in the thread is raised by close() (the run's result is then wrong, so it must not be reported)."""
+
+    RING = 32  # plans in flight at most (a step posts one per MoE block; the host keeps up within a block)
+    MAX_ITERS = 5_000_000  # polls of the wait kernel on a GPU before it counts a timeout (~1-3 s)
+    MAX_ITERS_INTERPRETED = 200_000  # the CPU interpreter is ~1e3 x slower per poll
+    IDLE_S = 0.05
+    SLEEP_S = 0.0005
+
+    def __init__(self, pool: SlotPool):
+        self.pool = pool
+        M, n, dev = pool.M, pool.n, pool.device
+        self.M, self.n = M, n
+        self.cuda = dev.type == "cuda"
+        W = 2 * n + 3  # [m, posted[m], src..., dst..., g]
+        self.ring = torch.zeros(self.RING, W, dtype=torch.int64, device=dev)
+        self.head = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.ring_h = torch.zeros(self.RING, W, dtype=torch.int64, pin_memory=self.cuda)  # the host's mirror
+        self.head_h = torch.zeros(1, dtype=torch.int64, pin_memory=self.cuda)
+        self.posted = torch.zeros(M, dtype=torch.int64, device=dev)
+        self.done = torch.zeros(M, dtype=torch.int64, device=dev)
+        self.err = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.stream = torch.cuda.Stream(dev) if self.cuda else None
+        self.max_iters = self.MAX_ITERS if self.cuda else self.MAX_ITERS_INTERPRETED
+        self.issued = 0  # plans handled by the thread
+        # views made once (the thread's cost per plan is on the first copy's critical path)
+        self._slot_rows = list(pool.pool.unbind(0))
+        self._store_rows = [list(pool.store.data[b].unbind(0)) for b in range(M)]
+        self._done = list(self.done.unbind(0))
+        self.error: BaseException | None = None
+        self._stop = False
+        self._thread = threading.Thread(target=_copier_loop, args=(weakref.ref(self),), daemon=True,
+                                        name="pgmoe-dma-copier")
+        self._thread.start()
+
+    def post(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor) -> None:
+        """On the current (copy) stream: hand block m's plan to the thread."""
+        if src_n.numel() != self.n or dst_n.numel() != self.n:
+            raise OffloadError(f"copy_mode=dma: a plan of {src_n.numel()} entries for block {m}; the "
+                               f"ring holds {self.n}")
+        mailbox.post(m, src_n, dst_n, self.ring, self.head, self.posted)
+        # the ring, then its head: two copies in stream order, so the host never sees a head before its plan
+        self.ring_h.copy_(self.ring, non_blocking=self.cuda)
+        self.head_h.copy_(self.head, non_blocking=self.cuda)
+
+    def wait(self, m: int) -> None:
+        """On the current (compute) stream, ordered after block m's post: hold until its copies are done."""
+        mailbox.wait(self.done[m : m + 1], self.posted[m : m + 1], self.err, self.max_iters)
+
+    def _poll(self, seen: list[int]) -> bool:
+        """Handle the ring's new entries (seen[0]: the last handled); True when there was one."""
+        head = int(self.head_h.numpy()[0])
+        if head <= seen[0]:
+            return False
+        if head - seen[0] > self.RING:
+            raise OffloadError(f"copy_mode=dma: {head - seen[0]} plans in flight, more than the ring's "
+                               f"{self.RING}")
+        n, ring = self.n, self.ring_h.numpy()
+        slots = self._slot_rows
+        for g in range(seen[0] + 1, head + 1):
+            row = ring[g % self.RING].tolist()
+            if row[-1] != g:
+                raise OffloadError(f"copy_mode=dma: ring entry {g} reads as plan {row[-1]}")
+            m, b, src, dst = row[0], row[1], row[2 : 2 + n], row[2 + n : 2 + 2 * n]
+            experts = self._store_rows[m]
+            if self.cuda:
+                with torch.cuda.stream(self.stream):
+                    for e, p in zip(src, dst):
+                        if e >= 0 and p >= 0:
+                            slots[p].copy_(experts[e], non_blocking=True)
+                    self._done[m].fill_(b)
+            else:
+                for e, p in zip(src, dst):
+                    if e >= 0 and p >= 0:
+                        slots[p].copy_(experts[e])
+                self._done[m].fill_(b)
+            seen[0] = g
+            self.issued += 1
+        return True
+
+    def close(self) -> None:
+        """Stop the thread; raise OffloadError where a wait timed out or the thread failed."""
+        if self.cuda:
+            torch.cuda.synchronize(self.pool.device)
+        self._stop = True
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        timeouts = int(self.err.item())
+        if self.error is not None or timeouts:
+            err, self.error = self.error, None
+            self.err.zero_()
+            raise OffloadError(
+                "copy_mode=dma: the host copier "
+                + (f"failed ({type(err).__name__}: {err})" if err is not None else "")
+                + (f"; {timeouts} wait(s) timed out: experts may be stale, so this run's results are wrong"
+                   if timeouts else "")
+                + "; use offload.copy_mode=device"
+            ) from err
+
+
+def _copier_loop(ref) -> None:
+    """The copier thread: holds the copier only while it polls (a dropped pool stops it)."""
+    c = ref()
+    seen = [0]
+    if c.cuda:
+        torch.cuda.set_device(c.pool.device)
+    del c
+    idle_since = time.perf_counter()
+    while True:
+        c = ref()
+        if c is None or c._stop:
+            return
+        try:
+            busy = c._poll(seen)
+        except BaseException as e:  # the waits time out and close() raises it
+            c.error = e
+            return
+        idle = not busy and time.perf_counter() - idle_since > c.IDLE_S
+        del c
+        if busy:
+            idle_since = time.perf_counter()
+        elif idle:
+            time.sleep(DmaCopier.SLEEP_S)
+        else:
+            _yield_gil()
+
+
+__all__ = ["CopySettings", "DmaCopier", "ExpertStore", "SlotPool", "OffloadError", "default_budget_bytes",
+           "is_expert_param", "GB"]

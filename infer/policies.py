@@ -218,8 +218,10 @@ class OffloadRunner:
         return self
 
     def detach(self) -> None:
+        """Give the model its own experts back; stop the pool's copier (raises where its copies failed)."""
         for moe in self.moes:
             moe.expert_source = None
+        self.pool.close()
 
     def clear_pending(self) -> None:
         self._pending.clear()

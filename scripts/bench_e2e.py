@@ -309,7 +309,7 @@ def main() -> int:
         default=24,
         help="prefetch_all copies every expert per block per token: fewer tokens, same per-token figures",
     )
-    ap.add_argument("--copy-mode", default="auto", choices=["auto", "device", "host"])
+    ap.add_argument("--copy-mode", default="auto", choices=["auto", "device", "dma", "host"])
     ap.add_argument("--no-graph", action="store_true")
     ap.add_argument("--no-anchors", action="store_true")
     ap.add_argument(
@@ -466,28 +466,32 @@ def main() -> int:
 #   hi:        the copy stream at the highest priority (offload.copy_priority=high)
 #   p<N>, b<B>, w<W>: the device copy kernel with N programs per expert, B elements per iteration, W
 #              warps per program (offload.copy_programs / copy_block / copy_warps), e.g. pregated#p64#b4096
+#   dma:       offload.copy_mode=dma (the copy engines, started by a host thread; infer.offload.DmaCopier)
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
 
 
-def parse_variant(variant: str) -> tuple[str | None, dict]:
-    """"torchplan#hi#p64" -> ("reference", {"priority": "high", "programs": 64}); SystemExit when unknown."""
-    plan, copy = None, {}
+def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
+    """"torchplan#hi#p64" -> ("reference", {"priority": "high", "programs": 64}, None); "dma" -> (None, {},
+    "dma") (the copy mode); SystemExit when unknown."""
+    plan, copy, mode = None, {}, None
     for tok in [t for t in variant.split("#") if t]:
         if tok in PLAN_VARIANTS:
             plan = PLAN_VARIANTS[tok]
+        elif tok == "dma":
+            mode = "dma"
         elif tok == "hi":
             copy["priority"] = "high"
         elif tok[:1] in ("p", "b", "w") and tok[1:].isdigit():
             copy[{"p": "programs", "b": "block", "w": "warps"}[tok[0]]] = int(tok[1:])
         else:
-            raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #hi, #p<programs>, #b<block>, "
-                             "#w<warps>")
+            raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #hi, #p<programs>, "
+                             "#b<block>, #w<warps>")
     if copy:
         try:
             CopySettings(**copy)
         except OffloadError as e:
             raise SystemExit(f"run variant #{variant}: {e}") from None
-    return plan, copy
+    return plan, copy, mode
 
 
 def parse_table_runs(text: str | None) -> dict | None:
@@ -668,11 +672,12 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
         n_new = args.prefetch_all_tokens if spec.name == "prefetch_all" else args.new_tokens
         t_run = time.perf_counter()
         impl_before = slot_plan.DEFAULT_IMPL
-        plan, copy = parse_variant(variant)
+        plan, copy, copy_mode = parse_variant(variant)
         if plan:
             slot_plan.DEFAULT_IMPL = plan
         try:
-            with engine_settings(eng, copy=dataclasses.replace(eng.copy, **copy)):
+            with engine_settings(eng, copy=dataclasses.replace(eng.copy, **copy),
+                                 copy_mode=copy_mode or eng.copy_mode):
                 entry = run_one(eng, spec, ids, n_new, nb, args, cpu_compute=cpu_mode or "off")
         finally:
             slot_plan.DEFAULT_IMPL = impl_before
@@ -819,11 +824,8 @@ def _prefix(a: list[int], b: list[int]) -> int:
 
 
 def run_one(eng: Engine, spec: PolicySpec, ids, n_new: int, nb: int, args, cpu_compute: str = "off") -> dict:
-    modes = (
-        [eng.copy_mode]
-        if spec.name == "gpu_only"
-        else ([args.copy_mode] if args.copy_mode != "auto" else ["auto", "host"])
-    )
+    asked = eng.copy_mode  # --copy-mode, or a run variant's (#dma)
+    modes = [asked] if spec.name == "gpu_only" or asked != "auto" else ["auto", "host"]
     errors = []
     for mode in modes:
         eng.copy_mode = mode
@@ -841,7 +843,7 @@ def run_one(eng: Engine, spec: PolicySpec, ids, n_new: int, nb: int, args, cpu_c
             if eng.device.type == "cuda":
                 torch.cuda.synchronize()
         finally:
-            eng.copy_mode = args.copy_mode
+            eng.copy_mode = asked
     return {"policy": spec.label, "error": "; ".join(errors)}
 
 
@@ -938,7 +940,7 @@ def copy_accounting(eng: Engine, spec: PolicySpec, ids, nb: int, m: dict, link: 
     if m.get("new_tokens", 0) < 2 or not steps or total_ms <= 0:
         return {"error": "fewer than 2 tokens: no timed decode step"}
     # the copy mode the measured run used (run_one may have fallen back)
-    mode = m["copy_mode"] if m.get("copy_mode") in ("device", "host", "cpu") else eng.copy_mode
+    mode = m["copy_mode"] if m.get("copy_mode") in ("device", "dma", "host", "cpu") else eng.copy_mode
     try:
         with engine_settings(eng, measure_stall=False, copy_mode=mode):
             one = eng.run(spec, ids, None, max_new_tokens=1, num_beams=nb, warmup=False)
@@ -958,7 +960,10 @@ def copy_kernel_eager(eng: Engine, spec: PolicySpec, ids, nb: int, m: dict, link
     8-token run of the same policy (timing events cannot sit in a captured graph; each copy is one
     kernel of whole experts, timed alike either way). Beside the lower bound above, which also counts
     the time the link waits for routing."""
-    mode = m["copy_mode"] if m.get("copy_mode") in ("device", "host") else eng.copy_mode
+    mode = m["copy_mode"] if m.get("copy_mode") in ("device", "dma", "host") else eng.copy_mode
+    if mode == "dma":
+        return {"skipped": "copy_mode dma: the copies run on the host copier's stream, outside the timing "
+                           "events (the lower bound above stands)"}
     try:
         with engine_settings(eng, cuda_graph=False, measure_copy=True, measure_stall=False, copy_mode=mode):
             ck = eng.run(spec, ids, None, max_new_tokens=8, num_beams=nb, warmup=False).metrics.get("copy_kernel")

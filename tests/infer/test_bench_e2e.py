@@ -234,8 +234,9 @@ def test_parse_table_runs():
     assert bench.parse_table_runs("greedy,beam4:pregated@lru32,on_demand+cpu_auto")["modes"] == ["greedy", "beam4"]
     assert bench.parse_table_runs("greedy:pregated#hi#p64#b4096#w8,on_demand#torchplan")["policies"] == [
         "pregated#hi#p64#b4096#w8", "on_demand#torchplan"]
-    assert bench.parse_variant("torchplan#hi#p64") == ("reference", {"priority": "high", "programs": 64})
-    assert bench.parse_variant("") == (None, {})
+    assert bench.parse_variant("torchplan#hi#p64") == ("reference", {"priority": "high", "programs": 64}, None)
+    assert bench.parse_variant("") == (None, {}, None)
+    assert bench.parse_variant("dma") == (None, {}, "dma")
     for bad in ("beam4", "beam8:gpu_only", "beam4:", "beam4:no_such_policy", "greedy:pregated#fast",
                 "greedy:pregated#p0", "greedy:pregated#b1000", "greedy:pregated#w3"):
         with pytest.raises((SystemExit, ValueError)):

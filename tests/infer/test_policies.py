@@ -180,6 +180,61 @@ def test_gpu_path_under_the_interpreter(pregated_ckpt, monkeypatch, backend):
             assert torch.equal(a, b)
 
 
+def test_dma_copy_mode_under_the_interpreter(pregated_ckpt, monkeypatch):
+    """copy_mode dma on the CPU: the post and wait kernels under the interpreter, the copier thread reading
+    each plan from its mailbox and copying the experts; every policy gives gpu_only's tokens and logits
+    bitwise, every posted plan was handled, and the thread is gone after the run."""
+    pytest.importorskip("triton")
+    import threading
+
+    from infer.offload import DmaCopier
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model, store = load_offloaded(pregated_ckpt, "cpu", torch.float32, None)
+    model.set_backend("torch")
+    ids, mask = prompts(n=2, length=5)
+    kw = dict(max_new_tokens=3, keep_logits=True)
+    ref = Engine(model, store, "cpu").run(PolicySpec("gpu_only"), ids, mask, **kw)
+    issued = []
+    real_close = DmaCopier.close
+
+    def close(self):
+        issued.append((self.issued, int(self.posted.sum())))
+        real_close(self)
+
+    monkeypatch.setattr(DmaCopier, "close", close)
+    for spec in (PolicySpec("pregated"), PolicySpec("on_demand"), PolicySpec("pregated", 2, "lru")):
+        res = Engine(model, store, "cpu", copy_mode="dma", prefill_slots=4).run(spec, ids, mask, **kw)
+        assert res.metrics["copy_mode"] == "dma"
+        assert res.tokens == ref.tokens, spec
+        assert all(torch.equal(a, b) for a, b in zip(ref.step_logits, res.step_logits)), spec
+        handled, posted = issued[-1]
+        assert handled == posted > 0, spec
+    assert not any(t.name == "pgmoe-dma-copier" for t in threading.enumerate())
+
+
+def test_dma_copier_reports_a_failed_copy(pregated_ckpt, monkeypatch):
+    """A copier that fails (here: its copy raises) makes the waits time out, and the run raises instead of
+    returning tokens computed from stale experts."""
+    pytest.importorskip("triton")
+    from infer.offload import DmaCopier
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(DmaCopier, "MAX_ITERS_INTERPRETED", 50)
+
+    def broken(self, seen):
+        if int(self.head_h[0]) > seen[0]:
+            raise RuntimeError("no copy engine")
+        return False
+
+    monkeypatch.setattr(DmaCopier, "_poll", broken)
+    model, store = load_offloaded(pregated_ckpt, "cpu", torch.float32, None)
+    model.set_backend("torch")
+    ids, mask = prompts(n=2, length=5)
+    with pytest.raises(OffloadError, match="copy_mode=dma.*no copy engine.*timed out"):
+        Engine(model, store, "cpu", copy_mode="dma").run(PolicySpec("pregated"), ids, mask, max_new_tokens=2)
+
+
 @pytest.mark.parametrize("bad", [dict(priority="urgent"), dict(programs=0), dict(programs=2.5),
                                  dict(block=1000), dict(block=128), dict(warps=3)])
 def test_copy_settings_refuse_bad_values(bad):

@@ -1,0 +1,97 @@
+"""The device side of host-issued expert copies (offload copy_mode "dma"): two one-program kernels.
+
+Why: the copy engines (cudaMemcpyAsync from pinned memory) move an expert faster over PCIe than a
+kernel reading pinned memory through its mapped address, but they are started by the host, which
+does not know the expert ids the routing chose on the GPU. The handshake keeps the decode step one
+CUDA graph:
+
+  in the graph (a side stream), a plan for block m:  post: g = head + 1; posted[m] += 1;
+        ring[g % R] = [m, posted[m], src..., dst..., g]; head = g; then the whole ring is copied to a
+        pinned host mirror, and after it (stream order) the head: the host never sees a head before
+        its entries;
+  a host thread:  handles entries head_seen + 1 .. head in order (the order the plans were made, so a
+        later plan's copy into a slot lands after an earlier one's): one cudaMemcpyAsync per expert on
+        its own stream, then done[m] <- the entry's posted[m] there;
+  in the graph (compute stream), before block m's expert FFN:  wait: spin until done[m] >= posted[m].
+
+A plan whose wait never comes (a prefetch the block did not use) is still copied: its slots were
+booked. The wait kernel gives up after MAX_ITERS polls and counts a timeout instead of hanging the
+GPU; the pool turns a counted timeout into an error (infer.offload.SlotPool.close).
+
+Legend: n plan entries (slots) per block; a plan entry src[j] < 0 means nothing to copy; R ring entries
+of W = 2n + 3 int64 each.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover
+    HAVE_TRITON = False
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _post_kernel(src_ptr, dst_ptr, ring_ptr, head_ptr, posted_ptr, m, N, R, BLOCK: tl.constexpr):
+        g = tl.load(head_ptr) + 1
+        b = tl.load(posted_ptr + m) + 1
+        tl.store(posted_ptr + m, b)
+        e = ring_ptr + (g % R) * (2 * N + 3)
+        tl.store(e, m)
+        tl.store(e + 1, b)
+        offs = tl.arange(0, BLOCK)
+        for start in range(0, N, BLOCK):
+            j = start + offs
+            mask = j < N
+            tl.store(e + 2 + j, tl.load(src_ptr + j, mask=mask).to(tl.int64), mask=mask)
+            tl.store(e + 2 + N + j, tl.load(dst_ptr + j, mask=mask).to(tl.int64), mask=mask)
+        tl.store(e + 2 + 2 * N, g)
+        tl.store(head_ptr, g)
+
+    @triton.jit
+    def _wait_kernel(done_ptr, posted_ptr, err_ptr, MAX_ITERS):
+        want = tl.load(posted_ptr, volatile=True)
+        v = tl.load(done_ptr, volatile=True)
+        i = 0
+        while (v < want) & (i < MAX_ITERS):
+            v = tl.load(done_ptr, volatile=True)
+            i += 1
+        if v < want:
+            tl.atomic_add(err_ptr, 1)
+
+
+def post(m: int, src_n: torch.Tensor, dst_n: torch.Tensor, ring: torch.Tensor, head: torch.Tensor,
+         posted: torch.Tensor) -> None:
+    """On the current stream: g = head + 1; posted[m] += 1; ring[g % R] = [m, posted[m], src_n, dst_n, g];
+    head = g. ring int64 [R, 2n + 3]; head int64 [1]; posted int64 [M]."""
+    n = src_n.numel()
+    if ring.dim() != 2 or ring.shape[1] != 2 * n + 3 or ring.dtype != torch.int64 or not ring.is_contiguous():
+        raise ValueError(f"ring must be contiguous int64 [R, 2n + 3 = {2 * n + 3}], got {ring.dtype} "
+                         f"{tuple(ring.shape)}")
+    if head.dtype != torch.int64 or posted.dtype != torch.int64:
+        raise ValueError(f"head and posted must be int64, got {head.dtype} and {posted.dtype}")
+    block = max(16, triton.next_power_of_2(min(n, 1024)))
+    _post_kernel[(1,)](src_n, dst_n, ring, head, posted, m, n, ring.shape[0], BLOCK=block, num_warps=1)
+
+
+def post_reference(m, src_n, dst_n, ring, head, posted) -> None:
+    head += 1
+    posted[m] += 1
+    g = int(head)
+    ring[g % ring.shape[0]] = torch.cat([torch.tensor([m, int(posted[m])]), src_n.long().cpu(),
+                                         dst_n.long().cpu(), torch.tensor([g])]).to(ring.device)
+
+
+def wait(done: torch.Tensor, posted: torch.Tensor, err: torch.Tensor, max_iters: int) -> None:
+    """Hold the current stream until done[0] >= posted[0] (one-element int64 views); after max_iters polls
+    err[0] += 1 and go on."""
+    _wait_kernel[(1,)](done, posted, err, max_iters, num_warps=1)
+
+
+__all__ = ["post", "post_reference", "wait", "HAVE_TRITON"]
