@@ -234,10 +234,12 @@ class SlotPool:
     issued; one event per block (its copies done) is all the ordering needed.
 
     copy_mode: "device" (kernels.expert_copy.gather_rows: a kernel reads the pinned store over PCIe
-    by ids on the GPU; no host sync, graph-capturable), "dma" (the copy engines, started by a host
-    thread that reads each plan from a pinned mailbox: DmaCopier; graph-capturable; the encoder's
-    streamed prefill chunks still use the device kernel), "host" (cudaMemcpyAsync per expert; reads
-    the plan on the host, so one sync per plan), "cpu" (no GPU: synchronous copies).
+    by ids on the GPU; no host sync, graph-capturable), "dma" (prefetched plans -- a pre-gate's, made
+    a block ahead -- by the copy engines, started by a host thread that reads each plan from a pinned
+    ring: DmaCopier; graph-capturable; a block's own plan, on the critical path, and the encoder's
+    streamed prefill chunks by the device kernel, which starts without the host's reaction time),
+    "host" (cudaMemcpyAsync per expert; reads the plan on the host, so one sync per plan), "cpu" (no
+    GPU: synchronous copies).
     """
 
     def __init__(
@@ -293,6 +295,7 @@ class SlotPool:
         # are stale, so results are wrong): the "no-copy" step that stall-by-difference times
         self.skip_copies = False
         self.dma = DmaCopier(self) if copy_mode == "dma" else None
+        self._dma_posted = [False] * self.M  # block m has a dma plan its wait() has not covered yet
 
     def close(self) -> None:
         """Stop the dma copier's thread (copy_mode dma); raises OffloadError where its copies failed."""
@@ -303,13 +306,16 @@ class SlotPool:
     def nbytes(self) -> int:
         return self.pool.numel() * self.pool.element_size()
 
-    def copy(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor, done=None) -> None:
+    def copy(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor, done=None, prefetch: bool = False) -> None:
         """Copy expert src_n[j] of block m into slot dst_n[j] where src_n[j] >= 0. On CUDA this
         returns at once: the copy runs on the copy stream once the compute stream has passed this point.
-        done: the event recorded after the copies (block m's by default)."""
+        done: the event recorded after the copies (block m's by default). prefetch: the plan was made
+        ahead of block m (copy_mode dma hands it to the copier)."""
         if self.skip_copies:
             return
-        dma = self.dma is not None and done is None  # the dma copier takes the per-block plans
+        dma = self.dma is not None and done is None and prefetch  # the dma copier takes prefetched plans
+        if dma:
+            self._dma_posted[m] = True
         if not self.cuda:
             if dma:  # under TRITON_INTERPRET (tests): the thread copies, wait() holds until it has
                 self.dma.post(m, src_n, dst_n)
@@ -357,7 +363,9 @@ class SlotPool:
         """The compute stream waits for block m's copies (only those), or for the event done."""
         if self.skip_copies:
             return
-        dma = self.dma is not None and done is None
+        dma = self.dma is not None and done is None and self._dma_posted[m]
+        if dma:
+            self._dma_posted[m] = False
         if not self.cuda:
             if dma:
                 self.dma.wait(m)
@@ -418,7 +426,7 @@ class DmaCopier:
     error in the thread is raised by close() (the run's result is then wrong, so it must not be reported)."""
 
     RING = 32  # plans in flight at most (a step posts one per MoE block; the host keeps up within a block)
-    MAX_ITERS = 5_000_000  # polls of the wait kernel on a GPU before it counts a timeout (~1-3 s)
+    MAX_ITERS = 2_000_000  # polls of the wait kernel on a GPU before it counts a timeout (~1 s)
     MAX_ITERS_INTERPRETED = 200_000  # the CPU interpreter is ~1e3 x slower per poll
     IDLE_S = 0.05
     SLEEP_S = 0.0005
@@ -437,6 +445,7 @@ class DmaCopier:
         self.done = torch.zeros(M, dtype=torch.int64, device=dev)
         self.err = torch.zeros(1, dtype=torch.int32, device=dev)
         self.stream = torch.cuda.Stream(dev) if self.cuda else None
+        self.device_index = (dev.index if dev.index is not None else torch.cuda.current_device()) if self.cuda else None
         self.max_iters = self.MAX_ITERS if self.cuda else self.MAX_ITERS_INTERPRETED
         self.issued = 0  # plans handled by the thread
         # views made once (the thread's cost per plan is on the first copy's critical path)
@@ -515,11 +524,16 @@ class DmaCopier:
 
 
 def _copier_loop(ref) -> None:
-    """The copier thread: holds the copier only while it polls (a dropped pool stops it)."""
+    """The copier thread: holds the copier only while it polls (a dropped pool stops it). Any error is
+    kept for close() (the GPU's waits then time out instead of hanging)."""
     c = ref()
-    seen = [0]
-    if c.cuda:
-        torch.cuda.set_device(c.pool.device)
+    try:
+        seen = [0]
+        if c.cuda:
+            torch.cuda.set_device(c.device_index)
+    except BaseException as e:
+        c.error = e
+        return
     del c
     idle_since = time.perf_counter()
     while True:
@@ -528,7 +542,7 @@ def _copier_loop(ref) -> None:
             return
         try:
             busy = c._poll(seen)
-        except BaseException as e:  # the waits time out and close() raises it
+        except BaseException as e:
             c.error = e
             return
         idle = not busy and time.perf_counter() - idle_since > c.IDLE_S

@@ -312,7 +312,7 @@ class OffloadRunner:
         need = torch.zeros(self.E, dtype=torch.bool, device=self.device)
         return need.index_fill_(0, routing.ids.reshape(-1).long(), True)
 
-    def _plan(self, m: int, need_E: torch.Tensor, fresh: bool) -> None:
+    def _plan(self, m: int, need_E: torch.Tensor, fresh: bool, prefetch: bool = False) -> None:
         """Place the experts need_E [E] of block m in slots, start the copies of the misses.
 
         kernels/slot_plan.py: the same plan as one kernel (the default on CUDA) or as its PyTorch
@@ -326,7 +326,7 @@ class OffloadRunner:
             self.tick, self.hits, self.lookups, self.copied, self.plan_src[m], self.plan_dst[m],
             C=self.C, n=n, cache_kind=self.spec.cache_kind, fresh=fresh,
         )
-        self.pool.copy(m, src_n, dst_n)
+        self.pool.copy(m, src_n, dst_n, prefetch=prefetch)
 
     # -- CPU compute of misses (infer/cpu_compute.py) -----------------------------------------------
     def _demand(self, m: int, routing: Routing, plan_E: torch.Tensor, fresh: bool) -> None:
@@ -481,7 +481,7 @@ class OffloadRunner:
             self._demand(m, routing, self._need(routing), fresh=True)
         for t, need_E in self._pending:
             if t is not None:
-                self._plan(t, need_E, fresh=True)
+                self._plan(t, need_E, fresh=True, prefetch=True)
                 self._prefetched.add(t)
         self._pending.clear()
         return self._weights(m)

@@ -16,7 +16,8 @@ CUDA graph:
 
 A plan whose wait never comes (a prefetch the block did not use) is still copied: its slots were
 booked. The wait kernel gives up after MAX_ITERS polls and counts a timeout instead of hanging the
-GPU; the pool turns a counted timeout into an error (infer.offload.SlotPool.close).
+GPU (and once one has timed out, the later ones do not wait); the pool turns a counted timeout into
+an error (infer.offload.SlotPool.close).
 
 Legend: n plan entries (slots) per block; a plan entry src[j] < 0 means nothing to copy; R ring entries
 of W = 2n + 3 int64 each.
@@ -59,6 +60,8 @@ if HAVE_TRITON:
         want = tl.load(posted_ptr, volatile=True)
         v = tl.load(done_ptr, volatile=True)
         i = 0
+        if tl.load(err_ptr, volatile=True) > 0:  # an earlier wait timed out: the copier is gone, fail fast
+            i = MAX_ITERS
         while (v < want) & (i < MAX_ITERS):
             v = tl.load(done_ptr, volatile=True)
             i += 1
@@ -90,7 +93,7 @@ def post_reference(m, src_n, dst_n, ring, head, posted) -> None:
 
 def wait(done: torch.Tensor, posted: torch.Tensor, err: torch.Tensor, max_iters: int) -> None:
     """Hold the current stream until done[0] >= posted[0] (one-element int64 views); after max_iters polls
-    err[0] += 1 and go on."""
+    err[0] += 1 and go on. Once err[0] > 0 it does not wait at all (counting each such wait)."""
     _wait_kernel[(1,)](done, posted, err, max_iters, num_warps=1)
 
 

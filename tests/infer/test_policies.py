@@ -182,8 +182,9 @@ def test_gpu_path_under_the_interpreter(pregated_ckpt, monkeypatch, backend):
 
 def test_dma_copy_mode_under_the_interpreter(pregated_ckpt, monkeypatch):
     """copy_mode dma on the CPU: the post and wait kernels under the interpreter, the copier thread reading
-    each plan from its mailbox and copying the experts; every policy gives gpu_only's tokens and logits
-    bitwise, every posted plan was handled, and the thread is gone after the run."""
+    each prefetched plan from the ring and copying the experts (a block's own plans go to the device
+    kernel: on_demand posts none); every policy gives gpu_only's tokens and logits bitwise, every posted
+    plan was handled, and the thread is gone after the run."""
     pytest.importorskip("triton")
     import threading
 
@@ -203,13 +204,14 @@ def test_dma_copy_mode_under_the_interpreter(pregated_ckpt, monkeypatch):
         real_close(self)
 
     monkeypatch.setattr(DmaCopier, "close", close)
-    for spec in (PolicySpec("pregated"), PolicySpec("on_demand"), PolicySpec("pregated", 2, "lru")):
-        res = Engine(model, store, "cpu", copy_mode="dma", prefill_slots=4).run(spec, ids, mask, **kw)
+    for spec, slots in ((PolicySpec("pregated"), 4), (PolicySpec("on_demand"), 4),
+                        (PolicySpec("pregated", 2, "lru"), 4), (PolicySpec("prefetch_all"), 16)):
+        res = Engine(model, store, "cpu", copy_mode="dma", prefill_slots=slots).run(spec, ids, mask, **kw)
         assert res.metrics["copy_mode"] == "dma"
         assert res.tokens == ref.tokens, spec
         assert all(torch.equal(a, b) for a, b in zip(ref.step_logits, res.step_logits)), spec
         handled, posted = issued[-1]
-        assert handled == posted > 0, spec
+        assert handled == posted and (posted == 0) == (spec.name == "on_demand"), spec
     assert not any(t.name == "pgmoe-dma-copier" for t in threading.enumerate())
 
 
