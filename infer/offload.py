@@ -488,12 +488,11 @@ class DmaCopier:
                 raise OffloadError(f"copy_mode=dma: ring entry {g} reads as plan {row[-1]}")
             m, b, src, dst = row[0], row[1], row[2 : 2 + n], row[2 + n : 2 + 2 * n]
             experts = self._store_rows[m]
-            if self.cuda:
-                with torch.cuda.stream(self.stream):
-                    for e, p in zip(src, dst):
-                        if e >= 0 and p >= 0:
-                            slots[p].copy_(experts[e], non_blocking=True)
-                    self._done[m].fill_(b)
+            if self.cuda:  # the thread's current stream is the copier's (_copier_loop)
+                for e, p in zip(src, dst):
+                    if e >= 0 and p >= 0:
+                        slots[p].copy_(experts[e], non_blocking=True)
+                self._done[m].fill_(b)
             else:
                 for e, p in zip(src, dst):
                     if e >= 0 and p >= 0:
@@ -531,6 +530,7 @@ def _copier_loop(ref) -> None:
         seen = [0]
         if c.cuda:
             torch.cuda.set_device(c.device_index)
+            torch.cuda.set_stream(c.stream)  # this thread's current stream, for good
     except BaseException as e:
         c.error = e
         return

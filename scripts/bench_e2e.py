@@ -466,7 +466,8 @@ def main() -> int:
 #   hi:        the copy stream at the highest priority (offload.copy_priority=high)
 #   p<N>, b<B>, w<W>: the device copy kernel with N programs per expert, B elements per iteration, W
 #              warps per program (offload.copy_programs / copy_block / copy_warps), e.g. pregated#p64#b4096
-#   dma:       offload.copy_mode=dma (the copy engines, started by a host thread; infer.offload.DmaCopier)
+#   dma:       offload.copy_mode=dma (prefetched plans by the copy engines, started by a host thread;
+#              infer.offload.DmaCopier); device: offload.copy_mode=device (e.g. beside --copy-mode dma)
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
 
 
@@ -477,15 +478,15 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
     for tok in [t for t in variant.split("#") if t]:
         if tok in PLAN_VARIANTS:
             plan = PLAN_VARIANTS[tok]
-        elif tok == "dma":
-            mode = "dma"
+        elif tok in ("dma", "device"):
+            mode = tok
         elif tok == "hi":
             copy["priority"] = "high"
         elif tok[:1] in ("p", "b", "w") and tok[1:].isdigit():
             copy[{"p": "programs", "b": "block", "w": "warps"}[tok[0]]] = int(tok[1:])
         else:
-            raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #hi, #p<programs>, "
-                             "#b<block>, #w<warps>")
+            raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #device, #hi, "
+                             "#p<programs>, #b<block>, #w<warps>")
     if copy:
         try:
             CopySettings(**copy)
