@@ -7,8 +7,10 @@ Every run is `python -m train` (pre-gate fine-tuning: random init converted to p
 lookahead 1, span-corruption data, bf16 autocast on GPUs, AdamW), launched as a subprocess:
 
   one        1 GPU, global batch N*b as N micro-batches of b (train.grad_accum=N)
+  one_b      1 GPU, batch b (an optimizer step per b): the weak-scaling reference (scaling_*_vs_one_b)
   two        N GPUs under torchrun (DDP), global batch N*b: b per GPU
   two_bf16   as `two`, gradients all-reduced in bf16 (train.ddp_grad_dtype=bf16): a lever, measured
+  two_fsdp   as `two` under FSDP (parameters, gradients and AdamW state sharded; bf16 gathers): a lever
   sharded    the large shape under FSDP on N GPUs (parameters all-gathered in bf16), pre-gate-only
              fine-tuning (full AdamW fine-tuning of it does not fit N H200s; see memory_estimates)
 
@@ -55,7 +57,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--warmup-steps", type=int, default=20, help="windows ending at or before this are skipped")
     ap.add_argument("--runs", nargs="+", default=["one", "two", "two_bf16", "sharded"],
-                    choices=["one", "two", "two_bf16", "sharded"])
+                    choices=["one", "one_b", "two", "two_bf16", "two_fsdp", "sharded"])
     ap.add_argument("--run-timeout", type=float, default=420, help="seconds per run")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, few steps, gloo")
     ap.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every run")
@@ -99,9 +101,13 @@ def plan(a: argparse.Namespace) -> dict[str, dict[str, Any]]:
     gpus = ",".join(str(i) for i in range(n))
     runs = {
         "one": {"nproc": 1, "gpus": "0", "overrides": [*base, f"train.batch_size={n * b}", f"train.grad_accum={n}"]},
+        "one_b": {"nproc": 1, "gpus": "0", "overrides": [*base, f"train.batch_size={b}"]},
         "two": {"nproc": n, "gpus": gpus, "overrides": [*base, f"train.batch_size={n * b}"]},
         "two_bf16": {"nproc": n, "gpus": gpus,
                      "overrides": [*base, f"train.batch_size={n * b}", "train.ddp_grad_dtype=bf16"]},
+        "two_fsdp": {"nproc": n, "gpus": gpus,
+                     "overrides": [*base, f"train.batch_size={n * b}", "train.parallel=fsdp",
+                                   *([] if a.tiny else ["train.fsdp_param_dtype=bf16"])]},
         "sharded": {
             "nproc": n,
             "gpus": gpus,
@@ -275,17 +281,19 @@ def main(argv: list[str] | None = None) -> int:
         save()
 
     runs = rep["runs"]
-    one = runs.get("one", {}).get("tokens_per_s_median")
-    for two in ("two", "two_bf16"):
-        t = runs.get(two, {}).get("tokens_per_s_median")
-        if one and t:
-            rep[f"scaling_{two}"] = {"ratio": t / one, "target": SCALING_TARGET, "met": t / one >= SCALING_TARGET,
-                                     "one_tokens_per_s": one, "two_tokens_per_s": t}
-    for two in ("two", "two_bf16"):
+    for ref in ("one", "one_b"):  # one: N micro-batches per optimizer step; one_b: one (batch b per step)
+        one = runs.get(ref, {}).get("tokens_per_s_median")
+        for two in ("two", "two_bf16", "two_fsdp"):
+            t = runs.get(two, {}).get("tokens_per_s_median")
+            if one and t:
+                key = f"scaling_{two}" + ("" if ref == "one" else "_vs_one_b")
+                rep[key] = {"ratio": t / one, "target": SCALING_TARGET, "met": t / one >= SCALING_TARGET,
+                            "one_tokens_per_s": one, "two_tokens_per_s": t, "one_run": ref}
+    for two in ("two", "two_bf16", "two_fsdp"):
         if runs.get("one", {}).get("loss_curve") and runs.get(two, {}).get("loss_curve"):
             rep[f"agreement_one_vs_{two}"] = agreement(runs["one"]["loss_curve"], runs[two]["loss_curve"])
     save()
-    for k in ("scaling_two", "scaling_two_bf16", "agreement_one_vs_two", "agreement_one_vs_two_bf16"):
+    for k in [k for k in rep if k.startswith(("scaling_", "agreement_"))]:
         if k in rep:
             print(f"[dp] {k}: " + json.dumps({x: y for x, y in rep[k].items() if x != "steps"}), flush=True)
     print(f"[dp] wrote {out}")

@@ -3,6 +3,12 @@ copy kernel? (Issue 6's copy-efficiency lever; run on the GPU, writes JSON.)
 
     python3 scripts/probe_host_dma.py --out $OUT/probe-host-dma.json
 
+Measured on the H200 (bench/results/probe-host-dma-h200.json): the event-driven host_dma variant
+below delivered wrong experts in some steps (5 wait timeouts in 60 steps, checksums off), at a
+median step of 1.21 ms vs the copy kernel's 1.22 (no copies: 0.73; 6 experts by DMA back to back:
+1.08). The copy mode that came of it (offload.copy_mode=dma, infer.offload.DmaCopier) replaces the
+events by a sequence-numbered ring the graph copies to pinned memory.
+
 Today the decode step, copies included, is one CUDA graph: the pre-gate's expert ids stay on the
 GPU and a gather kernel (kernels/expert_copy.py) reads the expert from mapped pinned host memory,
 at ~41-46 GB/s during decoding against 51-55 GB/s for cudaMemcpyAsync (the DMA engines). The

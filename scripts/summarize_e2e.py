@@ -173,7 +173,8 @@ def copy_table(shapes: dict) -> list[str]:
 
 
 def variant_table(shapes: dict) -> list[str]:
-    """Table runs named <policy>#<variant> (bench_e2e's levers: #torchplan, #hi, #p<N>, #b<B>, #w<W>) beside their
+    """Table runs named <policy>#<variant> (bench_e2e's levers: #torchplan, #dma, #device, #hi, #p<N>, #b<B>, #w<W>)
+    beside their
     base policy of the same run: ms/token, the copy stall, the copy bandwidth's lower bound."""
     rows, seen = [], set()
     for shape, s in shapes.items():
@@ -192,7 +193,8 @@ def variant_table(shapes: dict) -> list[str]:
                     setting = (f"{cs.get('priority', '-')}, {cs.get('programs', '-')} x {cs.get('block', '-')}, "
                                f"{cs.get('warps', 4)} warps" if cs else "-")
                     rows.append(
-                        f"| {shape} | {mode} | {label} | {e.get('slot_plan') or '-'} | {setting} | {_f(_ms(e))} | "
+                        f"| {shape} | {mode} | {label} | {e.get('slot_plan') or '-'} | {m.get('copy_mode') or '-'} | "
+                        f"{setting} | {_f(_ms(e))} | "
                         f"{_f(m.get('stall_ms_per_token'), '{:.3f}')} | "
                         f"{_f(c.get('achieved_GBps_lower_bound'), '{:.1f}')} |"
                     )
@@ -201,14 +203,16 @@ def variant_table(shapes: dict) -> list[str]:
     return [
         "",
         "Lever variants, each beside its base policy of the same run (`<policy>#<variant>`: #torchplan = the "
-        "PyTorch slot plan; #hi = the copy stream at the highest priority; #p<N>/#b<B>/#w<W> = the device "
-        "copy kernel's programs per expert, elements per iteration and warps per program). Stall: the "
+        "PyTorch slot plan; #dma / #device = offload.copy_mode dma (prefetched experts by the copy engines, "
+        "started by a host thread) / device (the copy kernel); #hi = the copy stream at the highest priority; "
+        "#p<N>/#b<B>/#w<W> = the device copy kernel's programs per expert, elements per iteration and warps "
+        "per program; the kernel's settings apply where it copies). Stall: the "
         "captured step with its copies minus without; GB/s: the copy bandwidth's lower bound (decode bytes / "
         "step time).",
         "",
-        "| shape | decoding | run | slot plan | copy: priority, programs x block, warps | ms/token | stall ms/token | "
-        "GB/s (lower bound) |",
-        "|" + "---|" * 8,
+        "| shape | decoding | run | slot plan | copy mode | copy kernel: priority, programs x block, warps | ms/token | "
+        "stall ms/token | GB/s (lower bound) |",
+        "|" + "---|" * 9,
     ] + rows
 
 
