@@ -156,7 +156,7 @@ def stall_by_difference(
     saved, pos_saved = runner.save_state(), state.pos.clone()
     cuda = device.type == "cuda"
 
-    def time_steps(step) -> list[float]:
+    def time_steps(step, keep: list | None = None) -> list[float]:
         times = []
         for j in range(replays):
             i = j % len(inputs)
@@ -176,11 +176,23 @@ def stall_by_difference(
                 times.append(1e3 * (time.perf_counter() - t))
         if cuda:
             torch.cuda.synchronize(device)
+            if keep is not None:
+                keep.extend(times)
             times = [a.elapsed_time(b) for a, b in times]
         return times
 
+    dma = getattr(runner.pool, "dma", None) if cuda else None
+    timeline = None
     try:
         with_ms = statistics.median(time_steps(step_with))
+        if dma is not None:  # a third pass, traced (the trace's events would perturb the timed one)
+            steps_ev: list = []
+            dma.trace = []
+            try:
+                time_steps(step_with, steps_ev)
+                timeline = dma_timeline(steps_ev, dma.trace)
+            finally:
+                dma.trace = None
         with runner.no_copies():
             state.pos.copy_(inputs[0][1])  # a capture's warm-up runs steps: from a valid position
             runner.load_state(saved)
@@ -191,7 +203,8 @@ def stall_by_difference(
         runner.load_state(saved)
         state.pos.copy_(pos_saved)
         _sync(device)
-    return {
+    out = {} if timeline is None else {"dma_timeline": timeline}
+    return out | {
         "stall_ms_per_token": max(0.0, with_ms - without_ms),
         "step_ms_median_with_copies": with_ms,
         "step_ms_median_without_copies": without_ms,
@@ -199,6 +212,37 @@ def stall_by_difference(
             f"derived by difference: median of {replays} graph replays with copies minus the same "
             "steps captured without copies (clamped at 0)"
         ),
+    }
+
+
+def dma_timeline(steps_ev: list, trace: list) -> dict:
+    """Where copy_mode dma's copies ran inside the replayed steps: per plan of a step (in the order the
+    copier handled them), the median start and end of its copies on the copier's stream, in ms from the
+    step's start, and the link's idle gap before each (start minus the previous plan's end; the first's:
+    from the step's start). steps_ev: (start, end) CUDA events per step; trace: the copier's (g, block,
+    start, end) events."""
+    by_step: list[list[tuple[int, float, float]]] = [[] for _ in steps_ev]
+    for _g, m, a, b in trace:
+        offs = [s.elapsed_time(a) for s, _ in steps_ev]
+        i = max((j for j, o in enumerate(offs) if o >= 0), default=None)
+        if i is not None:
+            by_step[i].append((m, offs[i], steps_ev[i][0].elapsed_time(b)))
+    counts = {len(x) for x in by_step}
+    if len(counts) != 1 or not by_step or not by_step[0]:
+        return {"error": f"plans per step vary ({sorted(counts)}): no timeline"}
+    k = counts.pop()
+    med = statistics.median
+    start = [med(x[j][1] for x in by_step) for j in range(k)]
+    end = [med(x[j][2] for x in by_step) for j in range(k)]
+    return {
+        "blocks": [by_step[0][j][0] for j in range(k)],
+        "copy_start_ms": start,
+        "copy_end_ms": end,
+        "idle_before_ms": [start[0]] + [start[j] - end[j - 1] for j in range(1, k)],
+        "step_ms": med(s.elapsed_time(e) for s, e in steps_ev),
+        "steps": len(steps_ev),
+        "method": "CUDA events recorded by the copier around each plan's copies, against events around "
+                  "each replayed step (a separate, traced pass); medians over the steps",
     }
 
 

@@ -448,6 +448,7 @@ class DmaCopier:
         self.device_index = (dev.index if dev.index is not None else torch.cuda.current_device()) if self.cuda else None
         self.max_iters = self.MAX_ITERS if self.cuda else self.MAX_ITERS_INTERPRETED
         self.issued = 0  # plans handled by the thread
+        self.trace: list | None = None  # a list: (g, block, start, end) timing events per plan (CUDA)
         # views made once (the thread's cost per plan is on the first copy's critical path)
         self._slot_rows = list(pool.pool.unbind(0))
         self._store_rows = [list(pool.store.data[b].unbind(0)) for b in range(M)]
@@ -489,9 +490,17 @@ class DmaCopier:
             m, b, src, dst = row[0], row[1], row[2 : 2 + n], row[2 + n : 2 + 2 * n]
             experts = self._store_rows[m]
             if self.cuda:  # the thread's current stream is the copier's (_copier_loop)
+                trace = self.trace
+                if trace is not None:
+                    ev0 = torch.cuda.Event(enable_timing=True)
+                    ev0.record()
                 for e, p in zip(src, dst):
                     if e >= 0 and p >= 0:
                         slots[p].copy_(experts[e], non_blocking=True)
+                if trace is not None:
+                    ev1 = torch.cuda.Event(enable_timing=True)
+                    ev1.record()
+                    trace.append((g, m, ev0, ev1))
                 self._done[m].fill_(b)
             else:
                 for e, p in zip(src, dst):

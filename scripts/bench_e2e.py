@@ -897,9 +897,15 @@ def _stall(m: dict) -> str:
         return ""
     if m.get("step_ms_median_without_copies") is None:
         return f", stall {s:.3f} ms/token (events)"
+    tl = m.get("dma_timeline") or {}
+    dma = ""
+    if tl.get("copy_start_ms"):
+        dma = ("; dma copies (ms from step start) " + ", ".join(
+            f"{a:.3f}-{b:.3f}" for a, b in zip(tl["copy_start_ms"], tl["copy_end_ms"]))
+            + ", link idle before each " + ", ".join(f"{x:.3f}" for x in tl["idle_before_ms"]))
     return (
         f", stall {s:.3f} ms/token (by difference: step {m['step_ms_median_with_copies']:.3f} ms with copies"
-        f" - {m['step_ms_median_without_copies']:.3f} ms without)"
+        f" - {m['step_ms_median_without_copies']:.3f} ms without{dma})"
     )
 
 

@@ -102,3 +102,28 @@ def test_cpu_run_with_measure_stall_unchanged(ckpt):
     m = res.metrics
     assert m["stall_ms"] is None and m["stall_ms_per_token"] is None and m["stall_method"] is None
     assert m["copy_kernel"] is None  # copy timing needs CUDA events
+
+
+class _Ev:
+    """A stand-in CUDA event at a fixed time (ms)."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def elapsed_time(self, other):
+        return other.t - self.t
+
+
+def test_dma_timeline_places_each_plan_in_its_step():
+    from infer.engine import dma_timeline
+
+    # two steps of 2 ms; per step two plans (blocks 1, 2): copies at +0.3-0.5 and +0.6-1.1
+    steps = [(_Ev(10.0), _Ev(12.0)), (_Ev(20.0), _Ev(22.0))]
+    trace = []
+    for base, g in ((10.0, 1), (20.0, 3)):
+        trace += [(g, 1, _Ev(base + 0.3), _Ev(base + 0.5)), (g + 1, 2, _Ev(base + 0.6), _Ev(base + 1.1))]
+    tl = dma_timeline(steps, trace)
+    assert tl["blocks"] == [1, 2] and tl["steps"] == 2 and tl["step_ms"] == pytest.approx(2.0)
+    assert tl["copy_start_ms"] == pytest.approx([0.3, 0.6]) and tl["copy_end_ms"] == pytest.approx([0.5, 1.1])
+    assert tl["idle_before_ms"] == pytest.approx([0.3, 0.1])
+    assert "error" in dma_timeline(steps, trace[:3])  # a step with a plan missing: no timeline
