@@ -15,8 +15,7 @@ CUDA graph:
   in the graph (compute stream), before block m's expert FFN:  wait: spin until done[m] >= posted[m].
 
 A plan whose wait never comes (a prefetch the block did not use) is still copied: its slots were
-booked. The wait kernel gives up after a timeout (seconds by the GPU's clock; polls under the
-interpreter) and counts it instead of hanging the
+booked. The wait kernel gives up after MAX_ITERS polls and counts a timeout instead of hanging the
 GPU (and once one has timed out, the later ones do not wait); the pool turns a counted timeout into
 an error (infer.offload.SlotPool.close).
 
@@ -26,8 +25,6 @@ of W = 2n + 3 int64 each.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 try:
@@ -35,10 +32,6 @@ try:
     import triton.language as tl
 
     HAVE_TRITON = True
-    try:  # the GPU's nanosecond clock (inline PTX: not under the interpreter)
-        from triton.language.extra.cuda import globaltimer as _globaltimer
-    except ImportError:  # pragma: no cover
-        _globaltimer = None
 except ImportError:  # pragma: no cover
     HAVE_TRITON = False
 
@@ -63,23 +56,15 @@ if HAVE_TRITON:
         tl.store(head_ptr, g)
 
     @triton.jit
-    def _wait_kernel(done_ptr, posted_ptr, err_ptr, LIMIT, TIMER: tl.constexpr):
-        # LIMIT: nanoseconds by the GPU's clock (TIMER), else polls
+    def _wait_kernel(done_ptr, posted_ptr, err_ptr, MAX_ITERS):
         want = tl.load(posted_ptr, volatile=True)
         v = tl.load(done_ptr, volatile=True)
-        if TIMER:
-            t0 = _globaltimer()
-            waited = t0 - t0
-        else:
-            waited = 0
+        i = 0
         if tl.load(err_ptr, volatile=True) > 0:  # an earlier wait timed out: the copier is gone, fail fast
-            waited = LIMIT
-        while (v < want) & (waited < LIMIT):
+            i = MAX_ITERS
+        while (v < want) & (i < MAX_ITERS):
             v = tl.load(done_ptr, volatile=True)
-            if TIMER:
-                waited = _globaltimer() - t0
-            else:
-                waited += 1
+            i += 1
         if v < want:
             tl.atomic_add(err_ptr, 1)
 
@@ -106,15 +91,10 @@ def post_reference(m, src_n, dst_n, ring, head, posted) -> None:
                                          dst_n.long().cpu(), torch.tensor([g])]).to(ring.device)
 
 
-def wait(done: torch.Tensor, posted: torch.Tensor, err: torch.Tensor, max_iters: int,
-         timeout_s: float | None = None) -> None:
-    """Hold the current stream until done[0] >= posted[0] (one-element int64 views); after timeout_s seconds
-    by the GPU's clock (on a GPU, where given) or else max_iters polls, err[0] += 1 and go on. Once
-    err[0] > 0 it does not wait at all (counting each such wait)."""
-    timer = (timeout_s is not None and done.is_cuda and _globaltimer is not None
-             and os.environ.get("TRITON_INTERPRET") != "1")
-    limit = int(timeout_s * 1e9) if timer else max_iters
-    _wait_kernel[(1,)](done, posted, err, limit, TIMER=timer, num_warps=1)
+def wait(done: torch.Tensor, posted: torch.Tensor, err: torch.Tensor, max_iters: int) -> None:
+    """Hold the current stream until done[0] >= posted[0] (one-element int64 views); after max_iters polls
+    err[0] += 1 and go on. Once err[0] > 0 it does not wait at all (counting each such wait)."""
+    _wait_kernel[(1,)](done, posted, err, max_iters, num_warps=1)
 
 
 __all__ = ["post", "post_reference", "wait", "HAVE_TRITON"]
