@@ -426,7 +426,10 @@ class DmaCopier:
     error in the thread is raised by close() (the run's result is then wrong, so it must not be reported)."""
 
     RING = 32  # plans in flight at most (a step posts one per MoE block; the host keeps up within a block)
-    MAX_ITERS = 2_000_000  # polls of the wait kernel on a GPU before it counts a timeout (~1 s)
+    # polls of the wait kernel on a GPU before it counts a timeout: generous, since the host thread may not
+    # get the GIL while the main thread sits in a long native call (a first run compiles its kernels between
+    # a plan's post and its wait; 2M polls timed out there on the H200)
+    MAX_ITERS = 40_000_000
     MAX_ITERS_INTERPRETED = 200_000  # the CPU interpreter is ~1e3 x slower per poll
     IDLE_S = 0.05
     SLEEP_S = 0.0005
