@@ -481,5 +481,6 @@ def test_bench_tiny_copy_variants(tmp_path):
     assert base["metrics"]["copy_settings"] == {"priority": "normal", "programs": 32, "block": 8192, "warps": 4}
     assert var["copy"]["decode_bytes_per_step"] == base["copy"]["decode_bytes_per_step"] > 0
     text = summ.summarize(res, "x.json")
-    assert "| tiny | greedy | pregated#hi#p8#b1024#w2 | auto | high, 8 x 1024, 2 warps |" in text
-    assert "| tiny | greedy | pregated | auto | normal, 32 x 8192, 4 warps |" in text
+    mode = var["metrics"]["copy_mode"]
+    assert f"| tiny | greedy | pregated#hi#p8#b1024#w2 | auto | {mode} | high, 8 x 1024, 2 warps |" in text
+    assert f"| tiny | greedy | pregated | auto | {base['metrics']['copy_mode']} | normal, 32 x 8192, 4 warps |" in text
