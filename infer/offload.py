@@ -525,13 +525,10 @@ class DmaCopier:
         if self.error is not None or timeouts:
             err, self.error = self.error, None
             self.err.zero_()
-            raise OffloadError(
-                "copy_mode=dma: the host copier "
-                + (f"failed ({type(err).__name__}: {err})" if err is not None else "")
-                + (f"; {timeouts} wait(s) timed out: experts may be stale, so this run's results are wrong"
-                   if timeouts else "")
-                + "; use offload.copy_mode=device"
-            ) from err
+            what = ([f"the host copier failed ({type(err).__name__}: {err})"] if err is not None else []) + (
+                [f"{timeouts} wait(s) for its copies timed out: experts may be stale, so this run's results "
+                 "are wrong"] if timeouts else [])
+            raise OffloadError("copy_mode=dma: " + "; ".join(what) + "; use offload.copy_mode=device") from err
 
 
 def _copier_loop(ref) -> None:
