@@ -131,9 +131,19 @@ def command(nproc: int, overrides: list[str], run_dir: Path) -> list[str]:
     return [*launch, *overrides, f"hydra.run.dir={run_dir}"]
 
 
-def windows(metrics: dict[str, Any], warmup: int) -> list[float]:
-    return [h["tokens_per_s"] for h in metrics.get("history", [])
-            if h.get("split") == "train" and h["step"] > warmup and h.get("tokens_per_s")]
+def windows(metrics: dict[str, Any], warmup: int, key: str = "tokens_per_s") -> list[float]:
+    return [h[key] for h in metrics.get("history", [])
+            if h.get("split") == "train" and h["step"] > warmup and h.get(key) is not None]
+
+
+def phases(metrics: dict[str, Any], warmup: int) -> dict[str, float | None]:
+    """Median seconds per step of forward + backward (DDP's all-reduce included) and of clip + optimizer
+    step, over the logged windows after the warm-up (rank 0's clock; train/loop.py's history)."""
+    out: dict[str, float | None] = {}
+    for key in ("fwd_bwd_s", "optim_s"):
+        w = windows(metrics, warmup, key)
+        out[f"{key}_median"] = statistics.median(w) if w else None
+    return out
 
 
 def curve(metrics: dict[str, Any]) -> list[tuple[int, float]]:
@@ -265,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                 "steps": m["step"],
                 "tokens_per_s_median": statistics.median(w) if w else None,
                 "tokens_per_s_windows": w,
+                **phases(m, a.warmup_steps),
                 "whole_run_tokens_per_s": m.get("train_tokens_per_s"),
                 "peak_allocated_gib_rank0": m.get("cuda_peak_allocated_gib"),
                 "peak_reserved_gib_rank0": m.get("cuda_peak_reserved_gib"),
@@ -277,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
             res["log_tail"] = (run_dir / "train.log").read_text()[-3000:]
         rep["runs"][name] = res
         tps = res.get("tokens_per_s_median")
-        print(f"[dp] {name}: rc={rc}, {wall:.0f} s" + (f", {tps:,.0f} tokens/s" if tps else ""), flush=True)
+        fb, op = res.get("fwd_bwd_s_median"), res.get("optim_s_median")
+        print(f"[dp] {name}: rc={rc}, {wall:.0f} s" + (f", {tps:,.0f} tokens/s" if tps else "")
+              + (f", per step: forward+backward {1e3 * fb:.0f} ms, clip+optimizer {1e3 * op:.0f} ms"
+                 if fb is not None and op is not None else ""), flush=True)
         save()
 
     runs = rep["runs"]

@@ -755,6 +755,7 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
         unit="step",
     )
     t_last, tok_count = time.perf_counter(), 0
+    phase_s = {"fwd_bwd": 0.0, "optim": 0.0, "steps": 0}  # where the window's step time went (rank 0)
     # Throughput over the whole run, evaluation excluded: training tokens (global batch) per second.
     run_tokens, run_train_s = 0, 0.0
     if resumed_state is not None:  # a resumed run reports the whole run's tokens and seconds
@@ -793,6 +794,8 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
             logged["lm"] += float(out.lm_loss.detach()) * k / n_target
             logged["z"] += float(out.z_loss.detach()) * mb / B
             logged["aux"] += float(out.aux_loss.detach()) * mb / B
+        # float() above waited for the device: forward, backward and (DDP) the gradients' all-reduce are done
+        t_fb = time.perf_counter()
         if step == cfg.train.nan_at_step:
             for p in params:
                 if p.grad is not None:
@@ -826,7 +829,11 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
         step += 1
         if d.device.type == "cuda":
             torch.cuda.synchronize(d.device)
-        run_train_s += time.perf_counter() - t_step
+        t_end = time.perf_counter()
+        run_train_s += t_end - t_step
+        phase_s["fwd_bwd"] += t_fb - t_step
+        phase_s["optim"] += t_end - t_fb
+        phase_s["steps"] += 1
 
         log_now = step % max(1, cfg.train.log_every) == 0 or step == cfg.train.max_steps
         if log_now and d.world > 1:
@@ -853,9 +860,14 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
                 )
                 t_last, tok_count = now, 0
                 # the training curve, also without W&B: in metrics.json's history (split "train")
+                # per step, mean over the window: forward + backward (with DDP's all-reduce; FSDP's gathers)
+                # and clip + optimizer step + zero_grad (FSDP: its norm's reduction), in seconds
+                ns = max(1, phase_s["steps"])
                 history.append({"step": step, "split": "train", "loss": logged["lm"], "z_loss": logged["z"],
                                 "aux_loss": logged["aux"], "grad_norm": float(gnorm),
-                                "lr": sched.get_last_lr()[0], "tokens_per_s": tps})
+                                "lr": sched.get_last_lr()[0], "tokens_per_s": tps,
+                                "fwd_bwd_s": phase_s["fwd_bwd"] / ns, "optim_s": phase_s["optim"] / ns})
+                phase_s = {"fwd_bwd": 0.0, "optim": 0.0, "steps": 0}
                 if not cfg.train.progress:
                     print(f"[train] step {step} train: loss {logged['lm']:.4f}, grad norm {float(gnorm):.3g}, "
                           f"lr {sched.get_last_lr()[0]:.3g}, {tps:,.0f} tok/s", flush=True)

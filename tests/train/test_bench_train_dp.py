@@ -46,6 +46,8 @@ def test_cpu_smoke_one_vs_two_processes(tmp_path):
     assert set(rep["runs"]) == {"one", "two"}
     for r in rep["runs"].values():
         assert r["rc"] == 0 and r["steps"] == 6 and r["tokens_per_s_median"] > 0
+        # where the step time went (train/loop.py's history): both phases measured
+        assert r["fwd_bwd_s_median"] > 0 and r["optim_s_median"] > 0
     assert rep["runs"]["two"]["nproc"] == 2 and "--nproc_per_node=2" in rep["runs"]["two"]["command"]
     # same micro-batches, deterministic model: gloo's sums agree to rounding
     a = rep["agreement_one_vs_two"]
