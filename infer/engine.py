@@ -181,7 +181,7 @@ def stall_by_difference(
             times = [a.elapsed_time(b) for a, b in times]
         return times
 
-    dma = getattr(runner.pool, "dma", None) if cuda else None
+    dma = runner.pool.dma if cuda else None
     timeline = None
     try:
         with_ms = statistics.median(time_steps(step_with))

@@ -316,15 +316,8 @@ class SlotPool:
         dma = self.dma is not None and done is None and prefetch  # the dma copier takes prefetched plans
         if dma:
             self._dma_posted[m] = True
-        if not self.cuda:
-            if dma:  # under TRITON_INTERPRET (tests): the thread copies, wait() holds until it has
-                self.dma.post(m, src_n, dst_n)
-            elif self.copy_mode in ("device", "dma"):  # the kernel under TRITON_INTERPRET (tests)
-                src, dst = self._rows(m)
-                cs = self.copy_settings
-                expert_copy.gather_rows(src, src_n, dst, dst_n, cs.programs, cs.block, cs.warps)
-            else:
-                self._copy_host(m, src_n, dst_n)
+        if not self.cuda:  # synchronous (the kernels under TRITON_INTERPRET in tests)
+            self._launch(m, src_n, dst_n, dma)
             return
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         # the per-block copies (the decode path's), not prefill's; dma's run on the copier's stream
@@ -333,18 +326,23 @@ class SlotPool:
             if timed:
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record(self.copy_stream)
-            if dma:
-                self.dma.post(m, src_n, dst_n)  # copy_done[m] then means "posted"
-            elif self.copy_mode in ("device", "dma"):
-                src, dst = self._rows(m)
-                cs = self.copy_settings
-                expert_copy.gather_rows(src, src_n, dst, dst_n, cs.programs, cs.block, cs.warps)
-            else:
-                self._copy_host(m, src_n, dst_n)
+            self._launch(m, src_n, dst_n, dma)  # with dma, copy_done[m] below means "posted"
             if timed:
                 b.record(self.copy_stream)
                 self.copy_events.append((a, b, (src_n >= 0).sum()))
             (self.copy_done[m] if done is None else done).record(self.copy_stream)
+
+    def _launch(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor, dma: bool) -> None:
+        """Start block m's copies on the current stream: the plan handed to the dma copier, the device copy
+        kernel, or one cudaMemcpyAsync per expert (host)."""
+        if dma:
+            self.dma.post(m, src_n, dst_n)
+        elif self.copy_mode in ("device", "dma"):
+            src, dst = self._rows(m)
+            cs = self.copy_settings
+            expert_copy.gather_rows(src, src_n, dst, dst_n, cs.programs, cs.block, cs.warps)
+        else:
+            self._copy_host(m, src_n, dst_n)
 
     def _rows(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Block m's chunks and the pool as rows for the copy kernel (int8 chunks as int32 words: the
@@ -402,15 +400,10 @@ class SlotPool:
 
 
 # ----------------------------------------------------------------------------------------------- dma
-def _yield_gil() -> None:
-    """Give the GIL and the core away for a moment (a ctypes call runs without the GIL)."""
-    _SCHED_YIELD()
-
-
-try:
-    _SCHED_YIELD = ctypes.CDLL(None).sched_yield
+try:  # give the GIL and the core away for a moment (a ctypes call runs without the GIL)
+    _yield_gil = ctypes.CDLL(None).sched_yield
 except (OSError, AttributeError):  # pragma: no cover - not Linux
-    def _SCHED_YIELD():
+    def _yield_gil():
         time.sleep(0)
 
 
@@ -492,24 +485,19 @@ class DmaCopier:
                 raise OffloadError(f"copy_mode=dma: ring entry {g} reads as plan {row[-1]}")
             m, b, src, dst = row[0], row[1], row[2 : 2 + n], row[2 + n : 2 + 2 * n]
             experts = self._store_rows[m]
-            if self.cuda:  # the thread's current stream is the copier's (_copier_loop)
-                trace = self.trace
-                if trace is not None:
-                    ev0 = torch.cuda.Event(enable_timing=True)
-                    ev0.record()
-                for e, p in zip(src, dst):
-                    if e >= 0 and p >= 0:
-                        slots[p].copy_(experts[e], non_blocking=True)
-                if trace is not None:
-                    ev1 = torch.cuda.Event(enable_timing=True)
-                    ev1.record()
-                    trace.append((g, m, ev0, ev1))
-                self._done[m].fill_(b)
-            else:
-                for e, p in zip(src, dst):
-                    if e >= 0 and p >= 0:
-                        slots[p].copy_(experts[e])
-                self._done[m].fill_(b)
+            # on CUDA the thread's current stream is the copier's (_copier_loop); on the CPU copies are synchronous
+            trace = self.trace if self.cuda else None
+            if trace is not None:
+                ev0 = torch.cuda.Event(enable_timing=True)
+                ev0.record()
+            for e, p in zip(src, dst):
+                if e >= 0 and p >= 0:
+                    slots[p].copy_(experts[e], non_blocking=self.cuda)
+            if trace is not None:
+                ev1 = torch.cuda.Event(enable_timing=True)
+                ev1.record()
+                trace.append((g, m, ev0, ev1))
+            self._done[m].fill_(b)
             seen[0] = g
             self.issued += 1
         return True

@@ -308,8 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             rep[f"agreement_one_vs_{two}"] = agreement(runs["one"]["loss_curve"], runs[two]["loss_curve"])
     save()
     for k in [k for k in rep if k.startswith(("scaling_", "agreement_"))]:
-        if k in rep:
-            print(f"[dp] {k}: " + json.dumps({x: y for x, y in rep[k].items() if x != "steps"}), flush=True)
+        print(f"[dp] {k}: " + json.dumps({x: y for x, y in rep[k].items() if x != "steps"}), flush=True)
     print(f"[dp] wrote {out}")
     return 0 if all(r["rc"] == 0 for r in runs.values()) else 1
 

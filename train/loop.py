@@ -755,7 +755,8 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
         unit="step",
     )
     t_last, tok_count = time.perf_counter(), 0
-    phase_s = {"fwd_bwd": 0.0, "optim": 0.0, "steps": 0}  # where the window's step time went (rank 0)
+    no_phase = {"fwd_bwd": 0.0, "optim": 0.0, "steps": 0}
+    phase_s = dict(no_phase)  # where the window's step time went (rank 0)
     # Throughput over the whole run, evaluation excluded: training tokens (global batch) per second.
     run_tokens, run_train_s = 0, 0.0
     if resumed_state is not None:  # a resumed run reports the whole run's tokens and seconds
@@ -867,7 +868,7 @@ def run(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None) -> di
                                 "aux_loss": logged["aux"], "grad_norm": float(gnorm),
                                 "lr": sched.get_last_lr()[0], "tokens_per_s": tps,
                                 "fwd_bwd_s": phase_s["fwd_bwd"] / ns, "optim_s": phase_s["optim"] / ns})
-                phase_s = {"fwd_bwd": 0.0, "optim": 0.0, "steps": 0}
+                phase_s = dict(no_phase)
                 if not cfg.train.progress:
                     print(f"[train] step {step} train: loss {logged['lm']:.4f}, grad norm {float(gnorm):.3g}, "
                           f"lr {sched.get_last_lr()[0]:.3g}, {tps:,.0f} tok/s", flush=True)
