@@ -18,7 +18,7 @@ import torch
 
 from infer import report as rep
 from infer.engine import Engine, RunResult, load_offloaded
-from infer.offload import GB, CopySettings, default_budget_bytes
+from infer.offload import GB, CopySettings, default_budget_bytes, request_eager_module_loading
 from infer.policies import PolicySpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,6 +143,8 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if str(cfg.offload.copy_mode) == "dma":  # before the first CUDA call (see offload.eager_module_loading)
+        request_eager_module_loading()
     device = resolve_device(cfg.device)
     if cfg.threads or device.type == "cpu":
         # auto on the CPU: one thread. The shipped model's matrices are far too small to split, and

@@ -190,7 +190,8 @@ def stall_by_difference(
             dma.trace = []
             try:
                 time_steps(step_with, steps_ev)
-                timeline = dma_timeline(steps_ev, dma.trace)
+                if dma.trace:  # (no dma plans, e.g. on_demand's: no timeline)
+                    timeline = dma_timeline(steps_ev, dma.trace)
             finally:
                 dma.trace = None
         with runner.no_copies():

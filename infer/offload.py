@@ -224,6 +224,25 @@ class CopySettings:
 
 
 # ----------------------------------------------------------------------------------------------- slots
+def eager_module_loading() -> bool:
+    """Whether CUDA loads every kernel when it starts (CUDA_MODULE_LOADING=EAGER), which copy_mode dma needs.
+
+    With lazy loading (torch's default) a kernel is loaded at its first launch, and loading may wait for the
+    kernels running on the GPU. A dma wait kernel spins until the copier thread has issued its copies; if
+    the main thread launches a kernel for the first time meanwhile, it blocks (holding the GIL) on the
+    spinning kernel, and the copier thread, which needs the GIL, never issues them: on the H200 every wait
+    of a fresh process's first dma run timed out, and the same run passed with EAGER."""
+    return os.environ.get("CUDA_MODULE_LOADING", "").upper() == "EAGER"
+
+
+def request_eager_module_loading() -> bool:
+    """Set CUDA_MODULE_LOADING=EAGER where nothing has chosen a mode yet (torch sets LAZY when it starts CUDA,
+    so this must run before the process's first CUDA call); returns whether EAGER is in effect. Entry points
+    that may use copy_mode dma call it first thing."""
+    os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
+    return eager_module_loading()
+
+
 class SlotPool:
     """GPU slots for expert weights: pool [P, X]; w_in [P, F, D] and w_out [P, D, F] are views of it
     (the expert FFN reads them through strides), so one expert is one contiguous row to copy.
@@ -239,7 +258,9 @@ class SlotPool:
     ring: DmaCopier; graph-capturable; a block's own plan, on the critical path, and the encoder's
     streamed prefill chunks by the device kernel, which starts without the host's reaction time),
     "host" (cudaMemcpyAsync per expert; reads the plan on the host, so one sync per plan), "cpu" (no
-    GPU: synchronous copies).
+    GPU: synchronous copies). "auto": device on CUDA (host where the store is not pinned), cpu without a
+    GPU. dma needs CUDA's kernels loaded eagerly (eager_module_loading), which costs device memory outside
+    torch's allocator (~1.1 GB on the H200), so it is not a default.
     """
 
     def __init__(
@@ -278,6 +299,12 @@ class SlotPool:
         if copy_mode in ("device", "dma") and self.cuda and not (store.pinned and expert_copy.HAVE_TRITON):
             raise OffloadError(f"copy_mode={copy_mode} needs the expert store pinned (offload.pin=true) and "
                                "triton installed; use copy_mode=host")
+        if copy_mode == "dma" and self.cuda and not eager_module_loading():
+            raise OffloadError(
+                "copy_mode=dma needs CUDA_MODULE_LOADING=EAGER, set before the process's first CUDA call "
+                f"(it is {os.environ.get('CUDA_MODULE_LOADING', 'unset')!r}): with lazy kernel loading a "
+                "first kernel launch can stall the copier thread until its waits time out. pgmoe-infer and "
+                "scripts/bench_e2e.py set it; elsewhere export it, or use copy_mode=device")
         self.copy_mode = copy_mode
         self.copy_stream = (torch.cuda.Stream(self.device, priority=self.copy_settings.stream_priority())
                             if self.cuda else None)
@@ -296,6 +323,12 @@ class SlotPool:
         self.skip_copies = False
         self.dma = DmaCopier(self) if copy_mode == "dma" else None
         self._dma_posted = [False] * self.M  # block m has a dma plan its wait() has not covered yet
+        # The pool's first decode step sends its prefetched plans to the copy kernel: it launches (and so
+        # loads) every kernel of the step before any dma wait spins. CUDA loads kernels lazily, and loading
+        # one may wait for the running kernels, a spinning wait among them, which waits for the copier:
+        # with dma from the first step, a fresh process's first run timed out on every wait (H200).
+        self._dma_on = False
+        self._dma_first_step: set[int] = set()
 
     def close(self) -> None:
         """Stop the dma copier's thread (copy_mode dma); raises OffloadError where its copies failed."""
@@ -313,7 +346,7 @@ class SlotPool:
         ahead of block m (copy_mode dma hands it to the copier)."""
         if self.skip_copies:
             return
-        dma = self.dma is not None and done is None and prefetch  # the dma copier takes prefetched plans
+        dma = self.dma is not None and done is None and prefetch and self._dma_live(m)  # prefetched plans
         if dma:
             self._dma_posted[m] = True
         if not self.cuda:  # synchronous (the kernels under TRITON_INTERPRET in tests)
@@ -331,6 +364,16 @@ class SlotPool:
                 b.record(self.copy_stream)
                 self.copy_events.append((a, b, (src_n >= 0).sum()))
             (self.copy_done[m] if done is None else done).record(self.copy_stream)
+
+    def _dma_live(self, m: int) -> bool:
+        """Whether block m's prefetched plan goes to the dma copier: from the pool's second decode step on
+        (a block's second prefetched plan means the whole first step has been launched)."""
+        if not self._dma_on:
+            if m in self._dma_first_step:
+                self._dma_on = True
+            else:
+                self._dma_first_step.add(m)
+        return self._dma_on
 
     def _launch(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor, dma: bool) -> None:
         """Start block m's copies on the current stream: the plan handed to the dma copier, the device copy
@@ -451,9 +494,25 @@ class DmaCopier:
         self._done = list(self.done.unbind(0))
         self.error: BaseException | None = None
         self._stop = False
+        if self.cuda:
+            self._load_kernels()
         self._thread = threading.Thread(target=_copier_loop, args=(weakref.ref(self),), daemon=True,
                                         name="pgmoe-dma-copier")
         self._thread.start()
+
+    def _load_kernels(self) -> None:
+        """Launch once every kernel the handshake uses (post and wait on scratch copies of the ring, the
+        copier's done-count fill), so that none is loaded (CUDA loads kernels lazily) while a wait spins."""
+        ring, head, posted = torch.zeros_like(self.ring), torch.zeros_like(self.head), torch.zeros_like(self.posted)
+        n = torch.full((self.n,), -1, dtype=torch.int64, device=self.pool.device)
+        mailbox.post(0, n, n, ring, head, posted)
+        done = posted.clone()
+        mailbox.wait(done[:1], posted[:1], torch.zeros_like(self.err), self.max_iters)
+        with torch.cuda.stream(self.stream):
+            for d in self._done:
+                d.fill_(1)
+            self.done.zero_()
+        torch.cuda.synchronize(self.pool.device)
 
     def post(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor) -> None:
         """On the current (copy) stream: hand block m's plan to the thread."""

@@ -34,7 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import tuning  # noqa: E402
 from kernels.expert_ffn import (  # noqa: E402
+    _decode_config,
     _default_config,
+    _np2,
     expert_ffn,
     expert_ffn_reference,
     expert_ffn_triton,
@@ -406,7 +408,9 @@ def _cfg_name(cfg: dict) -> str:
     if cfg.get("path") == "fused":
         return f"fused-{cfg.get('reduce', 'scratch')} BF{cfg['BLOCK_F']} w{cfg['num_warps']}"
     if cfg.get("path") == "decode":
-        return f"2-kernel in BF{cfg['in']['BLOCK_F']} out BD{cfg['out']['BLOCK_D']}"
+        ci, co = cfg["in"], cfg["out"]
+        return (f"2-kernel in BF{ci['BLOCK_F']} BD{ci['BLOCK_D']} w{ci['num_warps']} out BD{co['BLOCK_D']} "
+                f"BF{co['BLOCK_F']} w{co['num_warps']}")
     if cfg.get("path") == "gridsync":
         return f"grid-barrier BF{cfg['BLOCK_F']} BDO{cfg['BLOCK_DO']} w{cfg['num_warps']}"
     if "SPLIT_D" in cfg:
@@ -414,13 +418,22 @@ def _cfg_name(cfg: dict) -> str:
     return f"whole-gate BD{cfg['BLOCK_D']} w{cfg['num_warps']}"
 
 
-def sweep_decode(out: list, reps: int):
+def decode_candidates(d: int, f: int) -> list[dict]:
+    """Two-kernel decode configs around the tuned one: W_in rows per program and warps, W_out rows per
+    program and warps (whole rows per load in both)."""
+    bd, bf = min(_np2(d), 2048), min(_np2(f), 4096)
+    ins = ((1, bd, 1), (1, bd, 2), (2, bd, 1), (2, bd, 2), (2, bd, 4), (4, bd, 4), (2, 256, 1))
+    outs = ((1, bf, 1), (2, bf, 1), (2, bf, 2), (2, bf, 4), (4, bf, 2), (2, 1024, 2), (4, 1024, 4))
+    return [_decode_config(ibf, ibd, iw, obd, obf, ow) for ibf, ibd, iw in ins for obd, obf, ow in outs]
+
+
+def sweep_decode(out: list, reps: int, sweep_one_launch: bool = False, expert_counts=None):
     """T = 1: time the two-kernel decode path against the fused decode kernel variants (single call after
     an L2 flush, and 16 calls back to back in one CUDA graph), and the split-gate routing against the
     whole-gate kernel; pin the fastest (FFN: by the graph b2b time; routing: single call) for the timings."""
     gpu = tuning.gpu_name(DEV)
     for name, (d, f) in SHAPES.items():
-        for E in EXPERTS:
+        for E in expert_counts or EXPERTS:
             gate = (torch.randn(E, d, device=DEV) * 0.05).to(torch.bfloat16)
             sets = make_sets(1, E, 1, d, seed=E + d + 7)
             rkey = tuning.config_key("route", E, d, 0, 1)
@@ -445,7 +458,8 @@ def sweep_decode(out: list, reps: int):
             copies = [(w_in, w_out)] + [experts(E, d, f, seed=E + d + c) for c in range(1, n_copies)]
             b2b = make_sets(1, E, 1, d, seed=E + 1, n_sets=16)
             rows = []
-            for cfg in [old] + fused_candidates(d) + gridsync_candidates(d, f):
+            one_launch = fused_candidates(d) + gridsync_candidates(d, f) if sweep_one_launch else []
+            for cfg in [old] + decode_candidates(d, f) + one_launch:
                 r = {"config": cfg, "name": _cfg_name(cfg)}
                 try:
                     r["us"] = bench_us([lambda x=x, i=i, w=w, cfg=cfg: expert_ffn_triton(x, w_in, w_out, i, w, config=cfg)
@@ -471,6 +485,87 @@ def sweep_decode(out: list, reps: int):
                                            r.get("bitwise_deterministic")) for r in rows])
             del copies
             torch.cuda.synchronize()
+
+
+_read_kernels = None
+
+
+def _read_kernel_pair():
+    """Two bare-read Triton kernels: each program loads BLOCK contiguous elements and stores their sum.
+    'first' waits for the previous grid before loading (like _decode_in_kernel, whose expert id comes
+    from the routing); 'second' loads, then waits (like _decode_out_kernel: only its h comes from the
+    kernel before it)."""
+    global _read_kernels
+    if _read_kernels is None:
+        import triton
+        import triton.language as tl
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+        @triton.jit
+        def first(src, out, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+            if USE_PDL:
+                gdc_wait()
+                gdc_launch_dependents()
+            offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            v = tl.load(src + offs, mask=offs < n, other=0.0, eviction_policy="evict_first")
+            tl.store(out + tl.program_id(0), tl.sum(v.to(tl.float32)))
+
+        @triton.jit
+        def second(src, out, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+            offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            v = tl.load(src + offs, mask=offs < n, other=0.0, eviction_policy="evict_first")
+            if USE_PDL:
+                gdc_wait()
+            tl.store(out + tl.program_id(0), tl.sum(v.to(tl.float32)))
+
+        _read_kernels = first, second
+    return _read_kernels
+
+
+def read_floor(out: list, reps: int):
+    """The fastest bare read of one expert's weight bytes (bf16): one kernel over all of them, and two
+    kernels over half each, chained with PDL as the decode FFN's two kernels are. Per call, 16 calls back
+    to back in one CUDA graph over distinct buffers (>= 150 MB per replay, more than L2 holds); the best
+    of a sweep of program sizes and warps. A practical floor for the T = 1 expert FFN next to the
+    bytes / HBM-rate one."""
+    import triton
+
+    from kernels.routing import use_pdl
+
+    first, second = _read_kernel_pair()
+    pdl = use_pdl(DEV)
+    kw = {"launch_pdl": True} if pdl else {}
+    for name, (d, f) in SHAPES.items():
+        n = d * f  # elements of one weight matrix; an expert is two
+        bufs = [torch.randn(2 * n, device=DEV).to(torch.bfloat16) for _ in range(16)]
+        sink = torch.empty(2 * n, device=DEV)
+        rows = []
+        for block in (2048, 4096, 8192, 16384):
+            for warps in (4, 8):
+                def one(b, block=block, warps=warps):
+                    first[(triton.cdiv(2 * n, block),)](b, sink, 2 * n, BLOCK=block, USE_PDL=pdl,
+                                                        num_warps=warps, **kw)
+
+                def two(b, block=block, warps=warps):
+                    first[(triton.cdiv(n, block),)](b, sink, n, BLOCK=block, USE_PDL=pdl, num_warps=warps, **kw)
+                    second[(triton.cdiv(n, block),)](b[n:], sink[n:], n, BLOCK=block, USE_PDL=pdl,
+                                                     num_warps=warps, **kw)
+                r = {"BLOCK": block, "num_warps": warps}
+                for label, fn in (("one_kernel_us", one), ("two_kernels_us", two)):
+                    r[label] = graph_per_call_us([lambda b=b, fn=fn: fn(b) for b in bufs], reps)
+                rows.append(r)
+        best1 = min(rows, key=lambda r: r["one_kernel_us"])
+        best2 = min(rows, key=lambda r: r["two_kernels_us"])
+        nbytes = 4 * n
+        out.append({"shape": name, "expert_bytes": nbytes, "pdl": pdl, "rows": rows,
+                    "one_kernel_us": best1["one_kernel_us"], "two_kernels_us": best2["two_kernels_us"],
+                    "one_kernel_GBps": nbytes / best1["one_kernel_us"] / 1e3,
+                    "two_kernels_GBps": nbytes / best2["two_kernels_us"] / 1e3,
+                    "how": "bare reads of the expert's bytes, per call of 16 back to back in one CUDA graph "
+                           "(distinct buffers); best of BLOCK in 2048-16384 x 4/8 warps"})
+        log("read floor", name, {k: v for k, v in out[-1].items() if k not in ("rows", "how")})
+        del bufs
+        torch.cuda.synchronize()
 
 
 def time_case(name, d, f, E, T, ceil, reps) -> dict:
@@ -579,7 +674,7 @@ def targets(rows) -> list[dict]:
     return out
 
 
-def markdown(meta, ceil, rows, tgts, sweep=()) -> str:
+def markdown(meta, ceil, rows, tgts, sweep=(), read=()) -> str:
     lines = [
         f"# Kernel benchmark: {meta['gpu']}",
         "",
@@ -628,6 +723,18 @@ def markdown(meta, ceil, rows, tgts, sweep=()) -> str:
                 mark = " *" if r["name"] == sw["best"] else ""
                 lines.append(f"| {sw['what']} | {sw['shape']} | {sw['E']} | {r['name']}{mark} | {f(r.get('us'), 2)} "
                              f"| {f(r.get('graph_b2b_us'), 2)} | {r.get('bitwise_deterministic', '-')} |")
+    read = [r for r in read if "one_kernel_us" in r]
+    if read:
+        lines += ["", "Bare reads of one expert's weight bytes (bf16; per call, 16 back to back in one graph over "
+                  "distinct buffers; best of BLOCK 2048-16384 x 4/8 warps): one kernel over all of them, and two "
+                  "kernels over half each, chained with PDL like the decode FFN's two kernels; x HBM floor = time / "
+                  "(bytes / HBM rate).", "",
+                  "| shape | MB | HBM floor us | one kernel us | x floor | two kernels us | x floor |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in read:
+            hbm = r["expert_bytes"] / ceil["hbm_GBps"] / 1e3
+            lines.append(f"| {r['shape']} | {r['expert_bytes'] / 1e6:.2f} | {hbm:.2f} | {r['one_kernel_us']:.2f} | "
+                         f"{r['one_kernel_us'] / hbm:.2f} | {r['two_kernels_us']:.2f} | {r['two_kernels_us'] / hbm:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -640,6 +747,13 @@ def main():
     ap.add_argument("--reps", type=int, default=60)
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--skip-sweep", action="store_true", help="no T = 1 decode/routing sweep")
+    ap.add_argument("--sweep-one-launch", action="store_true",
+                    help="the T = 1 sweep also times the one-launch decode variants (fused, grid barrier)")
+    ap.add_argument("--sweep-experts", default=None,
+                    help="expert counts for the T = 1 sweep (default: --experts)")
+    ap.add_argument("--read-floor", action="store_true",
+                    help="also time bare reads of one expert's bytes (one kernel, and two kernels chained like the "
+                         "decode FFN's): the fastest a kernel of that size reads on this GPU")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds after which timing cases are skipped")
     ap.add_argument("--experts", default=",".join(map(str, EXPERTS)),
                     help="comma-separated expert counts for the sweep and timings (default: 8,64,128)")
@@ -676,10 +790,20 @@ def main():
     result["ceilings"] = ceil = ceilings()
     log(ceil)
     save()
+    if args.read_floor:
+        result["read_floor"] = rf = []
+        try:
+            read_floor(rf, max(20, args.reps // 2))
+        except Exception as e:  # noqa: BLE001
+            import traceback
+            traceback.print_exc()
+            rf.append({"error": f"{type(e).__name__}: {e}"[:500]})
+        save()
     result["sweep"] = sweep = []
     if not args.skip_sweep:
         try:
-            sweep_decode(sweep, max(20, args.reps // 2))
+            sweep_experts = [int(e) for e in args.sweep_experts.split(",")] if args.sweep_experts else None
+            sweep_decode(sweep, max(20, args.reps // 2), args.sweep_one_launch, sweep_experts)
         except Exception as e:  # noqa: BLE001
             import traceback
             traceback.print_exc()
@@ -730,7 +854,7 @@ def main():
     good = sorted((r for r in rows if "error" not in r), key=lambda r: rank[(r["shape"], r["E"], r["T"])])
     result["targets"] = tgts = targets(good)
     save()
-    md = markdown(meta, ceil, good, tgts, [sw for sw in sweep if sw.get("rows")])
+    md = markdown(meta, ceil, good, tgts, [sw for sw in sweep if sw.get("rows")], result.get("read_floor", ()))
     (out_dir / f"kernels-{gpu}.md").write_text(md)
     print(md)
     log("done")

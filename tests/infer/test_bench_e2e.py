@@ -234,6 +234,9 @@ def test_parse_table_runs():
     assert bench.parse_table_runs("greedy,beam4:pregated@lru32,on_demand+cpu_auto")["modes"] == ["greedy", "beam4"]
     assert bench.parse_table_runs("greedy:pregated#hi#p64#b4096#w8,on_demand#torchplan")["policies"] == [
         "pregated#hi#p64#b4096#w8", "on_demand#torchplan"]
+    # gpu_only (the memory check's reference) runs first whatever the given order
+    assert bench.parse_table_runs("greedy:pregated,on_demand,gpu_only")["policies"] == [
+        "gpu_only", "pregated", "on_demand"]
     assert bench.parse_variant("torchplan#hi#p64") == ("reference", {"priority": "high", "programs": 64}, None)
     assert bench.parse_variant("") == (None, {}, None)
     assert bench.parse_variant("dma") == (None, {}, "dma")

@@ -1,5 +1,6 @@
 """Contract 3: offloading never changes the answer (bitwise on one device), and clear errors."""
 
+import os
 from dataclasses import asdict
 
 import pytest
@@ -213,6 +214,30 @@ def test_dma_copy_mode_under_the_interpreter(pregated_ckpt, monkeypatch):
         handled, posted = issued[-1]
         assert handled == posted and (posted == 0) == (spec.name == "on_demand"), spec
     assert not any(t.name == "pgmoe-dma-copier" for t in threading.enumerate())
+
+
+def test_dma_takes_prefetched_plans_from_the_second_decode_step():
+    """A pool's first decode step sends its prefetched plans to the copy kernel (so that every kernel of the
+    step is loaded before a dma wait spins); from a block's second prefetched plan on they go to the copier."""
+    from types import SimpleNamespace
+
+    from infer.offload import SlotPool
+
+    pool = SimpleNamespace(_dma_on=False, _dma_first_step=set())
+    blocks = [3, 5, 7, 3, 5, 7, 3]
+    assert [SlotPool._dma_live(pool, m) for m in blocks] == [False, False, False, True, True, True, True]
+
+
+def test_dma_asks_for_eager_kernel_loading(monkeypatch):
+    """copy_mode dma needs CUDA_MODULE_LOADING=EAGER: an entry point sets it where nothing chose a mode yet,
+    and leaves a mode already chosen (torch's LAZY, or the user's) alone."""
+    from infer.offload import eager_module_loading, request_eager_module_loading
+
+    monkeypatch.delenv("CUDA_MODULE_LOADING", raising=False)
+    assert not eager_module_loading()
+    assert request_eager_module_loading() and os.environ["CUDA_MODULE_LOADING"] == "EAGER"
+    monkeypatch.setenv("CUDA_MODULE_LOADING", "LAZY")
+    assert not request_eager_module_loading() and os.environ["CUDA_MODULE_LOADING"] == "LAZY"
 
 
 def test_dma_copier_reports_a_failed_copy(pregated_ckpt, monkeypatch):
