@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 POLICIES = ("gpu_only", "on_demand", "prefetch_all", "pregated")
@@ -108,8 +109,8 @@ def summarize(doc: dict, source: str) -> str:
                     + f"{_f(g_gpu)} / {_f(g_pg)} | "
                     + f"{_f(100 * g_pg / g_gpu if g_pg and g_gpu else None, '{:.1f}')} |"
                 )
-        lines += (copy_table(shapes) + variant_table(shapes) + memory_table(shapes) + lookahead_table(shapes)
-                  + int8_table(shapes))
+        lines += (copy_table(shapes) + variant_table(shapes) + dma_timeline_table(shapes, link)
+                  + memory_table(shapes) + lookahead_table(shapes) + int8_table(shapes))
     for shape, s in shapes.items():
         if (s.get("batch_sweep") or {}).get("points"):
             lines += sweep_table(shape, s["batch_sweep"], s.get("config"), s.get("expert_bytes"))
@@ -169,6 +170,42 @@ def copy_table(shapes: dict) -> list[str]:
         "| shape | decoding | policy | MB copied per step | GB/s (lower bound) | % of pinned peak | "
         "GB/s while copying | % of pinned peak | stall ms/token | copy on critical path |",
         "|" + "---|" * 10,
+    ] + rows
+
+
+def dma_timeline_table(shapes: dict, link) -> list[str]:
+    """copy_mode dma runs' traced pass (engine.dma_timeline): where the copier's copies ran in the step. GB/s
+    while copying is computed where a plan is one expert (greedy, batch 1, no cache: every plan misses)."""
+    rows = []
+    for shape, s in shapes.items():
+        for mode in ("greedy", "beam4"):
+            for name, r in _runs(s, mode).items():
+                tl = (r.get("metrics") or {}).get("dma_timeline") or {}
+                if not tl.get("copy_start_ms"):
+                    continue
+                dur = statistics.median(b - a for a, b in zip(tl["copy_start_ms"], tl["copy_end_ms"]))
+                gaps = tl["idle_before_ms"][1:]
+                one = mode == "greedy" and "@" not in name and (r.get("metrics") or {}).get("batch_size") == 1
+                gbps = s["expert_bytes"] / (dur * 1e6) if one and dur > 0 else None
+                rows.append(
+                    f"| {shape} | {mode} | {name} | {len(tl['copy_start_ms'])} | {tl['copy_start_ms'][0]:.3f} | "
+                    f"{dur:.3f} | {_f(statistics.median(gaps) if gaps else None, '{:.3f}')} | "
+                    f"{tl['copy_end_ms'][-1]:.3f} | {tl['step_ms']:.3f} | {_f(gbps, '{:.1f}')} | "
+                    f"{_f(gbps and link and 100 * gbps / link, '{:.0f}')} |")
+    if not rows:
+        return []
+    return [
+        "",
+        "DMA timeline (copy_mode dma; a traced replay pass after the timed one, CUDA events around each plan's "
+        "copies on the copier's stream, medians over the steps, ms from the step's start): the prefetched "
+        "plans the copier handled per step, when the first began (before it: the compute up to the first "
+        "decoder MoE block's routing and that block's own copy, by the copy kernel), each plan's copy time, the "
+        "link's idle time between two plans, when the last ended, the traced step, and the bandwidth while "
+        "copying (one expert per plan / its copy time) as % of the pinned peak.",
+        "",
+        "| shape | decoding | run | dma plans per step | first starts | ms per plan | idle between | last ends | "
+        "step ms | GB/s while copying | % of pinned peak |",
+        "|" + "---|" * 11,
     ] + rows
 
 

@@ -487,3 +487,18 @@ def test_bench_tiny_copy_variants(tmp_path):
     mode = var["metrics"]["copy_mode"]
     assert f"| tiny | greedy | pregated#hi#p8#b1024#w2 | auto | {mode} | high, 8 x 1024, 2 warps |" in text
     assert f"| tiny | greedy | pregated | auto | {base['metrics']['copy_mode']} | normal, 32 x 8192, 4 warps |" in text
+
+
+def test_summary_dma_timeline_table():
+    """The dma timeline of a run (engine.dma_timeline) becomes one row: plans per step, first start, median copy
+    time per plan and idle gap, and the bandwidth while copying (one expert per plan: greedy, batch 1)."""
+    tl = {"blocks": [3, 5, 7], "copy_start_ms": [0.3, 0.5, 0.71], "copy_end_ms": [0.48, 0.7, 0.9],
+          "idle_before_ms": [0.3, 0.02, 0.01], "step_ms": 1.0, "steps": 4}
+    shape = {"expert_bytes": 9_000_000,
+             "runs": [{"policy": "pregated", "family": "pregated", "decoding": "greedy",
+                       "metrics": {"batch_size": 1, "dma_timeline": tl}}]}
+    rows = [ln for ln in summ.dma_timeline_table({"s": shape}, 50.0) if ln.startswith("| s |")]
+    # copy times 0.18, 0.2, 0.19 -> median 0.19 ms: 9 MB / 0.19 ms = 47.4 GB/s, 95% of 50
+    assert rows == ["| s | greedy | pregated | 3 | 0.300 | 0.190 | 0.015 | 0.900 | 1.000 | 47.4 | 95 |"]
+    shape["runs"][0]["metrics"]["dma_timeline"] = {"error": "plans per step vary"}
+    assert summ.dma_timeline_table({"s": shape}, 50.0) == []
