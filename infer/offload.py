@@ -324,9 +324,10 @@ class SlotPool:
         self.dma = DmaCopier(self) if copy_mode == "dma" else None
         self._dma_posted = [False] * self.M  # block m has a dma plan its wait() has not covered yet
         # The pool's first decode step sends its prefetched plans to the copy kernel: it launches (and so
-        # loads) every kernel of the step before any dma wait spins. CUDA loads kernels lazily, and loading
-        # one may wait for the running kernels, a spinning wait among them, which waits for the copier:
-        # with dma from the first step, a fresh process's first run timed out on every wait (H200).
+        # loads) every kernel of the step before any dma wait spins. CUDA_MODULE_LOADING=EAGER
+        # (eager_module_loading) loads the kernels linked into torch and CUDA's libraries at start-up, but
+        # Triton loads each of its kernels at its first launch, and a load may wait for the running
+        # kernels, a spinning wait among them.
         self._dma_on = False
         self._dma_first_step: set[int] = set()
 
@@ -502,7 +503,7 @@ class DmaCopier:
 
     def _load_kernels(self) -> None:
         """Launch once every kernel the handshake uses (post and wait on scratch copies of the ring, the
-        copier's done-count fill), so that none is loaded (CUDA loads kernels lazily) while a wait spins."""
+        copier's done-count fill), so that none is loaded (Triton's at their first launch) while a wait spins."""
         ring, head, posted = torch.zeros_like(self.ring), torch.zeros_like(self.head), torch.zeros_like(self.posted)
         n = torch.full((self.n,), -1, dtype=torch.int64, device=self.pool.device)
         mailbox.post(0, n, n, ring, head, posted)
