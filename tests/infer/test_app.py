@@ -209,3 +209,25 @@ def test_bad_quantize_fails_before_the_checkpoint_is_read(tmp_path, monkeypatch)
     monkeypatch.setattr(models.checkpoint, "load_config", no_read)
     with pytest.raises(OffloadError, match="offload.quantize='int4'; expected none or int8"):
         run(_compose(["offload.quantize=int4", "num_examples=1", "max_new_tokens=1", "logger=none"]), tmp_path)
+
+
+def test_copy_mode_dma_asks_for_eager_kernel_loading_first(tmp_path, monkeypatch):
+    """offload.copy_mode=dma sets CUDA_MODULE_LOADING=EAGER before anything touches CUDA (where nothing chose a
+    mode yet); other copy modes leave it alone."""
+    import os
+
+    import infer.app as app
+
+    seen = []
+
+    def stop(name):  # the app's first device step: what the environment says by then
+        seen.append(os.environ.get("CUDA_MODULE_LOADING"))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(app, "resolve_device", stop)
+    monkeypatch.setenv("CUDA_MODULE_LOADING", "")  # (restored to the test's own environment afterwards)
+    for mode, want in (("device", None), ("dma", "EAGER")):
+        monkeypatch.delenv("CUDA_MODULE_LOADING", raising=False)
+        with pytest.raises(RuntimeError, match="stop here"):
+            run(_compose([f"offload.copy_mode={mode}", "num_examples=1", "max_new_tokens=1", "logger=none"]), tmp_path)
+        assert seen[-1] == want, mode
