@@ -303,7 +303,7 @@ class SlotPool:
             raise OffloadError(
                 "copy_mode=dma needs CUDA_MODULE_LOADING=EAGER, set before the process's first CUDA call "
                 f"(it is {os.environ.get('CUDA_MODULE_LOADING', 'unset')!r}): with lazy kernel loading a "
-                "first kernel launch can stall the copier thread until its waits time out. pgmoe-infer and "
+                "first kernel launch can stall the copier thread until its waits time out. python -m infer and "
                 "scripts/bench_e2e.py set it; elsewhere export it, or use copy_mode=device")
         self.copy_mode = copy_mode
         self.copy_stream = (torch.cuda.Stream(self.device, priority=self.copy_settings.stream_priority())
@@ -495,8 +495,7 @@ class DmaCopier:
         self._done = list(self.done.unbind(0))
         self.error: BaseException | None = None
         self._stop = False
-        if self.cuda:
-            self._load_kernels()
+        self._load_kernels()
         self._thread = threading.Thread(target=_copier_loop, args=(weakref.ref(self),), daemon=True,
                                         name="pgmoe-dma-copier")
         self._thread.start()
@@ -504,16 +503,24 @@ class DmaCopier:
     def _load_kernels(self) -> None:
         """Launch once every kernel the handshake uses (post and wait on scratch copies of the ring, the
         copier's done-count fill), so that none is loaded (Triton's at their first launch) while a wait spins."""
+        # the plans' dtypes and every block index and offset, as Triton compiles a variant per argument kind
         ring, head, posted = torch.zeros_like(self.ring), torch.zeros_like(self.head), torch.zeros_like(self.posted)
-        n = torch.full((self.n,), -1, dtype=torch.int64, device=self.pool.device)
-        mailbox.post(0, n, n, ring, head, posted)
-        done = posted.clone()
-        mailbox.wait(done[:1], posted[:1], torch.zeros_like(self.err), self.max_iters)
-        with torch.cuda.stream(self.stream):
+        src = torch.full((self.n,), -1, dtype=torch.int32, device=self.pool.device)
+        dst = torch.zeros(self.n, dtype=torch.int32, device=self.pool.device)
+        for m in range(self.M):
+            mailbox.post(m, src, dst, ring, head, posted)
+        done, err = posted.clone(), torch.zeros_like(self.err)
+        for m in range(self.M):
+            mailbox.wait(done[m : m + 1], posted[m : m + 1], err, self.max_iters)
+        with torch.cuda.stream(self.stream):  # (no stream on the CPU: a no-op context)
             for d in self._done:
                 d.fill_(1)
             self.done.zero_()
-        torch.cuda.synchronize(self.pool.device)
+        if self.cuda:
+            torch.cuda.synchronize(self.pool.device)
+        if int(err[0]) or not torch.equal(head.cpu(), torch.tensor([self.M])):
+            raise OffloadError(f"copy_mode=dma: the handshake's kernels failed their start-up check (head "
+                               f"{head.tolist()} after {self.M} posts, {int(err[0])} timeouts)")
 
     def post(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor) -> None:
         """On the current (copy) stream: hand block m's plan to the thread."""
