@@ -44,7 +44,7 @@ def test_tuned_table_configs_run(table):
     ids = torch.randint(0, 8, (5, 1), generator=g, dtype=torch.int32)
     weights = torch.rand(5, 1, generator=g) + 0.1
     ref = expert_ffn_reference(x, w_in, w_out, ids, weights)
-    tried = set()
+    tried, ran = set(), set()
     for key, cfg in configs.items():
         kind = key.split(":")[0]
         if kind == "route":
@@ -54,7 +54,10 @@ def test_tuned_table_configs_run(table):
                 assert torch.equal(got, route_reference(x, w_in[:, 0], k=1)[0])
         else:
             assert cfg["path"] in ("decode", "prefill") and {"in", "out"} <= set(cfg), key
-            if cfg["path"] not in tried:
+            # every distinct decode config (tiles of a few rows: cheap under the interpreter), one prefill one
+            what = json.dumps(cfg, sort_keys=True) if cfg["path"] == "decode" else "prefill"
+            if what not in ran:
+                ran.add(what)
                 y = expert_ffn_triton(x, w_in, w_out, ids, weights, config=cfg)
                 assert ((y - ref).norm() / ref.norm()) <= 1e-4, key
         tried.add("route" if kind == "route" else cfg["path"])
