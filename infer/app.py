@@ -196,6 +196,7 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
         cpu_overhead_ms=cfg.offload.cpu_overhead_ms,
         prefill_slots=int(cfg.offload.prefill_slots),
         copy=copy,
+        first_block_guess=cfg.offload.first_block_guess,
     )
     peak = rep.pinned_peak_GBps(device)
     env = rep.environment(device)

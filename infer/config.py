@@ -35,6 +35,9 @@ class OffloadConf:
     link_GBps: float | None = None  # cost model's copy bandwidth; null: one expert's copy, measured
     cpu_overhead_ms: float | None = None  # cost model's host round trip per block; null: measured
     prefill_slots: int = 16  # slots the encoder pass streams its experts through (two buffers of half)
+    # pregated/lookahead: guess the first decoder MoE block's experts from each step's tokens: keep (the
+    # engine keeps the guess table across runs) | run (a new table each run) | off
+    first_block_guess: str = "keep"
     # none | int8: experts stored, copied and computed as symmetric per-row int8 (half of bf16's bytes
     # to copy; every policy, gpu_only included, then computes from the same int8 weights)
     quantize: str = "none"

@@ -20,7 +20,7 @@ import torch
 
 from infer import cpu_compute as cc
 from infer.offload import CopySettings, ExpertStore, OffloadError, is_expert_param
-from infer.policies import OffloadRunner, PolicySpec, check_cpu_compute
+from infer.policies import OffloadRunner, PolicySpec, check_cpu_compute, guess_mode
 from kernels.expert_ffn import Int8Weights
 from models.generate import beam_search, greedy
 from models.switch import DecodeState, Switch
@@ -287,6 +287,7 @@ class Engine:
         cpu_overhead_ms: float | None = None,
         prefill_slots: int = 16,
         copy: CopySettings | None = None,
+        first_block_guess: str = "keep",
     ):
         self.model, self.store = model, store
         model.fuse_for_inference()  # q/k/v as one matrix product (views: no extra memory)
@@ -303,6 +304,8 @@ class Engine:
         self.link_GBps, self.cpu_overhead_ms = link_GBps, cpu_overhead_ms
         self._calibration: cc.Calibration | None = None
         self.prefill_slots = prefill_slots
+        self.first_block_guess = guess_mode(first_block_guess)  # pregated / lookahead: infer/policies.py
+        self.guess_tables: dict[int, torch.Tensor] = {}  # first_block_guess=keep: the runners' tables, kept
         self.copy = copy or CopySettings()  # the device copy kernel's stream priority and grid
 
     def calibration(self) -> cc.Calibration:
@@ -356,6 +359,8 @@ class Engine:
                 calibration=self.calibration() if cpu_mode != "off" else None,
                 prefill_slots=self.prefill_slots,
                 copy=self.copy,
+                first_block_guess=self.first_block_guess,
+                guess_tables=self.guess_tables,
             ).attach()
             # timing events cannot sit in a captured graph: eager steps time each wait; a graph step's
             # stall is derived after the run (stall_by_difference)

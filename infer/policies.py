@@ -10,6 +10,16 @@
 | speculative  | block m+1's router on block m's FFN input; misses   | an unconverted model      |
 |              | fetched on demand (outputs unchanged)               |                           |
 
+First-block guess (pregated, lookahead; offload.first_block_guess): no pre-gate routes the decoder's first
+MoE block (its own router decides, a few layers into the step), so its copy would sit on the step's
+critical path. At the step's start the runner guesses that block's experts from the step's tokens (a
+per-token table: the expert the token was last routed to, initialised with the block's router applied to
+the token's embedding) and starts their copies; at the block the router's real choice is verified against
+the guess and a miss is copied then (the outputs never change, only the time). keep (the default): the
+engine keeps the table across runs (requests); run: each run starts from the embedding's guess; off. The
+shipped model's first decoder MoE block routes by token identity alone, and a kept table guesses 99% of its
+experts (scripts/probe_first_block_guess.py, bench/results/first-block-guess.md).
+
 Each CPU policy can put an LRU or LFU cache of C slots per block in front of the copies. Names in
 lists may carry the cache: `on_demand@lru4`, `pregated@lfu2`.
 
@@ -30,6 +40,21 @@ from infer import cpu_compute as cc
 from infer.offload import CopySettings, ExpertStore, OffloadError, SlotPool
 from kernels.slot_plan import plan_slots
 from models.moe import Routing, gate_logits, routing_from_logits
+
+GUESS_MODES = ("keep", "run", "off")
+
+
+def guess_mode(value) -> str:
+    """offload.first_block_guess: keep (the default; true), run or off (false)."""
+    if value is True or value is None:
+        return "keep"
+    if value is False:
+        return "off"
+    if str(value) not in GUESS_MODES:
+        raise OffloadError(f"offload.first_block_guess={value!r}; expected keep (the guess table outlives a run: "
+                           "the engine keeps it), run (each run starts a new one) or off")
+    return str(value)
+
 
 POLICIES = ("gpu_only", "on_demand", "prefetch_all", "pregated", "lookahead", "speculative")
 CACHE_KINDS = ("lru", "lfu")
@@ -90,6 +115,9 @@ class _Block:
     def split(self, x_BSD: torch.Tensor, routing: Routing):
         return self.r.on_split(self.m, x_BSD, routing)
 
+    def guess(self, tokens_B: torch.Tensor) -> None:
+        self.r.on_guess(tokens_B)
+
 
 def check_cpu_compute(store: ExpertStore, cpu_compute: str) -> None:
     if store.quantize and cpu_compute != "off":
@@ -115,8 +143,11 @@ class OffloadRunner:
         calibration: cc.Calibration | None = None,
         prefill_slots: int = 16,
         copy: CopySettings | None = None,
+        first_block_guess: str = "keep",
+        guess_tables: dict[int, torch.Tensor] | None = None,
     ):
         spec.validate()
+        first_block_guess = guess_mode(first_block_guess)
         if prefill_slots < 1:
             raise OffloadError(f"offload.prefill_slots must be >= 1, got {prefill_slots}")
         if cpu_compute not in cc.MODES:
@@ -207,6 +238,30 @@ class OffloadRunner:
         self._pending: list[tuple[int | None, torch.Tensor]] = []
         self._observed: tuple[int, torch.Tensor] | None = None
         self.moes = model.moes
+        # the first-block guess (module docstring): the decoder's blocks that no pre-gate routes
+        self.guess_blocks = (
+            [m for m in range(n_enc_moes, M) if self.moes[m].uses_own_router]
+            if first_block_guess != "off" and spec.name in ("pregated", "lookahead") else []
+        )
+        self.guess_mode = first_block_guess
+        # keep: the tables in guess_tables (the engine's: they outlive the run); run: this run's own, reset
+        # with the placement
+        kept = guess_tables if first_block_guess == "keep" and guess_tables is not None else {}
+        V = model.shared.weight.shape[0]
+        self.guess_init: dict[int, torch.Tensor] = {}
+        self.guess_table: dict[int, torch.Tensor] = {}
+        for m in self.guess_blocks:
+            t = kept.get(m)
+            if t is None or t.shape != (V, 1) or t.device != dev:
+                init = self._embedding_guess(model, m)  # [V, 1] int32
+                t = kept[m] = init.clone()
+                if first_block_guess == "run":
+                    self.guess_init[m] = init
+            self.guess_table[m] = t
+        self.guess_hits = torch.zeros((), dtype=torch.long, device=dev)
+        self.guess_lookups = torch.zeros((), dtype=torch.long, device=dev)
+        self._guessed: dict[int, torch.Tensor] = {}  # block -> the guessed ids [N, 1] of this step
+        self._guess_tokens: torch.Tensor | None = None
         self.cpu_computed = torch.zeros((), dtype=torch.long)  # experts (per block and step), host
         self.cpu_tokens = torch.zeros((), dtype=torch.long)  # token slots computed on the host
         self._cpu_of: dict[int, tuple[torch.Tensor, list[int]]] = {}
@@ -224,23 +279,27 @@ class OffloadRunner:
         self.pool.close()
 
     def clear_pending(self) -> None:
+        self._guessed.clear()
+        self._guess_tokens = None
         self._pending.clear()
         self._prefetched.clear()
         self._observed = None
         self._cpu_of.clear()
 
     def _counters(self) -> tuple[torch.Tensor, ...]:
-        return (self.copied, self.hits, self.lookups, self.cpu_computed, self.cpu_tokens)
+        return (self.copied, self.hits, self.lookups, self.cpu_computed, self.cpu_tokens, self.guess_hits,
+                self.guess_lookups)
 
     def snapshot(self) -> list[torch.Tensor]:
-        return [t.clone() for t in self._counters()]
+        """Counters and the guess tables (what a graph capture's warm-up steps must not leave behind)."""
+        return [t.clone() for t in (*self._counters(), *self.guess_table.values())]
 
     def restore(self, saved: list[torch.Tensor]) -> None:
-        for t, v in zip(self._counters(), saved):
+        for t, v in zip((*self._counters(), *self.guess_table.values()), saved):
             t.copy_(v)
 
     def _placement(self) -> list[torch.Tensor]:
-        return [*self.holder, *self.last_use, *self.freq, *self.table, self.tick]
+        return [*self.holder, *self.last_use, *self.freq, *self.table, self.tick, *self.guess_table.values()]
 
     def save_state(self) -> list[torch.Tensor]:
         """Counters and placement (slot holders, LRU/LFU keys, tables): everything a step changes."""
@@ -278,6 +337,8 @@ class OffloadRunner:
             self.last_use[m].fill_(-1)
             self.freq[m].zero_()
         self.tick.zero_()
+        for m, t in self.guess_init.items():
+            self.guess_table[m].copy_(t)
 
     def stats(self) -> dict:
         lookups = int(self.lookups)
@@ -305,7 +366,51 @@ class OffloadRunner:
             "experts_cpu_computed": int(self.cpu_computed),
             "tokens_cpu_computed": int(self.cpu_tokens),
             "bytes_cpu_read": int(self.cpu_computed) * self.store.expert_bytes,
+            "first_block_guess": {
+                "mode": self.guess_mode if self.guess_blocks else "off",
+                "blocks": list(self.guess_blocks),
+                "lookups": int(self.guess_lookups),
+                "hits": int(self.guess_hits),
+                "hit_rate": int(self.guess_hits) / int(self.guess_lookups) if int(self.guess_lookups) else None,
+            },
         }
+
+    # -- the first-block guess -----------------------------------------------------------------------
+    @torch.no_grad()
+    def _embedding_guess(self, model, m: int) -> torch.Tensor:
+        """Block m's router applied to every token's embedding (normed as the block's FFN input is): the
+        guess table's start, [V, 1] int32 on the device."""
+        block = next(b for b in model.decoder.blocks if b.sparse and b.ff is self.moes[m])
+        emb = model.shared.weight  # [V, D]
+        ids = [
+            gate_logits(block.ff_norm(emb[i : i + 4096]), self.moes[m].router).argmax(-1)
+            for i in range(0, emb.shape[0], 4096)
+        ]
+        return torch.cat(ids).to(device=self.device, dtype=torch.int32)[:, None]
+
+    def on_guess(self, tokens: torch.Tensor) -> None:
+        """A decode step starts with `tokens` [B]: start copying the guessed experts of the guess blocks
+        (by the copy kernel even under copy_mode dma: the block's verification may copy into the same slots,
+        and both then run in order on the copy stream)."""
+        if not self.guess_blocks:
+            return
+        flat = tokens.reshape(-1).long()
+        self._guess_tokens = flat
+        for m in self.guess_blocks:
+            ids = self.guess_table[m].index_select(0, flat)  # [N, 1]
+            need = torch.zeros(self.E, dtype=torch.bool, device=self.device).index_fill_(0, ids.reshape(-1).long(),
+                                                                                       True)
+            self._plan(m, need, fresh=True)
+            self._guessed[m] = ids
+
+    def _verify_guess(self, m: int, routing: Routing) -> None:
+        """Block m's router decided: copy what the guess missed, count the guess, learn the tokens' experts."""
+        guessed = self._guessed.pop(m)
+        self._demand(m, routing, self._need(routing), fresh=False)
+        ids = routing.ids.reshape(guessed.shape[0], -1).to(torch.int32)
+        self.guess_hits += (ids == guessed).all(-1).sum()
+        self.guess_lookups += ids.shape[0]
+        self.guess_table[m].index_copy_(0, self._guess_tokens, ids)
 
     # -- the plan --------------------------------------------------------------------------------
     def _need(self, routing: Routing) -> torch.Tensor:
@@ -477,6 +582,8 @@ class OffloadRunner:
                     gate_logits(x_BSD.reshape(B * S, D), self.moes[t].router), (B, S), None
                 )
                 self._pending.append((t, self._need(guess)))
+        elif m in self._guessed:  # the first decoder block, its experts guessed at the step's start
+            self._verify_guess(m, routing)
         elif not early:  # on_demand, or a block no pre-gate routes (the first of a stack)
             self._demand(m, routing, self._need(routing), fresh=True)
         for t, need_E in self._pending:

@@ -79,6 +79,8 @@ def aggregate(runs: list[RunResult], pinned_peak: float | None = None) -> dict[s
     hits = sum(m.get("cache_hits") or 0 for m in ms)
     copied = sum(m.get("bytes_copied") or 0 for m in ms)
     stalls = [m.get("stall_ms") for m in ms]
+    guesses = [m.get("first_block_guess") or {} for m in ms]
+    g_hits, g_looks = (sum(g.get(k) or 0 for g in guesses) for k in ("hits", "lookups"))
     per_tok = [m["stall_ms_per_token"] for m in ms if m.get("stall_ms_per_token") is not None]
     cuda = ms[0]["peak_allocated_bytes"] is not None
     out: dict[str, Any] = {
@@ -100,6 +102,8 @@ def aggregate(runs: list[RunResult], pinned_peak: float | None = None) -> dict[s
         "stall_ms_per_token": statistics.median(per_tok) if per_tok else None,
         "stall_method": next((m["stall_method"] for m in ms if m.get("stall_method")), None),
         "hit_rate": (hits / lookups) if lookups else None,
+        # the first decoder MoE block's experts guessed from the tokens (pregated / lookahead)
+        "first_block_guess_hit_rate": (g_hits / g_looks) if g_looks else None,
         "cuda_graph": all(m["cuda_graph"] for m in ms),
         "copy_mode": ms[0].get("copy_mode"),
         "pool_bytes": ms[0].get("pool_bytes"),
@@ -133,6 +137,7 @@ COLUMNS = [
     "stall ms",
     "stall ms/tok",
     "hit rate",
+    "guess hits",
     "cpu experts",
     "graph",
 ]
@@ -158,6 +163,7 @@ def rows(entries: list[dict[str, Any]], quality_key: str | None) -> list[list[st
                 _fmt(m["stall_ms"], ".1f"),
                 _fmt(m.get("stall_ms_per_token"), ".3f"),
                 _fmt(m["hit_rate"], ".2f"),
+                _fmt(m.get("first_block_guess_hit_rate"), ".2f"),
                 _fmt(m.get("experts_cpu_computed") if m.get("cpu_compute") not in (None, "off") else None, ".0f"),
                 "yes" if m["cuda_graph"] else "no",
             ]

@@ -472,6 +472,10 @@ class Switch(nn.Module):
     def decode_one_token(self, state: DecodeState, tokens_B: torch.Tensor) -> torch.Tensor:
         """One decoder step for tokens [B] at position state.pos; returns fp32 logits [B, V] and
         advances state.pos in place. No host synchronisation: capturable as a CUDA graph."""
+        moes = self.decoder.moes
+        guess = getattr(moes[0].expert_source, "guess", None) if moes else None
+        if guess is not None:  # the offload runner starts copying its guess of the first MoE block's experts
+            guess(tokens_B)
         h = self.shared(tokens_B[:, None])
         bias = state.self_bias.index_select(0, state.pos).unsqueeze(2)  # [1, H, 1, Tmax]
         kv = list(zip(state.cross_k, state.cross_v))

@@ -178,7 +178,7 @@ def bench_int8_family(shape, cfg, model, store, device, dtype, budget, args, ove
                copy_floor_ms_greedy=n_dec * store_q.expert_bytes / (link * 1e9) * 1e3 if link else None,
                build_s=time.perf_counter() - t_build)
     eng_q = Engine(model, store_q, device, cuda_graph=not args.no_graph, copy_mode=args.copy_mode,
-                   measure_stall=True)
+                   measure_stall=True, first_block_guess=args.first_block_guess)
     for mode, nb in modes_run:
         for name in names:
             run_named(eng_q, family, mode, nb, name)
@@ -317,6 +317,12 @@ def main() -> int:
         help="prefetch_all copies every expert per block per token: fewer tokens, same per-token figures",
     )
     ap.add_argument("--copy-mode", default="auto", choices=["auto", "device", "dma", "host"])
+    ap.add_argument(
+        "--first-block-guess", default="run", choices=["run", "keep", "off"],
+        help="offload.first_block_guess of the pregated/lookahead runs (run, the default here: each run's guess "
+        "table starts from the embedding's guess, so no run learns from an earlier run of the same prompt; "
+        "keep: python -m infer's default; per run: #noguess, #guessrun, #guesskeep)",
+    )
     ap.add_argument("--no-graph", action="store_true")
     ap.add_argument("--no-anchors", action="store_true")
     ap.add_argument(
@@ -479,7 +485,16 @@ def main() -> int:
 #              warps per program (offload.copy_programs / copy_block / copy_warps), e.g. pregated#p64#b4096
 #   dma:       offload.copy_mode=dma (prefetched plans by the copy engines, started by a host thread;
 #              infer.offload.DmaCopier); device: offload.copy_mode=device (e.g. beside --copy-mode dma)
+#   noguess, guessrun, guesskeep: offload.first_block_guess off / run / keep (the first decoder MoE block's
+#              experts guessed from the step's tokens; the bench's default: --first-block-guess)
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
+GUESS_VARIANTS = {"noguess": "off", "guessrun": "run", "guesskeep": "keep"}
+
+
+def variant_guess(variant: str) -> str | None:
+    """The first-block guess mode a variant asks for ("noguess" -> "off"), or None."""
+    found = [GUESS_VARIANTS[t] for t in variant.split("#") if t in GUESS_VARIANTS]
+    return found[-1] if found else None
 
 
 def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
@@ -491,13 +506,15 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
             plan = PLAN_VARIANTS[tok]
         elif tok in ("dma", "device"):
             mode = tok
+        elif tok in GUESS_VARIANTS:
+            pass  # variant_guess
         elif tok == "hi":
             copy["priority"] = "high"
         elif tok[:1] in ("p", "b", "w") and tok[1:].isdigit():
             copy[{"p": "programs", "b": "block", "w": "warps"}[tok[0]]] = int(tok[1:])
         else:
             raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #device, #hi, "
-                             "#p<programs>, #b<block>, #w<warps>")
+                             "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep")
     if copy:
         try:
             CopySettings(**copy)
@@ -637,7 +654,8 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(3, cfg.vocab_size, (1, args.input_tokens), generator=g)
     eng = Engine(
-        model, store, device, cuda_graph=not args.no_graph, copy_mode=args.copy_mode, measure_stall=True
+        model, store, device, cuda_graph=not args.no_graph, copy_mode=args.copy_mode, measure_stall=True,
+        first_block_guess=args.first_block_guess,
     )
     out["build_s"] = time.perf_counter() - t0
     lru, lfu = f"@lru{C}", f"@lfu{C}"
@@ -692,7 +710,8 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
             slot_plan.DEFAULT_IMPL = plan
         try:
             with engine_settings(eng, copy=dataclasses.replace(eng.copy, **copy),
-                                 copy_mode=copy_mode or eng.copy_mode):
+                                 copy_mode=copy_mode or eng.copy_mode,
+                                 first_block_guess=variant_guess(variant) or eng.first_block_guess):
                 entry = run_one(eng, spec, ids, n_new, nb, args, cpu_compute=cpu_mode or "off")
         finally:
             slot_plan.DEFAULT_IMPL = impl_before
@@ -773,7 +792,8 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
             save_partial(result, shape, out, save)
             continue
         eng_L = Engine(
-            model_L, store, device, cuda_graph=not args.no_graph, copy_mode=args.copy_mode, measure_stall=True
+            model_L, store, device, cuda_graph=not args.no_graph, copy_mode=args.copy_mode, measure_stall=True,
+            first_block_guess=args.first_block_guess,
         )
         fam["model_lookahead"] = model_L.cfg.lookahead
         fam["same_nonexpert_weights_as_lookahead_1"] = same_nonexpert_weights(model, model_L)
@@ -889,6 +909,10 @@ def _summary(entry: dict) -> str:
     ) + (
         f", cpu={m.get('cpu_compute')}: {m.get('experts_cpu_computed')} experts"
         if m.get("cpu_compute") not in (None, "off")
+        else ""
+    ) + (
+        f", first-block guess {g['hits']}/{g['lookups']} ({g['mode']})"
+        if (g := m.get("first_block_guess")) and g.get("lookups")
         else ""
     ) + _stall(m) + _copy(entry.get("copy"))
 

@@ -381,3 +381,98 @@ def test_early_end_runs_one_step_past_the_output_and_reports_it(pregated_ckpt, m
         assert len(r.metrics["decode_ms"]) == k and len(r.step_logits) == k + 1
         for a, b in zip(full.step_logits, r.step_logits):
             assert torch.equal(a, b), name
+
+
+# ----------------------------------------------------------------------------------------------- first-block guess
+def _token_routed_checkpoint(path):
+    """A tiny pre-gated model whose decoder's first MoE block sees (almost) only the token's embedding: the
+    layers before its FFN add outputs scaled by 1e-6, so its router's choice is the embedding guess."""
+    from models.checkpoint import load_switch, save_switch
+
+    src = tiny_checkpoint(path.parent / (path.name + "-src"), pregated=True)
+    model = load_switch(src, dtype=torch.float32)
+    dec = model.decoder.blocks
+    first = next(i for i, b in enumerate(dec) if b.sparse)
+    with torch.no_grad():
+        for i in range(first + 1):
+            dec[i].self_attn.o.weight.mul_(1e-6)
+            dec[i].cross_attn.o.weight.mul_(1e-6)
+            if i < first:
+                dec[i].ff.wo.weight.mul_(1e-6)
+    save_switch(model, path)
+    return path
+
+
+def _guess_runs(eng, ids, modes, **kw):
+    out = {}
+    for mode in modes:
+        eng.first_block_guess = mode
+        out[mode] = eng.run(PolicySpec("pregated"), ids, None, **kw)
+    return out
+
+
+def test_first_block_guess_accounting_and_outputs(pregated_ckpt):
+    """The guess never changes the outputs (bitwise, any table); greedy batch 1: one guess per step in the
+    decoder's first MoE block, and every missed guess costs exactly one more expert copied than no guess."""
+    eng = _engine(pregated_ckpt)
+    ids, _ = prompts(n=1)
+    kw = dict(max_new_tokens=8, keep_logits=True)
+    ref = eng.run(PolicySpec("gpu_only"), ids, None, **kw)
+    res = _guess_runs(eng, ids, ("off", "run", "keep"), **kw)
+    first_dec = len(eng.model.encoder.moes)
+    for mode, r in res.items():
+        _same(ref, r)
+        g = r.metrics["first_block_guess"]
+        if mode == "off":
+            assert g == {"mode": "off", "blocks": [], "lookups": 0, "hits": 0, "hit_rate": None}
+            continue
+        assert g["mode"] == mode and g["blocks"] == [first_dec]
+        assert g["lookups"] == len(ref.step_logits) and 0 <= g["hits"] <= g["lookups"]
+        misses = g["lookups"] - g["hits"]
+        assert r.metrics["experts_copied"] == res["off"].metrics["experts_copied"] + misses, mode
+
+
+def test_first_block_guess_hits_where_the_block_routes_by_token(tmp_path):
+    """Where the first decoder MoE block routes by the token alone, the embedding guess hits every step and
+    the guess copies no expert more than no guess; a wrong starting table misses, and the table it learned
+    is kept by the engine (keep: the next run of the same prompt hits every step) or dropped (run)."""
+    path = _token_routed_checkpoint(tmp_path / "token-routed")
+    eng = _engine(path)
+    ids, _ = prompts(n=1)
+    kw = dict(max_new_tokens=8, keep_logits=True)
+    ref = eng.run(PolicySpec("gpu_only"), ids, None, **kw)
+    res = _guess_runs(eng, ids, ("off", "run"), **kw)
+    g = res["run"].metrics["first_block_guess"]
+    assert g["hits"] == g["lookups"] == len(ref.step_logits)
+    assert res["run"].metrics["experts_copied"] == res["off"].metrics["experts_copied"]
+
+    real = OffloadRunner._embedding_guess
+    wrong = lambda self, model, m: (real(self, model, m) + 1) % self.E  # noqa: E731
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(OffloadRunner, "_embedding_guess", wrong)
+        for mode in ("run", "keep"):
+            eng = _engine(path)
+            first, second = _guess_runs(eng, ids, (mode,), **kw)[mode], _guess_runs(eng, ids, (mode,), **kw)[mode]
+            for r in (first, second):
+                _same(ref, r)
+            h1, h2 = (r.metrics["first_block_guess"]["hits"] for r in (first, second))
+            n = len(ref.step_logits)
+            assert h1 < n  # the first step's token is new to the table: a miss
+            assert h2 == (n if mode == "keep" else h1), mode
+
+
+def test_first_block_guess_blocks_and_errors(tmp_path):
+    """lookahead L: the first L decoder MoE blocks (no pre-gate routes them) are guessed; on_demand guesses
+    nothing; a bad mode is an error naming the setting."""
+    path = tiny_checkpoint(tmp_path / "la2", lookahead=2, num_layers=8, num_decoder_layers=8,
+                           num_sparse_encoder_layers=4, num_sparse_decoder_layers=4)
+    eng = _engine(path)
+    ids, mask = prompts()
+    kw = dict(max_new_tokens=4, keep_logits=True)
+    ref = eng.run(PolicySpec("gpu_only"), ids, mask, **kw)
+    la = eng.run(PolicySpec("lookahead"), ids, mask, **kw)
+    _same(ref, la)
+    assert la.metrics["first_block_guess"]["blocks"] == [4, 5]
+    assert eng.run(PolicySpec("on_demand"), ids, mask, **kw).metrics["first_block_guess"]["blocks"] == []
+    with pytest.raises(OffloadError, match="first_block_guess"):
+        Engine(eng.model, eng.store, "cpu", first_block_guess="always")
