@@ -340,14 +340,19 @@ class SlotPool:
     def nbytes(self) -> int:
         return self.pool.numel() * self.pool.element_size()
 
-    def copy(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor, done=None, prefetch: bool = False) -> None:
+    def copy(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor, done=None, prefetch: bool = False,
+             behind: bool = False) -> None:
         """Copy expert src_n[j] of block m into slot dst_n[j] where src_n[j] >= 0. On CUDA this
         returns at once: the copy runs on the copy stream once the compute stream has passed this point.
         done: the event recorded after the copies (block m's by default). prefetch: the plan was made
-        ahead of block m (copy_mode dma hands it to the copier)."""
+        ahead of block m (copy_mode dma hands it to the copier). behind: the plan follows a plan of block m
+        not yet waited for (a first-block guess, then its verification) and goes where that one went, so
+        that the two run in order (their slots may be the same)."""
         if self.skip_copies:
             return
-        dma = self.dma is not None and done is None and prefetch and self._dma_live(m)  # prefetched plans
+        dma = self.dma is not None and done is None and (
+            (prefetch and self._dma_live(m)) or (behind and self._dma_posted[m])
+        )  # prefetched plans, and the plans behind them
         if dma:
             self._dma_posted[m] = True
         if not self.cuda:  # synchronous (the kernels under TRITON_INTERPRET in tests)

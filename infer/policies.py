@@ -389,9 +389,9 @@ class OffloadRunner:
         return torch.cat(ids).to(device=self.device, dtype=torch.int32)[:, None]
 
     def on_guess(self, tokens: torch.Tensor) -> None:
-        """A decode step starts with `tokens` [B]: start copying the guessed experts of the guess blocks
-        (by the copy kernel even under copy_mode dma: the block's verification may copy into the same slots,
-        and both then run in order on the copy stream)."""
+        """A decode step starts with `tokens` [B]: start copying the guessed experts of the guess blocks (a
+        prefetch: under copy_mode dma the copy engines move them, and the block's verification plan, which
+        may copy into the same slots, follows on the same path)."""
         if not self.guess_blocks:
             return
         flat = tokens.reshape(-1).long()
@@ -400,13 +400,13 @@ class OffloadRunner:
             ids = self.guess_table[m].index_select(0, flat)  # [N, 1]
             need = torch.zeros(self.E, dtype=torch.bool, device=self.device).index_fill_(0, ids.reshape(-1).long(),
                                                                                        True)
-            self._plan(m, need, fresh=True)
+            self._plan(m, need, fresh=True, prefetch=True)
             self._guessed[m] = ids
 
     def _verify_guess(self, m: int, routing: Routing) -> None:
         """Block m's router decided: copy what the guess missed, count the guess, learn the tokens' experts."""
         guessed = self._guessed.pop(m)
-        self._demand(m, routing, self._need(routing), fresh=False)
+        self._demand(m, routing, self._need(routing), fresh=False, behind=True)
         ids = routing.ids.reshape(guessed.shape[0], -1).to(torch.int32)
         self.guess_hits += (ids == guessed).all(-1).sum()
         self.guess_lookups += ids.shape[0]
@@ -417,7 +417,7 @@ class OffloadRunner:
         need = torch.zeros(self.E, dtype=torch.bool, device=self.device)
         return need.index_fill_(0, routing.ids.reshape(-1).long(), True)
 
-    def _plan(self, m: int, need_E: torch.Tensor, fresh: bool, prefetch: bool = False) -> None:
+    def _plan(self, m: int, need_E: torch.Tensor, fresh: bool, prefetch: bool = False, behind: bool = False) -> None:
         """Place the experts need_E [E] of block m in slots, start the copies of the misses.
 
         kernels/slot_plan.py: the same plan as one kernel (the default on CUDA) or as its PyTorch
@@ -431,16 +431,16 @@ class OffloadRunner:
             self.tick, self.hits, self.lookups, self.copied, self.plan_src[m], self.plan_dst[m],
             C=self.C, n=n, cache_kind=self.spec.cache_kind, fresh=fresh,
         )
-        self.pool.copy(m, src_n, dst_n, prefetch=prefetch)
+        self.pool.copy(m, src_n, dst_n, prefetch=prefetch, behind=behind)
 
     # -- CPU compute of misses (infer/cpu_compute.py) -----------------------------------------------
-    def _demand(self, m: int, routing: Routing, plan_E: torch.Tensor, fresh: bool) -> None:
+    def _demand(self, m: int, routing: Routing, plan_E: torch.Tensor, fresh: bool, behind: bool = False) -> None:
         """Block m's own plan at its fetch: its misses may be computed on the CPU instead of copied."""
         if self.cpu_active:
             cpu_E = self._cpu_choice(m, routing, fresh)
             if cpu_E is not None:
                 plan_E = plan_E & ~cpu_E
-        self._plan(m, plan_E, fresh)
+        self._plan(m, plan_E, fresh, behind=behind)
 
     def _cpu_choice(self, m: int, routing: Routing, fresh: bool) -> torch.Tensor | None:
         """The missed experts of block m to compute on the CPU ([E] bool on the device), or None.
