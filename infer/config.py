@@ -47,6 +47,7 @@ class OffloadConf:
     copy_programs: int = 32
     copy_block: int = 8192
     copy_warps: int = 4
+    dma_streams: int = 1  # copy_mode dma: the copier's streams (block m's plans on stream m % dma_streams)
 
 
 @dataclass

@@ -483,6 +483,7 @@ def main() -> int:
 #   hi:        the copy stream at the highest priority (offload.copy_priority=high)
 #   p<N>, b<B>, w<W>: the device copy kernel with N programs per expert, B elements per iteration, W
 #              warps per program (offload.copy_programs / copy_block / copy_warps), e.g. pregated#p64#b4096
+#   s<S>:      copy_mode dma's copier on S streams (offload.dma_streams), e.g. pregated#dma#s2
 #   dma:       offload.copy_mode=dma (prefetched plans by the copy engines, started by a host thread;
 #              infer.offload.DmaCopier); device: offload.copy_mode=device (e.g. beside --copy-mode dma)
 #   noguess, guessrun, guesskeep: offload.first_block_guess off / run / keep (the first decoder MoE block's
@@ -510,11 +511,11 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
             pass  # variant_guess
         elif tok == "hi":
             copy["priority"] = "high"
-        elif tok[:1] in ("p", "b", "w") and tok[1:].isdigit():
-            copy[{"p": "programs", "b": "block", "w": "warps"}[tok[0]]] = int(tok[1:])
+        elif tok[:1] in ("p", "b", "w", "s") and tok[1:].isdigit():
+            copy[{"p": "programs", "b": "block", "w": "warps", "s": "dma_streams"}[tok[0]]] = int(tok[1:])
         else:
             raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #device, #hi, "
-                             "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep")
+                             "#p<programs>, #b<block>, #w<warps>, #s<dma streams>, #noguess, #guessrun, #guesskeep")
     if copy:
         try:
             CopySettings(**copy)

@@ -205,9 +205,11 @@ def test_dma_copy_mode_under_the_interpreter(pregated_ckpt, monkeypatch):
         real_close(self)
 
     monkeypatch.setattr(DmaCopier, "close", close)
-    for spec, slots in ((PolicySpec("pregated"), 4), (PolicySpec("on_demand"), 4),
-                        (PolicySpec("pregated", 2, "lru"), 4), (PolicySpec("prefetch_all"), 16)):
-        res = Engine(model, store, "cpu", copy_mode="dma", prefill_slots=slots).run(spec, ids, mask, **kw)
+    for spec, slots, streams in ((PolicySpec("pregated"), 4, 1), (PolicySpec("on_demand"), 4, 1),
+                                 (PolicySpec("pregated", 2, "lru"), 4, 1), (PolicySpec("prefetch_all"), 16, 1),
+                                 (PolicySpec("pregated"), 4, 2)):
+        res = Engine(model, store, "cpu", copy_mode="dma", prefill_slots=slots,
+                     copy=CopySettings(dma_streams=streams)).run(spec, ids, mask, **kw)
         assert res.metrics["copy_mode"] == "dma"
         assert res.tokens == ref.tokens, spec
         assert all(torch.equal(a, b) for a, b in zip(ref.step_logits, res.step_logits)), spec
@@ -263,10 +265,11 @@ def test_dma_copier_reports_a_failed_copy(pregated_ckpt, monkeypatch):
 
 
 @pytest.mark.parametrize("bad", [dict(priority="urgent"), dict(programs=0), dict(programs=2.5),
-                                 dict(block=1000), dict(block=128), dict(warps=3)])
+                                 dict(block=1000), dict(block=128), dict(warps=3), dict(dma_streams=0),
+                                 dict(dma_streams=8)])
 def test_copy_settings_refuse_bad_values(bad):
     field = next(iter(bad))
-    with pytest.raises(OffloadError, match=f"copy_{field}"):
+    with pytest.raises(OffloadError, match=f"offload.(copy_)?{field}="):
         CopySettings(**bad)
 
 
