@@ -198,6 +198,7 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
         prefill_slots=int(cfg.offload.prefill_slots),
         copy=copy,
         first_block_guess=cfg.offload.first_block_guess,
+        first_block_guess_ahead=bool(cfg.offload.first_block_guess_ahead),
     )
     peak = rep.pinned_peak_GBps(device)
     env = rep.environment(device)

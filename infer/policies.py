@@ -12,10 +12,12 @@
 
 First-block guess (pregated, lookahead; offload.first_block_guess): no pre-gate routes the decoder's first
 MoE block (its own router decides, a few layers into the step), so its copy would sit on the step's
-critical path. At the step's start the runner guesses that block's experts from the step's tokens (a
-per-token table: the expert the token was last routed to, initialised with the block's router applied to
-the token's embedding) and starts their copies; at the block the router's real choice is verified against
-the guess and a miss is copied then (the outputs never change, only the time). keep (the default): the
+critical path. The runner guesses that block's experts from the step's tokens (a per-token table: the
+expert the token was last routed to, initialised with the block's router applied to the token's embedding)
+and starts their copies: at the end of the previous step, from its logits' argmax (greedy's next token;
+offload.first_block_guess_ahead, the default), or at the step's start. At the block the router's real
+choice is verified against the guess and a miss is copied then (the outputs never change, only the time;
+the table learns the step's real tokens' experts). keep (the default): the
 engine keeps the table across runs (requests); run: each run starts from the embedding's guess; off. The
 shipped model's first decoder MoE block routes by token identity alone, and a kept table guesses 99% of its
 experts (scripts/probe_first_block_guess.py, bench/results/first-block-guess.md).
@@ -115,8 +117,11 @@ class _Block:
     def split(self, x_BSD: torch.Tensor, routing: Routing):
         return self.r.on_split(self.m, x_BSD, routing)
 
-    def guess(self, tokens_B: torch.Tensor) -> None:
-        self.r.on_guess(tokens_B)
+    def step_start(self, tokens_B: torch.Tensor) -> None:
+        self.r.on_step_start(tokens_B)
+
+    def step_end(self, logits_BV: torch.Tensor) -> None:
+        self.r.on_step_end(logits_BV)
 
 
 def check_cpu_compute(store: ExpertStore, cpu_compute: str) -> None:
@@ -145,6 +150,7 @@ class OffloadRunner:
         copy: CopySettings | None = None,
         first_block_guess: str = "keep",
         guess_tables: dict[int, torch.Tensor] | None = None,
+        guess_ahead: bool = True,
     ):
         spec.validate()
         first_block_guess = guess_mode(first_block_guess)
@@ -244,6 +250,7 @@ class OffloadRunner:
             if first_block_guess != "off" and spec.name in ("pregated", "lookahead") else []
         )
         self.guess_mode = first_block_guess
+        self.guess_ahead = guess_ahead
         # keep: the tables in guess_tables (the engine's: they outlive the run); run: this run's own, reset
         # with the placement
         kept = guess_tables if first_block_guess == "keep" and guess_tables is not None else {}
@@ -260,8 +267,8 @@ class OffloadRunner:
             self.guess_table[m] = t
         self.guess_hits = torch.zeros((), dtype=torch.long, device=dev)
         self.guess_lookups = torch.zeros((), dtype=torch.long, device=dev)
-        self._guessed: dict[int, torch.Tensor] = {}  # block -> the guessed ids [N, 1] of this step
-        self._guess_tokens: torch.Tensor | None = None
+        self._guessed: dict[int, torch.Tensor] = {}  # block -> the guessed ids [N, 1] for the coming block
+        self._guess_tokens: torch.Tensor | None = None  # this step's tokens [N] (what the table learns)
         self.cpu_computed = torch.zeros((), dtype=torch.long)  # experts (per block and step), host
         self.cpu_tokens = torch.zeros((), dtype=torch.long)  # token slots computed on the host
         self._cpu_of: dict[int, tuple[torch.Tensor, list[int]]] = {}
@@ -388,14 +395,28 @@ class OffloadRunner:
         ]
         return torch.cat(ids).to(device=self.device, dtype=torch.int32)[:, None]
 
-    def on_guess(self, tokens: torch.Tensor) -> None:
-        """A decode step starts with `tokens` [B]: start copying the guessed experts of the guess blocks (a
-        prefetch: under copy_mode dma the copy engines move them, and the block's verification plan, which
-        may copy into the same slots, follows on the same path)."""
+    def on_step_start(self, tokens: torch.Tensor) -> None:
+        """A decode step starts with `tokens` [B]: the table learns from them at the guess blocks; without
+        guess_ahead their guess is made now."""
         if not self.guess_blocks:
             return
+        self._guess_tokens = tokens.reshape(-1).long()
+        if not self.guess_ahead:
+            self._guess(self._guess_tokens)
+
+    def on_step_end(self, logits: torch.Tensor) -> None:
+        """A decode step's logits [B, V] are computed (inside the step, so inside its graph): with
+        guess_ahead the next step's guess is made now from their argmax (greedy's next tokens; beam search's
+        rows may differ, which costs time, never outputs), so its copies start before the host's work between
+        two steps and the next step's launch."""
+        if self.guess_blocks and self.guess_ahead:
+            self._guess(logits.argmax(-1))
+
+    def _guess(self, tokens: torch.Tensor) -> None:
+        """Start copying the guessed experts of the guess blocks for `tokens` (a prefetch: under copy_mode dma
+        the copy engines move them, and the block's verification plan, which may copy into the same slots,
+        follows on the same path)."""
         flat = tokens.reshape(-1).long()
-        self._guess_tokens = flat
         for m in self.guess_blocks:
             ids = self.guess_table[m].index_select(0, flat)  # [N, 1]
             need = torch.zeros(self.E, dtype=torch.bool, device=self.device).index_fill_(0, ids.reshape(-1).long(),
@@ -406,6 +427,8 @@ class OffloadRunner:
     def _verify_guess(self, m: int, routing: Routing) -> None:
         """Block m's router decided: copy what the guess missed, count the guess, learn the tokens' experts."""
         guessed = self._guessed.pop(m)
+        # every step ends with a guess (guess_ahead): block m's staging holders are then those its guess
+        # filled after the last reader of the buffer, so hits there are real
         self._demand(m, routing, self._need(routing), fresh=False, behind=True)
         ids = routing.ids.reshape(guessed.shape[0], -1).to(torch.int32)
         self.guess_hits += (ids == guessed).all(-1).sum()
@@ -511,6 +534,7 @@ class OffloadRunner:
         tokens on the host (a sync; the encoder pass is never graph-captured)."""
         if not self._streamed(m):
             return None
+        self._guessed.clear()  # a prefill
         self._prefetched.discard(m)
         self._observed = None
         return self._stream(m, routing)
@@ -564,6 +588,8 @@ class OffloadRunner:
 
     def on_fetch(self, m: int, routing: Routing):
         name = self.spec.name
+        if self._guessed and self.stack_of[m] == 0:  # a prefill: its encoder blocks may use the staging buffers
+            self._guessed.clear()
         early = m in self._prefetched
         self._prefetched.discard(m)
         if name == "prefetch_all":
@@ -582,7 +608,7 @@ class OffloadRunner:
                     gate_logits(x_BSD.reshape(B * S, D), self.moes[t].router), (B, S), None
                 )
                 self._pending.append((t, self._need(guess)))
-        elif m in self._guessed:  # the first decoder block, its experts guessed at the step's start
+        elif m in self._guessed:  # a first decoder block, its experts guessed (this step's start, or ahead)
             self._verify_guess(m, routing)
         elif not early:  # on_demand, or a block no pre-gate routes (the first of a stack)
             self._demand(m, routing, self._need(routing), fresh=True)

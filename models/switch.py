@@ -473,9 +473,10 @@ class Switch(nn.Module):
         """One decoder step for tokens [B] at position state.pos; returns fp32 logits [B, V] and
         advances state.pos in place. No host synchronisation: capturable as a CUDA graph."""
         moes = self.decoder.moes
-        guess = getattr(moes[0].expert_source, "guess", None) if moes else None
-        if guess is not None:  # the offload runner starts copying its guess of the first MoE block's experts
-            guess(tokens_B)
+        src = moes[0].expert_source if moes else None
+        start, end = getattr(src, "step_start", None), getattr(src, "step_end", None)
+        if start is not None:  # the offload runner's guess of the first MoE block's experts (ExpertSource)
+            start(tokens_B)
         h = self.shared(tokens_B[:, None])
         bias = state.self_bias.index_select(0, state.pos).unsqueeze(2)  # [1, H, 1, Tmax]
         kv = list(zip(state.cross_k, state.cross_v))
@@ -483,4 +484,7 @@ class Switch(nn.Module):
             h, bias, cross_kv=kv, cross_bias=state.enc_bias, cache=(state.self_k, state.self_v, state.pos)
         )
         state.pos += 1
-        return self._logits(out)[:, 0].float()
+        logits = self._logits(out)[:, 0].float()
+        if end is not None:
+            end(logits)
+        return logits

@@ -487,14 +487,15 @@ def main() -> int:
 #   dma:       offload.copy_mode=dma (prefetched plans by the copy engines, started by a host thread;
 #              infer.offload.DmaCopier); device: offload.copy_mode=device (e.g. beside --copy-mode dma)
 #   noguess, guessrun, guesskeep: offload.first_block_guess off / run / keep (the first decoder MoE block's
-#              experts guessed from the step's tokens; the bench's default: --first-block-guess)
+#              experts guessed from the step's tokens; the bench's default: --first-block-guess); guessstart:
+#              offload.first_block_guess_ahead=false (the guess at the step's start, not the previous step's end)
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
-GUESS_VARIANTS = {"noguess": "off", "guessrun": "run", "guesskeep": "keep"}
+GUESS_VARIANTS = {"noguess": "off", "guessrun": "run", "guesskeep": "keep", "guessstart": None}
 
 
 def variant_guess(variant: str) -> str | None:
     """The first-block guess mode a variant asks for ("noguess" -> "off"), or None."""
-    found = [GUESS_VARIANTS[t] for t in variant.split("#") if t in GUESS_VARIANTS]
+    found = [GUESS_VARIANTS[t] for t in variant.split("#") if GUESS_VARIANTS.get(t)]
     return found[-1] if found else None
 
 
@@ -515,7 +516,8 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
             copy[{"p": "programs", "b": "block", "w": "warps", "s": "dma_streams"}[tok[0]]] = int(tok[1:])
         else:
             raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #device, #hi, "
-                             "#p<programs>, #b<block>, #w<warps>, #s<dma streams>, #noguess, #guessrun, #guesskeep")
+                             "#p<programs>, #b<block>, #w<warps>, #s<dma streams>, #noguess, #guessrun, #guesskeep, "
+                             "#guessstart")
     if copy:
         try:
             CopySettings(**copy)
@@ -712,7 +714,9 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
         try:
             with engine_settings(eng, copy=dataclasses.replace(eng.copy, **copy),
                                  copy_mode=copy_mode or eng.copy_mode,
-                                 first_block_guess=variant_guess(variant) or eng.first_block_guess):
+                                 first_block_guess=variant_guess(variant) or eng.first_block_guess,
+                                 first_block_guess_ahead=("guessstart" not in variant.split("#")
+                                                          and eng.first_block_guess_ahead)):
                 entry = run_one(eng, spec, ids, n_new, nb, args, cpu_compute=cpu_mode or "off")
         finally:
             slot_plan.DEFAULT_IMPL = impl_before

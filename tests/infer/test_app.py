@@ -119,10 +119,12 @@ def test_bench_script_tiny(tmp_path):
         assert all(r.get("same_tokens_as_gpu_only") for n, r in p["runs"].items() if n != "gpu_only")
         assert p["runs"]["pregated"]["copy"]["decode_bytes_per_step"] > 0
     assert "crossover_batch" in sw and set(sw["on_demand_over_pregated"]) == {"1", "2"}
-    # greedy batch 1 copies one expert per decoder MoE block per step
+    # greedy batch 1 copies one expert per decoder MoE block per step, and one more where the first-block
+    # guess missed
     tiny = res["shapes"]["tiny"]
     pg = next(r for r in runs if r["label"] == "pregated/greedy/pregated")
-    assert pg["copy"]["decode_bytes_per_step"] == tiny["config"]["decoder_moe_blocks"] * tiny["expert_bytes"]
+    n_dec, eb = tiny["config"]["decoder_moe_blocks"], tiny["expert_bytes"]
+    assert n_dec * eb <= pg["copy"]["decode_bytes_per_step"] <= (n_dec + 1) * eb
     assert (tmp_path / "e2e-cpu-tiny-batch.png").exists()
     _ = torch
 

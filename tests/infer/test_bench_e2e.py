@@ -419,7 +419,8 @@ def test_bench_tiny_lookaheads_1_2(tmp_path):
         r = runs[f"{fam_name}/greedy/{pg}"]
         c, g = r["copy"], r["metrics"]["first_block_guess"]
         n_dec, eb = tiny["config"]["decoder_moe_blocks"], tiny["expert_bytes"]
-        assert g["mode"] == "run" and len(g["blocks"]) == L and g["lookups"] == 6 * L  # 6 steps, batch 1
+        # 6 steps, batch 1, guesses made ahead (at the previous step's end): none for the first step
+        assert g["mode"] == "run" and len(g["blocks"]) == L and g["lookups"] == 5 * L
         assert n_dec * eb <= c["decode_bytes_per_step"] <= (n_dec + L) * eb
     text = summ.summarize(res, "x.json")
     assert "| tiny | greedy | 1 |" in text and "| tiny | greedy | 2 |" in text
@@ -492,8 +493,10 @@ def test_bench_tiny_copy_variants(tmp_path):
     runs = {r["label"]: r for r in res["shapes"]["tiny"]["runs"]}
     base, var = runs["pregated/greedy/pregated"], runs["pregated/greedy/pregated#hi#p8#b1024#w2"]
     assert var["same_tokens_as_gpu_only"] and var["tokens"] == base["tokens"]
-    assert var["metrics"]["copy_settings"] == {"priority": "high", "programs": 8, "block": 1024, "warps": 2}
-    assert base["metrics"]["copy_settings"] == {"priority": "normal", "programs": 32, "block": 8192, "warps": 4}
+    assert var["metrics"]["copy_settings"] == {"priority": "high", "programs": 8, "block": 1024, "warps": 2,
+                                                 "dma_streams": 1}
+    assert base["metrics"]["copy_settings"] == {"priority": "normal", "programs": 32, "block": 8192, "warps": 4,
+                                                  "dma_streams": 1}
     assert var["copy"]["decode_bytes_per_step"] == base["copy"]["decode_bytes_per_step"] > 0
     text = summ.summarize(res, "x.json")
     mode = var["metrics"]["copy_mode"]

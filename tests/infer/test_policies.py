@@ -406,23 +406,27 @@ def _token_routed_checkpoint(path):
     return path
 
 
-def _guess_runs(eng, ids, modes, **kw):
+def _guess_runs(eng, ids, modes, ahead=True, **kw):
     out = {}
+    eng.first_block_guess_ahead = ahead
     for mode in modes:
         eng.first_block_guess = mode
         out[mode] = eng.run(PolicySpec("pregated"), ids, None, **kw)
     return out
 
 
-def test_first_block_guess_accounting_and_outputs(pregated_ckpt):
+@pytest.mark.parametrize("ahead", [True, False])
+def test_first_block_guess_accounting_and_outputs(pregated_ckpt, ahead):
     """The guess never changes the outputs (bitwise, any table); greedy batch 1: one guess per step in the
-    decoder's first MoE block, and every missed guess costs exactly one more expert copied than no guess."""
+    decoder's first MoE block (ahead: made at the previous step's end, so none for the first step, and the
+    last step's goes unused), and every missed guess costs exactly one more expert copied than no guess."""
     eng = _engine(pregated_ckpt)
     ids, _ = prompts(n=1)
     kw = dict(max_new_tokens=8, keep_logits=True)
     ref = eng.run(PolicySpec("gpu_only"), ids, None, **kw)
-    res = _guess_runs(eng, ids, ("off", "run", "keep"), **kw)
+    res = _guess_runs(eng, ids, ("off", "run", "keep"), ahead=ahead, **kw)
     first_dec = len(eng.model.encoder.moes)
+    steps = len(ref.step_logits)
     for mode, r in res.items():
         _same(ref, r)
         g = r.metrics["first_block_guess"]
@@ -430,9 +434,9 @@ def test_first_block_guess_accounting_and_outputs(pregated_ckpt):
             assert g == {"mode": "off", "blocks": [], "lookups": 0, "hits": 0, "hit_rate": None}
             continue
         assert g["mode"] == mode and g["blocks"] == [first_dec]
-        assert g["lookups"] == len(ref.step_logits) and 0 <= g["hits"] <= g["lookups"]
+        assert g["lookups"] == steps - ahead and 0 <= g["hits"] <= g["lookups"]
         misses = g["lookups"] - g["hits"]
-        assert r.metrics["experts_copied"] == res["off"].metrics["experts_copied"] + misses, mode
+        assert r.metrics["experts_copied"] == res["off"].metrics["experts_copied"] + misses + ahead, mode
 
 
 def test_first_block_guess_hits_where_the_block_routes_by_token(tmp_path):
@@ -444,10 +448,14 @@ def test_first_block_guess_hits_where_the_block_routes_by_token(tmp_path):
     ids, _ = prompts(n=1)
     kw = dict(max_new_tokens=8, keep_logits=True)
     ref = eng.run(PolicySpec("gpu_only"), ids, None, **kw)
-    res = _guess_runs(eng, ids, ("off", "run"), **kw)
+    res = _guess_runs(eng, ids, ("off", "run"), ahead=False, **kw)
     g = res["run"].metrics["first_block_guess"]
     assert g["hits"] == g["lookups"] == len(ref.step_logits)
     assert res["run"].metrics["experts_copied"] == res["off"].metrics["experts_copied"]
+    ahead = _guess_runs(eng, ids, ("run",), **kw)["run"]  # greedy: the argmax is the next step's token
+    g = ahead.metrics["first_block_guess"]
+    assert g["hits"] == g["lookups"] == len(ref.step_logits) - 1
+    assert ahead.metrics["experts_copied"] == res["off"].metrics["experts_copied"] + 1  # the last, unused
 
     real = OffloadRunner._embedding_guess
     wrong = lambda self, model, m: (real(self, model, m) + 1) % self.E  # noqa: E731
@@ -459,8 +467,8 @@ def test_first_block_guess_hits_where_the_block_routes_by_token(tmp_path):
             for r in (first, second):
                 _same(ref, r)
             h1, h2 = (r.metrics["first_block_guess"]["hits"] for r in (first, second))
-            n = len(ref.step_logits)
-            assert h1 < n  # the first step's token is new to the table: a miss
+            n = len(ref.step_logits) - 1  # guesses made ahead: none for the first step
+            assert h1 < n  # a token new to the table: a miss
             assert h2 == (n if mode == "keep" else h1), mode
 
 
