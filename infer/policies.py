@@ -15,7 +15,8 @@ MoE block (its own router decides, a few layers into the step), so its copy woul
 critical path. The runner guesses that block's experts from the step's tokens (a per-token table: the
 expert the token was last routed to, initialised with the block's router applied to the token's embedding)
 and starts their copies: at the end of the previous step, from its logits' argmax (greedy's next token;
-offload.first_block_guess_ahead, the default), or at the step's start. At the block the router's real
+offload.first_block_guess_ahead, the default; not with copy_mode device, whose copy kernels a captured step
+would have to wait for before it ends), or at the step's start. At the block the router's real
 choice is verified against the guess and a miss is copied then (the outputs never change, only the time;
 the table learns the step's real tokens' experts). keep (the default): the
 engine keeps the table across runs (requests); run: each run starts from the embedding's guess; off. The
@@ -250,7 +251,10 @@ class OffloadRunner:
             if first_block_guess != "off" and spec.name in ("pregated", "lookahead") else []
         )
         self.guess_mode = first_block_guess
+        # ahead: except with the device copy kernel, whose copies a captured step would have to wait for before
+        # it ends (a graph joins every stream it forks): there the guess is made at the step's start
         self.guess_ahead = guess_ahead
+        self.ahead = guess_ahead and self.pool.copy_mode != "device"
         # keep: the tables in guess_tables (the engine's: they outlive the run); run: this run's own, reset
         # with the placement
         kept = guess_tables if first_block_guess == "keep" and guess_tables is not None else {}
@@ -375,6 +379,7 @@ class OffloadRunner:
             "bytes_cpu_read": int(self.cpu_computed) * self.store.expert_bytes,
             "first_block_guess": {
                 "mode": self.guess_mode if self.guess_blocks else "off",
+                "ahead": bool(self.guess_blocks) and self.ahead,
                 "blocks": list(self.guess_blocks),
                 "lookups": int(self.guess_lookups),
                 "hits": int(self.guess_hits),
@@ -401,7 +406,7 @@ class OffloadRunner:
         if not self.guess_blocks:
             return
         self._guess_tokens = tokens.reshape(-1).long()
-        if not self.guess_ahead:
+        if not self.ahead:
             self._guess(self._guess_tokens)
 
     def on_step_end(self, logits: torch.Tensor) -> None:
@@ -409,8 +414,12 @@ class OffloadRunner:
         guess_ahead the next step's guess is made now from their argmax (greedy's next tokens; beam search's
         rows may differ, which costs time, never outputs), so its copies start before the host's work between
         two steps and the next step's launch."""
-        if self.guess_blocks and self.guess_ahead:
+        if self.guess_blocks and self.ahead:
             self._guess(logits.argmax(-1))
+            if self.pool.cuda:  # a captured step joins its copy stream before it ends: here only the dma posts
+                compute = torch.cuda.current_stream(self.device)
+                for m in self.guess_blocks:
+                    compute.wait_event(self.pool.copy_done[m])
 
     def _guess(self, tokens: torch.Tensor) -> None:
         """Start copying the guessed experts of the guess blocks for `tokens` (a prefetch: under copy_mode dma

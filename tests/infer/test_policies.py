@@ -431,9 +431,9 @@ def test_first_block_guess_accounting_and_outputs(pregated_ckpt, ahead):
         _same(ref, r)
         g = r.metrics["first_block_guess"]
         if mode == "off":
-            assert g == {"mode": "off", "blocks": [], "lookups": 0, "hits": 0, "hit_rate": None}
+            assert g == {"mode": "off", "ahead": False, "blocks": [], "lookups": 0, "hits": 0, "hit_rate": None}
             continue
-        assert g["mode"] == mode and g["blocks"] == [first_dec]
+        assert g["mode"] == mode and g["blocks"] == [first_dec] and g["ahead"] == ahead
         assert g["lookups"] == steps - ahead and 0 <= g["hits"] <= g["lookups"]
         misses = g["lookups"] - g["hits"]
         assert r.metrics["experts_copied"] == res["off"].metrics["experts_copied"] + misses + ahead, mode
