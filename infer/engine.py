@@ -288,7 +288,7 @@ class Engine:
         prefill_slots: int = 16,
         copy: CopySettings | None = None,
         first_block_guess: str = "keep",
-        first_block_guess_ahead: bool = True,
+        first_block_guess_ahead: bool = False,
     ):
         self.model, self.store = model, store
         model.fuse_for_inference()  # q/k/v as one matrix product (views: no extra memory)

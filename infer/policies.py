@@ -14,11 +14,11 @@ First-block guess (pregated, lookahead; offload.first_block_guess): no pre-gate 
 MoE block (its own router decides, a few layers into the step), so its copy would sit on the step's
 critical path. The runner guesses that block's experts from the step's tokens (a per-token table: the
 expert the token was last routed to, initialised with the block's router applied to the token's embedding)
-and starts their copies: at the end of the previous step, from its logits' argmax (greedy's next token;
-offload.first_block_guess_ahead, the default; not with copy_mode device, whose copy kernels a captured step
-would have to wait for before it ends), or at the step's start. At the block the router's real
-choice is verified against the guess and a miss is copied then (the outputs never change, only the time;
-the table learns the step's real tokens' experts). keep (the default): the
+and starts their copies at the step's start, or (offload.first_block_guess_ahead) at the end of the
+previous step, from its logits' argmax (greedy's next token; not with copy_mode device, whose copy kernels a
+captured step would have to wait for before it ends; measured on the H200 with dma: no gain). At the
+block the router's real choice is verified against the guess and a miss is copied then (the outputs never
+change, only the time; the table learns the step's real tokens' experts). keep (the default): the
 engine keeps the table across runs (requests); run: each run starts from the embedding's guess; off. The
 shipped model's first decoder MoE block routes by token identity alone, and a kept table guesses 99% of its
 experts (scripts/probe_first_block_guess.py, bench/results/first-block-guess.md).
@@ -151,7 +151,7 @@ class OffloadRunner:
         copy: CopySettings | None = None,
         first_block_guess: str = "keep",
         guess_tables: dict[int, torch.Tensor] | None = None,
-        guess_ahead: bool = True,
+        guess_ahead: bool = False,
     ):
         spec.validate()
         first_block_guess = guess_mode(first_block_guess)

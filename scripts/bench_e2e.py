@@ -487,10 +487,17 @@ def main() -> int:
 #   dma:       offload.copy_mode=dma (prefetched plans by the copy engines, started by a host thread;
 #              infer.offload.DmaCopier); device: offload.copy_mode=device (e.g. beside --copy-mode dma)
 #   noguess, guessrun, guesskeep: offload.first_block_guess off / run / keep (the first decoder MoE block's
-#              experts guessed from the step's tokens; the bench's default: --first-block-guess); guessstart:
-#              offload.first_block_guess_ahead=false (the guess at the step's start, not the previous step's end)
+#              experts guessed from the step's tokens; the bench's default: --first-block-guess); guessahead,
+#              guessstart: offload.first_block_guess_ahead true / false (the guess at the previous step's end from
+#              its argmax, or at the step's start: the default)
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
-GUESS_VARIANTS = {"noguess": "off", "guessrun": "run", "guesskeep": "keep", "guessstart": None}
+GUESS_VARIANTS = {"noguess": "off", "guessrun": "run", "guesskeep": "keep", "guessstart": None, "guessahead": None}
+
+
+def guess_ahead(variant: str, default: bool) -> bool:
+    """offload.first_block_guess_ahead for a variant: #guessahead, #guessstart, else `default`."""
+    toks = [t for t in variant.split("#") if t in ("guessahead", "guessstart")]
+    return toks[-1] == "guessahead" if toks else default
 
 
 def variant_guess(variant: str) -> str | None:
@@ -517,7 +524,7 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
         else:
             raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #device, #hi, "
                              "#p<programs>, #b<block>, #w<warps>, #s<dma streams>, #noguess, #guessrun, #guesskeep, "
-                             "#guessstart")
+                             "#guessstart, #guessahead")
     if copy:
         try:
             CopySettings(**copy)
@@ -715,8 +722,7 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
             with engine_settings(eng, copy=dataclasses.replace(eng.copy, **copy),
                                  copy_mode=copy_mode or eng.copy_mode,
                                  first_block_guess=variant_guess(variant) or eng.first_block_guess,
-                                 first_block_guess_ahead=("guessstart" not in variant.split("#")
-                                                          and eng.first_block_guess_ahead)):
+                                 first_block_guess_ahead=guess_ahead(variant, eng.first_block_guess_ahead)):
                 entry = run_one(eng, spec, ids, n_new, nb, args, cpu_compute=cpu_mode or "off")
         finally:
             slot_plan.DEFAULT_IMPL = impl_before

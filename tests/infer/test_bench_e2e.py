@@ -242,7 +242,9 @@ def test_parse_table_runs():
     assert bench.parse_variant("dma") == (None, {}, "dma")
     assert bench.parse_variant("noguess#dma") == (None, {}, "dma")
     assert bench.variant_guess("noguess#dma") == "off" and bench.variant_guess("guesskeep") == "keep"
-    assert bench.variant_guess("dma") is None
+    assert bench.variant_guess("dma") is None and bench.variant_guess("guessahead") is None
+    assert bench.guess_ahead("dma#guessahead", False) and not bench.guess_ahead("guessstart", True)
+    assert bench.guess_ahead("dma", True) and not bench.guess_ahead("", False)
     with pytest.raises(SystemExit, match="noguess"):
         bench.parse_variant("nogues")
     for bad in ("beam4", "beam8:gpu_only", "beam4:", "beam4:no_such_policy", "greedy:pregated#fast",
@@ -419,8 +421,8 @@ def test_bench_tiny_lookaheads_1_2(tmp_path):
         r = runs[f"{fam_name}/greedy/{pg}"]
         c, g = r["copy"], r["metrics"]["first_block_guess"]
         n_dec, eb = tiny["config"]["decoder_moe_blocks"], tiny["expert_bytes"]
-        # 6 steps, batch 1, guesses made ahead (at the previous step's end): none for the first step
-        assert g["mode"] == "run" and len(g["blocks"]) == L and g["lookups"] == 5 * L
+        # 6 steps, batch 1, a guess at each step's start
+        assert g["mode"] == "run" and len(g["blocks"]) == L and g["lookups"] == 6 * L
         assert n_dec * eb <= c["decode_bytes_per_step"] <= (n_dec + L) * eb
     text = summ.summarize(res, "x.json")
     assert "| tiny | greedy | 1 |" in text and "| tiny | greedy | 2 |" in text
