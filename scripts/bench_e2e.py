@@ -336,6 +336,11 @@ def main() -> int:
         "prefetch_all, pregated after each shape's table (default: none; --tiny: 1,2)",
     )
     ap.add_argument("--sweep-shapes", nargs="*", default=None, help="shapes to sweep (default: every shape run)")
+    ap.add_argument(
+        "--sweep-policies", default=None,
+        help="comma-separated policies of the sweep (default: gpu_only,on_demand,prefetch_all,pregated; the first "
+        "must be gpu_only, the tokens' reference); the first-block guess variants are allowed: pregated#noguess",
+    )
     ap.add_argument("--sweep-new-tokens", type=int, default=64)
     ap.add_argument("--sweep-prefetch-all-tokens", type=int, default=8)
     ap.add_argument(
@@ -380,6 +385,7 @@ def main() -> int:
     args.lookaheads = parse_lookaheads(args.lookaheads)
     args.batch_sweep = parse_batches(args.batch_sweep)
     args.table_runs = parse_table_runs(args.table_runs)
+    args.sweep_policies = parse_sweep_policies(args.sweep_policies)
     if args.copy_mode == "dma" or any("#dma" in p for p in (args.table_runs or {}).get("policies", ())):
         request_eager_module_loading()  # before the first CUDA call (infer.offload.eager_module_loading)
 
@@ -616,6 +622,27 @@ def same_nonexpert_weights(a: Switch, b: Switch) -> bool:
     if keys(sa) != keys(sb):
         return False
     return all(torch.equal(sa[k], sb[k]) for k in keys(sa))
+
+
+def parse_sweep_policies(text: str | None) -> list[str] | None:
+    """"gpu_only,on_demand,pregated,pregated#noguess" -> the list (None: the default); SystemExit when the first is
+    not gpu_only, a policy is unknown or a variant is not a first-block guess's."""
+    if not text:
+        return None
+    names = [p for p in text.replace(" ", "").split(",") if p]
+    if not names or names[0] != "gpu_only":
+        raise SystemExit(f"--sweep-policies {text!r}: the first must be gpu_only (the tokens' reference)")
+    for name in names:
+        core, _, variant = name.partition("#")
+        try:
+            PolicySpec.parse(core)
+        except OffloadError as e:
+            raise SystemExit(f"--sweep-policies: {e}") from None
+        bad = [t for t in variant.split("#") if t and t not in GUESS_VARIANTS]
+        if bad or "@" in core or "+" in core:
+            raise SystemExit(f"--sweep-policies: {name!r}: the sweep takes plain policies and the first-block "
+                             f"guess's variants ({', '.join('#' + v for v in GUESS_VARIANTS)})")
+    return names
 
 
 def parse_batches(text: str | None) -> list[int]:
@@ -1275,9 +1302,10 @@ def bench_sweep(shape, cfg, eng: Engine, args, over_budget, result, out, save) -
     mode = getattr(args, "sweep_inputs", "forced")
     if mode not in SWEEP_INPUTS:
         raise ValueError(f"sweep inputs {mode!r}: expected one of {SWEEP_INPUTS}")
+    policies = list(getattr(args, "sweep_policies", None) or SWEEP_POLICIES)
     sw: dict = {
         "batches": list(args.batch_sweep),
-        "policies": list(SWEEP_POLICIES),
+        "policies": policies,
         "decoding": "greedy",
         "lookahead": eng.model.cfg.lookahead,
         "inputs": mode,
@@ -1307,17 +1335,20 @@ def bench_sweep(shape, cfg, eng: Engine, args, over_budget, result, out, save) -
         table = torch.randint(3, cfg.vocab_size, (B, args.sweep_new_tokens), generator=g_forced)
         forcing = ForcedTokens(table) if mode == "forced" else None
         ref_tokens = ref_preds = None
-        for name in SWEEP_POLICIES:
+        for name in policies:
             if over_budget():
                 point["runs"][name] = {"skipped": f"time budget ({args.budget_s:.0f} s) spent"}
                 continue
-            spec = PolicySpec.parse(name)
+            core, _, variant = name.partition("#")
+            spec = PolicySpec.parse(core)
             n_new = sw["prefetch_all_tokens"] if name == "prefetch_all" else args.sweep_new_tokens
             # prefetch_all's stall would replay its (slow) steps 2 x 20 times: not worth the time here
             stall = eng.measure_stall and name != "prefetch_all"
             t_run = time.perf_counter()
             with forcing.active() if forcing else contextlib.nullcontext():
-                with engine_settings(eng, measure_stall=stall):
+                with engine_settings(eng, measure_stall=stall,
+                                     first_block_guess=variant_guess(variant) or eng.first_block_guess,
+                                     first_block_guess_ahead=guess_ahead(variant, eng.first_block_guess_ahead)):
                     entry = run_one(eng, spec, ids, n_new, 1, args)
                 preds = forcing.predictions if forcing else None
                 tokens = entry.pop("tokens", None)
@@ -1326,7 +1357,7 @@ def bench_sweep(shape, cfg, eng: Engine, args, over_budget, result, out, save) -
                     step = m.get("ms_per_token_median")
                     m["ms_per_token_of_batch"] = step / B if step else None
                     m["decode_tokens_per_s"] = B * 1e3 / step if step else None
-                    if name in ("on_demand", "pregated") and not over_budget():
+                    if core in ("on_demand", "pregated") and not over_budget():
                         entry["copy"] = copy_accounting(eng, spec, ids, 1, m, link)
                         by = (entry["copy"] or {}).get("decode_bytes_per_step")
                         if by is not None:

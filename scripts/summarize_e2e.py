@@ -210,9 +210,9 @@ def dma_timeline_table(shapes: dict, link) -> list[str]:
 
 
 def variant_table(shapes: dict) -> list[str]:
-    """Table runs named <policy>#<variant> (bench_e2e's levers: #torchplan, #dma, #device, #hi, #p<N>, #b<B>, #w<W>)
-    beside their
-    base policy of the same run: ms/token, the copy stall, the copy bandwidth's lower bound."""
+    """Table runs named <policy>#<variant> (bench_e2e's levers: #torchplan, #dma, #device, #hi, #p<N>, #b<B>, #w<W>,
+    #s<S>, the first-block guess's) beside their base policy of the same run: ms/token, the copy stall, the copy
+    bandwidth's lower bound."""
     rows, seen = [], set()
     for shape, s in shapes.items():
         for mode in ("greedy", "beam4"):
@@ -229,9 +229,14 @@ def variant_table(shapes: dict) -> list[str]:
                     cs = m.get("copy_settings") or {}
                     setting = (f"{cs.get('priority', '-')}, {cs.get('programs', '-')} x {cs.get('block', '-')}, "
                                f"{cs.get('warps', 4)} warps" if cs else "-")
+                    if cs.get("dma_streams", 1) > 1:
+                        setting += f"; {cs['dma_streams']} dma streams"
+                    g = m.get("first_block_guess") or {}
+                    guess = "-" if not g.get("blocks") else (
+                        f"{g.get('mode')}{', ahead' if g.get('ahead') else ''}: {g.get('hits')}/{g.get('lookups')}")
                     rows.append(
                         f"| {shape} | {mode} | {label} | {e.get('slot_plan') or '-'} | {m.get('copy_mode') or '-'} | "
-                        f"{setting} | {_f(_ms(e))} | "
+                        f"{setting} | {guess} | {_f(_ms(e))} | "
                         f"{_f(m.get('stall_ms_per_token'), '{:.3f}')} | "
                         f"{_f(c.get('achieved_GBps_lower_bound'), '{:.1f}')} |"
                     )
@@ -243,13 +248,15 @@ def variant_table(shapes: dict) -> list[str]:
         "PyTorch slot plan; #dma / #device = offload.copy_mode dma (prefetched experts by the copy engines, "
         "started by a host thread) / device (the copy kernel); #hi = the copy stream at the highest priority; "
         "#p<N>/#b<B>/#w<W> = the device copy kernel's programs per expert, elements per iteration and warps "
-        "per program; the kernel's settings apply where it copies). Stall: the "
-        "captured step with its copies minus without; GB/s: the copy bandwidth's lower bound (decode bytes / "
+        "per program; the kernel's settings apply where it copies; #s<S> = the dma copier on S streams; #noguess "
+        "/ #guessrun / #guesskeep = offload.first_block_guess off / run / keep; #guessahead / #guessstart = the "
+        "guess at the previous step's end or the step's start). First-block guess: mode, hits / guesses. Stall: "
+        "the captured step with its copies minus without; GB/s: the copy bandwidth's lower bound (decode bytes / "
         "step time).",
         "",
-        "| shape | decoding | run | slot plan | copy mode | copy kernel: priority, programs x block, warps | ms/token | "
-        "stall ms/token | GB/s (lower bound) |",
-        "|" + "---|" * 9,
+        "| shape | decoding | run | slot plan | copy mode | copy kernel: priority, programs x block, warps | "
+        "first-block guess | ms/token | stall ms/token | GB/s (lower bound) |",
+        "|" + "---|" * 10,
     ] + rows
 
 
@@ -444,6 +451,17 @@ def sweep_table(shape: str, sw: dict, cfg: dict | None = None, expert_bytes: int
             + f"{_f(mem, '{:.1f}')} | {_f(ex[0])} / {_f(ex[1])} | {_f(uni)} | "
             + f"{_f(p.get('distinct_tokens_per_step'))} |"
         )
+    extra = []
+    for p in sorted(sw["points"], key=lambda p: p["batch"]):
+        for name, r in p["runs"].items():
+            g = ((r or {}).get("metrics") or {}).get("first_block_guess") or {}
+            if "#" in name or g.get("blocks"):
+                guess = (f"{g.get('mode')}{', ahead' if g.get('ahead') else ''}: {g.get('hits')}/{g.get('lookups')}"
+                         if g.get("blocks") else "off")
+                extra.append(f"| {p['batch']} | {name} | {guess} | {_f(_ms(r))} |")
+    if extra:
+        lines += ["", "First-block guess in the sweep (hits / guesses; each step guesses one expert per row):", "",
+                  "| B | run | first-block guess | ms per step |", "|---|---|---|---|", *extra]
     return lines
 
 

@@ -519,3 +519,23 @@ def test_summary_dma_timeline_table():
     assert rows == ["| s | greedy | pregated | 3 | 0.300 | 0.190 | 0.015 | 0.900 | 1.000 | 47.4 | 95 |"]
     shape["runs"][0]["metrics"]["dma_timeline"] = {"error": "plans per step vary"}
     assert summ.dma_timeline_table({"s": shape}, 50.0) == []
+
+
+def test_sweep_policies_with_a_guess_variant(tmp_path):
+    """--sweep-policies: the sweep runs the policies named, a first-block guess variant among them (its tokens
+    checked against gpu_only's), records each run's guess, and the summary lists them; bad lists are refused."""
+    res = _bench_tiny(tmp_path, "--sweep-only", "--batch-sweep", "1", "--sweep-policies",
+                      "gpu_only,on_demand,pregated,pregated#noguess")
+    sw = res["shapes"]["tiny"]["batch_sweep"]
+    assert sw["policies"] == ["gpu_only", "on_demand", "pregated", "pregated#noguess"]
+    runs = sw["points"][0]["runs"]
+    assert set(runs) == set(sw["policies"])
+    assert runs["pregated#noguess"]["same_tokens_as_gpu_only"] and runs["pregated"]["same_tokens_as_gpu_only"]
+    assert runs["pregated#noguess"]["metrics"]["first_block_guess"]["blocks"] == []
+    g = runs["pregated"]["metrics"]["first_block_guess"]
+    assert g["blocks"] and g["lookups"] > 0
+    text = summ.summarize(res, "x.json")
+    assert "| 1 | pregated#noguess | off |" in text and f"| 1 | pregated | run: {g['hits']}/{g['lookups']} |" in text
+    for bad in ("on_demand,pregated", "gpu_only,pregated#dma", "gpu_only,pregated@lru2", "gpu_only,nope"):
+        with pytest.raises(SystemExit):
+            bench.parse_sweep_policies(bad)
