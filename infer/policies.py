@@ -13,15 +13,15 @@
 First-block guess (pregated, lookahead; offload.first_block_guess): no pre-gate routes the decoder's first
 MoE block (its own router decides, a few layers into the step), so its copy would sit on the step's
 critical path. The runner guesses that block's experts from the step's tokens (a per-token table: the
-expert the token was last routed to, initialised with the block's router applied to the token's embedding)
-and starts their copies at the step's start, or (offload.first_block_guess_ahead) at the end of the
+expert the token was last routed to; no guess for a token not seen yet, as a missed guess's copy delays the
+needed one) and starts their copies at the step's start, or (offload.first_block_guess_ahead) at the end of the
 previous step, from its logits' argmax (greedy's next token; not with copy_mode device, whose copy kernels a
 captured step would have to wait for before it ends; measured on the H200 with dma: no gain). At the
 block the router's real choice is verified against the guess and a miss is copied then (the outputs never
 change, only the time; the table learns the step's real tokens' experts). keep (the default): the
-engine keeps the table across runs (requests); run: each run starts from the embedding's guess; off. The
-shipped model's first decoder MoE block routes by token identity alone, and a kept table guesses 99% of its
-experts (scripts/probe_first_block_guess.py, bench/results/first-block-guess.md).
+engine keeps the table across runs (requests); run: each run starts with an empty one; off. The shipped
+model's first decoder MoE block routes by token identity alone: every guess of a seen token hits there
+(scripts/probe_first_block_guess.py, bench/results/first-block-guess.md).
 
 Each CPU policy can put an LRU or LFU cache of C slots per block in front of the copies. Names in
 lists may carry the cache: `on_demand@lru4`, `pregated@lfu2`.
@@ -257,20 +257,19 @@ class OffloadRunner:
         self.ahead = guess_ahead and self.pool.copy_mode != "device"
         # keep: the tables in guess_tables (the engine's: they outlive the run); run: this run's own, reset
         # with the placement
+        # with the placement. A token's entry: the expert it was last routed to, -1 before it was seen (no guess:
+        # a missed guess costs a copy ahead of the needed one)
         kept = guess_tables if first_block_guess == "keep" and guess_tables is not None else {}
         V = model.shared.weight.shape[0]
-        self.guess_init: dict[int, torch.Tensor] = {}
         self.guess_table: dict[int, torch.Tensor] = {}
         for m in self.guess_blocks:
             t = kept.get(m)
             if t is None or t.shape != (V, 1) or t.device != dev:
-                init = self._embedding_guess(model, m)  # [V, 1] int32
-                t = kept[m] = init.clone()
-                if first_block_guess == "run":
-                    self.guess_init[m] = init
+                t = kept[m] = torch.full((V, 1), -1, dtype=torch.int32, device=dev)
             self.guess_table[m] = t
         self.guess_hits = torch.zeros((), dtype=torch.long, device=dev)
-        self.guess_lookups = torch.zeros((), dtype=torch.long, device=dev)
+        self.guess_lookups = torch.zeros((), dtype=torch.long, device=dev)  # guesses made
+        self.guess_rows = torch.zeros((), dtype=torch.long, device=dev)  # token rows at the guess blocks
         self._guessed: dict[int, torch.Tensor] = {}  # block -> the guessed ids [N, 1] for the coming block
         self._guess_tokens: torch.Tensor | None = None  # this step's tokens [N] (what the table learns)
         self.cpu_computed = torch.zeros((), dtype=torch.long)  # experts (per block and step), host
@@ -299,7 +298,7 @@ class OffloadRunner:
 
     def _counters(self) -> tuple[torch.Tensor, ...]:
         return (self.copied, self.hits, self.lookups, self.cpu_computed, self.cpu_tokens, self.guess_hits,
-                self.guess_lookups)
+                self.guess_lookups, self.guess_rows)
 
     def snapshot(self) -> list[torch.Tensor]:
         """Counters and the guess tables (what a graph capture's warm-up steps must not leave behind)."""
@@ -348,8 +347,9 @@ class OffloadRunner:
             self.last_use[m].fill_(-1)
             self.freq[m].zero_()
         self.tick.zero_()
-        for m, t in self.guess_init.items():
-            self.guess_table[m].copy_(t)
+        if self.guess_mode == "run":
+            for t in self.guess_table.values():
+                t.fill_(-1)
 
     def stats(self) -> dict:
         lookups = int(self.lookups)
@@ -381,25 +381,14 @@ class OffloadRunner:
                 "mode": self.guess_mode if self.guess_blocks else "off",
                 "ahead": bool(self.guess_blocks) and self.ahead,
                 "blocks": list(self.guess_blocks),
-                "lookups": int(self.guess_lookups),
+                "rows": int(self.guess_rows),  # token rows at the guess blocks
+                "lookups": int(self.guess_lookups),  # guesses made (rows whose token was seen before)
                 "hits": int(self.guess_hits),
                 "hit_rate": int(self.guess_hits) / int(self.guess_lookups) if int(self.guess_lookups) else None,
             },
         }
 
     # -- the first-block guess -----------------------------------------------------------------------
-    @torch.no_grad()
-    def _embedding_guess(self, model, m: int) -> torch.Tensor:
-        """Block m's router applied to every token's embedding (normed as the block's FFN input is): the
-        guess table's start, [V, 1] int32 on the device."""
-        block = next(b for b in model.decoder.blocks if b.sparse and b.ff is self.moes[m])
-        emb = model.shared.weight  # [V, D]
-        ids = [
-            gate_logits(block.ff_norm(emb[i : i + 4096]), self.moes[m].router).argmax(-1)
-            for i in range(0, emb.shape[0], 4096)
-        ]
-        return torch.cat(ids).to(device=self.device, dtype=torch.int32)[:, None]
-
     def on_step_start(self, tokens: torch.Tensor) -> None:
         """A decode step starts with `tokens` [B]: the table learns from them at the guess blocks; without
         guess_ahead their guess is made now."""
@@ -427,10 +416,10 @@ class OffloadRunner:
         follows on the same path)."""
         flat = tokens.reshape(-1).long()
         for m in self.guess_blocks:
-            ids = self.guess_table[m].index_select(0, flat)  # [N, 1]
-            need = torch.zeros(self.E, dtype=torch.bool, device=self.device).index_fill_(0, ids.reshape(-1).long(),
-                                                                                       True)
-            self._plan(m, need, fresh=True, prefetch=True)
+            ids = self.guess_table[m].index_select(0, flat)  # [N, 1], -1: not guessed
+            need = torch.zeros(self.E + 1, dtype=torch.bool, device=self.device)
+            need.index_fill_(0, torch.where(ids < 0, self.E, ids).reshape(-1).long(), True)
+            self._plan(m, need[: self.E], fresh=True, prefetch=True)
             self._guessed[m] = ids
 
     def _verify_guess(self, m: int, routing: Routing) -> None:
@@ -440,8 +429,10 @@ class OffloadRunner:
         # filled after the last reader of the buffer, so hits there are real
         self._demand(m, routing, self._need(routing), fresh=False, behind=True)
         ids = routing.ids.reshape(guessed.shape[0], -1).to(torch.int32)
-        self.guess_hits += (ids == guessed).all(-1).sum()
-        self.guess_lookups += ids.shape[0]
+        made = (guessed >= 0).all(-1)
+        self.guess_hits += ((ids == guessed).all(-1) & made).sum()
+        self.guess_lookups += made.sum()
+        self.guess_rows += ids.shape[0]
         self.guess_table[m].index_copy_(0, self._guess_tokens, ids)
 
     # -- the plan --------------------------------------------------------------------------------

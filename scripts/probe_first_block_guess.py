@@ -2,20 +2,22 @@
 
 No pre-gate routes the first MoE block of the decoder: its own router decides a few layers into the step,
 so the offload runner guesses that block's experts at the step's start from the step's tokens and verifies
-the guess at the block (infer/policies.py, offload.first_block_guess). This probe measures, on a checkpoint
-and a task's examples, the fraction of decoder positions at which each guess rule names the expert the
-block's router then picks:
+the guess at the block (infer/policies.py, offload.first_block_guess). A missed guess costs a copy ahead of
+the needed one, so a rule may also abstain. This probe measures, on a checkpoint and a task's examples, for
+each rule: coverage (positions it guesses), precision (its guesses that name the expert the block's router
+then picks) and hits (positions guessed right, of all):
 
   embedding              the block's router applied to the token's embedding (normed as the block's input
-                         is): the runner's table before it has seen a token
-  last_seen_per_output   the expert the token was last routed to in this output, else `embedding`: the
-                         runner's rule (its table starts anew with each run)
-  last_seen_across       the same table kept across the outputs, in order (a server keeping the table)
+                         is); never abstains
+  last_seen_per_output   the expert the token was last routed to in this output; abstains on a token not
+                         seen yet: the runner's rule under first_block_guess=run
+  last_seen_across       the same table kept across the outputs, in order: first_block_guess=keep (a server
+                         keeping the table)
   previous_step          the expert the previous position was routed to
   profiled               per token, the expert it was routed to most often in the train split's outputs
-                         (--profile-examples of them), else `embedding`
+                         (--profile-examples of them); abstains on tokens not in them
   token_bound            per token, the expert it was routed to most often in the measured outputs
-                         themselves: the best any rule that reads only the token could score here
+                         themselves: the best precision any rule that reads only the token could reach here
 
 The decoder inputs are the model's own greedy outputs (--inputs greedy, as in decoding; the routing is
 read from one teacher-forced pass over them) or the gold targets (--inputs gold).
@@ -73,8 +75,9 @@ def embedding_table(model) -> list[int]:
     return gate_logits(block.ff_norm(model.shared.weight), block.ff.router).argmax(-1).tolist()
 
 
-def score(rows, emb: list[int], profile: dict[int, Counter]) -> dict[str, float]:
-    hits = Counter()
+def score(rows, emb: list[int], profile: dict[int, Counter]) -> dict:
+    """Per rule: coverage, precision and hits (fractions) over every decoder position of `rows`."""
+    hits, made = Counter(), Counter()
     n = 0
     across: dict[int, int] = {}
     in_sample: dict[int, Counter] = defaultdict(Counter)
@@ -85,14 +88,26 @@ def score(rows, emb: list[int], profile: dict[int, Counter]) -> dict[str, float]
         per_output: dict[int, int] = {}
         for i, (t, e) in enumerate(zip(toks, experts)):
             n += 1
-            hits["embedding"] += emb[t] == e
-            hits["last_seen_per_output"] += per_output.get(t, emb[t]) == e
-            hits["last_seen_across"] += across.get(t, emb[t]) == e
-            hits["previous_step"] += i > 0 and experts[i - 1] == e
-            hits["profiled"] += (profile[t].most_common(1)[0][0] if profile.get(t) else emb[t]) == e
-            hits["token_bound"] += in_sample[t].most_common(1)[0][0] == e
+            guesses = {
+                "embedding": emb[t],
+                "last_seen_per_output": per_output.get(t),
+                "last_seen_across": across.get(t),
+                "previous_step": experts[i - 1] if i > 0 else None,
+                "profiled": profile[t].most_common(1)[0][0] if profile.get(t) else None,
+                "token_bound": in_sample[t].most_common(1)[0][0],
+            }
+            for r, g in guesses.items():
+                if g is not None:
+                    made[r] += 1
+                    hits[r] += g == e
             per_output[t] = across[t] = e
-    return {"positions": n, **{r: hits[r] / n if n else None for r in RULES}}
+    return {"positions": n, **{
+        r: {"coverage": made[r] / n if n else None, "precision": hits[r] / made[r] if made[r] else None,
+            "hits": hits[r] / n if n else None} for r in RULES}}
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
 
 
 def main(argv=None) -> int:
@@ -154,9 +169,9 @@ def main(argv=None) -> int:
         f"{model.cfg.num_experts} experts, {args.data} {args.split}, {len(rows)} {args.inputs} outputs, "
         f"{h['positions']} positions)",
         "",
-        "| rule | hit rate |",
-        "| --- | --- |",
-        *[f"| {r} | {100 * h[r]:.1f}% |" for r in RULES],
+        "| rule | coverage | precision | hits (of all positions) |",
+        "| --- | --- | --- | --- |",
+        *[f"| {r} | {_pct(h[r]['coverage'])} | {_pct(h[r]['precision'])} | {_pct(h[r]['hits'])} |" for r in RULES],
         "",
         f"A uniform guess: {100 / model.cfg.num_experts:.1f}%. Command: `{result['environment']['command']}`",
         "",

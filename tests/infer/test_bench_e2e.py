@@ -422,7 +422,7 @@ def test_bench_tiny_lookaheads_1_2(tmp_path):
         c, g = r["copy"], r["metrics"]["first_block_guess"]
         n_dec, eb = tiny["config"]["decoder_moe_blocks"], tiny["expert_bytes"]
         # 6 steps, batch 1, a guess at each step's start
-        assert g["mode"] == "run" and len(g["blocks"]) == L and g["lookups"] == 6 * L
+        assert g["mode"] == "run" and len(g["blocks"]) == L and g["rows"] == 6 * L
         assert n_dec * eb <= c["decode_bytes_per_step"] <= (n_dec + L) * eb
     text = summ.summarize(res, "x.json")
     assert "| tiny | greedy | 1 |" in text and "| tiny | greedy | 2 |" in text
@@ -533,7 +533,7 @@ def test_sweep_policies_with_a_guess_variant(tmp_path):
     assert runs["pregated#noguess"]["same_tokens_as_gpu_only"] and runs["pregated"]["same_tokens_as_gpu_only"]
     assert runs["pregated#noguess"]["metrics"]["first_block_guess"]["blocks"] == []
     g = runs["pregated"]["metrics"]["first_block_guess"]
-    assert g["blocks"] and g["lookups"] > 0
+    assert g["blocks"] and g["rows"] > 0
     text = summ.summarize(res, "x.json")
     assert "| 1 | pregated#noguess | off |" in text and f"| 1 | pregated | run: {g['hits']}/{g['lookups']} |" in text
     for bad in ("on_demand,pregated", "gpu_only,pregated#dma", "gpu_only,pregated@lru2", "gpu_only,nope"):
