@@ -19,7 +19,7 @@ import torch
 from infer import report as rep
 from infer.engine import Engine, RunResult, load_offloaded
 from infer.offload import GB, CopySettings, default_budget_bytes, request_eager_module_loading
-from infer.policies import PolicySpec
+from infer.policies import PolicySpec, guess_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -156,6 +156,7 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
     copy = CopySettings(str(cfg.offload.copy_priority), int(cfg.offload.copy_programs),
                         int(cfg.offload.copy_block), int(cfg.offload.copy_warps),
                         int(cfg.offload.dma_streams))  # checked before loading
+    guess = guess_mode(cfg.offload.first_block_guess)  # likewise
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else default_checkpoint(cfg)
     budget = (
         cfg.offload.pinned_budget_gb * GB
@@ -197,7 +198,7 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
         cpu_overhead_ms=cfg.offload.cpu_overhead_ms,
         prefill_slots=int(cfg.offload.prefill_slots),
         copy=copy,
-        first_block_guess=cfg.offload.first_block_guess,
+        first_block_guess=guess,
         first_block_guess_ahead=bool(cfg.offload.first_block_guess_ahead),
     )
     peak = rep.pinned_peak_GBps(device)

@@ -49,9 +49,9 @@ GUESS_MODES = ("keep", "run", "off")
 
 def guess_mode(value) -> str:
     """offload.first_block_guess: keep (the default; true), run or off (false)."""
-    if value is True or value is None:
+    if value is True or value is None or str(value).lower() == "true":
         return "keep"
-    if value is False:
+    if value is False or str(value).lower() == "false":
         return "off"
     if str(value) not in GUESS_MODES:
         raise OffloadError(f"offload.first_block_guess={value!r}; expected keep (the guess table outlives a run: "

@@ -481,3 +481,7 @@ def test_first_block_guess_blocks_and_errors(tmp_path):
     assert eng.run(PolicySpec("on_demand"), ids, mask, **kw).metrics["first_block_guess"]["blocks"] == []
     with pytest.raises(OffloadError, match="first_block_guess"):
         Engine(eng.model, eng.store, "cpu", first_block_guess="always")
+    from infer.policies import guess_mode  # Hydra hands a bool override to the str key as "True" / "False"
+
+    assert [guess_mode(v) for v in (True, "True", False, "false", "run", "keep", "off")] == [
+        "keep", "keep", "off", "off", "run", "keep", "off"]
