@@ -36,6 +36,7 @@ from kernels import tuning  # noqa: E402
 from kernels.expert_ffn import (  # noqa: E402
     _decode_config,
     _default_config,
+    _fused_config,
     _np2,
     expert_ffn,
     expert_ffn_reference,
@@ -427,10 +428,19 @@ def decode_candidates(d: int, f: int) -> list[dict]:
     return [_decode_config(ibf, ibd, iw, obd, obf, ow) for ibf, ibd, iw in ins for obd, obf, ow in outs]
 
 
-def sweep_decode(out: list, reps: int, sweep_one_launch: bool = False, expert_counts=None):
+def layout_candidates(d: int) -> list[dict]:
+    """Fused decode configs for W_out stored transposed (F x d in memory): each program then reads BLOCK_F
+    whole contiguous d-rows of W_out (a [d, BLOCK_F] tile in registers: BLOCK_F stays small, more warps hold
+    the wider ones); wider F tiles mean fewer partials to reduce."""
+    return [_fused_config(bf, d, w) for bf, w in ((8, 4), (16, 4), (16, 8), (32, 8), (32, 16))]
+
+
+def sweep_decode(out: list, reps: int, sweep_one_launch: bool = False, expert_counts=None, layout: bool = False):
     """T = 1: time the two-kernel decode path against the fused decode kernel variants (single call after
     an L2 flush, and 16 calls back to back in one CUDA graph), and the split-gate routing against the
-    whole-gate kernel; pin the fastest (FFN: by the graph b2b time; routing: single call) for the timings."""
+    whole-gate kernel; pin the fastest (FFN: by the graph b2b time; routing: single call) for the timings.
+    layout: also time the fused kernel and the two-kernel configs with W_out stored transposed (rows named
+    "[W_out F x d]"; a storage the offload pool does not use yet, so never pinned)."""
     gpu = tuning.gpu_name(DEV)
     for name, (d, f) in SHAPES.items():
         for E in expert_counts or EXPERTS:
@@ -459,13 +469,21 @@ def sweep_decode(out: list, reps: int, sweep_one_launch: bool = False, expert_co
             b2b = make_sets(1, E, 1, d, seed=E + 1, n_sets=16)
             rows = []
             one_launch = fused_candidates(d) + gridsync_candidates(d, f) if sweep_one_launch else []
-            for cfg in [old] + decode_candidates(d, f) + one_launch:
-                r = {"config": cfg, "name": _cfg_name(cfg)}
+            plain = [(cfg, False) for cfg in [old] + decode_candidates(d, f) + one_launch]
+            transposed = [(cfg, True) for cfg in [old] + layout_candidates(d)] if layout else []
+            t_copies = ([(wi, wo.transpose(1, 2).contiguous().transpose(1, 2)) for wi, wo in copies]
+                        if layout else [])
+            for cfg, tr in plain + transposed:
+                r = {"config": cfg, "name": _cfg_name(cfg) + (" [W_out F x d]" if tr else "")}
+                if tr:
+                    r["w_out_storage"] = "F x d"
+                cps = t_copies if tr else copies
+                w_in, w_out = cps[0]
                 try:
-                    r["us"] = bench_us([lambda x=x, i=i, w=w, cfg=cfg: expert_ffn_triton(x, w_in, w_out, i, w, config=cfg)
-                                        for x, i, w in sets], reps)
-                    calls = [lambda x=x, i=i, w=w, c=c, cfg=cfg: expert_ffn_triton(x, *copies[c % n_copies], i, w,
-                                                                                   config=cfg)
+                    r["us"] = bench_us([lambda x=x, i=i, w=w, cfg=cfg, w_in=w_in, w_out=w_out: expert_ffn_triton(
+                        x, w_in, w_out, i, w, config=cfg) for x, i, w in sets], reps)
+                    calls = [lambda x=x, i=i, w=w, c=c, cfg=cfg, cps=cps: expert_ffn_triton(x, *cps[c % n_copies], i,
+                                                                                            w, config=cfg)
                              for c, (x, i, w) in enumerate(b2b)]
                     r["graph_b2b_us"] = graph_per_call_us(calls)
                     x, i, w = sets[0]
@@ -477,13 +495,15 @@ def sweep_decode(out: list, reps: int, sweep_one_launch: bool = False, expert_co
                 except Exception as e:  # noqa: BLE001
                     r["error"] = f"{type(e).__name__}: {e}"[:200]
                 rows.append(r)
-            ok = [r for r in rows if "graph_b2b_us" in r and r["rel_err"] <= 2 * r["torch_rel_err"]]
+            w_in, w_out = copies[0]
+            ok = [r for r in rows if "graph_b2b_us" in r and r["rel_err"] <= 2 * r["torch_rel_err"]
+                  and "w_out_storage" not in r]
             best = min(ok, key=lambda r: r["graph_b2b_us"])
             tuning.set_config(fkey, DEV, best["config"])
             out.append({"what": "ffn", "shape": name, "E": E, "T": 1, "best": best["name"], "rows": rows})
             log("sweep", name, E, "ffn:", [(r["name"], round(r.get("us", -1), 2), round(r.get("graph_b2b_us", -1), 2),
                                            r.get("bitwise_deterministic")) for r in rows])
-            del copies
+            del copies, t_copies
             torch.cuda.synchronize()
 
 
@@ -749,6 +769,9 @@ def main():
     ap.add_argument("--skip-sweep", action="store_true", help="no T = 1 decode/routing sweep")
     ap.add_argument("--sweep-one-launch", action="store_true",
                     help="the T = 1 sweep also times the one-launch decode variants (fused, grid barrier)")
+    ap.add_argument("--sweep-layout", action="store_true",
+                    help="the decode sweep also times the fused kernel (and the pinned two-kernel config) with W_out "
+                    "stored transposed (F x d): rows named [W_out F x d], never pinned")
     ap.add_argument("--sweep-experts", default=None,
                     help="expert counts for the T = 1 sweep (default: --experts)")
     ap.add_argument("--read-floor", action="store_true",
@@ -803,7 +826,7 @@ def main():
     if not args.skip_sweep:
         try:
             sweep_experts = [int(e) for e in args.sweep_experts.split(",")] if args.sweep_experts else None
-            sweep_decode(sweep, max(20, args.reps // 2), args.sweep_one_launch, sweep_experts)
+            sweep_decode(sweep, max(20, args.reps // 2), args.sweep_one_launch, sweep_experts, args.sweep_layout)
         except Exception as e:  # noqa: BLE001
             import traceback
             traceback.print_exc()
