@@ -38,7 +38,6 @@ class OffloadConf:
     # pregated/lookahead: guess the first decoder MoE block's experts from each step's tokens: keep (the
     # engine keeps the guess table across runs) | run (a new table each run) | off
     first_block_guess: str = "keep"
-    first_block_guess_ahead: bool = False  # the guess made at the previous step's end (its argmax), not the start
     # none | int8: experts stored, copied and computed as symmetric per-row int8 (half of bf16's bytes
     # to copy; every policy, gpu_only included, then computes from the same int8 weights)
     quantize: str = "none"
@@ -48,7 +47,6 @@ class OffloadConf:
     copy_programs: int = 32
     copy_block: int = 8192
     copy_warps: int = 4
-    dma_streams: int = 1  # copy_mode dma: the copier's streams (block m's plans on stream m % dma_streams)
 
 
 @dataclass

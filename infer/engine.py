@@ -288,7 +288,6 @@ class Engine:
         prefill_slots: int = 16,
         copy: CopySettings | None = None,
         first_block_guess: str = "keep",
-        first_block_guess_ahead: bool = False,
     ):
         self.model, self.store = model, store
         model.fuse_for_inference()  # q/k/v as one matrix product (views: no extra memory)
@@ -307,7 +306,6 @@ class Engine:
         self.prefill_slots = prefill_slots
         self.first_block_guess = guess_mode(first_block_guess)  # pregated / lookahead: infer/policies.py
         self.guess_tables: dict[int, torch.Tensor] = {}  # first_block_guess=keep: the runners' tables, kept
-        self.first_block_guess_ahead = bool(first_block_guess_ahead)  # guess at the previous step's end
         self.copy = copy or CopySettings()  # the device copy kernel's stream priority and grid
 
     def calibration(self) -> cc.Calibration:
@@ -363,7 +361,6 @@ class Engine:
                 copy=self.copy,
                 first_block_guess=self.first_block_guess,
                 guess_tables=self.guess_tables,
-                guess_ahead=self.first_block_guess_ahead,
             ).attach()
             # timing events cannot sit in a captured graph: eager steps time each wait; a graph step's
             # stall is derived after the run (stall_by_difference)

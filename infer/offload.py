@@ -14,7 +14,6 @@ slot/table/cache logic runs, so the equality tests exercise it.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import threading
@@ -201,16 +200,12 @@ class CopySettings:
     the copy kernel's blocks are scheduled ahead of the compute kernels waiting for free SMs (a
     captured graph keeps each kernel node's priority). programs: persistent programs per copied
     expert (each PCIe read is issued by an SM: more programs, more reads in flight, fewer SMs for
-    the compute it overlaps); block: elements each program moves per iteration; warps: per program.
-    dma_streams (copy_mode dma): the copier's streams; block m's plans go to stream m % dma_streams, so
-    consecutive blocks' copies may run at once (one's set-up under the other's transfer) while a block's own
-    plans stay in order."""
+    the compute it overlaps); block: elements each program moves per iteration; warps: per program."""
 
     priority: str = "normal"
     programs: int = 32
     block: int = 8192
     warps: int = 4
-    dma_streams: int = 1
 
     def __post_init__(self):
         if self.priority not in ("normal", "high"):
@@ -222,8 +217,6 @@ class CopySettings:
             raise OffloadError(f"offload.copy_block={b!r}; expected a power of two in 256..65536")
         if self.warps not in (1, 2, 4, 8, 16):
             raise OffloadError(f"offload.copy_warps={self.warps!r}; expected 1, 2, 4, 8 or 16")
-        if self.dma_streams not in (1, 2, 3, 4):
-            raise OffloadError(f"offload.dma_streams={self.dma_streams!r}; expected 1, 2, 3 or 4")
 
     def stream_priority(self) -> int:
         """torch.cuda.Stream's priority (lower is higher; out-of-range values map to the device's highest)."""
@@ -497,8 +490,6 @@ class DmaCopier:
         self.done = torch.zeros(M, dtype=torch.int64, device=dev)
         self.err = torch.zeros(1, dtype=torch.int32, device=dev)
         self.stream = torch.cuda.Stream(dev) if self.cuda else None
-        k = pool.copy_settings.dma_streams
-        self.streams = [self.stream] + [torch.cuda.Stream(dev) for _ in range(k - 1)] if self.cuda else [None] * k
         self.device_index = (dev.index if dev.index is not None else torch.cuda.current_device()) if self.cuda else None
         self.max_iters = self.MAX_ITERS if self.cuda else self.MAX_ITERS_INTERPRETED
         self.issued = 0  # plans handled by the thread
@@ -526,11 +517,10 @@ class DmaCopier:
         done, err = posted.clone(), torch.zeros_like(self.err)
         for m in range(self.M):
             mailbox.wait(done[m : m + 1], posted[m : m + 1], err, self.max_iters)
-        for st in self.streams:
-            with torch.cuda.stream(st):  # (no stream on the CPU: a no-op context)
-                for d in self._done:
-                    d.fill_(1)
-                self.done.zero_()
+        with torch.cuda.stream(self.stream):  # (no stream on the CPU: a no-op context)
+            for d in self._done:
+                d.fill_(1)
+            self.done.zero_()
         if self.cuda:
             torch.cuda.synchronize(self.pool.device)
         if int(err[0]) or not torch.equal(head.cpu(), torch.tensor([self.M])):
@@ -567,22 +557,19 @@ class DmaCopier:
                 raise OffloadError(f"copy_mode=dma: ring entry {g} reads as plan {row[-1]}")
             m, b, src, dst = row[0], row[1], row[2 : 2 + n], row[2 + n : 2 + 2 * n]
             experts = self._store_rows[m]
-            # on CUDA the thread's current stream is the copier's (_copier_loop), block m's plans go to stream
-            # m % dma_streams; on the CPU copies are synchronous
+            # on CUDA the thread's current stream is the copier's (_copier_loop); on the CPU copies are synchronous
             trace = self.trace if self.cuda else None
-            st = self.streams[m % len(self.streams)]
-            with torch.cuda.stream(st) if st is not None and st is not self.stream else contextlib.nullcontext():
-                if trace is not None:
-                    ev0 = torch.cuda.Event(enable_timing=True)
-                    ev0.record()
-                for e, p in zip(src, dst):
-                    if e >= 0 and p >= 0:
-                        slots[p].copy_(experts[e], non_blocking=self.cuda)
-                if trace is not None:
-                    ev1 = torch.cuda.Event(enable_timing=True)
-                    ev1.record()
-                    trace.append((g, m, ev0, ev1))
-                self._done[m].fill_(b)
+            if trace is not None:
+                ev0 = torch.cuda.Event(enable_timing=True)
+                ev0.record()
+            for e, p in zip(src, dst):
+                if e >= 0 and p >= 0:
+                    slots[p].copy_(experts[e], non_blocking=self.cuda)
+            if trace is not None:
+                ev1 = torch.cuda.Event(enable_timing=True)
+                ev1.record()
+                trace.append((g, m, ev0, ev1))
+            self._done[m].fill_(b)
             seen[0] = g
             self.issued += 1
         return True

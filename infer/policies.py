@@ -14,11 +14,9 @@ First-block guess (pregated, lookahead; offload.first_block_guess): no pre-gate 
 MoE block (its own router decides, a few layers into the step), so its copy would sit on the step's
 critical path. The runner guesses that block's experts from the step's tokens (a per-token table: the
 expert the token was last routed to; no guess for a token not seen yet, as a missed guess's copy delays the
-needed one) and starts their copies at the step's start, or (offload.first_block_guess_ahead) at the end of the
-previous step, from its logits' argmax (greedy's next token; not with copy_mode device, whose copy kernels a
-captured step would have to wait for before it ends; measured on the H200 with dma: no gain). At the
-block the router's real choice is verified against the guess and a miss is copied then (the outputs never
-change, only the time; the table learns the step's real tokens' experts). keep (the default): the
+needed one) and starts their copies at the step's start. At the block the router's real choice is
+verified against the guess and a miss is copied then (the outputs never change, only the time; the table
+learns the step's tokens' experts). keep (the default): the
 engine keeps the table across runs (requests); run: each run starts with an empty one; off. The shipped
 model's first decoder MoE block routes by token identity alone: every guess of a seen token hits there
 (scripts/probe_first_block_guess.py, bench/results/first-block-guess.md).
@@ -121,9 +119,6 @@ class _Block:
     def step_start(self, tokens_B: torch.Tensor) -> None:
         self.r.on_step_start(tokens_B)
 
-    def step_end(self, logits_BV: torch.Tensor) -> None:
-        self.r.on_step_end(logits_BV)
-
 
 def check_cpu_compute(store: ExpertStore, cpu_compute: str) -> None:
     if store.quantize and cpu_compute != "off":
@@ -151,7 +146,6 @@ class OffloadRunner:
         copy: CopySettings | None = None,
         first_block_guess: str = "keep",
         guess_tables: dict[int, torch.Tensor] | None = None,
-        guess_ahead: bool = False,
     ):
         spec.validate()
         first_block_guess = guess_mode(first_block_guess)
@@ -251,12 +245,7 @@ class OffloadRunner:
             if first_block_guess != "off" and spec.name in ("pregated", "lookahead") else []
         )
         self.guess_mode = first_block_guess
-        # ahead: except with the device copy kernel, whose copies a captured step would have to wait for before
-        # it ends (a graph joins every stream it forks): there the guess is made at the step's start
-        self.guess_ahead = guess_ahead
-        self.ahead = guess_ahead and self.pool.copy_mode != "device"
         # keep: the tables in guess_tables (the engine's: they outlive the run); run: this run's own, reset
-        # with the placement
         # with the placement. A token's entry: the expert it was last routed to, -1 before it was seen (no guess:
         # a missed guess costs a copy ahead of the needed one)
         kept = guess_tables if first_block_guess == "keep" and guess_tables is not None else {}
@@ -379,7 +368,6 @@ class OffloadRunner:
             "bytes_cpu_read": int(self.cpu_computed) * self.store.expert_bytes,
             "first_block_guess": {
                 "mode": self.guess_mode if self.guess_blocks else "off",
-                "ahead": bool(self.guess_blocks) and self.ahead,
                 "blocks": list(self.guess_blocks),
                 "rows": int(self.guess_rows),  # token rows at the guess blocks
                 "lookups": int(self.guess_lookups),  # guesses made (rows whose token was seen before)
@@ -390,31 +378,12 @@ class OffloadRunner:
 
     # -- the first-block guess -----------------------------------------------------------------------
     def on_step_start(self, tokens: torch.Tensor) -> None:
-        """A decode step starts with `tokens` [B]: the table learns from them at the guess blocks; without
-        guess_ahead their guess is made now."""
+        """A decode step starts with `tokens` [B]: start copying the guess blocks' guessed experts (a prefetch:
+        under copy_mode dma the copy engines move them, and the block's verification plan, which may copy
+        into the same slots, follows on the same path)."""
         if not self.guess_blocks:
             return
-        self._guess_tokens = tokens.reshape(-1).long()
-        if not self.ahead:
-            self._guess(self._guess_tokens)
-
-    def on_step_end(self, logits: torch.Tensor) -> None:
-        """A decode step's logits [B, V] are computed (inside the step, so inside its graph): with
-        guess_ahead the next step's guess is made now from their argmax (greedy's next tokens; beam search's
-        rows may differ, which costs time, never outputs), so its copies start before the host's work between
-        two steps and the next step's launch."""
-        if self.guess_blocks and self.ahead:
-            self._guess(logits.argmax(-1))
-            if self.pool.cuda:  # a captured step joins its copy stream before it ends: here only the dma posts
-                compute = torch.cuda.current_stream(self.device)
-                for m in self.guess_blocks:
-                    compute.wait_event(self.pool.copy_done[m])
-
-    def _guess(self, tokens: torch.Tensor) -> None:
-        """Start copying the guessed experts of the guess blocks for `tokens` (a prefetch: under copy_mode dma
-        the copy engines move them, and the block's verification plan, which may copy into the same slots,
-        follows on the same path)."""
-        flat = tokens.reshape(-1).long()
+        flat = self._guess_tokens = tokens.reshape(-1).long()
         for m in self.guess_blocks:
             ids = self.guess_table[m].index_select(0, flat)  # [N, 1], -1: not guessed
             need = torch.zeros(self.E + 1, dtype=torch.bool, device=self.device)
@@ -425,8 +394,8 @@ class OffloadRunner:
     def _verify_guess(self, m: int, routing: Routing) -> None:
         """Block m's router decided: copy what the guess missed, count the guess, learn the tokens' experts."""
         guessed = self._guessed.pop(m)
-        # every step ends with a guess (guess_ahead): block m's staging holders are then those its guess
-        # filled after the last reader of the buffer, so hits there are real
+        # not fresh: block m's staging holders are those its guess filled this step, after the buffer's last
+        # reader, so hits there are real
         self._demand(m, routing, self._need(routing), fresh=False, behind=True)
         ids = routing.ids.reshape(guessed.shape[0], -1).to(torch.int32)
         made = (guessed >= 0).all(-1)
@@ -534,7 +503,6 @@ class OffloadRunner:
         tokens on the host (a sync; the encoder pass is never graph-captured)."""
         if not self._streamed(m):
             return None
-        self._guessed.clear()  # a prefill
         self._prefetched.discard(m)
         self._observed = None
         return self._stream(m, routing)
@@ -588,8 +556,6 @@ class OffloadRunner:
 
     def on_fetch(self, m: int, routing: Routing):
         name = self.spec.name
-        if self._guessed and self.stack_of[m] == 0:  # a prefill: its encoder blocks may use the staging buffers
-            self._guessed.clear()
         early = m in self._prefetched
         self._prefetched.discard(m)
         if name == "prefetch_all":
@@ -608,7 +574,7 @@ class OffloadRunner:
                     gate_logits(x_BSD.reshape(B * S, D), self.moes[t].router), (B, S), None
                 )
                 self._pending.append((t, self._need(guess)))
-        elif m in self._guessed:  # a first decoder block, its experts guessed (this step's start, or ahead)
+        elif m in self._guessed:  # a first decoder block, its experts guessed at the step's start
             self._verify_guess(m, routing)
         elif not early:  # on_demand, or a block no pre-gate routes (the first of a stack)
             self._demand(m, routing, self._need(routing), fresh=True)

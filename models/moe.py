@@ -50,10 +50,9 @@ class ExpertSource(Protocol):
     # and `extra` (None, or a callable returning a [B, S, D] partial output, called after the
     # expert FFN is launched so the two can overlap) is added to their output (the offload runner's
     # CPU compute of missed experts).
-    # Optional: `step_start(tokens_B)` and `step_end(logits_BV)` are called on the decoder's first MoE block's
-    # source at the start and the end of each decode step (Switch.decode_one_token, inside a captured step):
-    # the offload runner guesses from them the experts of the blocks no pre-gate routes and starts their
-    # copies (infer/policies.py: the first-block guess).
+    # Optional: `step_start(tokens_B)` is called on the decoder's first MoE block's source at the start of each
+    # decode step (Switch.decode_one_token, inside a captured step): the offload runner guesses from the
+    # tokens the experts of the blocks no pre-gate routes and starts their copies (infer/policies.py).
     # Optional: `chunks(routing)` is called first, when the source defines it: None (then fetch as
     # usual), or an iterable of (w_in, w_out, slot_of_expert, tok [n] token ids, in_chunk [E] bool):
     # the experts computed chunk by chunk through a few slots (the offload runner's prefill streaming).

@@ -474,7 +474,7 @@ class Switch(nn.Module):
         advances state.pos in place. No host synchronisation: capturable as a CUDA graph."""
         moes = self.decoder.moes
         src = moes[0].expert_source if moes else None
-        start, end = getattr(src, "step_start", None), getattr(src, "step_end", None)
+        start = getattr(src, "step_start", None)
         if start is not None:  # the offload runner's guess of the first MoE block's experts (ExpertSource)
             start(tokens_B)
         h = self.shared(tokens_B[:, None])
@@ -484,7 +484,4 @@ class Switch(nn.Module):
             h, bias, cross_kv=kv, cross_bias=state.enc_bias, cache=(state.self_k, state.self_v, state.pos)
         )
         state.pos += 1
-        logits = self._logits(out)[:, 0].float()
-        if end is not None:
-            end(logits)
-        return logits
+        return self._logits(out)[:, 0].float()

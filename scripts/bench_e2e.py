@@ -489,26 +489,17 @@ def main() -> int:
 #   hi:        the copy stream at the highest priority (offload.copy_priority=high)
 #   p<N>, b<B>, w<W>: the device copy kernel with N programs per expert, B elements per iteration, W
 #              warps per program (offload.copy_programs / copy_block / copy_warps), e.g. pregated#p64#b4096
-#   s<S>:      copy_mode dma's copier on S streams (offload.dma_streams), e.g. pregated#dma#s2
 #   dma:       offload.copy_mode=dma (prefetched plans by the copy engines, started by a host thread;
 #              infer.offload.DmaCopier); device: offload.copy_mode=device (e.g. beside --copy-mode dma)
 #   noguess, guessrun, guesskeep: offload.first_block_guess off / run / keep (the first decoder MoE block's
-#              experts guessed from the step's tokens; the bench's default: --first-block-guess); guessahead,
-#              guessstart: offload.first_block_guess_ahead true / false (the guess at the previous step's end from
-#              its argmax, or at the step's start: the default)
+#              experts guessed from the step's tokens; the bench's default: --first-block-guess)
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
-GUESS_VARIANTS = {"noguess": "off", "guessrun": "run", "guesskeep": "keep", "guessstart": None, "guessahead": None}
-
-
-def guess_ahead(variant: str, default: bool) -> bool:
-    """offload.first_block_guess_ahead for a variant: #guessahead, #guessstart, else `default`."""
-    toks = [t for t in variant.split("#") if t in ("guessahead", "guessstart")]
-    return toks[-1] == "guessahead" if toks else default
+GUESS_VARIANTS = {"noguess": "off", "guessrun": "run", "guesskeep": "keep"}
 
 
 def variant_guess(variant: str) -> str | None:
     """The first-block guess mode a variant asks for ("noguess" -> "off"), or None."""
-    found = [GUESS_VARIANTS[t] for t in variant.split("#") if GUESS_VARIANTS.get(t)]
+    found = [GUESS_VARIANTS[t] for t in variant.split("#") if t in GUESS_VARIANTS]
     return found[-1] if found else None
 
 
@@ -525,12 +516,11 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
             pass  # variant_guess
         elif tok == "hi":
             copy["priority"] = "high"
-        elif tok[:1] in ("p", "b", "w", "s") and tok[1:].isdigit():
-            copy[{"p": "programs", "b": "block", "w": "warps", "s": "dma_streams"}[tok[0]]] = int(tok[1:])
+        elif tok[:1] in ("p", "b", "w") and tok[1:].isdigit():
+            copy[{"p": "programs", "b": "block", "w": "warps"}[tok[0]]] = int(tok[1:])
         else:
             raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #device, #hi, "
-                             "#p<programs>, #b<block>, #w<warps>, #s<dma streams>, #noguess, #guessrun, #guesskeep, "
-                             "#guessstart, #guessahead")
+                             "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep")
     if copy:
         try:
             CopySettings(**copy)
@@ -748,8 +738,7 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
         try:
             with engine_settings(eng, copy=dataclasses.replace(eng.copy, **copy),
                                  copy_mode=copy_mode or eng.copy_mode,
-                                 first_block_guess=variant_guess(variant) or eng.first_block_guess,
-                                 first_block_guess_ahead=guess_ahead(variant, eng.first_block_guess_ahead)):
+                                 first_block_guess=variant_guess(variant) or eng.first_block_guess):
                 entry = run_one(eng, spec, ids, n_new, nb, args, cpu_compute=cpu_mode or "off")
         finally:
             slot_plan.DEFAULT_IMPL = impl_before
@@ -1347,8 +1336,7 @@ def bench_sweep(shape, cfg, eng: Engine, args, over_budget, result, out, save) -
             t_run = time.perf_counter()
             with forcing.active() if forcing else contextlib.nullcontext():
                 with engine_settings(eng, measure_stall=stall,
-                                     first_block_guess=variant_guess(variant) or eng.first_block_guess,
-                                     first_block_guess_ahead=guess_ahead(variant, eng.first_block_guess_ahead)):
+                                     first_block_guess=variant_guess(variant) or eng.first_block_guess):
                     entry = run_one(eng, spec, ids, n_new, 1, args)
                 preds = forcing.predictions if forcing else None
                 tokens = entry.pop("tokens", None)

@@ -248,9 +248,10 @@ def variant_table(shapes: dict) -> list[str]:
         "PyTorch slot plan; #dma / #device = offload.copy_mode dma (prefetched experts by the copy engines, "
         "started by a host thread) / device (the copy kernel); #hi = the copy stream at the highest priority; "
         "#p<N>/#b<B>/#w<W> = the device copy kernel's programs per expert, elements per iteration and warps "
-        "per program; the kernel's settings apply where it copies; #s<S> = the dma copier on S streams; #noguess "
-        "/ #guessrun / #guesskeep = offload.first_block_guess off / run / keep; #guessahead / #guessstart = the "
-        "guess at the previous step's end or the step's start). First-block guess: mode, hits / guesses. Stall: "
+        "per program; the kernel's settings apply where it copies; #noguess / #guessrun / #guesskeep = "
+        "offload.first_block_guess off / run / keep; in older results #s<S> = the dma copier on S streams and "
+        "#guessahead / #guessstart = the guess at the previous step's end or the step's start, levers tried and "
+        "removed). First-block guess: mode, hits / guesses. Stall: "
         "the captured step with its copies minus without; GB/s: the copy bandwidth's lower bound (decode bytes / "
         "step time).",
         "",
