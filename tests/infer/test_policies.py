@@ -411,16 +411,23 @@ def _guess_runs(eng, ids, modes, **kw):
     return out
 
 
+def _guess_modes(path, max_new_tokens):
+    """gpu_only's run, and pregated's with the guess off, run, keep, and keep again (the table kept), greedy
+    batch 1 on one engine."""
+    eng = _engine(path)
+    ids, _ = prompts(n=1)
+    kw = dict(max_new_tokens=max_new_tokens, keep_logits=True)
+    ref = eng.run(PolicySpec("gpu_only"), ids, None, **kw)
+    res = _guess_runs(eng, ids, ("off", "run", "keep"), **kw)
+    res["keep2"] = _guess_runs(eng, ids, ("keep",), **kw)["keep"]
+    return eng, ref, res
+
+
 def test_first_block_guess_accounting_and_outputs(pregated_ckpt):
     """The guess never changes the outputs (bitwise, whatever it guessed); greedy batch 1: one guess per step
     in the decoder's first MoE block for a token seen before, and every missed guess costs exactly one more
     expert copied than no guess. keep: a second run of the same prompt guesses every step."""
-    eng = _engine(pregated_ckpt)
-    ids, _ = prompts(n=1)
-    kw = dict(max_new_tokens=8, keep_logits=True)
-    ref = eng.run(PolicySpec("gpu_only"), ids, None, **kw)
-    res = _guess_runs(eng, ids, ("off", "run", "keep"), **kw)
-    res["keep2"] = _guess_runs(eng, ids, ("keep",), **kw)["keep"]
+    eng, ref, res = _guess_modes(pregated_ckpt, 8)
     first_dec = len(eng.model.encoder.moes)
     steps = len(ref.step_logits)
     off = res["off"].metrics["experts_copied"]
@@ -439,13 +446,7 @@ def test_first_block_guess_accounting_and_outputs(pregated_ckpt):
 def test_first_block_guess_hits_where_the_block_routes_by_token(tmp_path):
     """Where the first decoder MoE block routes by the token alone, every guess hits (a seen token's expert)
     and costs no copy more than no guess; keep: the next run of the same prompt guesses every step."""
-    path = _token_routed_checkpoint(tmp_path / "token-routed")
-    eng = _engine(path)
-    ids, _ = prompts(n=1)
-    kw = dict(max_new_tokens=12, keep_logits=True)
-    ref = eng.run(PolicySpec("gpu_only"), ids, None, **kw)
-    res = _guess_runs(eng, ids, ("off", "run", "keep"), **kw)
-    res["keep2"] = _guess_runs(eng, ids, ("keep",), **kw)["keep"]
+    _, ref, res = _guess_modes(_token_routed_checkpoint(tmp_path / "token-routed"), 12)
     for mode in ("run", "keep", "keep2"):
         _same(ref, res[mode])
         g = res[mode].metrics["first_block_guess"]
