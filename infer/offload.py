@@ -200,12 +200,17 @@ class CopySettings:
     the copy kernel's blocks are scheduled ahead of the compute kernels waiting for free SMs (a
     captured graph keeps each kernel node's priority). programs: persistent programs per copied
     expert (each PCIe read is issued by an SM: more programs, more reads in flight, fewer SMs for
-    the compute it overlaps); block: elements each program moves per iteration; warps: per program."""
+    the compute it overlaps); block: elements each program moves per iteration; warps: per program.
+    guess: under copy_mode dma, the path of the first-block guess's copies (made at a decode step's start,
+    when nothing else is on the link): "dma" (the copier's copy engines, started by its host thread) or
+    "kernel" (the device copy kernel: no wait for the host thread's reaction, at the kernel's bandwidth);
+    the block's verification plan follows the guess on the same path."""
 
     priority: str = "normal"
     programs: int = 32
     block: int = 8192
     warps: int = 4
+    guess: str = "dma"
 
     def __post_init__(self):
         if self.priority not in ("normal", "high"):
@@ -217,6 +222,8 @@ class CopySettings:
             raise OffloadError(f"offload.copy_block={b!r}; expected a power of two in 256..65536")
         if self.warps not in (1, 2, 4, 8, 16):
             raise OffloadError(f"offload.copy_warps={self.warps!r}; expected 1, 2, 4, 8 or 16")
+        if self.guess not in ("dma", "kernel"):
+            raise OffloadError(f"offload.copy_guess={self.guess!r}; expected dma or kernel")
 
     def stream_priority(self) -> int:
         """torch.cuda.Stream's priority (lower is higher; out-of-range values map to the device's highest)."""

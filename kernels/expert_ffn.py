@@ -547,11 +547,12 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _fused_config(bf: int, d: int, w: int = 4, pdl: bool = True) -> dict:
-    """The fused decode kernel (one launch per token slot and F tile) and its fixed-order reduce."""
+def _fused_config(bf: int, d: int, w: int = 4, pdl: bool = True, red_bd: int = 64) -> dict:
+    """The fused decode kernel (one launch per token slot and F tile) and its fixed-order reduce (red_bd: output
+    columns per reduce program)."""
     bd = min(_np2(d), 2048)
     return {"path": "fused", "pdl": pdl, "BLOCK_F": bf, "BLOCK_D": bd, "BLOCK_DO": bd,
-            "num_warps": w, "red": {"BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 4}}
+            "num_warps": w, "red": {"BLOCK_N": 64, "BLOCK_D": red_bd, "num_warps": 4}}
 
 
 def fused_candidates(d: int) -> list[dict]:

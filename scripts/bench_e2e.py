@@ -493,6 +493,7 @@ def main() -> int:
 #              infer.offload.DmaCopier); device: offload.copy_mode=device (e.g. beside --copy-mode dma)
 #   noguess, guessrun, guesskeep: offload.first_block_guess off / run / keep (the first decoder MoE block's
 #              experts guessed from the step's tokens; the bench's default: --first-block-guess)
+#   guesskernel: offload.copy_guess=kernel (copy_mode dma: the guess's copies by the device copy kernel)
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
 GUESS_VARIANTS = {"noguess": "off", "guessrun": "run", "guesskeep": "keep"}
 
@@ -516,11 +517,13 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
             pass  # variant_guess
         elif tok == "hi":
             copy["priority"] = "high"
+        elif tok == "guesskernel":
+            copy["guess"] = "kernel"
         elif tok[:1] in ("p", "b", "w") and tok[1:].isdigit():
             copy[{"p": "programs", "b": "block", "w": "warps"}[tok[0]]] = int(tok[1:])
         else:
             raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #device, #hi, "
-                             "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep")
+                             "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep, #guesskernel")
     if copy:
         try:
             CopySettings(**copy)

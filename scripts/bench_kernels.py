@@ -407,7 +407,9 @@ def check_sync_and_graphs(out: list):
 # ------------------------------------------------------------------------------------------------ timing
 def _cfg_name(cfg: dict) -> str:
     if cfg.get("path") == "fused":
-        return f"fused-{cfg.get('reduce', 'scratch')} BF{cfg['BLOCK_F']} w{cfg['num_warps']}"
+        red = cfg.get("red", {}).get("BLOCK_D", 64)
+        return f"fused-{cfg.get('reduce', 'scratch')} BF{cfg['BLOCK_F']} w{cfg['num_warps']}" + (
+            f" red BD{red}" if red != 64 else "")
     if cfg.get("path") == "decode":
         ci, co = cfg["in"], cfg["out"]
         return (f"2-kernel in BF{ci['BLOCK_F']} BD{ci['BLOCK_D']} w{ci['num_warps']} out BD{co['BLOCK_D']} "
@@ -431,16 +433,19 @@ def decode_candidates(d: int, f: int) -> list[dict]:
 def layout_candidates(d: int) -> list[dict]:
     """Fused decode configs for W_out stored transposed (F x d in memory): each program then reads BLOCK_F
     whole contiguous d-rows of W_out (a [d, BLOCK_F] tile in registers: BLOCK_F stays small, more warps hold
-    the wider ones); wider F tiles mean fewer partials to reduce."""
-    return [_fused_config(bf, d, w) for bf, w in ((8, 4), (16, 4), (16, 8), (32, 8), (32, 16))]
+    the wider ones); wider F tiles mean fewer partials to reduce; red BD: output columns per reduce program (fewer:
+    more programs share the partials' read)."""
+    return [_fused_config(bf, d, w, red_bd=r) for bf, w, r in ((8, 4, 64), (16, 4, 64), (16, 4, 16), (16, 8, 32),
+                                                               (32, 8, 16), (32, 8, 64), (32, 16, 16))]
 
 
 def sweep_decode(out: list, reps: int, sweep_one_launch: bool = False, expert_counts=None, layout: bool = False):
     """T = 1: time the two-kernel decode path against the fused decode kernel variants (single call after
     an L2 flush, and 16 calls back to back in one CUDA graph), and the split-gate routing against the
     whole-gate kernel; pin the fastest (FFN: by the graph b2b time; routing: single call) for the timings.
-    layout: also time the fused kernel and the two-kernel configs with W_out stored transposed (rows named
-    "[W_out F x d]"; a storage the offload pool does not use yet, so never pinned)."""
+    layout: time the fused kernel and the pinned two-kernel config with W_out stored transposed (rows named
+    "[W_out F x d]"; a storage the offload pool does not use yet, so never pinned) beside the pinned config
+    on the usual storage, instead of the two-kernel sweep."""
     gpu = tuning.gpu_name(DEV)
     for name, (d, f) in SHAPES.items():
         for E in expert_counts or EXPERTS:
@@ -469,7 +474,8 @@ def sweep_decode(out: list, reps: int, sweep_one_launch: bool = False, expert_co
             b2b = make_sets(1, E, 1, d, seed=E + 1, n_sets=16)
             rows = []
             one_launch = fused_candidates(d) + gridsync_candidates(d, f) if sweep_one_launch else []
-            plain = [(cfg, False) for cfg in [old] + decode_candidates(d, f) + one_launch]
+            # layout: only the pinned two-kernel config beside the transposed-storage rows (the wide sweep is its own run)
+            plain = [(cfg, False) for cfg in [old] + ([] if layout else decode_candidates(d, f)) + one_launch]
             transposed = [(cfg, True) for cfg in [old] + layout_candidates(d)] if layout else []
             t_copies = ([(wi, wo.transpose(1, 2).contiguous().transpose(1, 2)) for wi, wo in copies]
                         if layout else [])
@@ -770,8 +776,9 @@ def main():
     ap.add_argument("--sweep-one-launch", action="store_true",
                     help="the T = 1 sweep also times the one-launch decode variants (fused, grid barrier)")
     ap.add_argument("--sweep-layout", action="store_true",
-                    help="the decode sweep also times the fused kernel (and the pinned two-kernel config) with W_out "
-                    "stored transposed (F x d): rows named [W_out F x d], never pinned")
+                    help="the decode sweep times the fused kernel (and the pinned two-kernel config) with W_out "
+                    "stored transposed (F x d), rows named [W_out F x d], never pinned, beside the pinned config on "
+                    "the usual storage (instead of the two-kernel sweep)")
     ap.add_argument("--sweep-experts", default=None,
                     help="expert counts for the T = 1 sweep (default: --experts)")
     ap.add_argument("--read-floor", action="store_true",

@@ -243,6 +243,7 @@ def test_parse_table_runs():
     assert bench.parse_variant("noguess#dma") == (None, {}, "dma")
     assert bench.variant_guess("noguess#dma") == "off" and bench.variant_guess("guesskeep") == "keep"
     assert bench.variant_guess("dma") is None
+    assert bench.parse_variant("guesskernel#dma") == (None, {"guess": "kernel"}, "dma")
     with pytest.raises(SystemExit, match="noguess"):
         bench.parse_variant("nogues")
     for bad in ("beam4", "beam8:gpu_only", "beam4:", "beam4:no_such_policy", "greedy:pregated#fast",
