@@ -47,8 +47,6 @@ class OffloadConf:
     copy_programs: int = 32
     copy_block: int = 8192
     copy_warps: int = 4
-    # copy_mode dma: the first-block guess's copies by the copy engines (dma) or the device copy kernel
-    copy_guess: str = "dma"
 
 
 @dataclass

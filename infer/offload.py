@@ -200,17 +200,12 @@ class CopySettings:
     the copy kernel's blocks are scheduled ahead of the compute kernels waiting for free SMs (a
     captured graph keeps each kernel node's priority). programs: persistent programs per copied
     expert (each PCIe read is issued by an SM: more programs, more reads in flight, fewer SMs for
-    the compute it overlaps); block: elements each program moves per iteration; warps: per program.
-    guess: under copy_mode dma, the path of the first-block guess's copies (made at a decode step's start,
-    when nothing else is on the link): "dma" (the copier's copy engines, started by its host thread) or
-    "kernel" (the device copy kernel: no wait for the host thread's reaction, at the kernel's bandwidth);
-    the block's verification plan follows the guess on the same path."""
+    the compute it overlaps); block: elements each program moves per iteration; warps: per program."""
 
     priority: str = "normal"
     programs: int = 32
     block: int = 8192
     warps: int = 4
-    guess: str = "dma"
 
     def __post_init__(self):
         if self.priority not in ("normal", "high"):
@@ -222,8 +217,6 @@ class CopySettings:
             raise OffloadError(f"offload.copy_block={b!r}; expected a power of two in 256..65536")
         if self.warps not in (1, 2, 4, 8, 16):
             raise OffloadError(f"offload.copy_warps={self.warps!r}; expected 1, 2, 4, 8 or 16")
-        if self.guess not in ("dma", "kernel"):
-            raise OffloadError(f"offload.copy_guess={self.guess!r}; expected dma or kernel")
 
     def stream_priority(self) -> int:
         """torch.cuda.Stream's priority (lower is higher; out-of-range values map to the device's highest)."""
@@ -482,6 +475,11 @@ class DmaCopier:
     MAX_ITERS_INTERPRETED = 200_000  # the CPU interpreter is ~1e3 x slower per poll
     IDLE_S = 0.05
     SLEEP_S = 0.0005
+    # MAPPED_RING: the post kernel writes the plan and the head straight into the pinned mirror (else: a
+    # ring on the device, copied to it); SIGNAL_STREAM: done[m] written on a second stream behind an event
+    # (else: on the copier's stream, between two plans' copies)
+    MAPPED_RING = True
+    SIGNAL_STREAM = True
 
     def __init__(self, pool: SlotPool):
         self.pool = pool
@@ -497,6 +495,10 @@ class DmaCopier:
         self.done = torch.zeros(M, dtype=torch.int64, device=dev)
         self.err = torch.zeros(1, dtype=torch.int32, device=dev)
         self.stream = torch.cuda.Stream(dev) if self.cuda else None
+        # done[m] written on a second stream behind an event (not between two plans' copies on the copier's)
+        self.signal = torch.cuda.Stream(dev) if self.cuda and self.SIGNAL_STREAM else None
+        self._signal_event = torch.cuda.Event() if self.signal is not None else None
+        self.mapped_ring = self.MAPPED_RING
         self.device_index = (dev.index if dev.index is not None else torch.cuda.current_device()) if self.cuda else None
         self.max_iters = self.MAX_ITERS if self.cuda else self.MAX_ITERS_INTERPRETED
         self.issued = 0  # plans handled by the thread
@@ -517,20 +519,26 @@ class DmaCopier:
         copier's done-count fill), so that none is loaded (Triton's at their first launch) while a wait spins."""
         # the plans' dtypes and every block index and offset, as Triton compiles a variant per argument kind
         ring, head, posted = torch.zeros_like(self.ring), torch.zeros_like(self.head), torch.zeros_like(self.posted)
+        head_h = None
+        if self.mapped_ring:  # (scratch pinned copies: the kernel variant that writes the host's ring and head)
+            ring = torch.zeros(self.ring_h.shape, dtype=torch.int64, pin_memory=self.cuda)
+            head_h = torch.zeros(1, dtype=torch.int64, pin_memory=self.cuda)
         src = torch.full((self.n,), -1, dtype=torch.int32, device=self.pool.device)
         dst = torch.zeros(self.n, dtype=torch.int32, device=self.pool.device)
         for m in range(self.M):
-            mailbox.post(m, src, dst, ring, head, posted)
+            mailbox.post(m, src, dst, ring, head, posted, head_host=head_h)
         done, err = posted.clone(), torch.zeros_like(self.err)
         for m in range(self.M):
             mailbox.wait(done[m : m + 1], posted[m : m + 1], err, self.max_iters)
-        with torch.cuda.stream(self.stream):  # (no stream on the CPU: a no-op context)
-            for d in self._done:
-                d.fill_(1)
-            self.done.zero_()
+        for st in (self.stream, self.signal):  # (no stream on the CPU: a no-op context)
+            with torch.cuda.stream(st):
+                for d in self._done:
+                    d.fill_(1)
+                self.done.zero_()
         if self.cuda:
             torch.cuda.synchronize(self.pool.device)
-        if int(err[0]) or not torch.equal(head.cpu(), torch.tensor([self.M])):
+        if int(err[0]) or not torch.equal(head.cpu(), torch.tensor([self.M])) or (
+                head_h is not None and int(head_h[0]) != self.M):
             raise OffloadError(f"copy_mode=dma: the handshake's kernels failed their start-up check (head "
                                f"{head.tolist()} after {self.M} posts, {int(err[0])} timeouts)")
 
@@ -539,6 +547,9 @@ class DmaCopier:
         if src_n.numel() != self.n or dst_n.numel() != self.n:
             raise OffloadError(f"copy_mode=dma: a plan of {src_n.numel()} entries for block {m}; the "
                                f"ring holds {self.n}")
+        if self.mapped_ring:  # the kernel writes the plan, then the host's head, into pinned memory
+            mailbox.post(m, src_n, dst_n, self.ring_h, self.head, self.posted, head_host=self.head_h)
+            return
         mailbox.post(m, src_n, dst_n, self.ring, self.head, self.posted)
         # the ring, then its head: two copies in stream order, so the host never sees a head before its plan
         self.ring_h.copy_(self.ring, non_blocking=self.cuda)
@@ -576,7 +587,13 @@ class DmaCopier:
                 ev1 = torch.cuda.Event(enable_timing=True)
                 ev1.record()
                 trace.append((g, m, ev0, ev1))
-            self._done[m].fill_(b)
+            if self.signal is not None:  # done[m] on the signal stream, so the next plan's copies start at once
+                self._signal_event.record()
+                self.signal.wait_event(self._signal_event)
+                with torch.cuda.stream(self.signal):
+                    self._done[m].fill_(b)
+            else:
+                self._done[m].fill_(b)
             seen[0] = g
             self.issued += 1
         return True

@@ -379,8 +379,8 @@ class OffloadRunner:
     # -- the first-block guess -----------------------------------------------------------------------
     def on_step_start(self, tokens: torch.Tensor) -> None:
         """A decode step starts with `tokens` [B]: start copying the guess blocks' guessed experts (a prefetch:
-        under copy_mode dma the copy engines move them, or the copy kernel with offload.copy_guess=kernel; the
-        block's verification plan, which may copy into the same slots, follows on the same path)."""
+        under copy_mode dma the copy engines move them, and the block's verification plan, which may copy
+        into the same slots, follows on the same path)."""
         if not self.guess_blocks:
             return
         flat = self._guess_tokens = tokens.reshape(-1).long()
@@ -388,7 +388,7 @@ class OffloadRunner:
             ids = self.guess_table[m].index_select(0, flat)  # [N, 1], -1: not guessed
             need = torch.zeros(self.E + 1, dtype=torch.bool, device=self.device)
             need.index_fill_(0, torch.where(ids < 0, self.E, ids).reshape(-1).long(), True)
-            self._plan(m, need[: self.E], fresh=True, prefetch=self.pool.copy_settings.guess == "dma")
+            self._plan(m, need[: self.E], fresh=True, prefetch=True)
             self._guessed[m] = ids
 
     def _verify_guess(self, m: int, routing: Routing) -> None:

@@ -25,6 +25,8 @@ of W = 2n + 3 int64 each.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -39,7 +41,14 @@ except ImportError:  # pragma: no cover
 if HAVE_TRITON:
 
     @triton.jit
-    def _post_kernel(src_ptr, dst_ptr, ring_ptr, head_ptr, posted_ptr, m, N, R, BLOCK: tl.constexpr):
+    def _fence_system(x):
+        # fence.sc.sys: this thread's earlier stores (to host memory too) are seen before its later ones
+        return tl.inline_asm_elementwise("fence.sc.sys;\n\tmov.u32 $0, $1;", "=r,r", [x], dtype=tl.int32,
+                                         is_pure=False, pack=1)
+
+    @triton.jit
+    def _post_kernel(src_ptr, dst_ptr, ring_ptr, head_ptr, posted_ptr, head_host_ptr, m, N, R,
+                     BLOCK: tl.constexpr, HOST_HEAD: tl.constexpr, FENCE: tl.constexpr):
         g = tl.load(head_ptr) + 1
         b = tl.load(posted_ptr + m) + 1
         tl.store(posted_ptr + m, b)
@@ -54,6 +63,13 @@ if HAVE_TRITON:
             tl.store(e + 2 + N + j, tl.load(dst_ptr + j, mask=mask).to(tl.int64), mask=mask)
         tl.store(e + 2 + 2 * N, g)
         tl.store(head_ptr, g)
+        if HOST_HEAD:  # the host's head, after the entry: the program's stores, a barrier, then a system fence
+            one = tl.arange(0, 1)
+            g_1 = g + tl.zeros([1], dtype=tl.int64)
+            if FENCE:  # (the fence's result, 0, feeds the stored value: the store cannot move above it)
+                tl.debug_barrier()
+                g_1 = g_1 + _fence_system(tl.zeros([1], dtype=tl.int32)).to(tl.int64)
+            tl.store(head_host_ptr + one, g_1)
 
     @triton.jit
     def _wait_kernel(done_ptr, posted_ptr, err_ptr, MAX_ITERS):
@@ -70,9 +86,11 @@ if HAVE_TRITON:
 
 
 def post(m: int, src_n: torch.Tensor, dst_n: torch.Tensor, ring: torch.Tensor, head: torch.Tensor,
-         posted: torch.Tensor) -> None:
+         posted: torch.Tensor, head_host: torch.Tensor | None = None) -> None:
     """On the current stream: g = head + 1; posted[m] += 1; ring[g % R] = [m, posted[m], src_n, dst_n, g];
-    head = g. ring int64 [R, 2n + 3]; head int64 [1]; posted int64 [M]."""
+    head = g. ring int64 [R, 2n + 3]; head int64 [1]; posted int64 [M]. head_host: an int64 [1] the kernel
+    also writes g to, after the entry is written (on a GPU through a system-scope fence): with ring and
+    head_host in pinned host memory the host reads a plan with no copy in between."""
     n = src_n.numel()
     if ring.dim() != 2 or ring.shape[1] != 2 * n + 3 or ring.dtype != torch.int64 or not ring.is_contiguous():
         raise ValueError(f"ring must be contiguous int64 [R, 2n + 3 = {2 * n + 3}], got {ring.dtype} "
@@ -80,15 +98,21 @@ def post(m: int, src_n: torch.Tensor, dst_n: torch.Tensor, ring: torch.Tensor, h
     if head.dtype != torch.int64 or posted.dtype != torch.int64:
         raise ValueError(f"head and posted must be int64, got {head.dtype} and {posted.dtype}")
     block = max(16, triton.next_power_of_2(min(n, 1024)))
-    _post_kernel[(1,)](src_n, dst_n, ring, head, posted, m, n, ring.shape[0], BLOCK=block, num_warps=1)
+    if head_host is not None and (head_host.dtype != torch.int64 or head_host.numel() != 1):
+        raise ValueError(f"head_host must be int64 [1], got {head_host.dtype} {tuple(head_host.shape)}")
+    fence = src_n.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"  # (the interpreter runs no PTX)
+    _post_kernel[(1,)](src_n, dst_n, ring, head, posted, head if head_host is None else head_host, m, n,
+                       ring.shape[0], BLOCK=block, HOST_HEAD=head_host is not None, FENCE=fence, num_warps=1)
 
 
-def post_reference(m, src_n, dst_n, ring, head, posted) -> None:
+def post_reference(m, src_n, dst_n, ring, head, posted, head_host=None) -> None:
     head += 1
     posted[m] += 1
     g = int(head)
     ring[g % ring.shape[0]] = torch.cat([torch.tensor([m, int(posted[m])]), src_n.long().cpu(),
                                          dst_n.long().cpu(), torch.tensor([g])]).to(ring.device)
+    if head_host is not None:
+        head_host.fill_(g)
 
 
 def wait(done: torch.Tensor, posted: torch.Tensor, err: torch.Tensor, max_iters: int) -> None:

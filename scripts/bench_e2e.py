@@ -81,6 +81,7 @@ from infer import report as rep  # noqa: E402
 from infer.engine import Engine  # noqa: E402
 from infer.offload import (  # noqa: E402
     CopySettings,
+    DmaCopier,
     ExpertStore,
     OffloadError,
     default_budget_bytes,
@@ -493,8 +494,10 @@ def main() -> int:
 #              infer.offload.DmaCopier); device: offload.copy_mode=device (e.g. beside --copy-mode dma)
 #   noguess, guessrun, guesskeep: offload.first_block_guess off / run / keep (the first decoder MoE block's
 #              experts guessed from the step's tokens; the bench's default: --first-block-guess)
-#   guesskernel: offload.copy_guess=kernel (copy_mode dma: the guess's copies by the device copy kernel)
+#   ringcopy, donecopier: the dma handshake's earlier forms (DmaCopier.MAPPED_RING / SIGNAL_STREAM off): the
+#              plan copied from a device ring to the host's mirror; done[m] written on the copier's stream
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
+DMA_VARIANTS = {"ringcopy": ("MAPPED_RING", False), "donecopier": ("SIGNAL_STREAM", False)}
 GUESS_VARIANTS = {"noguess": "off", "guessrun": "run", "guesskeep": "keep"}
 
 
@@ -502,6 +505,24 @@ def variant_guess(variant: str) -> str | None:
     """The first-block guess mode a variant asks for ("noguess" -> "off"), or None."""
     found = [GUESS_VARIANTS[t] for t in variant.split("#") if t in GUESS_VARIANTS]
     return found[-1] if found else None
+
+
+def variant_dma(variant: str) -> dict:
+    """The DmaCopier class settings a variant asks for ("ringcopy" -> {"MAPPED_RING": False})."""
+    return dict(DMA_VARIANTS[t] for t in variant.split("#") if t in DMA_VARIANTS)
+
+
+@contextlib.contextmanager
+def class_settings(cls, **settings):
+    """cls's attributes set to `settings` inside, restored on exit."""
+    saved = {k: getattr(cls, k) for k in settings}
+    for k, v in settings.items():
+        setattr(cls, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(cls, k, v)
 
 
 def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
@@ -513,17 +534,17 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
             plan = PLAN_VARIANTS[tok]
         elif tok in ("dma", "device"):
             mode = tok
-        elif tok in GUESS_VARIANTS:
-            pass  # variant_guess
+        elif tok in GUESS_VARIANTS or tok in DMA_VARIANTS:
+            pass  # variant_guess, variant_dma
         elif tok == "hi":
             copy["priority"] = "high"
-        elif tok == "guesskernel":
-            copy["guess"] = "kernel"
+
         elif tok[:1] in ("p", "b", "w") and tok[1:].isdigit():
             copy[{"p": "programs", "b": "block", "w": "warps"}[tok[0]]] = int(tok[1:])
         else:
             raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #device, #hi, "
-                             "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep, #guesskernel")
+                             "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep, "
+                             "#ringcopy, #donecopier")
     if copy:
         try:
             CopySettings(**copy)
@@ -741,7 +762,8 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
         try:
             with engine_settings(eng, copy=dataclasses.replace(eng.copy, **copy),
                                  copy_mode=copy_mode or eng.copy_mode,
-                                 first_block_guess=variant_guess(variant) or eng.first_block_guess):
+                                 first_block_guess=variant_guess(variant) or eng.first_block_guess), \
+                    class_settings(DmaCopier, **variant_dma(variant)):
                 entry = run_one(eng, spec, ids, n_new, nb, args, cpu_compute=cpu_mode or "off")
         finally:
             slot_plan.DEFAULT_IMPL = impl_before

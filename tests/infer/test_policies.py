@@ -205,23 +205,17 @@ def test_dma_copy_mode_under_the_interpreter(pregated_ckpt, monkeypatch):
         real_close(self)
 
     monkeypatch.setattr(DmaCopier, "close", close)
-    posts = {}
-    for spec, slots, copy in ((PolicySpec("pregated"), 4, None), (PolicySpec("on_demand"), 4, None),
-                              (PolicySpec("pregated", 2, "lru"), 4, None), (PolicySpec("prefetch_all"), 16, None),
-                              (PolicySpec("pregated"), 4, CopySettings(guess="kernel"))):
-        res = Engine(model, store, "cpu", copy_mode="dma", prefill_slots=slots, copy=copy).run(spec, ids, mask, **kw)
+    for spec, slots, mapped in ((PolicySpec("pregated"), 4, True), (PolicySpec("on_demand"), 4, True),
+                                (PolicySpec("pregated", 2, "lru"), 4, True), (PolicySpec("prefetch_all"), 16, True),
+                                (PolicySpec("pregated"), 4, False)):
+        # mapped: the post kernel writes the plan and head into the pinned mirror (else a device ring, copied)
+        monkeypatch.setattr(DmaCopier, "MAPPED_RING", mapped)
+        res = Engine(model, store, "cpu", copy_mode="dma", prefill_slots=slots).run(spec, ids, mask, **kw)
         assert res.metrics["copy_mode"] == "dma"
         assert res.tokens == ref.tokens, spec
         assert all(torch.equal(a, b) for a, b in zip(ref.step_logits, res.step_logits)), spec
         handled, posted = issued[-1]
         assert handled == posted and (posted == 0) == (spec.name == "on_demand"), spec
-        posts[(spec.label, copy is None)] = posted
-    # offload.copy_guess=kernel: the first-block guess and its verification stay off the copier (2 plans a
-    # step from the second step on: 3 steps, 2 of them)
-    assert res.metrics["first_block_guess"]["rows"] > 0
-    assert posts[("pregated", True)] - posts[("pregated", False)] == 2 * 2
-    with pytest.raises(OffloadError, match="copy_guess"):
-        CopySettings(guess="host")
     assert not any(t.name == "pgmoe-dma-copier" for t in threading.enumerate())
 
 

@@ -1,6 +1,6 @@
 """kernels/mailbox.py under TRITON_INTERPRET=1: post appends a plan to the ring exactly as its reference
-does (ring wrap-around included); wait passes once done reaches posted, counts a timeout otherwise, and
-after a timeout counts every later wait at once without polling."""
+does (ring wrap-around included) and writes the host's head after it; wait passes once done reaches posted,
+counts a timeout otherwise, and after a timeout counts every later wait at once without polling."""
 
 from __future__ import annotations
 
@@ -23,13 +23,15 @@ def test_post_matches_reference_and_wraps(n):
     ring, head, posted = torch.zeros(R, 2 * n + 3, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), \
         torch.zeros(M, dtype=torch.int64)
     ring_r, head_r, posted_r = ring.clone(), head.clone(), posted.clone()
+    head_h, head_hr = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)  # the host's head
     for i in range(7):  # past the ring's end
         m = i % M
         src = torch.randint(-1, 128, (n,), generator=g, dtype=torch.int32)
         dst = torch.randint(0, 50, (n,), generator=g, dtype=torch.int32)
-        mailbox.post(m, src, dst, ring, head, posted)
-        mailbox.post_reference(m, src, dst, ring_r, head_r, posted_r)
+        mailbox.post(m, src, dst, ring, head, posted, head_host=head_h)
+        mailbox.post_reference(m, src, dst, ring_r, head_r, posted_r, head_host=head_hr)
         assert torch.equal(ring, ring_r) and torch.equal(head, head_r) and torch.equal(posted, posted_r), i
+        assert int(head_h) == int(head_hr) == i + 1
         e = ring[(i + 1) % R]
         assert e[0] == m and e[-1] == i + 1 and torch.equal(e[2 : 2 + n], src.long())
 
