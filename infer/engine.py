@@ -22,7 +22,7 @@ from infer import cpu_compute as cc
 from infer.offload import CopySettings, ExpertStore, OffloadError, is_expert_param
 from infer.policies import OffloadRunner, PolicySpec, check_cpu_compute, guess_mode
 from kernels.expert_ffn import Int8Weights
-from models.generate import beam_search, greedy
+from models.generate import GreedySelect, beam_search, greedy
 from models.switch import DecodeState, Switch
 
 
@@ -106,17 +106,22 @@ def _side_stream(device) -> torch.cuda.Stream:
 
 class GraphStep:
     """decode_one_token captured as one CUDA graph for a given DecodeState (its buffers keep their
-    addresses; the position is a device tensor advanced inside the graph)."""
+    addresses; the position is a device tensor advanced inside the graph). select: greedy decoding's
+    token choice (models.generate.GreedySelect), captured after the step: the graph then reads its input
+    token from select.tok and writes the next one there, and the select is reset after the capture."""
 
-    def __init__(self, model: Switch, state: DecodeState, batch: int, on_warm=None):
+    def __init__(self, model: Switch, state: DecodeState, batch: int, on_warm=None, select: GreedySelect | None = None):
         self.model = model
-        self.tok = torch.zeros(batch, dtype=torch.long, device=state.pos.device)
+        dev = state.pos.device
+        self.tok = select.tok if select is not None else torch.zeros(batch, dtype=torch.long, device=dev)
         pos0 = state.pos.clone()
-        side = _side_stream(state.pos.device)
+        side = _side_stream(dev)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up (allocator, Triton autotuning) outside the capture
             for _ in range(2):
-                model.decode_one_token(state, self.tok)
+                logits = model.decode_one_token(state, self.tok)
+                if select is not None:
+                    select(logits)
                 state.pos.copy_(pos0)
         torch.cuda.current_stream().wait_stream(side)
         if on_warm is not None:
@@ -124,10 +129,16 @@ class GraphStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.out = model.decode_one_token(state, self.tok)
+            if select is not None:
+                select(self.out)
         state.pos.copy_(pos0)
+        if select is not None:
+            select.reset()
+            select.captured = True
 
     def __call__(self, state: DecodeState, tok: torch.Tensor) -> torch.Tensor:
-        self.tok.copy_(tok)
+        if tok is not self.tok:
+            self.tok.copy_(tok)
         self.graph.replay()
         return self.out
 
@@ -305,6 +316,8 @@ class Engine:
         self._calibration: cc.Calibration | None = None
         self.prefill_slots = prefill_slots
         self.first_block_guess = guess_mode(first_block_guess)  # pregated / lookahead: infer/policies.py
+        # greedy: the token choice captured in the decode step's graph (False: eager ops after each replay)
+        self.select_in_graph = True
         self.guess_tables: dict[int, torch.Tensor] = {}  # first_block_guess=keep: the runners' tables, kept
         self.copy = copy or CopySettings()  # the device copy kernel's stream priority and grid
 
@@ -426,12 +439,17 @@ class Engine:
                 f"cpu_compute=auto: copying predicted faster ({c.copy_ms:.3f} ms per expert) than the CPU "
                 f"({c.cpu_ms(1):.3f} ms for one token, round trip included): nothing computed on the CPU"
             )
+        # greedy: each token's choice in static buffers, captured in the step's graph where there is one
+        c = model.cfg
+        select = GreedySelect(B, max_new_tokens, dev, c.decoder_start_token_id, c.pad_token_id,
+                              c.eos_token_id) if nb == 1 else None
         if self.cuda_graph and not why_not:
             try:
                 tc = time.perf_counter()
                 saved = runner.snapshot() if runner else None  # warm-up steps are not part of the run
                 step = GraphStep(
-                    model, state, B * nb, on_warm=(lambda: runner.restore(saved)) if runner else None
+                    model, state, B * nb, on_warm=(lambda: runner.restore(saved)) if runner else None,
+                    select=select if self.select_in_graph else None,
                 )
                 _sync(dev)
                 capture_ms = 1e3 * (time.perf_counter() - tc)
@@ -443,6 +461,9 @@ class Engine:
                 torch.cuda.synchronize()
                 if runner is not None:
                     runner.clear_pending()  # a capture that broke mid-step leaves half a step's plans queued
+                if select is not None:
+                    select.reset()
+                    select.captured = False
                 step = model.decode_one_token
         logits: list[torch.Tensor] = []
         # graph steps' waits cannot be timed: their stall is derived afterwards, by difference
@@ -485,7 +506,8 @@ class Engine:
             )
         else:
             out = greedy(
-                model, ids, mask, max_new_tokens, step=counting_step, state=state, on_token=on_token
+                model, ids, mask, max_new_tokens, step=counting_step, state=state, on_token=on_token,
+                select=select,
             )
         _sync(dev)
         t_end = time.perf_counter()
@@ -539,7 +561,8 @@ class Engine:
                             runner,
                             state,
                             step,
-                            lambda: GraphStep(model, state, B * nb),
+                            lambda: GraphStep(model, state, B * nb,
+                                              select=select if select is not None and select.captured else None),
                             step_inputs,
                             dev,
                         )

@@ -16,6 +16,42 @@ from models.switch import DecodeState, Switch
 Step = Callable[[DecodeState, torch.Tensor], torch.Tensor]
 
 
+class GreedySelect:
+    """Greedy decoding's per-step choice on the device, in static buffers, so that it can run inside the step's
+    CUDA graph (infer.engine.GraphStep captures it after the decoder step; replaying the graph then runs both):
+    next token = argmax of the logits (pad_token_id for rows that ended), written to `tok` (the next step's
+    input) and to out[:, t]; done |= (token == eos); ended[t] = every row done; t advances. Indices wrap at
+    max_new_tokens, so extra calls (replays after a run) write in bounds."""
+
+    def __init__(self, batch: int, max_new_tokens: int, device, start_token: int, pad_token: int, eos_token: int):
+        self.n, self.start, self.eos, self.pad_token = max(1, max_new_tokens), start_token, eos_token, pad_token
+        self.tok = torch.empty(batch, dtype=torch.long, device=device)
+        self.pad = torch.full((batch,), pad_token, dtype=torch.long, device=device)
+        self.out = torch.empty((batch, self.n), dtype=torch.long, device=device)
+        self.done = torch.empty(batch, dtype=torch.bool, device=device)
+        self.ended = torch.empty(self.n, dtype=torch.bool, device=device)
+        self.t = torch.empty((), dtype=torch.long, device=device)
+        self.captured = False  # set by the graph that runs it
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to before the first step (the start token, nothing done)."""
+        self.tok.fill_(self.start)
+        self.out.fill_(self.pad_token)
+        self.done.zero_()
+        self.ended.zero_()
+        self.t.zero_()
+
+    def __call__(self, logits: torch.Tensor) -> None:
+        nxt = torch.where(self.done, self.pad, logits.argmax(-1))
+        i = torch.remainder(self.t, self.n).view(1)
+        self.out.index_copy_(1, i, nxt[:, None])
+        self.done.logical_or_(nxt == self.eos)
+        self.ended.index_copy_(0, i, self.done.all().view(1))
+        self.tok.copy_(nxt)
+        self.t.add_(1)
+
+
 @torch.no_grad()
 def greedy(
     model: Switch,
@@ -26,6 +62,7 @@ def greedy(
     step: Step | None = None,
     state: DecodeState | None = None,
     on_token: Callable[[int], None] | None = None,
+    select: GreedySelect | None = None,
 ) -> torch.Tensor:
     """Greedy decoding -> generated ids [B, n] (n <= max_new_tokens, without the start token);
     sequences that ended are padded with pad_token_id, as transformers does.
@@ -35,18 +72,24 @@ def greedy(
     on through an event), so the GPU does not idle while the host runs the loop. Where every sequence
     ended at step t, the already-queued step t + 1 is dropped from the output (it ran, so the state
     has advanced one step past the output). on_token(t) is called once step t's token is complete
-    (its event waited on; the host is then at most one step ahead), not after a device-wide sync."""
+    (its event waited on; the host is then at most one step ahead), not after a device-wide sync.
+
+    The choice of each token is a GreedySelect; `select`: one whose calls `step` makes itself (captured in
+    the step's CUDA graph: select.captured), fed by select.tok, so a step is one graph replay and one flag copy.
+    A wrapper of such a step that changes its logits must not pass that select on (it would not see them)."""
     cfg = model.cfg
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
     step = step or model.decode_one_token
     state = state or model.prefill(input_ids, attention_mask, max_len=max_new_tokens)
     B, dev = input_ids.shape[0], input_ids.device
     cuda = dev.type == "cuda"
-    tok = torch.full((B,), cfg.decoder_start_token_id, dtype=torch.long, device=dev)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    if select is not None and (select.tok.shape[0] != B or select.n < max_new_tokens or select.eos != eos):
+        raise ValueError(f"greedy: a GreedySelect for batch {select.tok.shape[0]}, {select.n} tokens, eos "
+                         f"{select.eos}; this call has batch {B}, {max_new_tokens} tokens, eos {eos}")
+    sel = select or GreedySelect(B, max_new_tokens, dev, cfg.decoder_start_token_id, cfg.pad_token_id, eos)
     # "every sequence ended after step t", two host slots (steps t and t - 1 are in flight at once)
     ended = torch.zeros(2, dtype=torch.bool, pin_memory=cuda)
-    out: list[torch.Tensor] = []
+    n = 0
     pending: tuple[int, torch.cuda.Event | None] | None = None  # the step launched before this one
 
     def finish(t: int, ev: torch.cuda.Event | None) -> bool:
@@ -57,25 +100,23 @@ def greedy(
         return bool(ended[t % 2])
 
     for t in range(max_new_tokens):
-        logits = step(state, tok)
-        nxt = logits.argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, cfg.pad_token_id), nxt)
-        out.append(nxt)
-        done |= nxt == eos
-        ended[t % 2].copy_(done.all(), non_blocking=cuda)
+        logits = step(state, sel.tok)
+        if not sel.captured:
+            sel(logits)
+        n = t + 1
+        ended[t % 2].copy_(sel.ended[t], non_blocking=cuda)
         ev = None
         if cuda:
             ev = torch.cuda.Event()
             ev.record()
-        tok = nxt
         if pending is not None and finish(*pending):
-            out.pop()  # every sequence had ended: step t is past the end
+            n = t  # every sequence had ended: step t is past the end
             pending = None
             break
         pending = (t, ev)
     if pending is not None:
         finish(*pending)
-    return torch.stack(out, dim=1)
+    return sel.out[:, :n].clone()
 
 
 @torch.no_grad()

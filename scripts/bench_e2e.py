@@ -498,6 +498,7 @@ def main() -> int:
 #              plan copied from a device ring to the host's mirror; done[m] written on the copier's stream
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
 DMA_VARIANTS = {"ringcopy": ("MAPPED_RING", False), "donecopier": ("SIGNAL_STREAM", False)}
+#   selecteager: greedy's token choice as eager ops after each graph replay (Engine.select_in_graph off)
 GUESS_VARIANTS = {"noguess": "off", "guessrun": "run", "guesskeep": "keep"}
 
 
@@ -534,7 +535,7 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
             plan = PLAN_VARIANTS[tok]
         elif tok in ("dma", "device"):
             mode = tok
-        elif tok in GUESS_VARIANTS or tok in DMA_VARIANTS:
+        elif tok in GUESS_VARIANTS or tok in DMA_VARIANTS or tok == "selecteager":
             pass  # variant_guess, variant_dma
         elif tok == "hi":
             copy["priority"] = "high"
@@ -544,7 +545,7 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
         else:
             raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #device, #hi, "
                              "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep, "
-                             "#ringcopy, #donecopier")
+                             "#ringcopy, #donecopier, #selecteager")
     if copy:
         try:
             CopySettings(**copy)
@@ -762,7 +763,8 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
         try:
             with engine_settings(eng, copy=dataclasses.replace(eng.copy, **copy),
                                  copy_mode=copy_mode or eng.copy_mode,
-                                 first_block_guess=variant_guess(variant) or eng.first_block_guess), \
+                                 first_block_guess=variant_guess(variant) or eng.first_block_guess,
+                                 select_in_graph="selecteager" not in variant.split("#")), \
                     class_settings(DmaCopier, **variant_dma(variant)):
                 entry = run_one(eng, spec, ids, n_new, nb, args, cpu_compute=cpu_mode or "off")
         finally:
@@ -1272,7 +1274,10 @@ class ForcedTokens:
             raise RuntimeError("ForcedTokens: nested forcing")
 
         def forced_greedy(model, input_ids, attention_mask=None, max_new_tokens=32, eos_token_id=None,
-                          step=None, state=None, on_token=None):
+                          step=None, state=None, on_token=None, select=None):
+            # select (a token choice captured in the step's graph) is not passed on: it would choose from the
+            # step's own logits, not the forced ones; greedy then chooses from forced_step's (the captured one
+            # still runs in the graph, its result unused)
             if max_new_tokens > self.table.shape[1] or input_ids.shape[0] != self.table.shape[0]:
                 raise ValueError(f"forced table {tuple(self.table.shape)} does not cover "
                                  f"{input_ids.shape[0]} rows x {max_new_tokens} tokens")

@@ -366,8 +366,8 @@ def test_early_end_runs_one_step_past_the_output_and_reports_it(pregated_ckpt, m
     eos, k = eng.model.cfg.eos_token_id, 3
     real_greedy = engine_mod.greedy
 
-    def greedy_ending_at_k(model, *a, step=None, **kw2):
-        calls = []
+    def greedy_ending_at_k(model, *a, step=None, select=None, **kw2):
+        calls = []  # (select not passed on: a choice captured in a graph would not see the changed logits)
 
         def ending(state, tok):
             logits = step(state, tok)

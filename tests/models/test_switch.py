@@ -203,20 +203,37 @@ def _greedy_reference(table, n, eos=1, pad=0):
     return torch.stack(cols, dim=1)
 
 
+@pytest.mark.parametrize("captured", [False, True])
 @pytest.mark.parametrize("eos_at,n", [((2, 4), 8), ((4, 4), 8), ((7, 3), 8), ((9, 9), 8), ((0, 0), 8), ((3, 5), 5)])
-def test_greedy_stops_one_step_late_without_changing_the_output(eos_at, n):
+def test_greedy_stops_one_step_late_without_changing_the_output(eos_at, n, captured):
     """Greedy queues step t + 1 before it reads whether every row ended at step t: the output, the
     tokens fed to each step and the on_token calls are those of a loop that checks after every step,
-    and exactly one extra step runs where all rows ended before max_new_tokens."""
+    and exactly one extra step runs where all rows ended before max_new_tokens. captured: the token choice
+    (GreedySelect) runs inside the step, as in a CUDA graph that captured it, fed by its own tok buffer."""
+    from models.generate import GreedySelect
+
     g = torch.Generator().manual_seed(sum(eos_at) + n)
     table = torch.randint(2, 16, (2, 10), generator=g)
     for r, t in enumerate(eos_at):
         if t < 10:
             table[r, t] = 1
     model, step, runs = _scripted(table)
+    kw = {}
+    if captured:
+        sel = GreedySelect(2, n + 2, "cpu", start_token=0, pad_token=0, eos_token=1)  # (more room than needed)
+        inner = step
+
+        def step(state, tok):
+            assert tok is sel.tok
+            logits = inner(state, tok)
+            sel(logits)
+            return logits
+
+        sel.captured = True
+        kw["select"] = sel
     seen = []
     out = greedy(model, torch.zeros(2, 3, dtype=torch.long), max_new_tokens=n, step=step, state=object(),
-                 on_token=seen.append)
+                 on_token=seen.append, **kw)
     want = _greedy_reference(table, n)
     assert torch.equal(out, want)
     assert seen == list(range(want.shape[1]))
@@ -224,3 +241,14 @@ def test_greedy_stops_one_step_late_without_changing_the_output(eos_at, n):
     # each step was fed the previous step's (padded) output
     for t in range(1, want.shape[1]):
         assert torch.equal(runs[t], want[:, t - 1])
+
+
+def test_greedy_refuses_a_select_of_another_shape():
+    """A GreedySelect made for another batch, fewer tokens or another EOS is an error naming both shapes."""
+    from models.generate import GreedySelect
+
+    model, step, _ = _scripted(torch.randint(2, 16, (2, 10)))
+    for sel in (GreedySelect(3, 8, "cpu", 0, 0, 1), GreedySelect(2, 4, "cpu", 0, 0, 1),
+                GreedySelect(2, 8, "cpu", 0, 0, 5)):
+        with pytest.raises(ValueError, match="GreedySelect for batch"):
+            greedy(model, torch.zeros(2, 3, dtype=torch.long), max_new_tokens=8, step=step, state=object(), select=sel)
