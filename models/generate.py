@@ -163,6 +163,12 @@ def beam_search(
         next_scores = torch.full((B, nb), -1e9, device=dev)
         next_tok = torch.full((B, nb), cfg.pad_token_id, dtype=torch.long, device=dev)
         next_src = torch.zeros((B, nb), dtype=torch.long, device=dev)
+        if dev.type == "cuda":
+            # wait for the step through an event, which lets go of the GIL (tolist() would hold it while it
+            # waits): a host thread the step waits on (infer.offload.DmaCopier, copy_mode dma) can then run
+            ev = torch.cuda.Event()
+            ev.record()
+            ev.synchronize()
         top_s_l, beam_l, tok_l = top_s.tolist(), beam_i.tolist(), tok_i.tolist()
         cur_len = t + 1
         for b in range(B):
