@@ -90,6 +90,13 @@ def drop_experts(model: Switch) -> None:
                                                   requires_grad=False))
 
 
+BEAM_DMA_NOTE = (
+    "copy_mode=dma: beam search runs with the device copy kernel instead (it reads each step's top-k on the "
+    "host, and its Python loop then competes with the dma copier thread for the GIL: switch-base-128 beam 4 "
+    "pregated 9.32 ms/token with dma vs 4.90 with the copy kernel on the H200, bench/results/e2e-h200-beam-dma.md)"
+)
+
+
 # ----------------------------------------------------------------------------------------------- graphs
 _SIDE_STREAMS: dict = {}
 
@@ -357,6 +364,10 @@ class Engine:
             # what is already allocated (the model's resident weights, anything an earlier run in this
             # process still holds): the run's own need is its peak minus this
             baseline = torch.cuda.memory_allocated(dev)
+        copy_mode = self.copy_mode
+        if copy_mode == "dma" and num_beams > 1:
+            copy_mode = "device"
+            notes.append(BEAM_DMA_NOTE)
         if spec.name == "gpu_only":
             materialize_experts(model, self.store, dev)
         else:
@@ -367,7 +378,7 @@ class Engine:
                 dev,
                 n_enc=rows * S,
                 n_dec=rows,
-                copy_mode=self.copy_mode,
+                copy_mode=copy_mode,
                 cpu_compute=cpu_mode,
                 calibration=self.calibration() if cpu_mode != "off" else None,
                 prefill_slots=self.prefill_slots,

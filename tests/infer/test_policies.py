@@ -219,6 +219,23 @@ def test_dma_copy_mode_under_the_interpreter(pregated_ckpt, monkeypatch):
     assert not any(t.name == "pgmoe-dma-copier" for t in threading.enumerate())
 
 
+def test_dma_beam_search_runs_with_the_copy_kernel(pregated_ckpt, monkeypatch):
+    """copy_mode dma with beams: the run uses the device copy kernel instead, says so in its notes, and gives
+    gpu_only's beams."""
+    pytest.importorskip("triton")
+    from infer.engine import BEAM_DMA_NOTE
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model, store = load_offloaded(pregated_ckpt, "cpu", torch.float32, None)
+    model.set_backend("torch")
+    ids, mask = prompts(n=1, length=5)
+    kw = dict(max_new_tokens=3, num_beams=2)
+    ref = Engine(model, store, "cpu").run(PolicySpec("gpu_only"), ids, mask, **kw)
+    res = Engine(model, store, "cpu", copy_mode="dma").run(PolicySpec("pregated"), ids, mask, **kw)
+    assert res.metrics["copy_mode"] == "device" and BEAM_DMA_NOTE in res.notes
+    assert res.tokens == ref.tokens
+
+
 def test_dma_takes_prefetched_plans_from_the_second_decode_step():
     """A pool's first decode step sends its prefetched plans to the copy kernel (so that every kernel of the
     step is loaded before a dma wait spins); from a block's second prefetched plan on they go to the copier."""
