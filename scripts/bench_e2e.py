@@ -513,19 +513,6 @@ def variant_dma(variant: str) -> dict:
     return dict(DMA_VARIANTS[t] for t in variant.split("#") if t in DMA_VARIANTS)
 
 
-@contextlib.contextmanager
-def class_settings(cls, **settings):
-    """cls's attributes set to `settings` inside, restored on exit."""
-    saved = {k: getattr(cls, k) for k in settings}
-    for k, v in settings.items():
-        setattr(cls, k, v)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(cls, k, v)
-
-
 def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
     """"torchplan#hi#p64" -> ("reference", {"priority": "high", "programs": 64}, None); "dma" -> (None, {},
     "dma") (the copy mode); SystemExit when unknown."""
@@ -765,7 +752,7 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
                                  copy_mode=copy_mode or eng.copy_mode,
                                  first_block_guess=variant_guess(variant) or eng.first_block_guess,
                                  select_in_graph="selecteager" not in variant.split("#")), \
-                    class_settings(DmaCopier, **variant_dma(variant)):
+                    engine_settings(DmaCopier, **variant_dma(variant)):
                 entry = run_one(eng, spec, ids, n_new, nb, args, cpu_compute=cpu_mode or "off")
         finally:
             slot_plan.DEFAULT_IMPL = impl_before
@@ -1021,8 +1008,8 @@ CRITICAL_METHOD = (
 
 
 @contextlib.contextmanager
-def engine_settings(eng: Engine, **settings):
-    """The engine's attributes set to `settings` inside, restored on exit."""
+def engine_settings(eng, **settings):
+    """The attributes of eng (an Engine, or a class such as DmaCopier) set to `settings` inside, restored on exit."""
     saved = {k: getattr(eng, k) for k in settings}
     for k, v in settings.items():
         setattr(eng, k, v)
