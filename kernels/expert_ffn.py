@@ -134,17 +134,6 @@ if HAVE_TRITON:
                          + tl.minimum(offs_d, D - 1)[:, None] * stride_wd + lines[None, :] * stride_wf)
 
     @triton.jit
-    def _prefetch_w_in_rows(w_in_ptr, slot, offs_f, D, F, stride_ws, stride_wf, stride_wd, GATED: tl.constexpr,
-                            D_LINES: tl.constexpr, LINE: tl.constexpr):
-        # Ask L2 for rows offs_f of W_in[slot] (and their "up" rows when gated), one prefetch per 128-byte line.
-        lines = tl.minimum(tl.arange(0, D_LINES) * LINE, D - 1)
-        ptrs = (w_in_ptr + slot.to(tl.int64) * stride_ws + tl.minimum(offs_f, F - 1)[:, None] * stride_wf
-                + lines[None, :] * stride_wd)
-        _prefetch_l2(ptrs)
-        if GATED:
-            _prefetch_l2(ptrs + F * stride_wf)
-
-    @triton.jit
     def _gemv_in_tile(x_ptr, w_in_ptr, slot, r, offs_f, mask_f, D, F, stride_xt, stride_xd, stride_ws, stride_wf,
                       stride_wd, K: tl.constexpr, GATED: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_F: tl.constexpr, s_ptr, stride_ss, stride_sf, HAS_SCALE: tl.constexpr):
@@ -203,14 +192,9 @@ if HAVE_TRITON:
         stride_xt, stride_xd, stride_ws, stride_wf, stride_wd, stride_ss, stride_sf,
         K: tl.constexpr, HAS_SLOT_MAP: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
         USE_PDL: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SCALE: tl.constexpr,
-        IDS_READY: tl.constexpr, D_LINES: tl.constexpr, LINE: tl.constexpr,
     ):
         # h[r, f-tile] = act(W_in[s, f-tile, :] @ x[t]): a GEMV; the weight tile is the only real traffic.
         if USE_PDL:  # ids (and x) come from earlier kernels; let _decode_out_kernel start loading W_out
-            if IDS_READY:  # the routing was final before the previous kernel began: stream the tile into L2 now
-                offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-                _prefetch_w_in_rows(w_in_ptr, _slot_of(ids_ptr, slot_of_expert_ptr, tl.program_id(0), HAS_SLOT_MAP),
-                                    offs_f, D, F, stride_ws, stride_wf, stride_wd, GATED, D_LINES, LINE)
             gdc_wait()
             gdc_launch_dependents()
         _h_tile(x_ptr, w_in_ptr, ids_ptr, slot_of_expert_ptr, h_ptr, tl.program_id(0), tl.program_id(1), D, F,
@@ -236,9 +220,6 @@ if HAVE_TRITON:
         offs_f = tl.arange(0, BLOCK_F)
         mask_d = offs_d < D
         if USE_PDL:
-            # a dependent launched with PDL (the next call's _decode_in_kernel) may start now: it waits for this
-            # grid before it reads anything this one writes
-            gdc_launch_dependents()
             _prefetch_w_out_rows(w_out_ptr, ids_ptr, slot_of_expert_ptr, t, offs_d, D, F, stride_ws, stride_wd,
                                  stride_wf, K, HAS_SLOT_MAP, F_LINES, LINE)
             gdc_wait()  # h is written by _decode_in_kernel
@@ -627,19 +608,13 @@ def expert_ffn_triton(
     activation: str = "relu",
     config: dict | None = None,
     config_tokens: int | None = None,
-    ids_ready: bool = False,
 ) -> torch.Tensor:
     """Triton expert FFN (see `expert_ffn`); `config` forces a path/tiles (tests, benchmarks).
 
     Without `config` the path and tiles come from `choose_config`, keyed by the number of experts E
     (slot_of_expert's length when given, else the number of weight slots) and the token count
     (`config_tokens` when given: a call computing part of a larger batch's tokens takes the whole
-    batch's config, so each token's output is the one the whole call would give).
-
-    ids_ready: the caller's promise that ids, weights and slot_of_expert were complete before the kernel
-    launched just before this call began (pre-gated routing, made a block earlier; inputs made ahead). On a
-    GPU with PDL the decode path then streams its first weight tiles into L2 while that kernel finishes,
-    before waiting for it (x is read only after the wait). Outputs are the same either way."""
+    batch's config, so each token's output is the one the whole call would give)."""
     if activation not in _ACT_CODE:
         raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     act, gated = _ACT_CODE[activation]
@@ -725,16 +700,14 @@ def expert_ffn_triton(
             ci, co = cfg["in"], cfg["out"]
             h = torch.empty((R, F), dtype=h_dtype, device=x.device)
             pdl = {"launch_pdl": True} if cfg.get("pdl", True) and use_pdl(x.device) else {}
-            line = 128 // w_out.element_size()  # elements per 128-byte line, for the L2 prefetch
             _decode_in_kernel[(R, triton.cdiv(F, ci["BLOCK_F"]))](
                 x, w_in, ids_R, slot_map, h, s_in,
                 d, F,
                 x.stride(0), x.stride(1), w_in.stride(0), w_in.stride(1), w_in.stride(2), *scale_args,
                 K=k, HAS_SLOT_MAP=slot_of_expert is not None, ACT=act, GATED=gated, USE_PDL=bool(pdl),
-                BLOCK_F=ci["BLOCK_F"], BLOCK_D=ci["BLOCK_D"], HAS_SCALE=quant,
-                IDS_READY=bool(ids_ready) and bool(pdl), D_LINES=_np2(triton.cdiv(d, line)), LINE=line,
-                num_warps=ci["num_warps"], **pdl,
+                BLOCK_F=ci["BLOCK_F"], BLOCK_D=ci["BLOCK_D"], HAS_SCALE=quant, num_warps=ci["num_warps"], **pdl,
             )
+            line = 128 // w_out.element_size()  # elements per 128-byte line, for the L2 prefetch
             _decode_out_kernel[(T, triton.cdiv(d, co["BLOCK_D"]))](
                 h, w_out, ids_R, slot_map, weights_R, out, s_out,
                 d, F,
@@ -859,17 +832,15 @@ def expert_ffn(
     slot_of_expert: torch.Tensor | None = None,
     activation: str = "relu",
     config_tokens: int | None = None,
-    ids_ready: bool = False,
 ) -> torch.Tensor:
     """y[t] = sum_j weights[t, j] * w_out[s] @ act(w_in[s] @ x[t]), s = slot_of_expert[ids[t, j]].
 
     Triton on CUDA (decode or prefill path by token count), the reference otherwise (see use_triton).
     Output in x's dtype, fp32 accumulation. config_tokens: x holds part of a batch of that many tokens
-    (see expert_ffn_triton); the reference computes each expert's rows alike either way. ids_ready: see
-    expert_ffn_triton (a scheduling hint; the output does not change).
+    (see expert_ffn_triton); the reference computes each expert's rows alike either way.
     """
     tensors = [t.q if isinstance(t, Int8Weights) else t for t in (w_in, w_out)]
     if use_triton(x, *tensors, weights):
         return expert_ffn_triton(x, w_in, w_out, ids, weights, slot_of_expert, activation,
-                                 config_tokens=config_tokens, ids_ready=ids_ready)
+                                 config_tokens=config_tokens)
     return expert_ffn_reference(x, w_in, w_out, ids, weights, slot_of_expert, activation)

@@ -9,7 +9,6 @@ prefetches from it) and supply it (a pre-gated block is routed by an earlier blo
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,9 +20,6 @@ from kernels import expert_ffn as _ffn
 from kernels import routing as _routing
 from kernels.grouped_ffn import grouped_expert_ffn
 from models.config import ACTIVATIONS, SwitchConfig
-
-# a pre-gated block's routing is final a block early: its FFN may start reading weights early (SparseMLP.experts)
-IDS_AHEAD = os.environ.get("PGMOE_IDS_AHEAD", "1") == "1"
 
 BACKENDS = ("torch", "triton")
 
@@ -155,10 +151,7 @@ class SparseMLP(nn.Module):
         return own, pre
 
     # -- experts -----------------------------------------------------------------------------
-    def experts(self, x_BSD: torch.Tensor, routing: Routing, ids_ready: bool = False) -> torch.Tensor:
-        """ids_ready: the routing came from an earlier block's pre-gate (final long before this block): with the
-        experts on the GPU (no expert source), the Triton FFN may stream its weights before the kernel ahead of
-        it ends (kernels.expert_ffn.expert_ffn_triton; PGMOE_IDS_AHEAD=0 turns that off)."""
+    def experts(self, x_BSD: torch.Tensor, routing: Routing) -> torch.Tensor:
         B, S, D = x_BSD.shape
         chunks = getattr(self.expert_source, "chunks", None)
         parts = chunks(routing) if chunks is not None else None
@@ -187,9 +180,7 @@ class SparseMLP(nn.Module):
             y_BSD = self._experts_with_dropout(x_BSD, routing, w_in, w_out, slots)
         else:
             x_ND = x_BSD.reshape(B * S, D)
-            ahead = ids_ready and self.expert_source is None and fn is _ffn.expert_ffn and IDS_AHEAD
-            kw = {"ids_ready": True} if ahead else {}
-            y_BSD = fn(x_ND, w_in, w_out, routing.ids, routing.weights, slots, self.activation, **kw).view(B, S, D)
+            y_BSD = fn(x_ND, w_in, w_out, routing.ids, routing.weights, slots, self.activation).view(B, S, D)
         return y_BSD if extra is None else y_BSD + extra()
 
     def _ffn(self):

@@ -247,7 +247,7 @@ class Stack(nn.Module):
                     pending[target] = pre
                     if moes[target].expert_source is not None:
                         moes[target].expert_source.prefetch(pre)
-                y = mlp.experts(x, routing, ids_ready=supplied is not None)
+                y = mlp.experts(x, routing)
                 routings.append(routing)
                 m += 1
             else:

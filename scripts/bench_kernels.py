@@ -475,34 +475,26 @@ def sweep_decode(out: list, reps: int, sweep_one_launch: bool = False, expert_co
             rows = []
             one_launch = fused_candidates(d) + gridsync_candidates(d, f) if sweep_one_launch else []
             # layout: only the pinned two-kernel config beside the transposed-storage rows (the wide sweep is its own run)
-            plain = [(cfg, False, False) for cfg in [old] + ([] if layout else decode_candidates(d, f)) + one_launch]
-            # the pinned config with ids_ready (routing known ahead, as a pre-gate's): never pinned (a call's flag)
-            ahead = [(old, False, True)]
-            transposed = [(cfg, True, False) for cfg in [old] + layout_candidates(d)] if layout else []
+            plain = [(cfg, False) for cfg in [old] + ([] if layout else decode_candidates(d, f)) + one_launch]
+            transposed = [(cfg, True) for cfg in [old] + layout_candidates(d)] if layout else []
             t_copies = ([(wi, wo.transpose(1, 2).contiguous().transpose(1, 2)) for wi, wo in copies]
                         if layout else [])
-            for cfg, tr, ready in plain + ahead + transposed:
-                r = {"config": cfg, "name": _cfg_name(cfg) + (" [W_out F x d]" if tr else "")
-                     + (" [ids ahead]" if ready else "")}
+            for cfg, tr in plain + transposed:
+                r = {"config": cfg, "name": _cfg_name(cfg) + (" [W_out F x d]" if tr else "")}
                 if tr:
                     r["w_out_storage"] = "F x d"
-                if ready:
-                    r["ids_ready"] = True
                 cps = t_copies if tr else copies
                 w_in, w_out = cps[0]
                 try:
-                    r["us"] = bench_us([lambda x=x, i=i, w=w, cfg=cfg, w_in=w_in, w_out=w_out, ready=ready:
-                                        expert_ffn_triton(x, w_in, w_out, i, w, config=cfg, ids_ready=ready)
-                                        for x, i, w in sets], reps)
-                    calls = [lambda x=x, i=i, w=w, c=c, cfg=cfg, cps=cps, ready=ready: expert_ffn_triton(
-                        x, *cps[c % n_copies], i, w, config=cfg, ids_ready=ready) for c, (x, i, w) in enumerate(b2b)]
+                    r["us"] = bench_us([lambda x=x, i=i, w=w, cfg=cfg, w_in=w_in, w_out=w_out: expert_ffn_triton(
+                        x, w_in, w_out, i, w, config=cfg) for x, i, w in sets], reps)
+                    calls = [lambda x=x, i=i, w=w, c=c, cfg=cfg, cps=cps: expert_ffn_triton(x, *cps[c % n_copies], i,
+                                                                                            w, config=cfg)
+                             for c, (x, i, w) in enumerate(b2b)]
                     r["graph_b2b_us"] = graph_per_call_us(calls)
                     x, i, w = sets[0]
-                    ys = [expert_ffn_triton(x, w_in, w_out, i, w, config=cfg, ids_ready=ready) for _ in range(20)]
+                    ys = [expert_ffn_triton(x, w_in, w_out, i, w, config=cfg) for _ in range(20)]
                     r["bitwise_deterministic"] = all(torch.equal(y, ys[0]) for y in ys)
-                    if ready:  # a scheduling hint: the very output of the same config without it
-                        r["same_as_without_ids_ready"] = torch.equal(
-                            ys[0], expert_ffn_triton(x, w_in, w_out, i, w, config=cfg))
                     ref = expert_ffn_reference(x.double(), w_in.double(), w_out.double(), i, w.double())
                     r["rel_err"] = rel(ys[0], ref)
                     r["torch_rel_err"] = rel(expert_ffn_reference(x, w_in, w_out, i, w), ref)
@@ -511,7 +503,7 @@ def sweep_decode(out: list, reps: int, sweep_one_launch: bool = False, expert_co
                 rows.append(r)
             w_in, w_out = copies[0]
             ok = [r for r in rows if "graph_b2b_us" in r and r["rel_err"] <= 2 * r["torch_rel_err"]
-                  and "w_out_storage" not in r and "ids_ready" not in r]
+                  and "w_out_storage" not in r]
             best = min(ok, key=lambda r: r["graph_b2b_us"])
             tuning.set_config(fkey, DEV, best["config"])
             out.append({"what": "ffn", "shape": name, "E": E, "T": 1, "best": best["name"], "rows": rows})

@@ -275,15 +275,3 @@ def test_bench_layout_candidates_with_transposed_w_out():
     w_out_t = w_out.transpose(1, 2).contiguous().transpose(1, 2)
     for cfg in bk.layout_candidates(D):
         _check(x, w_in, w_out_t, ids, weights, None, "relu", cfg)
-
-
-def test_ids_ready_is_accepted_and_changes_nothing_here():
-    """ids_ready (a scheduling hint for the GPU decode path with PDL) is passed through expert_ffn and gives the
-    same output; on the GPU, scripts/bench_kernels.py checks it bitwise against the call without it."""
-    x, w_in, w_out, ids, weights = _problem(1, 8, 1, "relu", torch.float32, seed=11)
-    y = expert_ffn_triton(x, w_in, w_out, ids, weights, None, "relu")
-    assert torch.equal(expert_ffn_triton(x, w_in, w_out, ids, weights, None, "relu", ids_ready=True), y)
-    from kernels.expert_ffn import expert_ffn
-
-    assert torch.equal(expert_ffn(x, w_in, w_out, ids, weights, ids_ready=True),
-                       expert_ffn(x, w_in, w_out, ids, weights))
