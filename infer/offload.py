@@ -458,9 +458,10 @@ except (OSError, AttributeError):  # pragma: no cover - not Linux
 
 class DmaCopier:
     """copy_mode "dma": the copy engines move the experts, a host thread starts them (kernels/mailbox.py
-    has the handshake). post(m, src, dst) runs on the pool's copy stream (capturable): it appends the plan
-    to a ring on the device and copies the ring, then its head, to pinned host memory; the thread handles
-    new entries in order: one cudaMemcpyAsync per expert on its own stream, then done[m] behind them;
+    has the handshake). post(m, src, dst) runs on the pool's copy stream (capturable): a kernel writes the
+    plan into a ring in pinned host memory, then the head (MAPPED_RING; else a device ring copied to the
+    host); the thread handles new entries in order: one cudaMemcpyAsync per expert on its own stream, then
+    done[m] on a signal stream behind an event (SIGNAL_STREAM; else on its own stream, behind the copies);
     wait(m) holds the compute stream until done[m] >= posted[m].
 
     The thread polls the head, giving the GIL away between polls; after IDLE_S without a post it sleeps

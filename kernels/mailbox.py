@@ -6,12 +6,14 @@ does not know the expert ids the routing chose on the GPU. The handshake keeps t
 CUDA graph:
 
   in the graph (a side stream), a plan for block m:  post: g = head + 1; posted[m] += 1;
-        ring[g % R] = [m, posted[m], src..., dst..., g]; head = g; then the whole ring is copied to a
-        pinned host mirror, and after it (stream order) the head: the host never sees a head before
-        its entries;
+        ring[g % R] = [m, posted[m], src..., dst..., g]; head = g, the ring and a copy of the head
+        (head_host) in pinned host memory, written by the kernel itself: the entry, then a system-scope
+        fence, then head_host, so the host never sees a head before its entry (the earlier form kept the
+        ring on the device and copied it, then the head, to the host in stream order);
   a host thread:  handles entries head_seen + 1 .. head in order (the order the plans were made, so a
         later plan's copy into a slot lands after an earlier one's): one cudaMemcpyAsync per expert on
-        its own stream, then done[m] <- the entry's posted[m] there;
+        its own stream, then done[m] <- the entry's posted[m] (on a second stream behind an event, so
+        that the next plan's copies do not wait for that write);
   in the graph (compute stream), before block m's expert FFN:  wait: spin until done[m] >= posted[m].
 
 A plan whose wait never comes (a prefetch the block did not use) is still copied: its slots were
