@@ -160,9 +160,8 @@ def beam_search(
         cand = (logp + scores.view(-1, 1)).view(B, nb * V)
         top_s, top_i = cand.topk(2 * nb, dim=1)
         beam_i, tok_i = top_i // V, top_i % V
-        next_scores = torch.full((B, nb), -1e9, device=dev)
-        next_tok = torch.full((B, nb), cfg.pad_token_id, dtype=torch.long, device=dev)
-        next_src = torch.zeros((B, nb), dtype=torch.long, device=dev)
+        # the next beams, chosen on the host and uploaded at once: [score, token, source beam] per row and slot
+        nxt = [[[-1e9, float(cfg.pad_token_id), 0.0] for _ in range(nb)] for _ in range(B)]
         if dev.type == "cuda":
             # wait for the step through an event, which lets go of the GIL (tolist() would hold it while it
             # waits): a host thread the step waits on (infer.offload.DmaCopier, copy_mode dma) can then run
@@ -187,13 +186,16 @@ def beam_search(
                         finished[b].sort(key=lambda x: -x[0])
                         del finished[b][nb:]
                 else:
-                    next_scores[b, n], next_tok[b, n], next_src[b, n] = s, ti, bi
+                    nxt[b][n] = [s, float(ti), float(bi)]
                     n += 1
                 if n == nb:
                     break
-            best_running = next_scores[b].max().item()
+            best_running = max(v[0] for v in nxt[b])
             if len(finished[b]) >= nb and worst(b) >= best_running / (cur_len**length_penalty):
                 done[b] = True
+        # (float64 holds the float32 scores and the token and beam indices exactly)
+        packed = torch.tensor(nxt, dtype=torch.float64).to(dev)
+        next_scores, next_tok, next_src = packed[..., 0].float(), packed[..., 1].long(), packed[..., 2].long()
         if on_token is not None:
             on_token(t)
         src = (next_src + torch.arange(B, device=dev)[:, None] * nb).view(-1)
