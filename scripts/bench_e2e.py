@@ -496,8 +496,10 @@ def main() -> int:
 #              experts guessed from the step's tokens; the bench's default: --first-block-guess)
 #   ringcopy, donecopier: the dma handshake's earlier forms (DmaCopier.MAPPED_RING / SIGNAL_STREAM off): the
 #              plan copied from a device ring to the host's mirror; done[m] written on the copier's stream
+#   driver:    the copier's copies and done writes through the CUDA driver by ctypes (DmaCopier.DRIVER_API)
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
-DMA_VARIANTS = {"ringcopy": ("MAPPED_RING", False), "donecopier": ("SIGNAL_STREAM", False)}
+DMA_VARIANTS = {"ringcopy": ("MAPPED_RING", False), "donecopier": ("SIGNAL_STREAM", False),
+                "driver": ("DRIVER_API", True)}
 #   selecteager: greedy's token choice as eager ops after each graph replay (Engine.select_in_graph off)
 GUESS_VARIANTS = {"noguess": "off", "guessrun": "run", "guesskeep": "keep"}
 
@@ -532,7 +534,7 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
         else:
             raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #device, #hi, "
                              "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep, "
-                             "#ringcopy, #donecopier, #selecteager")
+                             "#ringcopy, #donecopier, #driver, #selecteager")
     if copy:
         try:
             CopySettings(**copy)

@@ -236,6 +236,21 @@ def test_dma_beam_search_runs_with_the_copy_kernel(pregated_ckpt, monkeypatch):
     assert res.tokens == ref.tokens
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA driver path needs a GPU")
+def test_dma_driver_api_on_the_gpu(pregated_ckpt, monkeypatch):
+    """DmaCopier.DRIVER_API (copies and done writes through the CUDA driver): gpu_only's tokens, every plan handled."""
+    from infer.offload import DmaCopier
+
+    monkeypatch.setenv("CUDA_MODULE_LOADING", "EAGER")
+    monkeypatch.setattr(DmaCopier, "DRIVER_API", True)
+    model, store = load_offloaded(pregated_ckpt, "cuda", torch.float32, None)
+    ids, mask = prompts(n=2, length=5)
+    kw = dict(max_new_tokens=6, keep_logits=True)
+    ref = Engine(model, store, "cuda").run(PolicySpec("gpu_only"), ids, mask, **kw)
+    res = Engine(model, store, "cuda", copy_mode="dma").run(PolicySpec("pregated"), ids, mask, **kw)
+    assert res.metrics["copy_mode"] == "dma" and res.tokens == ref.tokens
+
+
 def test_dma_takes_prefetched_plans_from_the_second_decode_step():
     """A pool's first decode step sends its prefetched plans to the copy kernel (so that every kernel of the
     step is loaded before a dma wait spins); from a block's second prefetched plan on they go to the copier."""
