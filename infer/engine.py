@@ -451,9 +451,9 @@ class Engine:
                 f"({c.cpu_ms(1):.3f} ms for one token, round trip included): nothing computed on the CPU"
             )
         # greedy: each token's choice in static buffers, captured in the step's graph where there is one
-        c = model.cfg
-        select = GreedySelect(B, max_new_tokens, dev, c.decoder_start_token_id, c.pad_token_id,
-                              c.eos_token_id) if nb == 1 else None
+        mc = model.cfg
+        select = GreedySelect(B, max_new_tokens, dev, mc.decoder_start_token_id, mc.pad_token_id,
+                              mc.eos_token_id) if nb == 1 else None
         if self.cuda_graph and not why_not:
             try:
                 tc = time.perf_counter()
