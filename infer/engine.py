@@ -323,8 +323,6 @@ class Engine:
         self._calibration: cc.Calibration | None = None
         self.prefill_slots = prefill_slots
         self.first_block_guess = guess_mode(first_block_guess)  # pregated / lookahead: infer/policies.py
-        # greedy: the token choice captured in the decode step's graph (False: eager ops after each replay)
-        self.select_in_graph = True
         self.guess_tables: dict[int, torch.Tensor] = {}  # first_block_guess=keep: the runners' tables, kept
         self.copy = copy or CopySettings()  # the device copy kernel's stream priority and grid
 
@@ -460,7 +458,7 @@ class Engine:
                 saved = runner.snapshot() if runner else None  # warm-up steps are not part of the run
                 step = GraphStep(
                     model, state, B * nb, on_warm=(lambda: runner.restore(saved)) if runner else None,
-                    select=select if self.select_in_graph else None,
+                    select=select,
                 )
                 _sync(dev)
                 capture_ms = 1e3 * (time.perf_counter() - tc)

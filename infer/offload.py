@@ -449,35 +449,6 @@ class SlotPool:
 
 
 # ----------------------------------------------------------------------------------------------- dma
-class _Driver:
-    """The CUDA driver calls the dma copier can make through ctypes (DmaCopier.DRIVER_API): each lets go of the
-    GIL while it runs and skips torch's dispatch (and its pinned-memory bookkeeping) per copy."""
-
-    def __init__(self):
-        lib = ctypes.CDLL("libcuda.so.1")
-        p, u64, sz = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t
-        self.memcpy = lib.cuMemcpyHtoDAsync_v2
-        self.memcpy.argtypes, self.memcpy.restype = [u64, p, sz, p], ctypes.c_int
-        self.record = lib.cuEventRecord
-        self.record.argtypes, self.record.restype = [p, p], ctypes.c_int
-        self.wait_event = lib.cuStreamWaitEvent
-        self.wait_event.argtypes, self.wait_event.restype = [p, p, ctypes.c_uint], ctypes.c_int
-        write = getattr(lib, "cuStreamWriteValue64_v2", None) or lib.cuStreamWriteValue64
-        self.write64 = write
-        self.write64.argtypes, self.write64.restype = [p, u64, u64, ctypes.c_uint], ctypes.c_int
-        create = lib.cuEventCreate
-        create.argtypes, create.restype = [ctypes.POINTER(p), ctypes.c_uint], ctypes.c_int
-        ev = p()
-        self.check(create(ctypes.byref(ev), 2), "cuEventCreate")  # CU_EVENT_DISABLE_TIMING
-        self.event = ev
-
-    @staticmethod
-    def check(rc: int, what: str) -> None:
-        if rc != 0:
-            raise OffloadError(f"copy_mode=dma: {what} failed (CUDA driver error {rc}); "
-                               "set DmaCopier.DRIVER_API = False")
-
-
 try:  # give the GIL and the core away for a moment (a ctypes call runs without the GIL)
     _yield_gil = ctypes.CDLL(None).sched_yield
 except (OSError, AttributeError):  # pragma: no cover - not Linux
@@ -488,10 +459,9 @@ except (OSError, AttributeError):  # pragma: no cover - not Linux
 class DmaCopier:
     """copy_mode "dma": the copy engines move the experts, a host thread starts them (kernels/mailbox.py
     has the handshake). post(m, src, dst) runs on the pool's copy stream (capturable): a kernel writes the
-    plan into a ring in pinned host memory, then the head (MAPPED_RING; else a device ring copied to the
-    host); the thread handles new entries in order: one cudaMemcpyAsync per expert on its own stream, then
-    done[m] on a signal stream behind an event (SIGNAL_STREAM; else on its own stream, behind the copies);
-    wait(m) holds the compute stream until done[m] >= posted[m].
+    plan into a ring in pinned host memory, then the head; the thread handles new entries in order: one
+    cudaMemcpyAsync per expert on its own stream, then done[m] on a signal stream behind an event (so that
+    the next plan's copies need not wait for that write); wait(m) holds the compute stream until done[m] >= posted[m].
 
     The thread polls the head, giving the GIL away between polls; after IDLE_S without a post it sleeps
     between polls (SLEEP_S). A wait that times out (MAX_ITERS polls on the GPU), a ring overrun or an
@@ -505,14 +475,6 @@ class DmaCopier:
     MAX_ITERS_INTERPRETED = 200_000  # the CPU interpreter is ~1e3 x slower per poll
     IDLE_S = 0.05
     SLEEP_S = 0.0005
-    # MAPPED_RING: the post kernel writes the plan and the head straight into the pinned mirror (else: a
-    # ring on the device, copied to it); SIGNAL_STREAM: done[m] written on a second stream behind an event
-    # (else: on the copier's stream, between two plans' copies)
-    MAPPED_RING = True
-    SIGNAL_STREAM = True
-    # DRIVER_API: the thread issues its copies and the done-count write through the CUDA driver (ctypes: no
-    # torch dispatch, the GIL let go during each call; done[m] by a stream memory write, not a kernel)
-    DRIVER_API = False
 
     def __init__(self, pool: SlotPool):
         self.pool = pool
@@ -520,18 +482,17 @@ class DmaCopier:
         self.M, self.n = M, n
         self.cuda = dev.type == "cuda"
         W = 2 * n + 3  # [m, posted[m], src..., dst..., g]
-        self.ring = torch.zeros(self.RING, W, dtype=torch.int64, device=dev)
         self.head = torch.zeros(1, dtype=torch.int64, device=dev)
-        self.ring_h = torch.zeros(self.RING, W, dtype=torch.int64, pin_memory=self.cuda)  # the host's mirror
+        # the ring the post kernel writes, in pinned host memory, and the head it writes after each entry
+        self.ring_h = torch.zeros(self.RING, W, dtype=torch.int64, pin_memory=self.cuda)
         self.head_h = torch.zeros(1, dtype=torch.int64, pin_memory=self.cuda)
         self.posted = torch.zeros(M, dtype=torch.int64, device=dev)
         self.done = torch.zeros(M, dtype=torch.int64, device=dev)
         self.err = torch.zeros(1, dtype=torch.int32, device=dev)
         self.stream = torch.cuda.Stream(dev) if self.cuda else None
         # done[m] written on a second stream behind an event (not between two plans' copies on the copier's)
-        self.signal = torch.cuda.Stream(dev) if self.cuda and self.SIGNAL_STREAM else None
-        self._signal_event = torch.cuda.Event() if self.signal is not None else None
-        self.mapped_ring = self.MAPPED_RING
+        self.signal = torch.cuda.Stream(dev) if self.cuda else None
+        self._signal_event = torch.cuda.Event() if self.cuda else None
         self.device_index = (dev.index if dev.index is not None else torch.cuda.current_device()) if self.cuda else None
         self.max_iters = self.MAX_ITERS if self.cuda else self.MAX_ITERS_INTERPRETED
         self.issued = 0  # plans handled by the thread
@@ -539,16 +500,6 @@ class DmaCopier:
         # views made once (the thread's cost per plan is on the first copy's critical path)
         self._slot_rows = list(pool.pool.unbind(0))
         self._store_rows = [list(pool.store.data[b].unbind(0)) for b in range(M)]
-        self._driver = None
-        if self.cuda and self.DRIVER_API:
-            if self.signal is None:
-                raise OffloadError("copy_mode=dma: DmaCopier.DRIVER_API needs SIGNAL_STREAM")
-            self._driver = _Driver()
-            row = pool.pool.stride(0) * pool.pool.element_size()
-            self._row_bytes = pool.store.data.shape[-1] * pool.store.data.element_size()
-            self._slot_ptr = [pool.pool.data_ptr() + p * row for p in range(pool.P)]
-            srow = pool.store.data.stride(1) * pool.store.data.element_size()
-            self._store_ptr = [[pool.store.data[b].data_ptr() + e * srow for e in range(pool.E)] for b in range(M)]
         self._done = list(self.done.unbind(0))
         self.error: BaseException | None = None
         self._stop = False
@@ -561,11 +512,9 @@ class DmaCopier:
         """Launch once every kernel the handshake uses (post and wait on scratch copies of the ring, the
         copier's done-count fill), so that none is loaded (Triton's at their first launch) while a wait spins."""
         # the plans' dtypes and every block index and offset, as Triton compiles a variant per argument kind
-        ring, head, posted = torch.zeros_like(self.ring), torch.zeros_like(self.head), torch.zeros_like(self.posted)
-        head_h = None
-        if self.mapped_ring:  # (scratch pinned copies: the kernel variant that writes the host's ring and head)
-            ring = torch.zeros(self.ring_h.shape, dtype=torch.int64, pin_memory=self.cuda)
-            head_h = torch.zeros(1, dtype=torch.int64, pin_memory=self.cuda)
+        head, posted = torch.zeros_like(self.head), torch.zeros_like(self.posted)
+        ring = torch.zeros(self.ring_h.shape, dtype=torch.int64, pin_memory=self.cuda)  # scratch pinned copies
+        head_h = torch.zeros(1, dtype=torch.int64, pin_memory=self.cuda)
         src = torch.full((self.n,), -1, dtype=torch.int32, device=self.pool.device)
         dst = torch.zeros(self.n, dtype=torch.int32, device=self.pool.device)
         for m in range(self.M):
@@ -573,15 +522,13 @@ class DmaCopier:
         done, err = posted.clone(), torch.zeros_like(self.err)
         for m in range(self.M):
             mailbox.wait(done[m : m + 1], posted[m : m + 1], err, self.max_iters)
-        for st in (self.stream, self.signal):  # (no stream on the CPU: a no-op context)
-            with torch.cuda.stream(st):
-                for d in self._done:
-                    d.fill_(1)
-                self.done.zero_()
+        with torch.cuda.stream(self.signal):  # (no stream on the CPU: a no-op context)
+            for d in self._done:
+                d.fill_(1)
+            self.done.zero_()
         if self.cuda:
             torch.cuda.synchronize(self.pool.device)
-        if int(err[0]) or not torch.equal(head.cpu(), torch.tensor([self.M])) or (
-                head_h is not None and int(head_h[0]) != self.M):
+        if int(err[0]) or not torch.equal(head.cpu(), torch.tensor([self.M])) or int(head_h[0]) != self.M:
             raise OffloadError(f"copy_mode=dma: the handshake's kernels failed their start-up check (head "
                                f"{head.tolist()} after {self.M} posts, {int(err[0])} timeouts)")
 
@@ -590,13 +537,8 @@ class DmaCopier:
         if src_n.numel() != self.n or dst_n.numel() != self.n:
             raise OffloadError(f"copy_mode=dma: a plan of {src_n.numel()} entries for block {m}; the "
                                f"ring holds {self.n}")
-        if self.mapped_ring:  # the kernel writes the plan, then the host's head, into pinned memory
-            mailbox.post(m, src_n, dst_n, self.ring_h, self.head, self.posted, head_host=self.head_h)
-            return
-        mailbox.post(m, src_n, dst_n, self.ring, self.head, self.posted)
-        # the ring, then its head: two copies in stream order, so the host never sees a head before its plan
-        self.ring_h.copy_(self.ring, non_blocking=self.cuda)
-        self.head_h.copy_(self.head, non_blocking=self.cuda)
+        # the kernel writes the plan, then (behind a system fence) the host's head, into pinned memory
+        mailbox.post(m, src_n, dst_n, self.ring_h, self.head, self.posted, head_host=self.head_h)
 
     def wait(self, m: int) -> None:
         """On the current (compute) stream, ordered after block m's post: hold until its copies are done."""
@@ -623,26 +565,14 @@ class DmaCopier:
             if trace is not None:
                 ev0 = torch.cuda.Event(enable_timing=True)
                 ev0.record()
-            drv = self._driver
-            if drv is not None:
-                stream, ptrs = self.stream.cuda_stream, self._store_ptr[m]
-                for e, p in zip(src, dst):
-                    if e >= 0 and p >= 0:
-                        drv.check(drv.memcpy(self._slot_ptr[p], ptrs[e], self._row_bytes, stream), "cuMemcpyHtoDAsync")
-            else:
-                for e, p in zip(src, dst):
-                    if e >= 0 and p >= 0:
-                        slots[p].copy_(experts[e], non_blocking=self.cuda)
+            for e, p in zip(src, dst):
+                if e >= 0 and p >= 0:
+                    slots[p].copy_(experts[e], non_blocking=self.cuda)
             if trace is not None:
                 ev1 = torch.cuda.Event(enable_timing=True)
                 ev1.record()
                 trace.append((g, m, ev0, ev1))
-            if drv is not None:  # the same, by the driver: an event, then a stream memory write of done[m] = b
-                sig = self.signal.cuda_stream
-                drv.check(drv.record(drv.event, self.stream.cuda_stream), "cuEventRecord")
-                drv.check(drv.wait_event(sig, drv.event, 0), "cuStreamWaitEvent")
-                drv.check(drv.write64(sig, self.done.data_ptr() + 8 * m, b, 0), "cuStreamWriteValue64")
-            elif self.signal is not None:  # done[m] on the signal stream, so the next plan's copies start at once
+            if self.cuda:  # done[m] on the signal stream, so the next plan's copies start at once
                 self._signal_event.record()
                 self.signal.wait_event(self._signal_event)
                 with torch.cuda.stream(self.signal):

@@ -26,7 +26,6 @@ class GreedySelect:
     def __init__(self, batch: int, max_new_tokens: int, device, start_token: int, pad_token: int, eos_token: int):
         self.n, self.start, self.eos, self.pad_token = max(1, max_new_tokens), start_token, eos_token, pad_token
         self.tok = torch.empty(batch, dtype=torch.long, device=device)
-        self.pad = torch.full((batch,), pad_token, dtype=torch.long, device=device)
         self.out = torch.empty((batch, self.n), dtype=torch.long, device=device)
         self.done = torch.empty(batch, dtype=torch.bool, device=device)
         self.ended = torch.empty(self.n, dtype=torch.bool, device=device)
@@ -43,7 +42,7 @@ class GreedySelect:
         self.t.zero_()
 
     def __call__(self, logits: torch.Tensor) -> None:
-        nxt = torch.where(self.done, self.pad, logits.argmax(-1))
+        nxt = torch.where(self.done, self.pad_token, logits.argmax(-1))
         i = torch.remainder(self.t, self.n).view(1)
         self.out.index_copy_(1, i, nxt[:, None])
         self.done.logical_or_(nxt == self.eos)

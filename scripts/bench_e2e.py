@@ -81,7 +81,6 @@ from infer import report as rep  # noqa: E402
 from infer.engine import Engine  # noqa: E402
 from infer.offload import (  # noqa: E402
     CopySettings,
-    DmaCopier,
     ExpertStore,
     OffloadError,
     default_budget_bytes,
@@ -320,8 +319,8 @@ def main() -> int:
     ap.add_argument("--copy-mode", default="auto", choices=["auto", "device", "dma", "host"])
     ap.add_argument(
         "--first-block-guess", default="run", choices=["run", "keep", "off"],
-        help="offload.first_block_guess of the pregated/lookahead runs (run, the default here: each run's guess "
-        "table starts from the embedding's guess, so no run learns from an earlier run of the same prompt; "
+        help="offload.first_block_guess of the pregated/lookahead runs (run, the default here: each run starts with "
+        "an empty guess table, so no run learns from an earlier run of the same prompt; "
         "keep: python -m infer's default; per run: #noguess, #guessrun, #guesskeep)",
     )
     ap.add_argument("--no-graph", action="store_true")
@@ -494,13 +493,7 @@ def main() -> int:
 #              infer.offload.DmaCopier); device: offload.copy_mode=device (e.g. beside --copy-mode dma)
 #   noguess, guessrun, guesskeep: offload.first_block_guess off / run / keep (the first decoder MoE block's
 #              experts guessed from the step's tokens; the bench's default: --first-block-guess)
-#   ringcopy, donecopier: the dma handshake's earlier forms (DmaCopier.MAPPED_RING / SIGNAL_STREAM off): the
-#              plan copied from a device ring to the host's mirror; done[m] written on the copier's stream
-#   driver:    the copier's copies and done writes through the CUDA driver by ctypes (DmaCopier.DRIVER_API)
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
-DMA_VARIANTS = {"ringcopy": ("MAPPED_RING", False), "donecopier": ("SIGNAL_STREAM", False),
-                "driver": ("DRIVER_API", True)}
-#   selecteager: greedy's token choice as eager ops after each graph replay (Engine.select_in_graph off)
 GUESS_VARIANTS = {"noguess": "off", "guessrun": "run", "guesskeep": "keep"}
 
 
@@ -508,11 +501,6 @@ def variant_guess(variant: str) -> str | None:
     """The first-block guess mode a variant asks for ("noguess" -> "off"), or None."""
     found = [GUESS_VARIANTS[t] for t in variant.split("#") if t in GUESS_VARIANTS]
     return found[-1] if found else None
-
-
-def variant_dma(variant: str) -> dict:
-    """The DmaCopier class settings a variant asks for ("ringcopy" -> {"MAPPED_RING": False})."""
-    return dict(DMA_VARIANTS[t] for t in variant.split("#") if t in DMA_VARIANTS)
 
 
 def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
@@ -524,17 +512,15 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
             plan = PLAN_VARIANTS[tok]
         elif tok in ("dma", "device"):
             mode = tok
-        elif tok in GUESS_VARIANTS or tok in DMA_VARIANTS or tok == "selecteager":
-            pass  # variant_guess, variant_dma
+        elif tok in GUESS_VARIANTS:
+            pass  # variant_guess
         elif tok == "hi":
             copy["priority"] = "high"
-
         elif tok[:1] in ("p", "b", "w") and tok[1:].isdigit():
             copy[{"p": "programs", "b": "block", "w": "warps"}[tok[0]]] = int(tok[1:])
         else:
             raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #device, #hi, "
-                             "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep, "
-                             "#ringcopy, #donecopier, #driver, #selecteager")
+                             "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep")
     if copy:
         try:
             CopySettings(**copy)
@@ -752,9 +738,7 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
         try:
             with engine_settings(eng, copy=dataclasses.replace(eng.copy, **copy),
                                  copy_mode=copy_mode or eng.copy_mode,
-                                 first_block_guess=variant_guess(variant) or eng.first_block_guess,
-                                 select_in_graph="selecteager" not in variant.split("#")), \
-                    engine_settings(DmaCopier, **variant_dma(variant)):
+                                 first_block_guess=variant_guess(variant) or eng.first_block_guess):
                 entry = run_one(eng, spec, ids, n_new, nb, args, cpu_compute=cpu_mode or "off")
         finally:
             slot_plan.DEFAULT_IMPL = impl_before
@@ -1010,8 +994,8 @@ CRITICAL_METHOD = (
 
 
 @contextlib.contextmanager
-def engine_settings(eng, **settings):
-    """The attributes of eng (an Engine, or a class such as DmaCopier) set to `settings` inside, restored on exit."""
+def engine_settings(eng: Engine, **settings):
+    """The engine's attributes set to `settings` inside, restored on exit."""
     saved = {k: getattr(eng, k) for k in settings}
     for k, v in settings.items():
         setattr(eng, k, v)

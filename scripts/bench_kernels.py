@@ -501,7 +501,6 @@ def sweep_decode(out: list, reps: int, sweep_one_launch: bool = False, expert_co
                 except Exception as e:  # noqa: BLE001
                     r["error"] = f"{type(e).__name__}: {e}"[:200]
                 rows.append(r)
-            w_in, w_out = copies[0]
             ok = [r for r in rows if "graph_b2b_us" in r and r["rel_err"] <= 2 * r["torch_rel_err"]
                   and "w_out_storage" not in r]
             best = min(ok, key=lambda r: r["graph_b2b_us"])

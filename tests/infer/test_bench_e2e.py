@@ -243,9 +243,6 @@ def test_parse_table_runs():
     assert bench.parse_variant("noguess#dma") == (None, {}, "dma")
     assert bench.variant_guess("noguess#dma") == "off" and bench.variant_guess("guesskeep") == "keep"
     assert bench.variant_guess("dma") is None
-    assert bench.parse_variant("ringcopy#donecopier#dma") == (None, {}, "dma")
-    assert bench.variant_dma("ringcopy#dma") == {"MAPPED_RING": False} and bench.variant_dma("dma") == {}
-    assert bench.variant_dma("driver#dma") == {"DRIVER_API": True}
     with pytest.raises(SystemExit, match="noguess"):
         bench.parse_variant("nogues")
     for bad in ("beam4", "beam8:gpu_only", "beam4:", "beam4:no_such_policy", "greedy:pregated#fast",

@@ -205,11 +205,8 @@ def test_dma_copy_mode_under_the_interpreter(pregated_ckpt, monkeypatch):
         real_close(self)
 
     monkeypatch.setattr(DmaCopier, "close", close)
-    for spec, slots, mapped in ((PolicySpec("pregated"), 4, True), (PolicySpec("on_demand"), 4, True),
-                                (PolicySpec("pregated", 2, "lru"), 4, True), (PolicySpec("prefetch_all"), 16, True),
-                                (PolicySpec("pregated"), 4, False)):
-        # mapped: the post kernel writes the plan and head into the pinned mirror (else a device ring, copied)
-        monkeypatch.setattr(DmaCopier, "MAPPED_RING", mapped)
+    for spec, slots in ((PolicySpec("pregated"), 4), (PolicySpec("on_demand"), 4),
+                        (PolicySpec("pregated", 2, "lru"), 4), (PolicySpec("prefetch_all"), 16)):
         res = Engine(model, store, "cpu", copy_mode="dma", prefill_slots=slots).run(spec, ids, mask, **kw)
         assert res.metrics["copy_mode"] == "dma"
         assert res.tokens == ref.tokens, spec
@@ -234,21 +231,6 @@ def test_dma_beam_search_runs_with_the_copy_kernel(pregated_ckpt, monkeypatch):
     res = Engine(model, store, "cpu", copy_mode="dma").run(PolicySpec("pregated"), ids, mask, **kw)
     assert res.metrics["copy_mode"] == "device" and BEAM_DMA_NOTE in res.notes
     assert res.tokens == ref.tokens
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA driver path needs a GPU")
-def test_dma_driver_api_on_the_gpu(pregated_ckpt, monkeypatch):
-    """DmaCopier.DRIVER_API (copies and done writes through the CUDA driver): gpu_only's tokens, every plan handled."""
-    from infer.offload import DmaCopier
-
-    monkeypatch.setenv("CUDA_MODULE_LOADING", "EAGER")
-    monkeypatch.setattr(DmaCopier, "DRIVER_API", True)
-    model, store = load_offloaded(pregated_ckpt, "cuda", torch.float32, None)
-    ids, mask = prompts(n=2, length=5)
-    kw = dict(max_new_tokens=6, keep_logits=True)
-    ref = Engine(model, store, "cuda").run(PolicySpec("gpu_only"), ids, mask, **kw)
-    res = Engine(model, store, "cuda", copy_mode="dma").run(PolicySpec("pregated"), ids, mask, **kw)
-    assert res.metrics["copy_mode"] == "dma" and res.tokens == ref.tokens
 
 
 def test_dma_takes_prefetched_plans_from_the_second_decode_step():
