@@ -208,20 +208,28 @@ if HAVE_TRITON:
         stride_ws, stride_wd, stride_wf, stride_yt, stride_yd, stride_ss, stride_sd,
         K: tl.constexpr, HAS_SLOT_MAP: tl.constexpr, USE_PDL: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, F_LINES: tl.constexpr, LINE: tl.constexpr,
-        HAS_SCALE: tl.constexpr,
+        HAS_SCALE: tl.constexpr, PRELOAD: tl.constexpr,
     ):
         # y[t, d-tile] = sum_j w[t, j] * W_out[s_j, d-tile, :] @ h[t*K + j]: the k-sum happens here, in a
         # fixed order, so the output needs no atomics and no second pass. With PDL this kernel starts
         # while _decode_in_kernel runs (ids were final before that one passed its gdc_wait): the W_out
-        # tiles load first, and only reading h waits for _decode_in_kernel to finish.
+        # tiles load first, and only reading h waits for _decode_in_kernel to finish. PRELOAD (whole rows,
+        # BLOCK_F >= F): the first slot's tile is loaded into registers before the wait; else it is asked
+        # into L2 (no registers held).
         t = tl.program_id(0)
         pid_d = tl.program_id(1)
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         offs_f = tl.arange(0, BLOCK_F)
         mask_d = offs_d < D
+        if PRELOAD:
+            slot0 = _slot_of(ids_ptr, slot_of_expert_ptr, t * K, HAS_SLOT_MAP)
+            w0_DF = tl.load(w_out_ptr + slot0.to(tl.int64) * stride_ws + offs_d[:, None] * stride_wd
+                            + offs_f[None, :] * stride_wf, mask=mask_d[:, None] & (offs_f < F)[None, :], other=0.0,
+                            eviction_policy="evict_first")
         if USE_PDL:
-            _prefetch_w_out_rows(w_out_ptr, ids_ptr, slot_of_expert_ptr, t, offs_d, D, F, stride_ws, stride_wd,
-                                 stride_wf, K, HAS_SLOT_MAP, F_LINES, LINE)
+            if (not PRELOAD) or K > 1:
+                _prefetch_w_out_rows(w_out_ptr, ids_ptr, slot_of_expert_ptr, t, offs_d, D, F, stride_ws, stride_wd,
+                                     stride_wf, K, HAS_SLOT_MAP, F_LINES, LINE)
             gdc_wait()  # h is written by _decode_in_kernel
         acc_D = tl.zeros([BLOCK_D], dtype=tl.float32)
         for j in tl.static_range(K):
@@ -231,14 +239,18 @@ if HAVE_TRITON:
                       + offs_d[:, None] * stride_wd + offs_f[None, :] * stride_wf)
             h_ptrs = h_ptr + r * F + offs_f
             part_D = tl.zeros([BLOCK_D], dtype=tl.float32)
-            for f0 in range(0, F, BLOCK_F):
-                mask_f = offs_f < F - f0
-                h_F = tl.load(h_ptrs, mask=mask_f, other=0.0).to(tl.float32)
-                w_DF = tl.load(w_ptrs, mask=mask_d[:, None] & mask_f[None, :], other=0.0,
-                               eviction_policy="evict_first")
-                part_D += tl.sum(w_DF.to(tl.float32) * h_F[None, :], axis=1)
-                h_ptrs += BLOCK_F
-                w_ptrs += BLOCK_F * stride_wf
+            if PRELOAD and j == 0:
+                h_F = tl.load(h_ptrs, mask=offs_f < F, other=0.0).to(tl.float32)
+                part_D += tl.sum(w0_DF.to(tl.float32) * h_F[None, :], axis=1)
+            else:
+                for f0 in range(0, F, BLOCK_F):
+                    mask_f = offs_f < F - f0
+                    h_F = tl.load(h_ptrs, mask=mask_f, other=0.0).to(tl.float32)
+                    w_DF = tl.load(w_ptrs, mask=mask_d[:, None] & mask_f[None, :], other=0.0,
+                                   eviction_policy="evict_first")
+                    part_D += tl.sum(w_DF.to(tl.float32) * h_F[None, :], axis=1)
+                    h_ptrs += BLOCK_F
+                    w_ptrs += BLOCK_F * stride_wf
             if HAS_SCALE:  # int8 W_out: its per-row (per d) scale
                 part_D *= tl.load(s_ptr + slot.to(tl.int64) * stride_ss + offs_d * stride_sd, mask=mask_d,
                                   other=0.0).to(tl.float32)
@@ -393,6 +405,78 @@ if HAVE_TRITON:
                 acc_D += tl.load(weights_ptr + r).to(tl.float32) * part_D
             tl.store(y_ptr + t * stride_yt + offs_do * stride_yd, acc_D.to(y_ptr.dtype.element_ty), mask=mask2)
 
+    @triton.jit
+    def _decode_signal_kernel(
+        x_ptr, w_in_ptr, w_out_ptr, ids_ptr, slot_of_expert_ptr, weights_ptr, h_ptr, y_ptr, sync_ptr,
+        D, F, N_IN, N_F, N_D, N_OUT,
+        stride_xt, stride_xd, stride_wis, stride_wif, stride_wid, stride_wos, stride_wod, stride_wof,
+        stride_yt, stride_yd,
+        K: tl.constexpr, HAS_SLOT_MAP: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+        USE_PDL: tl.constexpr, MAX_SPIN: tl.constexpr,
+        BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, BLOCK_FO: tl.constexpr,
+    ):
+        # The decode FFN in one launch of N_IN + N_OUT programs with two roles. Programs 0..N_IN-1 produce
+        # h tiles, h[r, f-tile] = act(W_in[s, f-tile, :] @ x[t]), store them and count themselves in
+        # sync[0] (release). The others consume: each first loads its whole W_out[s, d-tile, :] tile of the
+        # first slot into registers (BLOCK_FO >= F), so both weight matrices stream from HBM at once, then
+        # waits until sync[0] == N_IN (acquire) and finishes y[t, d-tile] = sum_j w[r] * W_out-tile @ h[r]
+        # in a fixed order. Only consumers wait, and only for producers, which have the lower program ids
+        # and so are placed on the GPU first: no program waits for one that cannot start. The last consumer
+        # to finish resets sync (count sync[1]); sync[2] counts waits that hit MAX_SPIN (must stay 0). One
+        # launch at a time per sync buffer: calls on one stream are ordered (with PDL a launch passes
+        # gdc_wait only after the previous grid finished). Triton's interpreter runs programs in id order,
+        # so producers are done before the first consumer looks.
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        pid = tl.program_id(0)
+        if pid < N_IN:
+            _h_tile(x_ptr, w_in_ptr, ids_ptr, slot_of_expert_ptr, h_ptr, pid // N_F, pid % N_F, D, F, stride_xt,
+                    stride_xd, stride_wis, stride_wif, stride_wid, K, HAS_SLOT_MAP, ACT, GATED, BLOCK_D, BLOCK_F,
+                    x_ptr, 0, 0, False)
+            tl.debug_barrier()  # every thread's h stores before the count that publishes them
+            tl.atomic_add(sync_ptr, 1, sem="release")
+        else:
+            q = pid - N_IN
+            t = q // N_D
+            offs_do = (q % N_D) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+            offs_fo = tl.arange(0, BLOCK_FO)
+            mask_do = offs_do < D
+            mask_fo = offs_fo < F
+            mask_w = mask_do[:, None] & mask_fo[None, :]
+            slot0 = _slot_of(ids_ptr, slot_of_expert_ptr, t * K, HAS_SLOT_MAP)
+            w0_DF = tl.load(w_out_ptr + slot0.to(tl.int64) * stride_wos + offs_do[:, None] * stride_wod
+                            + offs_fo[None, :] * stride_wof, mask=mask_w, other=0.0, eviction_policy="evict_first")
+            # poll by one thread per program (a scalar atomic), not by every warp: the producers' counts go
+            # to the same L2 line
+            spins = 0
+            cur = tl.atomic_add(sync_ptr, 0, sem="relaxed")
+            while (cur < N_IN) & (spins < MAX_SPIN):
+                cur = tl.atomic_add(sync_ptr, 0, sem="relaxed")
+                spins += 1
+            cur = tl.atomic_add(sync_ptr, 0, sem="acquire")  # orders the h loads after the producers' stores
+            if cur < N_IN:  # never on a GPU that places programs in id order; counted, so a check can see it
+                tl.atomic_add(sync_ptr + 2, 1, sem="relaxed")
+            acc_D = tl.zeros([BLOCK_DO], dtype=tl.float32)
+            for j in tl.static_range(K):
+                r = t * K + j
+                if j == 0:
+                    w_DF = w0_DF
+                else:
+                    slot = _slot_of(ids_ptr, slot_of_expert_ptr, r, HAS_SLOT_MAP)
+                    w_DF = tl.load(w_out_ptr + slot.to(tl.int64) * stride_wos + offs_do[:, None] * stride_wod
+                                   + offs_fo[None, :] * stride_wof, mask=mask_w, other=0.0,
+                                   eviction_policy="evict_first")
+                # .cg: from L2, where the producers' h stores are (L1 is not coherent)
+                h_F = tl.load(h_ptr + r * F + offs_fo, mask=mask_fo, other=0.0, cache_modifier=".cg")
+                part_D = tl.sum(w_DF.to(tl.float32) * h_F.to(tl.float32)[None, :], axis=1)
+                acc_D += tl.load(weights_ptr + r).to(tl.float32) * part_D
+            tl.store(y_ptr + t * stride_yt + offs_do * stride_yd, acc_D.to(y_ptr.dtype.element_ty), mask=mask_do)
+            done = tl.atomic_add(sync_ptr + 1, 1, sem="relaxed")
+            if done == N_OUT - 1:  # every consumer is past its wait: reset for the next launch
+                tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed")
+                tl.atomic_xchg(sync_ptr, 0, sem="relaxed")
+
     @triton.jit(do_not_specialize=["R"])
     def _grouped_in_kernel(
         x_ptr, w_in_ptr, sorted_ptr, tile_slot_ptr, h_ptr, s_ptr,
@@ -506,9 +590,12 @@ def _np2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _decode_config(bf: int, bd: int, w: int, obd: int, obf: int, ow: int, pdl: bool = True) -> dict:
-    return {"path": "decode", "pdl": pdl, "in": {"BLOCK_F": bf, "BLOCK_D": bd, "num_warps": w},
-            "out": {"BLOCK_D": obd, "BLOCK_F": obf, "num_warps": ow}}
+def _decode_config(bf: int, bd: int, w: int, obd: int, obf: int, ow: int, pdl: bool = True,
+                   preload: bool = False) -> dict:
+    out = {"BLOCK_D": obd, "BLOCK_F": obf, "num_warps": ow}
+    if preload:  # the first slot's W_out tile into registers before the wait (whole rows: BLOCK_F >= F)
+        out["preload"] = True
+    return {"path": "decode", "pdl": pdl, "in": {"BLOCK_F": bf, "BLOCK_D": bd, "num_warps": w}, "out": out}
 
 
 def gridsync_config(d: int, F: int, bf: int = 32, bdo: int = 8, w: int = 8, pdl: bool = True) -> dict:
@@ -523,22 +610,36 @@ def gridsync_candidates(d: int, F: int) -> list[dict]:
             gridsync_config(d, F, 64, 16, 8)]
 
 
-_SYNC: dict[tuple[str, int | None], torch.Tensor] = {}
+def signal_config(d: int, F: int, bf: int = 8, bdo: int = 2, w: int = 4, pdl: bool = True) -> dict:
+    """The one-launch decode kernel with producer and consumer programs (_decode_signal_kernel)."""
+    return {"path": "signal", "pdl": pdl, "BLOCK_F": bf, "BLOCK_D": min(_np2(d), 2048), "BLOCK_DO": bdo,
+            "num_warps": w}
 
 
-def _sync_buffer(device: torch.device) -> torch.Tensor:
-    """The grid barrier's [count, generation, timeouts] (int32) of a device, made once (outside any graph
-    capture, at the first eager call) and left at count 0 by every launch."""
-    key = (device.type, device.index)
+def signal_candidates(d: int, F: int) -> list[dict]:
+    """Producer/consumer decode configs the benchmark compares with the two-kernel decode path: W_in rows per
+    producer, W_out rows per consumer (its whole-row tile held in registers), warps."""
+    return [signal_config(d, F, bf, bdo, w) for bf, bdo, w in ((8, 2, 4), (4, 2, 4), (16, 2, 4), (8, 1, 2),
+                                                               (8, 4, 4), (16, 4, 8), (4, 1, 2), (16, 8, 8))]
+
+
+_SYNC: dict[tuple[str, str, int | None], torch.Tensor] = {}
+
+
+def _sync_buffer(device: torch.device, path: str = "gridsync") -> torch.Tensor:
+    """The sync words (int32) of a one-launch path on a device, made once (outside any graph capture, at the
+    first eager call) and left reset by every launch: gridsync [count, generation, timeouts], signal
+    [producers done, consumers done, timeouts]."""
+    key = (path, device.type, device.index)
     if key not in _SYNC:
         _SYNC[key] = torch.zeros(3, dtype=torch.int32, device=device)
     return _SYNC[key]
 
 
-def gridsync_timeouts(device: torch.device) -> int:
-    """How many programs left a grid barrier by its spin limit instead of by the barrier opening (a
-    correctness check: must stay 0)."""
-    buf = _SYNC.get((device.type, device.index))
+def gridsync_timeouts(device: torch.device, path: str = "gridsync") -> int:
+    """How many programs of a one-launch path (gridsync, signal) left a wait by its spin limit instead of by
+    the wait ending (a correctness check: must stay 0)."""
+    buf = _SYNC.get((path, device.type, device.index))
     return 0 if buf is None else int(buf[2])
 
 
@@ -649,7 +750,7 @@ def expert_ffn_triton(
     scale_out_args = (s_out.stride(0), s_out.stride(1)) if quant else (0, 0)
 
     def launch(cfg: dict, out: torch.Tensor) -> None:
-        if quant and cfg["path"] in ("gridsync", "fused"):
+        if quant and cfg["path"] in ("gridsync", "fused", "signal"):
             raise ValueError(f"int8 weights: the {cfg['path']} path does not read them; use decode or prefill")
         if cfg["path"] == "gridsync":
             bf, bdo = cfg["BLOCK_F"], cfg["BLOCK_DO"]
@@ -674,6 +775,21 @@ def expert_ffn_triton(
                         LINE=line, num_warps=cfg["num_warps"], **pdl)
             for phase in ((1, 2) if interp else (0,)):
                 _decode_gridsync_kernel[(G,)](*args, PHASE=phase, **meta)
+            return
+        if cfg["path"] == "signal":
+            bf, bdo = cfg["BLOCK_F"], cfg["BLOCK_DO"]
+            n_f, n_d = triton.cdiv(F, bf), triton.cdiv(d, bdo)
+            pdl = {"launch_pdl": True} if cfg.get("pdl", True) and use_pdl(x.device) else {}
+            h = torch.empty((R, F), dtype=h_dtype, device=x.device)
+            _decode_signal_kernel[(R * n_f + T * n_d,)](
+                x, w_in, w_out, ids_R, slot_map, weights_R, h, out, _sync_buffer(x.device, "signal"),
+                d, F, R * n_f, n_f, n_d, T * n_d,
+                x.stride(0), x.stride(1), w_in.stride(0), w_in.stride(1), w_in.stride(2),
+                w_out.stride(0), w_out.stride(1), w_out.stride(2), out.stride(0), out.stride(1),
+                K=k, HAS_SLOT_MAP=slot_of_expert is not None, ACT=act, GATED=gated, USE_PDL=bool(pdl),
+                MAX_SPIN=1 << 22, BLOCK_F=bf, BLOCK_D=cfg["BLOCK_D"], BLOCK_DO=bdo, BLOCK_FO=_np2(F),
+                num_warps=cfg["num_warps"], **pdl,
+            )
             return
         if cfg["path"] == "fused":
             pdl = {"launch_pdl": True} if cfg.get("pdl", True) and use_pdl(x.device) else {}
@@ -714,7 +830,8 @@ def expert_ffn_triton(
                 w_out.stride(0), w_out.stride(1), w_out.stride(2), out.stride(0), out.stride(1), *scale_out_args,
                 K=k, HAS_SLOT_MAP=slot_of_expert is not None, USE_PDL=bool(pdl),
                 BLOCK_D=co["BLOCK_D"], BLOCK_F=co["BLOCK_F"], F_LINES=_np2(triton.cdiv(F, line)), LINE=line,
-                HAS_SCALE=quant, num_warps=co["num_warps"], **pdl,
+                HAS_SCALE=quant, PRELOAD=bool(co.get("preload", False)) and co["BLOCK_F"] >= F,
+                num_warps=co["num_warps"], **pdl,
             )
             return
         bm, ci, co = cfg["BLOCK_M"], cfg["in"], cfg["out"]
