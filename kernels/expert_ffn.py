@@ -3,10 +3,14 @@
 Two Triton paths, picked by the number of token slots R = T*k (tuned per GPU, see kernels/tuning.py):
   decode  (a few slots): no sort; a GEMV program per (token slot, F tile), then one per (token, d tile)
           that also sums the k slots. Bound by reading the activated experts' weights. On Hopper the
-          kernels are chained by programmatic dependent launch (PDL): the second starts, and pulls its
-          W_out rows into L2, while the first still runs, so the two weight reads overlap.
+          kernels are chained by programmatic dependent launch (PDL): the second starts, and loads its
+          W_out rows (into registers with whole-row tiles, out "preload"; else into L2), while the first
+          still runs, so the two weight reads overlap.
   fused   (opt-in config, not a default): one kernel per (token slot, F tile) doing both GEMVs, and a
           fixed-order reduce of the F-tile partials; measured slower than decode on the H200.
+  (A one-launch form with producer programs publishing h through a counter and consumer programs holding
+  their W_out tile in registers while they wait was measured on the H200 and removed: 7.1-9.4 us vs 6.3 us
+  for switch-base, 9.1-11.7 vs 8.2 for switch-large; bench/results/kernels-nvidia-h200-signal-preload-sweep.md.)
   gridsync (opt-in config, not a default): one launch of <= #SM programs: W_out tiles prefetched to L2,
           the h tiles, a grid barrier, then y from L2. Correct and deterministic on the H200, but slower
           than decode there (T = 1, 16 back to back: 10.4 vs 7.4 us switch-base, 13.3 vs 10.5 us
@@ -405,78 +409,6 @@ if HAVE_TRITON:
                 acc_D += tl.load(weights_ptr + r).to(tl.float32) * part_D
             tl.store(y_ptr + t * stride_yt + offs_do * stride_yd, acc_D.to(y_ptr.dtype.element_ty), mask=mask2)
 
-    @triton.jit
-    def _decode_signal_kernel(
-        x_ptr, w_in_ptr, w_out_ptr, ids_ptr, slot_of_expert_ptr, weights_ptr, h_ptr, y_ptr, sync_ptr,
-        D, F, N_IN, N_F, N_D, N_OUT,
-        stride_xt, stride_xd, stride_wis, stride_wif, stride_wid, stride_wos, stride_wod, stride_wof,
-        stride_yt, stride_yd,
-        K: tl.constexpr, HAS_SLOT_MAP: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
-        USE_PDL: tl.constexpr, MAX_SPIN: tl.constexpr,
-        BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, BLOCK_FO: tl.constexpr,
-    ):
-        # The decode FFN in one launch of N_IN + N_OUT programs with two roles. Programs 0..N_IN-1 produce
-        # h tiles, h[r, f-tile] = act(W_in[s, f-tile, :] @ x[t]), store them and count themselves in
-        # sync[0] (release). The others consume: each first loads its whole W_out[s, d-tile, :] tile of the
-        # first slot into registers (BLOCK_FO >= F), so both weight matrices stream from HBM at once, then
-        # waits until sync[0] == N_IN (acquire) and finishes y[t, d-tile] = sum_j w[r] * W_out-tile @ h[r]
-        # in a fixed order. Only consumers wait, and only for producers, which have the lower program ids
-        # and so are placed on the GPU first: no program waits for one that cannot start. The last consumer
-        # to finish resets sync (count sync[1]); sync[2] counts waits that hit MAX_SPIN (must stay 0). One
-        # launch at a time per sync buffer: calls on one stream are ordered (with PDL a launch passes
-        # gdc_wait only after the previous grid finished). Triton's interpreter runs programs in id order,
-        # so producers are done before the first consumer looks.
-        if USE_PDL:
-            gdc_wait()
-            gdc_launch_dependents()
-        pid = tl.program_id(0)
-        if pid < N_IN:
-            _h_tile(x_ptr, w_in_ptr, ids_ptr, slot_of_expert_ptr, h_ptr, pid // N_F, pid % N_F, D, F, stride_xt,
-                    stride_xd, stride_wis, stride_wif, stride_wid, K, HAS_SLOT_MAP, ACT, GATED, BLOCK_D, BLOCK_F,
-                    x_ptr, 0, 0, False)
-            tl.debug_barrier()  # every thread's h stores before the count that publishes them
-            tl.atomic_add(sync_ptr, 1, sem="release")
-        else:
-            q = pid - N_IN
-            t = q // N_D
-            offs_do = (q % N_D) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-            offs_fo = tl.arange(0, BLOCK_FO)
-            mask_do = offs_do < D
-            mask_fo = offs_fo < F
-            mask_w = mask_do[:, None] & mask_fo[None, :]
-            slot0 = _slot_of(ids_ptr, slot_of_expert_ptr, t * K, HAS_SLOT_MAP)
-            w0_DF = tl.load(w_out_ptr + slot0.to(tl.int64) * stride_wos + offs_do[:, None] * stride_wod
-                            + offs_fo[None, :] * stride_wof, mask=mask_w, other=0.0, eviction_policy="evict_first")
-            # poll by one thread per program (a scalar atomic), not by every warp: the producers' counts go
-            # to the same L2 line
-            spins = 0
-            cur = tl.atomic_add(sync_ptr, 0, sem="relaxed")
-            while (cur < N_IN) & (spins < MAX_SPIN):
-                cur = tl.atomic_add(sync_ptr, 0, sem="relaxed")
-                spins += 1
-            cur = tl.atomic_add(sync_ptr, 0, sem="acquire")  # orders the h loads after the producers' stores
-            if cur < N_IN:  # never on a GPU that places programs in id order; counted, so a check can see it
-                tl.atomic_add(sync_ptr + 2, 1, sem="relaxed")
-            acc_D = tl.zeros([BLOCK_DO], dtype=tl.float32)
-            for j in tl.static_range(K):
-                r = t * K + j
-                if j == 0:
-                    w_DF = w0_DF
-                else:
-                    slot = _slot_of(ids_ptr, slot_of_expert_ptr, r, HAS_SLOT_MAP)
-                    w_DF = tl.load(w_out_ptr + slot.to(tl.int64) * stride_wos + offs_do[:, None] * stride_wod
-                                   + offs_fo[None, :] * stride_wof, mask=mask_w, other=0.0,
-                                   eviction_policy="evict_first")
-                # .cg: from L2, where the producers' h stores are (L1 is not coherent)
-                h_F = tl.load(h_ptr + r * F + offs_fo, mask=mask_fo, other=0.0, cache_modifier=".cg")
-                part_D = tl.sum(w_DF.to(tl.float32) * h_F.to(tl.float32)[None, :], axis=1)
-                acc_D += tl.load(weights_ptr + r).to(tl.float32) * part_D
-            tl.store(y_ptr + t * stride_yt + offs_do * stride_yd, acc_D.to(y_ptr.dtype.element_ty), mask=mask_do)
-            done = tl.atomic_add(sync_ptr + 1, 1, sem="relaxed")
-            if done == N_OUT - 1:  # every consumer is past its wait: reset for the next launch
-                tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed")
-                tl.atomic_xchg(sync_ptr, 0, sem="relaxed")
-
     @triton.jit(do_not_specialize=["R"])
     def _grouped_in_kernel(
         x_ptr, w_in_ptr, sorted_ptr, tile_slot_ptr, h_ptr, s_ptr,
@@ -610,36 +542,22 @@ def gridsync_candidates(d: int, F: int) -> list[dict]:
             gridsync_config(d, F, 64, 16, 8)]
 
 
-def signal_config(d: int, F: int, bf: int = 8, bdo: int = 2, w: int = 4, pdl: bool = True) -> dict:
-    """The one-launch decode kernel with producer and consumer programs (_decode_signal_kernel)."""
-    return {"path": "signal", "pdl": pdl, "BLOCK_F": bf, "BLOCK_D": min(_np2(d), 2048), "BLOCK_DO": bdo,
-            "num_warps": w}
+_SYNC: dict[tuple[str, int | None], torch.Tensor] = {}
 
 
-def signal_candidates(d: int, F: int) -> list[dict]:
-    """Producer/consumer decode configs the benchmark compares with the two-kernel decode path: W_in rows per
-    producer, W_out rows per consumer (its whole-row tile held in registers), warps."""
-    return [signal_config(d, F, bf, bdo, w) for bf, bdo, w in ((8, 2, 4), (4, 2, 4), (16, 2, 4), (8, 1, 2),
-                                                               (8, 4, 4), (16, 4, 8), (4, 1, 2), (16, 8, 8))]
-
-
-_SYNC: dict[tuple[str, str, int | None], torch.Tensor] = {}
-
-
-def _sync_buffer(device: torch.device, path: str = "gridsync") -> torch.Tensor:
-    """The sync words (int32) of a one-launch path on a device, made once (outside any graph capture, at the
-    first eager call) and left reset by every launch: gridsync [count, generation, timeouts], signal
-    [producers done, consumers done, timeouts]."""
-    key = (path, device.type, device.index)
+def _sync_buffer(device: torch.device) -> torch.Tensor:
+    """The grid barrier's [count, generation, timeouts] (int32) of a device, made once (outside any graph
+    capture, at the first eager call) and left at count 0 by every launch."""
+    key = (device.type, device.index)
     if key not in _SYNC:
         _SYNC[key] = torch.zeros(3, dtype=torch.int32, device=device)
     return _SYNC[key]
 
 
-def gridsync_timeouts(device: torch.device, path: str = "gridsync") -> int:
-    """How many programs of a one-launch path (gridsync, signal) left a wait by its spin limit instead of by
-    the wait ending (a correctness check: must stay 0)."""
-    buf = _SYNC.get((path, device.type, device.index))
+def gridsync_timeouts(device: torch.device) -> int:
+    """How many programs left a grid barrier by its spin limit instead of by the barrier opening (a
+    correctness check: must stay 0)."""
+    buf = _SYNC.get((device.type, device.index))
     return 0 if buf is None else int(buf[2])
 
 
@@ -750,7 +668,7 @@ def expert_ffn_triton(
     scale_out_args = (s_out.stride(0), s_out.stride(1)) if quant else (0, 0)
 
     def launch(cfg: dict, out: torch.Tensor) -> None:
-        if quant and cfg["path"] in ("gridsync", "fused", "signal"):
+        if quant and cfg["path"] in ("gridsync", "fused"):
             raise ValueError(f"int8 weights: the {cfg['path']} path does not read them; use decode or prefill")
         if cfg["path"] == "gridsync":
             bf, bdo = cfg["BLOCK_F"], cfg["BLOCK_DO"]
@@ -775,21 +693,6 @@ def expert_ffn_triton(
                         LINE=line, num_warps=cfg["num_warps"], **pdl)
             for phase in ((1, 2) if interp else (0,)):
                 _decode_gridsync_kernel[(G,)](*args, PHASE=phase, **meta)
-            return
-        if cfg["path"] == "signal":
-            bf, bdo = cfg["BLOCK_F"], cfg["BLOCK_DO"]
-            n_f, n_d = triton.cdiv(F, bf), triton.cdiv(d, bdo)
-            pdl = {"launch_pdl": True} if cfg.get("pdl", True) and use_pdl(x.device) else {}
-            h = torch.empty((R, F), dtype=h_dtype, device=x.device)
-            _decode_signal_kernel[(R * n_f + T * n_d,)](
-                x, w_in, w_out, ids_R, slot_map, weights_R, h, out, _sync_buffer(x.device, "signal"),
-                d, F, R * n_f, n_f, n_d, T * n_d,
-                x.stride(0), x.stride(1), w_in.stride(0), w_in.stride(1), w_in.stride(2),
-                w_out.stride(0), w_out.stride(1), w_out.stride(2), out.stride(0), out.stride(1),
-                K=k, HAS_SLOT_MAP=slot_of_expert is not None, ACT=act, GATED=gated, USE_PDL=bool(pdl),
-                MAX_SPIN=1 << 22, BLOCK_F=bf, BLOCK_D=cfg["BLOCK_D"], BLOCK_DO=bdo, BLOCK_FO=_np2(F),
-                num_warps=cfg["num_warps"], **pdl,
-            )
             return
         if cfg["path"] == "fused":
             pdl = {"launch_pdl": True} if cfg.get("pdl", True) and use_pdl(x.device) else {}

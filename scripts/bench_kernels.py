@@ -46,8 +46,6 @@ from kernels.expert_ffn import (  # noqa: E402
     gridsync_config,  # noqa: E402
     gridsync_timeouts,  # noqa: E402
     quantize_experts,  # noqa: E402
-    signal_candidates,  # noqa: E402
-    signal_config,  # noqa: E402
 )
 from kernels.routing import _route_candidates, route, route_reference, route_triton  # noqa: E402
 
@@ -219,12 +217,8 @@ def check_ffn(out: list):
     fused_small = {**fused, "BLOCK_D": 256, "BLOCK_DO": 128}  # several W_out chunks, d = 200
     grid = gridsync_config(768, 3072, 16, 8, 8)
     cases = [  # (T, E, k, d, F, activation, config, slot table, dtype)
-        (1, 128, 1, 768, 3072, "relu", signal_config(768, 3072), True, torch.bfloat16),
         (1, 128, 1, 768, 3072, "relu", _decode_config(2, 1024, 2, 2, 4096, 2, preload=True), True, torch.bfloat16),
         (4, 8, 2, 1024, 4096, "gelu", _decode_config(2, 1024, 2, 4, 4096, 4, preload=True), True, torch.bfloat16),
-        (1, 8, 1, 1024, 4096, "swiglu", signal_config(1024, 4096, 8, 2, 4), False, torch.bfloat16),
-        (2, 64, 2, 768, 3072, "gelu", signal_config(768, 3072, 4, 1, 2), True, torch.bfloat16),
-        (3, 7, 2, 200, 328, "relu", signal_config(200, 328, 16, 8, 4), True, torch.float32),
         (1, 128, 1, 768, 3072, "relu", grid, True, torch.bfloat16),
         (1, 8, 1, 1024, 4096, "swiglu", gridsync_config(1024, 4096, 16, 8, 8), False, torch.bfloat16),
         (2, 64, 2, 768, 3072, "gelu", gridsync_config(768, 3072, 16, 16, 8), True, torch.bfloat16),
@@ -270,10 +264,9 @@ def check_ffn(out: list):
         ok = bool(torch.isfinite(y).all()) and err <= bound
         path = (cfg or tuning.current(_ffn_key(T, k, E, d, f, gated, dtype), DEV) or {}).get("path")
         extra = {}
-        if path in ("gridsync", "signal"):  # the one-launch waits: repeated calls equal, no program timed out
+        if path == "gridsync":  # the grid barrier: repeated calls equal, and no program timed out of it
             ys = [expert_ffn_triton(x, w_in, w_out, ids, wts, slot_map, act, config=cfg) for _ in range(50)]
-            extra = {"repeat_equal": all(torch.equal(v, y) for v in ys),
-                     "barrier_timeouts": gridsync_timeouts(DEV, path)}
+            extra = {"repeat_equal": all(torch.equal(v, y) for v in ys), "barrier_timeouts": gridsync_timeouts(DEV)}
             ok = ok and extra["repeat_equal"] and extra["barrier_timeouts"] == 0
         out.append({"what": "expert_ffn", "T": T, "E": E, "S": S, "k": k, "d": d, "F": f,
                     "activation": act, "path": path, "dtype": str(dtype), "rel_err": err,
@@ -423,8 +416,6 @@ def _cfg_name(cfg: dict) -> str:
         ci, co = cfg["in"], cfg["out"]
         return (f"2-kernel in BF{ci['BLOCK_F']} BD{ci['BLOCK_D']} w{ci['num_warps']} out BD{co['BLOCK_D']} "
                 f"BF{co['BLOCK_F']} w{co['num_warps']}" + (" preload" if co.get("preload") else ""))
-    if cfg.get("path") == "signal":
-        return f"signal BF{cfg['BLOCK_F']} BDO{cfg['BLOCK_DO']} w{cfg['num_warps']}"
     if cfg.get("path") == "gridsync":
         return f"grid-barrier BF{cfg['BLOCK_F']} BDO{cfg['BLOCK_DO']} w{cfg['num_warps']}"
     if "SPLIT_D" in cfg:
@@ -461,14 +452,14 @@ def layout_candidates(d: int) -> list[dict]:
 
 
 def sweep_decode(out: list, reps: int, sweep_one_launch: bool = False, expert_counts=None, layout: bool = False,
-                 signal: bool = False):
+                 preload: bool = False):
     """T = 1: time the two-kernel decode path against the fused decode kernel variants (single call after
     an L2 flush, and 16 calls back to back in one CUDA graph), and the split-gate routing against the
     whole-gate kernel; pin the fastest (FFN: by the graph b2b time; routing: single call) for the timings.
     layout: time the fused kernel and the pinned two-kernel config with W_out stored transposed (rows named
     "[W_out F x d]"; a storage the offload pool does not use yet, so never pinned) beside the pinned config
-    on the usual storage, instead of the two-kernel sweep. signal: time the producer/consumer one-launch kernel's
-    candidates beside the pinned config, instead of the two-kernel sweep."""
+    on the usual storage, instead of the two-kernel sweep. preload: time the two-kernel path with W_out preloaded
+    into registers (preload_candidates) beside the pinned config, instead of the two-kernel sweep."""
     gpu = tuning.gpu_name(DEV)
     for name, (d, f) in SHAPES.items():
         for E in expert_counts or EXPERTS:
@@ -496,11 +487,11 @@ def sweep_decode(out: list, reps: int, sweep_one_launch: bool = False, expert_co
             copies = [(w_in, w_out)] + [experts(E, d, f, seed=E + d + c) for c in range(1, n_copies)]
             b2b = make_sets(1, E, 1, d, seed=E + 1, n_sets=16)
             rows = []
-            one_launch = (fused_candidates(d) + gridsync_candidates(d, f) + signal_candidates(d, f)
-                          if sweep_one_launch else preload_candidates(old, f) + signal_candidates(d, f) if signal
-                          else [])
-            # layout / signal: only the pinned config beside their rows (the wide sweep is its own run)
-            plain = [(cfg, False) for cfg in [old] + ([] if layout or signal else decode_candidates(d, f)) + one_launch]
+            one_launch = (fused_candidates(d) + gridsync_candidates(d, f) if sweep_one_launch
+                          else preload_candidates(old, f) if preload else [])
+            # layout / preload: only the pinned config beside their rows (the wide sweep is its own run)
+            plain = [(cfg, False) for cfg in [old] + ([] if layout or preload else decode_candidates(d, f))
+                     + one_launch]
             transposed = [(cfg, True) for cfg in [old] + layout_candidates(d)] if layout else []
             t_copies = ([(wi, wo.transpose(1, 2).contiguous().transpose(1, 2)) for wi, wo in copies]
                         if layout else [])
@@ -520,8 +511,8 @@ def sweep_decode(out: list, reps: int, sweep_one_launch: bool = False, expert_co
                     x, i, w = sets[0]
                     ys = [expert_ffn_triton(x, w_in, w_out, i, w, config=cfg) for _ in range(20)]
                     r["bitwise_deterministic"] = all(torch.equal(y, ys[0]) for y in ys)
-                    if cfg.get("path") in ("gridsync", "signal"):
-                        r["wait_timeouts"] = gridsync_timeouts(DEV, cfg["path"])
+                    if cfg.get("path") == "gridsync":
+                        r["wait_timeouts"] = gridsync_timeouts(DEV)
                     ref = expert_ffn_reference(x.double(), w_in.double(), w_out.double(), i, w.double())
                     r["rel_err"] = rel(ys[0], ref)
                     r["torch_rel_err"] = rel(expert_ffn_reference(x, w_in, w_out, i, w), ref)
@@ -805,9 +796,9 @@ def main():
                     help="the decode sweep times the fused kernel (and the pinned two-kernel config) with W_out "
                     "stored transposed (F x d), rows named [W_out F x d], never pinned, beside the pinned config on "
                     "the usual storage (instead of the two-kernel sweep)")
-    ap.add_argument("--sweep-signal", action="store_true",
-                    help="the decode sweep times the producer/consumer one-launch kernel and the two-kernel path with "
-                    "W_out preloaded into registers beside the pinned config (instead of the two-kernel sweep)")
+    ap.add_argument("--sweep-preload", action="store_true",
+                    help="the decode sweep times the two-kernel path with W_out preloaded into registers beside the "
+                    "pinned config (instead of the two-kernel sweep)")
     ap.add_argument("--sweep-experts", default=None,
                     help="expert counts for the T = 1 sweep (default: --experts)")
     ap.add_argument("--read-floor", action="store_true",
@@ -863,7 +854,7 @@ def main():
         try:
             sweep_experts = [int(e) for e in args.sweep_experts.split(",")] if args.sweep_experts else None
             sweep_decode(sweep, max(20, args.reps // 2), args.sweep_one_launch, sweep_experts, args.sweep_layout,
-                         args.sweep_signal)
+                         args.sweep_preload)
         except Exception as e:  # noqa: BLE001
             import traceback
             traceback.print_exc()

@@ -197,25 +197,6 @@ def test_gridsync_decode(T, k, activation, dtype):
     assert torch.equal(y0, y[:1])
 
 
-# The one-launch producer/consumer decode kernel. The interpreter runs programs in id order, so every producer
-# has counted itself before the first consumer waits (on the GPU the wait is checked by scripts/bench_kernels.py:
-# repeat-equal, no spin-limit exits). Partial F and D tiles, k = 2 (the second slot's W_out tile is loaded after
-# the wait), gated activations, a slot table; the sync words are left reset for the next launch.
-@pytest.mark.parametrize("T,k,activation,dtype", [(1, 1, "relu", torch.float32), (3, 2, "swiglu", torch.bfloat16),
-                                                  (2, 1, "gelu", torch.bfloat16), (4, 2, "geglu", torch.float32)])
-def test_signal_decode(T, k, activation, dtype):
-    x, w_in, w_out, ids, weights = _problem(T, 7, k, activation, dtype, S=9, seed=19 + T)
-    slot_of_expert = torch.tensor([8, 0, 3, 1, 7, 2, 5], dtype=torch.int32)
-    cfg = ffn.signal_config(D, F, bf=16, bdo=16)
-    y = _check(x, w_in, w_out, ids, weights, slot_of_expert, activation, cfg)
-    sync = ffn._sync_buffer(x.device, "signal")
-    assert sync.tolist() == [0, 0, 0]
-    assert torch.equal(y, expert_ffn_triton(x, w_in, w_out, ids, weights, slot_of_expert, activation, config=cfg))
-    y0 = expert_ffn_triton(x[:1], w_in, w_out, ids[:1], weights[:1], slot_of_expert, activation, config=cfg)
-    assert torch.equal(y0, y[:1])
-    assert sync.tolist() == [0, 0, 0] and ffn.gridsync_timeouts(x.device, "signal") == 0
-
-
 # The two-kernel decode path with the first slot's W_out tile loaded into registers before the wait (whole rows):
 # k = 1 and 2 (the second slot's tile is read in the loop), a slot table, int8 weights (the scale after the sum).
 @pytest.mark.parametrize("T,k,activation,dtype", [(1, 1, "relu", torch.float32), (3, 2, "swiglu", torch.bfloat16)])
@@ -230,13 +211,6 @@ def test_decode_preload(T, k, activation, dtype):
     qi, qo = ffn.quantize_experts(w_in), ffn.quantize_experts(w_out)
     assert torch.equal(expert_ffn_triton(x, qi, qo, ids, weights, slot_of_expert, activation, config=cfg),
                        expert_ffn_triton(x, qi, qo, ids, weights, slot_of_expert, activation, config=plain))
-
-
-def test_signal_rejects_int8():
-    x, w_in, w_out, ids, weights = _problem(1, 4, 1)
-    with pytest.raises(ValueError, match="signal path"):
-        expert_ffn_triton(x, ffn.quantize_experts(w_in), ffn.quantize_experts(w_out), ids, weights,
-                          config=ffn.signal_config(D, F))
 
 
 def test_gridsync_candidates_fit_the_h200():
@@ -288,13 +262,12 @@ def test_int8_weights_errors():
         expert_ffn_triton(x, qi, qo, ids, weights, config=_fused())
 
 
-@pytest.mark.parametrize("path", ["decode", "prefill", "fused", "gridsync", "signal"])
+@pytest.mark.parametrize("path", ["decode", "prefill", "fused", "gridsync"])
 def test_any_weight_storage_order_gives_the_same_output(path):
     """The kernels read w_in / w_out through their strides: weights stored transposed (w_out as [S, F, D] in
     memory, viewed as [S, D, F]; w_in likewise) give bitwise the contiguous layout's output, on every path."""
     cfg = {"decode": DECODE, "prefill": PREFILL, "fused": _fused(),
-           "gridsync": {"path": "gridsync", "BLOCK_F": 16, "BLOCK_D": 16, "BLOCK_DO": 16, "num_warps": 4},
-           "signal": ffn.signal_config(D, F, bf=16, bdo=8)}[path]
+           "gridsync": {"path": "gridsync", "BLOCK_F": 16, "BLOCK_D": 16, "BLOCK_DO": 16, "num_warps": 4}}[path]
     x, w_in, w_out, ids, weights = _problem(3, 7, 2, "gelu", torch.bfloat16, seed=11)
     y = expert_ffn_triton(x, w_in, w_out, ids, weights, None, "gelu", config=cfg)
     w_out_t = w_out.transpose(1, 2).contiguous().transpose(1, 2)  # same values, d the fastest dimension
