@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 
+from kernels.greedy import greedy_select
 from models.switch import DecodeState, Switch
 
 Step = Callable[[DecodeState, torch.Tensor], torch.Tensor]
@@ -42,13 +43,8 @@ class GreedySelect:
         self.t.zero_()
 
     def __call__(self, logits: torch.Tensor) -> None:
-        nxt = torch.where(self.done, self.pad_token, logits.argmax(-1))
-        i = torch.remainder(self.t, self.n).view(1)
-        self.out.index_copy_(1, i, nxt[:, None])
-        self.done.logical_or_(nxt == self.eos)
-        self.ended.index_copy_(0, i, self.done.all().view(1))
-        self.tok.copy_(nxt)
-        self.t.add_(1)
+        # one kernel on CUDA (kernels/greedy.py), the same PyTorch ops elsewhere
+        greedy_select(logits, self.tok, self.out, self.done, self.ended, self.t, self.pad_token, self.eos)
 
 
 @torch.no_grad()

@@ -371,6 +371,42 @@ def _ffn_key(T, k, S, d, f, gated=False, dtype=torch.bfloat16):
     return tuning.config_key(kernel, S, d, f, T, dtype, dtype)
 
 
+def check_greedy(out: list):
+    """The greedy-choice kernel (kernels/greedy.py) against its PyTorch reference on the GPU: bitwise equal
+    tokens, columns, flags and counter (T5's vocabulary; ties, NaN, rows already ended), and its time per call
+    beside the reference's ops (one CUDA graph of 16 calls each)."""
+    from kernels.greedy import greedy_select, greedy_select_reference
+
+    V, n = 32128, 8
+    for B in (1, 4, 32):
+        for case in ("random", "ties", "nan", "done"):
+            g = torch.Generator(device=DEV).manual_seed(B * 7 + len(case))
+            logits = torch.randn(B, V, device=DEV, generator=g)
+            if case == "ties":
+                logits[:, 100] = logits[:, 20000] = 40.0
+            if case == "nan":
+                logits[:, 5] = 50.0
+                logits[:, 30000] = float("nan")
+            done = torch.arange(B, device=DEV) % 2 == 1 if case == "done" else torch.zeros(B, dtype=torch.bool,
+                                                                                                   device=DEV)
+            state = [torch.zeros(B, dtype=torch.long, device=DEV), torch.zeros((B, n), dtype=torch.long, device=DEV),
+                     done, torch.zeros(n, dtype=torch.bool, device=DEV), torch.tensor(n + 3, device=DEV)]
+            a, b = [x.clone() for x in state], [x.clone() for x in state]
+            greedy_select(logits, *a, 0, 1)
+            greedy_select_reference(logits, *b, 0, 1)
+            ok = all(torch.equal(x, y) for x, y in zip(a, b))
+            out.append({"what": "greedy_select", "B": B, "case": case, "ok": ok})
+        log(out[-4:])
+        logits = torch.randn(B, V, device=DEV)
+        st = [torch.zeros(B, dtype=torch.long, device=DEV), torch.zeros((B, n), dtype=torch.long, device=DEV),
+              torch.zeros(B, dtype=torch.bool, device=DEV), torch.zeros(n, dtype=torch.bool, device=DEV),
+              torch.zeros((), dtype=torch.long, device=DEV)]
+        us = {name: graph_per_call_us([lambda f=f: f(logits, *st, 0, 1)] * 16)
+              for name, f in (("kernel_us", greedy_select), ("torch_us", greedy_select_reference))}
+        out.append({"what": "greedy_select_time", "B": B, "V": V, "ok": True, **us})
+        log(out[-1])
+
+
 def check_sync_and_graphs(out: list):
     d, f, E = 768, 3072, 128
     w_in, w_out = experts(E, d, f, seed=1)
@@ -863,7 +899,7 @@ def main():
     if not args.skip_checks:
         checks: list = []
         result["checks"] = checks
-        for fn in (probe_pdl, check_routing, check_ffn, check_sync_and_graphs):
+        for fn in (probe_pdl, check_routing, check_ffn, check_greedy, check_sync_and_graphs):
             try:
                 fn(checks)
             except Exception as e:  # noqa: BLE001 - record and go on to the timings

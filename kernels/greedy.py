@@ -1,0 +1,111 @@
+"""Greedy decoding's per-step choice as one kernel (two for a batch of several rows): next token = argmax of
+the logits (pad for rows that already ended), written to the next step's input and to the output at column
+t % n; done |= (token == eos); ended[t % n] = every row done; t += 1.
+
+Why: in PyTorch this is ~9 kernels (argmax, where, remainder, two index_copy, ==, logical_or, all, copy, add);
+inside a captured decode step each costs a launch of ~1.5-10 us (argmax over a 32k vocabulary alone ~10 us
+on the H200, bench/results/profile-decode-*.json), at the end of the step, where nothing overlaps it.
+
+Ties go to the lowest index and NaN counts as the largest value (the first NaN wins), as torch.argmax does.
+Legend: B rows, V vocabulary, n output columns.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover
+    HAVE_TRITON = False
+
+MAX_BLOCK_V = 32768  # one load round for vocabularies up to this size (T5's 32128)
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _select_row_kernel(logits_ptr, tok_ptr, out_ptr, done_ptr, ended_ptr, t_ptr,
+                           V, N, B, stride_l, stride_o, PAD, EOS,
+                           LAST: tl.constexpr, BLOCK_V: tl.constexpr):
+        # Row b's argmax over V (first index of the max; the first NaN if any), then its token, output column
+        # and done flag. LAST (a batch of one row): also ended[t % n] and t += 1, else _ended_kernel does them.
+        b = tl.program_id(0)
+        t = tl.load(t_ptr)
+        col = t % N
+        offs = tl.arange(0, BLOCK_V)
+        big = V + BLOCK_V
+        best = -float("inf")
+        best_i = big
+        nan_i = big
+        for v0 in range(0, V, BLOCK_V):
+            idx = v0 + offs
+            mask = idx < V
+            x = tl.load(logits_ptr + b * stride_l + idx, mask=mask, other=-float("inf")).to(tl.float32)
+            is_nan = (x != x) & mask
+            nan_i = tl.minimum(nan_i, tl.min(tl.where(is_nan, idx, big), axis=0))
+            x = tl.where(is_nan, -float("inf"), x)
+            m = tl.max(x, axis=0)
+            i = tl.min(tl.where((x == m) & mask, idx, big), axis=0)
+            take = m > best  # strictly: an equal value later in the row does not replace the first
+            best_i = tl.where(take, i, best_i)
+            best = tl.where(take, m, best)
+        best_i = tl.where(best_i == big, 0, best_i)  # every value -inf (and no NaN): index 0, as torch.argmax
+        arg = tl.where(nan_i < big, nan_i, best_i)
+        was_done = tl.load(done_ptr + b) != 0
+        nxt = tl.where(was_done, PAD, arg).to(tl.int64)
+        tl.store(out_ptr + b * stride_o + col, nxt)
+        tl.store(tok_ptr + b, nxt)
+        now_done = was_done | (nxt == EOS)
+        tl.store(done_ptr + b, now_done.to(tl.int1))
+        if LAST:
+            tl.store(ended_ptr + col, now_done.to(tl.int1))
+            tl.store(t_ptr, t + 1)
+
+    @triton.jit
+    def _ended_kernel(done_ptr, ended_ptr, t_ptr, B, N, BLOCK_B: tl.constexpr):
+        t = tl.load(t_ptr)
+        offs = tl.arange(0, BLOCK_B)
+        d = tl.load(done_ptr + offs, mask=offs < B, other=1).to(tl.int32)
+        tl.store(ended_ptr + t % N, (tl.min(d, axis=0) != 0).to(tl.int1))
+        tl.store(t_ptr, t + 1)
+
+
+def greedy_select_reference(logits: torch.Tensor, tok: torch.Tensor, out: torch.Tensor, done: torch.Tensor,
+                            ended: torch.Tensor, t: torch.Tensor, pad: int, eos: int) -> None:
+    """The same in PyTorch ops (in place on tok [B], out [B, n], done [B], ended [n], t [])."""
+    nxt = torch.where(done, pad, logits.argmax(-1))
+    i = torch.remainder(t, out.shape[1]).view(1)
+    out.index_copy_(1, i, nxt[:, None])
+    done.logical_or_(nxt == eos)
+    ended.index_copy_(0, i, done.all().view(1))
+    tok.copy_(nxt)
+    t.add_(1)
+
+
+def greedy_select(logits: torch.Tensor, tok: torch.Tensor, out: torch.Tensor, done: torch.Tensor,
+                  ended: torch.Tensor, t: torch.Tensor, pad: int, eos: int, force_triton: bool = False) -> None:
+    """In place: the step's greedy choice from logits [B, V] (any float dtype). The kernel on CUDA (or with
+    force_triton, for tests under TRITON_INTERPRET=1), the reference otherwise."""
+    if not HAVE_TRITON or not (logits.is_cuda or force_triton):
+        return greedy_select_reference(logits, tok, out, done, ended, t, pad, eos)
+    B, V = logits.shape
+    n = out.shape[1]
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    for name, x, dtype in (("tok", tok, torch.long), ("out", out, torch.long), ("done", done, torch.bool),
+                           ("ended", ended, torch.bool), ("t", t, torch.long)):
+        if x.dtype != dtype:
+            raise ValueError(f"greedy_select: {name} must be {dtype}, got {x.dtype}")
+    if tok.shape != (B,) or done.shape != (B,) or out.shape[0] != B or out.stride(1) != 1 or ended.shape != (n,):
+        raise ValueError(f"greedy_select: logits {tuple(logits.shape)} with tok {tuple(tok.shape)}, out "
+                         f"{tuple(out.shape)}, done {tuple(done.shape)}, ended {tuple(ended.shape)}")
+    block_v = min(triton.next_power_of_2(V), MAX_BLOCK_V)
+    warps = 16 if block_v >= 16384 else 8 if block_v >= 4096 else 4
+    _select_row_kernel[(B,)](logits, tok, out, done, ended, t, V, n, B, logits.stride(0), out.stride(0),
+                             int(pad), int(eos), LAST=B == 1, BLOCK_V=block_v, num_warps=warps)
+    if B > 1:
+        _ended_kernel[(1,)](done, ended, t, B, n, BLOCK_B=triton.next_power_of_2(B), num_warps=1)
