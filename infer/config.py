@@ -47,8 +47,6 @@ class OffloadConf:
     copy_programs: int = 32
     copy_block: int = 8192
     copy_warps: int = 4
-    # copy_mode dma: Python's thread switch interval (us) while the copier thread runs (0: left as it is)
-    dma_switch_us: int = 20
 
 
 @dataclass

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import sys
 import threading
 import time
 import weakref
@@ -207,10 +206,6 @@ class CopySettings:
     programs: int = 32
     block: int = 8192
     warps: int = 4
-    # copy_mode dma: Python's thread switch interval (sys.setswitchinterval) while a copier runs, in us: how
-    # long the copier thread may wait for the GIL while the main thread runs Python between two steps (the
-    # interpreter's default is 5000 us; offload.dma_switch_us, 0: leave it as it is)
-    switch_us: int = 20
 
     def __post_init__(self):
         if self.priority not in ("normal", "high"):
@@ -222,9 +217,6 @@ class CopySettings:
             raise OffloadError(f"offload.copy_block={b!r}; expected a power of two in 256..65536")
         if self.warps not in (1, 2, 4, 8, 16):
             raise OffloadError(f"offload.copy_warps={self.warps!r}; expected 1, 2, 4, 8 or 16")
-        if not isinstance(self.switch_us, int) or not 0 <= self.switch_us <= 100_000:
-            raise OffloadError(f"offload.dma_switch_us={self.switch_us!r}; expected an integer in 0..100000 "
-                               "(0: Python's own interval)")
 
     def stream_priority(self) -> int:
         """torch.cuda.Stream's priority (lower is higher; out-of-range values map to the device's highest)."""
@@ -464,33 +456,6 @@ except (OSError, AttributeError):  # pragma: no cover - not Linux
         time.sleep(0)
 
 
-class _SwitchInterval:
-    """Python's thread switch interval set to `us` (0: untouched) while at least one holder is open; the
-    interpreter's own value comes back when the last one is restored (restore() is idempotent)."""
-
-    _open = 0
-    _saved: float | None = None
-    _lock = threading.Lock()
-
-    def __init__(self, us: int):
-        self.active = us > 0
-        if self.active:
-            with self._lock:
-                if _SwitchInterval._open == 0:
-                    _SwitchInterval._saved = sys.getswitchinterval()
-                _SwitchInterval._open += 1
-                sys.setswitchinterval(us * 1e-6)
-
-    def restore(self) -> None:
-        if not self.active:
-            return
-        self.active = False
-        with self._lock:
-            _SwitchInterval._open -= 1
-            if _SwitchInterval._open == 0 and _SwitchInterval._saved is not None:
-                sys.setswitchinterval(_SwitchInterval._saved)
-
-
 class DmaCopier:
     """copy_mode "dma": the copy engines move the experts, a host thread starts them (kernels/mailbox.py
     has the handshake). post(m, src, dst) runs on the pool's copy stream (capturable): a kernel writes the
@@ -538,8 +503,6 @@ class DmaCopier:
         self._done = list(self.done.unbind(0))
         self.error: BaseException | None = None
         self._stop = False
-        self._switch = _SwitchInterval(pool.copy_settings.switch_us)
-        weakref.finalize(self, self._switch.restore)  # also when a copier is dropped without close()
         self._load_kernels()
         self._thread = threading.Thread(target=_copier_loop, args=(weakref.ref(self),), daemon=True,
                                         name="pgmoe-dma-copier")
@@ -627,7 +590,6 @@ class DmaCopier:
         self._stop = True
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
-        self._switch.restore()
         timeouts = int(self.err.item())
         if self.error is not None or timeouts:
             err, self.error = self.error, None

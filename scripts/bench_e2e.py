@@ -489,8 +489,6 @@ def main() -> int:
 #   hi:        the copy stream at the highest priority (offload.copy_priority=high)
 #   p<N>, b<B>, w<W>: the device copy kernel with N programs per expert, B elements per iteration, W
 #              warps per program (offload.copy_programs / copy_block / copy_warps), e.g. pregated#p64#b4096
-#   gil<U>:    copy_mode dma: Python's thread switch interval U us while the copier runs (offload.dma_switch_us;
-#              gil5000 = the interpreter's default), e.g. pregated#dma#gil5000
 #   dma:       offload.copy_mode=dma (prefetched plans by the copy engines, started by a host thread;
 #              infer.offload.DmaCopier); device: offload.copy_mode=device (e.g. beside --copy-mode dma)
 #   noguess, guessrun, guesskeep: offload.first_block_guess off / run / keep (the first decoder MoE block's
@@ -520,11 +518,9 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
             copy["priority"] = "high"
         elif tok[:1] in ("p", "b", "w") and tok[1:].isdigit():
             copy[{"p": "programs", "b": "block", "w": "warps"}[tok[0]]] = int(tok[1:])
-        elif tok.startswith("gil") and tok[3:].isdigit():
-            copy["switch_us"] = int(tok[3:])
         else:
             raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #device, #hi, "
-                             "#p<programs>, #b<block>, #w<warps>, #gil<us>, #noguess, #guessrun, #guesskeep")
+                             "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep")
     if copy:
         try:
             CopySettings(**copy)

@@ -241,13 +241,12 @@ def test_parse_table_runs():
     assert bench.parse_variant("") == (None, {}, None)
     assert bench.parse_variant("dma") == (None, {}, "dma")
     assert bench.parse_variant("noguess#dma") == (None, {}, "dma")
-    assert bench.parse_variant("dma#gil5000") == (None, {"switch_us": 5000}, "dma")
     assert bench.variant_guess("noguess#dma") == "off" and bench.variant_guess("guesskeep") == "keep"
     assert bench.variant_guess("dma") is None
     with pytest.raises(SystemExit, match="noguess"):
         bench.parse_variant("nogues")
     for bad in ("beam4", "beam8:gpu_only", "beam4:", "beam4:no_such_policy", "greedy:pregated#fast",
-                "greedy:pregated#p0", "greedy:pregated#b1000", "greedy:pregated#w3", "greedy:pregated#gil200000"):
+                "greedy:pregated#p0", "greedy:pregated#b1000", "greedy:pregated#w3"):
         with pytest.raises((SystemExit, ValueError)):
             bench.parse_table_runs(bad)
 
@@ -494,10 +493,8 @@ def test_bench_tiny_copy_variants(tmp_path):
     runs = {r["label"]: r for r in res["shapes"]["tiny"]["runs"]}
     base, var = runs["pregated/greedy/pregated"], runs["pregated/greedy/pregated#hi#p8#b1024#w2"]
     assert var["same_tokens_as_gpu_only"] and var["tokens"] == base["tokens"]
-    assert var["metrics"]["copy_settings"] == {"priority": "high", "programs": 8, "block": 1024, "warps": 2,
-                                                 "switch_us": 20}
-    assert base["metrics"]["copy_settings"] == {"priority": "normal", "programs": 32, "block": 8192, "warps": 4,
-                                                  "switch_us": 20}
+    assert var["metrics"]["copy_settings"] == {"priority": "high", "programs": 8, "block": 1024, "warps": 2}
+    assert base["metrics"]["copy_settings"] == {"priority": "normal", "programs": 32, "block": 8192, "warps": 4}
     assert var["copy"]["decode_bytes_per_step"] == base["copy"]["decode_bytes_per_step"] > 0
     text = summ.summarize(res, "x.json")
     mode = var["metrics"]["copy_mode"]

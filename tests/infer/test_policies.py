@@ -280,32 +280,11 @@ def test_dma_copier_reports_a_failed_copy(pregated_ckpt, monkeypatch):
 
 
 @pytest.mark.parametrize("bad", [dict(priority="urgent"), dict(programs=0), dict(programs=2.5),
-                                 dict(block=1000), dict(block=128), dict(warps=3), dict(switch_us=-1),
-                                 dict(switch_us=2.5)])
+                                 dict(block=1000), dict(block=128), dict(warps=3)])
 def test_copy_settings_refuse_bad_values(bad):
     field = next(iter(bad))
-    with pytest.raises(OffloadError, match=f"offload.(copy_|dma_)?{field}="):
+    with pytest.raises(OffloadError, match=f"offload.(copy_)?{field}="):
         CopySettings(**bad)
-
-
-def test_switch_interval_set_while_a_copier_runs_and_restored():
-    """copy_mode dma shortens Python's thread switch interval while at least one copier is open (nested holders
-    share it); the interpreter's value comes back after the last, and restore() twice is harmless; 0 leaves it."""
-    import sys
-
-    from infer.offload import _SwitchInterval
-
-    before = sys.getswitchinterval()
-    a = _SwitchInterval(20)
-    assert sys.getswitchinterval() == pytest.approx(20e-6)
-    b = _SwitchInterval(20)
-    a.restore()
-    a.restore()
-    assert sys.getswitchinterval() == pytest.approx(20e-6)
-    b.restore()
-    assert sys.getswitchinterval() == before
-    _SwitchInterval(0)
-    assert sys.getswitchinterval() == before
 
 
 def test_triton_beam_search_with_prefill_streaming_matches_gpu_only(pregated_ckpt, monkeypatch):
