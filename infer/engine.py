@@ -489,10 +489,20 @@ class Engine:
 
         stamps: list[float] = []
         executed = [0]  # steps run: greedy runs one past the output where every row ended (its docstring)
+        # CUDA events around each step on the compute stream: how long the GPU ran each step, and how long it
+        # sat idle between two (the host's loop not keeping ahead of it)
+        step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
         def counting_step(state, tok):
             executed[0] += 1
-            return recording_step(state, tok)
+            if dev.type != "cuda":
+                return recording_step(state, tok)
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            out = recording_step(state, tok)
+            b.record()
+            step_events.append((a, b))
+            return out
 
         def on_token(_t):  # greedy calls it once step t is complete (its event): no device-wide sync
             stamps.append(time.perf_counter())
@@ -542,6 +552,12 @@ class Engine:
             "cuda_graph": graphed,
             "graph_capture_ms": capture_ms,
         }
+        m["gpu_step_ms_median"] = m["gpu_idle_between_steps_ms_median"] = None
+        if len(step_events) > 2:  # the first step (in ttft) left out, as in decode_ms
+            ev = step_events[1:]
+            m["gpu_step_ms_median"] = statistics.median(a.elapsed_time(b) for a, b in ev)
+            m["gpu_idle_between_steps_ms_median"] = statistics.median(
+                max(0.0, b0.elapsed_time(a1)) for (_, b0), (a1, _) in zip(ev, ev[1:]))
         if dev.type == "cuda":
             m["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(dev)
             m["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(dev)
