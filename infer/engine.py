@@ -152,37 +152,6 @@ class GraphStep:
 
 # ----------------------------------------------------------------------------------------------- stall
 STALL_REPLAYS = 20
-# copy_mode dma: how long the main thread waits for the copier to issue a step's first copy before it launches the
-# next step anyway (a step with no dma plan never signals; a decode step takes ~1-6 ms on the H200)
-PACE_TIMEOUT_S = 0.002
-# policies whose decode steps post their dma plans block by block, the next block's during the current one
-PREFETCHING = ("pregated", "lookahead", "speculative")
-
-
-class LaunchPacer:
-    """When the main thread launches the next decode step under copy_mode dma: once the copier thread has issued
-    the current step's first copy (DmaCopier.step_starts advanced since the current step was launched).
-
-    The host keeps one step ahead: it launches step t + 1 as soon as step t - 1 has finished, i.e. as step t
-    starts, which is when the copier issues step t's first copy, the one the link waits for. A graph launch
-    from the main thread then held that copy up (the GIL, the driver): on the H200 a greedy step took 1.20-1.23 ms
-    in the decode loop against 1.13-1.17 ms for the same step replayed with the launches done ahead
-    (bench/results/e2e-h200-pace*.md). A wait that times out (the copier saw no new step: a step without dma
-    plans) ends the pacing for the run."""
-
-    def __init__(self, dma, timeout_s: float = PACE_TIMEOUT_S):
-        self.dma, self.timeout_s = dma, timeout_s
-        self.mark: int | None = None  # step_starts when the current step was launched
-        self.on = True
-        self.waits = self.timeouts = 0
-
-    def before_launch(self) -> None:
-        if self.on and self.mark is not None:
-            self.waits += 1
-            if not self.dma.wait_step_starts(self.mark + 1, self.timeout_s):
-                self.timeouts += 1
-                self.on = False
-        self.mark = self.dma.step_starts
 
 
 def stall_by_difference(
@@ -356,7 +325,6 @@ class Engine:
         self.first_block_guess = guess_mode(first_block_guess)  # pregated / lookahead: infer/policies.py
         self.guess_tables: dict[int, torch.Tensor] = {}  # first_block_guess=keep: the runners' tables, kept
         self.copy = copy or CopySettings()  # the device copy kernel's stream priority and grid
-        self.pace_launches = True  # copy_mode dma: LaunchPacer (greedy, captured steps)
 
     def calibration(self) -> cc.Calibration:
         """The CPU-compute cost model's numbers, measured once on this engine's store."""
@@ -524,15 +492,9 @@ class Engine:
         # CUDA events around each step on the compute stream: how long the GPU ran each step, and how long it
         # sat idle between two (the host's loop not keeping ahead of it)
         step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        # copy_mode dma, greedy, captured steps: step t + 1 is launched once the copier thread has issued step t's
-        # first copy, not right as step t starts (LaunchPacer)
-        pacer = (LaunchPacer(runner.pool.dma) if self.pace_launches and runner is not None and graphed and nb == 1
-                 and runner.pool.dma is not None and runner.spec.name in PREFETCHING else None)
 
         def counting_step(state, tok):
             executed[0] += 1
-            if pacer is not None:
-                pacer.before_launch()
             if dev.type != "cuda":
                 return recording_step(state, tok)
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -596,7 +558,6 @@ class Engine:
             m["gpu_step_ms_median"] = statistics.median(a.elapsed_time(b) for a, b in ev)
             m["gpu_idle_between_steps_ms_median"] = statistics.median(
                 max(0.0, b0.elapsed_time(a1)) for (_, b0), (a1, _) in zip(ev, ev[1:]))
-        m["launch_paced"] = {"waits": pacer.waits, "timeouts": pacer.timeouts} if pacer is not None else None
         if dev.type == "cuda":
             m["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(dev)
             m["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(dev)

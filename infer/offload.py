@@ -496,13 +496,6 @@ class DmaCopier:
         self.device_index = (dev.index if dev.index is not None else torch.cuda.current_device()) if self.cuda else None
         self.max_iters = self.MAX_ITERS if self.cuda else self.MAX_ITERS_INTERPRETED
         self.issued = 0  # plans handled by the thread
-        # decode steps whose first plan the thread has issued: a plan for an earlier block than the plan before
-        # it starts a step (a step's plans go block by block; the first-block guess and its verification post
-        # the same block twice); the engine launches the next step after this step's first copy is issued
-        # (wait_step_starts), so that launch does not hold up the copy the link waits for at a step's start
-        self.step_starts = 0
-        self._prev_block = -1
-        self._starts_cond = threading.Condition()
         self.trace: list | None = None  # a list: (g, block, start, end) timing events per plan (CUDA)
         # views made once (the thread's cost per plan is on the first copy's critical path)
         self._slot_rows = list(pool.pool.unbind(0))
@@ -575,11 +568,6 @@ class DmaCopier:
             for e, p in zip(src, dst):
                 if e >= 0 and p >= 0:
                     slots[p].copy_(experts[e], non_blocking=self.cuda)
-            if m < self._prev_block or self._prev_block < 0:
-                with self._starts_cond:
-                    self.step_starts += 1
-                    self._starts_cond.notify_all()
-            self._prev_block = m
             if trace is not None:
                 ev1 = torch.cuda.Event(enable_timing=True)
                 ev1.record()
@@ -594,13 +582,6 @@ class DmaCopier:
             seen[0] = g
             self.issued += 1
         return True
-
-    def wait_step_starts(self, n: int, timeout_s: float) -> bool:
-        """Block (without the GIL) until the thread has issued the first plan of n decode steps (step_starts >= n),
-        or timeout_s passed; whether it got there."""
-        with self._starts_cond:
-            return self._starts_cond.wait_for(lambda: self.step_starts >= n or self._stop or self.error is not None,
-                                              timeout=timeout_s) and self.step_starts >= n
 
     def close(self) -> None:
         """Stop the thread; raise OffloadError where a wait timed out or the thread failed."""

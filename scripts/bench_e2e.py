@@ -491,8 +491,6 @@ def main() -> int:
 #              warps per program (offload.copy_programs / copy_block / copy_warps), e.g. pregated#p64#b4096
 #   dma:       offload.copy_mode=dma (prefetched plans by the copy engines, started by a host thread;
 #              infer.offload.DmaCopier); device: offload.copy_mode=device (e.g. beside --copy-mode dma)
-#   nopace:    copy_mode dma without the launch pacing (infer.engine.LaunchPacer): each step launched as the
-#              one before starts
 #   noguess, guessrun, guesskeep: offload.first_block_guess off / run / keep (the first decoder MoE block's
 #              experts guessed from the step's tokens; the bench's default: --first-block-guess)
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
@@ -505,12 +503,6 @@ def variant_guess(variant: str) -> str | None:
     return found[-1] if found else None
 
 
-def variant_pace(variant: str) -> bool:
-    """Whether a variant keeps the engine's launch pacing under copy_mode dma (#nopace: launch each step as
-    the one before starts)."""
-    return "nopace" not in variant.split("#")
-
-
 def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
     """"torchplan#hi#p64" -> ("reference", {"priority": "high", "programs": 64}, None); "dma" -> (None, {},
     "dma") (the copy mode); SystemExit when unknown."""
@@ -520,15 +512,15 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
             plan = PLAN_VARIANTS[tok]
         elif tok in ("dma", "device"):
             mode = tok
-        elif tok in GUESS_VARIANTS or tok == "nopace":
-            pass  # variant_guess, variant_pace
+        elif tok in GUESS_VARIANTS:
+            pass  # variant_guess
         elif tok == "hi":
             copy["priority"] = "high"
         elif tok[:1] in ("p", "b", "w") and tok[1:].isdigit():
             copy[{"p": "programs", "b": "block", "w": "warps"}[tok[0]]] = int(tok[1:])
         else:
             raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #device, #hi, "
-                             "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep, #nopace")
+                             "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep")
     if copy:
         try:
             CopySettings(**copy)
@@ -746,8 +738,7 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
         try:
             with engine_settings(eng, copy=dataclasses.replace(eng.copy, **copy),
                                  copy_mode=copy_mode or eng.copy_mode,
-                                 first_block_guess=variant_guess(variant) or eng.first_block_guess,
-                                 pace_launches=eng.pace_launches and variant_pace(variant)):
+                                 first_block_guess=variant_guess(variant) or eng.first_block_guess):
                 entry = run_one(eng, spec, ids, n_new, nb, args, cpu_compute=cpu_mode or "off")
         finally:
             slot_plan.DEFAULT_IMPL = impl_before

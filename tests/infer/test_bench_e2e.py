@@ -241,8 +241,6 @@ def test_parse_table_runs():
     assert bench.parse_variant("") == (None, {}, None)
     assert bench.parse_variant("dma") == (None, {}, "dma")
     assert bench.parse_variant("noguess#dma") == (None, {}, "dma")
-    assert bench.parse_variant("dma#nopace") == (None, {}, "dma")
-    assert not bench.variant_pace("dma#nopace") and bench.variant_pace("dma")
     assert bench.variant_guess("noguess#dma") == "off" and bench.variant_guess("guesskeep") == "keep"
     assert bench.variant_guess("dma") is None
     with pytest.raises(SystemExit, match="noguess"):
