@@ -449,6 +449,34 @@ class SlotPool:
 
 
 # ----------------------------------------------------------------------------------------------- dma
+class _Driver:
+    """The CUDA driver calls the dma copier makes through ctypes with DmaCopier.DRIVER_API: each lets go of the
+    GIL while it runs and skips torch's dispatch (and its pinned-memory bookkeeping) per copy."""
+
+    def __init__(self):
+        lib = ctypes.CDLL("libcuda.so.1")
+        p, u64, sz = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t
+        self.memcpy = lib.cuMemcpyHtoDAsync_v2
+        self.memcpy.argtypes, self.memcpy.restype = [u64, p, sz, p], ctypes.c_int
+        self.record = lib.cuEventRecord
+        self.record.argtypes, self.record.restype = [p, p], ctypes.c_int
+        self.wait_event = lib.cuStreamWaitEvent
+        self.wait_event.argtypes, self.wait_event.restype = [p, p, ctypes.c_uint], ctypes.c_int
+        self.write64 = getattr(lib, "cuStreamWriteValue64_v2", None) or lib.cuStreamWriteValue64
+        self.write64.argtypes, self.write64.restype = [p, u64, u64, ctypes.c_uint], ctypes.c_int
+        create = lib.cuEventCreate
+        create.argtypes, create.restype = [ctypes.POINTER(p), ctypes.c_uint], ctypes.c_int
+        ev = p()
+        self.check(create(ctypes.byref(ev), 2), "cuEventCreate")  # CU_EVENT_DISABLE_TIMING
+        self.event = ev
+
+    @staticmethod
+    def check(rc: int, what: str) -> None:
+        if rc != 0:
+            raise OffloadError(f"copy_mode=dma: {what} failed (CUDA driver error {rc}); set DmaCopier.DRIVER_API "
+                               "= False")
+
+
 try:  # give the GIL and the core away for a moment (a ctypes call runs without the GIL)
     _yield_gil = ctypes.CDLL(None).sched_yield
 except (OSError, AttributeError):  # pragma: no cover - not Linux
@@ -475,6 +503,9 @@ class DmaCopier:
     MAX_ITERS_INTERPRETED = 200_000  # the CPU interpreter is ~1e3 x slower per poll
     IDLE_S = 0.05
     SLEEP_S = 0.0005
+    # DRIVER_API: the thread issues its copies and the done-count write through the CUDA driver (ctypes: no torch
+    # dispatch, the GIL let go during each call; done[m] by a stream memory write, not a kernel)
+    DRIVER_API = False
 
     def __init__(self, pool: SlotPool):
         self.pool = pool
@@ -500,6 +531,15 @@ class DmaCopier:
         # views made once (the thread's cost per plan is on the first copy's critical path)
         self._slot_rows = list(pool.pool.unbind(0))
         self._store_rows = [list(pool.store.data[b].unbind(0)) for b in range(M)]
+        self._driver = None
+        if self.cuda and self.DRIVER_API:
+            self._driver = _Driver()
+            row = pool.pool.stride(0) * pool.pool.element_size()
+            self._row_bytes = pool.store.data.shape[-1] * pool.store.data.element_size()
+            self._slot_ptr = [pool.pool.data_ptr() + p * row for p in range(pool.pool.shape[0])]
+            srow = pool.store.data.stride(1) * pool.store.data.element_size()
+            self._store_ptr = [[pool.store.data[b].data_ptr() + e * srow for e in range(pool.store.data.shape[1])]
+                               for b in range(M)]
         self._done = list(self.done.unbind(0))
         self.error: BaseException | None = None
         self._stop = False
@@ -565,14 +605,27 @@ class DmaCopier:
             if trace is not None:
                 ev0 = torch.cuda.Event(enable_timing=True)
                 ev0.record()
-            for e, p in zip(src, dst):
-                if e >= 0 and p >= 0:
-                    slots[p].copy_(experts[e], non_blocking=self.cuda)
+            drv = self._driver
+            if drv is not None:
+                stream, ptrs = self.stream.cuda_stream, self._store_ptr[m]
+                for e, p in zip(src, dst):
+                    if e >= 0 and p >= 0:
+                        drv.check(drv.memcpy(self._slot_ptr[p], ptrs[e], self._row_bytes, stream),
+                                  "cuMemcpyHtoDAsync")
+            else:
+                for e, p in zip(src, dst):
+                    if e >= 0 and p >= 0:
+                        slots[p].copy_(experts[e], non_blocking=self.cuda)
             if trace is not None:
                 ev1 = torch.cuda.Event(enable_timing=True)
                 ev1.record()
                 trace.append((g, m, ev0, ev1))
-            if self.cuda:  # done[m] on the signal stream, so the next plan's copies start at once
+            if drv is not None:  # the same by the driver: an event, then a stream memory write of done[m] = b
+                sig = self.signal.cuda_stream
+                drv.check(drv.record(drv.event, self.stream.cuda_stream), "cuEventRecord")
+                drv.check(drv.wait_event(sig, drv.event, 0), "cuStreamWaitEvent")
+                drv.check(drv.write64(sig, self.done.data_ptr() + 8 * m, b, 0), "cuStreamWriteValue64")
+            elif self.cuda:  # done[m] on the signal stream, so the next plan's copies start at once
                 self._signal_event.record()
                 self.signal.wait_event(self._signal_event)
                 with torch.cuda.stream(self.signal):

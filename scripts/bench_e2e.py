@@ -81,6 +81,7 @@ from infer import report as rep  # noqa: E402
 from infer.engine import Engine  # noqa: E402
 from infer.offload import (  # noqa: E402
     CopySettings,
+    DmaCopier,
     ExpertStore,
     OffloadError,
     default_budget_bytes,
@@ -495,12 +496,20 @@ def main() -> int:
 #              experts guessed from the step's tokens; the bench's default: --first-block-guess)
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
 GUESS_VARIANTS = {"noguess": "off", "guessrun": "run", "guesskeep": "keep"}
+#   driver:    copy_mode dma's copier issues its copies and done writes through the CUDA driver by ctypes
+#              (DmaCopier.DRIVER_API), e.g. pregated#driver beside pregated under --copy-mode dma
+DMA_VARIANTS = {"driver": ("DRIVER_API", True)}
 
 
 def variant_guess(variant: str) -> str | None:
     """The first-block guess mode a variant asks for ("noguess" -> "off"), or None."""
     found = [GUESS_VARIANTS[t] for t in variant.split("#") if t in GUESS_VARIANTS]
     return found[-1] if found else None
+
+
+def variant_dma(variant: str) -> dict:
+    """DmaCopier class settings a variant asks for ({"DRIVER_API": True} for #driver)."""
+    return dict(DMA_VARIANTS[t] for t in variant.split("#") if t in DMA_VARIANTS)
 
 
 def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
@@ -512,15 +521,15 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
             plan = PLAN_VARIANTS[tok]
         elif tok in ("dma", "device"):
             mode = tok
-        elif tok in GUESS_VARIANTS:
-            pass  # variant_guess
+        elif tok in GUESS_VARIANTS or tok in DMA_VARIANTS:
+            pass  # variant_guess, variant_dma
         elif tok == "hi":
             copy["priority"] = "high"
         elif tok[:1] in ("p", "b", "w") and tok[1:].isdigit():
             copy[{"p": "programs", "b": "block", "w": "warps"}[tok[0]]] = int(tok[1:])
         else:
             raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #device, #hi, "
-                             "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep")
+                             "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep, #driver")
     if copy:
         try:
             CopySettings(**copy)
@@ -735,6 +744,9 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
         plan, copy, copy_mode = parse_variant(variant)
         if plan:
             slot_plan.DEFAULT_IMPL = plan
+        dma_saved = {k: getattr(DmaCopier, k) for k in variant_dma(variant)}
+        for k, v in variant_dma(variant).items():
+            setattr(DmaCopier, k, v)
         try:
             with engine_settings(eng, copy=dataclasses.replace(eng.copy, **copy),
                                  copy_mode=copy_mode or eng.copy_mode,
@@ -742,6 +754,8 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
                 entry = run_one(eng, spec, ids, n_new, nb, args, cpu_compute=cpu_mode or "off")
         finally:
             slot_plan.DEFAULT_IMPL = impl_before
+            for k, v in dma_saved.items():
+                setattr(DmaCopier, k, v)
         entry["slot_plan"] = plan or slot_plan.DEFAULT_IMPL
         entry.update(label=label, family=family, decoding=mode, lookahead=lookahead)
         if cpu_mode or variant:

@@ -216,6 +216,22 @@ def test_dma_copy_mode_under_the_interpreter(pregated_ckpt, monkeypatch):
     assert not any(t.name == "pgmoe-dma-copier" for t in threading.enumerate())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA driver path needs a GPU")
+def test_dma_driver_api_on_the_gpu(pregated_ckpt, monkeypatch):
+    """DmaCopier.DRIVER_API (copies and done writes through the CUDA driver): gpu_only's tokens and logits."""
+    from infer.offload import DmaCopier
+
+    monkeypatch.setenv("CUDA_MODULE_LOADING", "EAGER")
+    monkeypatch.setattr(DmaCopier, "DRIVER_API", True)
+    model, store = load_offloaded(pregated_ckpt, "cuda", torch.float32, None)
+    ids, mask = prompts(n=2, length=5)
+    kw = dict(max_new_tokens=6, keep_logits=True)
+    ref = Engine(model, store, "cuda").run(PolicySpec("gpu_only"), ids, mask, **kw)
+    res = Engine(model, store, "cuda", copy_mode="dma").run(PolicySpec("pregated"), ids, mask, **kw)
+    assert res.metrics["copy_mode"] == "dma" and res.tokens == ref.tokens
+    assert all(torch.equal(a, b) for a, b in zip(ref.step_logits, res.step_logits))
+
+
 def test_dma_beam_search_runs_with_the_copy_kernel(pregated_ckpt, monkeypatch):
     """copy_mode dma with beams: the run uses the device copy kernel instead, says so in its notes, and gives
     gpu_only's beams."""
