@@ -504,8 +504,10 @@ class DmaCopier:
     IDLE_S = 0.05
     SLEEP_S = 0.0005
     # DRIVER_API: the thread issues its copies and the done-count write through the CUDA driver (ctypes: no torch
-    # dispatch, the GIL let go during each call; done[m] by a stream memory write, not a kernel)
-    DRIVER_API = False
+    # dispatch, the GIL let go during each call; done[m] by a stream memory write, not a kernel). Measured on the
+    # H200 (bench/results/e2e-h200-driver.md): switch-base-128 pregated 1.16-1.18 vs 1.23-1.29 ms/token through
+    # torch's copy_ in the same process. Off (torch's copy_): where libcuda cannot be loaded, and on the CPU.
+    DRIVER_API = True
 
     def __init__(self, pool: SlotPool):
         self.pool = pool
@@ -533,7 +535,11 @@ class DmaCopier:
         self._store_rows = [list(pool.store.data[b].unbind(0)) for b in range(M)]
         self._driver = None
         if self.cuda and self.DRIVER_API:
-            self._driver = _Driver()
+            try:
+                self._driver = _Driver()
+            except (OSError, AttributeError):  # no libcuda.so.1 or an older driver: torch's copy_ instead
+                self._driver = None
+        if self._driver is not None:
             row = pool.pool.stride(0) * pool.pool.element_size()
             self._row_bytes = pool.store.data.shape[-1] * pool.store.data.element_size()
             self._slot_ptr = [pool.pool.data_ptr() + p * row for p in range(pool.pool.shape[0])]

@@ -496,9 +496,10 @@ def main() -> int:
 #              experts guessed from the step's tokens; the bench's default: --first-block-guess)
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
 GUESS_VARIANTS = {"noguess": "off", "guessrun": "run", "guesskeep": "keep"}
-#   driver:    copy_mode dma's copier issues its copies and done writes through the CUDA driver by ctypes
-#              (DmaCopier.DRIVER_API), e.g. pregated#driver beside pregated under --copy-mode dma
-DMA_VARIANTS = {"driver": ("DRIVER_API", True)}
+#   driver, torchcopy: copy_mode dma's copier issues its copies and done writes through the CUDA driver by ctypes
+#              (DmaCopier.DRIVER_API, the default) / through torch's copy_ and a fill kernel, e.g. pregated#torchcopy
+#              beside pregated under --copy-mode dma
+DMA_VARIANTS = {"driver": ("DRIVER_API", True), "torchcopy": ("DRIVER_API", False)}
 
 
 def variant_guess(variant: str) -> str | None:
@@ -529,7 +530,7 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
             copy[{"p": "programs", "b": "block", "w": "warps"}[tok[0]]] = int(tok[1:])
         else:
             raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #device, #hi, "
-                             "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep, #driver")
+                             "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep, #driver, #torchcopy")
     if copy:
         try:
             CopySettings(**copy)

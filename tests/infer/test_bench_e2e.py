@@ -243,6 +243,7 @@ def test_parse_table_runs():
     assert bench.parse_variant("noguess#dma") == (None, {}, "dma")
     assert bench.parse_variant("driver#dma") == (None, {}, "dma")
     assert bench.variant_dma("driver#dma") == {"DRIVER_API": True} and bench.variant_dma("dma") == {}
+    assert bench.variant_dma("torchcopy") == {"DRIVER_API": False}
     assert bench.variant_guess("noguess#dma") == "off" and bench.variant_guess("guesskeep") == "keep"
     assert bench.variant_guess("dma") is None
     with pytest.raises(SystemExit, match="noguess"):
