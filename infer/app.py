@@ -154,7 +154,8 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
     dtype = resolve_dtype(cfg.dtype, device)
     specs = policy_specs(cfg)  # validates the names (and cache.size) before anything is loaded
     copy = CopySettings(str(cfg.offload.copy_priority), int(cfg.offload.copy_programs),
-                        int(cfg.offload.copy_block), int(cfg.offload.copy_warps))  # checked before loading
+                        int(cfg.offload.copy_block), int(cfg.offload.copy_warps),
+                        str(cfg.offload.dma_api))  # checked before loading
     guess = guess_mode(cfg.offload.first_block_guess)  # likewise
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else default_checkpoint(cfg)
     budget = (

@@ -47,6 +47,8 @@ class OffloadConf:
     copy_programs: int = 32
     copy_block: int = 8192
     copy_warps: int = 4
+    # copy_mode dma: the copier's copies through the CUDA driver (driver) or torch's copy_ (torch)
+    dma_api: str = "driver"
 
 
 @dataclass

@@ -206,6 +206,9 @@ class CopySettings:
     programs: int = 32
     block: int = 8192
     warps: int = 4
+    # copy_mode dma: how the copier thread issues its copies and done writes (offload.dma_api): "driver", the CUDA
+    # driver by ctypes (no torch dispatch, the GIL let go per call), or "torch" (copy_ and a fill kernel)
+    dma_api: str = "driver"
 
     def __post_init__(self):
         if self.priority not in ("normal", "high"):
@@ -217,6 +220,8 @@ class CopySettings:
             raise OffloadError(f"offload.copy_block={b!r}; expected a power of two in 256..65536")
         if self.warps not in (1, 2, 4, 8, 16):
             raise OffloadError(f"offload.copy_warps={self.warps!r}; expected 1, 2, 4, 8 or 16")
+        if self.dma_api not in ("driver", "torch"):
+            raise OffloadError(f"offload.dma_api={self.dma_api!r}; expected driver or torch")
 
     def stream_priority(self) -> int:
         """torch.cuda.Stream's priority (lower is higher; out-of-range values map to the device's highest)."""
@@ -450,8 +455,8 @@ class SlotPool:
 
 # ----------------------------------------------------------------------------------------------- dma
 class _Driver:
-    """The CUDA driver calls the dma copier makes through ctypes with DmaCopier.DRIVER_API: each lets go of the
-    GIL while it runs and skips torch's dispatch (and its pinned-memory bookkeeping) per copy."""
+    """The CUDA driver calls the dma copier makes through ctypes (offload.dma_api=driver): each lets go of the GIL
+    while it runs and skips torch's dispatch (and its pinned-memory bookkeeping) per copy."""
 
     def __init__(self):
         lib = ctypes.CDLL("libcuda.so.1")
@@ -473,8 +478,7 @@ class _Driver:
     @staticmethod
     def check(rc: int, what: str) -> None:
         if rc != 0:
-            raise OffloadError(f"copy_mode=dma: {what} failed (CUDA driver error {rc}); set DmaCopier.DRIVER_API "
-                               "= False")
+            raise OffloadError(f"copy_mode=dma: {what} failed (CUDA driver error {rc}); use offload.dma_api=torch")
 
 
 try:  # give the GIL and the core away for a moment (a ctypes call runs without the GIL)
@@ -503,11 +507,6 @@ class DmaCopier:
     MAX_ITERS_INTERPRETED = 200_000  # the CPU interpreter is ~1e3 x slower per poll
     IDLE_S = 0.05
     SLEEP_S = 0.0005
-    # DRIVER_API: the thread issues its copies and the done-count write through the CUDA driver (ctypes: no torch
-    # dispatch, the GIL let go during each call; done[m] by a stream memory write, not a kernel). Measured on the
-    # H200 (bench/results/e2e-h200-driver.md): switch-base-128 pregated 1.16-1.18 vs 1.23-1.29 ms/token through
-    # torch's copy_ in the same process. Off (torch's copy_): where libcuda cannot be loaded, and on the CPU.
-    DRIVER_API = True
 
     def __init__(self, pool: SlotPool):
         self.pool = pool
@@ -533,12 +532,16 @@ class DmaCopier:
         # views made once (the thread's cost per plan is on the first copy's critical path)
         self._slot_rows = list(pool.pool.unbind(0))
         self._store_rows = [list(pool.store.data[b].unbind(0)) for b in range(M)]
+        # offload.dma_api=driver (the default): copies and done writes through the CUDA driver. Measured on the
+        # H200 (bench/results/e2e-h200-driver*.md): switch-base-128 pregated 1.16-1.18 vs 1.23-1.29 ms/token
+        # through torch's copy_ in the same processes. torch's path where libcuda cannot be loaded, and on the CPU.
         self._driver = None
-        if self.cuda and self.DRIVER_API:
+        if self.cuda and pool.copy_settings.dma_api == "driver":
             try:
                 self._driver = _Driver()
             except (OSError, AttributeError):  # no libcuda.so.1 or an older driver: torch's copy_ instead
                 self._driver = None
+        self.api = "driver" if self._driver is not None else "torch"
         if self._driver is not None:
             row = pool.pool.stride(0) * pool.pool.element_size()
             self._row_bytes = pool.store.data.shape[-1] * pool.store.data.element_size()

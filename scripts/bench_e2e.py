@@ -81,7 +81,6 @@ from infer import report as rep  # noqa: E402
 from infer.engine import Engine  # noqa: E402
 from infer.offload import (  # noqa: E402
     CopySettings,
-    DmaCopier,
     ExpertStore,
     OffloadError,
     default_budget_bytes,
@@ -497,20 +496,14 @@ def main() -> int:
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
 GUESS_VARIANTS = {"noguess": "off", "guessrun": "run", "guesskeep": "keep"}
 #   driver, torchcopy: copy_mode dma's copier issues its copies and done writes through the CUDA driver by ctypes
-#              (DmaCopier.DRIVER_API, the default) / through torch's copy_ and a fill kernel, e.g. pregated#torchcopy
-#              beside pregated under --copy-mode dma
-DMA_VARIANTS = {"driver": ("DRIVER_API", True), "torchcopy": ("DRIVER_API", False)}
+#              (offload.dma_api=driver, the default) / through torch's copy_ and a fill kernel (dma_api=torch), e.g.
+#              pregated#torchcopy beside pregated under --copy-mode dma
 
 
 def variant_guess(variant: str) -> str | None:
     """The first-block guess mode a variant asks for ("noguess" -> "off"), or None."""
     found = [GUESS_VARIANTS[t] for t in variant.split("#") if t in GUESS_VARIANTS]
     return found[-1] if found else None
-
-
-def variant_dma(variant: str) -> dict:
-    """DmaCopier class settings a variant asks for ({"DRIVER_API": True} for #driver)."""
-    return dict(DMA_VARIANTS[t] for t in variant.split("#") if t in DMA_VARIANTS)
 
 
 def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
@@ -522,8 +515,10 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
             plan = PLAN_VARIANTS[tok]
         elif tok in ("dma", "device"):
             mode = tok
-        elif tok in GUESS_VARIANTS or tok in DMA_VARIANTS:
-            pass  # variant_guess, variant_dma
+        elif tok in GUESS_VARIANTS:
+            pass  # variant_guess
+        elif tok in ("driver", "torchcopy"):
+            copy["dma_api"] = "driver" if tok == "driver" else "torch"
         elif tok == "hi":
             copy["priority"] = "high"
         elif tok[:1] in ("p", "b", "w") and tok[1:].isdigit():
@@ -745,9 +740,6 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
         plan, copy, copy_mode = parse_variant(variant)
         if plan:
             slot_plan.DEFAULT_IMPL = plan
-        dma_saved = {k: getattr(DmaCopier, k) for k in variant_dma(variant)}
-        for k, v in variant_dma(variant).items():
-            setattr(DmaCopier, k, v)
         try:
             with engine_settings(eng, copy=dataclasses.replace(eng.copy, **copy),
                                  copy_mode=copy_mode or eng.copy_mode,
@@ -755,8 +747,6 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
                 entry = run_one(eng, spec, ids, n_new, nb, args, cpu_compute=cpu_mode or "off")
         finally:
             slot_plan.DEFAULT_IMPL = impl_before
-            for k, v in dma_saved.items():
-                setattr(DmaCopier, k, v)
         entry["slot_plan"] = plan or slot_plan.DEFAULT_IMPL
         entry.update(label=label, family=family, decoding=mode, lookahead=lookahead)
         if cpu_mode or variant:

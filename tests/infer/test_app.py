@@ -184,8 +184,8 @@ def test_cache_size_auto(tmp_path):
 
 
 def test_bad_copy_setting_fails_before_any_run(tmp_path):
-    """offload.copy_priority / copy_programs / copy_block / copy_warps / first_block_guess are checked before the
-    model is loaded, with the key and the accepted values in the message."""
+    """offload.copy_priority / copy_programs / copy_block / copy_warps / dma_api / first_block_guess are checked
+    before the model is loaded, with the key and the accepted values in the message."""
     import infer.app as app
     from infer.offload import OffloadError
 
@@ -194,7 +194,7 @@ def test_bad_copy_setting_fails_before_any_run(tmp_path):
 
     for bad, key in (("offload.copy_priority=urgent", "copy_priority"), ("offload.copy_block=1000", "copy_block"),
                      ("offload.copy_warps=3", "copy_warps"), ("offload.copy_programs=0", "copy_programs"),
-                     ("offload.first_block_guess=always", "first_block_guess")):
+                     ("offload.dma_api=cuda", "dma_api"), ("offload.first_block_guess=always", "first_block_guess")):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(app, "load_offloaded", no_load)
             with pytest.raises(OffloadError, match=key):

@@ -218,18 +218,19 @@ def test_dma_copy_mode_under_the_interpreter(pregated_ckpt, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA driver path needs a GPU")
 def test_dma_driver_api_on_the_gpu(pregated_ckpt, monkeypatch):
-    """DmaCopier.DRIVER_API (copies and done writes through the CUDA driver): gpu_only's tokens and logits."""
-    from infer.offload import DmaCopier
-
+    """offload.dma_api driver (the default: copies and done writes through the CUDA driver) and torch: gpu_only's
+    tokens and logits."""
     monkeypatch.setenv("CUDA_MODULE_LOADING", "EAGER")
-    assert DmaCopier.DRIVER_API  # the default
+    assert CopySettings().dma_api == "driver"
     model, store = load_offloaded(pregated_ckpt, "cuda", torch.float32, None)
     ids, mask = prompts(n=2, length=5)
     kw = dict(max_new_tokens=6, keep_logits=True)
     ref = Engine(model, store, "cuda").run(PolicySpec("gpu_only"), ids, mask, **kw)
-    res = Engine(model, store, "cuda", copy_mode="dma").run(PolicySpec("pregated"), ids, mask, **kw)
-    assert res.metrics["copy_mode"] == "dma" and res.tokens == ref.tokens
-    assert all(torch.equal(a, b) for a, b in zip(ref.step_logits, res.step_logits))
+    for api in ("driver", "torch"):
+        res = Engine(model, store, "cuda", copy_mode="dma", copy=CopySettings(dma_api=api)).run(
+            PolicySpec("pregated"), ids, mask, **kw)
+        assert res.metrics["copy_mode"] == "dma" and res.tokens == ref.tokens
+        assert all(torch.equal(a, b) for a, b in zip(ref.step_logits, res.step_logits))
 
 
 def test_dma_beam_search_runs_with_the_copy_kernel(pregated_ckpt, monkeypatch):
@@ -296,10 +297,10 @@ def test_dma_copier_reports_a_failed_copy(pregated_ckpt, monkeypatch):
 
 
 @pytest.mark.parametrize("bad", [dict(priority="urgent"), dict(programs=0), dict(programs=2.5),
-                                 dict(block=1000), dict(block=128), dict(warps=3)])
+                                 dict(block=1000), dict(block=128), dict(warps=3), dict(dma_api="cuda")])
 def test_copy_settings_refuse_bad_values(bad):
     field = next(iter(bad))
-    with pytest.raises(OffloadError, match=f"offload.(copy_)?{field}="):
+    with pytest.raises(OffloadError, match=f"offload.(copy_)?{field}="):  # (dma_api: offload.dma_api=)
         CopySettings(**bad)
 
 
