@@ -211,8 +211,8 @@ def dma_timeline_table(shapes: dict, link) -> list[str]:
 
 def variant_table(shapes: dict) -> list[str]:
     """Table runs named <policy>#<variant> (bench_e2e's levers: #torchplan, #dma, #device, #hi, #p<N>, #b<B>, #w<W>,
-    #s<S>, the first-block guess's) beside their base policy of the same run: ms/token, the copy stall, the copy
-    bandwidth's lower bound."""
+    #s<S>, the first-block guess's, #driver / #torchcopy) beside their base policy of the same run: ms/token, the copy
+    stall, the copy bandwidth's lower bound, the GPU's step time in the decode loop and replayed."""
     rows, seen = [], set()
     for shape, s in shapes.items():
         for mode in ("greedy", "beam4"):
@@ -231,6 +231,8 @@ def variant_table(shapes: dict) -> list[str]:
                                f"{cs.get('warps', 4)} warps" if cs else "-")
                     if cs.get("dma_streams", 1) > 1:
                         setting += f"; {cs['dma_streams']} dma streams"
+                    if m.get("copy_mode") == "dma" and cs.get("dma_api"):
+                        setting += f"; dma by {cs['dma_api']}"
                     g = m.get("first_block_guess") or {}
                     guess = "-" if not g.get("blocks") else (
                         f"{g.get('mode')}{', ahead' if g.get('ahead') else ''}: {g.get('hits')}/{g.get('lookups')}")
@@ -238,7 +240,9 @@ def variant_table(shapes: dict) -> list[str]:
                         f"| {shape} | {mode} | {label} | {e.get('slot_plan') or '-'} | {m.get('copy_mode') or '-'} | "
                         f"{setting} | {guess} | {_f(_ms(e))} | "
                         f"{_f(m.get('stall_ms_per_token'), '{:.3f}')} | "
-                        f"{_f(c.get('achieved_GBps_lower_bound'), '{:.1f}')} |"
+                        f"{_f(c.get('achieved_GBps_lower_bound'), '{:.1f}')} | "
+                        f"{_f(m.get('gpu_step_ms_median'), '{:.3f}')} / "
+                        f"{_f(m.get('step_ms_median_with_copies'), '{:.3f}')} |"
                     )
     if not rows:
         return []
@@ -250,14 +254,17 @@ def variant_table(shapes: dict) -> list[str]:
         "#p<N>/#b<B>/#w<W> = the device copy kernel's programs per expert, elements per iteration and warps "
         "per program; the kernel's settings apply where it copies; #noguess / #guessrun / #guesskeep = "
         "offload.first_block_guess off / run / keep; in older results #s<S> = the dma copier on S streams and "
-        "#guessahead / #guessstart = the guess at the previous step's end or the step's start, levers tried and "
-        "removed). First-block guess: mode, hits / guesses. Stall: "
-        "the captured step with its copies minus without; GB/s: the copy bandwidth's lower bound (decode bytes / "
-        "step time).",
+        "#guessahead / #guessstart = the guess at the previous step's end or the step's start, #gil<U> = Python's "
+        "thread switch interval U us while the dma copier runs, #nopace = the next step launched as the step "
+        "starts, levers tried and removed; #driver / #torchcopy = offload.dma_api driver / torch). First-block "
+        "guess: mode, hits / guesses. Stall: the captured step with its copies minus without; GB/s: the copy "
+        "bandwidth's lower bound (decode bytes / step time); GPU step: CUDA events around each step of the decode "
+        "loop / around the same captured step replayed with every launch queued ahead (medians; '-' where the run "
+        "did not record it).",
         "",
-        "| shape | decoding | run | slot plan | copy mode | copy kernel: priority, programs x block, warps | "
-        "first-block guess | ms/token | stall ms/token | GB/s (lower bound) |",
-        "|" + "---|" * 10,
+        "| shape | decoding | run | slot plan | copy mode | copy settings | "
+        "first-block guess | ms/token | stall ms/token | GB/s (lower bound) | GPU step ms: loop / replayed |",
+        "|" + "---|" * 11,
     ] + rows
 
 

@@ -506,6 +506,22 @@ def test_bench_tiny_copy_variants(tmp_path):
     assert f"| tiny | greedy | pregated | auto | {base['metrics']['copy_mode']} | normal, 32 x 8192, 4 warps |" in text
 
 
+def test_summary_variant_table_dma_columns():
+    """The variant table names the dma copier's API and shows the GPU's step time in the decode loop beside the
+    replayed step's ('-' where a run did not record them)."""
+    def run(policy, api, loop, replay):
+        return {"policy": policy, "family": "pregated", "decoding": "greedy",
+                "metrics": {"ms_per_token_median": loop + 0.01, "copy_mode": "dma", "gpu_step_ms_median": loop,
+                            "step_ms_median_with_copies": replay,
+                            "copy_settings": {"priority": "normal", "programs": 32, "block": 8192, "warps": 4,
+                                              "dma_api": api}}}
+
+    shape = {"runs": [run("pregated", "driver", 1.155, 1.119), run("pregated#torchcopy", "torch", 1.233, None)]}
+    rows = [ln for ln in summ.variant_table({"s": shape}) if ln.startswith("| s |")]
+    assert rows[0].endswith("| normal, 32 x 8192, 4 warps; dma by driver | - | 1.17 | - | - | 1.155 / 1.119 |")
+    assert rows[1].endswith("| normal, 32 x 8192, 4 warps; dma by torch | - | 1.24 | - | - | 1.233 / - |")
+
+
 def test_summary_dma_timeline_table():
     """The dma timeline of a run (engine.dma_timeline) becomes one row: plans per step, first start, median copy
     time per plan and idle gap, and the bandwidth while copying (one expert per plan: greedy, batch 1)."""
