@@ -608,6 +608,7 @@ class Engine:
                 copy_GBps=None,
                 pool_bytes=0,
                 copy_mode=None,
+                dma_api_used=None,
                 experts_cpu_computed=0,
                 tokens_cpu_computed=0,
             )

@@ -475,6 +475,15 @@ class _Driver:
         self.check(create(ctypes.byref(ev), 2), "cuEventCreate")  # CU_EVENT_DISABLE_TIMING
         self.event = ev
 
+        self._destroy = getattr(lib, "cuEventDestroy_v2", None) or lib.cuEventDestroy
+        self._destroy.argtypes, self._destroy.restype = [p], ctypes.c_int
+
+    def close(self) -> None:
+        """Release the event (after the device is synchronized and the thread is gone)."""
+        if self.event is not None:
+            self._destroy(self.event)
+            self.event = None
+
     @staticmethod
     def check(rc: int, what: str) -> None:
         if rc != 0:
@@ -652,6 +661,9 @@ class DmaCopier:
         self._stop = True
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+        if self._driver is not None and not self._thread.is_alive():  # its event, once nothing can record it
+            self._driver.close()
+            self._driver = None
         timeouts = int(self.err.item())
         if self.error is not None or timeouts:
             err, self.error = self.error, None

@@ -361,6 +361,8 @@ class OffloadRunner:
             },
             "copy_mode": self.pool.copy_mode,
             "copy_settings": asdict(self.pool.copy_settings),
+            # copy_mode dma: the copier's API in use (driver, or torch where the driver could not be loaded)
+            "dma_api_used": self.pool.dma.api if self.pool.dma is not None else None,
             "cpu_compute": self.cpu_compute,
             "cpu_compute_active": self.cpu_active,
             "experts_cpu_computed": int(self.cpu_computed),

@@ -208,7 +208,7 @@ def test_dma_copy_mode_under_the_interpreter(pregated_ckpt, monkeypatch):
     for spec, slots in ((PolicySpec("pregated"), 4), (PolicySpec("on_demand"), 4),
                         (PolicySpec("pregated", 2, "lru"), 4), (PolicySpec("prefetch_all"), 16)):
         res = Engine(model, store, "cpu", copy_mode="dma", prefill_slots=slots).run(spec, ids, mask, **kw)
-        assert res.metrics["copy_mode"] == "dma"
+        assert res.metrics["copy_mode"] == "dma" and res.metrics["dma_api_used"] == "torch"  # (no driver on a CPU)
         assert res.tokens == ref.tokens, spec
         assert all(torch.equal(a, b) for a, b in zip(ref.step_logits, res.step_logits)), spec
         handled, posted = issued[-1]
@@ -229,7 +229,7 @@ def test_dma_driver_api_on_the_gpu(pregated_ckpt, monkeypatch):
     for api in ("driver", "torch"):
         res = Engine(model, store, "cuda", copy_mode="dma", copy=CopySettings(dma_api=api)).run(
             PolicySpec("pregated"), ids, mask, **kw)
-        assert res.metrics["copy_mode"] == "dma" and res.tokens == ref.tokens
+        assert res.metrics["copy_mode"] == "dma" and res.tokens == ref.tokens and res.metrics["dma_api_used"] == api
         assert all(torch.equal(a, b) for a, b in zip(ref.step_logits, res.step_logits))
 
 
