@@ -469,14 +469,13 @@ class _Driver:
         self.wait_event.argtypes, self.wait_event.restype = [p, p, ctypes.c_uint], ctypes.c_int
         self.write64 = getattr(lib, "cuStreamWriteValue64_v2", None) or lib.cuStreamWriteValue64
         self.write64.argtypes, self.write64.restype = [p, u64, u64, ctypes.c_uint], ctypes.c_int
+        self._destroy = getattr(lib, "cuEventDestroy_v2", None) or lib.cuEventDestroy
+        self._destroy.argtypes, self._destroy.restype = [p], ctypes.c_int
         create = lib.cuEventCreate
         create.argtypes, create.restype = [ctypes.POINTER(p), ctypes.c_uint], ctypes.c_int
         ev = p()
         self.check(create(ctypes.byref(ev), 2), "cuEventCreate")  # CU_EVENT_DISABLE_TIMING
         self.event = ev
-
-        self._destroy = getattr(lib, "cuEventDestroy_v2", None) or lib.cuEventDestroy
-        self._destroy.argtypes, self._destroy.restype = [p], ctypes.c_int
 
     def close(self) -> None:
         """Release the event (after the device is synchronized and the thread is gone)."""
@@ -538,9 +537,6 @@ class DmaCopier:
         self.max_iters = self.MAX_ITERS if self.cuda else self.MAX_ITERS_INTERPRETED
         self.issued = 0  # plans handled by the thread
         self.trace: list | None = None  # a list: (g, block, start, end) timing events per plan (CUDA)
-        # views made once (the thread's cost per plan is on the first copy's critical path)
-        self._slot_rows = list(pool.pool.unbind(0))
-        self._store_rows = [list(pool.store.data[b].unbind(0)) for b in range(M)]
         # offload.dma_api=driver (the default): copies and done writes through the CUDA driver. Measured on the
         # H200 (bench/results/e2e-h200-driver*.md): switch-base-128 pregated 1.16-1.18 vs 1.23-1.29 ms/token
         # through torch's copy_ in the same processes. torch's path where libcuda cannot be loaded, and on the CPU.
@@ -551,6 +547,8 @@ class DmaCopier:
             except (OSError, AttributeError):  # no libcuda.so.1 or an older driver: torch's copy_ instead
                 self._driver = None
         self.api = "driver" if self._driver is not None else "torch"
+        # slot and expert addresses (driver) or views (torch) made once: the thread's cost per plan is on the
+        # first copy's critical path
         if self._driver is not None:
             row = pool.pool.stride(0) * pool.pool.element_size()
             self._row_bytes = pool.store.data.shape[-1] * pool.store.data.element_size()
@@ -558,6 +556,9 @@ class DmaCopier:
             srow = pool.store.data.stride(1) * pool.store.data.element_size()
             self._store_ptr = [[pool.store.data[b].data_ptr() + e * srow for e in range(pool.store.data.shape[1])]
                                for b in range(M)]
+        else:
+            self._slot_rows = list(pool.pool.unbind(0))
+            self._store_rows = [list(pool.store.data[b].unbind(0)) for b in range(M)]
         self._done = list(self.done.unbind(0))
         self.error: BaseException | None = None
         self._stop = False
@@ -611,13 +612,11 @@ class DmaCopier:
             raise OffloadError(f"copy_mode=dma: {head - seen[0]} plans in flight, more than the ring's "
                                f"{self.RING}")
         n, ring = self.n, self.ring_h.numpy()
-        slots = self._slot_rows
         for g in range(seen[0] + 1, head + 1):
             row = ring[g % self.RING].tolist()
             if row[-1] != g:
                 raise OffloadError(f"copy_mode=dma: ring entry {g} reads as plan {row[-1]}")
             m, b, src, dst = row[0], row[1], row[2 : 2 + n], row[2 + n : 2 + 2 * n]
-            experts = self._store_rows[m]
             # on CUDA the thread's current stream is the copier's (_copier_loop); on the CPU copies are synchronous
             trace = self.trace if self.cuda else None
             if trace is not None:
@@ -631,6 +630,7 @@ class DmaCopier:
                         drv.check(drv.memcpy(self._slot_ptr[p], ptrs[e], self._row_bytes, stream),
                                   "cuMemcpyHtoDAsync")
             else:
+                slots, experts = self._slot_rows, self._store_rows[m]
                 for e, p in zip(src, dst):
                     if e >= 0 and p >= 0:
                         slots[p].copy_(experts[e], non_blocking=self.cuda)

@@ -493,11 +493,11 @@ def main() -> int:
 #              infer.offload.DmaCopier); device: offload.copy_mode=device (e.g. beside --copy-mode dma)
 #   noguess, guessrun, guesskeep: offload.first_block_guess off / run / keep (the first decoder MoE block's
 #              experts guessed from the step's tokens; the bench's default: --first-block-guess)
-PLAN_VARIANTS = {"": None, "torchplan": "reference"}
-GUESS_VARIANTS = {"noguess": "off", "guessrun": "run", "guesskeep": "keep"}
 #   driver, torchcopy: copy_mode dma's copier issues its copies and done writes through the CUDA driver by ctypes
 #              (offload.dma_api=driver, the default) / through torch's copy_ and a fill kernel (dma_api=torch), e.g.
 #              pregated#torchcopy beside pregated under --copy-mode dma
+PLAN_VARIANTS = {"": None, "torchplan": "reference"}
+GUESS_VARIANTS = {"noguess": "off", "guessrun": "run", "guesskeep": "keep"}
 
 
 def variant_guess(variant: str) -> str | None:
