@@ -47,8 +47,9 @@ class OffloadConf:
     copy_programs: int = 32
     copy_block: int = 8192
     copy_warps: int = 4
-    # copy_mode dma: the copier's copies through the CUDA driver (driver) or torch's copy_ (torch)
-    dma_api: str = "driver"
+    # copy_mode dma's host loop: a C thread calling the CUDA driver (native), a Python thread calling it (driver),
+    # or a Python thread with torch's copy_ (torch)
+    dma_api: str = "native"
 
 
 @dataclass

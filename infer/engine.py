@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from infer import cpu_compute as cc
+from infer import native_copier
 from infer.offload import CopySettings, ExpertStore, OffloadError, is_expert_param
 from infer.policies import OffloadRunner, PolicySpec, check_cpu_compute, guess_mode
 from kernels.expert_ffn import Int8Weights
@@ -91,9 +92,10 @@ def drop_experts(model: Switch) -> None:
 
 
 BEAM_DMA_NOTE = (
-    "copy_mode=dma: beam search runs with the device copy kernel instead (it reads each step's top-k on the "
-    "host, and its Python loop then competes with the dma copier thread for the GIL: switch-base-128 beam 4 "
-    "pregated 9.32 ms/token with dma vs 4.90 with the copy kernel on the H200, bench/results/e2e-h200-beam-dma.md)"
+    "copy_mode=dma with a Python copier thread (offload.dma_api driver or torch): beam search runs with the device "
+    "copy kernel instead (it reads each step's top-k on the host, and its Python loop then competes with the "
+    "copier thread for the GIL: switch-base-128 beam 4 pregated 9.32 ms/token with dma vs 4.90 with the copy "
+    "kernel on the H200, bench/results/e2e-h200-beam-dma.md); the native copier (dma_api=native) needs no GIL"
 )
 
 
@@ -363,7 +365,7 @@ class Engine:
             # process still holds): the run's own need is its peak minus this
             baseline = torch.cuda.memory_allocated(dev)
         copy_mode = self.copy_mode
-        if copy_mode == "dma" and num_beams > 1:
+        if copy_mode == "dma" and num_beams > 1 and not native_copier.usable(self.copy.dma_api):
             copy_mode = "device"
             notes.append(BEAM_DMA_NOTE)
         if spec.name == "gpu_only":
@@ -609,6 +611,7 @@ class Engine:
                 pool_bytes=0,
                 copy_mode=None,
                 dma_api_used=None,
+                dma_api_fallback=None,
                 experts_cpu_computed=0,
                 tokens_cpu_computed=0,
             )

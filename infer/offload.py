@@ -24,11 +24,13 @@ from pathlib import Path
 
 import torch
 
+from infer import native_copier
 from kernels import expert_copy, mailbox
 from kernels.expert_ffn import Int8Weights, quantize_experts
 from models.config import SwitchConfig
 
 GB = 1e9
+DMA_APIS = ("native", "driver", "torch")
 
 
 class OffloadError(ValueError):
@@ -206,9 +208,10 @@ class CopySettings:
     programs: int = 32
     block: int = 8192
     warps: int = 4
-    # copy_mode dma: how the copier thread issues its copies and done writes (offload.dma_api): "driver", the CUDA
-    # driver by ctypes (no torch dispatch, the GIL let go per call), or "torch" (copy_ and a fill kernel)
-    dma_api: str = "driver"
+    # copy_mode dma: how the host loop issues its copies and done writes (offload.dma_api): "native", a C thread
+    # calling the CUDA driver (infer/native_copier.py); "driver", a Python thread calling it by ctypes (no torch
+    # dispatch, the GIL let go per call); "torch", a Python thread with copy_ and a fill kernel
+    dma_api: str = "native"
 
     def __post_init__(self):
         if self.priority not in ("normal", "high"):
@@ -220,8 +223,8 @@ class CopySettings:
             raise OffloadError(f"offload.copy_block={b!r}; expected a power of two in 256..65536")
         if self.warps not in (1, 2, 4, 8, 16):
             raise OffloadError(f"offload.copy_warps={self.warps!r}; expected 1, 2, 4, 8 or 16")
-        if self.dma_api not in ("driver", "torch"):
-            raise OffloadError(f"offload.dma_api={self.dma_api!r}; expected driver or torch")
+        if self.dma_api not in DMA_APIS:
+            raise OffloadError(f"offload.dma_api={self.dma_api!r}; expected native, driver or torch")
 
     def stream_priority(self) -> int:
         """torch.cuda.Stream's priority (lower is higher; out-of-range values map to the device's highest)."""
@@ -263,9 +266,12 @@ class SlotPool:
     ring: DmaCopier; graph-capturable; a block's own plan, on the critical path, and the encoder's
     streamed prefill chunks by the device kernel, which starts without the host's reaction time),
     "host" (cudaMemcpyAsync per expert; reads the plan on the host, so one sync per plan), "cpu" (no
-    GPU: synchronous copies). "auto": device on CUDA (host where the store is not pinned), cpu without a
-    GPU. dma needs CUDA's kernels loaded eagerly (eager_module_loading), which costs device memory outside
-    torch's allocator (~1.1 GB on the H200), so it is not a default.
+    GPU: synchronous copies). "auto": on CUDA dma where its native loop runs (offload.dma_api=native, the
+    default, built with the system C compiler), else device (host where the store is not pinned); cpu without a
+    GPU. dma with a Python loop (dma_api driver or torch) needs CUDA's kernels loaded eagerly
+    (eager_module_loading), which costs device memory outside torch's allocator (~1.1 GB on the H200); the native
+    loop does not (it needs no GIL, which a lazily loading launch held: tested in fresh processes with
+    CUDA_MODULE_LOADING=LAZY on the H200).
     """
 
     def __init__(
@@ -290,7 +296,12 @@ class SlotPool:
         self.cuda = self.device.type == "cuda"
         if copy_mode == "auto":
             device_ok = store.pinned and expert_copy.HAVE_TRITON and store.data.is_pinned()
-            copy_mode = ("device" if device_ok else "host") if self.cuda else "cpu"
+            if not self.cuda:
+                copy_mode = "cpu"
+            elif not device_ok:
+                copy_mode = "host"
+            else:  # the copy engines where the native loop runs here (it needs no eager kernel loading)
+                copy_mode = "dma" if native_copier.usable(self.copy_settings.dma_api) else "device"
         interpreting = (
             os.environ.get("TRITON_INTERPRET") == "1"
         )  # tests run the device copy kernel on the CPU
@@ -304,12 +315,14 @@ class SlotPool:
         if copy_mode in ("device", "dma") and self.cuda and not (store.pinned and expert_copy.HAVE_TRITON):
             raise OffloadError(f"copy_mode={copy_mode} needs the expert store pinned (offload.pin=true) and "
                                "triton installed; use copy_mode=host")
-        if copy_mode == "dma" and self.cuda and not eager_module_loading():
+        if copy_mode == "dma" and self.cuda and not eager_module_loading() and not native_copier.usable(
+                self.copy_settings.dma_api):
             raise OffloadError(
-                "copy_mode=dma needs CUDA_MODULE_LOADING=EAGER, set before the process's first CUDA call "
-                f"(it is {os.environ.get('CUDA_MODULE_LOADING', 'unset')!r}): with lazy kernel loading a "
-                "first kernel launch can stall the copier thread until its waits time out. python -m infer and "
-                "scripts/bench_e2e.py set it; elsewhere export it, or use copy_mode=device")
+                f"copy_mode=dma with offload.dma_api={self.copy_settings.dma_api} (a Python thread) needs "
+                "CUDA_MODULE_LOADING=EAGER, set before the process's first CUDA call (it is "
+                f"{os.environ.get('CUDA_MODULE_LOADING', 'unset')!r}): with lazy kernel loading a first kernel "
+                "launch can stall the copier thread until its waits time out. python -m infer and "
+                "scripts/bench_e2e.py set it; elsewhere export it, or use dma_api=native or copy_mode=device")
         self.copy_mode = copy_mode
         self.copy_stream = (torch.cuda.Stream(self.device, priority=self.copy_settings.stream_priority())
                             if self.cuda else None)
@@ -476,12 +489,35 @@ class _Driver:
         ev = p()
         self.check(create(ctypes.byref(ev), 2), "cuEventCreate")  # CU_EVENT_DISABLE_TIMING
         self.event = ev
+        self.lib = lib
+        self._ctx_device: int | None = None
+
+    def calls(self) -> dict[str, int]:
+        """The driver calls as function addresses (the native copier's struct, infer/native_copier.py)."""
+        from infer.native_copier import address
+
+        return {"memcpy_h2d": address(self.memcpy), "record": address(self.record),
+                "wait_event": address(self.wait_event), "write64": address(self.write64),
+                "set_ctx": address(self.lib.cuCtxSetCurrent)}
+
+    def primary_context(self, index: int) -> int:
+        """Device index's primary context (torch's), retained until close(): for a native thread to make current."""
+        p = ctypes.c_void_p
+        dev, ctx = ctypes.c_int(), p()
+        self.check(self.lib.cuDeviceGet(ctypes.byref(dev), ctypes.c_int(index)), "cuDeviceGet")
+        self.check(self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
+        self._ctx_device = dev.value
+        return ctx.value
 
     def close(self) -> None:
-        """Release the event (after the device is synchronized and the thread is gone)."""
+        """Release the event and the retained context (after the device is synchronized and the thread is gone)."""
         if self.event is not None:
             self._destroy(self.event)
             self.event = None
+        if self._ctx_device is not None:
+            release = getattr(self.lib, "cuDevicePrimaryCtxRelease_v2", None) or self.lib.cuDevicePrimaryCtxRelease
+            release(ctypes.c_int(self._ctx_device))
+            self._ctx_device = None
 
     @staticmethod
     def check(rc: int, what: str) -> None:
@@ -497,15 +533,17 @@ except (OSError, AttributeError):  # pragma: no cover - not Linux
 
 
 class DmaCopier:
-    """copy_mode "dma": the copy engines move the experts, a host thread starts them (kernels/mailbox.py
+    """copy_mode "dma": the copy engines move the experts, a host loop starts them (kernels/mailbox.py
     has the handshake). post(m, src, dst) runs on the pool's copy stream (capturable): a kernel writes the
-    plan into a ring in pinned host memory, then the head; the thread handles new entries in order: one
+    plan into a ring in pinned host memory, then the head; the loop handles new entries in order: one
     cudaMemcpyAsync per expert on its own stream, then done[m] on a signal stream behind an event (so that
     the next plan's copies need not wait for that write); wait(m) holds the compute stream until done[m] >= posted[m].
 
-    The thread polls the head, giving the GIL away between polls; after IDLE_S without a post it sleeps
-    between polls (SLEEP_S). A wait that times out (MAX_ITERS polls on the GPU), a ring overrun or an
-    error in the thread is raised by close() (the run's result is then wrong, so it must not be reported)."""
+    The loop (offload.dma_api): native, a C thread (infer/native_copier.py) that needs no GIL; driver / torch, a
+    Python thread that gives the GIL away between polls. Either polls the head without pause and, after IDLE_S
+    without a post, sleeps SLEEP_S between polls. A wait that times out (MAX_ITERS polls on the GPU), a ring
+    overrun or an error in the loop is raised by close() (the run's result is then wrong, so it must not be
+    reported)."""
 
     RING = 32  # plans in flight at most (a step posts one per MoE block; the host keeps up within a block)
     # polls of the wait kernel on a GPU before it counts a timeout: generous, since the host thread may not
@@ -535,21 +573,34 @@ class DmaCopier:
         self._signal_event = torch.cuda.Event() if self.cuda else None
         self.device_index = (dev.index if dev.index is not None else torch.cuda.current_device()) if self.cuda else None
         self.max_iters = self.MAX_ITERS if self.cuda else self.MAX_ITERS_INTERPRETED
-        self.issued = 0  # plans handled by the thread
-        self.trace: list | None = None  # a list: (g, block, start, end) timing events per plan (CUDA)
-        # offload.dma_api=driver (the default): copies and done writes through the CUDA driver. Measured on the
-        # H200 (bench/results/e2e-h200-driver*.md): switch-base-128 pregated 1.16-1.18 vs 1.23-1.29 ms/token
-        # through torch's copy_ in the same processes. torch's path where libcuda cannot be loaded, and on the CPU.
+        self._issued = 0  # plans handled by the Python thread
+        self._trace: list | None = None  # see trace
+        # offload.dma_api: native (the default): the host loop in C (infer/native_copier.py), no GIL; driver: a
+        # Python thread calling the CUDA driver by ctypes; torch: a Python thread with torch's copy_. Measured on
+        # the H200: bench/results/e2e-h200-native.md (native vs driver), e2e-h200-driver*.md (driver vs torch).
+        # Each falls back to the next where it cannot run here (no C compiler, no libcuda); self.api is the one used
+        # and self.fallback says why.
+        want = pool.copy_settings.dma_api
+        self.fallback: str | None = None
         self._driver = None
-        if self.cuda and pool.copy_settings.dma_api == "driver":
+        if self.cuda and want in ("native", "driver"):
             try:
                 self._driver = _Driver()
-            except (OSError, AttributeError):  # no libcuda.so.1 or an older driver: torch's copy_ instead
-                self._driver = None
-        self.api = "driver" if self._driver is not None else "torch"
-        # slot and expert addresses (driver) or views (torch) made once: the thread's cost per plan is on the
-        # first copy's critical path
-        if self._driver is not None:
+            except (OSError, AttributeError) as e:  # no libcuda.so.1 or an older driver: torch's copy_ instead
+                self._driver, self.fallback = None, f"the CUDA driver could not be loaded ({e})"
+        self._native = self._lib = None
+        if want == "native" and (self._driver is not None or not self.cuda):
+            try:
+                self._lib = native_copier.build()
+            except native_copier.NativeUnavailable as e:
+                self.fallback = str(e)
+        if self._lib is not None:
+            self.api = "native"
+        else:
+            self.api = "driver" if self._driver is not None else "torch"
+        # slot and expert addresses (driver, native) or views (torch) made once: the thread's cost per plan is on
+        # the first copy's critical path
+        if self.api != "torch":
             row = pool.pool.stride(0) * pool.pool.element_size()
             self._row_bytes = pool.store.data.shape[-1] * pool.store.data.element_size()
             self._slot_ptr = [pool.pool.data_ptr() + p * row for p in range(pool.pool.shape[0])]
@@ -563,9 +614,85 @@ class DmaCopier:
         self.error: BaseException | None = None
         self._stop = False
         self._load_kernels()
-        self._thread = threading.Thread(target=_copier_loop, args=(weakref.ref(self),), daemon=True,
-                                        name="pgmoe-dma-copier")
-        self._thread.start()
+        self._thread = None
+        self._stop_native = None
+        if self.api == "native":
+            self._start_native()
+        else:
+            self._thread = threading.Thread(target=_copier_loop, args=(weakref.ref(self),), daemon=True,
+                                            name="pgmoe-dma-copier")
+            self._thread.start()
+
+    TRACE_PLANS = 512  # plans the native loop can trace per traced pass (events made once)
+
+    def _start_native(self) -> None:
+        """Fill the C loop's struct and start its thread; a finalizer stops it (and keeps what it reads alive)."""
+        c = native_copier.Copier()
+        slot = (ctypes.c_uint64 * len(self._slot_ptr))(*self._slot_ptr)
+        flat = [a for per_block in self._store_ptr for a in per_block]
+        store = (ctypes.c_uint64 * len(flat))(*flat)
+        c.head, c.ring = self.head_h.data_ptr(), self.ring_h.data_ptr()
+        c.R, c.n, c.M, c.E, c.P = self.RING, self.n, self.M, len(self._store_ptr[0]), len(self._slot_ptr)
+        c.slot_ptr, c.store_ptr = ctypes.addressof(slot), ctypes.addressof(store)
+        c.row_bytes, c.done_ptr = self._row_bytes, self.done.data_ptr()
+        if self.cuda:
+            calls = self._driver.calls()
+            c.ctx = self._driver.primary_context(self.device_index)
+            c.stream, c.signal, c.event = self.stream.cuda_stream, self.signal.cuda_stream, self._driver.event.value
+        else:  # a CPU "device": the host stand-ins
+            calls = native_copier.host_calls(self._lib)
+        for name, addr in calls.items():
+            setattr(c, name, addr)
+        c.idle_ns, c.sleep_ns = int(self.IDLE_S * 1e9), int(self.SLEEP_S * 1e9)
+        self._trace_events: list = []
+        self._trace_ptrs = (ctypes.c_void_p * (2 * self.TRACE_PLANS))()
+        self._trace_meta = (ctypes.c_int64 * (2 * self.TRACE_PLANS))()
+        c.trace_events, c.trace_meta = ctypes.addressof(self._trace_ptrs), ctypes.addressof(self._trace_meta)
+        rc = self._lib.pgmoe_copier_start(ctypes.byref(c))
+        if rc:
+            raise OffloadError(f"copy_mode=dma: starting the native copier's thread failed (error {rc}); use "
+                               "offload.dma_api=driver")
+        self._native = c
+        keep = (slot, store, self._trace_ptrs, self._trace_meta, self.ring_h, self.head_h, self.done, self.pool.pool,
+                self.pool.store.data)
+        self._stop_native = weakref.finalize(self, _stop_native, self._lib, c, keep)
+
+    @property
+    def issued(self) -> int:
+        """Plans handled by the host loop."""
+        return int(self._native.seen) if self._native is not None else self._issued
+
+    @property
+    def trace(self) -> list | None:
+        """A list (set one to start tracing, None to stop; CUDA only): (g, block, start, end) timing events around
+        each plan's copies on the copier's stream."""
+        c = self._native
+        if c is None or self._trace is None:
+            return self._trace
+        n = int(c.trace_n)
+        ev, meta = self._trace_events, self._trace_meta
+        return [(int(meta[2 * k]), int(meta[2 * k + 1]), ev[2 * k], ev[2 * k + 1]) for k in range(n)]
+
+    @trace.setter
+    def trace(self, value: list | None) -> None:
+        c = self._native
+        if c is None:
+            self._trace = value
+            return
+        c.trace_cap = 0  # the loop stops tracing (between two plans) before the slots are reused
+        self._trace = value
+        if value is None or not self.cuda:
+            return
+        if not self._trace_events:  # made once; each recorded once here so that it has a CUDA event to hand over
+            with torch.cuda.stream(self.stream):
+                for k in range(2 * self.TRACE_PLANS):
+                    e = torch.cuda.Event(enable_timing=True)
+                    e.record()
+                    self._trace_events.append(e)
+                    self._trace_ptrs[k] = e.cuda_event
+            torch.cuda.synchronize(self.pool.device)
+        c.trace_n = 0
+        c.trace_cap = self.TRACE_PLANS
 
     def _load_kernels(self) -> None:
         """Launch once every kernel the handshake uses (post and wait on scratch copies of the ring, the
@@ -618,7 +745,7 @@ class DmaCopier:
                 raise OffloadError(f"copy_mode=dma: ring entry {g} reads as plan {row[-1]}")
             m, b, src, dst = row[0], row[1], row[2 : 2 + n], row[2 + n : 2 + 2 * n]
             # on CUDA the thread's current stream is the copier's (_copier_loop); on the CPU copies are synchronous
-            trace = self.trace if self.cuda else None
+            trace = self._trace if self.cuda else None
             if trace is not None:
                 ev0 = torch.cuda.Event(enable_timing=True)
                 ev0.record()
@@ -651,7 +778,7 @@ class DmaCopier:
             else:
                 self._done[m].fill_(b)
             seen[0] = g
-            self.issued += 1
+            self._issued += 1
         return True
 
     def close(self) -> None:
@@ -659,19 +786,32 @@ class DmaCopier:
         if self.cuda:
             torch.cuda.synchronize(self.pool.device)
         self._stop = True
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
+        native_error = None
+        if self._stop_native is not None:
+            self._stop_native()  # stops and joins the C loop (once)
+            native_error = self._native.error_text()
+            if native_error is not None:
+                self._native.error = 0
+        elif self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
-        if self._driver is not None and not self._thread.is_alive():  # its event, once nothing can record it
+        alive = self._thread is not None and self._thread.is_alive()
+        if self._driver is not None and not alive:  # its event and context, once nothing can use them
             self._driver.close()
             self._driver = None
         timeouts = int(self.err.item())
-        if self.error is not None or timeouts:
+        if self.error is not None or timeouts or native_error:
             err, self.error = self.error, None
             self.err.zero_()
             what = ([f"the host copier failed ({type(err).__name__}: {err})"] if err is not None else []) + (
+                [f"the native copier failed: {native_error}"] if native_error else []) + (
                 [f"{timeouts} wait(s) for its copies timed out: experts may be stale, so this run's results "
                  "are wrong"] if timeouts else [])
             raise OffloadError("copy_mode=dma: " + "; ".join(what) + "; use offload.copy_mode=device") from err
+
+
+def _stop_native(lib, c, _keep) -> None:
+    """Stop and join the native copier's thread (a finalizer: _keep holds what the thread reads until then)."""
+    lib.pgmoe_copier_stop(ctypes.byref(c))
 
 
 def _copier_loop(ref) -> None:

@@ -236,7 +236,11 @@ class OffloadRunner:
         self.lookups = torch.zeros((), dtype=torch.long, device=dev)
         self.all_E = torch.ones(self.E, dtype=torch.bool, device=dev)
         self._prefetched: set[int] = set()
+        # (block, need): need is a bool mask [E] or expert ids (any shape; < 0: none), see _plan
         self._pending: list[tuple[int | None, torch.Tensor]] = []
+        # per block: the mask the slot-plan kernel writes when it is given ids (one kernel instead of the mask's
+        # zeros + index_fill ahead of it)
+        self._need_buf = [torch.zeros(self.E, dtype=torch.bool, device=dev) for _ in range(M)]
         self._observed: tuple[int, torch.Tensor] | None = None
         self.moes = model.moes
         # the first-block guess (module docstring): the decoder's blocks that no pre-gate routes
@@ -363,6 +367,8 @@ class OffloadRunner:
             "copy_settings": asdict(self.pool.copy_settings),
             # copy_mode dma: the copier's API in use (driver, or torch where the driver could not be loaded)
             "dma_api_used": self.pool.dma.api if self.pool.dma is not None else None,
+            # why the API asked for could not run here (no C compiler, no libcuda), or None
+            "dma_api_fallback": self.pool.dma.fallback if self.pool.dma is not None else None,
             "cpu_compute": self.cpu_compute,
             "cpu_compute_active": self.cpu_active,
             "experts_cpu_computed": int(self.cpu_computed),
@@ -387,10 +393,8 @@ class OffloadRunner:
             return
         flat = self._guess_tokens = tokens.reshape(-1).long()
         for m in self.guess_blocks:
-            ids = self.guess_table[m].index_select(0, flat)  # [N, 1], -1: not guessed
-            need = torch.zeros(self.E + 1, dtype=torch.bool, device=self.device)
-            need.index_fill_(0, torch.where(ids < 0, self.E, ids).reshape(-1).long(), True)
-            self._plan(m, need[: self.E], fresh=True, prefetch=True)
+            ids = self.guess_table[m].index_select(0, flat)  # [N, 1], -1: not guessed (the plan skips it)
+            self._plan(m, ids, fresh=True, prefetch=True)
             self._guessed[m] = ids
 
     def _verify_guess(self, m: int, routing: Routing) -> None:
@@ -398,7 +402,7 @@ class OffloadRunner:
         guessed = self._guessed.pop(m)
         # not fresh: block m's staging holders are those its guess filled this step, after the buffer's last
         # reader, so hits there are real
-        self._demand(m, routing, self._need(routing), fresh=False, behind=True)
+        self._demand(m, routing, routing.ids, fresh=False, behind=True)
         ids = routing.ids.reshape(guessed.shape[0], -1).to(torch.int32)
         made = (guessed >= 0).all(-1)
         self.guess_hits += ((ids == guessed).all(-1) & made).sum()
@@ -411,8 +415,9 @@ class OffloadRunner:
         need = torch.zeros(self.E, dtype=torch.bool, device=self.device)
         return need.index_fill_(0, routing.ids.reshape(-1).long(), True)
 
-    def _plan(self, m: int, need_E: torch.Tensor, fresh: bool, prefetch: bool = False, behind: bool = False) -> None:
-        """Place the experts need_E [E] of block m in slots, start the copies of the misses.
+    def _plan(self, m: int, need: torch.Tensor, fresh: bool, prefetch: bool = False, behind: bool = False) -> None:
+        """Place the experts `need` of block m in slots (a bool mask [E], or expert ids of any shape, < 0 naming
+        none, from which the plan kernel writes the mask itself), start the copies of the misses.
 
         kernels/slot_plan.py: the same plan as one kernel (the default on CUDA) or as its PyTorch
         reference (~35 small ops; on the CPU, or PGMOE_PLAN_IMPL=reference). Hits keep their
@@ -420,21 +425,23 @@ class OffloadRunner:
         frequently used cache slots, then staging; never one holding a needed expert); the expert -> slot
         table, cache bookkeeping and counters are updated on the device."""
         n = self.n_of[self.stack_of[m]]
+        ids = None if need.dtype == torch.bool else need.contiguous()
         src_n, dst_n = plan_slots(
-            need_E, self.holder[m], self.cand_slot[m], self.table[m], self.last_use[m], self.freq[m],
-            self.tick, self.hits, self.lookups, self.copied, self.plan_src[m], self.plan_dst[m],
-            C=self.C, n=n, cache_kind=self.spec.cache_kind, fresh=fresh,
+            need if ids is None else self._need_buf[m], self.holder[m], self.cand_slot[m], self.table[m],
+            self.last_use[m], self.freq[m], self.tick, self.hits, self.lookups, self.copied, self.plan_src[m],
+            self.plan_dst[m], C=self.C, n=n, cache_kind=self.spec.cache_kind, fresh=fresh, ids=ids,
         )
         self.pool.copy(m, src_n, dst_n, prefetch=prefetch, behind=behind)
 
     # -- CPU compute of misses (infer/cpu_compute.py) -----------------------------------------------
-    def _demand(self, m: int, routing: Routing, plan_E: torch.Tensor, fresh: bool, behind: bool = False) -> None:
-        """Block m's own plan at its fetch: its misses may be computed on the CPU instead of copied."""
+    def _demand(self, m: int, routing: Routing, need: torch.Tensor, fresh: bool, behind: bool = False) -> None:
+        """Block m's own plan at its fetch (need: as in _plan): its misses may be computed on the CPU instead of
+        copied."""
         if self.cpu_active:
             cpu_E = self._cpu_choice(m, routing, fresh)
             if cpu_E is not None:
-                plan_E = plan_E & ~cpu_E
-        self._plan(m, plan_E, fresh, behind=behind)
+                need = (need if need.dtype == torch.bool else self._need(routing)) & ~cpu_E
+        self._plan(m, need, fresh, behind=behind)
 
     def _cpu_choice(self, m: int, routing: Routing, fresh: bool) -> torch.Tensor | None:
         """The missed experts of block m to compute on the CPU ([E] bool on the device), or None.
@@ -549,7 +556,7 @@ class OffloadRunner:
         if self._streamed(m):  # streamed at its own fetch
             return
         if self.spec.name in ("pregated", "lookahead"):
-            self._pending.append((m, self._need(routing)))
+            self._pending.append((m, routing.ids))
 
     def on_observe(self, m: int, x_BSD: torch.Tensor) -> None:
         """Block m's FFN input is known (before its experts run)."""
@@ -566,7 +573,7 @@ class OffloadRunner:
             self._pending.append((self._next_in_stack(m), self.all_E))
         elif name == "speculative":
             # misses of the guess are fetched now; the outputs are those of the unconverted model
-            self._demand(m, routing, self._need(routing), fresh=not early)
+            self._demand(m, routing, routing.ids, fresh=not early)
             seen, self._observed = self._observed, None
             t = self._next_in_stack(m)
             if seen is not None and seen[0] == m and t is not None:
@@ -575,14 +582,14 @@ class OffloadRunner:
                 guess = routing_from_logits(
                     gate_logits(x_BSD.reshape(B * S, D), self.moes[t].router), (B, S), None
                 )
-                self._pending.append((t, self._need(guess)))
+                self._pending.append((t, guess.ids))
         elif m in self._guessed:  # a first decoder block, its experts guessed at the step's start
             self._verify_guess(m, routing)
         elif not early:  # on_demand, or a block no pre-gate routes (the first of a stack)
-            self._demand(m, routing, self._need(routing), fresh=True)
-        for t, need_E in self._pending:
+            self._demand(m, routing, routing.ids, fresh=True)
+        for t, need in self._pending:
             if t is not None:
-                self._plan(t, need_E, fresh=True, prefetch=True)
+                self._plan(t, need, fresh=True, prefetch=True)
                 self._prefetched.add(t)
         self._pending.clear()
         return self._weights(m)

@@ -61,8 +61,10 @@ def plan_slots_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The plan in plain PyTorch (the semantics of OffloadRunner._plan). See plan_slots."""
     _check(need_E, holder_K, cand_slot_K, table_E, last_use_C, freq_E, plan_src, plan_dst, C, n, cache_kind, ids)
-    if ids is not None:
-        need_E.zero_().index_fill_(0, ids.reshape(-1).long(), True)
+    if ids is not None:  # (ids < 0: none)
+        v = ids.reshape(-1).long()
+        need = torch.zeros(need_E.numel() + 1, dtype=torch.bool, device=need_E.device)
+        need_E.copy_(need.index_fill_(0, torch.where(v >= 0, v, need_E.numel()), True)[:-1])
     E = need_E.numel()
     dev = holder_K.device
     holder = holder_K  # [K] expert per candidate slot, -1 empty
@@ -259,7 +261,7 @@ def plan_slots(
     """Place the needed experts of one block in its candidate slots; returns (plan_src[:n], plan_dst[:n]).
 
     need_E [E] bool: the experts to place; with `ids` (any shape, int32/int64 expert ids, e.g. a
-    Routing's ids) it is an output instead, written as need_E[e] = any(ids == e).
+    Routing's ids; an id < 0 names none) it is an output instead, written as need_E[e] = any(ids == e).
     holder_K [K] int64 (mutated): expert per candidate slot (C cache slots, then K - C staging slots),
     -1 empty. cand_slot_K [K] int64: candidate slot -> physical slot. table_E [E] int32 (mutated): expert
     -> physical slot. last_use_C [C] int64 (mutated, lru), freq_E [E] int64 (mutated, lfu), tick 0-d

@@ -493,9 +493,9 @@ def main() -> int:
 #              infer.offload.DmaCopier); device: offload.copy_mode=device (e.g. beside --copy-mode dma)
 #   noguess, guessrun, guesskeep: offload.first_block_guess off / run / keep (the first decoder MoE block's
 #              experts guessed from the step's tokens; the bench's default: --first-block-guess)
-#   driver, torchcopy: copy_mode dma's copier issues its copies and done writes through the CUDA driver by ctypes
-#              (offload.dma_api=driver, the default) / through torch's copy_ and a fill kernel (dma_api=torch), e.g.
-#              pregated#torchcopy beside pregated under --copy-mode dma
+#   native, driver, torchcopy: copy_mode dma's host loop: a C thread calling the CUDA driver (offload.dma_api=native,
+#              the default) / a Python thread calling it by ctypes (dma_api=driver) / a Python thread with torch's
+#              copy_ and a fill kernel (dma_api=torch), e.g. pregated#driver beside pregated under --copy-mode dma
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
 GUESS_VARIANTS = {"noguess": "off", "guessrun": "run", "guesskeep": "keep"}
 
@@ -517,15 +517,15 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
             mode = tok
         elif tok in GUESS_VARIANTS:
             pass  # variant_guess
-        elif tok in ("driver", "torchcopy"):
-            copy["dma_api"] = "driver" if tok == "driver" else "torch"
+        elif tok in ("native", "driver", "torchcopy"):
+            copy["dma_api"] = "torch" if tok == "torchcopy" else tok
         elif tok == "hi":
             copy["priority"] = "high"
         elif tok[:1] in ("p", "b", "w") and tok[1:].isdigit():
             copy[{"p": "programs", "b": "block", "w": "warps"}[tok[0]]] = int(tok[1:])
         else:
             raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #device, #hi, "
-                             "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep, #driver, #torchcopy")
+                             "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep, #native, #driver, #torchcopy")
     if copy:
         try:
             CopySettings(**copy)

@@ -211,7 +211,7 @@ def dma_timeline_table(shapes: dict, link) -> list[str]:
 
 def variant_table(shapes: dict) -> list[str]:
     """Table runs named <policy>#<variant> (bench_e2e's levers: #torchplan, #dma, #device, #hi, #p<N>, #b<B>, #w<W>,
-    #s<S>, the first-block guess's, #driver / #torchcopy) beside their base policy of the same run: ms/token, the copy
+    #s<S>, the first-block guess's, #native / #driver / #torchcopy) beside their base policy of the same run: ms/token, the copy
     stall, the copy bandwidth's lower bound, the GPU's step time in the decode loop and replayed."""
     rows, seen = [], set()
     for shape, s in shapes.items():
@@ -231,8 +231,8 @@ def variant_table(shapes: dict) -> list[str]:
                                f"{cs.get('warps', 4)} warps" if cs else "-")
                     if cs.get("dma_streams", 1) > 1:
                         setting += f"; {cs['dma_streams']} dma streams"
-                    if m.get("copy_mode") == "dma" and cs.get("dma_api"):
-                        setting += f"; dma by {cs['dma_api']}"
+                    if m.get("copy_mode") == "dma" and (m.get("dma_api_used") or cs.get("dma_api")):
+                        setting += f"; dma by {m.get('dma_api_used') or cs['dma_api']}"
                     g = m.get("first_block_guess") or {}
                     guess = "-" if not g.get("blocks") else (
                         f"{g.get('mode')}{', ahead' if g.get('ahead') else ''}: {g.get('hits')}/{g.get('lookups')}")
@@ -256,7 +256,7 @@ def variant_table(shapes: dict) -> list[str]:
         "offload.first_block_guess off / run / keep; in older results #s<S> = the dma copier on S streams and "
         "#guessahead / #guessstart = the guess at the previous step's end or the step's start, #gil<U> = Python's "
         "thread switch interval U us while the dma copier runs, #nopace = the next step launched as the step "
-        "starts, levers tried and removed; #driver / #torchcopy = offload.dma_api driver / torch). First-block "
+        "starts, levers tried and removed; #native / #driver / #torchcopy = offload.dma_api native / driver / torch). First-block "
         "guess: mode, hits / guesses. Stall: the captured step with its copies minus without; GB/s: the copy "
         "bandwidth's lower bound (decode bytes / step time); GPU step: CUDA events around each step of the decode "
         "loop / around the same captured step replayed with every launch queued ahead (medians; '-' where the run "

@@ -242,6 +242,7 @@ def test_parse_table_runs():
     assert bench.parse_variant("dma") == (None, {}, "dma")
     assert bench.parse_variant("noguess#dma") == (None, {}, "dma")
     assert bench.parse_variant("driver#dma") == (None, {"dma_api": "driver"}, "dma")
+    assert bench.parse_variant("native") == (None, {"dma_api": "native"}, None)
     assert bench.parse_variant("torchcopy") == (None, {"dma_api": "torch"}, None)
     assert bench.variant_guess("noguess#dma") == "off" and bench.variant_guess("guesskeep") == "keep"
     assert bench.variant_guess("dma") is None
@@ -496,9 +497,9 @@ def test_bench_tiny_copy_variants(tmp_path):
     base, var = runs["pregated/greedy/pregated"], runs["pregated/greedy/pregated#hi#p8#b1024#w2"]
     assert var["same_tokens_as_gpu_only"] and var["tokens"] == base["tokens"]
     assert var["metrics"]["copy_settings"] == {"priority": "high", "programs": 8, "block": 1024, "warps": 2,
-                                                 "dma_api": "driver"}
+                                                 "dma_api": "native"}
     assert base["metrics"]["copy_settings"] == {"priority": "normal", "programs": 32, "block": 8192, "warps": 4,
-                                                  "dma_api": "driver"}
+                                                  "dma_api": "native"}
     assert var["copy"]["decode_bytes_per_step"] == base["copy"]["decode_bytes_per_step"] > 0
     text = summ.summarize(res, "x.json")
     mode = var["metrics"]["copy_mode"]

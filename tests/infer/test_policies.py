@@ -181,72 +181,93 @@ def test_gpu_path_under_the_interpreter(pregated_ckpt, monkeypatch, backend):
             assert torch.equal(a, b)
 
 
-def test_dma_copy_mode_under_the_interpreter(pregated_ckpt, monkeypatch):
-    """copy_mode dma on the CPU: the post and wait kernels under the interpreter, the copier thread reading
-    each prefetched plan from the ring and copying the experts (a block's own plans go to the device
-    kernel: on_demand posts none); every policy gives gpu_only's tokens and logits bitwise, every posted
-    plan was handled, and the thread is gone after the run."""
+@pytest.mark.parametrize("api", ["native", "torch"])
+def test_dma_copy_mode_under_the_interpreter(pregated_ckpt, monkeypatch, api):
+    """copy_mode dma on the CPU: the post and wait kernels under the interpreter, the host loop (native: the C
+    thread with its host stand-ins for the driver calls; torch: the Python thread) reading each prefetched plan
+    from the ring and copying the experts (a block's own plans go to the device kernel: on_demand posts none);
+    every policy gives gpu_only's tokens and logits bitwise, every posted plan was handled, and the thread is
+    gone after the run."""
     pytest.importorskip("triton")
     import threading
 
+    from infer import native_copier
     from infer.offload import DmaCopier
 
+    if api == "native":
+        try:
+            native_copier.build()
+        except native_copier.NativeUnavailable as e:
+            pytest.skip(str(e))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     model, store = load_offloaded(pregated_ckpt, "cpu", torch.float32, None)
     model.set_backend("torch")
     ids, mask = prompts(n=2, length=5)
     kw = dict(max_new_tokens=3, keep_logits=True)
     ref = Engine(model, store, "cpu").run(PolicySpec("gpu_only"), ids, mask, **kw)
-    issued = []
+    issued, natives = [], []
     real_close = DmaCopier.close
 
     def close(self):
         issued.append((self.issued, int(self.posted.sum())))
+        if self._native is not None:
+            natives.append(self._native)
         real_close(self)
 
     monkeypatch.setattr(DmaCopier, "close", close)
     for spec, slots in ((PolicySpec("pregated"), 4), (PolicySpec("on_demand"), 4),
                         (PolicySpec("pregated", 2, "lru"), 4), (PolicySpec("prefetch_all"), 16)):
-        res = Engine(model, store, "cpu", copy_mode="dma", prefill_slots=slots).run(spec, ids, mask, **kw)
-        assert res.metrics["copy_mode"] == "dma" and res.metrics["dma_api_used"] == "torch"  # (no driver on a CPU)
+        res = Engine(model, store, "cpu", copy_mode="dma", prefill_slots=slots,
+                     copy=CopySettings(dma_api=api)).run(spec, ids, mask, **kw)
+        assert res.metrics["copy_mode"] == "dma" and res.metrics["dma_api_used"] == api
         assert res.tokens == ref.tokens, spec
         assert all(torch.equal(a, b) for a, b in zip(ref.step_logits, res.step_logits)), spec
         handled, posted = issued[-1]
         assert handled == posted and (posted == 0) == (spec.name == "on_demand"), spec
     assert not any(t.name == "pgmoe-dma-copier" for t in threading.enumerate())
+    assert len(natives) == (4 if api == "native" else 0) and all(c.stop == 1 for c in natives)  # stopped, joined
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA driver path needs a GPU")
 def test_dma_driver_api_on_the_gpu(pregated_ckpt, monkeypatch):
-    """offload.dma_api driver (the default: copies and done writes through the CUDA driver) and torch: gpu_only's
-    tokens and logits."""
+    """offload.dma_api native (the default: the C loop calling the CUDA driver), driver (a Python thread calling
+    it) and torch: gpu_only's tokens and logits, and the API asked for is the one used."""
     monkeypatch.setenv("CUDA_MODULE_LOADING", "EAGER")
-    assert CopySettings().dma_api == "driver"
+    assert CopySettings().dma_api == "native"
     model, store = load_offloaded(pregated_ckpt, "cuda", torch.float32, None)
     ids, mask = prompts(n=2, length=5)
     kw = dict(max_new_tokens=6, keep_logits=True)
     ref = Engine(model, store, "cuda").run(PolicySpec("gpu_only"), ids, mask, **kw)
-    for api in ("driver", "torch"):
+    for api in ("native", "driver", "torch"):
         res = Engine(model, store, "cuda", copy_mode="dma", copy=CopySettings(dma_api=api)).run(
             PolicySpec("pregated"), ids, mask, **kw)
         assert res.metrics["copy_mode"] == "dma" and res.tokens == ref.tokens and res.metrics["dma_api_used"] == api
         assert all(torch.equal(a, b) for a, b in zip(ref.step_logits, res.step_logits))
 
 
-def test_dma_beam_search_runs_with_the_copy_kernel(pregated_ckpt, monkeypatch):
-    """copy_mode dma with beams: the run uses the device copy kernel instead, says so in its notes, and gives
-    gpu_only's beams."""
+@pytest.mark.parametrize("api", ["native", "torch"])
+def test_dma_beam_search(pregated_ckpt, monkeypatch, api):
+    """copy_mode dma with beams: with the native loop the run copies by dma; with a Python copier thread it uses
+    the device copy kernel instead and says so in its notes. Either gives gpu_only's beams."""
     pytest.importorskip("triton")
+    from infer import native_copier
     from infer.engine import BEAM_DMA_NOTE
 
+    if api == "native" and not native_copier.usable("native"):
+        pytest.skip("the native copier does not build here")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     model, store = load_offloaded(pregated_ckpt, "cpu", torch.float32, None)
     model.set_backend("torch")
     ids, mask = prompts(n=1, length=5)
     kw = dict(max_new_tokens=3, num_beams=2)
     ref = Engine(model, store, "cpu").run(PolicySpec("gpu_only"), ids, mask, **kw)
-    res = Engine(model, store, "cpu", copy_mode="dma").run(PolicySpec("pregated"), ids, mask, **kw)
-    assert res.metrics["copy_mode"] == "device" and BEAM_DMA_NOTE in res.notes
+    res = Engine(model, store, "cpu", copy_mode="dma", copy=CopySettings(dma_api=api)).run(
+        PolicySpec("pregated"), ids, mask, **kw)
+    if api == "native":
+        assert res.metrics["copy_mode"] == "dma" and res.metrics["dma_api_used"] == "native"
+        assert BEAM_DMA_NOTE not in res.notes
+    else:
+        assert res.metrics["copy_mode"] == "device" and BEAM_DMA_NOTE in res.notes
     assert res.tokens == ref.tokens
 
 
@@ -293,7 +314,8 @@ def test_dma_copier_reports_a_failed_copy(pregated_ckpt, monkeypatch):
     model.set_backend("torch")
     ids, mask = prompts(n=2, length=5)
     with pytest.raises(OffloadError, match="copy_mode=dma.*no copy engine.*timed out"):
-        Engine(model, store, "cpu", copy_mode="dma").run(PolicySpec("pregated"), ids, mask, max_new_tokens=2)
+        Engine(model, store, "cpu", copy_mode="dma", copy=CopySettings(dma_api="torch")).run(
+            PolicySpec("pregated"), ids, mask, max_new_tokens=2)
 
 
 @pytest.mark.parametrize("bad", [dict(priority="urgent"), dict(programs=0), dict(programs=2.5),

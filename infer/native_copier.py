@@ -1,0 +1,302 @@
+"""The dma copier's host loop in C (offload.dma_api=native): a native thread that never needs Python's GIL.
+
+Why: under copy_mode dma every decode step starts with a plan (the first-block guess) that a host thread must
+see and turn into copies before the link does anything. The Python thread (dma_api driver / torch) shares the
+GIL with the decode loop's thread, which wakes at exactly that moment (the previous step's event) and runs
+its Python; on the H200 the first copy of a switch-base-128 step began ~27 us after its plan was posted.
+This loop polls the pinned head the post kernel writes (kernels/mailbox.py), and for each new ring entry
+issues one cuMemcpyHtoDAsync per expert, then an event and a cuStreamWriteValue64 of done[m] on the signal
+stream: the same work as infer.offload.DmaCopier._poll, in C.
+
+The C source is compiled once per source version with the system C compiler (cc, or $CC) into the cache
+directory ($PGMOE_CACHE, else ~/.cache/pgmoe, else the temp directory) and loaded with ctypes. The driver
+calls are function pointers handed in by the caller: infer.offload passes libcuda's; the tests pass the
+host stand-ins compiled beside the loop (pgmoe_host_*: a CPU "device", where device addresses are host
+addresses), so the loop itself runs in the CPU test suite. Where no compiler works, build() raises
+NativeUnavailable and the copier falls back to the Python thread (the run's metrics name the API used).
+
+Legend as in kernels/mailbox.py: R ring entries of W = 2n + 3 int64 ([m, posted[m], src[n], dst[n], g]).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+SOURCE = r"""
+#include <pthread.h>
+#include <sched.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+typedef int (*memcpy_fn)(uint64_t dst, const void *src, size_t bytes, void *stream);
+typedef int (*record_fn)(void *event, void *stream);
+typedef int (*wait_fn)(void *stream, void *event, unsigned int flags);
+typedef int (*write_fn)(void *stream, uint64_t addr, uint64_t value, unsigned int flags);
+typedef int (*ctx_fn)(void *ctx);
+
+/* mirrored field by field by infer/native_copier.py's Copier (checked through pgmoe_copier_size) */
+typedef struct {
+    volatile int64_t *head;     /* pinned: the last posted plan g */
+    volatile int64_t *ring;     /* pinned: [R, 2n + 3] */
+    int64_t R, n, M, E, P;
+    const uint64_t *slot_ptr;   /* [P]: device address of each slot */
+    const uint64_t *store_ptr;  /* [M * E]: host address of each expert */
+    uint64_t row_bytes;         /* bytes of one expert */
+    uint64_t done_ptr;          /* device address of done[0] (int64 [M]) */
+    void *ctx, *stream, *signal, *event;
+    memcpy_fn memcpy_h2d;
+    record_fn record;
+    wait_fn wait_event;
+    write_fn write64;
+    ctx_fn set_ctx;             /* may be 0 */
+    int64_t idle_ns, sleep_ns;  /* poll without pause until idle_ns without a plan, then sleep sleep_ns per poll */
+    void **trace_events;        /* [2 * trace_cap]: recorded before / after each plan's copies */
+    int64_t *trace_meta;        /* [trace_cap, 2]: (g, m) per traced plan */
+    volatile int64_t trace_cap, trace_n;
+    volatile int64_t stop, seen;
+    volatile int64_t error, error_rc, error_plan, error_value;
+    uint64_t thread;
+} pgmoe_copier;
+
+_Static_assert(sizeof(pthread_t) <= sizeof(uint64_t), "pthread_t does not fit");
+
+enum { ERR_OVERRUN = 1, ERR_ENTRY = 2, ERR_BLOCK = 3, ERR_INDEX = 4, ERR_DRIVER = 5 };
+enum { CALL_MEMCPY = 1, CALL_RECORD = 2, CALL_WAIT = 3, CALL_WRITE = 4, CALL_CTX = 5 };
+
+int64_t pgmoe_copier_size(void) { return (int64_t)sizeof(pgmoe_copier); }
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+static int fail(pgmoe_copier *c, int64_t code, int64_t rc, int64_t plan, int64_t value) {
+    c->error_rc = rc;
+    c->error_plan = plan;
+    c->error_value = value;
+    __atomic_store_n(&c->error, code, __ATOMIC_RELEASE);
+    return -1;
+}
+
+static int handle(pgmoe_copier *c, int64_t g) {
+    const int64_t n = c->n, W = 2 * n + 3;
+    volatile int64_t *row = c->ring + (g % c->R) * W;
+    int64_t tag = row[W - 1];
+    if (tag != g) return fail(c, ERR_ENTRY, 0, g, tag);
+    int64_t m = row[0], b = row[1];
+    if (m < 0 || m >= c->M) return fail(c, ERR_BLOCK, 0, g, m);
+    int rc;
+    int64_t k = -1;
+    if (c->trace_n < c->trace_cap) {
+        k = c->trace_n;
+        if ((rc = c->record(c->trace_events[2 * k], c->stream))) return fail(c, ERR_DRIVER, rc, g, CALL_RECORD);
+    }
+    for (int64_t j = 0; j < n; j++) {
+        int64_t e = row[2 + j], p = row[2 + n + j];
+        if (e < 0 || p < 0) continue;
+        if (e >= c->E || p >= c->P) return fail(c, ERR_INDEX, 0, g, e >= c->E ? e : p);
+        rc = c->memcpy_h2d(c->slot_ptr[p], (const void *)(uintptr_t)c->store_ptr[m * c->E + e], c->row_bytes,
+                           c->stream);
+        if (rc) return fail(c, ERR_DRIVER, rc, g, CALL_MEMCPY);
+    }
+    if (k >= 0) {
+        if ((rc = c->record(c->trace_events[2 * k + 1], c->stream))) return fail(c, ERR_DRIVER, rc, g, CALL_RECORD);
+        c->trace_meta[2 * k] = g;
+        c->trace_meta[2 * k + 1] = m;
+        __atomic_store_n(&c->trace_n, k + 1, __ATOMIC_RELEASE);
+    }
+    /* done[m] = b on the signal stream, behind the copies (so the next plan's copies need not wait for it) */
+    if ((rc = c->record(c->event, c->stream))) return fail(c, ERR_DRIVER, rc, g, CALL_RECORD);
+    if ((rc = c->wait_event(c->signal, c->event, 0))) return fail(c, ERR_DRIVER, rc, g, CALL_WAIT);
+    if ((rc = c->write64(c->signal, c->done_ptr + 8 * (uint64_t)m, (uint64_t)b, 0)))
+        return fail(c, ERR_DRIVER, rc, g, CALL_WRITE);
+    return 0;
+}
+
+static void *loop(void *arg) {
+    pgmoe_copier *c = (pgmoe_copier *)arg;
+    int rc;
+    if (c->set_ctx && (rc = c->set_ctx(c->ctx))) {
+        fail(c, ERR_DRIVER, rc, 0, CALL_CTX);
+        return 0;
+    }
+    int64_t idle_since = now_ns();
+    while (!__atomic_load_n(&c->stop, __ATOMIC_ACQUIRE)) {
+        int64_t head = __atomic_load_n(c->head, __ATOMIC_ACQUIRE), seen = c->seen;
+        if (head > seen) {
+            if (head - seen > c->R) {
+                fail(c, ERR_OVERRUN, 0, head, head - seen);
+                return 0;
+            }
+            for (int64_t g = seen + 1; g <= head; g++) {
+                if (handle(c, g)) return 0;
+                __atomic_store_n(&c->seen, g, __ATOMIC_RELEASE);
+            }
+            idle_since = now_ns();
+        } else if (now_ns() - idle_since > c->idle_ns) {
+            struct timespec t = {0, (long)c->sleep_ns};
+            nanosleep(&t, 0);
+        } else {
+            sched_yield();
+        }
+    }
+    return 0;
+}
+
+int pgmoe_copier_start(pgmoe_copier *c) {
+    pthread_t t;
+    int rc = pthread_create(&t, 0, loop, c);
+    if (!rc) memcpy(&c->thread, &t, sizeof t);
+    return rc;
+}
+
+int pgmoe_copier_stop(pgmoe_copier *c) {
+    pthread_t t;
+    memcpy(&t, &c->thread, sizeof t);
+    __atomic_store_n(&c->stop, 1, __ATOMIC_RELEASE);
+    return pthread_join(t, 0);
+}
+
+/* host stand-ins for the driver calls: a CPU "device" whose addresses are host addresses (tests) */
+int pgmoe_host_memcpy(uint64_t dst, const void *src, size_t bytes, void *stream) {
+    (void)stream;
+    memcpy((void *)(uintptr_t)dst, src, bytes);
+    return 0;
+}
+int pgmoe_host_record(void *event, void *stream) { (void)event; (void)stream; return 0; }
+int pgmoe_host_wait(void *stream, void *event, unsigned int flags) { (void)stream; (void)event; (void)flags; return 0; }
+int pgmoe_host_write64(void *stream, uint64_t addr, uint64_t value, unsigned int flags) {
+    (void)stream; (void)flags;
+    __atomic_store_n((int64_t *)(uintptr_t)addr, (int64_t)value, __ATOMIC_RELEASE);
+    return 0;
+}
+"""
+
+ERRORS = {1: "ring overrun (plans in flight: {value}, more than the ring holds)",
+          2: "ring entry of plan {plan} reads as plan {value}",
+          3: "plan {plan} names block {value}, out of range",
+          4: "plan {plan} names expert or slot {value}, out of range",
+          5: "the CUDA driver's {call} failed for plan {plan} (error {rc})"}
+CALLS = {1: "cuMemcpyHtoDAsync", 2: "cuEventRecord", 3: "cuStreamWaitEvent", 4: "cuStreamWriteValue64",
+         5: "cuCtxSetCurrent"}
+
+_p, _i64, _u64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64
+
+
+class Copier(ctypes.Structure):
+    """pgmoe_copier, field by field."""
+
+    _fields_ = [
+        ("head", _p), ("ring", _p),
+        ("R", _i64), ("n", _i64), ("M", _i64), ("E", _i64), ("P", _i64),
+        ("slot_ptr", _p), ("store_ptr", _p), ("row_bytes", _u64), ("done_ptr", _u64),
+        ("ctx", _p), ("stream", _p), ("signal", _p), ("event", _p),
+        ("memcpy_h2d", _p), ("record", _p), ("wait_event", _p), ("write64", _p), ("set_ctx", _p),
+        ("idle_ns", _i64), ("sleep_ns", _i64),
+        ("trace_events", _p), ("trace_meta", _p), ("trace_cap", _i64), ("trace_n", _i64),
+        ("stop", _i64), ("seen", _i64),
+        ("error", _i64), ("error_rc", _i64), ("error_plan", _i64), ("error_value", _i64),
+        ("thread", _u64),
+    ]
+
+    def error_text(self) -> str | None:
+        if not self.error:
+            return None
+        fmt = ERRORS.get(self.error, "error {code}")
+        return fmt.format(code=self.error, plan=self.error_plan, value=self.error_value, rc=self.error_rc,
+                          call=CALLS.get(self.error_value, "call"))
+
+
+class NativeUnavailable(RuntimeError):
+    """The C loop could not be built or loaded here (no C compiler, a failed compile)."""
+
+
+_LIB: ctypes.CDLL | None = None
+_LOCK = threading.Lock()
+
+
+def cache_dir() -> Path:
+    for d in (os.environ.get("PGMOE_CACHE"), os.path.join(os.path.expanduser("~"), ".cache", "pgmoe"),
+              os.path.join(tempfile.gettempdir(), "pgmoe")):
+        if not d:
+            continue
+        try:
+            Path(d).mkdir(parents=True, exist_ok=True)
+            if os.access(d, os.W_OK):
+                return Path(d)
+        except OSError:
+            continue
+    raise NativeUnavailable("no writable cache directory for the native copier (set PGMOE_CACHE)")
+
+
+def build() -> ctypes.CDLL:
+    """The compiled loop (built once per source version and cached; loaded once per process)."""
+    global _LIB
+    with _LOCK:
+        if _LIB is not None:
+            return _LIB
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        if not cc:
+            raise NativeUnavailable("no C compiler (cc, gcc or clang; or set CC) to build the native copier")
+        tag = hashlib.sha256((SOURCE + cc).encode()).hexdigest()[:16]
+        so = cache_dir() / f"native_copier-{tag}.so"
+        if not so.exists():
+            with tempfile.TemporaryDirectory() as tmp:
+                src, out = Path(tmp) / "copier.c", Path(tmp) / "copier.so"
+                src.write_text(SOURCE)
+                cmd = [cc, "-O2", "-std=c11", "-D_GNU_SOURCE", "-shared", "-fPIC", "-pthread", str(src), "-o", str(out)]
+                try:
+                    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+                except (OSError, subprocess.TimeoutExpired) as e:
+                    raise NativeUnavailable(f"building the native copier failed: {e}") from e
+                if r.returncode != 0:
+                    raise NativeUnavailable(f"building the native copier failed ({' '.join(cmd)}): {r.stderr[-2000:]}")
+                part = so.with_name(f"{so.name}.{os.getpid()}.part")
+                shutil.copyfile(out, part)
+                os.replace(part, so)  # atomic: a concurrent process loads a whole file or builds its own
+        try:
+            lib = ctypes.CDLL(str(so))
+        except OSError as e:
+            raise NativeUnavailable(f"loading the native copier {so} failed: {e}") from e
+        lib.pgmoe_copier_size.restype = _i64
+        if lib.pgmoe_copier_size() != ctypes.sizeof(Copier):
+            raise NativeUnavailable(f"the native copier's struct is {lib.pgmoe_copier_size()} bytes, its Python "
+                                    f"mirror {ctypes.sizeof(Copier)}")
+        for f in (lib.pgmoe_copier_start, lib.pgmoe_copier_stop):
+            f.argtypes, f.restype = [ctypes.POINTER(Copier)], ctypes.c_int
+        _LIB = lib
+        return lib
+
+
+def usable(dma_api: str) -> bool:
+    """Whether offload.dma_api asks for the native loop and it builds here (needs no GIL, so no eager loading)."""
+    if dma_api != "native":
+        return False
+    try:
+        build()
+    except NativeUnavailable:
+        return False
+    return True
+
+
+def address(fn) -> int:
+    """A ctypes function's address, for the struct's function pointers."""
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
+def host_calls(lib: ctypes.CDLL) -> dict[str, int]:
+    """The host stand-ins (a CPU device) as the struct's driver calls."""
+    return {"memcpy_h2d": address(lib.pgmoe_host_memcpy), "record": address(lib.pgmoe_host_record),
+            "wait_event": address(lib.pgmoe_host_wait), "write64": address(lib.pgmoe_host_write64), "set_ctx": 0}
+
+
+__all__ = ["Copier", "NativeUnavailable", "build", "usable", "address", "host_calls", "cache_dir", "SOURCE"]

@@ -1,0 +1,112 @@
+"""The native dma copier's C loop (infer/native_copier.py) on its own, with the host stand-ins for the driver calls:
+plans written into the ring by hand are copied in order and their done counts written; a bad entry, a block or an
+expert out of range and a ring overrun each stop the loop with an error that names them."""
+
+from __future__ import annotations
+
+import ctypes
+import time
+
+import pytest
+import torch
+
+from infer import native_copier
+
+R, N, M, E, P, X = 4, 2, 3, 5, 4, 6  # ring entries, plan entries, blocks, experts, slots, elements per expert
+
+
+@pytest.fixture(scope="module")
+def lib():
+    try:
+        return native_copier.build()
+    except native_copier.NativeUnavailable as e:
+        pytest.skip(str(e))
+
+
+class Loop:
+    """A started loop over small CPU buffers; post() writes a plan as the post kernel does (entry, then head)."""
+
+    def __init__(self, lib):
+        torch.manual_seed(0)
+        self.lib = lib
+        self.store = torch.randn(M, E, X, dtype=torch.float64)
+        self.pool = torch.randn(P, X, dtype=torch.float64)
+        self.ring = torch.zeros(R, 2 * N + 3, dtype=torch.int64)
+        self.head = torch.zeros(1, dtype=torch.int64)
+        self.done = torch.zeros(M, dtype=torch.int64)
+        self.posted = [0] * M
+        self.g = 0
+        c = self.c = native_copier.Copier()
+        self.slot = (ctypes.c_uint64 * P)(*[self.pool[p].data_ptr() for p in range(P)])
+        self.experts = (ctypes.c_uint64 * (M * E))(*[self.store[m, e].data_ptr() for m in range(M) for e in range(E)])
+        c.head, c.ring = self.head.data_ptr(), self.ring.data_ptr()
+        c.R, c.n, c.M, c.E, c.P = R, N, M, E, P
+        c.slot_ptr, c.store_ptr = ctypes.addressof(self.slot), ctypes.addressof(self.experts)
+        c.row_bytes, c.done_ptr = X * 8, self.done.data_ptr()
+        for name, addr in native_copier.host_calls(lib).items():
+            setattr(c, name, addr)
+        c.idle_ns, c.sleep_ns = 10**9, 10**5
+        assert lib.pgmoe_copier_start(ctypes.byref(c)) == 0
+
+    def post(self, m, src, dst, tag=None, head=None):
+        self.g += 1
+        self.posted[m] += 1
+        self.ring[self.g % R] = torch.tensor([m, self.posted[m], *src, *dst, self.g if tag is None else tag])
+        self.head[0] = self.g if head is None else head
+
+    def settle(self, until, timeout=10.0):
+        t0 = time.time()
+        while not until():
+            assert time.time() - t0 < timeout, "the loop did not get there"
+            time.sleep(0.001)
+
+    def stop(self):
+        assert self.lib.pgmoe_copier_stop(ctypes.byref(self.c)) == 0
+
+
+def test_plans_are_copied_in_order_and_counted(lib):
+    loop = Loop(lib)
+    try:
+        want = loop.pool.clone()
+        plans = [(0, [3, -1], [1, 0]), (2, [4, 0], [2, 3]), (1, [-1, -1], [0, 0]), (0, [1, 2], [1, 0]),
+                 (2, [2, -1], [3, 2]), (1, [0, 4], [0, 2])]  # wraps the ring; a later copy into slot 1 wins
+        for m, src, dst in plans:
+            for e, p in zip(src, dst):
+                if e >= 0:
+                    want[p] = loop.store[m, e]
+            loop.post(m, src, dst)
+            loop.settle(lambda: loop.c.seen == loop.g)
+        assert torch.equal(loop.pool, want)
+        assert loop.done.tolist() == loop.posted == [2, 2, 2]
+        assert loop.c.error == 0 and loop.c.error_text() is None
+    finally:
+        loop.stop()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(tag=7), "ring entry of plan 1 reads as plan 7"),
+    (dict(m=3), "plan 1 names block 3, out of range"),
+    (dict(src=[E, -1]), f"plan 1 names expert or slot {E}, out of range"),
+    (dict(dst=[P, 0]), f"plan 1 names expert or slot {P}, out of range"),
+    (dict(head=R + 1), f"ring overrun (plans in flight: {R + 1}"),
+])
+def test_a_bad_plan_stops_the_loop_with_its_error(lib, bad, message):
+    loop = Loop(lib)
+    try:
+        before = loop.pool.clone()
+        m = bad.get("m", 0)
+        if m >= M:  # post() counts per block: write the entry by hand
+            loop.g = 1
+            loop.ring[1] = torch.tensor([m, 1, 0, -1, 0, 0, 1])
+            loop.head[0] = 1
+        else:
+            loop.post(0, bad.get("src", [1, -1]), bad.get("dst", [0, 0]), tag=bad.get("tag"), head=bad.get("head"))
+        loop.settle(lambda: loop.c.error != 0)
+        assert message in loop.c.error_text()
+        assert loop.c.seen == 0 and loop.done.tolist() == [0, 0, 0] and torch.equal(loop.pool, before)
+    finally:
+        loop.stop()  # the loop has returned already: the join does not wait
+
+
+def test_the_struct_layout_matches_the_c_side(lib):
+    assert lib.pgmoe_copier_size() == ctypes.sizeof(native_copier.Copier)
