@@ -143,8 +143,8 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if str(cfg.offload.copy_mode) == "dma":  # before the first CUDA call (see offload.eager_module_loading)
-        request_eager_module_loading()
+    if str(cfg.offload.copy_mode) == "dma" and str(cfg.offload.dma_api) != "native":
+        request_eager_module_loading()  # a Python copier thread needs it, before the first CUDA call (offload.py)
     device = resolve_device(cfg.device)
     if cfg.threads or device.type == "cpu":
         # auto on the CPU: one thread. The shipped model's matrices are far too small to split, and

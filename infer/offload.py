@@ -500,6 +500,16 @@ class _Driver:
                 "wait_event": address(self.wait_event), "write64": address(self.write64),
                 "set_ctx": address(self.lib.cuCtxSetCurrent)}
 
+    def stream_create(self) -> int:
+        """A new non-blocking stream in the current context (cuStreamCreate), as an integer handle."""
+        st = ctypes.c_void_p()
+        self.check(self.lib.cuStreamCreate(ctypes.byref(st), ctypes.c_uint(1)), "cuStreamCreate")  # NON_BLOCKING
+        return st.value
+
+    def stream_destroy(self, st: int) -> None:
+        destroy = getattr(self.lib, "cuStreamDestroy_v2", None) or self.lib.cuStreamDestroy
+        destroy(ctypes.c_void_p(st))
+
     def primary_context(self, index: int) -> int:
         """Device index's primary context (torch's), retained until close(): for a native thread to make current."""
         p = ctypes.c_void_p
@@ -567,9 +577,6 @@ class DmaCopier:
         self.posted = torch.zeros(M, dtype=torch.int64, device=dev)
         self.done = torch.zeros(M, dtype=torch.int64, device=dev)
         self.err = torch.zeros(1, dtype=torch.int32, device=dev)
-        self.stream = torch.cuda.Stream(dev) if self.cuda else None
-        # done[m] written on a second stream behind an event (not between two plans' copies on the copier's)
-        self.signal = torch.cuda.Stream(dev) if self.cuda else None
         self._signal_event = torch.cuda.Event() if self.cuda else None
         self.device_index = (dev.index if dev.index is not None else torch.cuda.current_device()) if self.cuda else None
         self.max_iters = self.MAX_ITERS if self.cuda else self.MAX_ITERS_INTERPRETED
@@ -598,6 +605,19 @@ class DmaCopier:
             self.api = "native"
         else:
             self.api = "driver" if self._driver is not None else "torch"
+        # The loop's streams: the copies', and a second one for done[m] (written behind an event, not between two
+        # plans' copies). Made by the driver, never torch.cuda.Stream(): torch hands those out round-robin from a
+        # small pool, so after a few dozen pools one could be the stream a graph capture is recording on, and the
+        # loop's copies and writes (from another thread) would land in the capture, never run, and leave the waits
+        # to time out (seen on the H200 in a batch sweep: CUDA error 905, capture isolation, then timeouts).
+        self._own_streams: list[int] = []
+        if self.cuda and self._driver is not None:
+            with torch.cuda.device(dev):
+                self._own_streams = [self._driver.stream_create(), self._driver.stream_create()]
+            self.stream, self.signal = (torch.cuda.ExternalStream(s, device=dev) for s in self._own_streams)
+        else:
+            self.stream = torch.cuda.Stream(dev) if self.cuda else None
+            self.signal = torch.cuda.Stream(dev) if self.cuda else None
         # slot and expert addresses (driver, native) or views (torch) made once: the thread's cost per plan is on
         # the first copy's critical path
         if self.api != "torch":
@@ -795,7 +815,10 @@ class DmaCopier:
         elif self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         alive = self._thread is not None and self._thread.is_alive()
-        if self._driver is not None and not alive:  # its event and context, once nothing can use them
+        if self._driver is not None and not alive:  # its streams, event and context, once nothing can use them
+            for st in self._own_streams:
+                self._driver.stream_destroy(st)
+            self._own_streams = []
             self._driver.close()
             self._driver = None
         timeouts = int(self.err.item())

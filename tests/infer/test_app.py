@@ -215,8 +215,9 @@ def test_bad_quantize_fails_before_the_checkpoint_is_read(tmp_path, monkeypatch)
 
 
 def test_copy_mode_dma_asks_for_eager_kernel_loading_first(tmp_path, monkeypatch):
-    """offload.copy_mode=dma sets CUDA_MODULE_LOADING=EAGER before anything touches CUDA (where nothing chose a
-    mode yet); other copy modes leave it alone."""
+    """offload.copy_mode=dma with a Python copier thread (dma_api driver or torch) sets CUDA_MODULE_LOADING=EAGER
+    before anything touches CUDA (where nothing chose a mode yet); other copy modes, and dma with the native loop
+    (which needs no GIL, so no eager loading), leave it alone."""
     import os
 
     import infer.app as app
@@ -229,8 +230,10 @@ def test_copy_mode_dma_asks_for_eager_kernel_loading_first(tmp_path, monkeypatch
 
     monkeypatch.setattr(app, "resolve_device", stop)
     monkeypatch.setenv("CUDA_MODULE_LOADING", "")  # (restored to the test's own environment afterwards)
-    for mode, want in (("device", None), ("dma", "EAGER")):
+    for mode, api, want in (("device", "native", None), ("dma", "native", None), ("dma", "driver", "EAGER"),
+                            ("dma", "torch", "EAGER")):
         monkeypatch.delenv("CUDA_MODULE_LOADING", raising=False)
         with pytest.raises(RuntimeError, match="stop here"):
-            run(_compose([f"offload.copy_mode={mode}", "num_examples=1", "max_new_tokens=1", "logger=none"]), tmp_path)
-        assert seen[-1] == want, mode
+            run(_compose([f"offload.copy_mode={mode}", f"offload.dma_api={api}", "num_examples=1", "max_new_tokens=1",
+                          "logger=none"]), tmp_path)
+        assert seen[-1] == want, (mode, api)
