@@ -240,14 +240,14 @@ def dma_timeline(steps_ev: list, trace: list) -> dict:
     """Where copy_mode dma's copies ran inside the replayed steps: per plan of a step (in the order the
     copier handled them), the median start and end of its copies on the copier's stream, in ms from the
     step's start, and the link's idle gap before each (start minus the previous plan's end; the first's:
-    from the step's start). steps_ev: (start, end) CUDA events per step; trace: the copier's (g, block,
-    start, end) events."""
-    by_step: list[list[tuple[int, float, float]]] = [[] for _ in steps_ev]
-    for _g, m, a, b in trace:
+    from the step's start), and the experts each copied (median). steps_ev: (start, end) CUDA events per step;
+    trace: the copier's (g, block, start, end[, experts copied]) per plan."""
+    by_step: list[list[tuple]] = [[] for _ in steps_ev]
+    for _g, m, a, b, *copied in trace:
         offs = [s.elapsed_time(a) for s, _ in steps_ev]
         i = max((j for j, o in enumerate(offs) if o >= 0), default=None)
         if i is not None:
-            by_step[i].append((m, offs[i], steps_ev[i][0].elapsed_time(b)))
+            by_step[i].append((m, offs[i], steps_ev[i][0].elapsed_time(b), copied[0] if copied else None))
     counts = {len(x) for x in by_step}
     if len(counts) != 1 or not by_step or not by_step[0]:
         return {"error": f"plans per step vary ({sorted(counts)}): no timeline"}
@@ -255,7 +255,7 @@ def dma_timeline(steps_ev: list, trace: list) -> dict:
     med = statistics.median
     start = [med(x[j][1] for x in by_step) for j in range(k)]
     end = [med(x[j][2] for x in by_step) for j in range(k)]
-    return {
+    out = {
         "blocks": [by_step[0][j][0] for j in range(k)],
         "copy_start_ms": start,
         "copy_end_ms": end,
@@ -265,6 +265,9 @@ def dma_timeline(steps_ev: list, trace: list) -> dict:
         "method": "CUDA events recorded by the copier around each plan's copies, against events around "
                   "each replayed step (a separate, traced pass); medians over the steps",
     }
+    if all(x[j][3] is not None for x in by_step for j in range(k)):
+        out["experts_per_plan"] = [med(x[j][3] for x in by_step) for j in range(k)]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- running

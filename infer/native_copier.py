@@ -59,7 +59,7 @@ typedef struct {
     ctx_fn set_ctx;             /* may be 0 */
     int64_t idle_ns, sleep_ns;  /* poll without pause until idle_ns without a plan, then sleep sleep_ns per poll */
     void **trace_events;        /* [2 * trace_cap]: recorded before / after each plan's copies */
-    int64_t *trace_meta;        /* [trace_cap, 2]: (g, m) per traced plan */
+    int64_t *trace_meta;        /* [trace_cap, 3]: (g, m, experts copied) per traced plan */
     volatile int64_t trace_cap, trace_n;
     volatile int64_t stop, seen;
     volatile int64_t error, error_rc, error_plan, error_value;
@@ -100,6 +100,7 @@ static int handle(pgmoe_copier *c, int64_t g) {
         k = c->trace_n;
         if ((rc = c->record(c->trace_events[2 * k], c->stream))) return fail(c, ERR_DRIVER, rc, g, CALL_RECORD);
     }
+    int64_t copied = 0;
     for (int64_t j = 0; j < n; j++) {
         int64_t e = row[2 + j], p = row[2 + n + j];
         if (e < 0 || p < 0) continue;
@@ -107,11 +108,13 @@ static int handle(pgmoe_copier *c, int64_t g) {
         rc = c->memcpy_h2d(c->slot_ptr[p], (const void *)(uintptr_t)c->store_ptr[m * c->E + e], c->row_bytes,
                            c->stream);
         if (rc) return fail(c, ERR_DRIVER, rc, g, CALL_MEMCPY);
+        copied++;
     }
     if (k >= 0) {
         if ((rc = c->record(c->trace_events[2 * k + 1], c->stream))) return fail(c, ERR_DRIVER, rc, g, CALL_RECORD);
-        c->trace_meta[2 * k] = g;
-        c->trace_meta[2 * k + 1] = m;
+        c->trace_meta[3 * k] = g;
+        c->trace_meta[3 * k + 1] = m;
+        c->trace_meta[3 * k + 2] = copied;
         __atomic_store_n(&c->trace_n, k + 1, __ATOMIC_RELEASE);
     }
     /* done[m] = b on the signal stream, behind the copies (so the next plan's copies need not wait for it) */

@@ -666,7 +666,7 @@ class DmaCopier:
         c.idle_ns, c.sleep_ns = int(self.IDLE_S * 1e9), int(self.SLEEP_S * 1e9)
         self._trace_events: list = []
         self._trace_ptrs = (ctypes.c_void_p * (2 * self.TRACE_PLANS))()
-        self._trace_meta = (ctypes.c_int64 * (2 * self.TRACE_PLANS))()
+        self._trace_meta = (ctypes.c_int64 * (3 * self.TRACE_PLANS))()
         c.trace_events, c.trace_meta = ctypes.addressof(self._trace_ptrs), ctypes.addressof(self._trace_meta)
         rc = self._lib.pgmoe_copier_start(ctypes.byref(c))
         if rc:
@@ -684,14 +684,15 @@ class DmaCopier:
 
     @property
     def trace(self) -> list | None:
-        """A list (set one to start tracing, None to stop; CUDA only): (g, block, start, end) timing events around
-        each plan's copies on the copier's stream."""
+        """A list (set one to start tracing, None to stop; CUDA only): (g, block, start, end, experts copied) per
+        plan, start and end being timing events around its copies on the copier's stream."""
         c = self._native
         if c is None or self._trace is None:
             return self._trace
         n = int(c.trace_n)
         ev, meta = self._trace_events, self._trace_meta
-        return [(int(meta[2 * k]), int(meta[2 * k + 1]), ev[2 * k], ev[2 * k + 1]) for k in range(n)]
+        return [(int(meta[3 * k]), int(meta[3 * k + 1]), ev[2 * k], ev[2 * k + 1], int(meta[3 * k + 2]))
+                for k in range(n)]
 
     @trace.setter
     def trace(self, value: list | None) -> None:
@@ -770,21 +771,24 @@ class DmaCopier:
                 ev0 = torch.cuda.Event(enable_timing=True)
                 ev0.record()
             drv = self._driver
+            copied = 0
             if drv is not None:
                 stream, ptrs = self.stream.cuda_stream, self._store_ptr[m]
                 for e, p in zip(src, dst):
                     if e >= 0 and p >= 0:
                         drv.check(drv.memcpy(self._slot_ptr[p], ptrs[e], self._row_bytes, stream),
                                   "cuMemcpyHtoDAsync")
+                        copied += 1
             else:
                 slots, experts = self._slot_rows, self._store_rows[m]
                 for e, p in zip(src, dst):
                     if e >= 0 and p >= 0:
                         slots[p].copy_(experts[e], non_blocking=self.cuda)
+                        copied += 1
             if trace is not None:
                 ev1 = torch.cuda.Event(enable_timing=True)
                 ev1.record()
-                trace.append((g, m, ev0, ev1))
+                trace.append((g, m, ev0, ev1, copied))
             if drv is not None:  # the same by the driver: an event, then a stream memory write of done[m] = b
                 sig = self.signal.cuda_stream
                 drv.check(drv.record(drv.event, self.stream.cuda_stream), "cuEventRecord")

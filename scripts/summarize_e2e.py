@@ -175,7 +175,9 @@ def copy_table(shapes: dict) -> list[str]:
 
 def dma_timeline_table(shapes: dict, link) -> list[str]:
     """copy_mode dma runs' traced pass (engine.dma_timeline): where the copier's copies ran in the step. GB/s
-    while copying is computed where a plan is one expert (greedy, batch 1, no cache: every plan misses)."""
+    while copying: the median over the plans that copied of their experts' bytes / their copy time, where the
+    timeline counts each plan's experts (experts_per_plan); in older results, where a plan is one expert (greedy,
+    batch 1, no cache, not prefetch_all)."""
     rows = []
     for shape, s in shapes.items():
         for mode in ("greedy", "beam4"):
@@ -185,8 +187,15 @@ def dma_timeline_table(shapes: dict, link) -> list[str]:
                     continue
                 dur = statistics.median(b - a for a, b in zip(tl["copy_start_ms"], tl["copy_end_ms"]))
                 gaps = tl["idle_before_ms"][1:]
-                one = mode == "greedy" and "@" not in name and (r.get("metrics") or {}).get("batch_size") == 1
-                gbps = s["expert_bytes"] / (dur * 1e6) if one and dur > 0 else None
+                n_ex = tl.get("experts_per_plan")
+                if n_ex is not None:
+                    rates = [n * s["expert_bytes"] / ((b - a) * 1e6)
+                             for n, a, b in zip(n_ex, tl["copy_start_ms"], tl["copy_end_ms"]) if n > 0 and b > a]
+                    gbps = statistics.median(rates) if rates else None
+                else:
+                    one = (mode == "greedy" and "@" not in name and not name.startswith("prefetch_all")
+                           and (r.get("metrics") or {}).get("batch_size") == 1)
+                    gbps = s["expert_bytes"] / (dur * 1e6) if one and dur > 0 else None
                 rows.append(
                     f"| {shape} | {mode} | {name} | {len(tl['copy_start_ms'])} | {tl['copy_start_ms'][0]:.3f} | "
                     f"{dur:.3f} | {_f(statistics.median(gaps) if gaps else None, '{:.3f}')} | "

@@ -110,3 +110,22 @@ def test_a_bad_plan_stops_the_loop_with_its_error(lib, bad, message):
 
 def test_the_struct_layout_matches_the_c_side(lib):
     assert lib.pgmoe_copier_size() == ctypes.sizeof(native_copier.Copier)
+
+
+def test_traced_plans_record_their_block_and_experts(lib):
+    """With trace slots set (DmaCopier.trace on CUDA hands over CUDA events; the host stand-in records nothing),
+    each handled plan fills one: (g, block, experts copied), until the slots run out."""
+    loop = Loop(lib)
+    try:
+        cap = 2
+        events = (ctypes.c_void_p * (2 * cap))()
+        meta = (ctypes.c_int64 * (3 * cap))()
+        loop.c.trace_events, loop.c.trace_meta = ctypes.addressof(events), ctypes.addressof(meta)
+        loop.c.trace_cap = cap
+        for m, src, dst in ((1, [2, 4], [0, 1]), (2, [-1, 3], [2, 3]), (0, [0, -1], [1, 0])):
+            loop.post(m, src, dst)
+            loop.settle(lambda: loop.c.seen == loop.g)
+        assert loop.c.trace_n == cap and list(meta) == [1, 1, 2, 2, 2, 1]
+        assert loop.c.error == 0
+    finally:
+        loop.stop()

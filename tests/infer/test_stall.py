@@ -127,3 +127,6 @@ def test_dma_timeline_places_each_plan_in_its_step():
     assert tl["copy_start_ms"] == pytest.approx([0.3, 0.6]) and tl["copy_end_ms"] == pytest.approx([0.5, 1.1])
     assert tl["idle_before_ms"] == pytest.approx([0.3, 0.1])
     assert "error" in dma_timeline(steps, trace[:3])  # a step with a plan missing: no timeline
+    assert "experts_per_plan" not in tl  # (a trace without counts)
+    counted = [(*t, n) for t, n in zip(trace, (1, 0, 1, 2))]  # (g, block, start, end, experts copied)
+    assert dma_timeline(steps, counted)["experts_per_plan"] == [1.0, 1.0]
