@@ -990,7 +990,7 @@ COPY_METHOD = (
     "lower bound: bytes copied during the timed decode steps (the run's bytes_copied minus those of a "
     "1-token run of the same prompt, i.e. prefill + first step) / the timed steps' wall time; equals the "
     "copy stream's bandwidth when the copy stream is busy for the whole step. copy_efficiency = this / "
-    "pinned_peak_GBps (one 256 MiB pinned copy, measured at the start of the run)"
+    "pinned_peak_GBps (the best of 5 timings of three 256 MiB pinned copies, measured at the start of the run)"
 )
 CRITICAL_METHOD = (
     "copying is on the critical path when the stall (step with copies - step without, or events around "
