@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from infer import native_copier
 from infer import report as rep
 from infer.engine import Engine, RunResult, load_offloaded
 from infer.offload import GB, CopySettings, default_budget_bytes, request_eager_module_loading
@@ -143,7 +144,7 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if str(cfg.offload.copy_mode) == "dma" and str(cfg.offload.dma_api) != "native":
+    if str(cfg.offload.copy_mode) == "dma" and not native_copier.usable(str(cfg.offload.dma_api)):
         request_eager_module_loading()  # a Python copier thread needs it, before the first CUDA call (offload.py)
     device = resolve_device(cfg.device)
     if cfg.threads or device.type == "cpu":

@@ -30,7 +30,8 @@ class CacheConf:
 @dataclass
 class OffloadConf:
     pinned_budget_gb: float | None = None  # null: 3/4 of the machine's RAM
-    copy_mode: str = "auto"  # auto | device (GPU-driven gather) | dma (copy engines, host thread) | host
+    copy_mode: str = "auto"  # auto (dma on a GPU where its native loop builds, else device) | device (GPU-driven
+    # gather) | dma (copy engines, started by a host loop) | host
     cpu_compute: str = "off"  # off | auto (cost model) | always: missed experts computed on the CPU
     link_GBps: float | None = None  # cost model's copy bandwidth; null: one expert's copy, measured
     cpu_overhead_ms: float | None = None  # cost model's host round trip per block; null: measured

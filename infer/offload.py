@@ -317,8 +317,11 @@ class SlotPool:
                                "triton installed; use copy_mode=host")
         if copy_mode == "dma" and self.cuda and not eager_module_loading() and not native_copier.usable(
                 self.copy_settings.dma_api):
+            api = self.copy_settings.dma_api
+            what = ("a Python thread" if api != "native" else
+                    "the native loop could not be built here, so a Python thread")
             raise OffloadError(
-                f"copy_mode=dma with offload.dma_api={self.copy_settings.dma_api} (a Python thread) needs "
+                f"copy_mode=dma with offload.dma_api={api} ({what}) needs "
                 "CUDA_MODULE_LOADING=EAGER, set before the process's first CUDA call (it is "
                 f"{os.environ.get('CUDA_MODULE_LOADING', 'unset')!r}): with lazy kernel loading a first kernel "
                 "launch can stall the copier thread until its waits time out. python -m infer and "

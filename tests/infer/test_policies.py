@@ -228,6 +228,26 @@ def test_dma_copy_mode_under_the_interpreter(pregated_ckpt, monkeypatch, api):
     assert len(natives) == (4 if api == "native" else 0) and all(c.stop == 1 for c in natives)  # stopped, joined
 
 
+def test_dma_native_falls_back_where_it_cannot_be_built(pregated_ckpt, monkeypatch):
+    """dma_api=native where the C loop cannot be built (no compiler): the Python thread copies instead, the run
+    says which API it used and why, and its tokens are gpu_only's."""
+    pytest.importorskip("triton")
+    from infer import native_copier
+
+    def no_compiler():
+        raise native_copier.NativeUnavailable("no C compiler (cc, gcc or clang; or set CC) to build the native copier")
+
+    monkeypatch.setattr(native_copier, "build", no_compiler)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model, store = load_offloaded(pregated_ckpt, "cpu", torch.float32, None)
+    model.set_backend("torch")
+    ids, mask = prompts(n=2, length=5)
+    ref = Engine(model, store, "cpu").run(PolicySpec("gpu_only"), ids, mask, max_new_tokens=3)
+    res = Engine(model, store, "cpu", copy_mode="dma").run(PolicySpec("pregated"), ids, mask, max_new_tokens=3)
+    assert res.metrics["dma_api_used"] == "torch" and "no C compiler" in res.metrics["dma_api_fallback"]
+    assert res.tokens == ref.tokens and not native_copier.usable("native")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA driver path needs a GPU")
 def test_dma_driver_api_on_the_gpu(pregated_ckpt, monkeypatch):
     """offload.dma_api native (the default: the C loop calling the CUDA driver), driver (a Python thread calling
