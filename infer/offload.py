@@ -822,6 +822,8 @@ class DmaCopier:
         elif self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         alive = self._thread is not None and self._thread.is_alive()
+        if self.cuda and not alive:  # copies the loop issued after the first sync land before the pool can go
+            torch.cuda.synchronize(self.pool.device)
         if self._driver is not None and not alive:  # its streams, event and context, once nothing can use them
             for st in self._own_streams:
                 self._driver.stream_destroy(st)
