@@ -224,6 +224,7 @@ class NativeUnavailable(RuntimeError):
 
 
 _LIB: ctypes.CDLL | None = None
+_FAILED: NativeUnavailable | None = None
 _LOCK = threading.Lock()
 
 
@@ -242,42 +243,54 @@ def cache_dir() -> Path:
 
 
 def build() -> ctypes.CDLL:
-    """The compiled loop (built once per source version and cached; loaded once per process)."""
-    global _LIB
+    """The compiled loop (built once per source version and cached; loaded once per process). A failure is
+    remembered too: every later call raises it again without another compile."""
+    global _LIB, _FAILED
     with _LOCK:
         if _LIB is not None:
             return _LIB
-        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-        if not cc:
-            raise NativeUnavailable("no C compiler (cc, gcc or clang; or set CC) to build the native copier")
-        tag = hashlib.sha256((SOURCE + cc).encode()).hexdigest()[:16]
-        so = cache_dir() / f"native_copier-{tag}.so"
-        if not so.exists():
-            with tempfile.TemporaryDirectory() as tmp:
-                src, out = Path(tmp) / "copier.c", Path(tmp) / "copier.so"
-                src.write_text(SOURCE)
-                cmd = [cc, "-O2", "-std=c11", "-D_GNU_SOURCE", "-shared", "-fPIC", "-pthread", str(src), "-o", str(out)]
-                try:
-                    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-                except (OSError, subprocess.TimeoutExpired) as e:
-                    raise NativeUnavailable(f"building the native copier failed: {e}") from e
-                if r.returncode != 0:
-                    raise NativeUnavailable(f"building the native copier failed ({' '.join(cmd)}): {r.stderr[-2000:]}")
-                part = so.with_name(f"{so.name}.{os.getpid()}.part")
-                shutil.copyfile(out, part)
-                os.replace(part, so)  # atomic: a concurrent process loads a whole file or builds its own
+        if _FAILED is not None:
+            raise _FAILED
         try:
-            lib = ctypes.CDLL(str(so))
-        except OSError as e:
-            raise NativeUnavailable(f"loading the native copier {so} failed: {e}") from e
-        lib.pgmoe_copier_size.restype = _i64
-        if lib.pgmoe_copier_size() != ctypes.sizeof(Copier):
-            raise NativeUnavailable(f"the native copier's struct is {lib.pgmoe_copier_size()} bytes, its Python "
-                                    f"mirror {ctypes.sizeof(Copier)}")
-        for f in (lib.pgmoe_copier_start, lib.pgmoe_copier_stop):
-            f.argtypes, f.restype = [ctypes.POINTER(Copier)], ctypes.c_int
-        _LIB = lib
-        return lib
+            _LIB = _build()
+        except NativeUnavailable as e:
+            _FAILED = e
+            raise
+        return _LIB
+
+
+def _build() -> ctypes.CDLL:
+    """Compile (where the cache has no build of this source) and load the loop; NativeUnavailable on failure."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise NativeUnavailable("no C compiler (cc, gcc or clang; or set CC) to build the native copier")
+    tag = hashlib.sha256((SOURCE + cc).encode()).hexdigest()[:16]
+    so = cache_dir() / f"native_copier-{tag}.so"
+    if not so.exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            src, out = Path(tmp) / "copier.c", Path(tmp) / "copier.so"
+            src.write_text(SOURCE)
+            cmd = [cc, "-O2", "-std=c11", "-D_GNU_SOURCE", "-shared", "-fPIC", "-pthread", str(src), "-o", str(out)]
+            try:
+                r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                raise NativeUnavailable(f"building the native copier failed: {e}") from e
+            if r.returncode != 0:
+                raise NativeUnavailable(f"building the native copier failed ({' '.join(cmd)}): {r.stderr[-2000:]}")
+            part = so.with_name(f"{so.name}.{os.getpid()}.part")
+            shutil.copyfile(out, part)
+            os.replace(part, so)  # atomic: a concurrent process loads a whole file or builds its own
+    try:
+        lib = ctypes.CDLL(str(so))
+    except OSError as e:
+        raise NativeUnavailable(f"loading the native copier {so} failed: {e}") from e
+    lib.pgmoe_copier_size.restype = _i64
+    if lib.pgmoe_copier_size() != ctypes.sizeof(Copier):
+        raise NativeUnavailable(f"the native copier's struct is {lib.pgmoe_copier_size()} bytes, its Python "
+                                f"mirror {ctypes.sizeof(Copier)}")
+    for f in (lib.pgmoe_copier_start, lib.pgmoe_copier_stop):
+        f.argtypes, f.restype = [ctypes.POINTER(Copier)], ctypes.c_int
+    return lib
 
 
 def usable(dma_api: str) -> bool:

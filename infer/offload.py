@@ -471,8 +471,9 @@ class SlotPool:
 
 # ----------------------------------------------------------------------------------------------- dma
 class _Driver:
-    """The CUDA driver calls the dma copier makes through ctypes (offload.dma_api=driver): each lets go of the GIL
-    while it runs and skips torch's dispatch (and its pinned-memory bookkeeping) per copy."""
+    """The CUDA driver calls of the dma copier: made through ctypes by the Python thread (offload.dma_api=driver;
+    each lets go of the GIL while it runs and skips torch's dispatch per copy), or handed as function addresses to
+    the native loop (dma_api=native), with the streams, event and context it needs."""
 
     def __init__(self):
         lib = ctypes.CDLL("libcuda.so.1")
@@ -497,11 +498,9 @@ class _Driver:
 
     def calls(self) -> dict[str, int]:
         """The driver calls as function addresses (the native copier's struct, infer/native_copier.py)."""
-        from infer.native_copier import address
-
-        return {"memcpy_h2d": address(self.memcpy), "record": address(self.record),
-                "wait_event": address(self.wait_event), "write64": address(self.write64),
-                "set_ctx": address(self.lib.cuCtxSetCurrent)}
+        a = native_copier.address
+        return {"memcpy_h2d": a(self.memcpy), "record": a(self.record), "wait_event": a(self.wait_event),
+                "write64": a(self.write64), "set_ctx": a(self.lib.cuCtxSetCurrent)}
 
     def stream_create(self) -> int:
         """A new non-blocking stream in the current context (cuStreamCreate), as an integer handle."""
@@ -587,7 +586,7 @@ class DmaCopier:
         self._trace: list | None = None  # see trace
         # offload.dma_api: native (the default): the host loop in C (infer/native_copier.py), no GIL; driver: a
         # Python thread calling the CUDA driver by ctypes; torch: a Python thread with torch's copy_. Measured on
-        # the H200: bench/results/e2e-h200-native.md (native vs driver), e2e-h200-driver*.md (driver vs torch).
+        # the H200: bench/results/e2e-h200-native-ab.md (native vs driver), e2e-h200-driver*.md (driver vs torch).
         # Each falls back to the next where it cannot run here (no C compiler, no libcuda); self.api is the one used
         # and self.fallback says why.
         want = pool.copy_settings.dma_api

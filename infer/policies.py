@@ -365,7 +365,7 @@ class OffloadRunner:
             },
             "copy_mode": self.pool.copy_mode,
             "copy_settings": asdict(self.pool.copy_settings),
-            # copy_mode dma: the copier's API in use (driver, or torch where the driver could not be loaded)
+            # copy_mode dma: the host loop's API in use (native, driver or torch: DmaCopier.api)
             "dma_api_used": self.pool.dma.api if self.pool.dma is not None else None,
             # why the API asked for could not run here (no C compiler, no libcuda), or None
             "dma_api_fallback": self.pool.dma.fallback if self.pool.dma is not None else None,

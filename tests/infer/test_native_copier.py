@@ -129,3 +129,21 @@ def test_traced_plans_record_their_block_and_experts(lib):
         assert loop.c.error == 0
     finally:
         loop.stop()
+
+
+def test_a_failed_build_is_remembered(monkeypatch):
+    """Where the loop cannot be built, later calls (every pool, every beam run asks) raise the same error without
+    compiling again."""
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise native_copier.NativeUnavailable("building the native copier failed (test)")
+
+    monkeypatch.setattr(native_copier, "_LIB", None)
+    monkeypatch.setattr(native_copier, "_FAILED", None)
+    monkeypatch.setattr(native_copier, "_build", broken)
+    for _ in range(3):
+        with pytest.raises(native_copier.NativeUnavailable, match="failed \\(test\\)"):
+            native_copier.build()
+    assert len(calls) == 1 and not native_copier.usable("native")
