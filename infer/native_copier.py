@@ -3,7 +3,8 @@
 Why: under copy_mode dma every decode step starts with a plan (the first-block guess) that a host thread must
 see and turn into copies before the link does anything. The Python thread (dma_api driver / torch) shares the
 GIL with the decode loop's thread, which wakes at exactly that moment (the previous step's event) and runs
-its Python; on the H200 the first copy of a switch-base-128 step began ~27 us after its plan was posted.
+its Python; on the H200 the first copy of a switch-base-128 step began 0.03-0.04 ms after its plan's post kernel
+ended (bench/results/profile-decode-h200-driver.json, e2e-h200-driver-prenative.md).
 This loop polls the pinned head the post kernel writes (kernels/mailbox.py), and for each new ring entry
 issues one cuMemcpyHtoDAsync per expert, then an event and a cuStreamWriteValue64 of done[m] on the signal
 stream: the same work as infer.offload.DmaCopier._poll, in C.
