@@ -346,7 +346,7 @@ def random_state(E: int, C: int, nmax: int, g: torch.Generator) -> dict[str, tor
 
 def self_check(device: str | torch.device, seed: int = 0) -> str | None:
     """Run the kernel against the reference on `device` over random plan sequences (LRU/LFU, with and
-    without cache, needs from ids and from a mask, fresh or not); None if every mutated tensor and
+    without cache, needs from ids (some < 0) and from a mask, fresh or not); None if every mutated tensor and
     output matched bitwise after every step, else a message naming the first mismatch or the error.
     Benchmarks call it first on the GPU, where the tests (interpreted on the CPU) do not reach."""
     device = torch.device(device)
@@ -362,6 +362,8 @@ def self_check(device: str | torch.device, seed: int = 0) -> str | None:
                     torch.randperm(E, generator=g)[: min(E, 2 * n + 1)]
                 fresh = step == 0 or bool(torch.rand((), generator=g) < 0.5)
                 use_ids = step % 2 == 1
+                if step == 5:  # ids < 0 name no expert (a first-block guess not made)
+                    ids = torch.where(torch.rand(ids.shape, generator=g) < 0.3, -1, ids)
                 if not use_ids:
                     ref["need_E"].zero_().index_fill_(0, ids.reshape(-1), True)
                     ker["need_E"].copy_(ref["need_E"])
