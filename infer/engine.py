@@ -488,8 +488,8 @@ class Engine:
             if stall_diff and len(step_inputs) < STALL_REPLAYS:
                 step_inputs.append((tok.clone(), state.pos.clone()))
             out = step(state, tok)
-            if keep_logits:
-                logits.append(out.detach().clone().cpu())
+            if keep_logits:  # kept on the device until the loop ends (infer.offload.DMA_HOST_COPY_NOTE)
+                logits.append(out.detach().clone())
             return out
 
         stamps: list[float] = []
@@ -619,7 +619,8 @@ class Engine:
                 tokens_cpu_computed=0,
             )
         # (a step greedy ran past the output, where every row had ended, is not one of the output's)
-        return RunResult(policy="", tokens=out.tolist(), metrics=m, step_logits=logits[:steps], notes=notes)
+        kept = [t.cpu() for t in logits[:steps]]  # (after the loop's last sync: no step in flight)
+        return RunResult(policy="", tokens=out.tolist(), metrics=m, step_logits=kept, notes=notes)
 
 
 def check_offload_possible(spec: PolicySpec, model: Switch) -> None:

@@ -544,6 +544,15 @@ except (OSError, AttributeError):  # pragma: no cover - not Linux
         time.sleep(0)
 
 
+DMA_HOST_COPY_NOTE = (
+    "A wait times out when the copier cannot issue its copies. A usual cause: a blocking copy of a CUDA tensor to "
+    "pageable host memory (.cpu(), .item(), .tolist(), print) made while a decode step is in flight: the CUDA "
+    "driver serializes the copier thread's calls behind it, and it waits for the step, which waits for the copier. "
+    "Wait for the step first (an event's synchronize(), as models.generate.greedy does) or copy into pinned memory "
+    "with non_blocking=True"
+)
+
+
 class DmaCopier:
     """copy_mode "dma": the copy engines move the experts, a host loop starts them (kernels/mailbox.py
     has the handshake). post(m, src, dst) runs on the pool's copy stream (capturable): a kernel writes the
@@ -836,7 +845,7 @@ class DmaCopier:
             what = ([f"the host copier failed ({type(err).__name__}: {err})"] if err is not None else []) + (
                 [f"the native copier failed: {native_error}"] if native_error else []) + (
                 [f"{timeouts} wait(s) for its copies timed out: experts may be stale, so this run's results "
-                 "are wrong"] if timeouts else [])
+                 "are wrong. " + DMA_HOST_COPY_NOTE] if timeouts else [])
             raise OffloadError("copy_mode=dma: " + "; ".join(what) + "; use offload.copy_mode=device") from err
 
 
