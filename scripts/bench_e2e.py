@@ -1216,6 +1216,10 @@ def expected_distinct_experts(E: int, rows: int) -> float:
 
 
 SWEEP_INPUTS = ("forced", "greedy")
+# A forced-input prediction that differs from gpu_only's where gpu_only's own top-2 logit margin is at most this is
+# a near-tie, not a failed check: gpu_only run twice at batch 32 disagreed with itself at margins 0.0 and 0.19
+# (bench/results/probe-policy-equality-h200.md).
+PRED_TIE_TOL = 0.25
 FORCED_METHOD = (
     "teacher forcing: every row's next token is taken from a fixed random [B, new_tokens] id table "
     "(drawn once per batch size, the same for every policy), so the rows' decoder inputs are diverse and "
@@ -1224,7 +1228,11 @@ FORCED_METHOD = (
     "and the greedy loop's argmax picks it. Cost per step, the same for every policy: one argmax over "
     "the logits (the model's own prediction, kept for the check against gpu_only) and one scatter. "
     "same_predictions_as_gpu_only compares those predictions (argmax of the unforced logits) with "
-    "gpu_only's at every step and row"
+    "gpu_only's at every step and row. gpu_only itself is not bitwise repeatable at every batch size (its "
+    "attention returned different last bits for the same inputs in back-to-back calls on the H200: "
+    "bench/results/probe-policy-equality-h200.md), so gpu_only runs twice and its self-disagreements are "
+    "recorded, and a policy's disagreement fails the check only where gpu_only's top-2 logit margin exceeds "
+    f"PRED_TIE_TOL = {PRED_TIE_TOL} (a near-tie below it is counted, with its margin, not failed)"
 )
 GREEDY_INPUTS_NOTE = (
     "greedy inputs: each row feeds back its own argmax. With random weights the greedy output barely "
@@ -1244,6 +1252,8 @@ class ForcedTokens:
     def __init__(self, table: torch.Tensor):
         self.table = table  # [B, n] long, CPU
         self.predictions: list[list[int]] | None = None
+        self.record_margins = False  # also keep each prediction's top-2 logit margin (an extra top-k per step)
+        self.margins: list[list[float]] | None = None
 
     @contextlib.contextmanager
     def active(self):
@@ -1262,16 +1272,21 @@ class ForcedTokens:
             table = self.table[:, :max_new_tokens].to(input_ids.device)
             inner = step or model.decode_one_token
             preds: list[torch.Tensor] = []
+            margins: list[torch.Tensor] = []
 
             def forced_step(st, tok):
                 logits = inner(st, tok)
                 t = len(preds)
                 preds.append(logits.argmax(-1))
+                if self.record_margins:
+                    top2 = logits.topk(2, dim=-1).values
+                    margins.append(top2[:, 0] - top2[:, 1])
                 return logits.scatter(-1, table[:, t : t + 1], float("inf"))
 
             out = orig(model, input_ids, attention_mask, max_new_tokens, eos_token_id,
                        step=forced_step, state=state, on_token=on_token)
             self.predictions = torch.stack(preds, dim=1).tolist() if preds else [[] for _ in range(len(table))]
+            self.margins = torch.stack(margins, dim=1).tolist() if margins else None
             return out
 
         forced_greedy._forced = True
@@ -1280,6 +1295,18 @@ class ForcedTokens:
             yield self
         finally:
             engine_mod.greedy = orig
+
+
+def prediction_check(ref: list[list[int]], got: list[list[int]], ref_margins: list[list[float]] | None) -> dict:
+    """A run's forced-input predictions against gpu_only's (ref): disagreements, split at PRED_TIE_TOL of gpu_only's
+    top-2 logit margin there into near-ties and ones beyond tolerance (all beyond where no margins were kept)."""
+    n = min(len(r) for r in got) if got else 0
+    where = [(i, t) for i, (ra, rb) in enumerate(zip(ref, got)) for t in range(n) if ra[t] != rb[t]]
+    margins = [ref_margins[i][t] for i, t in where] if ref_margins is not None else []
+    ties = sum(m <= PRED_TIE_TOL for m in margins)
+    return {"compared": n * len(got), "disagreements": len(where), "near_ties": ties,
+            "beyond_tolerance": len(where) - ties, "tolerance": PRED_TIE_TOL,
+            "margins": [round(m, 5) for m in margins[:20]], "at": [list(w) for w in where[:20]]}
 
 
 def distinct_per_step(tokens: list[list[int]] | None) -> float | None:
@@ -1331,7 +1358,7 @@ def bench_sweep(shape, cfg, eng: Engine, args, over_budget, result, out, save) -
         ids = torch.randint(3, cfg.vocab_size, (B, args.input_tokens), generator=g)
         table = torch.randint(3, cfg.vocab_size, (B, args.sweep_new_tokens), generator=g_forced)
         forcing = ForcedTokens(table) if mode == "forced" else None
-        ref_tokens = ref_preds = None
+        ref_tokens = ref_preds = ref_margins = None
         for name in policies:
             if over_budget():
                 point["runs"][name] = {"skipped": f"time budget ({args.budget_s:.0f} s) spent"}
@@ -1342,11 +1369,14 @@ def bench_sweep(shape, cfg, eng: Engine, args, over_budget, result, out, save) -
             # prefetch_all's stall would replay its (slow) steps 2 x 20 times: not worth the time here
             stall = eng.measure_stall and name != "prefetch_all"
             t_run = time.perf_counter()
+            if forcing is not None:
+                forcing.record_margins = name == "gpu_only"  # the reference's margins (near-ties)
             with forcing.active() if forcing else contextlib.nullcontext():
                 with engine_settings(eng, measure_stall=stall,
                                      first_block_guess=variant_guess(variant) or eng.first_block_guess):
                     entry = run_one(eng, spec, ids, n_new, 1, args)
                 preds = forcing.predictions if forcing else None
+                margins = forcing.margins if forcing else None
                 tokens = entry.pop("tokens", None)
                 if "metrics" in entry:
                     m = entry["metrics"]
@@ -1361,8 +1391,16 @@ def bench_sweep(shape, cfg, eng: Engine, args, over_budget, result, out, save) -
             entry["wall_s"] = time.perf_counter() - t_run
             if "metrics" in entry:
                 if name == "gpu_only":
-                    ref_tokens, ref_preds = tokens, preds
+                    ref_tokens, ref_preds, ref_margins = tokens, preds, margins
                     point["distinct_tokens_per_step"] = distinct_per_step(tokens)
+                    if forcing is not None and preds is not None and not over_budget():
+                        # gpu_only again: how far its own predictions repeat (the scale of the check below)
+                        forcing.record_margins = False
+                        with forcing.active():
+                            again = run_one(eng, spec, ids, n_new, 1, args)
+                        if "metrics" in again:
+                            point["gpu_only_self_check"] = prediction_check(ref_preds, forcing.predictions,
+                                                                            ref_margins)
                 elif tokens is not None and ref_tokens is not None:
                     n = len(tokens[0])
                     same = [row[:n] for row in ref_tokens] == tokens
@@ -1370,14 +1408,16 @@ def bench_sweep(shape, cfg, eng: Engine, args, over_budget, result, out, save) -
                     if not same:
                         result["failures"].append(f"{shape} batch {B} {name}: tokens differ from gpu_only")
                     if preds is not None and ref_preds is not None:
-                        pairs = [(a, b) for ra, rb in zip(preds, ref_preds) for a, b in zip(ra, rb[:n])]
-                        agree = sum(a == b for a, b in pairs)
-                        entry["same_predictions_as_gpu_only"] = agree == len(pairs)
-                        entry["predictions_matching_gpu_only"] = agree / len(pairs) if pairs else None
-                        if agree != len(pairs):
+                        chk = prediction_check(ref_preds, preds, ref_margins)
+                        entry["prediction_check"] = chk
+                        entry["same_predictions_as_gpu_only"] = chk["disagreements"] == 0
+                        entry["predictions_matching_gpu_only"] = (
+                            1.0 - chk["disagreements"] / chk["compared"] if chk["compared"] else None)
+                        if chk["beyond_tolerance"]:
                             result["failures"].append(
                                 f"{shape} batch {B} {name}: forced-input predictions differ from gpu_only's at "
-                                f"{len(pairs) - agree} of {len(pairs)} (row, step)s"
+                                f"{chk['beyond_tolerance']} of {chk['compared']} (row, step)s where gpu_only's top-2 "
+                                f"margin exceeds {PRED_TIE_TOL} (margins {chk['margins']})"
                             )
             point["runs"][name] = entry
             print(f"[bench] {shape} sweep B={B} {name}: " + summary(entry), flush=True)

@@ -131,10 +131,36 @@ def summarize(doc: dict, source: str) -> str:
         )
         forced = any((s.get("batch_sweep") or {}).get("inputs") == "forced" for s in shapes.values())
         lines += ["", "Checks: every policy gave gpu_only's tokens" + (
-            " (sweep: forced inputs; every policy's predictions matched gpu_only's)" if forced else "") + "; " + (
+            f" (sweep: forced inputs; {prediction_summary(shapes)})" if forced else "") + "; " + (
             "the pre-gated peak-memory bound held." if checked else
             "the pre-gated peak-memory bound was not checked (no GPU memory figures).")]
     return "\n".join(lines) + "\n"
+
+
+def prediction_summary(shapes: dict) -> str:
+    """The sweep's forced-input prediction checks in words: near-ties (gpu_only's top-2 margin within the
+    tolerance) and gpu_only's disagreements with itself, where recorded."""
+    ties, beyond, n_self, self_dis, tol = 0, 0, 0, 0, None
+    for s in shapes.values():
+        for p in (s.get("batch_sweep") or {}).get("points", []):
+            for r in p["runs"].values():
+                c = r.get("prediction_check")
+                if c:
+                    ties += c["near_ties"]
+                    beyond += c["beyond_tolerance"]
+                    tol = c["tolerance"]
+            c = p.get("gpu_only_self_check")
+            if c:
+                n_self += c["compared"]
+                self_dis += c["disagreements"]
+    if tol is None:  # an older JSON: the strict check only
+        return "every policy's predictions matched gpu_only's"
+    text = ("every policy's predictions matched gpu_only's" if ties + beyond == 0 else
+            f"every policy's predictions matched gpu_only's but at {ties} near-tie(s), where gpu_only's top-2 "
+            f"logit margin is at most {tol}" + (f", and {beyond} beyond it" if beyond else ""))
+    if n_self:
+        text += f"; gpu_only run twice disagreed with itself at {self_dis} of {n_self} (row, step)s"
+    return text
 
 
 def copy_table(shapes: dict) -> list[str]:

@@ -290,10 +290,15 @@ def test_forced_tokens_are_the_table_under_every_policy():
     orig = engine_mod.greedy
     toks, preds = {}, {}
     for name in ("gpu_only", "on_demand", "pregated"):
+        forcing.record_margins = name == "gpu_only"
         with forcing.active():
             r = eng.run(PolicySpec.parse(name), ids, max_new_tokens=n, warmup=True)
         toks[name], preds[name] = r.tokens, forcing.predictions
         assert engine_mod.greedy is orig
+        if name == "gpu_only":  # the top-2 margin of each prediction: [B][n], >= 0
+            assert len(forcing.margins) == B and all(len(row) == n and min(row) >= 0 for row in forcing.margins)
+        else:
+            assert forcing.margins is None
     assert all(t == table.tolist() for t in toks.values())
     assert len({tuple(row) for row in toks["gpu_only"]}) == B  # the rows' tokens differ
     assert preds["on_demand"] == preds["gpu_only"] == preds["pregated"]
@@ -319,6 +324,10 @@ def test_sweep_forced_inputs_tiny():
             r = p["runs"][name]
             assert r["same_tokens_as_gpu_only"] and r["same_predictions_as_gpu_only"], name
             assert r["predictions_matching_gpu_only"] == 1.0
+            chk = r["prediction_check"]
+            assert chk["disagreements"] == 0 and chk["compared"] == B * (3 if name == "prefetch_all" else 5)
+        # gpu_only run twice (the check's scale): on the CPU it repeats exactly
+        assert p["gpu_only_self_check"]["compared"] == B * 5 and p["gpu_only_self_check"]["disagreements"] == 0
         assert p["uniform_routing_expectation"] == pytest.approx(bench.expected_distinct_experts(8, B))
         ex = p["experts_per_decoder_block_per_step"]
         assert ex["pregated"] is not None and 1.0 <= ex["pregated"] <= min(8, B)
@@ -564,3 +573,16 @@ def test_sweep_policies_with_a_guess_variant(tmp_path):
     for bad in ("on_demand,pregated", "gpu_only,pregated#dma", "gpu_only,pregated@lru2", "gpu_only,nope"):
         with pytest.raises(SystemExit):
             bench.parse_sweep_policies(bad)
+
+
+def test_prediction_check_tells_near_ties_from_disagreements():
+    """A disagreement with gpu_only where gpu_only's own top-2 margin is within PRED_TIE_TOL is a near-tie (not a
+    failed check); beyond it, or with no margins kept, it counts against the policy."""
+    ref, got = [[1, 2, 3], [4, 5, 6]], [[1, 9, 3], [4, 5, 7]]
+    tol = bench.PRED_TIE_TOL
+    c = bench.prediction_check(ref, got, [[1.0, tol / 2, 1.0], [1.0, 1.0, 2 * tol]])
+    assert (c["compared"], c["disagreements"], c["near_ties"], c["beyond_tolerance"]) == (6, 2, 1, 1)
+    assert c["at"] == [[0, 1], [1, 2]] and c["margins"] == [tol / 2, 2 * tol]
+    c = bench.prediction_check(ref, got, None)
+    assert (c["disagreements"], c["near_ties"], c["beyond_tolerance"]) == (2, 0, 2)
+    assert bench.prediction_check(ref, ref, None)["disagreements"] == 0
