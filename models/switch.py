@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.decode_attention import decode_attention, use_decode_attention
 from kernels.rmsnorm import rmsnorm, rmsnorm_reference
 from models.config import SwitchConfig
 from models.moe import BACKENDS, Routing, SparseMLP
@@ -70,6 +71,8 @@ class Attention(nn.Module):
         self.max_distance = cfg.relative_attention_max_distance
         self.relative_attention_bias = nn.Embedding(self.num_buckets, self.h) if relative_bias else None
         self._qkv_weight: torch.Tensor | None = None  # [3 * H * Dh, D], q/k/v are views of it (fuse_qkv)
+        # one query (a decode step): kernels/decode_attention.py instead of SDPA (set_backend("triton"))
+        self.decode_kernel = False
 
     def position_bias(self, q_pos: torch.Tensor, k_len: int) -> torch.Tensor:
         """[1, H, Q, K] bias for query positions q_pos [Q] against keys 0..k_len-1."""
@@ -110,7 +113,10 @@ class Attention(nn.Module):
     def attend(self, q_BHQd, k_BHKd, v_BHKd, bias) -> torch.Tensor:
         # T5 does not scale q.k: the scale is folded into the initialisation of q.
         drop = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q_BHQd, k_BHKd, v_BHKd, attn_mask=bias, dropout_p=drop, scale=1.0)
+        if self.decode_kernel and drop == 0.0 and use_decode_attention(q_BHQd, k_BHKd):
+            out = decode_attention(q_BHQd, k_BHKd, v_BHKd, bias, scale=1.0)  # deterministic (its docstring)
+        else:
+            out = F.scaled_dot_product_attention(q_BHQd, k_BHKd, v_BHKd, attn_mask=bias, dropout_p=drop, scale=1.0)
         B, H, Q, dh = out.shape
         return self.o(out.transpose(1, 2).reshape(B, Q, H * dh))
 
@@ -346,6 +352,11 @@ class Switch(nn.Module):
             raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
         for moe in self.moes:
             moe.backend = backend
+        for stack in (self.encoder, self.decoder):
+            for blk in stack.blocks:
+                for att in (blk.self_attn, getattr(blk, "cross_attn", None)):
+                    if att is not None:
+                        att.decode_kernel = backend == "triton"
         return self
 
     def fuse_for_inference(self) -> Switch:

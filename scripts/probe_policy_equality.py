@@ -40,6 +40,7 @@ from infer import report as rep  # noqa: E402
 from infer.engine import Engine  # noqa: E402
 from infer.offload import OffloadError, default_budget_bytes  # noqa: E402
 from infer.policies import PolicySpec  # noqa: E402
+from kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
 from models.pregate import convert_to_pregated  # noqa: E402
 from models.switch import RMSNorm  # noqa: E402
 
@@ -86,8 +87,11 @@ class Recorder:
                                      for _ in range(2)]
                             B, H, Q, dh = again[0].shape
                             again = [a.transpose(1, 2).reshape(B, Q, H * dh) for a in again]
-                            self.recompute.append({"name": _name, "again_equal": bool(torch.equal(again[0], again[1])),
-                                                   "again_equal_step": bool(torch.equal(again[0], o_in))})
+                            entry = {"name": _name, "again_equal": bool(torch.equal(again[0], again[1])),
+                                     "again_equal_step": bool(torch.equal(again[0], o_in))}
+                            if self.backends_check:
+                                entry["distinct_of_10_per_backend"] = sdpa_backends_distinct(q, k, v, bias, 10)
+                            self.recompute.append(entry)
                             self.calls.append((_name + ".k", k.detach().clone()))
                             self.calls.append((_name + ".v", v.detach().clone()))
                             self.calls.append((_name + ".bias", bias.detach().clone()))
@@ -99,6 +103,7 @@ class Recorder:
                 self.handles.append(mod.o.register_forward_hook(self._hook(n + ".o")))
         self._kv_seen: set = set()
         self.recompute: list = []
+        self.backends_check = False  # SDPA per backend, 10 times on each first step's tensors
 
     def first_step(self, name: str) -> bool:
         if name in self._kv_seen:
@@ -122,6 +127,42 @@ class Recorder:
             del mlp.experts  # back to the class's method
         for mod in self.attn:
             del mod.attend
+
+
+def sdpa_backends_distinct(q, k, v, bias, reps: int) -> dict:
+    """SDPA through each backend alone (a context around each call), and the decode-attention kernel, reps calls on
+    the same tensors: how many distinct results (bitwise), or why the backend does not run; and each one's relative
+    error against float64."""
+    from torch.nn.attention import SDPBackend
+
+    out, err = {}, {}
+    ref = decode_attention_reference(q.double(), k.double(), v.double(), bias.double(), 1.0)
+    runs = {b.name.lower(): (lambda b=b: _sdpa(q, k, v, bias, b))
+            for b in (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                      SDPBackend.MATH)}
+    runs["triton_decode_attention"] = lambda: decode_attention(q, k, v, bias, scale=1.0)
+    for name, fn in runs.items():
+        try:
+            res = [fn() for _ in range(reps)]
+            uniq = []
+            for r in res:
+                if not any(torch.equal(_bits(r), _bits(u)) for u in uniq):
+                    uniq.append(r)
+            out[name] = len(uniq)
+            err[name] = float((res[0].double() - ref).norm() / ref.norm())
+        except Exception as e:  # noqa: BLE001 - a backend that does not take these inputs here: say so
+            out[name] = f"not run: {(str(e).splitlines() or [type(e).__name__])[0][:80]}"
+    out["rel_err_vs_float64"] = err
+    return out
+
+
+def _sdpa(q, k, v, bias, backend=None):
+    from torch.nn.attention import sdpa_kernel
+
+    if backend is None:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+    with sdpa_kernel([backend]):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
 
 
 def compare_logits(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict:
@@ -223,6 +264,54 @@ def op_determinism(cfg, dev, batch: int, enc_len: int, reps: int = 50) -> dict:
     return out
 
 
+def sdpa_timing(cfg, dev, enc_len: int) -> dict:
+    """us per SDPA call per backend, decode shapes (one query), batch 1 and 32, cross (enc_len keys, a [B, 1, 1, K]
+    bias) and self (64 keys, a [1, H, 1, K] bias): 50 calls captured in a CUDA graph, replayed 20 times."""
+    from torch.nn.attention import SDPBackend
+
+    g = torch.Generator(device=dev).manual_seed(1)
+    H, dh = cfg.num_heads, cfg.d_kv
+    out = {}
+    for B in (1, 32):
+        for name, K, bias_shape in (("cross", enc_len, (B, 1, 1, enc_len)), ("self", 64, (1, H, 1, 64))):
+            q = torch.randn(B, 1, H, dh, generator=g, device=dev).to(torch.bfloat16).transpose(1, 2)
+            k, v = (torch.randn(B, H, K, dh, generator=g, device=dev).to(torch.bfloat16) for _ in range(2))
+            bias = torch.randn(*bias_shape, generator=g, device=dev).to(torch.bfloat16)
+            row = {}
+            fns = {("default" if b is None else b.name.lower()): (lambda b=b: _sdpa(q, k, v, bias, b))
+                   for b in (None, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)}
+            fns["triton (default config)"] = lambda: decode_attention(q, k, v, bias, scale=1.0)
+            for bk, w in ((32, 2), (64, 4), (128, 4), (128, 8), (256, 4), (256, 8)):
+                fns[f"triton K{bk} w{w}"] = (lambda bk=bk, w=w: decode_attention(
+                    q, k, v, bias, scale=1.0, config={"BLOCK_K": bk, "num_warps": w}))
+            for label, fn in fns.items():
+                try:
+                    def calls(fn=fn):
+                        for _ in range(50):
+                            fn()
+                    s = torch.cuda.Stream()
+                    s.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(s):
+                        calls()
+                    torch.cuda.current_stream().wait_stream(s)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        calls()
+                    graph.replay()
+                    torch.cuda.synchronize()
+                    a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    for _ in range(20):
+                        graph.replay()
+                    e.record()
+                    torch.cuda.synchronize()
+                    row[label] = round(1e3 * a.elapsed_time(e) / (50 * 20), 2)
+                except RuntimeError as err:
+                    row[label] = f"not run: {str(err).splitlines()[0][:60]}"
+            out[f"B{B}-{name}"] = row
+    return out
+
+
 def blocking_copy_check(model, store, dev, ids, new_tokens: int) -> dict:
     """pregated (graph, dma where auto picks it) with each step's logits copied to pageable host memory right
     after the step is launched (a blocking copy while the step runs): the run's outcome."""
@@ -284,10 +373,25 @@ def markdown(docs: list[tuple[str, dict]]) -> str:
                         bad = [x["name"] for x in items if not x["again_equal"]]
                         lines.append(f"|  | SDPA called twice more on the step's q/k/v/bias (first step, {run}) | | | "
                                      f"| differ from each other at: {', '.join(bad) or 'none'} |")
+                        per = [x["distinct_of_10_per_backend"] for x in items if "distinct_of_10_per_backend" in x]
+                        if per:
+                            errs = [d.pop("rel_err_vs_float64", {}) for d in per]
+                            tally = {b: sum(1 for d in per if isinstance(d[b], int) and d[b] > 1) for b in per[0]}
+                            lines.append(f"|  | each SDPA backend alone, 10 calls on each block's first-step tensors "
+                                         f"({run}): blocks with more than one distinct result, of {len(per)} | | | | "
+                                         + ", ".join(f"{b}: {n}" if all(isinstance(d[b], int) for d in per)
+                                                     else f"{b}: {per[0][b]}" for b, n in tally.items()) + " |")
+                            worst = {b: max(e.get(b, 0.0) for e in errs) for b in errs[0]}
+                            lines.append(f"|  | largest relative error against float64 over those blocks ({run}) | | | | "
+                                         + ", ".join(f"{b}: {x:.2e}" for b, x in worst.items()) + " |")
         if r.get("gpu_only_graph_vs_eager"):
             g = r["gpu_only_graph_vs_eager"]
             lines += ["", f"gpu_only graph vs eager: {g['bitwise_equal_steps']} of {g['steps']} steps bitwise equal, "
                       f"max abs logit diff {g['max_abs_logit_diff']:.3g}, {len(g['argmax_flips'])} argmax flips."]
+        if r.get("sdpa_timing_us"):
+            lines += ["", "SDPA, us per call (decode shapes, 50 calls in a CUDA graph replayed 20 times): " + "; ".join(
+                f"{shape}: " + ", ".join(f"{b} {t}" for b, t in row.items()) for shape, row in r["sdpa_timing_us"].items())
+                + "."]
         if r.get("blocking_copy_check"):
             b = r["blocking_copy_check"]
             lines += ["", "Blocking copy check (pregated, each step's logits copied to pageable host memory while "
@@ -312,6 +416,9 @@ def main() -> None:
     ap.add_argument("--modes", default="graph,eager")
     ap.add_argument("--blocking-copy-check", action="store_true")
     ap.add_argument("--op-determinism", action="store_true")
+    ap.add_argument("--sdpa-timing", action="store_true", help="us per SDPA call per backend (CUDA graph)")
+    ap.add_argument("--sdpa-backends-check", action="store_true",
+                    help="eager mode: SDPA through each backend, 10 calls on each block's first-step tensors")
     ap.add_argument("--md-from", nargs="*", default=None, help="write --out as markdown from these probe JSONs")
     ap.add_argument("--deterministic", action="store_true",
                     help="torch.use_deterministic_algorithms(True) and CUBLAS_WORKSPACE_CONFIG=:4096:8 for every run")
@@ -353,6 +460,8 @@ def main() -> None:
     for mode in args.modes.split(","):
         eng = Engine(model, store, dev, cuda_graph=mode == "graph")
         rec = Recorder(model) if mode == "eager" else None
+        if rec is not None:
+            rec.backends_check = args.sdpa_backends_check
         runs = {}
         for name in ["gpu_only"] + policies:
             if rec is not None:
@@ -407,6 +516,9 @@ def main() -> None:
     if args.op_determinism:
         result["op_determinism"] = op_determinism(cfg, dev, args.batch, args.input_tokens)
         print(f"[probe] op determinism: {result['op_determinism']}", flush=True)
+    if args.sdpa_timing and dev.type == "cuda":
+        result["sdpa_timing_us"] = sdpa_timing(cfg, dev, args.input_tokens)
+        print(f"[probe] sdpa us per call: {result['sdpa_timing_us']}", flush=True)
     if args.blocking_copy_check:
         result["blocking_copy_check"] = blocking_copy_check(model, store, dev, ids, args.new_tokens)
         print(f"[probe] blocking copy check: {result['blocking_copy_check']}", flush=True)
