@@ -349,7 +349,7 @@ def markdown(docs: list[tuple[str, dict]]) -> str:
     lines = ["# Where offloaded policies' numbers differ from gpu_only's (scripts/probe_policy_equality.py)", ""]
     for path, r in docs:
         env = r["environment"]
-        lines += [f"## `{path}`", "", f"`{env.get('command')}` ({env.get('gpu') or env.get('device')}, torch "
+        lines += [f"## `{path}`", "", f"`{env.get('command')}` ({env.get('compute_device')}, torch "
                   f"{env.get('torch')}, {env.get('date')}); batch {r['batch']}, {r['input_tokens']} input tokens, "
                   f"{r['new_tokens']} forced decoder inputs; deterministic algorithms: {r.get('deterministic')}; "
                   f"SDPA backend: {r.get('sdpa_backend') or 'default'}", "",
@@ -360,8 +360,11 @@ def markdown(docs: list[tuple[str, dict]]) -> str:
             for name, e in runs.items():
                 lg, hk = e["logits"], e.get("hooks") or {}
                 f = hk.get("first_difference")
-                first = (f"{f['name']} ({f['elements_differing']} of {f['elements']} / {f['max_abs_diff']:.3g})"
-                         if f else ("none" if hk else "-"))
+                if f and f["elements_differing"] == 0:  # bits differ, values equal: -0.0 against 0.0
+                    first = f"none in value ({f['name']}: equal values, different bits, e.g. -0.0 and 0.0)"
+                else:
+                    first = (f"{f['name']} ({f['elements_differing']} of {f['elements']} / {f['max_abs_diff']:.3g})"
+                             if f else ("none" if hk else "-"))
                 flips = ", ".join(f"({x['step']}, {x['row']}, {x['gpu_only_top2_margin']:.4g})"
                                   for x in lg["argmax_flips"]) or "none"
                 lines.append(f"| {mode} | {'gpu_only (second run)' if name == 'gpu_only_repeat' else name} | "
@@ -371,8 +374,8 @@ def markdown(docs: list[tuple[str, dict]]) -> str:
                 if rec:
                     for run, items in rec.items():
                         bad = [x["name"] for x in items if not x["again_equal"]]
-                        lines.append(f"|  | SDPA called twice more on the step's q/k/v/bias (first step, {run}) | | | "
-                                     f"| differ from each other at: {', '.join(bad) or 'none'} |")
+                        lines.append(f"|  | torch's SDPA (its default backend) called twice on the step's q/k/v/bias "
+                                     f"(first step, {run}) | | | | the two differ at: {', '.join(bad) or 'none'} |")
                         per = [x["distinct_of_10_per_backend"] for x in items if "distinct_of_10_per_backend" in x]
                         if per:
                             errs = [d.pop("rel_err_vs_float64", {}) for d in per]
