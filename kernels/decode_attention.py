@@ -98,6 +98,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
         raise ValueError(f"decode_attention: k and v must be [B={B}, H={H}, K, D={D}], got {tuple(k.shape)} and "
                          f"{tuple(v.shape)}")
     K = k.shape[2]
+    if bias is not None and not bias.is_floating_point():
+        raise ValueError(f"decode_attention: bias must be an additive float mask, got {bias.dtype} (for a boolean "
+                         "mask pass torch.zeros(...).masked_fill(~mask, torch.finfo(dtype).min))")
     out = torch.empty((B, H, 1, D), dtype=q.dtype, device=q.device)
     if bias is not None:
         try:

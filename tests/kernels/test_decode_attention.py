@@ -88,6 +88,8 @@ def test_bad_shapes_are_refused():
         decode_attention(q, k[:, :2], v[:, :2])
     with pytest.raises(ValueError, match="does not broadcast"):
         decode_attention(q, k, v, torch.zeros(1, 3, 1, 11))
+    with pytest.raises(ValueError, match="additive float mask"):
+        decode_attention(q, k, v, torch.ones(1, 3, 1, 10, dtype=torch.bool))
 
 
 def test_model_decode_step_uses_the_kernel(monkeypatch):
