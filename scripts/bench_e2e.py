@@ -1494,8 +1494,17 @@ def plot(path: Path, result: dict) -> None:
     shapes = [s for s, v in result["shapes"].items() if isinstance(v, dict) and v.get("runs")]
     if not shapes:
         return
-    fig, axes = plt.subplots(2, 2, figsize=(16, 9))
-    for row, mode in enumerate(("greedy", "beam4")):
+
+    def of_mode(r: dict, mode: str) -> bool:
+        return r.get("decoding") == mode or r["label"].endswith(mode)
+
+    # a row of panels per decoding the run measured (a greedy-only run draws no empty beam-search panels)
+    modes = [m for m in ("greedy", "beam4")
+             if any(of_mode(r, m) for s in shapes for r in result["shapes"][s]["runs"])]
+    if not modes:
+        return
+    fig, axes = plt.subplots(len(modes), 2, figsize=(16, 4.5 * len(modes)), squeeze=False)
+    for row, mode in enumerate(modes):
         labels: list[str] = []
         for s in shapes:
             for r in result["shapes"][s]["runs"] + result["shapes"][s].get("anchors", []):

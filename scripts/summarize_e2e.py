@@ -6,7 +6,7 @@ pre-gated policy's ms/token, its stall and copy efficiency), and the batch sweep
 on_demand / pregated, the crossover, distinct experts copied per decoder MoE block per step against the
 uniform-routing expectation).
 
-Usage: python scripts/summarize_e2e.py bench/results/e2e-h200.json [--out bench/results/e2e-h200.md]
+Usage: python scripts/summarize_e2e.py bench/results/e2e-h200.json [--out bench/results/e2e-h200.md] [--plots]
 """
 
 from __future__ import annotations
@@ -512,12 +512,25 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("json")
     ap.add_argument("--out")
+    ap.add_argument("--plots", action="store_true",
+                    help="also draw the run's plots again beside the JSON (<stem>.png, <stem>-batch.png), as "
+                    "scripts/bench_e2e.py draws them")
     args = ap.parse_args()
     doc = json.loads(Path(args.json).read_text())
     text = summarize(doc, args.json)
     print(text)
     if args.out:
         Path(args.out).write_text(text)
+    if args.plots:
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_e2e import plot, plot_batch
+
+        src = Path(args.json)
+        plot(src.with_suffix(".png"), doc)
+        if any((v or {}).get("batch_sweep") for v in doc["shapes"].values() if isinstance(v, dict)):
+            plot_batch(src.with_name(src.stem + "-batch.png"), doc)
 
 
 if __name__ == "__main__":

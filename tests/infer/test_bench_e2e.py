@@ -586,3 +586,34 @@ def test_prediction_check_tells_near_ties_from_disagreements():
     c = bench.prediction_check(ref, got, None)
     assert (c["disagreements"], c["near_ties"], c["beyond_tolerance"]) == (2, 0, 2)
     assert bench.prediction_check(ref, ref, None)["disagreements"] == 0
+
+
+def test_plot_draws_a_row_per_decoding_measured(tmp_path):
+    """A greedy-only run's plot has one row of panels (no empty beam-search row); with beam runs, two. The
+    summary script draws the same plot again from the JSON (--plots)."""
+    import json
+    import subprocess
+
+    from PIL import Image
+
+    def run(mode):
+        return {"label": f"pregated/{mode}/gpu_only", "policy": "gpu_only", "decoding": mode,
+                "metrics": {"ms_per_token_median": 1.0, "peak_allocated_bytes": 2e9}}
+
+    def doc(modes):
+        return {"shapes": {"tiny": {"runs": [run(m) for m in modes], "anchors": [],
+                                    "floors": {"greedy": {"copy_floor_ms": 0.5, "gpu_only_ms": 1.0}}}},
+                "environment": {"compute_device": "cpu", "torch": torch.__version__, "pinned_peak_GBps": None},
+                "settings": {"input_tokens": 16, "new_tokens": 4}, "failures": []}
+
+    heights = {}
+    for modes in (["greedy"], ["greedy", "beam4"]):
+        path = tmp_path / f"{len(modes)}.png"
+        bench.plot(path, doc(modes))
+        heights[len(modes)] = Image.open(path).size[1]
+    assert heights[2] == 2 * heights[1]
+    src = tmp_path / "run.json"
+    src.write_text(json.dumps(doc(["greedy"])))
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "summarize_e2e.py"), str(src), "--plots"], check=True,
+                   capture_output=True, timeout=120)
+    assert Image.open(tmp_path / "run.png").size[1] == heights[1]
