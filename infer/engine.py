@@ -349,7 +349,9 @@ class Engine:
         warmup: bool = False,
         cpu_compute: str | None = None,
     ) -> RunResult:
-        """cpu_compute: overrides the engine's offload.cpu_compute for this run."""
+        """cpu_compute: overrides the engine's offload.cpu_compute for this run. keep_logits: each step's logits in
+        RunResult.step_logits (CPU tensors; held on the device until the run ends, B x vocab fp32 per step, since a
+        copy to host memory during the loop would stall copy_mode dma: infer.offload.DMA_HOST_COPY_NOTE)."""
         cpu_mode = self.cpu_compute if cpu_compute is None else cpu_compute
         check_cpu_compute(self.store, cpu_mode)  # before a calibration reads the store
         dev, model = self.device, self.model
