@@ -16,9 +16,9 @@ causal mask for self-attention, the padding mask for cross-attention).
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from kernels.routing import use_triton
 
 try:
     import triton
@@ -122,13 +122,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     return out
 
 
-def use_decode_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether the kernel serves this call: Triton, no gradient, one query, CUDA tensors (on the CPU only under the
-    interpreter with PGMOE_FORCE_TRITON=1: tests), a float dtype and a head width the registers hold."""
-    on_device = q.is_cuda or (os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("PGMOE_FORCE_TRITON") == "1")
-    return (HAVE_TRITON and on_device and not torch.is_grad_enabled() and q.dim() == 4 and q.shape[2] == 1
-            and q.dtype == k.dtype
-            and q.dtype in (torch.float32, torch.float16, torch.bfloat16) and q.shape[-1] <= 256)
+def use_decode_attention(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether the kernel serves this call: Triton where the other kernels run (kernels.routing.use_triton: CUDA
+    tensors, on the CPU only under the interpreter with PGMOE_FORCE_TRITON=1), no gradient, one query, a float dtype,
+    a head width the registers hold and an additive (float) bias or none."""
+    return (use_triton(q) and not torch.is_grad_enabled() and q.dim() == 4 and q.shape[2] == 1
+            and q.dtype == k.dtype and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and q.shape[-1] <= 256 and (bias is None or bias.is_floating_point()))
 
 
 __all__ = ["decode_attention", "decode_attention_reference", "default_config", "use_decode_attention", "HAVE_TRITON"]

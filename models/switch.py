@@ -113,8 +113,7 @@ class Attention(nn.Module):
     def attend(self, q_BHQd, k_BHKd, v_BHKd, bias) -> torch.Tensor:
         # T5 does not scale q.k: the scale is folded into the initialisation of q.
         drop = self.dropout if self.training else 0.0
-        additive = bias is None or bias.is_floating_point()
-        if self.decode_kernel and drop == 0.0 and additive and use_decode_attention(q_BHQd, k_BHKd):
+        if self.decode_kernel and drop == 0.0 and use_decode_attention(q_BHQd, k_BHKd, bias):
             out = decode_attention(q_BHQd, k_BHKd, v_BHKd, bias, scale=1.0)  # deterministic (its docstring)
         else:
             out = F.scaled_dot_product_attention(q_BHQd, k_BHKd, v_BHKd, attn_mask=bias, dropout_p=drop, scale=1.0)

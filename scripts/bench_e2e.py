@@ -1249,11 +1249,11 @@ FORCED_METHOD = (
     "and the greedy loop's argmax picks it. Cost per step, the same for every policy: one argmax over "
     "the logits (the model's own prediction, kept for the check against gpu_only) and one scatter. "
     "same_predictions_as_gpu_only compares those predictions (argmax of the unforced logits) with "
-    "gpu_only's at every step and row. gpu_only itself is not bitwise repeatable at every batch size (its "
-    "attention returned different last bits for the same inputs in back-to-back calls on the H200: "
-    "bench/results/probe-policy-equality-h200.md), so gpu_only runs twice and its self-disagreements are "
-    "recorded, and a policy's disagreement fails the check only where gpu_only's top-2 logit margin exceeds "
-    f"PRED_TIE_TOL = {PRED_TIE_TOL} (a near-tie below it is counted, with its margin, not failed)"
+    "gpu_only's at every step and row. gpu_only runs twice and its self-disagreements are recorded (with "
+    "torch's SDPA attention it was not bitwise repeatable on the H200, bench/results/probe-policy-equality-h200.md; "
+    "the decode step's attention is now kernels/decode_attention.py, which is), and a policy's disagreement fails "
+    f"the check only where gpu_only's top-2 logit margin exceeds PRED_TIE_TOL = {PRED_TIE_TOL} (a near-tie below "
+    "it is counted, with its margin, not failed)"
 )
 GREEDY_INPUTS_NOTE = (
     "greedy inputs: each row feeds back its own argmax. With random weights the greedy output barely "

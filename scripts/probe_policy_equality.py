@@ -6,9 +6,10 @@ named, twice each:
 - as the benchmark does (decode step captured as a CUDA graph): every step's logits compared with
   gpu_only's (bitwise equal steps, largest absolute difference, rows whose argmax differs and gpu_only's
   top-2 margin there);
-- eagerly, with hooks on every norm's input (the residual stream at each sub-layer boundary) and on each
-  MoE block's expert output, in the encoder pass and in every decode step: the first place, in call
-  order, whose tensor is not bitwise gpu_only's, and how far apart the two are there and at the end.
+- eagerly, with hooks on every norm's input (the residual stream at each sub-layer boundary), on each
+  MoE block's expert output and on each decoder cross-attention's inputs and SDPA output, in the encoder
+  pass and in every decode step: the first place, in call order, whose tensor is not bitwise gpu_only's,
+  and how far apart the two are there.
 --blocking-copy-check also runs pregated once with a blocking copy of each step's logits to pageable host memory
 made while the step is in flight (what Engine.run(keep_logits=True) did before it kept them on the device): whether
 the dma copier's waits time out then (infer.offload.DMA_HOST_COPY_NOTE). --op-determinism runs each non-expert
@@ -33,7 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_e2e import ForcedTokens, build_own, build_store, shape_config  # noqa: E402
+from bench_e2e import ForcedTokens, build_own, build_store, prediction_check, shape_config  # noqa: E402
+from bench_kernels import graph_of  # noqa: E402
 
 import infer.engine as engine_mod  # noqa: E402
 from infer import report as rep  # noqa: E402
@@ -46,11 +48,12 @@ from models.switch import RMSNorm  # noqa: E402
 
 
 class Recorder:
-    """Forward hooks on every RMSNorm (its input) and a wrapper on each MoE block's `experts` (its output):
-    records (name, tensor) in call order while `on`."""
+    """Forward hooks on every RMSNorm (its input), a wrapper on each MoE block's `experts` (its routing and
+    output) and on each decoder cross-attention's `attend` (q, k, v, bias on a block's first step, its o
+    projection's input = the attention's output): records (name, tensor) in call order while `on`."""
 
     def __init__(self, model):
-        self.model, self.on, self.calls = model, False, []
+        self.on, self.calls = False, []
         self.handles = []
         names = {id(m): n for n, m in model.named_modules()}
         for n, mod in model.named_modules():
@@ -83,8 +86,7 @@ class Recorder:
                         self.calls.append((_name + ".q", q.detach().clone()))
                         if self.first_step(_name):
                             # SDPA again on the same tensors, twice: equal to what the step computed?
-                            again = [torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
-                                     for _ in range(2)]
+                            again = [_sdpa(q, k, v, bias) for _ in range(2)]
                             B, H, Q, dh = again[0].shape
                             again = [a.transpose(1, 2).reshape(B, Q, H * dh) for a in again]
                             entry = {"name": _name, "again_equal": bool(torch.equal(again[0], again[1])),
@@ -144,11 +146,7 @@ def sdpa_backends_distinct(q, k, v, bias, reps: int) -> dict:
     for name, fn in runs.items():
         try:
             res = [fn() for _ in range(reps)]
-            uniq = []
-            for r in res:
-                if not any(torch.equal(_bits(r), _bits(u)) for u in uniq):
-                    uniq.append(r)
-            out[name] = len(uniq)
+            out[name] = _distinct(res)
             err[name] = float((res[0].double() - ref).norm() / ref.norm())
         except Exception as e:  # noqa: BLE001 - a backend that does not take these inputs here: say so
             out[name] = f"not run: {(str(e).splitlines() or [type(e).__name__])[0][:80]}"
@@ -192,6 +190,15 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(by_size[t.element_size()]) if t.dtype != torch.bool else t
 
 
+def _distinct(results: list[torch.Tensor]) -> int:
+    """How many bitwise-distinct tensors among results."""
+    uniq: list[torch.Tensor] = []
+    for r in results:
+        if not any(torch.equal(_bits(r), _bits(u)) for u in uniq):
+            uniq.append(r)
+    return len(uniq)
+
+
 def compare_calls(ref: list, got: list) -> dict:
     if [n for n, _ in ref] != [n for n, _ in got]:
         return {"error": "different call sequences", "ref_calls": len(ref), "calls": len(got)}
@@ -216,7 +223,7 @@ def op_determinism(cfg, dev, batch: int, enc_len: int, reps: int = 50) -> dict:
     """Each decode-step operation outside the experts, at the step's shapes, run `reps` times on the same inputs:
     how many distinct results. Attention per SDPA backend (the one the dispatcher picks first), with a padding
     bias as the cross-attention has and a position bias as the self-attention has."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
 
     g = torch.Generator(device=dev).manual_seed(0)
     H, dh, D = cfg.num_heads, cfg.d_kv, cfg.d_model
@@ -226,12 +233,7 @@ def op_determinism(cfg, dev, batch: int, enc_len: int, reps: int = 50) -> dict:
         return torch.randn(*shape, generator=g, device=dev).to(dt)
 
     def distinct(fn) -> int:
-        outs = [fn().clone() for _ in range(reps)]
-        uniq = []
-        for o in outs:
-            if not any(torch.equal(o, u) for u in uniq):
-                uniq.append(o)
-        return len(uniq)
+        return _distinct([fn() for _ in range(reps)])
 
     out: dict = {"reps": reps}
     q = rnd(batch, 1, H, dh).transpose(1, 2)  # a view, as Attention.heads makes it
@@ -245,12 +247,10 @@ def op_determinism(cfg, dev, batch: int, enc_len: int, reps: int = 50) -> dict:
             res["dispatcher_choice"] = str(SDPBackend(torch._fused_sdp_choice(q, k, v, bias, 0.0, False, scale=1.0)))
         except Exception as e:  # noqa: BLE001 - a private API: report, do not fail
             res["dispatcher_choice"] = f"unknown ({type(e).__name__})"
-        res["default"] = distinct(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0))
+        res["default"] = distinct(lambda: _sdpa(q, k, v, bias))
         for b in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
             try:
-                with sdpa_kernel([b]):
-                    res[b.name.lower()] = distinct(
-                        lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0))
+                res[b.name.lower()] = distinct(lambda b=b: _sdpa(q, k, v, bias, b))
             except Exception as e:  # noqa: BLE001 - a backend that does not take these inputs
                 res[b.name.lower()] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         out["sdpa_" + name] = res
@@ -286,23 +286,13 @@ def sdpa_timing(cfg, dev, enc_len: int) -> dict:
                     q, k, v, bias, scale=1.0, config={"BLOCK_K": bk, "num_warps": w}))
             for label, fn in fns.items():
                 try:
-                    def calls(fn=fn):
-                        for _ in range(50):
-                            fn()
-                    s = torch.cuda.Stream()
-                    s.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(s):
-                        calls()
-                    torch.cuda.current_stream().wait_stream(s)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        calls()
-                    graph.replay()
+                    replay = graph_of(*[fn] * 50)
+                    replay()
                     torch.cuda.synchronize()
                     a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     a.record()
                     for _ in range(20):
-                        graph.replay()
+                        replay()
                     e.record()
                     torch.cuda.synchronize()
                     row[label] = round(1e3 * a.elapsed_time(e) / (50 * 20), 2)
@@ -378,8 +368,9 @@ def markdown(docs: list[tuple[str, dict]]) -> str:
                                      f"(first step, {run}) | | | | the two differ at: {', '.join(bad) or 'none'} |")
                         per = [x["distinct_of_10_per_backend"] for x in items if "distinct_of_10_per_backend" in x]
                         if per:
-                            errs = [d.pop("rel_err_vs_float64", {}) for d in per]
-                            tally = {b: sum(1 for d in per if isinstance(d[b], int) and d[b] > 1) for b in per[0]}
+                            errs = [d.get("rel_err_vs_float64", {}) for d in per]
+                            tally = {b: sum(1 for d in per if isinstance(d[b], int) and d[b] > 1) for b in per[0]
+                                     if b != "rel_err_vs_float64"}
                             lines.append(f"|  | each SDPA backend alone, 10 calls on each block's first-step tensors "
                                          f"({run}): blocks with more than one distinct result, of {len(per)} | | | | "
                                          + ", ".join(f"{b}: {n}" if all(isinstance(d[b], int) for d in per)
@@ -460,6 +451,7 @@ def main() -> None:
               "new_tokens": args.new_tokens, "deterministic": args.deterministic, "sdpa_backend": args.sdpa_backend,
               "modes": {}}
     policies = [p for p in args.policies.split(",") if p]
+    gpu_only_logits: dict[str, list[torch.Tensor]] = {}
     for mode in args.modes.split(","):
         eng = Engine(model, store, dev, cuda_graph=mode == "graph")
         rec = Recorder(model) if mode == "eager" else None
@@ -484,8 +476,7 @@ def main() -> None:
         for name in policies:
             r = runs[name]
             entry = {"notes": r["notes"], "logits": compare_logits(ref["logits"], r["logits"])}
-            pairs = [(a, b) for ra, rb in zip(ref["preds"], r["preds"]) for a, b in zip(ra, rb)]
-            entry["predictions_differing"] = sum(a != b for a, b in pairs)
+            entry["predictions_differing"] = prediction_check(ref["preds"], r["preds"], None)["disagreements"]
             if rec is not None:
                 entry["hooks"] = compare_calls(ref["calls"], r["calls"])
             out[name] = entry
@@ -497,7 +488,6 @@ def main() -> None:
         if mode == "eager" and "gpu_only" in runs:
             # gpu_only against itself, a second run: is gpu_only's own eager path repeatable?
             rec2 = Recorder(model)
-            rec2.reset()
             rec2.on = True
             with forcing.active():
                 res2 = eng.run(PolicySpec.parse("gpu_only"), ids, max_new_tokens=args.new_tokens, keep_logits=True)
@@ -512,9 +502,8 @@ def main() -> None:
             rh = out["gpu_only_repeat"]["hooks"]
             print(f"[probe] {mode} gpu_only repeat: {rh['first_difference']}; then "
                   f"{[(c['name'].rsplit('.', 2)[-2:], c['equal']) for c in rh.get('after_first', [])]}", flush=True)
-        # graph vs eager gpu_only logits
         result["modes"][mode] = out
-        result["modes"][mode]["_gpu_only_logits"] = [t for t in ref["logits"]]  # dropped before writing
+        gpu_only_logits[mode] = ref["logits"]  # graph against eager, below
         del runs
     if args.op_determinism:
         result["op_determinism"] = op_determinism(cfg, dev, args.batch, args.input_tokens)
@@ -525,9 +514,8 @@ def main() -> None:
     if args.blocking_copy_check:
         result["blocking_copy_check"] = blocking_copy_check(model, store, dev, ids, args.new_tokens)
         print(f"[probe] blocking copy check: {result['blocking_copy_check']}", flush=True)
-    gl = [result["modes"][m].pop("_gpu_only_logits") for m in list(result["modes"])]
-    if len(gl) == 2:
-        result["gpu_only_graph_vs_eager"] = compare_logits(gl[0], gl[1])
+    if {"graph", "eager"} <= set(gpu_only_logits):
+        result["gpu_only_graph_vs_eager"] = compare_logits(gpu_only_logits["graph"], gpu_only_logits["eager"])
         print(f"[probe] gpu_only graph vs eager: {result['gpu_only_graph_vs_eager']['bitwise_equal_steps']} "
               f"equal steps", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

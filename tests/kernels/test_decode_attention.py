@@ -117,6 +117,8 @@ def test_model_decode_step_uses_the_kernel(monkeypatch):
         for att in [b.self_attn for b in model.decoder.blocks] + [b.cross_attn for b in model.decoder.blocks]:
             att.decode_kernel = True  # what set_backend("triton") sets, without the MoE's Triton kernels
         assert use_decode_attention(torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 3, 4))
+        assert not use_decode_attention(torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 3, 4),
+                                        torch.ones(1, 1, 1, 3, dtype=torch.bool))  # a boolean mask: SDPA's
         got = model.decode_one_token(model.prefill(ids, max_len=4), tok)
     assert len(calls) == 2 * len(model.decoder.blocks)
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4)
