@@ -10,7 +10,12 @@ Two Triton paths, picked by the number of token slots R = T*k (tuned per GPU, se
           fixed-order reduce of the F-tile partials; measured slower than decode on the H200.
   (A one-launch form with producer programs publishing h through a counter and consumer programs holding
   their W_out tile in registers while they wait was measured on the H200 and removed: 7.1-9.4 us vs 6.3 us
-  for switch-base, 9.1-11.7 vs 8.2 for switch-large; bench/results/kernels-nvidia-h200-signal-preload-sweep.md.)
+  for switch-base, 9.1-11.7 vs 8.2 for switch-large; bench/results/kernels-nvidia-h200-signal-preload-sweep.md.
+  Also measured and removed: the first kernel asking L2 for its W_in tile before its PDL wait, when the caller says
+  the ids were final one kernel earlier, and the second kernel triggering the next PDL kernel once h is ready, so
+  back-to-back calls overlap: 5.69 vs 5.44 us per call for switch-base, 7.75 vs 7.72 for switch-large, and slower
+  after a routing kernel too; built at commits 99c17ea and cbbe060, bench/results/kernels-nvidia-h200-ids-ahead.md
+  and kernels-nvidia-h200-chain-sweep.md.)
   gridsync (opt-in config, not a default): one launch of <= #SM programs: W_out tiles prefetched to L2,
           the h tiles, a grid barrier, then y from L2. Correct and deterministic on the H200, but slower
           than decode there (T = 1, 16 back to back: 10.4 vs 7.4 us switch-base, 13.3 vs 10.5 us
@@ -138,26 +143,6 @@ if HAVE_TRITON:
                          + tl.minimum(offs_d, D - 1)[:, None] * stride_wd + lines[None, :] * stride_wf)
 
     @triton.jit
-    def _prefetch_w_in_rows(w_in_ptr, ids_ptr, slot_of_expert_ptr, r, pid_f, S, E, D, F, stride_ws, stride_wf,
-                            stride_wd, HAS_SLOT_MAP: tl.constexpr, GATED: tl.constexpr, BLOCK_F: tl.constexpr,
-                            D_LINES: tl.constexpr, LINE: tl.constexpr):
-        # Ask L2 for token slot r's W_in tile (one prefetch per 128-byte line) before the PDL wait. The id
-        # and slot are read before the wait, so they may be stale (a guess; the caller says they are
-        # final: ids_ready). They are clamped into the tables, so a stale value costs a wasted prefetch,
-        # never a fault; the loads after the wait read the real ones (L2 is coherent with every writer).
-        e = tl.minimum(tl.maximum(tl.load(ids_ptr + r), 0), E - 1)
-        slot = e
-        if HAS_SLOT_MAP:
-            slot = tl.load(slot_of_expert_ptr + e)
-        slot = tl.minimum(tl.maximum(slot, 0), S - 1)
-        rows = tl.minimum(pid_f * BLOCK_F + tl.arange(0, BLOCK_F), F - 1)
-        lines = tl.minimum(tl.arange(0, D_LINES) * LINE, D - 1)
-        ptrs = w_in_ptr + slot.to(tl.int64) * stride_ws + rows[:, None] * stride_wf + lines[None, :] * stride_wd
-        _prefetch_l2(ptrs)
-        if GATED:
-            _prefetch_l2(ptrs + F * stride_wf)
-
-    @triton.jit
     def _gemv_in_tile(x_ptr, w_in_ptr, slot, r, offs_f, mask_f, D, F, stride_xt, stride_xd, stride_ws, stride_wf,
                       stride_wd, K: tl.constexpr, GATED: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_F: tl.constexpr, s_ptr, stride_ss, stride_sf, HAS_SCALE: tl.constexpr):
@@ -212,18 +197,13 @@ if HAVE_TRITON:
     @triton.jit
     def _decode_in_kernel(
         x_ptr, w_in_ptr, ids_ptr, slot_of_expert_ptr, h_ptr, s_ptr,
-        D, F, S, E,
+        D, F,
         stride_xt, stride_xd, stride_ws, stride_wf, stride_wd, stride_ss, stride_sf,
         K: tl.constexpr, HAS_SLOT_MAP: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
         USE_PDL: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SCALE: tl.constexpr,
-        PREFETCH: tl.constexpr, D_LINES: tl.constexpr, LINE: tl.constexpr,
     ):
         # h[r, f-tile] = act(W_in[s, f-tile, :] @ x[t]): a GEMV; the weight tile is the only real traffic.
         if USE_PDL:  # ids (and x) come from earlier kernels; let _decode_out_kernel start loading W_out
-            if PREFETCH:  # ids final before the kernel ahead of this one (ids_ready): fetch W_in meanwhile
-                _prefetch_w_in_rows(w_in_ptr, ids_ptr, slot_of_expert_ptr, tl.program_id(0), tl.program_id(1), S,
-                                    E, D, F, stride_ws, stride_wf, stride_wd, HAS_SLOT_MAP, GATED, BLOCK_F, D_LINES,
-                                    LINE)
             gdc_wait()
             gdc_launch_dependents()
         _h_tile(x_ptr, w_in_ptr, ids_ptr, slot_of_expert_ptr, h_ptr, tl.program_id(0), tl.program_id(1), D, F,
@@ -237,15 +217,14 @@ if HAVE_TRITON:
         stride_ws, stride_wd, stride_wf, stride_yt, stride_yd, stride_ss, stride_sd,
         K: tl.constexpr, HAS_SLOT_MAP: tl.constexpr, USE_PDL: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, F_LINES: tl.constexpr, LINE: tl.constexpr,
-        HAS_SCALE: tl.constexpr, PRELOAD: tl.constexpr, TRIGGER: tl.constexpr,
+        HAS_SCALE: tl.constexpr, PRELOAD: tl.constexpr,
     ):
         # y[t, d-tile] = sum_j w[t, j] * W_out[s_j, d-tile, :] @ h[t*K + j]: the k-sum happens here, in a
         # fixed order, so the output needs no atomics and no second pass. With PDL this kernel starts
         # while _decode_in_kernel runs (ids were final before that one passed its gdc_wait): the W_out
         # tiles load first, and only reading h waits for _decode_in_kernel to finish. PRELOAD (whole rows,
         # BLOCK_F >= F): the first slot's tile is loaded into registers before the wait; else it is asked
-        # into L2 (no registers held). TRIGGER: once h is ready, the next kernel (if launched with PDL) may
-        # start, e.g. the next expert FFN's first kernel, which then prefetches its W_in while this one sums.
+        # into L2 (no registers held).
         t = tl.program_id(0)
         pid_d = tl.program_id(1)
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -261,8 +240,6 @@ if HAVE_TRITON:
                 _prefetch_w_out_rows(w_out_ptr, ids_ptr, slot_of_expert_ptr, t, offs_d, D, F, stride_ws, stride_wd,
                                      stride_wf, K, HAS_SLOT_MAP, F_LINES, LINE)
             gdc_wait()  # h is written by _decode_in_kernel
-            if TRIGGER:
-                gdc_launch_dependents()
         acc_D = tl.zeros([BLOCK_D], dtype=tl.float32)
         for j in tl.static_range(K):
             r = t * K + j
@@ -551,27 +528,11 @@ def _np2(n: int) -> int:
 
 
 def _decode_config(bf: int, bd: int, w: int, obd: int, obf: int, ow: int, pdl: bool = True,
-                   preload: bool = False, prefetch: bool = False, trigger: bool = False) -> dict:
+                   preload: bool = False) -> dict:
     out = {"BLOCK_D": obd, "BLOCK_F": obf, "num_warps": ow}
     if preload:  # the first slot's W_out tile into registers before the wait (whole rows: BLOCK_F >= F)
         out["preload"] = True
-    if trigger:  # the second kernel lets the next PDL kernel start once its h is ready
-        out["trigger"] = True
-    ins = {"BLOCK_F": bf, "BLOCK_D": bd, "num_warps": w}
-    if prefetch:  # the first kernel asks L2 for its W_in tile before its wait, when the call says ids_ready
-        ins["prefetch"] = True
-    return {"path": "decode", "pdl": pdl, "in": ins, "out": out}
-
-
-def chain_config(cfg: dict, prefetch: bool = True, trigger: bool = True) -> dict:
-    """A two-kernel decode config with the W_in prefetch before the first kernel's wait (used by calls with
-    ids_ready) and/or the second kernel's early trigger of the next PDL kernel."""
-    if cfg.get("path") != "decode":
-        raise ValueError(f"chain_config takes a decode config, got path {cfg.get('path')!r}")
-    ci, co = cfg["in"], cfg["out"]
-    return _decode_config(ci["BLOCK_F"], ci["BLOCK_D"], ci["num_warps"], co["BLOCK_D"], co["BLOCK_F"], co["num_warps"],
-                          pdl=cfg.get("pdl", True), preload=co.get("preload", False), prefetch=prefetch,
-                          trigger=trigger)
+    return {"path": "decode", "pdl": pdl, "in": {"BLOCK_F": bf, "BLOCK_D": bd, "num_warps": w}, "out": out}
 
 
 def gridsync_config(d: int, F: int, bf: int = 32, bdo: int = 8, w: int = 8, pdl: bool = True) -> dict:
@@ -671,15 +632,13 @@ def expert_ffn_triton(
     activation: str = "relu",
     config: dict | None = None,
     config_tokens: int | None = None,
-    ids_ready: bool = False,
 ) -> torch.Tensor:
     """Triton expert FFN (see `expert_ffn`); `config` forces a path/tiles (tests, benchmarks).
 
     Without `config` the path and tiles come from `choose_config`, keyed by the number of experts E
     (slot_of_expert's length when given, else the number of weight slots) and the token count
     (`config_tokens` when given: a call computing part of a larger batch's tokens takes the whole
-    batch's config, so each token's output is the one the whole call would give). ids_ready: see
-    `expert_ffn`; it changes what is fetched early, never the output."""
+    batch's config, so each token's output is the one the whole call would give)."""
     if activation not in _ACT_CODE:
         raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     act, gated = _ACT_CODE[activation]
@@ -765,18 +724,14 @@ def expert_ffn_triton(
             ci, co = cfg["in"], cfg["out"]
             h = torch.empty((R, F), dtype=h_dtype, device=x.device)
             pdl = {"launch_pdl": True} if cfg.get("pdl", True) and use_pdl(x.device) else {}
-            line_in = 128 // w_in.element_size()  # elements per 128-byte line, for the L2 prefetches
-            n_ids = slot_of_expert.numel() if slot_of_expert is not None else S
             _decode_in_kernel[(R, triton.cdiv(F, ci["BLOCK_F"]))](
                 x, w_in, ids_R, slot_map, h, s_in,
-                d, F, S, n_ids,
+                d, F,
                 x.stride(0), x.stride(1), w_in.stride(0), w_in.stride(1), w_in.stride(2), *scale_args,
                 K=k, HAS_SLOT_MAP=slot_of_expert is not None, ACT=act, GATED=gated, USE_PDL=bool(pdl),
-                BLOCK_F=ci["BLOCK_F"], BLOCK_D=ci["BLOCK_D"], HAS_SCALE=quant,
-                PREFETCH=bool(pdl) and ids_ready and bool(ci.get("prefetch", False)),
-                D_LINES=_np2(triton.cdiv(d, line_in)), LINE=line_in, num_warps=ci["num_warps"], **pdl,
+                BLOCK_F=ci["BLOCK_F"], BLOCK_D=ci["BLOCK_D"], HAS_SCALE=quant, num_warps=ci["num_warps"], **pdl,
             )
-            line = 128 // w_out.element_size()
+            line = 128 // w_out.element_size()  # elements per 128-byte line, for the L2 prefetch
             _decode_out_kernel[(T, triton.cdiv(d, co["BLOCK_D"]))](
                 h, w_out, ids_R, slot_map, weights_R, out, s_out,
                 d, F,
@@ -784,7 +739,7 @@ def expert_ffn_triton(
                 K=k, HAS_SLOT_MAP=slot_of_expert is not None, USE_PDL=bool(pdl),
                 BLOCK_D=co["BLOCK_D"], BLOCK_F=co["BLOCK_F"], F_LINES=_np2(triton.cdiv(F, line)), LINE=line,
                 HAS_SCALE=quant, PRELOAD=bool(co.get("preload", False)) and co["BLOCK_F"] >= F,
-                TRIGGER=bool(co.get("trigger", False)), num_warps=co["num_warps"], **pdl,
+                num_warps=co["num_warps"], **pdl,
             )
             return
         bm, ci, co = cfg["BLOCK_M"], cfg["in"], cfg["out"]
@@ -902,20 +857,15 @@ def expert_ffn(
     slot_of_expert: torch.Tensor | None = None,
     activation: str = "relu",
     config_tokens: int | None = None,
-    ids_ready: bool = False,
 ) -> torch.Tensor:
     """y[t] = sum_j weights[t, j] * w_out[s] @ act(w_in[s] @ x[t]), s = slot_of_expert[ids[t, j]].
 
     Triton on CUDA (decode or prefill path by token count), the reference otherwise (see use_triton).
     Output in x's dtype, fp32 accumulation. config_tokens: x holds part of a batch of that many tokens
     (see expert_ffn_triton); the reference computes each expert's rows alike either way.
-    ids_ready: ids and slot_of_expert were final before the kernel launched just ahead of this call
-    (a pre-gated block's ids come from an earlier block's pre-gate), so on the decode path, where the
-    config asks for it ("in": {"prefetch": true}), the first kernel asks L2 for its weight rows while
-    that kernel still runs (PDL). A hint: a wrong one wastes the prefetch, the output is the same.
     """
     tensors = [t.q if isinstance(t, Int8Weights) else t for t in (w_in, w_out)]
     if use_triton(x, *tensors, weights):
         return expert_ffn_triton(x, w_in, w_out, ids, weights, slot_of_expert, activation,
-                                 config_tokens=config_tokens, ids_ready=ids_ready)
+                                 config_tokens=config_tokens)
     return expert_ffn_reference(x, w_in, w_out, ids, weights, slot_of_expert, activation)

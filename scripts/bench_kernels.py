@@ -38,7 +38,6 @@ from kernels.expert_ffn import (  # noqa: E402
     _default_config,
     _fused_config,
     _np2,
-    chain_config,
     expert_ffn,
     expert_ffn_reference,
     expert_ffn_triton,
@@ -452,8 +451,7 @@ def _cfg_name(cfg: dict) -> str:
     if cfg.get("path") == "decode":
         ci, co = cfg["in"], cfg["out"]
         return (f"2-kernel in BF{ci['BLOCK_F']} BD{ci['BLOCK_D']} w{ci['num_warps']} out BD{co['BLOCK_D']} "
-                f"BF{co['BLOCK_F']} w{co['num_warps']}" + (" preload" if co.get("preload") else "")
-                + (" prefetch" if ci.get("prefetch") else "") + (" trigger" if co.get("trigger") else ""))
+                f"BF{co['BLOCK_F']} w{co['num_warps']}" + (" preload" if co.get("preload") else ""))
     if cfg.get("path") == "gridsync":
         return f"grid-barrier BF{cfg['BLOCK_F']} BDO{cfg['BLOCK_DO']} w{cfg['num_warps']}"
     if "SPLIT_D" in cfg:
@@ -480,21 +478,6 @@ def preload_candidates(pinned: dict, f: int) -> list[dict]:
             for obd, ow in ((1, 2), (2, 2), (2, 4), (4, 4), (4, 8), (8, 8))]
 
 
-def chain_candidates(pinned: dict) -> list[dict]:
-    """The pinned two-kernel config with the first kernel's W_in prefetch before its PDL wait (calls with
-    ids_ready), the second kernel's early trigger of the next PDL kernel, and both; then both with the first
-    kernel's rows per program and warps varied."""
-    if pinned.get("path") != "decode":
-        return []
-    ci, co = pinned["in"], pinned["out"]
-    out = [chain_config(pinned, True, False), chain_config(pinned, False, True), chain_config(pinned, True, True)]
-    for bf, w in ((1, 1), (2, 1), (4, 2), (4, 4), (8, 4)):
-        if (bf, w) != (ci["BLOCK_F"], ci["num_warps"]):
-            out.append(_decode_config(bf, ci["BLOCK_D"], w, co["BLOCK_D"], co["BLOCK_F"], co["num_warps"],
-                                      preload=co.get("preload", False), prefetch=True, trigger=True))
-    return out
-
-
 def layout_candidates(d: int) -> list[dict]:
     """Fused decode configs for W_out stored transposed (F x d in memory): each program then reads BLOCK_F
     whole contiguous d-rows of W_out (a [d, BLOCK_F] tile in registers: BLOCK_F stays small, more warps hold
@@ -505,17 +488,14 @@ def layout_candidates(d: int) -> list[dict]:
 
 
 def sweep_decode(out: list, reps: int, sweep_one_launch: bool = False, expert_counts=None, layout: bool = False,
-                 preload: bool = False, chain: bool = False):
+                 preload: bool = False):
     """T = 1: time the two-kernel decode path against the fused decode kernel variants (single call after
     an L2 flush, and 16 calls back to back in one CUDA graph), and the split-gate routing against the
     whole-gate kernel; pin the fastest (FFN: by the graph b2b time; routing: single call) for the timings.
     layout: time the fused kernel and the pinned two-kernel config with W_out stored transposed (rows named
     "[W_out F x d]"; a storage the offload pool does not use yet, so never pinned) beside the pinned config
     on the usual storage, instead of the two-kernel sweep. preload: time the two-kernel path with W_out preloaded
-    into registers (preload_candidates) beside the pinned config, instead of the two-kernel sweep. chain: time
-    chain_candidates (W_in prefetched before the first kernel's wait, the second kernel's early trigger) beside
-    the pinned config, instead of the two-kernel sweep; every row's calls then say ids_ready (the b2b rotation's
-    ids are written before the graph runs), and each row also gets its b2b time without ids_ready."""
+    into registers (preload_candidates) beside the pinned config, instead of the two-kernel sweep."""
     gpu = tuning.gpu_name(DEV)
     for name, (d, f) in SHAPES.items():
         for E in expert_counts or EXPERTS:
@@ -544,9 +524,9 @@ def sweep_decode(out: list, reps: int, sweep_one_launch: bool = False, expert_co
             b2b = make_sets(1, E, 1, d, seed=E + 1, n_sets=16)
             rows = []
             one_launch = (fused_candidates(d) + gridsync_candidates(d, f) if sweep_one_launch
-                          else preload_candidates(old, f) if preload else chain_candidates(old) if chain else [])
-            # layout / preload / chain: only the pinned config beside their rows (the wide sweep is its own run)
-            plain = [(cfg, False) for cfg in [old] + ([] if layout or preload or chain else decode_candidates(d, f))
+                          else preload_candidates(old, f) if preload else [])
+            # layout / preload: only the pinned config beside their rows (the wide sweep is its own run)
+            plain = [(cfg, False) for cfg in [old] + ([] if layout or preload else decode_candidates(d, f))
                      + one_launch]
             transposed = [(cfg, True) for cfg in [old] + layout_candidates(d)] if layout else []
             t_copies = ([(wi, wo.transpose(1, 2).contiguous().transpose(1, 2)) for wi, wo in copies]
@@ -560,21 +540,10 @@ def sweep_decode(out: list, reps: int, sweep_one_launch: bool = False, expert_co
                 try:
                     r["us"] = bench_us([lambda x=x, i=i, w=w, cfg=cfg, w_in=w_in, w_out=w_out: expert_ffn_triton(
                         x, w_in, w_out, i, w, config=cfg) for x, i, w in sets], reps)
-                    calls = [lambda x=x, i=i, w=w, c=c, cfg=cfg, cps=cps, rdy=chain: expert_ffn_triton(
-                        x, *cps[c % n_copies], i, w, config=cfg, ids_ready=rdy) for c, (x, i, w) in enumerate(b2b)]
+                    calls = [lambda x=x, i=i, w=w, c=c, cfg=cfg, cps=cps: expert_ffn_triton(x, *cps[c % n_copies], i,
+                                                                                            w, config=cfg)
+                             for c, (x, i, w) in enumerate(b2b)]
                     r["graph_b2b_us"] = graph_per_call_us(calls)
-                    if chain:
-                        r["ids_ready"] = True
-                        r["graph_b2b_not_ready_us"] = graph_per_call_us(
-                            [lambda x=x, i=i, w=w, c=c, cfg=cfg, cps=cps: expert_ffn_triton(
-                                x, *cps[c % n_copies], i, w, config=cfg) for c, (x, i, w) in enumerate(b2b)])
-                        # in-model shape: each FFN after a pre-gate routing kernel (the next block's ids), its
-                        # own ids from the pair before (pre-gated), read as ready
-                        pre = [route(x, gate) for x, _, _ in b2b]
-                        r["pregated_step_graph_b2b_us"] = graph_per_call_us(
-                            [lambda x=x, c=c, cfg=cfg, cps=cps: (route(x, gate), expert_ffn_triton(
-                                x, *cps[c % n_copies], *pre[c - 1], config=cfg, ids_ready=True))
-                             for c, (x, _, _) in enumerate(b2b)])
                     x, i, w = sets[0]
                     ys = [expert_ffn_triton(x, w_in, w_out, i, w, config=cfg) for _ in range(20)]
                     r["bitwise_deterministic"] = all(torch.equal(y, ys[0]) for y in ys)
@@ -592,9 +561,7 @@ def sweep_decode(out: list, reps: int, sweep_one_launch: bool = False, expert_co
             tuning.set_config(fkey, DEV, best["config"])
             out.append({"what": "ffn", "shape": name, "E": E, "T": 1, "best": best["name"], "rows": rows})
             log("sweep", name, E, "ffn:", [(r["name"], round(r.get("us", -1), 2), round(r.get("graph_b2b_us", -1), 2),
-                                           round(r.get("graph_b2b_not_ready_us", -1), 2),
-                                           round(r.get("pregated_step_graph_b2b_us", -1), 2),
-                                           r.get("bitwise_deterministic"), r.get("error")) for r in rows])
+                                           r.get("bitwise_deterministic")) for r in rows])
             del copies, t_copies
             torch.cuda.synchronize()
 
@@ -868,10 +835,6 @@ def main():
     ap.add_argument("--sweep-preload", action="store_true",
                     help="the decode sweep times the two-kernel path with W_out preloaded into registers beside the "
                     "pinned config (instead of the two-kernel sweep)")
-    ap.add_argument("--sweep-chain", action="store_true",
-                    help="the decode sweep times the two-kernel path with the first kernel's W_in prefetched before its "
-                    "PDL wait (ids_ready calls) and the second kernel's early trigger beside the pinned config (instead "
-                    "of the two-kernel sweep)")
     ap.add_argument("--sweep-experts", default=None,
                     help="expert counts for the T = 1 sweep (default: --experts)")
     ap.add_argument("--read-floor", action="store_true",
@@ -927,7 +890,7 @@ def main():
         try:
             sweep_experts = [int(e) for e in args.sweep_experts.split(",")] if args.sweep_experts else None
             sweep_decode(sweep, max(20, args.reps // 2), args.sweep_one_launch, sweep_experts, args.sweep_layout,
-                         args.sweep_preload, args.sweep_chain)
+                         args.sweep_preload)
         except Exception as e:  # noqa: BLE001
             import traceback
             traceback.print_exc()

@@ -383,11 +383,14 @@ def int8_table(shapes: dict) -> list[str]:
                 c = (got.get((f, "pregated")) or {}).get("copy") or {}
                 floor = c.get("copy_floor_ms_per_step")
                 same = [r.get("same_tokens_as_gpu_only") for (ff, p), r in got.items() if ff == f and p != "gpu_only"]
+                peaks = [((got.get((f, p)) or {}).get("metrics") or {}).get("peak_allocated_bytes")
+                         for p in ("gpu_only", "pregated")]
+                peak = " / ".join(_f(b and b / 1e9) for b in peaks)
                 rows.append(
                     f"| {shape} | {mode} | {label} | {_f(gpu)} | {_f(od)} | {_f(pg)} | "
                     f"{_f(c.get('decode_bytes_per_step') and c['decode_bytes_per_step'] / 1e6, '{:.1f}')} | "
                     f"{_f(floor)} | {_f(pg / max(gpu, floor) if pg and gpu and floor else None)} | "
-                    f"{_f(od / pg if od and pg else None)} | "
+                    f"{_f(od / pg if od and pg else None)} | {peak} | "
                     f"{_yn(all(same) if same and None not in same else None)} | "
                     + (f"{match.get('matching_prefix')} of {match.get('of')} |" if label == "int8" and match else "- |")
                 )
@@ -402,8 +405,9 @@ def int8_table(shapes: dict) -> list[str]:
         "model).",
         "",
         "| shape | decoding | experts | gpu_only | on_demand | pregated | MB copied per step | copy floor | "
-        "pregated / max(gpu_only, floor) | on_demand / pregated | tokens = own gpu_only | int8 tokens = bf16 |",
-        "|" + "---|" * 12,
+        "pregated / max(gpu_only, floor) | on_demand / pregated | peak GB gpu_only / pregated | "
+        "tokens = own gpu_only | int8 tokens = bf16 |",
+        "|" + "---|" * 13,
     ] + rows
 
 

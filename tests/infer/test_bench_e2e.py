@@ -493,6 +493,13 @@ def test_bench_tiny_int8_family(tmp_path):
     assert fam["gpu_only_tokens_matching_bf16"]["greedy"]["of"] == 6
     text = summ.summarize(res, "x.json")
     assert "| tiny | greedy | int8 |" in text and "| tiny | greedy | float |" in text
+    # the int8 row's peak column: its own gpu_only's and pregated's peak allocations in GB ("-" on the CPU)
+    def int8_row(t):
+        return next(ln for ln in t.splitlines() if ln.startswith("| tiny | greedy | int8 |"))
+    assert "| - / - |" in int8_row(text)
+    runs["pregated-int8/greedy/gpu_only"]["metrics"]["peak_allocated_bytes"] = 27_097_913_344
+    runs["pregated-int8/greedy/pregated"]["metrics"]["peak_allocated_bytes"] = 1_416_794_624
+    assert "| 27.10 / 1.42 |" in int8_row(summ.summarize(res, "x.json"))
     la = [ln for ln in text.splitlines() if ln.startswith("| tiny | greedy | 1 |")]
     assert len(la) == 1 and la[0].endswith("| yes |")
 

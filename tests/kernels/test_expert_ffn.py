@@ -213,31 +213,6 @@ def test_decode_preload(T, k, activation, dtype):
                        expert_ffn_triton(x, qi, qo, ids, weights, slot_of_expert, activation, config=plain))
 
 
-# The chained decode config: the first kernel prefetches its W_in tile before its PDL wait when the call says
-# ids_ready, the second lets the next PDL kernel start once h is ready. Neither may change a bit of the output,
-# with the hint given or not (on the CPU there is no PDL, so this checks the plumbing; scripts/bench_kernels.py
-# --sweep-chain checks it where the prefetch runs).
-@pytest.mark.parametrize("T,k,activation,dtype", [(1, 1, "relu", torch.float32), (3, 2, "swiglu", torch.bfloat16)])
-def test_decode_chain(T, k, activation, dtype):
-    x, w_in, w_out, ids, weights = _problem(T, 7, k, activation, dtype, S=9, seed=29 + T)
-    slot_of_expert = torch.tensor([8, 0, 3, 1, 7, 2, 5], dtype=torch.int32)
-    plain = ffn._decode_config(16, 16, 4, 16, 64, 4, preload=True)
-    cfg = ffn.chain_config(plain)
-    assert cfg["in"]["prefetch"] and cfg["out"]["trigger"] and cfg["out"]["preload"]
-    assert "prefetch" not in ffn.chain_config(plain, prefetch=False)["in"]
-    assert "trigger" not in ffn.chain_config(plain, trigger=False)["out"]
-    y = _check(x, w_in, w_out, ids, weights, slot_of_expert, activation, cfg)
-    for ready in (False, True):
-        assert torch.equal(y, expert_ffn_triton(x, w_in, w_out, ids, weights, slot_of_expert, activation,
-                                                config=cfg, ids_ready=ready))
-    assert torch.equal(y, expert_ffn_triton(x, w_in, w_out, ids, weights, slot_of_expert, activation, config=plain))
-    # the public entry takes the hint too (the reference path here, which ignores it)
-    assert torch.equal(ffn.expert_ffn(x, w_in, w_out, ids, weights, slot_of_expert, activation, ids_ready=True),
-                       ffn.expert_ffn(x, w_in, w_out, ids, weights, slot_of_expert, activation))
-    with pytest.raises(ValueError, match="decode config"):
-        ffn.chain_config(PREFILL)
-
-
 def test_gridsync_candidates_fit_the_h200():
     """Every benchmark candidate keeps T = 1 within 132 resident programs (one per multiprocessor)."""
     for d, f in ((768, 3072), (1024, 4096)):
