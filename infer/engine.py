@@ -23,7 +23,7 @@ from infer import native_copier
 from infer.offload import CopySettings, ExpertStore, OffloadError, is_expert_param
 from infer.policies import OffloadRunner, PolicySpec, check_cpu_compute, guess_mode
 from kernels.expert_ffn import Int8Weights
-from models.generate import GreedySelect, beam_search, greedy
+from models.generate import BeamSelect, GreedySelect, beam_search, greedy
 from models.switch import DecodeState, Switch
 
 
@@ -115,11 +115,13 @@ def _side_stream(device) -> torch.cuda.Stream:
 
 class GraphStep:
     """decode_one_token captured as one CUDA graph for a given DecodeState (its buffers keep their
-    addresses; the position is a device tensor advanced inside the graph). select: greedy decoding's
-    token choice (models.generate.GreedySelect), captured after the step: the graph then reads its input
-    token from select.tok and writes the next one there, and the select is reset after the capture."""
+    addresses; the position is a device tensor advanced inside the graph). select: the decoding's token
+    choice (models.generate.GreedySelect, or BeamSelect, which also reorders the state's caches), captured
+    after the step: the graph then reads its input tokens from select.tok and writes the next ones there,
+    and the select is reset after the capture."""
 
-    def __init__(self, model: Switch, state: DecodeState, batch: int, on_warm=None, select: GreedySelect | None = None):
+    def __init__(self, model: Switch, state: DecodeState, batch: int, on_warm=None,
+                 select: GreedySelect | BeamSelect | None = None):
         self.model = model
         dev = state.pos.device
         self.tok = select.tok if select is not None else torch.zeros(batch, dtype=torch.long, device=dev)
@@ -455,10 +457,14 @@ class Engine:
                 f"cpu_compute=auto: copying predicted faster ({c.copy_ms:.3f} ms per expert) than the CPU "
                 f"({c.cpu_ms(1):.3f} ms for one token, round trip included): nothing computed on the CPU"
             )
-        # greedy: each token's choice in static buffers, captured in the step's graph where there is one
+        # each token's choice (greedy's, or beam search's with the caches' reorder) in static buffers, captured in
+        # the step's graph where there is one
         mc = model.cfg
-        select = GreedySelect(B, max_new_tokens, dev, mc.decoder_start_token_id, mc.pad_token_id,
-                              mc.eos_token_id) if nb == 1 else None
+        if nb == 1:
+            select = GreedySelect(B, max_new_tokens, dev, mc.decoder_start_token_id, mc.pad_token_id, mc.eos_token_id)
+        else:
+            select = BeamSelect(B, nb, max_new_tokens, dev, mc.decoder_start_token_id, mc.pad_token_id,
+                                mc.eos_token_id, state=state)
         if self.cuda_graph and not why_not:
             try:
                 tc = time.perf_counter()
@@ -511,11 +517,7 @@ class Engine:
             step_events.append((a, b))
             return out
 
-        def on_token(_t):  # greedy calls it once step t is complete (its event): no device-wide sync
-            stamps.append(time.perf_counter())
-
-        def on_token_synced(_t):
-            _sync(dev)
+        def on_token(_t):  # called once step t is complete (its event): no device-wide sync
             stamps.append(time.perf_counter())
 
         t1 = time.perf_counter()
@@ -528,7 +530,8 @@ class Engine:
                 num_beams=nb,
                 step=counting_step,
                 state=state,
-                on_token=on_token_synced,
+                on_token=on_token,
+                select=select,
             )
         else:
             out = greedy(

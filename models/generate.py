@@ -60,14 +60,8 @@ def greedy(
     select: GreedySelect | None = None,
 ) -> torch.Tensor:
     """Greedy decoding -> generated ids [B, n] (n <= max_new_tokens, without the start token);
-    sequences that ended are padded with pad_token_id, as transformers does.
-
-    The host never waits for the step it just launched: step t + 1 is queued before the host reads
-    whether every sequence had ended at step t (a flag copied to pinned memory behind step t, waited
-    on through an event), so the GPU does not idle while the host runs the loop. Where every sequence
-    ended at step t, the already-queued step t + 1 is dropped from the output (it ran, so the state
-    has advanced one step past the output). on_token(t) is called once step t's token is complete
-    (its event waited on; the host is then at most one step ahead), not after a device-wide sync.
+    sequences that ended are padded with pad_token_id, as transformers does. The host loop (_decode_loop)
+    never waits for the step it just launched; on_token(t) is called once step t's token is complete.
 
     The choice of each token is a GreedySelect; `select`: one whose calls `step` makes itself (captured in
     the step's CUDA graph: select.captured), fed by select.tok, so a step is one graph replay and one flag copy.
@@ -82,6 +76,136 @@ def greedy(
         raise ValueError(f"greedy: a GreedySelect for batch {select.tok.shape[0]}, {select.n} tokens, eos "
                          f"{select.eos}; this call has batch {B}, {max_new_tokens} tokens, eos {eos}")
     sel = select or GreedySelect(B, max_new_tokens, dev, cfg.decoder_start_token_id, cfg.pad_token_id, eos)
+    n = _decode_loop(step, state, sel, max_new_tokens, on_token, cuda)
+    return sel.out[:, :n].clone()
+
+
+class BeamSelect:
+    """Beam search's per-step choice on the device, in static buffers, so that it can run inside the step's CUDA
+    graph (infer.engine.GraphStep captures it after the decoder step, as it does GreedySelect): transformers'
+    scoring (sum of log-probabilities / length ** length_penalty, 2 * num_beams candidates per step, at most
+    num_beams finished hypotheses kept per prompt, a prompt done once its worst kept hypothesis scores at least its
+    best running beam would), the running beams' tokens written to `tok` (the next step's input), and `state`'s
+    caches reordered to the chosen beams. Every decision is a fixed-shape tensor operation: ranks order the
+    candidates and a stable sort keeps the finished hypotheses, so the choices (ties included) are the ones the
+    host-side loop made before it. ended[t] = every prompt done after step t; indices wrap at max_new_tokens.
+    `result()` reads the buffers once the loop ends and returns the best hypothesis per prompt."""
+
+    def __init__(self, batch: int, num_beams: int, max_new_tokens: int, device, start_token: int, pad_token: int,
+                 eos_token: int, length_penalty: float = 1.0, state: DecodeState | None = None):
+        B, nb, n = batch, num_beams, max(1, max_new_tokens)
+        self.B, self.nb, self.n = B, nb, n
+        self.start, self.pad_token, self.eos, self.length_penalty = start_token, pad_token, eos_token, length_penalty
+        self.state = state
+        self.tok = torch.empty(B * nb, dtype=torch.long, device=device)
+        self.scores = torch.empty((B, nb), dtype=torch.float32, device=device)  # running beams' sums of log p
+        self.seqs = torch.empty((B * nb, n), dtype=torch.long, device=device)  # running beams' tokens
+        self.fin_scores = torch.empty((B, nb), dtype=torch.float64, device=device)  # kept, best first; -inf: none
+        self.fin_seqs = torch.empty((B, nb, n), dtype=torch.long, device=device)
+        self.fin_len = torch.empty((B, nb), dtype=torch.long, device=device)
+        self.done = torch.empty(B, dtype=torch.bool, device=device)
+        self.ended = torch.empty(n, dtype=torch.bool, device=device)
+        self.t = torch.empty((), dtype=torch.long, device=device)
+        self.rank = torch.arange(2 * nb, device=device)
+        self.row0 = torch.arange(B, device=device)[:, None] * nb  # each prompt's first beam row
+        self.captured = False  # set by the graph that runs it
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to before the first step: only each prompt's first beam live (so the first step does not pick
+        num_beams copies of one token), nothing finished."""
+        self.tok.fill_(self.start)
+        self.scores.fill_(-1e9)
+        self.scores[:, 0] = 0.0
+        self.seqs.fill_(self.pad_token)
+        self.fin_scores.fill_(-float("inf"))
+        self.fin_seqs.fill_(self.pad_token)
+        self.fin_len.zero_()
+        self.done.zero_()
+        self.ended.zero_()
+        self.t.zero_()
+
+    def __call__(self, logits: torch.Tensor) -> None:
+        B, nb, n, K = self.B, self.nb, self.n, 2 * self.nb
+        logp = torch.log_softmax(logits, dim=-1)  # [B*nb, V]
+        V = logp.shape[-1]
+        cand = (logp + self.scores.view(-1, 1)).view(B, nb * V)
+        top_s, top_i = cand.topk(K, dim=1)  # [B, K], best first
+        beam_i, tok_i = top_i // V, top_i % V
+        i = torch.remainder(self.t, n)
+        denom = (self.t + 1).double() ** self.length_penalty  # the hypotheses' length after this step
+        active = ~self.done
+        is_eos = tok_i == self.eos
+        # finished hypotheses: eos among the best nb candidates of a prompt still running; the kept ones are the
+        # best nb of (kept so far, then these in rank order), a stable sort (an equal score does not displace)
+        new_sc = torch.where(is_eos & (self.rank < nb) & active[:, None], top_s.double() / denom, -float("inf"))
+        new_seq = self.seqs[(self.row0 + beam_i).view(-1)].view(B, K, n)
+        new_seq.index_copy_(2, i.view(1), tok_i[:, :, None])
+        all_sc = torch.cat([self.fin_scores, new_sc], dim=1)
+        keep = torch.sort(all_sc, dim=1, descending=True, stable=True).indices[:, :nb]
+        fin_seqs = torch.cat([self.fin_seqs, new_seq], dim=1).gather(1, keep[:, :, None].expand(B, nb, n))
+        fin_len = torch.cat([self.fin_len, (self.t + 1).expand(B, K)], dim=1).gather(1, keep)
+        self.fin_scores.copy_(all_sc.gather(1, keep))
+        self.fin_seqs.copy_(fin_seqs)
+        self.fin_len.copy_(fin_len)
+        # the running beams: the first nb candidates (by rank) that are not eos; a prompt short of them, or done
+        # before this step, gets placeholder beams (score -1e9, pad, from its first beam)
+        pick = torch.where(is_eos, self.rank + K, self.rank).argsort(dim=1)[:, :nb]
+        live = ~is_eos.gather(1, pick) & active[:, None]
+        run_s = torch.where(live, top_s.gather(1, pick), -1e9)
+        run_tok = torch.where(live, tok_i.gather(1, pick), self.pad_token)
+        run_src = torch.where(live, beam_i.gather(1, pick), 0)
+        worst = self.fin_scores[:, nb - 1]
+        best_running = run_s.max(dim=1).values.double() / denom
+        self.done.logical_or_(active & (worst > -float("inf")) & (worst >= best_running))
+        self.ended.index_copy_(0, i.view(1), self.done.all().view(1))
+        src = (self.row0 + run_src).view(-1)
+        self.seqs.copy_(self.seqs.index_select(0, src))
+        self.seqs.index_copy_(1, i.view(1), run_tok.view(-1, 1))
+        self.scores.copy_(run_s)
+        self.tok.copy_(run_tok.view(-1))
+        if self.state is not None:
+            self.state.reorder(src)
+        self.t.add_(1)
+
+    def result(self, steps: int) -> torch.Tensor:
+        """The best hypothesis per prompt after `steps` steps -> ids [B, n] padded with pad_token_id: prompts not
+        done also weigh their running beams (length `steps`), as transformers does."""
+        nb, lp = self.nb, self.length_penalty
+        fin_s, fin_len = self.fin_scores.tolist(), self.fin_len.tolist()
+        fin_seqs, seqs = self.fin_seqs.cpu(), self.seqs.cpu()
+        scores, done = self.scores.tolist(), self.done.tolist()
+        best = []
+        for b in range(self.B):
+            kept = [(s, fin_seqs[b, j, :ln]) for j, (s, ln) in enumerate(zip(fin_s[b], fin_len[b]))
+                    if s > -float("inf")]
+            if not done[b]:
+                for j in range(nb):
+                    s = scores[b][j]
+                    if s <= -1e8:
+                        continue
+                    score = s / (steps**lp)
+                    if len(kept) < nb or score > min(k[0] for k in kept):
+                        kept.append((score, seqs[b * nb + j, :steps]))
+                        kept.sort(key=lambda x: -x[0])
+                        del kept[nb:]
+            best.append(kept[0][1])
+        n = max(len(h) for h in best)
+        out = torch.full((self.B, n), self.pad_token, dtype=torch.long)
+        for b, h in enumerate(best):
+            out[b, : len(h)] = h
+        return out.to(self.tok.device)
+
+
+def _decode_loop(step: Step, state: DecodeState, sel, max_new_tokens: int, on_token, cuda: bool) -> int:
+    """Run the decode steps of a GreedySelect or BeamSelect `sel` -> the steps whose output counts.
+
+    The host never waits for the step it just launched: step t + 1 is queued before the host reads whether
+    every sequence had ended at step t (a flag copied to pinned memory behind step t, waited on through an
+    event, which lets go of the GIL: a host thread the step waits on, infer.offload.DmaCopier, can run), so the
+    GPU does not idle while the host runs the loop. Where every sequence ended at step t, the already-queued
+    step t + 1 is dropped from the output (it ran, so the state has advanced one step past the output).
+    on_token(t) is called once step t is complete (its event waited on), not after a device-wide sync."""
     # "every sequence ended after step t", two host slots (steps t and t - 1 are in flight at once)
     ended = torch.zeros(2, dtype=torch.bool, pin_memory=cuda)
     n = 0
@@ -111,7 +235,7 @@ def greedy(
         pending = (t, ev)
     if pending is not None:
         finish(*pending)
-    return sel.out[:, :n].clone()
+    return n
 
 
 @torch.no_grad()
@@ -126,9 +250,14 @@ def beam_search(
     step: Step | None = None,
     state: DecodeState | None = None,
     on_token: Callable[[int], None] | None = None,
+    select: BeamSelect | None = None,
 ) -> torch.Tensor:
     """Beam search with transformers' scoring (sum of log-probabilities / length ** length_penalty,
-    2 * num_beams candidates per step, finished hypotheses kept per prompt) -> best ids [B, n]."""
+    2 * num_beams candidates per step, finished hypotheses kept per prompt) -> best ids [B, n].
+
+    Each step's choice is a BeamSelect on the device (the host loop as greedy's: it never waits for the step it
+    just launched). `select`: one whose calls `step` makes itself (captured in the step's CUDA graph:
+    select.captured), fed by select.tok, reordering `state` itself."""
     cfg = model.cfg
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
     step = step or model.decode_one_token
@@ -138,87 +267,15 @@ def beam_search(
         ids = input_ids.repeat_interleave(nb, dim=0)
         mask = None if attention_mask is None else attention_mask.repeat_interleave(nb, dim=0)
         state = model.prefill(ids, mask, max_len=max_new_tokens)
-    tok = torch.full((B * nb,), cfg.decoder_start_token_id, dtype=torch.long, device=dev)
-    # Only the first beam is live at the start, so the first step does not pick nb copies of one token.
-    scores = torch.full((B, nb), -1e9, device=dev)
-    scores[:, 0] = 0.0
-    seqs = torch.zeros(B * nb, 0, dtype=torch.long, device=dev)
-    finished: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(B)]
-    done = [False] * B
-
-    def worst(b):
-        return min(s for s, _ in finished[b]) if len(finished[b]) >= nb else -float("inf")
-
-    for t in range(max_new_tokens):
-        logp = torch.log_softmax(step(state, tok), dim=-1)  # [B*nb, V]
-        V = logp.shape[-1]
-        cand = (logp + scores.view(-1, 1)).view(B, nb * V)
-        top_s, top_i = cand.topk(2 * nb, dim=1)
-        beam_i, tok_i = top_i // V, top_i % V
-        # the next beams, chosen on the host and uploaded at once: [score, token, source beam] per row and slot
-        nxt = [[[-1e9, float(cfg.pad_token_id), 0.0] for _ in range(nb)] for _ in range(B)]
-        if dev.type == "cuda":
-            # wait for the step through an event, which lets go of the GIL (tolist() would hold it while it
-            # waits): a host thread the step waits on (infer.offload.DmaCopier, copy_mode dma) can then run
-            ev = torch.cuda.Event()
-            ev.record()
-            ev.synchronize()
-        top_s_l, beam_l, tok_l = top_s.tolist(), beam_i.tolist(), tok_i.tolist()
-        cur_len = t + 1
-        for b in range(B):
-            if done[b]:
-                continue
-            n = 0
-            for rank in range(2 * nb):
-                s, bi, ti = top_s_l[b][rank], beam_l[b][rank], tok_l[b][rank]
-                if ti == eos:
-                    if rank >= nb:
-                        continue
-                    hyp = torch.cat([seqs[b * nb + bi], seqs.new_tensor([ti])])
-                    score = s / (cur_len**length_penalty)
-                    if len(finished[b]) < nb or score > worst(b):
-                        finished[b].append((score, hyp))
-                        finished[b].sort(key=lambda x: -x[0])
-                        del finished[b][nb:]
-                else:
-                    nxt[b][n] = [s, float(ti), float(bi)]
-                    n += 1
-                if n == nb:
-                    break
-            best_running = max(v[0] for v in nxt[b])
-            if len(finished[b]) >= nb and worst(b) >= best_running / (cur_len**length_penalty):
-                done[b] = True
-        # (float64 holds the float32 scores and the token and beam indices exactly)
-        packed = torch.tensor(nxt, dtype=torch.float64).to(dev)
-        next_scores, next_tok, next_src = packed[..., 0].float(), packed[..., 1].long(), packed[..., 2].long()
-        if on_token is not None:
-            on_token(t)
-        src = (next_src + torch.arange(B, device=dev)[:, None] * nb).view(-1)
-        seqs = torch.cat([seqs[src], next_tok.view(-1, 1)], dim=1)
-        scores = next_scores
-        if all(done):
-            break
-        state.reorder(src)
-        tok = next_tok.view(-1)
-
-    best = []
-    for b in range(B):
-        if not done[b]:
-            for j in range(nb):
-                s = scores[b, j].item()
-                if s <= -1e8:
-                    continue
-                score = s / (seqs.shape[1] ** length_penalty)
-                if len(finished[b]) < nb or score > worst(b):
-                    finished[b].append((score, seqs[b * nb + j]))
-                    finished[b].sort(key=lambda x: -x[0])
-                    del finished[b][nb:]
-        best.append(finished[b][0][1])
-    n = max(len(h) for h in best)
-    out = torch.full((B, n), cfg.pad_token_id, dtype=torch.long, device=dev)
-    for b, h in enumerate(best):
-        out[b, : len(h)] = h
-    return out
+    if select is not None and (select.B != B or select.nb != nb or select.n < max_new_tokens or select.eos != eos
+                               or select.length_penalty != length_penalty or select.state is not state):
+        raise ValueError(f"beam_search: a BeamSelect for batch {select.B} x {select.nb} beams, {select.n} tokens, eos "
+                         f"{select.eos}, length penalty {select.length_penalty} (and its own state); this call has "
+                         f"batch {B} x {nb} beams, {max_new_tokens} tokens, eos {eos}, length penalty {length_penalty}")
+    sel = select or BeamSelect(B, nb, max_new_tokens, dev, cfg.decoder_start_token_id, cfg.pad_token_id, eos,
+                               length_penalty, state)
+    steps = _decode_loop(step, state, sel, max_new_tokens, on_token, dev.type == "cuda")
+    return sel.result(steps)
 
 
 def generate(model: Switch, input_ids, attention_mask=None, max_new_tokens=32, num_beams=1, **kw) -> torch.Tensor:

@@ -1,0 +1,152 @@
+"""BeamSelect (beam search's choice as fixed-shape tensor operations, capturable in a CUDA graph) against a
+plain host-side beam search written the straightforward way (Python lists of finished hypotheses, sorted as
+they come), on the same per-step logits: random, with eos made likely so hypotheses finish at many ranks and
+steps, and rounded to a coarse grid so scores tie. Outputs must be equal token for token."""
+
+import pytest
+import torch
+
+from models.generate import BeamSelect, _decode_loop
+
+EOS, PAD, START = 1, 0, 0
+
+
+def host_beam_search(logits_per_step, B, nb, length_penalty):
+    """The reference: per step, 2 * nb candidates in rank order; eos among the first nb finish a hypothesis
+    (kept if fewer than nb are kept or it beats the worst); the first nb others run on; a prompt is done once
+    nb are kept and the worst is at least the best running score over the length."""
+    scores = torch.full((B, nb), -1e9)
+    scores[:, 0] = 0.0
+    seqs = torch.zeros(B * nb, 0, dtype=torch.long)
+    finished = [[] for _ in range(B)]
+    done = [False] * B
+
+    def worst(b):
+        return min(s for s, _ in finished[b]) if len(finished[b]) >= nb else -float("inf")
+
+    steps = 0
+    for t, logits in enumerate(logits_per_step):
+        steps = t + 1
+        logp = torch.log_softmax(logits, dim=-1)
+        V = logp.shape[-1]
+        cand = (logp + scores.view(-1, 1)).view(B, nb * V)
+        top_s, top_i = cand.topk(2 * nb, dim=1)
+        beam_i, tok_i = top_i // V, top_i % V
+        nxt = [[[-1e9, float(PAD), 0.0] for _ in range(nb)] for _ in range(B)]
+        cur_len = t + 1
+        for b in range(B):
+            if done[b]:
+                continue
+            n = 0
+            for rank in range(2 * nb):
+                s, bi, ti = top_s[b, rank].item(), beam_i[b, rank].item(), tok_i[b, rank].item()
+                if ti == EOS:
+                    if rank >= nb:
+                        continue
+                    hyp = torch.cat([seqs[b * nb + bi], seqs.new_tensor([ti])])
+                    score = s / (cur_len**length_penalty)
+                    if len(finished[b]) < nb or score > worst(b):
+                        finished[b].append((score, hyp))
+                        finished[b].sort(key=lambda x: -x[0])
+                        del finished[b][nb:]
+                else:
+                    nxt[b][n] = [s, float(ti), float(bi)]
+                    n += 1
+                if n == nb:
+                    break
+            best_running = max(v[0] for v in nxt[b])
+            if len(finished[b]) >= nb and worst(b) >= best_running / (cur_len**length_penalty):
+                done[b] = True
+        packed = torch.tensor(nxt, dtype=torch.float64)
+        next_scores, next_tok, next_src = packed[..., 0].float(), packed[..., 1].long(), packed[..., 2].long()
+        src = (next_src + torch.arange(B)[:, None] * nb).view(-1)
+        seqs = torch.cat([seqs[src], next_tok.view(-1, 1)], dim=1)
+        scores = next_scores
+        if all(done):
+            break
+    best = []
+    for b in range(B):
+        if not done[b]:
+            for j in range(nb):
+                s = scores[b, j].item()
+                if s <= -1e8:
+                    continue
+                score = s / (seqs.shape[1] ** length_penalty)
+                if len(finished[b]) < nb or score > worst(b):
+                    finished[b].append((score, seqs[b * nb + j]))
+                    finished[b].sort(key=lambda x: -x[0])
+                    del finished[b][nb:]
+        best.append(finished[b][0][1])
+    n = max(len(h) for h in best)
+    out = torch.full((B, n), PAD, dtype=torch.long)
+    for b, h in enumerate(best):
+        out[b, : len(h)] = h
+    return out, steps
+
+
+def _logits(seed, steps, B, nb, V, eos_boost, grid, same_rows=False):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        x = torch.randn(B * nb, V, generator=g) * 2
+        x[:, EOS] += eos_boost * torch.rand(B * nb, generator=g)
+        if grid:  # a coarse grid: equal logits, so equal candidate and hypothesis scores
+            x = (x * grid).round() / grid
+        if same_rows:  # every beam sees the same logits: beams of equal score tie on every candidate
+            x = x[:1].expand(B * nb, V).clone()
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("seed,B,nb,V,steps,eos_boost,grid,lp,same,min_ties", [
+    (0, 1, 4, 11, 12, 2.0, 0, 1.0, False, 0),
+    (1, 3, 4, 9, 16, 3.0, 0, 1.0, False, 0),
+    (2, 2, 2, 7, 10, 4.0, 2, 1.0, False, 0),
+    (3, 4, 3, 13, 20, 1.5, 1, 0.6, False, 0),  # another length penalty
+    (4, 2, 4, 6, 8, 0.0, 0, 2.0, False, 0),    # eos rarely: prompts end by length
+    (5, 1, 1, 8, 6, 3.0, 0, 1.0, False, 0),    # one beam
+    (7, 2, 4, 6, 12, 2.5, 1, 1.0, True, 2),    # tied hypotheses kept (equal scores: which to keep, in what order)
+    (7, 3, 3, 5, 12, 3.0, 1, 1.0, True, 3),
+    (6, 2, 3, 4, 12, 2.0, 2, 1.0, True, 2),
+])
+def test_beam_select_equals_host_beam_search(seed, B, nb, V, steps, eos_boost, grid, lp, same, min_ties):
+    logits = _logits(seed, steps, B, nb, V, eos_boost, grid, same)
+    want, want_steps = host_beam_search(logits, B, nb, lp)
+
+    sel = BeamSelect(B, nb, steps, "cpu", START, PAD, EOS, lp)
+    it = iter(logits)
+    got_steps = _decode_loop(lambda _state, _tok: next(it), None, sel, steps, None, cuda=False)
+    assert got_steps == want_steps
+    assert torch.equal(sel.result(got_steps), want)
+    # the cases exercise what they are for: hypotheses finished, and (where asked) equal scores among those kept
+    assert (sel.fin_scores > -float("inf")).any() or eos_boost == 0
+    kept = [[x for x in row if x > -float("inf")] for row in sel.fin_scores.tolist()]
+    assert sum(len(set(r)) < len(r) for r in kept) >= min_ties
+
+
+def test_beam_select_reorders_the_state_and_resets():
+    """The state's caches follow the chosen beams (reorder(src) with each prompt's rows), tok is the running
+    beams' tokens, and reset() brings back the first step (only beam 0 live, start tokens)."""
+    B, nb, V = 2, 3, 10
+
+    class State:
+        def __init__(self):
+            self.srcs = []
+
+        def reorder(self, index):
+            self.srcs.append(index.clone())
+
+    st = State()
+    sel = BeamSelect(B, nb, 5, "cpu", START, PAD, EOS, 1.0, state=st)
+    logits = _logits(7, 1, B, nb, V, 0.0, 0)[0]
+    logits[:, EOS] = -30.0  # nothing ends
+    sel(logits)
+    (src,) = st.srcs
+    # step 1: every beam comes from its prompt's first beam (the only live one)
+    assert torch.equal(src, torch.tensor([0, 0, 0, 3, 3, 3]))
+    top = torch.log_softmax(logits, -1).view(B, nb, V)[:, 0].topk(nb, dim=1)
+    assert torch.equal(sel.tok.view(B, nb), top.indices)
+    assert torch.equal(sel.scores, top.values)
+    sel.reset()
+    assert torch.equal(sel.tok, torch.full((B * nb,), START)) and sel.t.item() == 0
+    assert sel.scores[:, 0].eq(0).all() and sel.scores[:, 1:].eq(-1e9).all()
