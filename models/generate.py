@@ -113,7 +113,11 @@ class BeamSelect:
 
     def reset(self) -> None:
         """Back to before the first step: only each prompt's first beam live (so the first step does not pick
-        num_beams copies of one token), nothing finished."""
+        num_beams copies of one token), nothing finished, and the state's rows of each prompt made copies of its
+        first beam's (what the first step's reorder did before; the steps then reorder the self-attention caches
+        only, the encoder side of a prompt's beams being equal)."""
+        if self.state is not None:
+            self.state.reorder(self.row0.expand(self.B, self.nb).reshape(-1))
         self.tok.fill_(self.start)
         self.scores.fill_(-1e9)
         self.scores[:, 0] = 0.0
@@ -165,7 +169,7 @@ class BeamSelect:
         self.scores.copy_(run_s)
         self.tok.copy_(run_tok.view(-1))
         if self.state is not None:
-            self.state.reorder(src)
+            self.state.reorder(src, cross=False)
         self.t.add_(1)
 
     def result(self, steps: int) -> torch.Tensor:

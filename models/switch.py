@@ -175,9 +175,12 @@ class DecodeState:
     def batch_size(self) -> int:
         return self.enc_bias.shape[0]
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Reorder the batch in place (beam search)."""
-        for buf in (*self.cross_k, *self.cross_v, *self.self_k, *self.self_v, self.enc_bias):
+    def reorder(self, index: torch.Tensor, cross: bool = True) -> None:
+        """Reorder the batch in place (beam search). cross=False: the self-attention caches only, for rows whose
+        encoder side (cross-attention caches, padding bias) is the same wherever `index` moves them (the beams
+        of one prompt, after their rows were made copies of one)."""
+        bufs = (*self.cross_k, *self.cross_v, self.enc_bias) if cross else ()
+        for buf in (*bufs, *self.self_k, *self.self_v):
             buf.copy_(buf.index_select(0, index))
 
 

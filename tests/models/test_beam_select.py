@@ -125,7 +125,8 @@ def test_beam_select_equals_host_beam_search(seed, B, nb, V, steps, eos_boost, g
 
 
 def test_beam_select_reorders_the_state_and_resets():
-    """The state's caches follow the chosen beams (reorder(src) with each prompt's rows), tok is the running
+    """The state's caches follow the chosen beams (reorder(src) with each prompt's rows; the self-attention caches
+    only, after reset() made each prompt's rows copies of its first beam's, all caches), tok is the running
     beams' tokens, and reset() brings back the first step (only beam 0 live, start tokens)."""
     B, nb, V = 2, 3, 10
 
@@ -133,17 +134,19 @@ def test_beam_select_reorders_the_state_and_resets():
         def __init__(self):
             self.srcs = []
 
-        def reorder(self, index):
-            self.srcs.append(index.clone())
+        def reorder(self, index, cross=True):
+            self.srcs.append((index.clone(), cross))
 
     st = State()
     sel = BeamSelect(B, nb, 5, "cpu", START, PAD, EOS, 1.0, state=st)
+    first = torch.tensor([0, 0, 0, 3, 3, 3])
+    assert len(st.srcs) == 1 and torch.equal(st.srcs[0][0], first) and st.srcs[0][1]
     logits = _logits(7, 1, B, nb, V, 0.0, 0)[0]
     logits[:, EOS] = -30.0  # nothing ends
     sel(logits)
-    (src,) = st.srcs
+    src, cross = st.srcs[1]
     # step 1: every beam comes from its prompt's first beam (the only live one)
-    assert torch.equal(src, torch.tensor([0, 0, 0, 3, 3, 3]))
+    assert torch.equal(src, first) and not cross
     top = torch.log_softmax(logits, -1).view(B, nb, V)[:, 0].topk(nb, dim=1)
     assert torch.equal(sel.tok.view(B, nb), top.indices)
     assert torch.equal(sel.scores, top.values)
