@@ -1,0 +1,134 @@
+"""GPU probe: what beam search's per-step choice costs inside the decode step's CUDA graph.
+
+For each shape (a preset's decoder: layers, heads, vocabulary), batch B prompts x num_beams rows, 256 encoder and
+256 decoder positions: a DecodeState of random caches and random logits; each piece replayed from a CUDA graph of
+16 calls back to back (median per call, L2 flushed before each replay; scripts/bench_kernels.py's method):
+- `select`: models.generate.BeamSelect without a state (log-softmax, top-2k, finished hypotheses, running beams);
+- `select + reorder`: with the state (the self-attention caches reordered, what each step does);
+- `reorder, self caches` and `reorder, all caches`: DecodeState.reorder(cross=False / True) alone;
+- `greedy select`: models.generate.GreedySelect on one row per prompt, for scale.
+Writes JSON (with the command) and a markdown table beside it. On a machine without a GPU it runs the same calls
+eagerly, a few times, and reports wall-clock times (a smoke test, not a measurement).
+
+    python3 scripts/probe_beam_select.py --out bench/results/probe-beam-select-h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from models.config import preset  # noqa: E402
+from models.generate import BeamSelect, GreedySelect  # noqa: E402
+from models.switch import DecodeState  # noqa: E402
+
+CALLS = 16
+
+
+def make_state(cfg, rows: int, enc: int, dec: int, dev, dtype) -> DecodeState:
+    H, Dh, L = cfg.num_heads, cfg.d_kv, cfg.num_decoder_layers
+
+    def caches(n):
+        return [torch.randn(rows, H, n, Dh, device=dev).to(dtype) for _ in range(L)]
+
+    return DecodeState(enc_bias=torch.zeros(rows, 1, 1, enc, device=dev, dtype=dtype), cross_k=caches(enc),
+                       cross_v=caches(enc), self_k=caches(dec), self_v=caches(dec),
+                       pos=torch.zeros(1, dtype=torch.long, device=dev), max_len=dec)
+
+
+def per_call_us(fn, dev, reps: int) -> float:
+    """Median microseconds per call of CALLS calls back to back: one CUDA graph replay after an L2 flush on a GPU,
+    wall clock of eager calls on the CPU."""
+    if dev.type != "cuda":
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for _ in range(CALLS):
+                fn()
+            times.append((time.perf_counter() - t0) / CALLS * 1e6)
+        return statistics.median(times)
+    from bench_kernels import bench_us, graph_of
+
+    return bench_us([graph_of(*[fn] * CALLS)], reps) / CALLS
+
+
+def probe(shape: str, batch: int, beams: int, dev, reps: int, enc: int, dec: int, dtype) -> dict:
+    cfg = preset(shape)
+    rows = batch * beams
+    g = torch.Generator(device=dev).manual_seed(0)
+    logits = torch.randn(rows, cfg.vocab_size, device=dev, generator=g).to(dtype)
+    state = make_state(cfg, rows, enc, dec, dev, dtype)
+    kw = dict(device=dev, start_token=0, pad_token=0, eos_token=1)
+    bare = BeamSelect(batch, beams, dec, **kw)
+    full = BeamSelect(batch, beams, dec, state=state, **kw)
+    greedy = GreedySelect(batch, dec, **kw)
+    one_row = logits[::beams].contiguous()
+    index = torch.arange(rows, device=dev).flip(0)
+    out = {"shape": shape, "batch": batch, "num_beams": beams, "vocab": cfg.vocab_size,
+           "decoder_layers": cfg.num_decoder_layers, "encoder_positions": enc, "decoder_positions": dec,
+           "self_cache_bytes": sum(b.numel() * b.element_size() for b in (*state.self_k, *state.self_v)),
+           "cross_cache_bytes": sum(b.numel() * b.element_size() for b in (*state.cross_k, *state.cross_v))}
+    for name, fn in (("select_us", lambda: bare(logits)), ("select_reorder_us", lambda: full(logits)),
+                     ("reorder_self_us", lambda: state.reorder(index, cross=False)),
+                     ("reorder_all_us", lambda: state.reorder(index)),
+                     ("greedy_select_us", lambda: greedy(one_row))):
+        out[name] = per_call_us(fn, dev, reps)
+        print(f"[probe] {shape} B={batch} x {beams} {name}: {out[name]:.1f}", flush=True)
+    return out
+
+
+def markdown(res: dict) -> str:
+    m = res["meta"]
+    lines = [f"# Beam search's choice in the decode step: {m['device']}", "",
+             f"{m['date']}; torch {m['torch']}; `{m['command']}`. {m['how']}", "",
+             "| shape | prompts x beams | vocab | select | select + reorder (self caches) | reorder, self caches | "
+             "reorder, all caches | greedy select | self / cross caches MB |", "|" + "---|" * 9]
+    for r in res["rows"]:
+        lines.append(f"| {r['shape']} | {r['batch']} x {r['num_beams']} | {r['vocab']} | {r['select_us']:.1f} | "
+                     f"{r['select_reorder_us']:.1f} | {r['reorder_self_us']:.1f} | {r['reorder_all_us']:.1f} | "
+                     f"{r['greedy_select_us']:.1f} | {r['self_cache_bytes'] / 1e6:.1f} / "
+                     f"{r['cross_cache_bytes'] / 1e6:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="JSON path (markdown beside it)")
+    ap.add_argument("--shapes", nargs="+", default=["switch-base-128", "switch-large-128"])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--beams", type=int, default=4)
+    ap.add_argument("--positions", type=int, default=256, help="encoder and decoder positions")
+    ap.add_argument("--reps", type=int, default=30)
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    how = (f"Per call, {CALLS} calls back to back in one CUDA graph, median of {args.reps} replays (L2 flushed before "
+           "each); us." if dev.type == "cuda" else f"CPU smoke test: eager wall clock per call ({CALLS} calls, median "
+           f"of {args.reps}); us.")
+    meta = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "how": how,
+            "command": " ".join(["python3", "scripts/probe_beam_select.py"] + (argv or sys.argv[1:]))}
+    res = {"meta": meta, "rows": []}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for shape in args.shapes:
+        res["rows"].append(probe(shape, args.batch, args.beams, dev, args.reps, args.positions, args.positions,
+                                 dtype))
+        out.write_text(json.dumps(res, indent=1))
+        out.with_suffix(".md").write_text(markdown(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
