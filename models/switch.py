@@ -170,6 +170,7 @@ class DecodeState:
     self_bias: torch.Tensor | None = None        # [Tmax, H, Tmax]: position bias + causal mask per query position
     enc_out: torch.Tensor | None = None          # [B, S, D]
     routings: list[Routing] = field(default_factory=list)  # encoder routings of the prefill
+    self_kv: torch.Tensor | None = None          # [2, blocks, B, H, Tmax, Dh]: self_k and self_v are its views
 
     @property
     def batch_size(self) -> int:
@@ -180,7 +181,11 @@ class DecodeState:
         encoder side (cross-attention caches, padding bias) is the same wherever `index` moves them (the beams
         of one prompt, after their rows were made copies of one)."""
         bufs = (*self.cross_k, *self.cross_v, self.enc_bias) if cross else ()
-        for buf in (*bufs, *self.self_k, *self.self_v):
+        if self.self_kv is not None:  # self_k, self_v are its views: one gather for every block (rows first)
+            bufs += (self.self_kv.flatten(0, 1).transpose(0, 1),)
+        else:
+            bufs += (*self.self_k, *self.self_v)
+        for buf in bufs:
             buf.copy_(buf.index_select(0, index))
 
 
@@ -469,12 +474,16 @@ class Switch(nn.Module):
         table = (table + future.to(enc_out.dtype) * torch.finfo(enc_out.dtype).min).transpose(0, 1).contiguous()
         shape = (B, c.num_heads, max_len, c.d_kv)
         n = len(self.decoder.blocks)
+        # every block's self-attention keys and values in one buffer (views per block), so a beam-search reorder
+        # is one gather instead of 4 x blocks launches
+        self_kv = torch.zeros((2, n) + shape, dtype=enc_out.dtype, device=enc_out.device)
         return DecodeState(
             enc_bias=mask_bias(attention_mask, enc_out.dtype),
             cross_k=[k.contiguous() for k, _ in kv],
             cross_v=[v.contiguous() for _, v in kv],
-            self_k=[torch.zeros(shape, dtype=enc_out.dtype, device=enc_out.device) for _ in range(n)],
-            self_v=[torch.zeros(shape, dtype=enc_out.dtype, device=enc_out.device) for _ in range(n)],
+            self_k=list(self_kv[0].unbind(0)),
+            self_v=list(self_kv[1].unbind(0)),
+            self_kv=self_kv,
             pos=torch.zeros(1, dtype=torch.long, device=enc_out.device),
             max_len=max_len,
             enc_out=enc_out,

@@ -153,3 +153,30 @@ def test_beam_select_reorders_the_state_and_resets():
     sel.reset()
     assert torch.equal(sel.tok, torch.full((B * nb,), START)) and sel.t.item() == 0
     assert sel.scores[:, 0].eq(0).all() and sel.scores[:, 1:].eq(-1e9).all()
+
+
+def test_reorder_of_the_one_buffer_equals_per_block_reorders():
+    """Model.prefill's state keeps every block's self-attention cache in one buffer (self_kv; self_k / self_v are
+    its views): reorder gathers it at once, with the same result as reordering each block's tensors."""
+    from models.config import preset
+    from models.switch import Switch
+
+    torch.manual_seed(0)
+    model = Switch(preset("tiny")).eval()
+    ids = torch.randint(2, 100, (4, 7))
+    state = model.prefill(ids, max_len=5)
+    assert state.self_kv is not None
+    assert all(k.data_ptr() == state.self_kv[0, i].data_ptr() for i, k in enumerate(state.self_k))
+    for buf in (*state.self_k, *state.self_v):
+        buf.copy_(torch.randn_like(buf))
+    index = torch.tensor([2, 2, 0, 3])
+    want_self = [b.index_select(0, index) for b in (*state.self_k, *state.self_v)]
+    want_cross = [b.clone() for b in (*state.cross_k, *state.cross_v, state.enc_bias)]
+    state.reorder(index, cross=False)
+    assert all(torch.equal(b, w) for b, w in zip((*state.self_k, *state.self_v), want_self))
+    assert all(torch.equal(b, w) for b, w in zip((*state.cross_k, *state.cross_v, state.enc_bias), want_cross))
+    want_cross = [b.index_select(0, index) for b in want_cross]
+    want_self = [b.index_select(0, index) for b in want_self]
+    state.reorder(index)
+    assert all(torch.equal(b, w) for b, w in zip((*state.self_k, *state.self_v), want_self))
+    assert all(torch.equal(b, w) for b, w in zip((*state.cross_k, *state.cross_v, state.enc_bias), want_cross))
