@@ -5,7 +5,8 @@ For each shape (a preset's decoder: layers, heads, vocabulary), batch B prompts 
 16 calls back to back (median per call, L2 flushed before each replay; scripts/bench_kernels.py's method):
 - `select`: models.generate.BeamSelect without a state (log-softmax, top-2k, finished hypotheses, running beams);
 - `select + reorder`: with the state (the self-attention caches reordered, what each step does);
-- `reorder, self caches` and `reorder, all caches`: DecodeState.reorder(cross=False / True) alone;
+- `reorder, self caches` and `reorder, all caches`: DecodeState.reorder(cross=False / True) alone, the self caches
+  in one buffer as Switch.prefill makes them; `per block`: the self caches reordered a tensor per block (before);
 - `greedy select`: models.generate.GreedySelect on one row per prompt, for scale.
 Writes JSON (with the command) and a markdown table beside it. On a machine without a GPU it runs the same calls
 eagerly, a few times, and reports wall-clock times (a smoke test, not a measurement).
@@ -35,15 +36,20 @@ from models.switch import DecodeState  # noqa: E402
 CALLS = 16
 
 
-def make_state(cfg, rows: int, enc: int, dec: int, dev, dtype) -> DecodeState:
+def make_state(cfg, rows: int, enc: int, dec: int, dev, dtype, one_buffer: bool = True) -> DecodeState:
+    """Random caches of a preset's decoder. one_buffer: the self-attention caches as views of one buffer, as
+    Switch.prefill makes them (self_kv); else a tensor per block."""
     H, Dh, L = cfg.num_heads, cfg.d_kv, cfg.num_decoder_layers
 
     def caches(n):
         return [torch.randn(rows, H, n, Dh, device=dev).to(dtype) for _ in range(L)]
 
+    self_kv = torch.randn(2, L, rows, H, dec, Dh, device=dev).to(dtype) if one_buffer else None
+    self_k, self_v = (list(self_kv[0].unbind(0)), list(self_kv[1].unbind(0))) if one_buffer else (caches(dec),
+                                                                                                  caches(dec))
     return DecodeState(enc_bias=torch.zeros(rows, 1, 1, enc, device=dev, dtype=dtype), cross_k=caches(enc),
-                       cross_v=caches(enc), self_k=caches(dec), self_v=caches(dec),
-                       pos=torch.zeros(1, dtype=torch.long, device=dev), max_len=dec)
+                       cross_v=caches(enc), self_k=self_k, self_v=self_v,
+                       pos=torch.zeros(1, dtype=torch.long, device=dev), max_len=dec, self_kv=self_kv)
 
 
 def per_call_us(fn, dev, reps: int) -> float:
@@ -69,6 +75,7 @@ def probe(shape: str, batch: int, beams: int, dev, reps: int, enc: int, dec: int
     g = torch.Generator(device=dev).manual_seed(0)
     logits = torch.randn(rows, cfg.vocab_size, device=dev, generator=g).to(dtype)
     state = make_state(cfg, rows, enc, dec, dev, dtype)
+    per_block = make_state(cfg, rows, enc, dec, dev, dtype, one_buffer=False)
     kw = dict(device=dev, start_token=0, pad_token=0, eos_token=1)
     bare = BeamSelect(batch, beams, dec, **kw)
     full = BeamSelect(batch, beams, dec, state=state, **kw)
@@ -81,6 +88,7 @@ def probe(shape: str, batch: int, beams: int, dev, reps: int, enc: int, dec: int
            "cross_cache_bytes": sum(b.numel() * b.element_size() for b in (*state.cross_k, *state.cross_v))}
     for name, fn in (("select_us", lambda: bare(logits)), ("select_reorder_us", lambda: full(logits)),
                      ("reorder_self_us", lambda: state.reorder(index, cross=False)),
+                     ("reorder_self_per_block_us", lambda: per_block.reorder(index, cross=False)),
                      ("reorder_all_us", lambda: state.reorder(index)),
                      ("greedy_select_us", lambda: greedy(one_row))):
         out[name] = per_call_us(fn, dev, reps)
@@ -88,15 +96,21 @@ def probe(shape: str, batch: int, beams: int, dev, reps: int, enc: int, dec: int
     return out
 
 
+def _f(x) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
 def markdown(res: dict) -> str:
     m = res["meta"]
     lines = [f"# Beam search's choice in the decode step: {m['device']}", "",
              f"{m['date']}; torch {m['torch']}; `{m['command']}`. {m['how']}", "",
              "| shape | prompts x beams | vocab | select | select + reorder (self caches) | reorder, self caches | "
-             "reorder, all caches | greedy select | self / cross caches MB |", "|" + "---|" * 9]
+             "reorder, self caches per block | reorder, all caches | greedy select | self / cross caches MB |",
+             "|" + "---|" * 10]
     for r in res["rows"]:
         lines.append(f"| {r['shape']} | {r['batch']} x {r['num_beams']} | {r['vocab']} | {r['select_us']:.1f} | "
-                     f"{r['select_reorder_us']:.1f} | {r['reorder_self_us']:.1f} | {r['reorder_all_us']:.1f} | "
+                     f"{r['select_reorder_us']:.1f} | {r['reorder_self_us']:.1f} | "
+                     f"{_f(r.get('reorder_self_per_block_us'))} | {r['reorder_all_us']:.1f} | "
                      f"{r['greedy_select_us']:.1f} | {r['self_cache_bytes'] / 1e6:.1f} / "
                      f"{r['cross_cache_bytes'] / 1e6:.1f} |")
     return "\n".join(lines) + "\n"
