@@ -93,9 +93,10 @@ def drop_experts(model: Switch) -> None:
 
 BEAM_DMA_NOTE = (
     "copy_mode=dma with a Python copier thread (offload.dma_api driver or torch): beam search runs with the device "
-    "copy kernel instead (it reads each step's top-k on the host, and its Python loop then competes with the "
-    "copier thread for the GIL: switch-base-128 beam 4 pregated 9.32 ms/token with dma vs 4.90 with the copy "
-    "kernel on the H200, bench/results/e2e-h200-beam-dma.md); the native copier (dma_api=native) needs no GIL"
+    "copy kernel instead (measured when beam search read each step's top-k on the host, whose Python loop then "
+    "competed with the copier thread for the GIL: switch-base-128 beam 4 pregated 9.32 ms/token with dma vs 4.90 "
+    "with the copy kernel on the H200, bench/results/e2e-h200-beam-dma.md; not measured again since the choice moved "
+    "to the device); the native copier (dma_api=native) needs no GIL"
 )
 
 
