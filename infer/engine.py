@@ -167,6 +167,7 @@ def stall_by_difference(
     inputs: list[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
     replays: int = STALL_REPLAYS,
+    restart=None,
 ) -> dict:
     """Stall per token of a step whose waits cannot be timed (a captured graph), by difference:
     median time of `replays` steps with copies minus that of the same steps with none launched
@@ -174,8 +175,11 @@ def stall_by_difference(
     plans and tables update but nothing is copied), clamped at 0. Both passes replay the run's first
     recorded steps (inputs: (token, pos) per step) from the same runner state, so they make the same
     plans; the runner's counters and placement, and state.pos, are restored afterwards (the run's
-    results are already taken; the replays' outputs are discarded). Timing: CUDA events around each
-    step on CUDA, perf_counter otherwise (tests)."""
+    results are already taken; the replays' outputs are discarded). restart(): called with each return to
+    the first recorded step, for what else the steps carry along (a captured BeamSelect: its reset, so the
+    caches' rows follow the recorded beams again and the replays route as the run did, rather than the
+    recorded tokens meeting other beams' caches). Timing: CUDA events around each step on CUDA,
+    perf_counter otherwise (tests)."""
     saved, pos_saved = runner.save_state(), state.pos.clone()
     cuda = device.type == "cuda"
 
@@ -185,6 +189,8 @@ def stall_by_difference(
             i = j % len(inputs)
             if i == 0:  # (again) from the state the recorded steps started from
                 runner.load_state(saved)
+                if restart is not None:
+                    restart()
             tok, pos = inputs[i]
             state.pos.copy_(pos)
             if cuda:
@@ -601,6 +607,9 @@ class Engine:
                                               select=select if select is not None and select.captured else None),
                             step_inputs,
                             dev,
+                            # beams: the recorded steps start at the first (step_inputs holds the run's first
+                            # steps), so a reset select replays them as they ran
+                            restart=select.reset if isinstance(select, BeamSelect) and select.captured else None,
                         )
                     )
                 except Exception as e:

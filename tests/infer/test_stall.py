@@ -130,3 +130,40 @@ def test_dma_timeline_places_each_plan_in_its_step():
     assert "experts_per_plan" not in tl  # (a trace without counts)
     counted = [(*t, n) for t, n in zip(trace, (1, 0, 1, 2))]  # (g, block, start, end, experts copied)
     assert dma_timeline(steps, counted)["experts_per_plan"] == [1.0, 1.0]
+
+
+def test_stall_replays_of_beam_steps_follow_the_run(ckpt):
+    """Beam search: with restart=BeamSelect.reset, the replays of the recorded first steps choose exactly the beams
+    the run chose (each replay's next tokens are the next recorded input), so they route and copy as the run did;
+    the select's calls stand in for the captured graph's. Without the reset the recorded tokens would meet the caches
+of other beams (the run's last order, then each replay's reorder)."""
+    from models.generate import BeamSelect
+
+    model, store = load_offloaded(ckpt, "cpu", torch.float32, None)
+    ids, mask = prompts()
+    B, S = ids.shape
+    nb = 3
+    runner = OffloadRunner(model, store, PolicySpec("pregated", 2, "lfu"), "cpu", n_enc=B * nb * S,
+                           n_dec=B * nb).attach()
+    state = model.prefill(ids.repeat_interleave(nb, 0), mask.repeat_interleave(nb, 0), max_len=6)
+    cfg = model.cfg
+    sel = BeamSelect(B, nb, 6, "cpu", cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id, state=state)
+    inputs = []
+    for _ in range(5):  # the run: its inputs recorded as the engine records them
+        inputs.append((sel.tok.clone(), state.pos.clone()))
+        sel(model.decode_one_token(state, sel.tok))
+    followed = []
+
+    def step(st, tok):  # what the captured graph does: the step, then the select (which writes sel.tok)
+        sel.tok.copy_(tok)
+        sel(model.decode_one_token(st, sel.tok))
+        nxt = [i for i, (t, p) in enumerate(inputs) if torch.equal(p, st.pos - 1)]
+        # (the pass without copies computes with whatever the slots hold: only its time counts, not its choices)
+        if nxt and nxt[0] + 1 < len(inputs) and not runner.pool.skip_copies:
+            followed.append(torch.equal(sel.tok, inputs[nxt[0] + 1][0]))
+
+    m = stall_by_difference(runner, state, step, lambda: step, inputs, torch.device("cpu"), replays=8,
+                            restart=sel.reset)
+    assert m["stall_ms_per_token"] >= 0.0
+    assert len(followed) == 7 and all(followed)  # 8 replays of 5 steps: 4 + 3 with a next input to compare
+    runner.detach()
