@@ -568,6 +568,8 @@ class Engine:
             "total_ms": 1e3 * total_s,
             "cuda_graph": graphed,
             "graph_capture_ms": capture_ms,
+            # beam search's update after the top-2k: kernels/beam_select.py or BeamSelect's tensor ops
+            "beam_update": None if nb == 1 else ("kernel" if select.kernel else "tensor ops"),
         }
         m["gpu_step_ms_median"] = m["gpu_idle_between_steps_ms_median"] = None
         if len(step_events) > 2:  # the first step (in ttft) left out, as in decode_ms

@@ -7,10 +7,12 @@ generates through one code path.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
 
+from kernels.beam_select import beam_update
 from kernels.greedy import greedy_select
 from models.switch import DecodeState, Switch
 
@@ -92,7 +94,8 @@ class BeamSelect:
     `result()` reads the buffers once the loop ends and returns the best hypothesis per prompt."""
 
     def __init__(self, batch: int, num_beams: int, max_new_tokens: int, device, start_token: int, pad_token: int,
-                 eos_token: int, length_penalty: float = 1.0, state: DecodeState | None = None):
+                 eos_token: int, length_penalty: float = 1.0, state: DecodeState | None = None,
+                 kernel: bool | None = None):
         B, nb, n = batch, num_beams, max(1, max_new_tokens)
         self.B, self.nb, self.n = B, nb, n
         self.start, self.pad_token, self.eos, self.length_penalty = start_token, pad_token, eos_token, length_penalty
@@ -106,7 +109,14 @@ class BeamSelect:
         self.done = torch.empty(B, dtype=torch.bool, device=device)
         self.ended = torch.empty(n, dtype=torch.bool, device=device)
         self.t = torch.empty((), dtype=torch.long, device=device)
+        self.src = torch.empty(B * nb, dtype=torch.long, device=device)  # the rows the caches take, per step
         self.rank = torch.arange(2 * nb, device=device)
+        # the update after the top-2k as one kernel (kernels/beam_select.py) instead of ~50 tensor ops: opt-in
+        # (PGMOE_BEAM_KERNEL=1 or kernel=True) until it is measured on a GPU; the same choices either way
+        if kernel is None:  # (on the CPU only under Triton's interpreter: the tests)
+            kernel = os.environ.get("PGMOE_BEAM_KERNEL", "0") == "1" and (
+                torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+        self.kernel = bool(kernel)
         self.row0 = torch.arange(B, device=device)[:, None] * nb  # each prompt's first beam row
         self.captured = False  # set by the graph that runs it
         self.reset()
@@ -130,47 +140,15 @@ class BeamSelect:
         self.t.zero_()
 
     def __call__(self, logits: torch.Tensor) -> None:
-        B, nb, n, K = self.B, self.nb, self.n, 2 * self.nb
+        B, nb, K = self.B, self.nb, 2 * self.nb
         logp = torch.log_softmax(logits, dim=-1)  # [B*nb, V]
         V = logp.shape[-1]
         cand = (logp + self.scores.view(-1, 1)).view(B, nb * V)
         top_s, top_i = cand.topk(K, dim=1)  # [B, K], best first
-        beam_i, tok_i = top_i // V, top_i % V
-        i = torch.remainder(self.t, n)
         denom = (self.t + 1).double() ** self.length_penalty  # the hypotheses' length after this step
-        active = ~self.done
-        is_eos = tok_i == self.eos
-        # finished hypotheses: eos among the best nb candidates of a prompt still running; the kept ones are the
-        # best nb of (kept so far, then these in rank order), a stable sort (an equal score does not displace)
-        new_sc = torch.where(is_eos & (self.rank < nb) & active[:, None], top_s.double() / denom, -float("inf"))
-        new_seq = self.seqs[(self.row0 + beam_i).view(-1)].view(B, K, n)
-        new_seq.index_copy_(2, i.view(1), tok_i[:, :, None])
-        all_sc = torch.cat([self.fin_scores, new_sc], dim=1)
-        keep = torch.sort(all_sc, dim=1, descending=True, stable=True).indices[:, :nb]
-        fin_seqs = torch.cat([self.fin_seqs, new_seq], dim=1).gather(1, keep[:, :, None].expand(B, nb, n))
-        fin_len = torch.cat([self.fin_len, (self.t + 1).expand(B, K)], dim=1).gather(1, keep)
-        self.fin_scores.copy_(all_sc.gather(1, keep))
-        self.fin_seqs.copy_(fin_seqs)
-        self.fin_len.copy_(fin_len)
-        # the running beams: the first nb candidates (by rank) that are not eos; a prompt short of them, or done
-        # before this step, gets placeholder beams (score -1e9, pad, from its first beam)
-        pick = torch.where(is_eos, self.rank + K, self.rank).argsort(dim=1)[:, :nb]
-        live = ~is_eos.gather(1, pick) & active[:, None]
-        run_s = torch.where(live, top_s.gather(1, pick), -1e9)
-        run_tok = torch.where(live, tok_i.gather(1, pick), self.pad_token)
-        run_src = torch.where(live, beam_i.gather(1, pick), 0)
-        worst = self.fin_scores[:, nb - 1]
-        best_running = run_s.max(dim=1).values.double() / denom
-        self.done.logical_or_(active & (worst > -float("inf")) & (worst >= best_running))
-        self.ended.index_copy_(0, i.view(1), self.done.all().view(1))
-        src = (self.row0 + run_src).view(-1)
-        self.seqs.copy_(self.seqs.index_select(0, src))
-        self.seqs.index_copy_(1, i.view(1), run_tok.view(-1, 1))
-        self.scores.copy_(run_s)
-        self.tok.copy_(run_tok.view(-1))
+        beam_update(self, top_s, top_i, V, denom, use_kernel=self.kernel)
         if self.state is not None:
-            self.state.reorder(src, cross=False)
-        self.t.add_(1)
+            self.state.reorder(self.src, cross=False)
 
     def result(self, steps: int) -> torch.Tensor:
         """The best hypothesis per prompt after `steps` steps -> ids [B, n] padded with pad_token_id: prompts not

@@ -7,7 +7,9 @@ For each shape (a preset's decoder: layers, heads, vocabulary), batch B prompts 
 - `select + reorder`: with the state (the self-attention caches reordered, what each step does);
 - `reorder, self caches` and `reorder, all caches`: DecodeState.reorder(cross=False / True) alone, the self caches
   in one buffer as Switch.prefill makes them; `per block`: the self caches reordered a tensor per block (before);
-- `greedy select`: models.generate.GreedySelect on one row per prompt, for scale.
+- `greedy select`: models.generate.GreedySelect on one row per prompt, for scale;
+- `select, kernel` (GPU only): BeamSelect with the update as one kernel (kernels/beam_select.py), and whether its
+  buffers equal the tensor ops' after 24 steps of random logits (eos made likely on every third).
 Writes JSON (with the command) and a markdown table beside it. On a machine without a GPU it runs the same calls
 eagerly, a few times, and reports wall-clock times (a smoke test, not a measurement).
 
@@ -77,8 +79,9 @@ def probe(shape: str, batch: int, beams: int, dev, reps: int, enc: int, dec: int
     state = make_state(cfg, rows, enc, dec, dev, dtype)
     per_block = make_state(cfg, rows, enc, dec, dev, dtype, one_buffer=False)
     kw = dict(device=dev, start_token=0, pad_token=0, eos_token=1)
-    bare = BeamSelect(batch, beams, dec, **kw)
-    full = BeamSelect(batch, beams, dec, state=state, **kw)
+    bare = BeamSelect(batch, beams, dec, kernel=False, **kw)
+    fused = BeamSelect(batch, beams, dec, kernel=True, **kw) if dev.type == "cuda" else None
+    full = BeamSelect(batch, beams, dec, state=state, kernel=False, **kw)
     greedy = GreedySelect(batch, dec, **kw)
     one_row = logits[::beams].contiguous()
     index = torch.arange(rows, device=dev).flip(0)
@@ -90,9 +93,26 @@ def probe(shape: str, batch: int, beams: int, dev, reps: int, enc: int, dec: int
                      ("reorder_self_us", lambda: state.reorder(index, cross=False)),
                      ("reorder_self_per_block_us", lambda: per_block.reorder(index, cross=False)),
                      ("reorder_all_us", lambda: state.reorder(index)),
-                     ("greedy_select_us", lambda: greedy(one_row))):
+                     ("greedy_select_us", lambda: greedy(one_row)),
+                     ("select_kernel_us", (lambda: fused(logits)) if fused is not None else None)):
+        if fn is None:  # (the kernel: GPU only)
+            out[name] = None
+            continue
         out[name] = per_call_us(fn, dev, reps)
         print(f"[probe] {shape} B={batch} x {beams} {name}: {out[name]:.1f}", flush=True)
+    if fused is not None:  # the kernel's buffers after the same calls: the tensor ops' (a correctness check)
+        a = BeamSelect(batch, beams, dec, kernel=False, **kw)
+        k = BeamSelect(batch, beams, dec, kernel=True, **kw)
+        same = True
+        for s in range(24):
+            x = torch.randn(rows, cfg.vocab_size, device=dev, generator=g).to(dtype)
+            x[:, 1] += 4.0 * (s % 3 == 0)  # eos likely on some steps: hypotheses finish
+            a(x)
+            k(x)
+            same &= all(torch.equal(getattr(a, b), getattr(k, b)) for b in
+                        ("tok", "scores", "seqs", "fin_scores", "fin_seqs", "fin_len", "done", "ended", "t", "src"))
+        out["select_kernel_equals_tensor_ops"] = bool(same)
+        print(f"[probe] {shape} kernel's buffers equal the tensor ops': {same}", flush=True)
     return out
 
 
@@ -100,18 +120,24 @@ def _f(x) -> str:
     return "-" if x is None else f"{x:.1f}"
 
 
+def _kernel(r: dict) -> str:
+    if r.get("select_kernel_us") is None:
+        return "-"
+    return f"{r['select_kernel_us']:.1f} ({'yes' if r.get('select_kernel_equals_tensor_ops') else 'NO'})"
+
+
 def markdown(res: dict) -> str:
     m = res["meta"]
     lines = [f"# Beam search's choice in the decode step: {m['device']}", "",
              f"{m['date']}; torch {m['torch']}; `{m['command']}`. {m['how']}", "",
              "| shape | prompts x beams | vocab | select | select + reorder (self caches) | reorder, self caches | "
-             "reorder, self caches per block | reorder, all caches | greedy select | self / cross caches MB |",
-             "|" + "---|" * 10]
+             "reorder, self caches per block | reorder, all caches | greedy select | select, kernel (= tensor ops) | "
+             "self / cross caches MB |", "|" + "---|" * 11]
     for r in res["rows"]:
         lines.append(f"| {r['shape']} | {r['batch']} x {r['num_beams']} | {r['vocab']} | {r['select_us']:.1f} | "
                      f"{r['select_reorder_us']:.1f} | {r['reorder_self_us']:.1f} | "
                      f"{_f(r.get('reorder_self_per_block_us'))} | {r['reorder_all_us']:.1f} | "
-                     f"{r['greedy_select_us']:.1f} | {r['self_cache_bytes'] / 1e6:.1f} / "
+                     f"{r['greedy_select_us']:.1f} | {_kernel(r)} | {r['self_cache_bytes'] / 1e6:.1f} / "
                      f"{r['cross_cache_bytes'] / 1e6:.1f} |")
     return "\n".join(lines) + "\n"
 

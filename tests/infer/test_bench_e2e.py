@@ -523,6 +523,21 @@ def test_bench_tiny_copy_variants(tmp_path):
     assert f"| tiny | greedy | pregated | auto | {base['metrics']['copy_mode']} | normal, 32 x 8192, 4 warps |" in text
 
 
+def test_bench_tiny_beam_kernel_variant(tmp_path):
+    """#beamkernel: beam search's update by kernels/beam_select.py (interpreted here) for that run only, with
+    gpu_only's tokens (checked as any policy's: a mismatch would be a failure)."""
+    res = _bench_tiny(tmp_path, "--table-runs", "beam4:gpu_only,pregated,pregated#beamkernel,gpu_only#beamkernel")
+    runs = {r["label"]: r for r in res["shapes"]["tiny"]["runs"]}
+    for label in ("pregated/beam4/pregated#beamkernel", "pregated/beam4/gpu_only#beamkernel"):
+        assert runs[label]["metrics"]["beam_update"] == "kernel"
+        assert runs[label]["same_tokens_as_gpu_only"]
+        assert runs[label]["tokens"] == runs["pregated/beam4/gpu_only"]["tokens"]
+    for label in ("pregated/beam4/pregated", "pregated/beam4/gpu_only"):
+        assert runs[label]["metrics"]["beam_update"] == "tensor ops"
+    with pytest.raises(SystemExit, match="beamkernel"):
+        bench.parse_variant("beamkernels")
+
+
 def test_summary_variant_table_dma_columns():
     """The variant table names the dma copier's API and shows the GPU's step time in the decode loop beside the
     replayed step's ('-' where a run did not record them)."""

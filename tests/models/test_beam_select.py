@@ -180,3 +180,29 @@ def test_reorder_of_the_one_buffer_equals_per_block_reorders():
     state.reorder(index)
     assert all(torch.equal(b, w) for b, w in zip((*state.self_k, *state.self_v), want_self))
     assert all(torch.equal(b, w) for b, w in zip((*state.cross_k, *state.cross_v, state.enc_bias), want_cross))
+
+
+BUFFERS = ("tok", "scores", "seqs", "fin_scores", "fin_seqs", "fin_len", "done", "ended", "t", "src")
+
+
+@pytest.mark.parametrize("seed,B,nb,V,steps,eos_boost,grid,lp,same", [
+    (1, 3, 4, 9, 10, 3.0, 0, 1.0, False),
+    (3, 2, 3, 13, 9, 1.5, 1, 0.6, False),   # another length penalty, nb not a power of two
+    (7, 2, 4, 6, 9, 2.5, 1, 1.0, True),     # tied kept hypotheses
+    (6, 2, 3, 4, 8, 2.0, 2, 1.0, True),
+    (5, 2, 1, 8, 5, 3.0, 0, 1.0, False),    # one beam
+    (4, 1, 2, 7, 300, 0.5, 0, 1.0, False),  # more columns than one block of the kernel
+])
+def test_beam_kernel_equals_the_tensor_ops(seed, B, nb, V, steps, eos_boost, grid, lp, same):
+    """kernels/beam_select.py (interpreted here) leaves every BeamSelect buffer as the tensor-op update does, bitwise,
+    after every step, and so returns the same hypotheses."""
+    logits = _logits(seed, steps, B, nb, V, eos_boost, grid, same)
+    ops = BeamSelect(B, nb, steps, "cpu", START, PAD, EOS, lp, kernel=False)
+    ker = BeamSelect(B, nb, steps, "cpu", START, PAD, EOS, lp, kernel=True)
+    for x in logits:
+        ops(x)
+        ker(x)
+        for name in BUFFERS:
+            assert torch.equal(getattr(ker, name), getattr(ops, name)), name
+    assert torch.equal(ker.result(steps), ops.result(steps))
+    assert (ops.fin_scores > -float("inf")).any()
