@@ -147,11 +147,7 @@ def beam_update(sel, top_s: torch.Tensor, top_i: torch.Tensor, V: int, denom: to
         return beam_update_reference(sel, top_s, top_i, V, denom)
     B, nb, n = sel.B, sel.nb, sel.n
     K = 2 * nb
-    top_s, top_i = top_s.contiguous(), top_i.contiguous()
-    for name, x in (("seqs", sel.seqs), ("fin_seqs", sel.fin_seqs), ("fin_scores", sel.fin_scores),
-                    ("fin_len", sel.fin_len), ("scores", sel.scores)):
-        if not x.is_contiguous():
-            raise ValueError(f"beam_update: BeamSelect.{name} must be contiguous")
+    top_s, top_i = top_s.contiguous(), top_i.contiguous()  # (BeamSelect's own buffers are contiguous)
     _beam_update_kernel[(B,)](top_s, top_i, denom, sel.scores, sel.seqs, sel.fin_scores, sel.fin_seqs, sel.fin_len,
                               sel.done, sel.tok, sel.src, sel.t, V, n, int(sel.pad_token), int(sel.eos),
                               NB=nb, K=K, NBP=triton.next_power_of_2(nb), NP=triton.next_power_of_2(nb + K),

@@ -18,18 +18,12 @@ from __future__ import annotations
 
 import torch
 
-from kernels.routing import use_triton
+from kernels.routing import HAVE_TRITON, use_triton
 
-try:
+if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover
-    HAVE_TRITON = False
-
-
-if HAVE_TRITON:
 
     @triton.jit
     def _decode_attention_kernel(
