@@ -255,7 +255,9 @@ class SlotPool:
     """GPU slots for expert weights: pool [P, X]; w_in [P, F, D] and w_out [P, D, F] are views of it
     (the expert FFN reads them through strides), so one expert is one contiguous row to copy.
 
-    Slot p < M*C: cache slot p % C of block p // C. Slot M*C + r*n + j: slot j of staging buffer r.
+    Slot p < M*C: cache slot p % C of block p // C. Slot M*C + r*n + j: slot j of staging buffer r. The
+    encoder's streamed prefill chunks use slots M*C + j, j < n_prefill, the same slots (the pool holds
+    max(R*n, n_prefill) of them after the cache).
     Block m stages into buffer m % R (R = lookahead + 1), so a copy for block m overwrites only the
     buffer last read by block m - R, whose compute the compute stream has passed when the copy is
     issued; one event per block (its copies done) is all the ordering needed.
@@ -288,9 +290,14 @@ class SlotPool:
         self.store, self.device = store, torch.device(device)
         self.copy_settings = copy or CopySettings()
         self.M, self.E, self.C, self.n, self.R = store.M, store.E, cache_size, n_stage, ring
-        self.n_prefill = n_prefill  # slots the encoder's blocks stream their experts through (after staging)
-        self.prefill_base = self.M * self.C + self.R * self.n
-        self.P = self.prefill_base + n_prefill
+        # slots the encoder's blocks stream their experts through: the staging buffers' slots, shared. The
+        # encoder pass never stages (its blocks stream) and every decode plan is fresh (a plan's staging holders
+        # are those it fills, never an earlier plan's), so neither reads what the other wrote; every copy into
+        # either waits for the compute launched before it (the copy stream waits for it; a dma plan is written
+        # by the compute stream), and a run ends with its copies waited for. The pool holds the larger of the two.
+        self.n_prefill = n_prefill
+        self.prefill_base = self.M * self.C
+        self.P = self.M * self.C + max(self.R * self.n, n_prefill)
         self.pool = torch.zeros((self.P, store.X), dtype=store.dtype, device=self.device)  # [P, X]
         self.w_in, self.w_out = store.weights(self.pool)  # [P, F, D], [P, D, F] (Int8Weights when quantized)
         self.cuda = self.device.type == "cuda"

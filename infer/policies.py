@@ -188,7 +188,8 @@ class OffloadRunner:
         # The encoder pass (many tokens) may route to every expert of a block, the decode step to a
         # few: the encoder's blocks stream their experts through a small double-buffered region of
         # prefill_slots slots, in chunks (one host sync per block), so that the staging buffers only
-        # need the decode step's slots. prefetch_all needs all E slots per block anyway.
+        # need the decode step's slots; the two share their slots (SlotPool). prefetch_all needs all E
+        # slots per block anyway.
         # With CPU compute of misses active the encoder's blocks keep their whole-block plans (its CPU
         # choice is made per plan): the pool is then sized for the prefill as before.
         # CPU compute of misses: active unless off, or auto with the CPU never predicted faster
@@ -358,10 +359,12 @@ class OffloadRunner:
             "pool_cache_bytes": self.pool.M * self.pool.C * self.store.expert_bytes,
             "pool_staging_bytes": self.pool.R * self.pool.n * self.store.expert_bytes,
             "pool_prefill_bytes": self.pool.n_prefill * self.store.expert_bytes,
+            # staging and prefill share slots: pool = cache + max(staging, prefill)
             "pool_slots": {
                 "cache": self.pool.M * self.pool.C,
                 "decode_staging": self.pool.R * self.pool.n,
                 "prefill": self.pool.n_prefill,
+                "shared": min(self.pool.R * self.pool.n, self.pool.n_prefill),
             },
             "copy_mode": self.pool.copy_mode,
             "copy_settings": asdict(self.pool.copy_settings),

@@ -1156,8 +1156,9 @@ def _runs(out: dict, mode: str) -> dict:
 
 # ----------------------------------------------------------------------------------------------- memory
 def pregated_pool_experts(E: int, rows: int, S: int, prefill_slots: int) -> tuple[int, int]:
-    """Expert slots the pregated policy (lookahead 1, no cache) holds: (two blocks' decode experts, the
-    encoder's streaming region), as infer.policies.OffloadRunner sizes them."""
+    """Expert slots the pregated policy (lookahead 1, no cache) uses: (two blocks' decode experts, the
+    encoder's streaming region), as infer.policies.OffloadRunner sizes them. The two share their slots: the
+    pool holds the larger (infer.offload.SlotPool)."""
     n_enc, n_dec = min(E, rows * S), min(E, rows)  # Switch routes each token to k = 1 expert
     if n_enc <= n_dec:  # nothing to stream: the staging buffers serve the encoder too
         return 2 * n_enc, 0
@@ -1172,8 +1173,9 @@ def memory_bound(ref: dict, pg: dict, E: int, eb: int, store_bytes: int, rows: i
     """Peak under pregated (no cache) <= non-expert weights + two blocks' experts + gpu_only's activations.
     ref, pg: gpu_only's and pregated's metrics of the same decoding and batch. "Two blocks' experts": the
     experts two MoE blocks use (the current one and the next, pre-gated: min(E, rows) each), plus the
-    encoder pass's streaming region; the resident non-expert weights are in the pregated run's baseline
-    (what was allocated when it started, with anything earlier runs in this process still hold)."""
+    encoder pass's streaming region, in the same slots (the larger of the two); the resident non-expert
+    weights are in the pregated run's baseline (what was allocated when it started, with anything earlier runs in
+    this process still hold)."""
     if ref.get("peak_allocated_bytes") is None or pg.get("peak_allocated_bytes") is None:
         return None
     base_ref = ref.get("baseline_allocated_bytes") or 0
@@ -1181,7 +1183,8 @@ def memory_bound(ref: dict, pg: dict, E: int, eb: int, store_bytes: int, rows: i
     act = max(0, ref["peak_allocated_bytes"] - base_ref - store_bytes)
     two, stream = pregated_pool_experts(E, rows, S, prefill_slots)
     slack = 64 << 20  # the plan's small tensors
-    bound = base_pg + (two + stream) * eb + act + slack
+    pool = max(two, stream) * eb
+    bound = base_pg + pool + act + slack
     peak = pg["peak_allocated_bytes"]
     return {
         "rows": rows,
@@ -1191,7 +1194,7 @@ def memory_bound(ref: dict, pg: dict, E: int, eb: int, store_bytes: int, rows: i
         "two_blocks_experts": two,
         "streaming_region_experts": stream,
         "pool_bytes_reported": pg.get("pool_bytes"),
-        "pool_bytes_expected": (two + stream) * eb,
+        "pool_bytes_expected": pool,
         "activations_from_gpu_only": act,
         "baseline_pregated": base_pg,
         "slack_bytes": slack,
