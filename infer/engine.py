@@ -166,7 +166,7 @@ def stall_by_difference(
     make_step_without,
     inputs: list[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
-    replays: int = STALL_REPLAYS,
+    replays: int | None = None,
     restart=None,
 ) -> dict:
     """Stall per token of a step whose waits cannot be timed (a captured graph), by difference:
@@ -178,16 +178,25 @@ def stall_by_difference(
     results are already taken; the replays' outputs are discarded). restart(): called with each return to
     the first recorded step, for what else the steps carry along (a captured BeamSelect: its reset, so the
     caches' rows follow the recorded beams again and the replays route as the run did, rather than the
-    recorded tokens meeting other beams' caches). Timing: CUDA events around each step on CUDA,
-    perf_counter otherwise (tests)."""
+    recorded tokens meeting other beams' caches). replays: steps per timed pass; None: every recorded step with
+    a restart (the replays are then the run's own steps: the medians cover what the run's did, not only its first
+    steps, which copy more in beam search, where the beams still differ), else STALL_REPLAYS. The traced pass
+    replays at most STALL_REPLAYS. Timing: CUDA events around each step on CUDA, perf_counter otherwise (tests)."""
     saved, pos_saved = runner.save_state(), state.pos.clone()
     cuda = device.type == "cuda"
+    if replays is None:
+        replays = len(inputs) if restart is not None else STALL_REPLAYS
 
-    def time_steps(step, keep: list | None = None) -> list[float]:
+    def time_steps(step, keep: list | None = None, count: int = replays) -> list[float]:
         times = []
-        for j in range(replays):
+        for j in range(count):
             i = j % len(inputs)
             if i == 0:  # (again) from the state the recorded steps started from
+                if restart is not None and j > 0:
+                    # replays in flight: restart's allocations (a cudaMalloc is an implicit device-wide barrier)
+                    # would hold the dma copier's next copies behind steps that wait for them, until the waits
+                    # time out (seen on the H200, switch-large-128 beam 4): let them finish first
+                    _sync(device)
                 runner.load_state(saved)
                 if restart is not None:
                     restart()
@@ -218,7 +227,7 @@ def stall_by_difference(
             steps_ev: list = []
             dma.trace = []
             try:
-                time_steps(step_with, steps_ev)
+                time_steps(step_with, steps_ev, min(replays, STALL_REPLAYS))
                 if dma.trace:  # (no dma plans, e.g. on_demand's: no timeline)
                     timeline = dma_timeline(steps_ev, dma.trace)
             finally:
@@ -241,6 +250,8 @@ def stall_by_difference(
         "stall_method": (
             f"derived by difference: median of {replays} graph replays with copies minus the same "
             "steps captured without copies (clamped at 0)"
+            + (f"; the replays are the run's {len(inputs)} recorded steps (beams reset at the first)"
+               if restart is not None else f"; the run's first {len(inputs)} steps")
         ),
     }
 
@@ -499,8 +510,12 @@ class Engine:
         stall_diff = self.measure_stall and graphed and runner is not None
         step_inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
+        # beam search with a captured select replays the whole run (stall_by_difference: restart), greedy its first
+        # STALL_REPLAYS steps
+        whole = stall_diff and isinstance(select, BeamSelect) and select.captured
+
         def recording_step(state, tok):
-            if stall_diff and len(step_inputs) < STALL_REPLAYS:
+            if stall_diff and (whole or len(step_inputs) < STALL_REPLAYS):
                 step_inputs.append((tok.clone(), state.pos.clone()))
             out = step(state, tok)
             if keep_logits:  # kept on the device until the loop ends (infer.offload.DMA_HOST_COPY_NOTE)

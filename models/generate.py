@@ -87,10 +87,11 @@ class BeamSelect:
     graph (infer.engine.GraphStep captures it after the decoder step, as it does GreedySelect): transformers'
     scoring (sum of log-probabilities / length ** length_penalty, 2 * num_beams candidates per step, at most
     num_beams finished hypotheses kept per prompt, a prompt done once its worst kept hypothesis scores at least its
-    best running beam would), the running beams' tokens written to `tok` (the next step's input), and `state`'s
-    caches reordered to the chosen beams. Every decision is a fixed-shape tensor operation: ranks order the
-    candidates and a stable sort keeps the finished hypotheses, so the choices (ties included) are the ones the
-    host-side loop made before it. ended[t] = every prompt done after step t; indices wrap at max_new_tokens.
+    best running beam would), the running beams' tokens written to `tok` (the next step's input), and the rows the
+    caches take written to `src`, which `state` applies at the next step's start (DecodeState.defer_reorder).
+    Every decision is a fixed-shape tensor operation: ranks order the candidates and a stable sort keeps the
+    finished hypotheses, so the choices (ties included) are the ones the host-side loop made before it.
+    ended[t] = every prompt done after step t; indices wrap at max_new_tokens.
     `result()` reads the buffers once the loop ends and returns the best hypothesis per prompt."""
 
     def __init__(self, batch: int, num_beams: int, max_new_tokens: int, device, start_token: int, pad_token: int,
@@ -111,13 +112,19 @@ class BeamSelect:
         self.t = torch.empty((), dtype=torch.long, device=device)
         self.src = torch.empty(B * nb, dtype=torch.long, device=device)  # the rows the caches take, per step
         self.rank = torch.arange(2 * nb, device=device)
-        # the update after the top-2k as one kernel (kernels/beam_select.py) instead of ~50 tensor ops: opt-in
-        # (PGMOE_BEAM_KERNEL=1 or kernel=True) until it is measured on a GPU; the same choices either way
-        if kernel is None:  # (on the CPU only under Triton's interpreter: the tests)
-            kernel = os.environ.get("PGMOE_BEAM_KERNEL", "0") == "1" and (
-                torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+        # the update after the top-2k as one kernel (kernels/beam_select.py) instead of ~50 tensor ops, the same
+        # choices either way: the default on CUDA (H200: 84 instead of 150 us per step in a CUDA graph,
+        # bench/results/probe-beam-select-h200.md); PGMOE_BEAM_KERNEL=0 turns it off, =1 asks for it on the CPU
+        # too (under Triton's interpreter only: the tests)
+        if kernel is None:
+            env = os.environ.get("PGMOE_BEAM_KERNEL")
+            cuda = torch.device(device).type == "cuda"
+            kernel = cuda if env is None else env == "1" and (cuda or os.environ.get("TRITON_INTERPRET") == "1")
         self.kernel = bool(kernel)
         self.row0 = torch.arange(B, device=device)[:, None] * nb  # each prompt's first beam row
+        self.ident = torch.arange(B * nb, device=device)
+        if state is not None:  # the caches take self.src at the start of the next step
+            state.defer_reorder(self.src)
         self.captured = False  # set by the graph that runs it
         self.reset()
 
@@ -128,6 +135,7 @@ class BeamSelect:
         only, the encoder side of a prompt's beams being equal)."""
         if self.state is not None:
             self.state.reorder(self.row0.expand(self.B, self.nb).reshape(-1))
+        self.src.copy_(self.ident)  # no reorder pending before the first step
         self.tok.fill_(self.start)
         self.scores.fill_(-1e9)
         self.scores[:, 0] = 0.0
@@ -147,8 +155,8 @@ class BeamSelect:
         top_s, top_i = cand.topk(K, dim=1)  # [B, K], best first
         denom = (self.t + 1).double() ** self.length_penalty  # the hypotheses' length after this step
         beam_update(self, top_s, top_i, V, denom, use_kernel=self.kernel)
-        if self.state is not None:
-            self.state.reorder(self.src, cross=False)
+        # the caches' reorder to self.src: deferred to the next step's start (DecodeState.defer_reorder), where it
+        # runs while that step's first expert copies do
 
     def result(self, steps: int) -> torch.Tensor:
         """The best hypothesis per prompt after `steps` steps -> ids [B, n] padded with pad_token_id: prompts not
@@ -239,7 +247,7 @@ def beam_search(
 
     Each step's choice is a BeamSelect on the device (the host loop as greedy's: it never waits for the step it
     just launched). `select`: one whose calls `step` makes itself (captured in the step's CUDA graph:
-    select.captured), fed by select.tok, reordering `state` itself."""
+    select.captured), fed by select.tok, choosing the rows `state` takes at the next step's start."""
     cfg = model.cfg
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
     step = step or model.decode_one_token

@@ -171,10 +171,28 @@ class DecodeState:
     enc_out: torch.Tensor | None = None          # [B, S, D]
     routings: list[Routing] = field(default_factory=list)  # encoder routings of the prefill
     self_kv: torch.Tensor | None = None          # [2, blocks, B, H, Tmax, Dh]: self_k and self_v are its views
+    # beam search: the rows the self-attention caches take before the next step (set by the beam choice, applied
+    # at the next step's start, then the identity again), and that identity; None: nothing deferred
+    row_src: torch.Tensor | None = None          # [B] long
+    row_identity: torch.Tensor | None = None     # [B] long
 
     @property
     def batch_size(self) -> int:
         return self.enc_bias.shape[0]
+
+    def defer_reorder(self, rows: torch.Tensor) -> None:
+        """Register `rows` [B] (a buffer the caller rewrites in place: beam search's choice of rows) as the self caches'
+        reorder to apply at the start of each decode step (apply_deferred), after the step's first copies start."""
+        self.row_src = rows
+        self.row_identity = torch.arange(rows.numel(), dtype=rows.dtype, device=rows.device)
+        rows.copy_(self.row_identity)
+
+    def apply_deferred(self) -> None:
+        """The deferred reorder (defer_reorder), once: the rows then go back to the identity, so a step without a
+        choice before it reorders nothing."""
+        if self.row_src is not None:
+            self.reorder(self.row_src, cross=False)
+            self.row_src.copy_(self.row_identity)
 
     def reorder(self, index: torch.Tensor, cross: bool = True) -> None:
         """Reorder the batch in place (beam search). cross=False: the self-attention caches only, for rows whose
@@ -500,6 +518,9 @@ class Switch(nn.Module):
         start = getattr(src, "step_start", None)
         if start is not None:  # the offload runner's guess of the first MoE block's experts (ExpertSource)
             start(tokens_B)
+        # beam search's reorder of the self caches, chosen at the end of the last step, runs here: behind the guess's
+        # copies (started above), not before them, so the link is not idle while it runs
+        state.apply_deferred()
         h = self.shared(tokens_B[:, None])
         bias = state.self_bias.index_select(0, state.pos).unsqueeze(2)  # [1, H, 1, Tmax]
         kv = list(zip(state.cross_k, state.cross_v))

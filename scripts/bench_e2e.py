@@ -498,8 +498,9 @@ def main() -> int:
 #              copy_ and a fill kernel (dma_api=torch), e.g. pregated#driver beside pregated under --copy-mode dma
 #   sdpa:      the decode step's attention by torch's scaled_dot_product_attention (cuDNN's kernel on the H200)
 #              instead of kernels/decode_attention.py; its last bits differ, so its tokens are recorded, not failed
-#   beamkernel: beam search's update after the top-2k as one kernel (kernels/beam_select.py, PGMOE_BEAM_KERNEL=1)
-#              instead of BeamSelect's tensor ops; the same choices, so its tokens are checked as any policy's
+#   beamkernel / beamops: beam search's update after the top-2k as one kernel (kernels/beam_select.py, the default
+#              on CUDA; PGMOE_BEAM_KERNEL=1) / as BeamSelect's tensor ops (PGMOE_BEAM_KERNEL=0); the same choices,
+#              so their tokens are checked as any policy's
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
 GUESS_VARIANTS = {"noguess": "off", "guessrun": "run", "guesskeep": "keep"}
 
@@ -520,12 +521,12 @@ def sdpa_attention(model: Switch, on: bool):
 
 
 @contextlib.contextmanager
-def beam_kernel(on: bool):
-    """While on: beam search's update by kernels/beam_select.py (models.generate.BeamSelect reads PGMOE_BEAM_KERNEL
-    when the engine makes it)."""
+def beam_kernel(on: bool | None):
+    """While on (True): beam search's update by kernels/beam_select.py; False: by BeamSelect's tensor ops; None: the
+    default (models.generate.BeamSelect reads PGMOE_BEAM_KERNEL when the engine makes it)."""
     before = os.environ.get("PGMOE_BEAM_KERNEL")
-    if on:
-        os.environ["PGMOE_BEAM_KERNEL"] = "1"
+    if on is not None:
+        os.environ["PGMOE_BEAM_KERNEL"] = "1" if on else "0"
     try:
         yield
     finally:
@@ -533,6 +534,14 @@ def beam_kernel(on: bool):
             os.environ.pop("PGMOE_BEAM_KERNEL", None)
         else:
             os.environ["PGMOE_BEAM_KERNEL"] = before
+
+
+def beam_variant(variant: str) -> bool | None:
+    """#beamkernel -> True, #beamops -> False, neither -> None (the default); both is an error."""
+    toks = variant.split("#")
+    if "beamkernel" in toks and "beamops" in toks:
+        raise SystemExit(f"run variant #{variant}: #beamkernel and #beamops together")
+    return True if "beamkernel" in toks else False if "beamops" in toks else None
 
 
 def variant_guess(variant: str) -> str | None:
@@ -550,7 +559,7 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
             plan = PLAN_VARIANTS[tok]
         elif tok in ("dma", "device"):
             mode = tok
-        elif tok in GUESS_VARIANTS or tok in ("sdpa", "beamkernel"):
+        elif tok in GUESS_VARIANTS or tok in ("sdpa", "beamkernel", "beamops"):
             pass  # variant_guess; sdpa_attention; beam_kernel
         elif tok in ("native", "driver", "torchcopy"):
             copy["dma_api"] = "torch" if tok == "torchcopy" else tok
@@ -561,7 +570,7 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
         else:
             raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #device, #hi, "
                              "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep, #native, #driver, #torchcopy, "
-                             "#sdpa, #beamkernel")
+                             "#sdpa, #beamkernel, #beamops")
     if copy:
         try:
             CopySettings(**copy)
@@ -781,7 +790,7 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
             with engine_settings(eng, copy=dataclasses.replace(eng.copy, **copy),
                                  copy_mode=copy_mode or eng.copy_mode,
                                  first_block_guess=variant_guess(variant) or eng.first_block_guess), \
-                    sdpa_attention(eng.model, sdpa), beam_kernel("beamkernel" in variant.split("#")):
+                    sdpa_attention(eng.model, sdpa), beam_kernel(beam_variant(variant)):
                 entry = run_one(eng, spec, ids, n_new, nb, args, cpu_compute=cpu_mode or "off")
         finally:
             slot_plan.DEFAULT_IMPL = impl_before

@@ -89,7 +89,7 @@ def probe(shape: str, batch: int, beams: int, dev, reps: int, enc: int, dec: int
            "decoder_layers": cfg.num_decoder_layers, "encoder_positions": enc, "decoder_positions": dec,
            "self_cache_bytes": sum(b.numel() * b.element_size() for b in (*state.self_k, *state.self_v)),
            "cross_cache_bytes": sum(b.numel() * b.element_size() for b in (*state.cross_k, *state.cross_v))}
-    for name, fn in (("select_us", lambda: bare(logits)), ("select_reorder_us", lambda: full(logits)),
+    for name, fn in (("select_us", lambda: bare(logits)), ("select_reorder_us", lambda: (full(logits), state.apply_deferred())),
                      ("reorder_self_us", lambda: state.reorder(index, cross=False)),
                      ("reorder_self_per_block_us", lambda: per_block.reorder(index, cross=False)),
                      ("reorder_all_us", lambda: state.reorder(index)),

@@ -526,16 +526,21 @@ def test_bench_tiny_copy_variants(tmp_path):
 def test_bench_tiny_beam_kernel_variant(tmp_path):
     """#beamkernel: beam search's update by kernels/beam_select.py (interpreted here) for that run only, with
     gpu_only's tokens (checked as any policy's: a mismatch would be a failure)."""
-    res = _bench_tiny(tmp_path, "--table-runs", "beam4:gpu_only,pregated,pregated#beamkernel,gpu_only#beamkernel")
+    res = _bench_tiny(tmp_path, "--table-runs",
+                      "beam4:gpu_only,pregated,pregated#beamkernel,gpu_only#beamkernel,pregated#beamops")
     runs = {r["label"]: r for r in res["shapes"]["tiny"]["runs"]}
-    for label in ("pregated/beam4/pregated#beamkernel", "pregated/beam4/gpu_only#beamkernel"):
-        assert runs[label]["metrics"]["beam_update"] == "kernel"
+    for label in ("pregated/beam4/pregated#beamkernel", "pregated/beam4/gpu_only#beamkernel",
+                  "pregated/beam4/pregated#beamops"):
+        assert runs[label]["metrics"]["beam_update"] == ("tensor ops" if "beamops" in label else "kernel")
         assert runs[label]["same_tokens_as_gpu_only"]
         assert runs[label]["tokens"] == runs["pregated/beam4/gpu_only"]["tokens"]
-    for label in ("pregated/beam4/pregated", "pregated/beam4/gpu_only"):
+    for label in ("pregated/beam4/pregated", "pregated/beam4/gpu_only"):  # the CPU's default
         assert runs[label]["metrics"]["beam_update"] == "tensor ops"
     with pytest.raises(SystemExit, match="beamkernel"):
         bench.parse_variant("beamkernels")
+    assert [bench.beam_variant(v) for v in ("", "beamkernel", "dma#beamops")] == [None, True, False]
+    with pytest.raises(SystemExit, match="together"):
+        bench.beam_variant("beamkernel#beamops")
 
 
 def test_summary_variant_table_dma_columns():

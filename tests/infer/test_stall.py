@@ -166,4 +166,10 @@ of other beams (the run's last order, then each replay's reorder)."""
                             restart=sel.reset)
     assert m["stall_ms_per_token"] >= 0.0
     assert len(followed) == 7 and all(followed)  # 8 replays of 5 steps: 4 + 3 with a next input to compare
+    # replays=None with a restart: each pass replays the run's recorded steps once, in order (the medians cover the
+    # run's own steps), and they still follow the run
+    followed.clear()
+    m = stall_by_difference(runner, state, step, lambda: step, inputs, torch.device("cpu"), restart=sel.reset)
+    assert "the run's 5 recorded steps" in m["stall_method"]
+    assert len(followed) == 4 and all(followed)
     runner.detach()

@@ -133,18 +133,24 @@ def test_beam_select_reorders_the_state_and_resets():
     class State:
         def __init__(self):
             self.srcs = []
+            self.deferred = None
 
         def reorder(self, index, cross=True):
             self.srcs.append((index.clone(), cross))
+
+        def defer_reorder(self, rows):
+            self.deferred = rows
 
     st = State()
     sel = BeamSelect(B, nb, 5, "cpu", START, PAD, EOS, 1.0, state=st)
     first = torch.tensor([0, 0, 0, 3, 3, 3])
     assert len(st.srcs) == 1 and torch.equal(st.srcs[0][0], first) and st.srcs[0][1]
+    assert st.deferred is sel.src and torch.equal(sel.src, torch.arange(B * nb))  # nothing pending at first
     logits = _logits(7, 1, B, nb, V, 0.0, 0)[0]
     logits[:, EOS] = -30.0  # nothing ends
     sel(logits)
-    src, cross = st.srcs[1]
+    assert len(st.srcs) == 1  # the choice's reorder is deferred to the next step's start: sel.src
+    src, cross = sel.src, False
     # step 1: every beam comes from its prompt's first beam (the only live one)
     assert torch.equal(src, first) and not cross
     top = torch.log_softmax(logits, -1).view(B, nb, V)[:, 0].topk(nb, dim=1)
@@ -152,6 +158,7 @@ def test_beam_select_reorders_the_state_and_resets():
     assert torch.equal(sel.scores, top.values)
     sel.reset()
     assert torch.equal(sel.tok, torch.full((B * nb,), START)) and sel.t.item() == 0
+    assert torch.equal(sel.src, torch.arange(B * nb))
     assert sel.scores[:, 0].eq(0).all() and sel.scores[:, 1:].eq(-1e9).all()
 
 
@@ -182,6 +189,33 @@ def test_reorder_of_the_one_buffer_equals_per_block_reorders():
     assert all(torch.equal(b, w) for b, w in zip((*state.cross_k, *state.cross_v, state.enc_bias), want_cross))
 
 
+def test_deferred_reorder_runs_at_the_next_step_start():
+    """defer_reorder(rows): decode_one_token applies the rows to the self caches before computing (the same logits
+    and caches as an explicit reorder right before the step), once: the rows go back to the identity after."""
+    from models.config import preset
+    from models.switch import Switch
+
+    torch.manual_seed(0)
+    model = Switch(preset("tiny")).eval()
+    ids = torch.randint(2, 100, (4, 7))
+    tok = torch.randint(2, 100, (4,))
+    with torch.no_grad():
+        ref, got = model.prefill(ids, max_len=5), model.prefill(ids, max_len=5)
+        for st in (ref, got):
+            model.decode_one_token(st, tok)  # a step, so the self caches' rows differ
+        rows = torch.empty(4, dtype=torch.long)
+        got.defer_reorder(rows)
+        assert torch.equal(rows, torch.arange(4))
+        rows.copy_(torch.tensor([2, 2, 0, 3]))
+        ref.reorder(rows.clone(), cross=False)
+        want = model.decode_one_token(ref, tok)
+        out = model.decode_one_token(got, tok)
+        assert torch.equal(out, want)
+        assert torch.equal(got.self_kv, ref.self_kv)
+        assert torch.equal(rows, torch.arange(4))  # applied once
+        assert torch.equal(model.decode_one_token(got, tok), model.decode_one_token(ref, tok))
+
+
 BUFFERS = ("tok", "scores", "seqs", "fin_scores", "fin_seqs", "fin_len", "done", "ended", "t", "src")
 
 
@@ -206,3 +240,20 @@ def test_beam_kernel_equals_the_tensor_ops(seed, B, nb, V, steps, eos_boost, gri
             assert torch.equal(getattr(ker, name), getattr(ops, name)), name
     assert torch.equal(ker.result(steps), ops.result(steps))
     assert (ops.fin_scores > -float("inf")).any()
+
+
+def test_beam_kernel_default(monkeypatch):
+    """The update kernel is the default on CUDA only; PGMOE_BEAM_KERNEL=0 turns it off, =1 asks for it on the CPU,
+    where it runs under Triton's interpreter only; kernel= overrides both."""
+    def made(**kw):
+        return BeamSelect(1, 2, 3, "cpu", START, PAD, EOS, **kw).kernel
+
+    monkeypatch.delenv("PGMOE_BEAM_KERNEL", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not made()
+    monkeypatch.setenv("PGMOE_BEAM_KERNEL", "1")
+    assert not made()  # no GPU, no interpreter: the tensor ops
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert made() and not made(kernel=False)
+    monkeypatch.setenv("PGMOE_BEAM_KERNEL", "0")
+    assert not made() and made(kernel=True)
