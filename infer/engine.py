@@ -208,6 +208,11 @@ def stall_by_difference(
                 step(state, tok)
                 b.record()
                 times.append((a, b))
+                if len(times) > 2:
+                    # at most two steps ahead of the GPU, as the run's loop: hundreds of replays launched at once
+                    # fill CUDA's launch queue, and a launch blocked there held the dma copier's calls behind it
+                    # while the queued steps waited for its copies (seen on the H200: beam 4, 256 replays)
+                    times[-3][1].synchronize()
             else:
                 t = time.perf_counter()
                 step(state, tok)
