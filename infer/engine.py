@@ -193,9 +193,10 @@ def stall_by_difference(
             i = j % len(inputs)
             if i == 0:  # (again) from the state the recorded steps started from
                 if restart is not None and j > 0:
-                    # replays in flight: restart's allocations (a cudaMalloc is an implicit device-wide barrier)
-                    # would hold the dma copier's next copies behind steps that wait for them, until the waits
-                    # time out (seen on the H200, switch-large-128 beam 4): let them finish first
+                    # replays in flight: let them finish before the restart. Restarting behind them (a run's 2
+                    # recorded steps cycled through 20 replays) made the dma copier's waits time out on the H200,
+                    # switch-large-128 beam 4, in 5 runs of 5 (a host call holding the copier's next copies behind
+                    # steps that wait for them, the likely cause); with the replays finished first, none did
                     _sync(device)
                 runner.load_state(saved)
                 if restart is not None:
@@ -209,9 +210,10 @@ def stall_by_difference(
                 b.record()
                 times.append((a, b))
                 if len(times) > 2:
-                    # at most two steps ahead of the GPU, as the run's loop: hundreds of replays launched at once
-                    # fill CUDA's launch queue, and a launch blocked there held the dma copier's calls behind it
-                    # while the queued steps waited for its copies (seen on the H200: beam 4, 256 replays)
+                    # at most two steps ahead of the GPU, as the run's loop: 256 beam-4 replays launched at once
+                    # made the dma copier's waits time out on the H200 (switch-base-128 pregated, 2 runs of 2; the
+                    # likely cause: a launch blocked on CUDA's full launch queue holding the copier's calls behind
+                    # it); bounded, 4 runs of 4 passed
                     times[-3][1].synchronize()
             else:
                 t = time.perf_counter()
