@@ -592,6 +592,8 @@ class Engine:
             "graph_capture_ms": capture_ms,
             # beam search's update after the top-2k: kernels/beam_select.py or BeamSelect's tensor ops
             "beam_update": None if nb == 1 else ("kernel" if select.kernel else "tensor ops"),
+            # where the caches' reorder to the chosen beams runs (models.generate.BeamSelect, PGMOE_BEAM_DEFER)
+            "beam_reorder": None if nb == 1 else ("next step's start" if select.defer else "end of step"),
         }
         m["gpu_step_ms_median"] = m["gpu_idle_between_steps_ms_median"] = None
         if len(step_events) > 2:  # the first step (in ttft) left out, as in decode_ms

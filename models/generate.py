@@ -113,7 +113,7 @@ class BeamSelect:
         self.src = torch.empty(B * nb, dtype=torch.long, device=device)  # the rows the caches take, per step
         self.rank = torch.arange(2 * nb, device=device)
         # the update after the top-2k as one kernel (kernels/beam_select.py) instead of ~50 tensor ops, the same
-        # choices either way: the default on CUDA (H200: 84 instead of 150 us per step in a CUDA graph,
+        # choices either way: the default on CUDA (H200: 84 instead of 152 us per step in a CUDA graph,
         # bench/results/probe-beam-select-h200.md); PGMOE_BEAM_KERNEL=0 turns it off, =1 asks for it on the CPU
         # too (under Triton's interpreter only: the tests)
         if kernel is None:
@@ -123,7 +123,11 @@ class BeamSelect:
         self.kernel = bool(kernel)
         self.row0 = torch.arange(B, device=device)[:, None] * nb  # each prompt's first beam row
         self.ident = torch.arange(B * nb, device=device)
-        if state is not None:  # the caches take self.src at the start of the next step
+        # the caches take self.src at the start of the next step (DecodeState.defer_reorder: there the gather runs
+        # while that step's first expert copies do); PGMOE_BEAM_DEFER=0: at the end of this one, as before (the
+        # lever's A/B switch)
+        self.defer = os.environ.get("PGMOE_BEAM_DEFER", "1") != "0"
+        if state is not None and self.defer:
             state.defer_reorder(self.src)
         self.captured = False  # set by the graph that runs it
         self.reset()
@@ -155,8 +159,8 @@ class BeamSelect:
         top_s, top_i = cand.topk(K, dim=1)  # [B, K], best first
         denom = (self.t + 1).double() ** self.length_penalty  # the hypotheses' length after this step
         beam_update(self, top_s, top_i, V, denom, use_kernel=self.kernel)
-        # the caches' reorder to self.src: deferred to the next step's start (DecodeState.defer_reorder), where it
-        # runs while that step's first expert copies do
+        if self.state is not None and not self.defer:
+            self.state.reorder(self.src, cross=False)
 
     def result(self, steps: int) -> torch.Tensor:
         """The best hypothesis per prompt after `steps` steps -> ids [B, n] padded with pad_token_id: prompts not

@@ -501,6 +501,8 @@ def main() -> int:
 #   beamkernel / beamops: beam search's update after the top-2k as one kernel (kernels/beam_select.py, the default
 #              on CUDA; PGMOE_BEAM_KERNEL=1) / as BeamSelect's tensor ops (PGMOE_BEAM_KERNEL=0); the same choices,
 #              so their tokens are checked as any policy's
+#   nodefer:   beam search's cache reorder at the end of the step that chose the beams (PGMOE_BEAM_DEFER=0) instead
+#              of the next step's start, behind that step's first copies (models.switch.DecodeState.defer_reorder)
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
 GUESS_VARIANTS = {"noguess": "off", "guessrun": "run", "guesskeep": "keep"}
 
@@ -520,20 +522,25 @@ def sdpa_attention(model: Switch, on: bool):
             a.decode_kernel = b
 
 
-@contextlib.contextmanager
 def beam_kernel(on: bool | None):
     """While on (True): beam search's update by kernels/beam_select.py; False: by BeamSelect's tensor ops; None: the
     default (models.generate.BeamSelect reads PGMOE_BEAM_KERNEL when the engine makes it)."""
-    before = os.environ.get("PGMOE_BEAM_KERNEL")
-    if on is not None:
-        os.environ["PGMOE_BEAM_KERNEL"] = "1" if on else "0"
+    return env_setting("PGMOE_BEAM_KERNEL", None if on is None else "1" if on else "0")
+
+
+@contextlib.contextmanager
+def env_setting(name: str, value: str | None):
+    """While inside: environment variable `name` set to value (None: left as it is)."""
+    before = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop("PGMOE_BEAM_KERNEL", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["PGMOE_BEAM_KERNEL"] = before
+            os.environ[name] = before
 
 
 def beam_variant(variant: str) -> bool | None:
@@ -559,7 +566,7 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
             plan = PLAN_VARIANTS[tok]
         elif tok in ("dma", "device"):
             mode = tok
-        elif tok in GUESS_VARIANTS or tok in ("sdpa", "beamkernel", "beamops"):
+        elif tok in GUESS_VARIANTS or tok in ("sdpa", "beamkernel", "beamops", "nodefer"):
             pass  # variant_guess; sdpa_attention; beam_kernel
         elif tok in ("native", "driver", "torchcopy"):
             copy["dma_api"] = "torch" if tok == "torchcopy" else tok
@@ -570,7 +577,7 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
         else:
             raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #device, #hi, "
                              "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep, #native, #driver, #torchcopy, "
-                             "#sdpa, #beamkernel, #beamops")
+                             "#sdpa, #beamkernel, #beamops, #nodefer")
     if copy:
         try:
             CopySettings(**copy)
@@ -790,7 +797,8 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
             with engine_settings(eng, copy=dataclasses.replace(eng.copy, **copy),
                                  copy_mode=copy_mode or eng.copy_mode,
                                  first_block_guess=variant_guess(variant) or eng.first_block_guess), \
-                    sdpa_attention(eng.model, sdpa), beam_kernel(beam_variant(variant)):
+                    sdpa_attention(eng.model, sdpa), beam_kernel(beam_variant(variant)), \
+                    env_setting("PGMOE_BEAM_DEFER", "0" if "nodefer" in variant.split("#") else None):
                 entry = run_one(eng, spec, ids, n_new, nb, args, cpu_compute=cpu_mode or "off")
         finally:
             slot_plan.DEFAULT_IMPL = impl_before

@@ -5,6 +5,7 @@ weights, a --tiny --lookaheads 1,2 run, the summary's lookahead table). The CPU 
 (with its batch sweep) is tests/infer/test_app.py::test_bench_script_tiny."""
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -527,7 +528,8 @@ def test_bench_tiny_beam_kernel_variant(tmp_path):
     """#beamkernel: beam search's update by kernels/beam_select.py (interpreted here) for that run only, with
     gpu_only's tokens (checked as any policy's: a mismatch would be a failure)."""
     res = _bench_tiny(tmp_path, "--table-runs",
-                      "beam4:gpu_only,pregated,pregated#beamkernel,gpu_only#beamkernel,pregated#beamops")
+                      "beam4:gpu_only,pregated,pregated#beamkernel,gpu_only#beamkernel,pregated#beamops,"
+                      "pregated#nodefer")
     runs = {r["label"]: r for r in res["shapes"]["tiny"]["runs"]}
     for label in ("pregated/beam4/pregated#beamkernel", "pregated/beam4/gpu_only#beamkernel",
                   "pregated/beam4/pregated#beamops"):
@@ -536,6 +538,11 @@ def test_bench_tiny_beam_kernel_variant(tmp_path):
         assert runs[label]["tokens"] == runs["pregated/beam4/gpu_only"]["tokens"]
     for label in ("pregated/beam4/pregated", "pregated/beam4/gpu_only"):  # the CPU's default
         assert runs[label]["metrics"]["beam_update"] == "tensor ops"
+    # #nodefer: the caches' reorder at the choosing step's end, the same tokens
+    assert runs["pregated/beam4/pregated#nodefer"]["tokens"] == runs["pregated/beam4/gpu_only"]["tokens"]
+    assert runs["pregated/beam4/pregated#nodefer"]["metrics"]["beam_reorder"] == "end of step"
+    assert runs["pregated/beam4/pregated"]["metrics"]["beam_reorder"] == "next step's start"
+    assert os.environ.get("PGMOE_BEAM_DEFER") is None  # restored after the run
     with pytest.raises(SystemExit, match="beamkernel"):
         bench.parse_variant("beamkernels")
     assert [bench.beam_variant(v) for v in ("", "beamkernel", "dma#beamops")] == [None, True, False]
