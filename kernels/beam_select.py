@@ -4,7 +4,7 @@ picks the running beams, updates the done flag, the running sequences and the ne
 caches are reordered from. models.generate.BeamSelect's tensor form of the same step (`beam_update_reference`) is
 ~50 small kernels; inside a captured decode step each costs a launch at the end of the step, where nothing
 overlaps it. On the H200 (bench/results/probe-beam-select-h200.md, per step in a CUDA graph, beam 4): 84 us with this
-kernel, 150 / 183 us with the tensor form (switch-base-128 / switch-large-128); the kernel is BeamSelect's default on
+kernel, 152 / 182 us with the tensor form (switch-base-128 / switch-large-128); the kernel is BeamSelect's default on
 CUDA.
 
 Decisions are the reference's, ties included: the kept hypotheses are the first num_beams of (kept so far, then the
