@@ -231,8 +231,10 @@ def dma_timeline_table(shapes: dict, link) -> list[str]:
         return []
     return [
         "",
-        "DMA timeline (copy_mode dma; a traced replay pass after the timed one, CUDA events around each plan's "
-        "copies on the copier's stream, medians over the steps, ms from the step's start): the prefetched "
+        "DMA timeline (copy_mode dma; a traced replay pass after the timed one, of the run's first 20 steps at "
+        "most, so for beam search, whose first steps copy more, its step can be longer than the run's median; "
+        "CUDA events around each plan's copies on the copier's stream, medians over the steps, ms from the step's "
+        "start): the prefetched "
         "plans the copier handled per step, when the first began (before it: the compute up to the first "
         "decoder MoE block's routing and that block's own copy, by the copy kernel), each plan's copy time, the "
         "link's idle time between two plans, when the last ended, the traced step, and the bandwidth while "
