@@ -518,11 +518,16 @@ class Engine:
         step_inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         # beam search with a captured select replays the whole run (stall_by_difference: restart), greedy its first
-        # STALL_REPLAYS steps
+        # STALL_REPLAYS steps. The whole run's inputs are derived after it, nothing recorded per step: the graph
+        # reads its tokens from select.tok (which the reset select then fills as in the run), and step i runs at
+        # the first step's position + i
         whole = stall_diff and isinstance(select, BeamSelect) and select.captured
 
         def recording_step(state, tok):
-            if stall_diff and (whole or len(step_inputs) < STALL_REPLAYS):
+            if whole:
+                if not step_inputs:
+                    step_inputs.append((select.tok, state.pos.clone()))
+            elif stall_diff and len(step_inputs) < STALL_REPLAYS:
                 step_inputs.append((tok.clone(), state.pos.clone()))
             out = step(state, tok)
             if keep_logits:  # kept on the device until the loop ends (infer.offload.DMA_HOST_COPY_NOTE)
@@ -623,6 +628,9 @@ class Engine:
                 m["stall_ms_per_token"] = st["stall_ms"] / steps if steps else None
                 m["stall_method"] = "CUDA events around each wait (eager steps; the prefill's waits included)"
             elif stall_diff and step_inputs:  # after the run: its outputs and counters are taken
+                if whole:  # every step the run executed, as the run ran them
+                    pos0 = step_inputs[0][1]
+                    step_inputs = [(select.tok, pos0 + i) for i in range(executed[0])]
                 try:
                     m.update(
                         stall_by_difference(

@@ -122,7 +122,6 @@ class BeamSelect:
             kernel = cuda if env is None else env == "1" and (cuda or os.environ.get("TRITON_INTERPRET") == "1")
         self.kernel = bool(kernel)
         self.row0 = torch.arange(B, device=device)[:, None] * nb  # each prompt's first beam row
-        self.ident = torch.arange(B * nb, device=device)
         # the caches take self.src at the start of the next step (DecodeState.defer_reorder: there the gather runs
         # while that step's first expert copies do); PGMOE_BEAM_DEFER=0: at the end of this one, as before (the
         # lever's A/B switch)
@@ -139,7 +138,8 @@ class BeamSelect:
         only, the encoder side of a prompt's beams being equal)."""
         if self.state is not None:
             self.state.reorder(self.row0.expand(self.B, self.nb).reshape(-1))
-        self.src.copy_(self.ident)  # no reorder pending before the first step
+            if self.defer:
+                self.state.clear_deferred()  # no reorder pending before the first step
         self.tok.fill_(self.start)
         self.scores.fill_(-1e9)
         self.scores[:, 0] = 0.0

@@ -185,14 +185,19 @@ class DecodeState:
         reorder to apply at the start of each decode step (apply_deferred), after the step's first copies start."""
         self.row_src = rows
         self.row_identity = torch.arange(rows.numel(), dtype=rows.dtype, device=rows.device)
-        rows.copy_(self.row_identity)
+        self.clear_deferred()
+
+    def clear_deferred(self) -> None:
+        """No reorder pending: the deferred rows back to the identity."""
+        if self.row_src is not None:
+            self.row_src.copy_(self.row_identity)
 
     def apply_deferred(self) -> None:
         """The deferred reorder (defer_reorder), once: the rows then go back to the identity, so a step without a
-        choice before it reorders nothing."""
+        choice before it (a misuse: the choice rewrites them after every step) reorders nothing instead of twice."""
         if self.row_src is not None:
             self.reorder(self.row_src, cross=False)
-            self.row_src.copy_(self.row_identity)
+            self.clear_deferred()
 
     def reorder(self, index: torch.Tensor, cross: bool = True) -> None:
         """Reorder the batch in place (beam search). cross=False: the self-attention caches only, for rows whose

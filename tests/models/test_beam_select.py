@@ -141,6 +141,9 @@ def test_beam_select_reorders_the_state_and_resets():
         def defer_reorder(self, rows):
             self.deferred = rows
 
+        def clear_deferred(self):
+            self.deferred.copy_(torch.arange(self.deferred.numel()))
+
     st = State()
     sel = BeamSelect(B, nb, 5, "cpu", START, PAD, EOS, 1.0, state=st)
     first = torch.tensor([0, 0, 0, 3, 3, 3])
