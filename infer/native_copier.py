@@ -65,6 +65,7 @@ typedef struct {
     volatile int64_t stop, seen;
     volatile int64_t error, error_rc, error_plan, error_value;
     uint64_t thread;
+    volatile int64_t slow_ns, slow_plan, slow_call;  /* the slowest driver call so far: ns, its plan, CALL_* */
 } pgmoe_copier;
 
 _Static_assert(sizeof(pthread_t) <= sizeof(uint64_t), "pthread_t does not fit");
@@ -78,6 +79,18 @@ static int64_t now_ns(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+/* rc of a driver call begun at t0; keeps the slowest (a call the driver held back shows here: see
+   infer.offload.DMA_HOST_COPY_NOTE) */
+static int timed(pgmoe_copier *c, int rc, int64_t t0, int64_t g, int64_t call) {
+    int64_t dt = now_ns() - t0;
+    if (dt > c->slow_ns) {
+        c->slow_plan = g;
+        c->slow_call = call;
+        c->slow_ns = dt;
+    }
+    return rc;
 }
 
 static int fail(pgmoe_copier *c, int64_t code, int64_t rc, int64_t plan, int64_t value) {
@@ -99,29 +112,39 @@ static int handle(pgmoe_copier *c, int64_t g) {
     int64_t k = -1;
     if (c->trace_n < c->trace_cap) {
         k = c->trace_n;
-        if ((rc = c->record(c->trace_events[2 * k], c->stream))) return fail(c, ERR_DRIVER, rc, g, CALL_RECORD);
+        int64_t t0 = now_ns();
+        if ((rc = timed(c, c->record(c->trace_events[2 * k], c->stream), t0, g, CALL_RECORD)))
+            return fail(c, ERR_DRIVER, rc, g, CALL_RECORD);
     }
     int64_t copied = 0;
     for (int64_t j = 0; j < n; j++) {
         int64_t e = row[2 + j], p = row[2 + n + j];
         if (e < 0 || p < 0) continue;
         if (e >= c->E || p >= c->P) return fail(c, ERR_INDEX, 0, g, e >= c->E ? e : p);
-        rc = c->memcpy_h2d(c->slot_ptr[p], (const void *)(uintptr_t)c->store_ptr[m * c->E + e], c->row_bytes,
-                           c->stream);
+        int64_t t0 = now_ns();
+        rc = timed(c, c->memcpy_h2d(c->slot_ptr[p], (const void *)(uintptr_t)c->store_ptr[m * c->E + e],
+                                    c->row_bytes, c->stream), t0, g, CALL_MEMCPY);
         if (rc) return fail(c, ERR_DRIVER, rc, g, CALL_MEMCPY);
         copied++;
     }
     if (k >= 0) {
-        if ((rc = c->record(c->trace_events[2 * k + 1], c->stream))) return fail(c, ERR_DRIVER, rc, g, CALL_RECORD);
+        int64_t t0 = now_ns();
+        if ((rc = timed(c, c->record(c->trace_events[2 * k + 1], c->stream), t0, g, CALL_RECORD)))
+            return fail(c, ERR_DRIVER, rc, g, CALL_RECORD);
         c->trace_meta[3 * k] = g;
         c->trace_meta[3 * k + 1] = m;
         c->trace_meta[3 * k + 2] = copied;
         __atomic_store_n(&c->trace_n, k + 1, __ATOMIC_RELEASE);
     }
     /* done[m] = b on the signal stream, behind the copies (so the next plan's copies need not wait for it) */
-    if ((rc = c->record(c->event, c->stream))) return fail(c, ERR_DRIVER, rc, g, CALL_RECORD);
-    if ((rc = c->wait_event(c->signal, c->event, 0))) return fail(c, ERR_DRIVER, rc, g, CALL_WAIT);
-    if ((rc = c->write64(c->signal, c->done_ptr + 8 * (uint64_t)m, (uint64_t)b, 0)))
+    int64_t t0 = now_ns();
+    if ((rc = timed(c, c->record(c->event, c->stream), t0, g, CALL_RECORD)))
+        return fail(c, ERR_DRIVER, rc, g, CALL_RECORD);
+    t0 = now_ns();
+    if ((rc = timed(c, c->wait_event(c->signal, c->event, 0), t0, g, CALL_WAIT)))
+        return fail(c, ERR_DRIVER, rc, g, CALL_WAIT);
+    t0 = now_ns();
+    if ((rc = timed(c, c->write64(c->signal, c->done_ptr + 8 * (uint64_t)m, (uint64_t)b, 0), t0, g, CALL_WRITE)))
         return fail(c, ERR_DRIVER, rc, g, CALL_WRITE);
     return 0;
 }
@@ -210,6 +233,7 @@ class Copier(ctypes.Structure):
         ("stop", _i64), ("seen", _i64),
         ("error", _i64), ("error_rc", _i64), ("error_plan", _i64), ("error_value", _i64),
         ("thread", _u64),
+        ("slow_ns", _i64), ("slow_plan", _i64), ("slow_call", _i64),
     ]
 
     def error_text(self) -> str | None:
@@ -218,6 +242,13 @@ class Copier(ctypes.Structure):
         fmt = ERRORS.get(self.error, "error {code}")
         return fmt.format(code=self.error, plan=self.error_plan, value=self.error_value, rc=self.error_rc,
                           call=CALLS.get(self.error_value, "call"))
+
+    def slowest_call(self) -> dict | None:
+        """The loop's slowest driver call so far (ms, plan, name): a call held back by the driver (a blocking call
+        in another thread, infer.offload.DMA_HOST_COPY_NOTE) shows here; None before any call."""
+        if not self.slow_call:
+            return None
+        return {"ms": self.slow_ns / 1e6, "plan": int(self.slow_plan), "call": CALLS.get(self.slow_call, "call")}
 
 
 class NativeUnavailable(RuntimeError):

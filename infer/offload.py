@@ -577,7 +577,7 @@ class DmaCopier:
     # polls of the wait kernel on a GPU before it counts a timeout: generous, since the host thread may not
     # get the GIL while the main thread sits in a long native call (a first run compiles its kernels between
     # a plan's post and its wait; 2M polls timed out there on the H200)
-    MAX_ITERS = 40_000_000
+    MAX_ITERS = 40_000_000  # (PGMOE_DMA_WAIT_POLLS overrides it; scripts/probe_dma_wait.py times a poll)
     MAX_ITERS_INTERPRETED = 200_000  # the CPU interpreter is ~1e3 x slower per poll
     IDLE_S = 0.05
     SLEEP_S = 0.0005
@@ -598,6 +598,14 @@ class DmaCopier:
         self._signal_event = torch.cuda.Event() if self.cuda else None
         self.device_index = (dev.index if dev.index is not None else torch.cuda.current_device()) if self.cuda else None
         self.max_iters = self.MAX_ITERS if self.cuda else self.MAX_ITERS_INTERPRETED
+        polls = os.environ.get("PGMOE_DMA_WAIT_POLLS")
+        if polls:
+            try:
+                self.max_iters = int(float(polls))
+            except ValueError:
+                raise OffloadError(f"PGMOE_DMA_WAIT_POLLS={polls!r}: expected a number of polls (e.g. 4e7)") from None
+            if self.max_iters < 1:
+                raise OffloadError(f"PGMOE_DMA_WAIT_POLLS={polls!r}: expected at least 1 poll")
         self._issued = 0  # plans handled by the Python thread
         self._trace: list | None = None  # see trace
         # offload.dma_api: native (the default): the host loop in C (infer/native_copier.py), no GIL; driver: a
@@ -694,6 +702,11 @@ class DmaCopier:
         keep = (slot, store, self._trace_ptrs, self._trace_meta, self.ring_h, self.head_h, self.done, self.pool.pool,
                 self.pool.store.data)
         self._stop_native = weakref.finalize(self, _stop_native, self._lib, c, keep)
+
+    @property
+    def slowest_call(self) -> dict | None:
+        """The native loop's slowest driver call (ms, plan, call) or None (another loop, or no call yet)."""
+        return self._native.slowest_call() if self._native is not None else None
 
     @property
     def issued(self) -> int:
@@ -847,6 +860,11 @@ class DmaCopier:
             self._driver = None
         timeouts = int(self.err.item())
         if self.error is not None or timeouts or native_error:
+            slow = self.slowest_call
+            if slow is not None:  # where the loop itself was held back (a blocking call elsewhere, a full queue)
+                native_error = (native_error + "; " if native_error else "") + (
+                    f"its slowest driver call: {slow['call']} for plan {slow['plan']}, {slow['ms']:.1f} ms; "
+                    f"plans handled {self.issued}")
             err, self.error = self.error, None
             self.err.zero_()
             what = ([f"the host copier failed ({type(err).__name__}: {err})"] if err is not None else []) + (

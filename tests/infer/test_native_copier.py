@@ -147,3 +147,33 @@ def test_a_failed_build_is_remembered(monkeypatch):
         with pytest.raises(native_copier.NativeUnavailable, match="failed \\(test\\)"):
             native_copier.build()
     assert len(calls) == 1 and not native_copier.usable("native")
+
+
+def test_the_slowest_driver_call_is_kept(lib):
+    """A driver call held back (here a memcpy stand-in that sleeps 50 ms on the second plan) is named with its plan
+    and time: what infer.offload.DmaCopier adds to a timeout's error and to the run's stats."""
+    memcpy_t = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    calls = []
+
+    def slow_memcpy(dst, src, nbytes, _stream):
+        calls.append(dst)
+        if len(calls) == 2:
+            time.sleep(0.05)
+        ctypes.memmove(dst, src, nbytes)
+        return 0
+
+    fn = memcpy_t(slow_memcpy)  # kept alive until the loop stops
+    loop = Loop(lib)
+    try:
+        assert loop.c.slowest_call() is None  # nothing handled yet
+        loop.c.memcpy_h2d = ctypes.cast(fn, ctypes.c_void_p).value
+        want = loop.pool.clone()
+        for m, src, dst in [(0, [3, -1], [1, 0]), (1, [2, -1], [2, 0]), (2, [4, -1], [3, 0])]:
+            want[dst[0]] = loop.store[m, src[0]]
+            loop.post(m, src, dst)
+            loop.settle(lambda: loop.c.seen == loop.g)
+        slow = loop.c.slowest_call()
+        assert slow["call"] == "cuMemcpyHtoDAsync" and slow["plan"] == 2 and 50 <= slow["ms"] < 5000
+        assert torch.equal(loop.pool, want) and len(calls) == 3
+    finally:
+        loop.stop()

@@ -223,12 +223,28 @@ def test_dma_copy_mode_under_the_interpreter(pregated_ckpt, monkeypatch, api):
         res = Engine(model, store, "cpu", copy_mode="dma", prefill_slots=slots,
                      copy=CopySettings(dma_api=api)).run(spec, ids, mask, **kw)
         assert res.metrics["copy_mode"] == "dma" and res.metrics["dma_api_used"] == api
+        slow = res.metrics["dma_slowest_call"]  # the C loop times its driver calls; the Python loops do not
+        assert (slow is None) == (api != "native" or spec.name == "on_demand"), (spec, slow)
+        assert slow is None or (slow["ms"] >= 0 and slow["plan"] >= 1 and slow["call"].startswith("cu"))
         assert res.tokens == ref.tokens, spec
         assert all(torch.equal(a, b) for a, b in zip(ref.step_logits, res.step_logits)), spec
         handled, posted = issued[-1]
         assert handled == posted and (posted == 0) == (spec.name == "on_demand"), spec
     assert not any(t.name == "pgmoe-dma-copier" for t in threading.enumerate())
     assert len(natives) == (4 if api == "native" else 0) and all(c.stop == 1 for c in natives)  # stopped, joined
+
+
+@pytest.mark.parametrize("polls, message", [("many", "expected a number of polls"), ("0", "expected at least 1 poll")])
+def test_dma_wait_polls_setting_is_checked(pregated_ckpt, monkeypatch, polls, message):
+    """PGMOE_DMA_WAIT_POLLS (the wait kernel's budget before it counts a timeout) must be a positive number."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("PGMOE_DMA_WAIT_POLLS", polls)
+    model, store = load_offloaded(pregated_ckpt, "cpu", torch.float32, None)
+    model.set_backend("torch")
+    ids, mask = prompts(n=1, length=5)
+    with pytest.raises(OffloadError, match=f"PGMOE_DMA_WAIT_POLLS={polls!r}: {message}"):
+        Engine(model, store, "cpu", copy_mode="dma").run(PolicySpec("pregated"), ids, mask, max_new_tokens=2)
 
 
 def test_dma_native_falls_back_where_it_cannot_be_built(pregated_ckpt, monkeypatch):
