@@ -668,6 +668,14 @@ class DmaCopier:
             self._thread = threading.Thread(target=_copier_loop, args=(weakref.ref(self),), daemon=True,
                                             name="pgmoe-dma-copier")
             self._thread.start()
+        self._watchdog = None
+        limit = os.environ.get("PGMOE_DMA_WATCHDOG_S")
+        if limit:
+            try:
+                seconds = float(limit)
+            except ValueError:
+                raise OffloadError(f"PGMOE_DMA_WATCHDOG_S={limit!r}: expected seconds (e.g. 2)") from None
+            self._watchdog = _Watchdog(self, seconds)
 
     TRACE_PLANS = 512  # plans the native loop can trace per traced pass (events made once)
 
@@ -838,6 +846,8 @@ class DmaCopier:
 
     def close(self) -> None:
         """Stop the thread; raise OffloadError where a wait timed out or the thread failed."""
+        if self._watchdog is not None:
+            self._watchdog.stop()
         if self.cuda:
             torch.cuda.synchronize(self.pool.device)
         self._stop = True
@@ -872,6 +882,47 @@ class DmaCopier:
                 [f"{timeouts} wait(s) for its copies timed out: experts may be stale, so this run's results "
                  "are wrong. " + DMA_HOST_COPY_NOTE] if timeouts else [])
             raise OffloadError("copy_mode=dma: " + "; ".join(what) + "; use offload.copy_mode=device") from err
+
+
+class _Watchdog:
+    """PGMOE_DMA_WATCHDOG_S=T (a diagnostic): where the copier has plans to handle but handles none for T seconds,
+    every thread's Python stack goes to stderr (faulthandler), once per stall: what the process was doing while
+    the copier was held back (infer.offload.DMA_HOST_COPY_NOTE). A thread that holds the GIL while it blocks keeps
+    this one from running too, so each tick also arms faulthandler's own timer (it needs no GIL) for 2 T."""
+
+    def __init__(self, copier: DmaCopier, limit_s: float):
+        if not limit_s > 0:
+            raise OffloadError(f"PGMOE_DMA_WATCHDOG_S={limit_s}: expected a positive number of seconds")
+        self.limit_s, self._stop = limit_s, threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(weakref.ref(copier),), daemon=True,
+                                        name="pgmoe-dma-watchdog")
+        self._thread.start()
+
+    def _run(self, ref) -> None:
+        import faulthandler
+        import sys
+
+        last, since, dumped = -1, time.monotonic(), False
+        while not self._stop.wait(self.limit_s / 4):
+            c = ref()
+            if c is None:
+                break
+            faulthandler.dump_traceback_later(2 * self.limit_s, exit=False)
+            seen, head = c.issued, int(c.head_h[0])
+            del c
+            now = time.monotonic()
+            if seen != last or head <= seen:
+                last, since, dumped = seen, now, False
+            elif now - since > self.limit_s and not dumped:
+                print(f"[pgmoe dma watchdog] the copier has handled no plan for {now - since:.1f} s "
+                      f"(handled {seen}, posted {head}); every thread's stack:", file=sys.stderr, flush=True)
+                faulthandler.dump_traceback(all_threads=True)
+                dumped = True
+        faulthandler.cancel_dump_traceback_later()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def _stop_native(lib, c, _keep) -> None:

@@ -571,3 +571,29 @@ def test_first_block_guess_blocks_and_errors(tmp_path):
 
     assert [guess_mode(v) for v in (True, "True", False, "false", "run", "keep", "off")] == [
         "keep", "keep", "off", "off", "run", "keep", "off"]
+
+
+def test_dma_watchdog_dumps_the_stacks_of_a_stalled_copier(capfd):
+    """PGMOE_DMA_WATCHDOG_S's watchdog: plans posted but none handled for longer than its limit -> one message
+    naming the counts and every thread's Python stack on stderr; a copier that keeps up -> nothing."""
+    import time as _time
+
+    from infer.offload import _Watchdog
+
+    class Stalled:
+        issued, head_h = 3, torch.tensor([5])
+
+    class Idle:
+        issued, head_h = 5, torch.tensor([5])
+
+    for copier, want in ((Idle(), False), (Stalled(), True)):
+        dog = _Watchdog(copier, 0.2)
+        _time.sleep(0.8)
+        dog.stop()
+        err = capfd.readouterr().err
+        assert ("the copier has handled no plan" in err) == want
+        if want:
+            assert "(handled 3, posted 5)" in err and err.count("[pgmoe dma watchdog]") == 1
+            assert "test_dma_watchdog_dumps_the_stacks_of_a_stalled_copier" in err  # the main thread's stack
+    with pytest.raises(OffloadError, match="PGMOE_DMA_WATCHDOG_S=0.0"):
+        _Watchdog(Idle(), 0.0)
