@@ -10,6 +10,7 @@ is capturable; otherwise it runs eagerly and the reason is recorded.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import statistics
 import time
@@ -122,14 +123,16 @@ class GraphStep:
     and the select is reset after the capture."""
 
     def __init__(self, model: Switch, state: DecodeState, batch: int, on_warm=None,
-                 select: GreedySelect | BeamSelect | None = None):
+                 select: GreedySelect | BeamSelect | None = None, hold=None):
         self.model = model
         dev = state.pos.device
         self.tok = select.tok if select is not None else torch.zeros(batch, dtype=torch.long, device=dev)
         pos0 = state.pos.clone()
         side = _side_stream(dev)
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up (allocator, Triton autotuning) outside the capture
+        # warm up (allocator, Triton autotuning, first launches) outside the capture; hold: a context the warm-up
+        # steps run in (the offload pool's dma_held: no dma wait spins while a first launch loads a kernel)
+        with hold() if hold is not None else contextlib.nullcontext(), torch.cuda.stream(side):
             for _ in range(2):
                 logits = model.decode_one_token(state, self.tok)
                 if select is not None:
@@ -496,7 +499,7 @@ class Engine:
                 saved = runner.snapshot() if runner else None  # warm-up steps are not part of the run
                 step = GraphStep(
                     model, state, B * nb, on_warm=(lambda: runner.restore(saved)) if runner else None,
-                    select=select,
+                    select=select, hold=runner.pool.dma_held if runner else None,
                 )
                 _sync(dev)
                 capture_ms = 1e3 * (time.perf_counter() - tc)

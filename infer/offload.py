@@ -19,6 +19,7 @@ import os
 import threading
 import time
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -358,6 +359,7 @@ class SlotPool:
         # kernels, a spinning wait among them.
         self._dma_on = False
         self._dma_first_step: set[int] = set()
+        self._dma_held = 0  # inside dma_held(): every plan takes the copy kernel
 
     def close(self) -> None:
         """Stop the dma copier's thread (copy_mode dma); raises OffloadError where its copies failed."""
@@ -401,13 +403,31 @@ class SlotPool:
 
     def _dma_live(self, m: int) -> bool:
         """Whether block m's prefetched plan goes to the dma copier: from the pool's second decode step on
-        (a block's second prefetched plan means the whole first step has been launched)."""
+        (a block's second prefetched plan means the whole first step has been launched), outside dma_held()."""
         if not self._dma_on:
             if m in self._dma_first_step:
                 self._dma_on = True
             else:
                 self._dma_first_step.add(m)
-        return self._dma_on
+        return self._dma_on and not self._dma_held
+
+    @contextmanager
+    def dma_held(self):
+        """Inside, every plan takes the copy kernel and no dma wait spins (the first-step bookkeeping goes on as
+        outside, so a step captured afterwards posts its plans as it would have). For eager steps whose Python
+        may launch a kernel for the first time: a Triton kernel's first launch loads its module, and the load
+        waits for the GPU while holding the CUDA driver back from the copier's calls, so a dma wait spinning
+        meanwhile never ends before its timeout. On the H200 that hit a CUDA graph's warm-up steps: beam search's
+        update kernel (a new specialization) loaded while switch-large-128 beam 4 prefetch_all waited, the copier's
+        cuMemcpyHtoDAsync held 6.4-67 s, until the wait's poll budget ran out (PGMOE_DMA_WATCHDOG_S's stacks).
+        On CUDA it first waits for the GPU: a plan posted before (its wait inside) has been copied by then."""
+        if self.dma is not None and self.cuda and not self._dma_held:
+            torch.cuda.synchronize(self.device)
+        self._dma_held += 1
+        try:
+            yield self
+        finally:
+            self._dma_held -= 1
 
     def _launch(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor, dma: bool) -> None:
         """Start block m's copies on the current stream: the plan handed to the dma copier, the device copy
@@ -556,7 +576,9 @@ DMA_HOST_COPY_NOTE = (
     "pageable host memory (.cpu(), .item(), .tolist(), print) made while a decode step is in flight: the CUDA "
     "driver serializes the copier thread's calls behind it, and it waits for the step, which waits for the copier. "
     "Wait for the step first (an event's synchronize(), as models.generate.greedy does) or copy into pinned memory "
-    "with non_blocking=True"
+    "with non_blocking=True. Another: a kernel launched for the first time (its module loads, which waits for the "
+    "GPU) while a step is in flight; eager steps that may do so run inside SlotPool.dma_held(), as a CUDA graph's "
+    "warm-up does. PGMOE_DMA_WATCHDOG_S=2 prints every thread's stack when the copier stalls"
 )
 
 

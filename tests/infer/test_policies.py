@@ -317,9 +317,26 @@ def test_dma_takes_prefetched_plans_from_the_second_decode_step():
 
     from infer.offload import SlotPool
 
-    pool = SimpleNamespace(_dma_on=False, _dma_first_step=set())
+    pool = SimpleNamespace(_dma_on=False, _dma_first_step=set(), _dma_held=0)
     blocks = [3, 5, 7, 3, 5, 7, 3]
     assert [SlotPool._dma_live(pool, m) for m in blocks] == [False, False, False, True, True, True, True]
+
+
+def test_dma_held_sends_every_plan_to_the_copy_kernel_and_keeps_the_bookkeeping():
+    """Inside SlotPool.dma_held() (a CUDA graph's eager warm-up steps) no plan goes to the copier, but the
+    first-step bookkeeping goes on: the steps after it (the captured one) post as they would have. Nested holds
+    release at the outermost."""
+    from types import SimpleNamespace
+
+    from infer.offload import SlotPool
+
+    pool = SimpleNamespace(_dma_on=False, _dma_first_step=set(), _dma_held=0, dma=None, cuda=False)
+    with SlotPool.dma_held(pool):
+        with SlotPool.dma_held(pool):
+            held = [SlotPool._dma_live(pool, m) for m in (3, 5, 3)]
+        held.append(SlotPool._dma_live(pool, 5))
+    assert held == [False, False, False, False] and pool._dma_on and pool._dma_held == 0
+    assert SlotPool._dma_live(pool, 3)  # released: the copier's again
 
 
 def test_dma_asks_for_eager_kernel_loading(monkeypatch):
