@@ -110,7 +110,7 @@ def summarize(doc: dict, source: str) -> str:
                     + f"{_f(100 * g_pg / g_gpu if g_pg and g_gpu else None, '{:.1f}')} |"
                 )
         lines += (copy_table(shapes) + variant_table(shapes) + dma_timeline_table(shapes, link)
-                  + memory_table(shapes) + lookahead_table(shapes) + int8_table(shapes))
+                  + copier_table(shapes) + memory_table(shapes) + lookahead_table(shapes) + int8_table(shapes))
     for shape, s in shapes.items():
         if (s.get("batch_sweep") or {}).get("points"):
             lines += sweep_table(shape, s["batch_sweep"], s.get("config"), s.get("expert_bytes"))
@@ -196,6 +196,34 @@ def copy_table(shapes: dict) -> list[str]:
         "| shape | decoding | policy | MB copied per step | GB/s (lower bound) | % of pinned peak | "
         "GB/s while copying | % of pinned peak | stall ms/token | copy on critical path |",
         "|" + "---|" * 10,
+    ] + rows
+
+
+def copier_table(shapes: dict) -> list[str]:
+    """The dma copier per offloaded run: the copy mode used, the host loop's slowest driver call (where a driver
+    call was held back), and a failed first try's error (the run then reran with another copy mode)."""
+    rows = []
+    for shape, s in shapes.items():
+        for r in s.get("runs", []):
+            m = r.get("metrics") or {}
+            failed = [n for n in r.get("notes", []) if "copy_mode=" in n and " failed: " in n]
+            slow = m.get("dma_slowest_call")
+            if m.get("copy_mode") is None or (slow is None and not failed):
+                continue
+            what = f"{slow['call']}, plan {slow['plan']}, {slow['ms']:.3f} ms" if slow else "-"
+            why = failed[0].split(" failed: ", 1)[1][:300].replace("|", "/") if failed else "-"
+            rows.append(f"| {shape} | {r.get('decoding', '-')} | {r['label'].split('/')[-1]} | {m['copy_mode']} | "
+                        f"{what} | {why} |")
+    if not rows:  # (runs before the loop timed its calls, and no failed try)
+        return []
+    return [
+        "",
+        "The dma copier per run: the copy mode the run used, the native host loop's slowest driver call (a call held "
+        "back by the driver shows here: infer.offload.DMA_HOST_COPY_NOTE), and where a first try with dma failed, "
+        "its error (the run was redone with another copy mode; its tokens and times are that mode's).",
+        "",
+        "| shape | decoding | run | copy mode used | slowest driver call of the copier | first try's error |",
+        "|---|---|---|---|---|---|",
     ] + rows
 
 

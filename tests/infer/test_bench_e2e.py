@@ -589,6 +589,28 @@ def test_summary_dma_timeline_table():
     assert summ.dma_timeline_table({"s": shape}, 50.0) == []
 
 
+def test_summary_copier_table():
+    """One row per offloaded run that timed its copier's calls or whose dma try failed: the copy mode used, the
+    slowest driver call, the failed try's error; nothing for older results (neither)."""
+    err = ("copy_mode=auto failed: OffloadError: copy_mode=dma: the native copier failed: ring entry of plan 120 "
+           "reads as plan 152; its slowest driver call: cuMemcpyHtoDAsync for plan 89, 6824.1 ms")
+    shape = {"runs": [
+        {"label": "pregated/beam4/gpu_only", "decoding": "beam4", "metrics": {"copy_mode": None}, "notes": []},
+        {"label": "pregated/beam4/prefetch_all", "decoding": "beam4", "notes": ["graph note", err],
+         "metrics": {"copy_mode": "host", "dma_slowest_call": None}},
+        {"label": "pregated/beam4/pregated", "decoding": "beam4", "notes": [],
+         "metrics": {"copy_mode": "dma", "dma_slowest_call": {"ms": 0.0812, "plan": 181, "call": "cuMemcpyHtoDAsync"}}},
+    ]}
+    rows = [ln for ln in summ.copier_table({"s": shape}) if ln.startswith("| s |")]
+    assert rows[0].startswith("| s | beam4 | prefetch_all | host | - | OffloadError: copy_mode=dma: the native")
+    assert "cuMemcpyHtoDAsync for plan 89, 6824.1 ms |" in rows[0]
+    assert rows[1] == "| s | beam4 | pregated | dma | cuMemcpyHtoDAsync, plan 181, 0.081 ms | - |"
+    assert len(rows) == 2
+    older = {"runs": [{"label": "x/greedy/pregated", "decoding": "greedy", "notes": [],
+                       "metrics": {"copy_mode": "dma"}}]}
+    assert summ.copier_table({"s": older}) == []
+
+
 def test_sweep_policies_with_a_guess_variant(tmp_path):
     """--sweep-policies: the sweep runs the policies named, a first-block guess variant among them (its tokens
     checked against gpu_only's), records each run's guess, and the summary lists them; bad lists are refused."""
