@@ -892,15 +892,13 @@ class DmaCopier:
             self._driver = None
         timeouts = int(self.err.item())
         if self.error is not None or timeouts or native_error:
-            slow = self.slowest_call
-            if slow is not None:  # where the loop itself was held back (a blocking call elsewhere, a full queue)
-                native_error = (native_error + "; " if native_error else "") + (
-                    f"its slowest driver call: {slow['call']} for plan {slow['plan']}, {slow['ms']:.1f} ms; "
-                    f"plans handled {self.issued}")
+            slow = self.slowest_call  # where the loop itself was held back (a blocking call elsewhere)
             err, self.error = self.error, None
             self.err.zero_()
             what = ([f"the host copier failed ({type(err).__name__}: {err})"] if err is not None else []) + (
                 [f"the native copier failed: {native_error}"] if native_error else []) + (
+                [f"its slowest driver call: {slow['call']} for plan {slow['plan']}, {slow['ms']:.1f} ms; plans "
+                 f"handled {self.issued}"] if slow is not None else []) + (
                 [f"{timeouts} wait(s) for its copies timed out: experts may be stale, so this run's results "
                  "are wrong. " + DMA_HOST_COPY_NOTE] if timeouts else [])
             raise OffloadError("copy_mode=dma: " + "; ".join(what) + "; use offload.copy_mode=device") from err

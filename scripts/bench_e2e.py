@@ -522,12 +522,6 @@ def sdpa_attention(model: Switch, on: bool):
             a.decode_kernel = b
 
 
-def beam_kernel(on: bool | None):
-    """While on (True): beam search's update by kernels/beam_select.py; False: by BeamSelect's tensor ops; None: the
-    default (models.generate.BeamSelect reads PGMOE_BEAM_KERNEL when the engine makes it)."""
-    return env_setting("PGMOE_BEAM_KERNEL", None if on is None else "1" if on else "0")
-
-
 @contextlib.contextmanager
 def env_setting(name: str, value: str | None):
     """While inside: environment variable `name` set to value (None: left as it is)."""
@@ -543,12 +537,14 @@ def env_setting(name: str, value: str | None):
             os.environ[name] = before
 
 
-def beam_variant(variant: str) -> bool | None:
-    """#beamkernel -> True, #beamops -> False, neither -> None (the default); both is an error."""
+def beam_variant(variant: str) -> str | None:
+    """PGMOE_BEAM_KERNEL for a run variant (models.generate.BeamSelect reads it when the engine makes one):
+    #beamkernel -> "1" (kernels/beam_select.py), #beamops -> "0" (BeamSelect's tensor ops), neither -> None (left
+    as it is: the default); both is an error."""
     toks = variant.split("#")
     if "beamkernel" in toks and "beamops" in toks:
         raise SystemExit(f"run variant #{variant}: #beamkernel and #beamops together")
-    return True if "beamkernel" in toks else False if "beamops" in toks else None
+    return "1" if "beamkernel" in toks else "0" if "beamops" in toks else None
 
 
 def variant_guess(variant: str) -> str | None:
@@ -567,7 +563,7 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
         elif tok in ("dma", "device"):
             mode = tok
         elif tok in GUESS_VARIANTS or tok in ("sdpa", "beamkernel", "beamops", "nodefer"):
-            pass  # variant_guess; sdpa_attention; beam_kernel
+            pass  # variant_guess; sdpa_attention; beam_variant
         elif tok in ("native", "driver", "torchcopy"):
             copy["dma_api"] = "torch" if tok == "torchcopy" else tok
         elif tok == "hi":
@@ -797,7 +793,7 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
             with engine_settings(eng, copy=dataclasses.replace(eng.copy, **copy),
                                  copy_mode=copy_mode or eng.copy_mode,
                                  first_block_guess=variant_guess(variant) or eng.first_block_guess), \
-                    sdpa_attention(eng.model, sdpa), beam_kernel(beam_variant(variant)), \
+                    sdpa_attention(eng.model, sdpa), env_setting("PGMOE_BEAM_KERNEL", beam_variant(variant)), \
                     env_setting("PGMOE_BEAM_DEFER", "0" if "nodefer" in variant.split("#") else None):
                 entry = run_one(eng, spec, ids, n_new, nb, args, cpu_compute=cpu_mode or "off")
         finally:

@@ -366,11 +366,14 @@ def test_dma_copier_reports_a_failed_copy(pregated_ckpt, monkeypatch):
         return False
 
     monkeypatch.setattr(DmaCopier, "_poll", broken)
+    # (the native loop times its driver calls; the error names the slowest: a stand-in here, the loop is Python's)
+    monkeypatch.setattr(DmaCopier, "slowest_call", {"ms": 12.0, "plan": 3, "call": "cuMemcpyHtoDAsync"})
     model, store = load_offloaded(pregated_ckpt, "cpu", torch.float32, None)
     model.set_backend("torch")
     ids, mask = prompts(n=2, length=5)
     # (the timeout's text also names the usual cause: a blocking copy to pageable host memory during a step)
-    with pytest.raises(OffloadError, match="copy_mode=dma.*no copy engine.*timed out.*pageable host memory"):
+    with pytest.raises(OffloadError, match="copy_mode=dma.*no copy engine.; its slowest driver call: "
+                                           "cuMemcpyHtoDAsync for plan 3, 12.0 ms.*timed out.*pageable host memory"):
         Engine(model, store, "cpu", copy_mode="dma", copy=CopySettings(dma_api="torch")).run(
             PolicySpec("pregated"), ids, mask, max_new_tokens=2)
 
