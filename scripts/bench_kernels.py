@@ -573,7 +573,8 @@ def _read_kernel_pair():
     """Two bare-read Triton kernels: each program loads BLOCK contiguous elements and stores their sum.
     'first' waits for the previous grid before loading (like _decode_in_kernel, whose expert id comes
     from the routing); 'second' loads, then waits (like _decode_out_kernel: only its h comes from the
-    kernel before it)."""
+    kernel before it). IDS: the bytes are those of expert ids[0] of a stacked [E, ...] buffer (row
+    stride stride_e), so the address waits for one load of the id, as the decode FFN's does."""
     global _read_kernels
     if _read_kernels is None:
         import triton
@@ -581,16 +582,20 @@ def _read_kernel_pair():
         from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
         @triton.jit
-        def first(src, out, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        def first(src, out, n, ids, stride_e, BLOCK: tl.constexpr, USE_PDL: tl.constexpr, IDS: tl.constexpr):
             if USE_PDL:
                 gdc_wait()
                 gdc_launch_dependents()
+            if IDS:  # the expert's id first, then its bytes (one dependent load, as the decode FFN has)
+                src += tl.load(ids).to(tl.int64) * stride_e
             offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
             v = tl.load(src + offs, mask=offs < n, other=0.0, eviction_policy="evict_first")
             tl.store(out + tl.program_id(0), tl.sum(v.to(tl.float32)))
 
         @triton.jit
-        def second(src, out, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        def second(src, out, n, ids, stride_e, BLOCK: tl.constexpr, USE_PDL: tl.constexpr, IDS: tl.constexpr):
+            if IDS:
+                src += tl.load(ids).to(tl.int64) * stride_e
             offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
             v = tl.load(src + offs, mask=offs < n, other=0.0, eviction_policy="evict_first")
             if USE_PDL:
@@ -603,10 +608,11 @@ def _read_kernel_pair():
 
 def read_floor(out: list, reps: int):
     """The fastest bare read of one expert's weight bytes (bf16): one kernel over all of them, and two
-    kernels over half each, chained with PDL as the decode FFN's two kernels are. Per call, 16 calls back
-    to back in one CUDA graph over distinct buffers (>= 150 MB per replay, more than L2 holds); the best
-    of a sweep of program sizes and warps. A practical floor for the T = 1 expert FFN next to the
-    bytes / HBM-rate one."""
+    kernels over half each, chained with PDL as the decode FFN's two kernels are; each also through the
+    expert's id (the address loaded first, as every expert FFN call's is). Per call, 16 calls back to back
+    in one CUDA graph over distinct experts (>= 150 MB per replay, more than L2 holds); the best of a sweep
+    of program sizes and warps. A practical floor for the T = 1 expert FFN next to the bytes / HBM-rate
+    one."""
     import triton
 
     from kernels.routing import use_pdl
@@ -614,36 +620,47 @@ def read_floor(out: list, reps: int):
     first, second = _read_kernel_pair()
     pdl = use_pdl(DEV)
     kw = {"launch_pdl": True} if pdl else {}
+    n_calls, n_experts = 16, 32
     for name, (d, f) in SHAPES.items():
         n = d * f  # elements of one weight matrix; an expert is two
-        bufs = [torch.randn(2 * n, device=DEV).to(torch.bfloat16) for _ in range(16)]
+        stack = torch.randn(n_experts, 2 * n, device=DEV).to(torch.bfloat16)
+        # call c reads expert (5 c) mod 32: 16 distinct experts per replay, never the one read just before
+        ids = [torch.tensor([5 * c % n_experts], dtype=torch.int32, device=DEV) for c in range(n_calls)]
         sink = torch.empty(2 * n, device=DEV)
+        se = stack.stride(0)
         rows = []
         for block in (2048, 4096, 8192, 16384):
             for warps in (4, 8):
-                def one(b, block=block, warps=warps):
-                    first[(triton.cdiv(2 * n, block),)](b, sink, 2 * n, BLOCK=block, USE_PDL=pdl,
-                                                        num_warps=warps, **kw)
+                def one(c, via_id, block=block, warps=warps):
+                    src = stack if via_id else stack[5 * c % n_experts]
+                    first[(triton.cdiv(2 * n, block),)](src, sink, 2 * n, ids[c], se, BLOCK=block, USE_PDL=pdl,
+                                                        IDS=via_id, num_warps=warps, **kw)
 
-                def two(b, block=block, warps=warps):
-                    first[(triton.cdiv(n, block),)](b, sink, n, BLOCK=block, USE_PDL=pdl, num_warps=warps, **kw)
-                    second[(triton.cdiv(n, block),)](b[n:], sink[n:], n, BLOCK=block, USE_PDL=pdl,
-                                                     num_warps=warps, **kw)
+                def two(c, via_id, block=block, warps=warps):
+                    src = stack if via_id else stack[5 * c % n_experts]
+                    first[(triton.cdiv(n, block),)](src, sink, n, ids[c], se, BLOCK=block, USE_PDL=pdl,
+                                                    IDS=via_id, num_warps=warps, **kw)
+                    second[(triton.cdiv(n, block),)](src[..., n:], sink[n:], n, ids[c], se, BLOCK=block,
+                                                     USE_PDL=pdl, IDS=via_id, num_warps=warps, **kw)
                 r = {"BLOCK": block, "num_warps": warps}
-                for label, fn in (("one_kernel_us", one), ("two_kernels_us", two)):
-                    r[label] = graph_per_call_us([lambda b=b, fn=fn: fn(b) for b in bufs], reps)
+                for label, fn, via_id in (("one_kernel_us", one, False), ("two_kernels_us", two, False),
+                                          ("one_kernel_via_id_us", one, True),
+                                          ("two_kernels_via_id_us", two, True)):
+                    r[label] = graph_per_call_us([lambda c=c, fn=fn, v=via_id: fn(c, v) for c in range(n_calls)],
+                                                 reps)
                 rows.append(r)
-        best1 = min(rows, key=lambda r: r["one_kernel_us"])
-        best2 = min(rows, key=lambda r: r["two_kernels_us"])
         nbytes = 4 * n
-        out.append({"shape": name, "expert_bytes": nbytes, "pdl": pdl, "rows": rows,
-                    "one_kernel_us": best1["one_kernel_us"], "two_kernels_us": best2["two_kernels_us"],
-                    "one_kernel_GBps": nbytes / best1["one_kernel_us"] / 1e3,
-                    "two_kernels_GBps": nbytes / best2["two_kernels_us"] / 1e3,
-                    "how": "bare reads of the expert's bytes, per call of 16 back to back in one CUDA graph "
-                           "(distinct buffers); best of BLOCK in 2048-16384 x 4/8 warps"})
+        rec = {"shape": name, "expert_bytes": nbytes, "pdl": pdl, "rows": rows}
+        for label in ("one_kernel_us", "two_kernels_us", "one_kernel_via_id_us", "two_kernels_via_id_us"):
+            best = min(rows, key=lambda r, label=label: r[label])
+            rec[label] = best[label]
+            rec[label.replace("_us", "_GBps")] = nbytes / best[label] / 1e3
+        rec["how"] = ("bare reads of the expert's bytes, per call of 16 back to back in one CUDA graph (16 distinct "
+                      "experts of a stacked buffer); 'via id': the kernel loads the expert's id, then its bytes; best "
+                      "of BLOCK in 2048-16384 x 4/8 warps")
+        out.append(rec)
         log("read floor", name, {k: v for k, v in out[-1].items() if k not in ("rows", "how")})
-        del bufs
+        del stack
         torch.cuda.synchronize()
 
 
@@ -805,15 +822,20 @@ def markdown(meta, ceil, rows, tgts, sweep=(), read=()) -> str:
     read = [r for r in read if "one_kernel_us" in r]
     if read:
         lines += ["", "Bare reads of one expert's weight bytes (bf16; per call, 16 back to back in one graph over "
-                  "distinct buffers; best of BLOCK 2048-16384 x 4/8 warps): one kernel over all of them, and two "
-                  "kernels over half each, chained with PDL like the decode FFN's two kernels; x HBM floor = time / "
-                  "(bytes / HBM rate).", "",
-                  "| shape | MB | HBM floor us | one kernel us | x floor | two kernels us | x floor |",
-                  "|---|---|---|---|---|---|---|"]
+                  "distinct experts; best of BLOCK 2048-16384 x 4/8 warps): one kernel over all of them, and two "
+                  "kernels over half each, chained with PDL like the decode FFN's two kernels; 'via id': the "
+                  "kernel loads the expert's id first, then its bytes, as every expert FFN call does; x floor = "
+                  "time / (bytes / HBM rate).", "",
+                  "| shape | MB | HBM floor us | one kernel us | x floor | two kernels us | x floor "
+                  "| one kernel via id us | x floor | two kernels via id us | x floor |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in read:
             hbm = r["expert_bytes"] / ceil["hbm_GBps"] / 1e3
-            lines.append(f"| {r['shape']} | {r['expert_bytes'] / 1e6:.2f} | {hbm:.2f} | {r['one_kernel_us']:.2f} | "
-                         f"{r['one_kernel_us'] / hbm:.2f} | {r['two_kernels_us']:.2f} | {r['two_kernels_us'] / hbm:.2f} |")
+            cells = [f"{r['expert_bytes'] / 1e6:.2f}", f"{hbm:.2f}"]
+            for label in ("one_kernel_us", "two_kernels_us", "one_kernel_via_id_us", "two_kernels_via_id_us"):
+                v = r.get(label)
+                cells += ["-", "-"] if v is None else [f"{v:.2f}", f"{v / hbm:.2f}"]
+            lines.append(f"| {r['shape']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
