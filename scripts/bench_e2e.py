@@ -798,6 +798,10 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
                 entry = run_one(eng, spec, ids, n_new, nb, args, cpu_compute=cpu_mode or "off")
         finally:
             slot_plan.DEFAULT_IMPL = impl_before
+        if device.type == "cuda" and spec.name != "gpu_only" and "metrics" in entry:
+            # the link as it is right after the run: on one lent H200 it ran at 90% of the peak measured at the
+            # start for the first half of a run, then at 98% (e2e-h200-64ffcd2-large-run1.md)
+            entry["pinned_peak_after_GBps"] = rep.pinned_peak_GBps(device, trials=3)
         entry["slot_plan"] = plan or slot_plan.DEFAULT_IMPL
         entry.update(label=label, family=family, decoding=mode, lookahead=lookahead)
         if cpu_mode or variant:
@@ -833,6 +837,8 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
             and not over_budget()
         ):
             entry["copy"] = copy_accounting(eng, spec, ids, nb, entry["metrics"], link)
+            if entry.get("pinned_peak_after_GBps"):
+                entry["copy"]["pinned_peak_after_GBps"] = entry["pinned_peak_after_GBps"]
         entry["wall_s"] = time.perf_counter() - t_run
         out["runs"].append(entry)
         print(f"[bench] {shape} {label}: " + summary(entry), flush=True)
@@ -1009,7 +1015,7 @@ def _copy(c: dict | None) -> str:
     eff = c.get("copy_efficiency")
     return f", decode copies {c['decode_bytes_per_step'] / 1e6:.1f} MB/step" + (
         f" at >= {c['achieved_GBps_lower_bound']:.1f} GB/s ({100 * eff:.0f}% of pinned peak)" if eff else ""
-    )
+    ) + (f"; pinned peak right after the run {after:.1f} GB/s" if (after := c.get("pinned_peak_after_GBps")) else "")
 
 
 def _stall(m: dict) -> str:
@@ -1042,7 +1048,8 @@ COPY_METHOD = (
     "lower bound: bytes copied during the timed decode steps (the run's bytes_copied minus those of a "
     "1-token run of the same prompt, i.e. prefill + first step) / the timed steps' wall time; equals the "
     "copy stream's bandwidth when the copy stream is busy for the whole step. copy_efficiency = this / "
-    "pinned_peak_GBps (the best of 5 timings of three 256 MiB pinned copies, measured at the start of the run)"
+    "pinned_peak_GBps (the best of 5 timings of three 256 MiB pinned copies, measured at the start of the run); "
+    "pinned_peak_after_GBps: the same (3 timings) measured again right after the policy's timed run"
 )
 CRITICAL_METHOD = (
     "copying is on the critical path when the stall (step with copies - step without, or events around "
