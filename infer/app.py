@@ -165,7 +165,9 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
         else default_budget_bytes()
     )
     quantize = None if str(cfg.offload.quantize) == "none" else str(cfg.offload.quantize)
-    model, store = load_offloaded(ckpt, device, dtype, budget, quantize)  # checks quantize before loading
+    compress = None if str(cfg.offload.compress) == "none" else str(cfg.offload.compress)
+    # (checks quantize and compress before loading)
+    model, store = load_offloaded(ckpt, device, dtype, budget, quantize, compress)
     cache_note = None
     if cache_size_setting(cfg.cache.size) == "auto":
         size, cache_note = auto_cache_size(cfg, store, device)
@@ -210,6 +212,7 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
         pinned_store_bytes=store.total_bytes,
         store_pinned=store.pinned,
         expert_quantize=store.quantize or "none",
+        expert_compress=store.compress or "none",
         expert_bytes=store.expert_bytes,
         model_dtype=str(dtype).replace("torch.", ""),
     )

@@ -23,6 +23,7 @@ from infer import cpu_compute as cc
 from infer import native_copier
 from infer.offload import CopySettings, ExpertStore, OffloadError, is_expert_param
 from infer.policies import OffloadRunner, PolicySpec, check_cpu_compute, guess_mode
+from kernels import expert_pack
 from kernels.expert_ffn import Int8Weights
 from models.generate import BeamSelect, GreedySelect, beam_search, greedy
 from models.switch import DecodeState, Switch
@@ -30,26 +31,31 @@ from models.switch import DecodeState, Switch
 
 # ----------------------------------------------------------------------------------------------- loading
 def load_offloaded(
-    path: str | Path, device, dtype: torch.dtype | None, budget_bytes: float | None, quantize: str | None = None
+    path: str | Path, device, dtype: torch.dtype | None, budget_bytes: float | None, quantize: str | None = None,
+    compress: str | None = None,
 ) -> tuple[Switch, ExpertStore]:
     """Non-expert weights onto `device`, experts straight from the checkpoint into the (pinned) store
-    (quantize="int8": stored, copied and computed as per-row int8, see ExpertStore).
-    The budget is checked from config.json before anything is allocated."""
+    (quantize="int8": stored, copied and computed as per-row int8; compress="exp4": bf16 packed losslessly, see
+    ExpertStore). The budget is checked from config.json before anything is allocated."""
     from models.checkpoint import load_config, load_switch
 
     if quantize not in (None, "int8"):  # before anything is read
         raise OffloadError(f"offload.quantize={quantize!r}; expected none or int8")
+    if compress not in (None, "exp4"):
+        raise OffloadError(f"offload.compress={compress!r}; expected none or exp4")
     device = torch.device(device)
     cfg = load_config(path)
     n_moe = len(cfg.sparse_layers(False)) + len(cfg.sparse_layers(True))
     if dtype is None:
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    per_expert = cfg.expert_bytes(1 if quantize else torch.empty((), dtype=dtype).element_size())
+    ExpertStore.check_settings(dtype, quantize, compress)  # (bf16 only for exp4, not both) before anything is read
+    per_expert = (expert_pack.layout(2 * cfg.d_ff * cfg.d_model).nbytes if compress else
+                  cfg.expert_bytes(1 if quantize else torch.empty((), dtype=dtype).element_size()))
     if budget_bytes is not None and n_moe * cfg.num_experts * per_expert > budget_bytes:
-        ExpertStore(cfg, n_moe, dtype, budget_bytes, pin=False, quantize=quantize)  # raises, naming the fix
+        ExpertStore(cfg, n_moe, dtype, budget_bytes, pin=False, quantize=quantize, compress=compress)  # raises
     model = load_switch(path, device=device, dtype=dtype, skip=is_expert_param)
     store = ExpertStore.from_checkpoint(path, model, dtype, budget_bytes, pin=device.type == "cuda",
-                                        quantize=quantize)
+                                        quantize=quantize, compress=compress)
     return model, store
 
 
@@ -70,7 +76,11 @@ def materialize_experts(model: Switch, store: ExpertStore, device) -> None:
 
 def _block_on_device(store: ExpertStore, m: int, which: int, device):
     """Block m's w_in (which 0) or w_out (1) of every expert, stacked on the device, expert by expert from
-    the contiguous pinned pieces (straight DMA, no temporary block on either side)."""
+    the contiguous pinned pieces (straight DMA, no temporary block on either side). Compressed: the block's
+    packed chunks unpacked on the device, then the half asked for (a copy, so the block's rows are freed)."""
+    if store.compress:
+        return store.weights(store.unpacked_block(m, device))[which].clone()
+
     def pieces(e):
         w = store.weights(store.data[m, e])[which]
         return tuple(w) if isinstance(w, Int8Weights) else (w,)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from infer import native_copier
-from kernels import expert_copy, mailbox
+from kernels import expert_copy, expert_pack, mailbox
 from kernels.expert_ffn import Int8Weights, quantize_experts
 from models.config import SwitchConfig
 
@@ -49,29 +49,45 @@ class ExpertStore:
     scales (F, then D of them), as bytes: data int8 [M, E, 2*F*D + 4*(F + D)], about half of bf16's
     bytes to copy per expert. The experts are then computed from the int8 weights (Int8Weights), in
     every policy and in gpu_only alike; the model computes in `dtype` either way.
+
+    compress="exp4" (bf16 only): each chunk is the expert's bf16 row (w_in then w_out) packed losslessly
+    (kernels.expert_pack: sign and mantissa in a byte, the exponent as 4 bits against a base per 128
+    weights, the rare rest as exceptions): data uint8 [M, E, layout.nbytes], about 76% of bf16's bytes to
+    copy. The pool's slots hold the unpacked bf16 rows, bitwise the weights gpu_only computes with, so
+    every policy gives the same outputs as without compression.
     """
 
     def __init__(
         self, cfg: SwitchConfig, num_blocks: int, dtype: torch.dtype, budget_bytes: float | None, pin: bool,
-        quantize: str | None = None,
+        quantize: str | None = None, compress: str | None = None,
     ):
-        if quantize not in (None, "int8"):
-            raise OffloadError(f"offload.quantize={quantize!r}; expected none or int8")
+        self.check_settings(dtype, quantize, compress)
         self.M, self.E, self.F, self.D = num_blocks, cfg.num_experts, cfg.d_ff, cfg.d_model
         if quantize and (self.F * self.D) % 2:
             raise OffloadError(f"offload.quantize=int8 needs d_ff * d_model even (4-byte aligned row scales); "
                                f"got {self.F} x {self.D}")
         self.quantize = quantize
+        self.compress = compress
         FD = self.F * self.D
-        self.X = 2 * FD + (4 * (self.F + self.D) if quantize else 0)  # elements of data's dtype per expert
-        self.dtype = torch.int8 if quantize else dtype
-        self.expert_bytes = self.X * torch.empty((), dtype=self.dtype).element_size()
+        self.layout = expert_pack.layout(2 * FD) if compress else None
+        if compress:
+            self.X = self.layout.nbytes  # bytes of a packed chunk
+            self.dtype = torch.uint8
+        else:
+            self.X = 2 * FD + (4 * (self.F + self.D) if quantize else 0)  # elements of data's dtype per expert
+            self.dtype = torch.int8 if quantize else dtype
+        # a GPU slot's row: the chunk as copied, or (compressed) the unpacked bf16 row
+        self.slot_X, self.slot_dtype = (2 * FD, dtype) if compress else (self.X, self.dtype)
+        self.expert_bytes = self.X * torch.empty((), dtype=self.dtype).element_size()  # copied per expert
+        self.slot_bytes = self.slot_X * torch.empty((), dtype=self.slot_dtype).element_size()  # a GPU slot's row
         self.total_bytes = self.M * self.E * self.expert_bytes
         if budget_bytes is not None and self.total_bytes > budget_bytes:
+            how = ("int8 + row scales" if quantize else "bf16 packed by exp4" if compress
+                   else str(dtype).replace("torch.", ""))
             raise OffloadError(
                 f"the experts need {self.total_bytes / GB:.2f} GB of pinned CPU memory "
                 f"({self.M} MoE blocks x {self.E} experts x {self.expert_bytes / 1e6:.2f} MB "
-                f"in {'int8 + row scales' if quantize else str(dtype).replace('torch.', '')}), "
+                f"in {how}), "
                 f"over the budget of {budget_bytes / GB:.2f} GB; raise it with offload.pinned_budget_gb=<GB> "
                 f"(this machine has {_ram_bytes() / GB:.0f} GB of RAM)"
             )
@@ -79,6 +95,21 @@ class ExpertStore:
         self.pinned = False
         if pin:
             self._pin()
+
+    @staticmethod
+    def check_settings(dtype: torch.dtype, quantize: str | None, compress: str | None) -> None:
+        """Raise OffloadError, naming the fix, for a quantize / compress setting that cannot hold these experts."""
+        if quantize not in (None, "int8"):
+            raise OffloadError(f"offload.quantize={quantize!r}; expected none or int8")
+        if compress not in (None, "exp4"):
+            raise OffloadError(f"offload.compress={compress!r}; expected none or exp4")
+        if compress and quantize:
+            raise OffloadError("offload.compress=exp4 packs bf16 experts losslessly; it does not apply to "
+                               "offload.quantize=int8: set one of them to none")
+        if compress and dtype != torch.bfloat16:
+            raise OffloadError(f"offload.compress=exp4 packs bf16 weights; the experts here are "
+                               f"{str(dtype).replace('torch.', '')}: run in bf16 (dtype=bfloat16) or set "
+                               "offload.compress=none")
 
     def _pin(self) -> None:
         ptr, size = self.data.data_ptr(), self.total_bytes
@@ -103,14 +134,48 @@ class ExpertStore:
 
     # views of one expert (and of many: `rows` is [..., X], an expert's chunk per row)
     def w_in(self, m: int, e: int) -> torch.Tensor | Int8Weights:
-        return self.weights(self.data[m, e])[0]  # [F, D]
+        return self.weights(self.chunk(m, e))[0]  # [F, D]
 
     def w_out(self, m: int, e: int) -> torch.Tensor | Int8Weights:
-        return self.weights(self.data[m, e])[1]  # [D, F]
+        return self.weights(self.chunk(m, e))[1]  # [D, F]
+
+    def chunk(self, m: int, e: int) -> torch.Tensor:
+        """Expert e of block m as a slot row: a view of its chunk, or (compressed) its unpacked bf16 row, a copy
+        (writing into it does not change the store: fill a compressed store with pack_block)."""
+        if self.compress:
+            return expert_pack.unpack_rows_reference(self.data[m, e : e + 1], self.layout)[0]
+        return self.data[m, e]
+
+    def unpacked_block(self, m: int, device=None) -> torch.Tensor:
+        """Block m's experts as slot rows [E, slot_X] on `device` (compressed: unpacked there)."""
+        if not self.compress:
+            return self.data[m].to(device) if device is not None else self.data[m]
+        packed = self.data[m].to(device, non_blocking=True) if device is not None else self.data[m]
+        if packed.is_cuda:
+            out = torch.empty((self.E, self.slot_X), dtype=self.slot_dtype, device=packed.device)
+            ids = torch.arange(self.E, dtype=torch.int32, device=packed.device)
+            return expert_pack.unpack_rows(packed, ids, out, self.layout)
+        return expert_pack.unpack_rows_reference(packed, self.layout)
+
+    def pack_block(self, m: int, rows: torch.Tensor) -> None:
+        """Fill block m of a compressed store from its experts' bf16 rows [E, 2*F*D] (w_in then w_out, on any
+        device: packed there, then copied in)."""
+        if rows.shape != (self.E, self.slot_X) or rows.dtype != torch.bfloat16:
+            raise OffloadError(f"pack_block: block {m} needs bf16 rows [{self.E}, {self.slot_X}]; got "
+                               f"{rows.dtype} {tuple(rows.shape)}")
+        try:
+            packed = expert_pack.pack_rows(rows, self.layout)
+        except expert_pack.PackError as e:
+            raise OffloadError(f"offload.compress=exp4: MoE block {m}: {e}") from None
+        self.data[m].copy_(packed)
 
     def weights(self, rows: torch.Tensor):
-        """(w_in [..., F, D], w_out [..., D, F]) as views of chunks rows [..., X]: tensors, or Int8Weights
-        (q, fp32 scale) with quantize="int8"."""
+        """(w_in [..., F, D], w_out [..., D, F]) as views of slot rows [..., slot_X]: tensors, or Int8Weights
+        (q, fp32 scale) with quantize="int8". (A compressed store's own chunks are packed bytes: its slot rows
+        come from chunk() / unpacked_block().)"""
+        if self.compress and rows.dtype != self.slot_dtype:
+            raise OffloadError("ExpertStore.weights: a compressed store's chunks are packed; unpack them first "
+                               "(chunk(), unpacked_block())")
         F, D, FD = self.F, self.D, self.F * self.D
         lead = rows.shape[:-1]
         w_in = rows[..., :FD].view(*lead, F, D)
@@ -135,35 +200,49 @@ class ExpertStore:
     @classmethod
     def from_checkpoint(
         cls, path: str | Path, model, dtype: torch.dtype, budget_bytes: float | None, pin: bool,
-        quantize: str | None = None,
+        quantize: str | None = None, compress: str | None = None,
     ) -> ExpertStore:
-        """Read every expert straight from the checkpoint files (memory-mapped) into its chunk."""
+        """Read every expert straight from the checkpoint files (memory-mapped) into its chunk (compressed: a
+        block at a time into bf16 rows, then packed)."""
         from models.checkpoint import CheckpointReader, key_map
 
         names = _moe_names(model)
-        store = cls(model.cfg, len(names), dtype, budget_bytes, pin, quantize)
+        store = cls(model.cfg, len(names), dtype, budget_bytes, pin, quantize, compress)
         reader = CheckpointReader(path)
         where = {name: m for m, name in enumerate(names)}
+        by_block: dict[int, list[tuple[str, str, int]]] = {}
         for key, (own, e) in key_map(model.cfg, model).items():
             if e is None:
                 continue
             mod, leaf = own.rsplit(".", 1)
-            m = where[mod]
-            store.put(store.w_in(m, e) if leaf == "w_in" else store.w_out(m, e), reader.get(key))
+            by_block.setdefault(where[mod], []).append((key, leaf, e))
+        for m, keys in sorted(by_block.items()):
+            rows = torch.empty((store.E, store.slot_X), dtype=store.slot_dtype) if compress else None
+            for key, leaf, e in keys:
+                if compress:
+                    store.put(store.weights(rows[e])[0 if leaf == "w_in" else 1], reader.get(key))
+                else:
+                    store.put(store.w_in(m, e) if leaf == "w_in" else store.w_out(m, e), reader.get(key))
+            if compress:
+                store.pack_block(m, rows)
         return store
 
     @classmethod
     def from_model(
         cls, model, dtype: torch.dtype | None = None, budget_bytes: float | None = None, pin: bool = False,
-        quantize: str | None = None,
+        quantize: str | None = None, compress: str | None = None,
     ) -> ExpertStore:
         """Copy a materialised model's experts (tests, random benchmark models)."""
         moes = model.moes
-        store = cls(model.cfg, len(moes), dtype or moes[0].w_in.dtype, budget_bytes, pin, quantize)
+        store = cls(model.cfg, len(moes), dtype or moes[0].w_in.dtype, budget_bytes, pin, quantize, compress)
         for m, moe in enumerate(moes):
-            w_in, w_out = store.weights(store.data[m])
+            rows = (torch.empty((store.E, store.slot_X), dtype=store.slot_dtype, device=moe.w_in.device)
+                    if compress else store.data[m])
+            w_in, w_out = store.weights(rows)
             store.put(w_in, moe.w_in)
             store.put(w_out, moe.w_out)
+            if compress:
+                store.pack_block(m, rows)
         return store
 
 
@@ -299,7 +378,7 @@ class SlotPool:
         self.n_prefill = n_prefill
         self.prefill_base = self.M * self.C
         self.P = self.M * self.C + max(self.R * self.n, n_prefill)
-        self.pool = torch.zeros((self.P, store.X), dtype=store.dtype, device=self.device)  # [P, X]
+        self.pool = torch.zeros((self.P, store.slot_X), dtype=store.slot_dtype, device=self.device)  # [P, X]
         self.w_in, self.w_out = store.weights(self.pool)  # [P, F, D], [P, D, F] (Int8Weights when quantized)
         self.cuda = self.device.type == "cuda"
         if copy_mode == "auto":
@@ -313,6 +392,9 @@ class SlotPool:
         interpreting = (
             os.environ.get("TRITON_INTERPRET") == "1"
         )  # tests run the device copy kernel on the CPU
+        if store.compress and copy_mode == "host":
+            raise OffloadError("offload.compress=exp4 unpacks its experts on the GPU as they are copied: use "
+                               "copy_mode device or dma (or auto), or offload.compress=none with copy_mode host")
         if copy_mode in ("device", "dma") and not self.cuda and interpreting:
             pass
         elif copy_mode not in ("device", "dma", "host", "cpu") or (copy_mode == "cpu") == self.cuda:
@@ -350,6 +432,11 @@ class SlotPool:
         # no copies launched and none waited for (plans and slot tables still update; the weights read
         # are stale, so results are wrong): the "no-copy" step that stall-by-difference times
         self.skip_copies = False
+        # compressed dma plans: the copy engines land the packed chunks in `landing` (a row per slot a dma plan
+        # may fill: the caches' and the staging buffers'), and the wait for a block's copies unpacks them into the
+        # pool's rows (the device copy kernel unpacks as it reads the store, with no landing)
+        self.landing = self._landing() if store.compress and copy_mode == "dma" else None
+        self._unpack_pending: list[list[torch.Tensor]] = [[] for _ in range(self.M)]
         self.dma = DmaCopier(self) if copy_mode == "dma" else None
         self._dma_posted = [False] * self.M  # block m has a dma plan its wait() has not covered yet
         # The pool's first decode step sends its prefetched plans to the copy kernel: it launches (and so
@@ -360,6 +447,16 @@ class SlotPool:
         self._dma_on = False
         self._dma_first_step: set[int] = set()
         self._dma_held = 0  # inside dma_held(): every plan takes the copy kernel
+
+    def _landing(self) -> torch.Tensor:
+        """uint8 [L, nbytes], L = M*C + R*n (every slot a dma plan fills): in the pool's rows past the staging
+        buffers when they hold it (those rows are the encoder's streaming slots, which no decode step reads, and
+        the encoder pass never stages: a decode plan's copy runs after the pass's compute), else its own memory."""
+        L, nb = self.M * self.C + self.R * self.n, self.store.layout.nbytes
+        spare = self.pool[L:]  # rows past the caches and the staging buffers
+        if spare.numel() * spare.element_size() >= L * nb:
+            return spare.reshape(-1).view(torch.uint8)[: L * nb].view(L, nb)
+        return torch.empty((L, nb), dtype=torch.uint8, device=self.device)
 
     def close(self) -> None:
         """Stop the dma copier's thread (copy_mode dma); raises OffloadError where its copies failed."""
@@ -431,13 +528,20 @@ class SlotPool:
 
     def _launch(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor, dma: bool) -> None:
         """Start block m's copies on the current stream: the plan handed to the dma copier, the device copy
-        kernel, or one cudaMemcpyAsync per expert (host)."""
+        kernel, or one cudaMemcpyAsync per expert (host). Compressed: the copy kernel unpacks as it reads; a dma
+        plan lands packed, and wait() unpacks the landed rows (a row per filled slot, -1 for the plan's idle
+        entries, made here on the current stream, behind the plan)."""
+        cs = self.copy_settings
         if dma:
             self.dma.post(m, src_n, dst_n)
+            if self.store.compress:
+                self._unpack_pending[m].append(torch.where(src_n >= 0, dst_n, -1))
         elif self.copy_mode in ("device", "dma"):
             src, dst = self._rows(m)
-            cs = self.copy_settings
-            expert_copy.gather_rows(src, src_n, dst, dst_n, cs.programs, cs.block, cs.warps)
+            if self.store.compress:
+                expert_pack.unpack_rows(src, src_n, dst, self.store.layout, dst_n, cs.programs, cs.block, cs.warps)
+            else:
+                expert_copy.gather_rows(src, src_n, dst, dst_n, cs.programs, cs.block, cs.warps)
         else:
             self._copy_host(m, src_n, dst_n)
 
@@ -452,7 +556,20 @@ class SlotPool:
     def _copy_host(self, m, src_n, dst_n) -> None:
         pairs = torch.stack([src_n, dst_n], 1)
         for e, p in pairs[src_n >= 0].tolist():  # host sync on CUDA
-            self.pool[p].copy_(self.store.data[m, e], non_blocking=True)
+            if self.store.compress:  # (copy_mode cpu only: host is refused with compression)
+                self.pool[p].copy_(self.store.chunk(m, e))
+            else:
+                self.pool[p].copy_(self.store.data[m, e], non_blocking=True)
+
+    # the landed rows' unpack (GPU memory to GPU memory, on the compute stream, which waits for it): a wide grid
+    UNPACK_PROGRAMS, UNPACK_BLOCK, UNPACK_WARPS = 128, 4096, 4
+
+    def _unpack_landed(self, m: int) -> None:
+        """On the current (compute) stream, after block m's dma wait: unpack the rows its plans landed."""
+        pending, self._unpack_pending[m] = self._unpack_pending[m], []
+        for rows in pending:  # in the plans' order (a later plan's slot overwrites an earlier one's)
+            expert_pack.unpack_rows(self.landing, rows, self.pool, self.store.layout, rows, self.UNPACK_PROGRAMS,
+                                    self.UNPACK_BLOCK, self.UNPACK_WARPS)
 
     def wait(self, m: int, done=None) -> None:
         """The compute stream waits for block m's copies (only those), or for the event done."""
@@ -464,6 +581,7 @@ class SlotPool:
         if not self.cuda:
             if dma:
                 self.dma.wait(m)
+                self._unpack_landed(m)
             return
         event = self.copy_done[m] if done is None else done
         compute = torch.cuda.current_stream(self.device)
@@ -473,6 +591,7 @@ class SlotPool:
         compute.wait_event(event)
         if dma:
             self.dma.wait(m)  # after the post (the event): until the copier's copies are done
+            self._unpack_landed(m)
         if self.measure_stall:
             b.record(compute)
             self.stall_events.append((a, b))
@@ -668,15 +787,16 @@ class DmaCopier:
             self.signal = torch.cuda.Stream(dev) if self.cuda else None
         # slot and expert addresses (driver, native) or views (torch) made once: the thread's cost per plan is on
         # the first copy's critical path
+        slots = pool.landing if pool.landing is not None else pool.pool  # compressed: packed chunks land there
         if self.api != "torch":
-            row = pool.pool.stride(0) * pool.pool.element_size()
+            row = slots.stride(0) * slots.element_size()
             self._row_bytes = pool.store.data.shape[-1] * pool.store.data.element_size()
-            self._slot_ptr = [pool.pool.data_ptr() + p * row for p in range(pool.pool.shape[0])]
+            self._slot_ptr = [slots.data_ptr() + p * row for p in range(slots.shape[0])]
             srow = pool.store.data.stride(1) * pool.store.data.element_size()
             self._store_ptr = [[pool.store.data[b].data_ptr() + e * srow for e in range(pool.store.data.shape[1])]
                                for b in range(M)]
         else:
-            self._slot_rows = list(pool.pool.unbind(0))
+            self._slot_rows = list(slots.unbind(0))
             self._store_rows = [list(pool.store.data[b].unbind(0)) for b in range(M)]
         self._done = list(self.done.unbind(0))
         self.error: BaseException | None = None

@@ -121,6 +121,10 @@ class _Block:
 
 
 def check_cpu_compute(store: ExpertStore, cpu_compute: str) -> None:
+    if store.compress and cpu_compute != "off":
+        raise OffloadError(f"offload.cpu_compute={cpu_compute} with offload.compress={store.compress}: the CPU "
+                           "computes experts from their stored weights, which are packed here; use "
+                           "offload.cpu_compute=off or offload.compress=none")
     if store.quantize and cpu_compute != "off":
         raise OffloadError(f"offload.cpu_compute={cpu_compute} with offload.quantize={store.quantize}: the CPU "
                            "computes experts from float weights only; use offload.cpu_compute=off or "
@@ -356,9 +360,14 @@ class OffloadRunner:
             "stall_ms": self.pool.stall_ms(),
             "copy_kernel": self.pool.copy_kernel_stats(),
             "pool_bytes": self.pool.nbytes(),
-            "pool_cache_bytes": self.pool.M * self.pool.C * self.store.expert_bytes,
-            "pool_staging_bytes": self.pool.R * self.pool.n * self.store.expert_bytes,
-            "pool_prefill_bytes": self.pool.n_prefill * self.store.expert_bytes,
+            "pool_cache_bytes": self.pool.M * self.pool.C * self.store.slot_bytes,
+            "pool_staging_bytes": self.pool.R * self.pool.n * self.store.slot_bytes,
+            "pool_prefill_bytes": self.pool.n_prefill * self.store.slot_bytes,
+            # compressed (offload.compress=exp4): where the dma copies land packed (in the prefill rows when they fit)
+            "landing_bytes": (self.pool.landing.numel() if self.pool.landing is not None else 0),
+            "landing_in_pool": (self.pool.landing is not None
+                                and self.pool.landing.data_ptr() >= self.pool.pool.data_ptr()
+                                and self.pool.landing.data_ptr() < self.pool.pool.data_ptr() + self.pool.nbytes()),
             # staging and prefill share slots: pool = cache + max(staging, prefill)
             "pool_slots": {
                 "cache": self.pool.M * self.pool.C,

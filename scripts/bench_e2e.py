@@ -125,16 +125,20 @@ def build_own(cfg, device, dtype) -> Switch:
     return model.eval()
 
 
-def build_store(cfg, model, device, dtype, budget) -> ExpertStore:
-    """Random experts generated on the device block by block and copied into the pinned store."""
-    store = ExpertStore(cfg, len(model.moes), dtype, budget, pin=device.type == "cuda")
+def build_store(cfg, model, device, dtype, budget, compress: str | None = None) -> ExpertStore:
+    """Random experts generated on the device block by block and copied into the pinned store (compress="exp4":
+    the same weights, packed on the device, then copied in)."""
+    store = ExpertStore(cfg, len(model.moes), dtype, budget, pin=device.type == "cuda", compress=compress)
     FD = store.F * store.D
     g = torch.Generator(device=device).manual_seed(1)
     for m in range(store.M):
-        t = torch.empty((store.E, store.X), dtype=dtype, device=device)
+        t = torch.empty((store.E, store.slot_X), dtype=dtype, device=device)
         t[:, :FD].normal_(0.0, cfg.d_model**-0.5, generator=g)
         t[:, FD:].normal_(0.0, cfg.d_ff**-0.5, generator=g)
-        store.data[m].copy_(t)
+        if compress:
+            store.pack_block(m, t)
+        else:
+            store.data[m].copy_(t)
         del t
     return store
 
@@ -222,11 +226,21 @@ def hf_model(cfg, store: ExpertStore, device, dtype, experts_on: str):
             block_of[f"{stack}.block.{i}.layer.{layer}.mlp.experts"] = m
             m += 1
     g = torch.Generator(device=device).manual_seed(2)
+    unpacked: dict[int, torch.Tensor] = {}  # a compressed store's blocks, unpacked once (on the device)
+
+    def expert(m: int, e: int, which: int) -> torch.Tensor:
+        if not store.compress:
+            return store.w_in(m, e) if which == 0 else store.w_out(m, e)
+        if m not in unpacked:
+            rows = store.unpacked_block(m, device)
+            unpacked[m] = rows if experts_on == "gpu" else rows.cpu()
+        return store.weights(unpacked[m])[which][e]
+
     for name, p in list(hf.named_parameters()):
         prefix, _, rest = name.partition(".expert_")
         if prefix in block_of:
             e, kind = int(rest.split(".")[0]), rest.split(".")[1]
-            src = store.w_in(block_of[prefix], e) if kind == "wi" else store.w_out(block_of[prefix], e)
+            src = expert(block_of[prefix], e, 0 if kind == "wi" else 1)
             _set_param(hf, name, src.to(device) if experts_on == "gpu" else src)
             continue
         t = torch.empty(p.shape, dtype=dtype, device=device)
@@ -374,6 +388,13 @@ def main() -> int:
         "names, pregated read as lookahead), tokens checked against that family's gpu_only",
     )
     ap.add_argument(
+        "--compress",
+        default=None,
+        choices=["exp4"],
+        help="every run's experts stored and copied packed losslessly (offload.compress=exp4, kernels/expert_pack: "
+        "about 76%% of bf16's bytes), unpacked on the GPU: the same random weights and tokens as without it",
+    )
+    ap.add_argument(
         "--int8",
         action="store_true",
         help="after the lookahead-1 table, the same model with its experts stored, copied and computed as "
@@ -393,7 +414,7 @@ def main() -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.tiny:
-        device, dtype = torch.device("cpu"), torch.float32
+        device, dtype = torch.device("cpu"), (torch.bfloat16 if args.compress else torch.float32)  # exp4: bf16
         shapes = args.shapes or ["tiny"]
         args.input_tokens, args.new_tokens, args.prefetch_all_tokens = 16, 6, 4
         args.batch_sweep = args.batch_sweep or [1, 2]
@@ -707,7 +728,7 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
     t0 = time.perf_counter()
     model = build_own(cfg, device, dtype)
     try:
-        store = build_store(cfg, model, device, dtype, budget)
+        store = build_store(cfg, model, device, dtype, budget, getattr(args, "compress", None))
     except OffloadError as e:
         result["failures"].append(f"{shape}: {e}")
         return {"error": str(e)}
@@ -724,6 +745,8 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
             "decoder_moe_blocks": len(model.decoder.moes),
         },
         "expert_bytes": eb,
+        "slot_bytes": store.slot_bytes,  # a GPU slot's row (compressed: the unpacked bf16 row)
+        "compress": store.compress,
         "store_bytes": store.total_bytes,
         "nonexpert_bytes": nonexpert_bytes(model),
         "cache_slots": C,
@@ -1227,14 +1250,16 @@ def memory_bound(ref: dict, pg: dict, E: int, eb: int, store_bytes: int, rows: i
 
 def check_memory_bound(shape: str, out: dict, result: dict, S: int, prefill_slots: int) -> None:
     """memory_bound for greedy and beam 4 at batch 1; a peak over the bound is a failed check."""
-    E, eb = out["config"]["num_experts"], out["expert_bytes"]
+    E, eb = out["config"]["num_experts"], out.get("slot_bytes", out["expert_bytes"])  # the pool's rows
     checks = []
     for mode, nb in (("greedy", 1), ("beam4", 4)):
         runs = _runs(out, mode)
         ref, pg = runs.get("gpu_only"), runs.get("pregated")
         if not ref or not pg:
             continue
-        c = memory_bound(ref["metrics"], pg["metrics"], E, eb, out["store_bytes"], nb, S, prefill_slots)
+        # gpu_only holds every expert as a slot row (compressed: unpacked), not as the store's chunks
+        resident = out["config"]["moe_blocks"] * E * eb
+        c = memory_bound(ref["metrics"], pg["metrics"], E, eb, resident, nb, S, prefill_slots)
         if c is None:
             continue
         c = {"decoding": mode, "nonexpert_bytes": out["nonexpert_bytes"], **c}

@@ -69,6 +69,10 @@ def summarize(doc: dict, source: str) -> str:
         f"{settings['input_tokens']} input and {settings['new_tokens']} output tokens, bf16, "
         "random weights (near-uniform routing), pre-gated with lookahead 1"
         + (" (other lookaheads: the lookahead table)" if max(settings.get("lookaheads") or [1]) > 1 else "")
+        + ("; every run's experts stored and copied packed losslessly (offload.compress=exp4: "
+           + ", ".join(f"{k} {v['expert_bytes'] / 1e6:.2f} MB per expert for {v['slot_bytes'] / 1e6:.2f} MB of bf16"
+                       for k, v in shapes.items() if v.get("slot_bytes"))
+           + "), unpacked on the GPU" if settings.get("compress") else "")
         + ". ms/token is the median decode "
         "step; peak is GPU memory allocated. Copy floor = the bytes pregated copies per decode step (greedy: "
         "one expert per decoder MoE block; beam 4: measured, where the run did) / the pinned host->GPU peak "

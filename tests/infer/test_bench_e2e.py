@@ -677,3 +677,22 @@ def test_plot_draws_a_row_per_decoding_measured(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "scripts" / "summarize_e2e.py"), str(src), "--plots"], check=True,
                    capture_output=True, timeout=120)
     assert Image.open(tmp_path / "run.png").size[1] == heights[1]
+
+
+def test_bench_tiny_compressed(tmp_path):
+    """--tiny --compress exp4 (bf16 on the CPU): the same random weights packed; every policy gives gpu_only's
+    tokens, the copies count the packed bytes (under 80% of the bf16 slot row), the summary says so."""
+    res = _bench_tiny(tmp_path, "--compress", "exp4", "--table-runs", "greedy:gpu_only,on_demand,pregated",
+                      "--batch-sweep", "1", "--sweep-new-tokens", "2")
+    tiny = res["shapes"]["tiny"]
+    assert tiny["compress"] == "exp4" and tiny["expert_bytes"] < 0.8 * tiny["slot_bytes"]
+    cfg = tiny["config"]
+    assert tiny["slot_bytes"] == 2 * 2 * cfg["d_ff"] * cfg["d_model"]
+    runs = {r["label"]: r for r in tiny["runs"]}
+    for pol in ("on_demand", "pregated"):
+        assert runs[f"pregated/greedy/{pol}"]["same_tokens_as_gpu_only"], pol
+    c = runs["pregated/greedy/pregated"]["copy"]  # + a missed first-block guess's copy
+    assert (cfg["decoder_moe_blocks"] * tiny["expert_bytes"] <= c["decode_bytes_per_step"]
+            <= (cfg["decoder_moe_blocks"] + 1) * tiny["expert_bytes"])
+    text = summ.summarize(res, "x.json")
+    assert "packed losslessly (offload.compress=exp4: tiny " in text

@@ -617,3 +617,80 @@ def test_dma_watchdog_dumps_the_stacks_of_a_stalled_copier(capfd):
             assert "test_dma_watchdog_dumps_the_stacks_of_a_stalled_copier" in err  # the main thread's stack
     with pytest.raises(OffloadError, match="PGMOE_DMA_WATCHDOG_S=0.0"):
         _Watchdog(Idle(), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------- exp4 compression
+def test_compressed_store_every_policy_matches_uncompressed_gpu_only(pregated_ckpt):
+    """offload.compress=exp4: the experts are stored and copied packed (under 80% of bf16's bytes here), the
+    slots hold them unpacked, bitwise the weights gpu_only computes with: every policy and cache (and gpu_only
+    from the packed store) gives the uncompressed gpu_only's tokens and logits bitwise; copies count the packed
+    bytes; the slots are bf16 rows."""
+    model, store = load_offloaded(pregated_ckpt, "cpu", torch.bfloat16, None)
+    model_c, packed = load_offloaded(pregated_ckpt, "cpu", torch.bfloat16, None, compress="exp4")
+    F, D = model.cfg.d_ff, model.cfg.d_model
+    assert packed.compress == "exp4" and packed.data.dtype == torch.uint8
+    assert packed.expert_bytes == packed.layout.nbytes < 0.8 * store.expert_bytes
+    assert packed.slot_bytes == store.expert_bytes == 2 * 2 * F * D
+    for m, e in ((0, 0), (packed.M - 1, packed.E - 1), (1, 2)):
+        assert torch.equal(packed.chunk(m, e).view(torch.int16), store.data[m, e].view(torch.int16))
+    assert torch.equal(packed.unpacked_block(1).view(torch.int16), store.data[1].view(torch.int16))
+    ids, mask = prompts()
+    kw = dict(max_new_tokens=5, keep_logits=True)
+    ref = Engine(model, store, "cpu").run(PolicySpec("gpu_only"), ids, mask, **kw)
+    eng = Engine(model_c, packed, "cpu")
+    _same(ref, eng.run(PolicySpec("gpu_only"), ids, mask, **kw))
+    for name in CPU_POLICIES:
+        for size, kind in CACHES[:2]:
+            res = eng.run(PolicySpec(name, size, kind), ids, mask, **kw)
+            _same(ref, res)
+            assert res.metrics["bytes_copied"] == res.metrics["experts_copied"] * packed.expert_bytes
+            assert res.metrics["pool_prefill_bytes"] == res.metrics["pool_slots"]["prefill"] * packed.slot_bytes
+
+
+@pytest.mark.parametrize("mode", ["device", "dma-native", "dma-torch"])
+def test_compressed_store_on_the_gpu_path_under_the_interpreter(pregated_ckpt, monkeypatch, mode):
+    """The GPU path of a compressed store on the CPU: the device copy kernel unpacks as it reads the store; with
+    dma, the copier lands the packed chunks (in the pool's spare prefill rows when they fit, else their own
+    memory) and each block's wait unpacks them; tokens and logits are the uncompressed gpu_only's bitwise."""
+    pytest.importorskip("triton")
+    from infer import native_copier
+
+    copy_mode, _, api = mode.partition("-")
+    if api == "native":
+        try:
+            native_copier.build()
+        except native_copier.NativeUnavailable as e:
+            pytest.skip(str(e))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model, store = load_offloaded(pregated_ckpt, "cpu", torch.bfloat16, None)
+    model_c, packed = load_offloaded(pregated_ckpt, "cpu", torch.bfloat16, None, compress="exp4")
+    ids, mask = prompts(n=2, length=5)
+    kw = dict(max_new_tokens=3, keep_logits=True)
+    ref = Engine(model, store, "cpu").run(PolicySpec("gpu_only"), ids, mask, **kw)
+    copy = CopySettings(dma_api=api or "native", programs=2, block=256, warps=1)
+    for spec, slots in ((PolicySpec("pregated"), 16), (PolicySpec("on_demand"), 4),
+                        (PolicySpec("pregated", 2, "lru"), 4)):
+        res = Engine(model_c, packed, "cpu", copy_mode=copy_mode, prefill_slots=slots, copy=copy).run(
+            spec, ids, mask, **kw)
+        assert res.metrics["copy_mode"] == copy_mode
+        _same(ref, res)
+        if copy_mode == "dma":
+            assert res.metrics["landing_bytes"] > 0
+            # no cache and 16 prefill rows: the landing fits in the rows past the staging buffers
+            assert res.metrics["landing_in_pool"] == (spec.cache_size == 0 and slots == 16), spec
+        else:
+            assert res.metrics["landing_bytes"] == 0
+
+
+def test_compress_settings_are_checked(pregated_ckpt):
+    with pytest.raises(OffloadError, match="offload.compress=exp4 packs bf16 weights; the experts here are float32"):
+        load_offloaded(pregated_ckpt, "cpu", torch.float32, None, compress="exp4")
+    with pytest.raises(OffloadError, match="does not apply to offload.quantize=int8"):
+        load_offloaded(pregated_ckpt, "cpu", torch.bfloat16, None, quantize="int8", compress="exp4")
+    with pytest.raises(OffloadError, match="offload.compress='zstd'; expected none or exp4"):
+        load_offloaded(pregated_ckpt, "cpu", torch.bfloat16, None, compress="zstd")
+    model, packed = load_offloaded(pregated_ckpt, "cpu", torch.bfloat16, None, compress="exp4")
+    with pytest.raises(OffloadError, match="use copy_mode device or dma"):
+        Engine(model, packed, "cpu", copy_mode="host").run(PolicySpec("on_demand"), *prompts(), max_new_tokens=1)
+    with pytest.raises(OffloadError, match="cpu_compute=always with offload.compress=exp4"):
+        Engine(model, packed, "cpu", cpu_compute="always").run(PolicySpec("on_demand"), *prompts(), max_new_tokens=1)
