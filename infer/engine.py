@@ -60,9 +60,13 @@ def load_offloaded(
 
 
 def materialize_experts(model: Switch, store: ExpertStore, device) -> None:
-    """Put every expert on the device (gpu_only): tensors, or Int8Weights with a quantized store."""
+    """Put every expert on the device (gpu_only): tensors, or Int8Weights with a quantized store (a compressed
+    store's blocks unpacked on the device straight from the pinned chunks, w_in and w_out views of one block)."""
     for m, moe in enumerate(model.moes):
-        w_in, w_out = (_block_on_device(store, m, which, device) for which in (0, 1))
+        if store.compress:
+            w_in, w_out = store.weights(store.unpacked_block(m, device))
+        else:
+            w_in, w_out = (_block_on_device(store, m, which, device) for which in (0, 1))
         if store.quantize:
             moe._parameters.pop("w_in", None)  # plain attributes: int8 weights are not parameters
             moe._parameters.pop("w_out", None)
@@ -76,11 +80,7 @@ def materialize_experts(model: Switch, store: ExpertStore, device) -> None:
 
 def _block_on_device(store: ExpertStore, m: int, which: int, device):
     """Block m's w_in (which 0) or w_out (1) of every expert, stacked on the device, expert by expert from
-    the contiguous pinned pieces (straight DMA, no temporary block on either side). Compressed: the block's
-    packed chunks unpacked on the device, then the half asked for (a copy, so the block's rows are freed)."""
-    if store.compress:
-        return store.weights(store.unpacked_block(m, device))[which].clone()
-
+    the contiguous pinned pieces (straight DMA, no temporary block on either side)."""
     def pieces(e):
         w = store.weights(store.data[m, e])[which]
         return tuple(w) if isinstance(w, Int8Weights) else (w,)

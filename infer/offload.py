@@ -150,12 +150,13 @@ class ExpertStore:
         """Block m's experts as slot rows [E, slot_X] on `device` (compressed: unpacked there)."""
         if not self.compress:
             return self.data[m].to(device) if device is not None else self.data[m]
-        packed = self.data[m].to(device, non_blocking=True) if device is not None else self.data[m]
-        if packed.is_cuda:
-            out = torch.empty((self.E, self.slot_X), dtype=self.slot_dtype, device=packed.device)
-            ids = torch.arange(self.E, dtype=torch.int32, device=packed.device)
-            return expert_pack.unpack_rows(packed, ids, out, self.layout)
-        return expert_pack.unpack_rows_reference(packed, self.layout)
+        device = torch.device(device) if device is not None else self.data.device
+        if device.type == "cuda":  # the kernel reads the pinned chunks in place (no packed copy on the device)
+            src = self.data[m] if self.pinned else self.data[m].to(device)
+            out = torch.empty((self.E, self.slot_X), dtype=self.slot_dtype, device=device)
+            ids = torch.arange(self.E, dtype=torch.int32, device=device)
+            return expert_pack.unpack_rows(src, ids, out, self.layout, num_programs=128)
+        return expert_pack.unpack_rows_reference(self.data[m], self.layout).to(device)
 
     def pack_block(self, m: int, rows: torch.Tensor) -> None:
         """Fill block m of a compressed store from its experts' bf16 rows [E, 2*F*D] (w_in then w_out, on any
