@@ -173,9 +173,9 @@ if HAVE_TRITON:
     ):
         # program (i, p) expands blocks p, p + P, p + 2P, ... of packed row ids[i] into dst row dst_row[i] (or i),
         # then applies the exceptions that fall in those blocks (dst is the bf16 destination viewed as int16).
-        # A block is BLOCK // G groups of G: every load is contiguous (the lo bytes, the block's nibble bytes, its
-        # groups' bases), so each is issued as wide accesses, which matters most when src is host memory read
-        # over PCIe; the two codes of a nibble byte are split and interleaved back into element order (join).
+        # (A form working on whole groups, the nibble bytes loaded once and their two codes interleaved back with
+        # tl.join, was slower on the H200: 20.7 vs 15.0 us per switch-base expert from GPU memory, 31.8 vs 42.8 GB/s
+        # from the pinned store; bench/results/probe-expert-pack-h200-groups.md.)
         i = tl.program_id(0)
         p = tl.program_id(1)
         row = tl.load(ids_ptr + i).to(tl.int64)
@@ -186,19 +186,14 @@ if HAVE_TRITON:
         if (row >= 0) & (out_row >= 0):  # a negative id or slot means "nothing to expand"
             src = src_ptr + row * nbytes
             dst = dst_ptr + out_row * X
-            rg = tl.arange(0, BLOCK // G)
-            cg = tl.arange(0, G)
-            jn = tl.arange(0, BLOCK // 2)
             for start in range(p * BLOCK, X, NUM_PROGRAMS * BLOCK):
-                offs = start + rg[:, None] * G + cg[None, :]  # [BLOCK // G, G]
+                offs = start + tl.arange(0, BLOCK)
                 mask = offs < X
                 lo = tl.load(src + offs, mask=mask, other=0).to(tl.int32)
-                nb = start // 2 + jn
-                nib = tl.load(src + off_nib + nb, mask=2 * nb < X, other=0).to(tl.int32)
-                code = tl.reshape(tl.join(nib & 15, nib >> 4), (BLOCK // G, G))
-                gb = start // G + rg
-                base = tl.load(src + off_base + gb, mask=gb * G < X, other=0).to(tl.int32)
-                exp = tl.where(code == 0, 0, base[:, None] + code - 1)
+                nib = tl.load(src + off_nib + offs // 2, mask=mask, other=0).to(tl.int32)
+                code = (nib >> ((offs & 1) * 4)) & 15
+                base = tl.load(src + off_base + offs // G, mask=mask, other=0).to(tl.int32)
+                exp = tl.where(code == 0, 0, base + code - 1)
                 bits = ((lo & 0x80) << 8) | (exp << 7) | (lo & 0x7F)
                 bits = tl.where(bits >= 32768, bits - 65536, bits)  # the int16 of the same 16 bits
                 tl.store(dst + offs, bits.to(tl.int16), mask=mask)
@@ -247,8 +242,8 @@ def unpack_rows(src_EB: torch.Tensor, ids_n: torch.Tensor, dst_SX: torch.Tensor,
         if t is not None and (t.dtype not in (torch.int32, torch.int64) or t.dim() != 1 or t.numel() != n):
             raise ValueError(f"unpack_rows: {name} must be int32/int64 [n] with n = {n}, "
                              f"got {tuple(t.shape)} {t.dtype}")
-    if block < G or block & (block - 1) or num_programs < 1:
-        raise ValueError(f"unpack_rows: block must be a power of two >= {G} (whole groups) and num_programs >= 1, "
+    if block < 1 or block & (block - 1) or num_programs < 1:
+        raise ValueError(f"unpack_rows: block must be a power of two and num_programs >= 1, "
                          f"got block={block}, num_programs={num_programs}")
     if n == 0:
         return dst_SX
