@@ -153,6 +153,23 @@ def probe(name: str, d: int, f: int, dev, n_rows: int, reps: int) -> dict:
     return rec
 
 
+def checkpoint_packing(path: str) -> dict:
+    """A checkpoint's experts packed (offload.compress=exp4, bf16): bytes per expert and exceptions per expert."""
+    from infer.engine import load_offloaded
+
+    _, store = load_offloaded(path, "cpu", torch.bfloat16, None, compress="exp4")
+    _, plain = load_offloaded(path, "cpu", torch.bfloat16, None)
+    same = all(torch.equal(store.unpacked_block(m).view(torch.int16), plain.data[m].view(torch.int16))
+               for m in range(store.M))
+    lay = store.layout
+    cnt = store.data[..., lay.off_cnt : lay.off_cnt + 4].contiguous().view(torch.int32).flatten()
+    return {"checkpoint": path, "experts": store.M * store.E, "d_model": store.D, "d_ff": store.F,
+            "bf16_bytes": store.slot_bytes, "packed_bytes": store.expert_bytes,
+            "ratio": store.expert_bytes / store.slot_bytes, "exception_capacity": lay.cap,
+            "exceptions_per_expert": {"max": int(cnt.max()), "mean": float(cnt.float().mean())},
+            "bitwise_equal_unpacked": same}
+
+
 def markdown(doc: dict) -> str:
     lines = [f"# Lossless expert packing (exp4): {doc['device']}", "",
              f"{doc['date']}; `{doc['command']}`; torch {doc['torch']}.", "",
@@ -164,6 +181,12 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {r['shape']} | {r['bf16_bytes'] / 1e6:.2f} | {r['packed_bytes'] / 1e6:.2f} | "
                      f"{r['ratio']:.3f} | {r['exceptions_per_row']['max']} / {r['exceptions_per_row']['mean']:.1f} | "
                      f"{pack} | {'yes' if ok else 'NO: ' + str(r['bitwise_equal'])} |")
+    for c in doc.get("checkpoints", []):
+        lines += ["", f"Checkpoint `{c['checkpoint']}` ({c['experts']} experts, d_model {c['d_model']}, d_ff {c['d_ff']}): "
+                  f"{c['packed_bytes']} packed bytes per expert for {c['bf16_bytes']} of bf16 (ratio {c['ratio']:.3f}), "
+                  f"exceptions per expert max {c['exceptions_per_expert']['max']}, mean "
+                  f"{c['exceptions_per_expert']['mean']:.1f} (capacity {c['exception_capacity']}); unpacked bitwise "
+                  f"equal to the bf16 experts: {'yes' if c['bitwise_equal_unpacked'] else 'NO'}."]
     timed = [r for r in doc["shapes"] if "us_per_expert" in r]
     if timed:
         names = list(timed[0]["us_per_expert"])
@@ -185,6 +208,9 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/probe-expert-pack.json")
     ap.add_argument("--rows", type=int, default=32, help="experts packed per shape")
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--checkpoint", action="append", default=[],
+                    help="also pack this checkpoint's experts and report their size and exceptions (repeatable)")
+    ap.add_argument("--checkpoints-only", action="store_true", help="only the --checkpoint reports (no shapes)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
@@ -192,14 +218,17 @@ def main() -> None:
     doc = {"device": torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)",
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "command": " ".join(["python3"] + sys.argv), "torch": torch.__version__,
-           "shapes": [probe(s, *SHAPES[s], dev, args.rows if cuda else 3, args.reps) for s in shapes]}
+           "shapes": [] if args.checkpoints_only else
+           [probe(s, *SHAPES[s], dev, args.rows if cuda else 3, args.reps) for s in shapes],
+           "checkpoints": [checkpoint_packing(c) for c in args.checkpoint]}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     md = markdown(doc)
     out.with_suffix(".md").write_text(md)
     print(md)
-    if not all(all(r["bitwise_equal"].values()) for r in doc["shapes"]):
+    if not all(all(r["bitwise_equal"].values()) for r in doc["shapes"]) or not all(
+            c["bitwise_equal_unpacked"] for c in doc["checkpoints"]):
         sys.exit(1)
 
 

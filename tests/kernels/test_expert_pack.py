@@ -193,3 +193,21 @@ def test_probe_script_smoke_on_the_cpu():
     assert rec["ratio"] < 0.85 and all(rec["bitwise_equal"].values()) and len(rec["bitwise_equal"]) == 3
     md = probe.markdown({"device": "cpu", "date": "d", "command": "c", "torch": "t", "shapes": [rec]})
     assert "| tiny | 0.01 | 0.01 |" in md and "| yes |" in md
+
+
+def test_probe_script_checkpoint_packing(tmp_path):
+    """--checkpoint: a checkpoint's experts packed, their size, exceptions and a bitwise check of every block."""
+    import importlib.util
+    from pathlib import Path
+
+    from tests.infer.util import tiny_checkpoint
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "probe_expert_pack.py"
+    spec = importlib.util.spec_from_file_location("probe_expert_pack_for_test2", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    ck = tiny_checkpoint(tmp_path / "ck", pregated=True)
+    c = probe.checkpoint_packing(str(ck))
+    assert c["bitwise_equal_unpacked"] and c["ratio"] < 0.85 and c["experts"] > 0
+    md = probe.markdown({"device": "cpu", "date": "d", "command": "c", "torch": "t", "shapes": [], "checkpoints": [c]})
+    assert "unpacked bitwise equal to the bf16 experts: yes." in md
