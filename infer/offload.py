@@ -332,6 +332,12 @@ def request_eager_module_loading() -> bool:
     return eager_module_loading()
 
 
+def unpack_pairs() -> bool:
+    """PGMOE_UNPACK_PAIRS=1: compressed experts unpack with expert_pack's pairs kernel (two weights per access; not
+    measured on a GPU yet, so off by default; bench variant #pairs)."""
+    return os.environ.get("PGMOE_UNPACK_PAIRS") == "1"
+
+
 class SlotPool:
     """GPU slots for expert weights: pool [P, X]; w_in [P, F, D] and w_out [P, D, F] are views of it
     (the expert FFN reads them through strides), so one expert is one contiguous row to copy.
@@ -540,7 +546,8 @@ class SlotPool:
         elif self.copy_mode in ("device", "dma"):
             src, dst = self._rows(m)
             if self.store.compress:
-                expert_pack.unpack_rows(src, src_n, dst, self.store.layout, dst_n, cs.programs, cs.block, cs.warps)
+                expert_pack.unpack_rows(src, src_n, dst, self.store.layout, dst_n, cs.programs, cs.block, cs.warps,
+                                        pairs=unpack_pairs())
             else:
                 expert_copy.gather_rows(src, src_n, dst, dst_n, cs.programs, cs.block, cs.warps)
         else:
@@ -570,7 +577,7 @@ class SlotPool:
         pending, self._unpack_pending[m] = self._unpack_pending[m], []
         for rows in pending:  # in the plans' order (a later plan's slot overwrites an earlier one's)
             expert_pack.unpack_rows(self.landing, rows, self.pool, self.store.layout, rows, self.UNPACK_PROGRAMS,
-                                    self.UNPACK_BLOCK, self.UNPACK_WARPS)
+                                    self.UNPACK_BLOCK, self.UNPACK_WARPS, pairs=unpack_pairs())
 
     def wait(self, m: int, done=None) -> None:
         """The compute stream waits for block m's copies (only those), or for the event done."""

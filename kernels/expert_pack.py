@@ -211,6 +211,62 @@ if HAVE_TRITON:
                 tl.store(dst + idx, val, mask=mine)
 
 
+if HAVE_TRITON:
+
+    @triton.jit
+    def _unpack_pairs_kernel(
+        src_ptr, ids_ptr, dst_ptr, dst_row_ptr,
+        X, nbytes, off_nib, off_base, off_cnt, off_idx, off_val,
+        HAS_DST_ROW: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+        EXC_CHUNK: tl.constexpr,
+    ):
+        # The same expansion two elements at a time (X even): pair q is elements 2q and 2q + 1, whose lo bytes are one
+        # 16-bit load, whose codes are one nibble byte, and whose bf16 bits are one 32-bit store. Every access is
+        # contiguous in q, with no byte loaded twice. BLOCK counts elements (BLOCK // 2 pairs per iteration); dst is
+        # the destination viewed as int32 (X // 2 words a row).
+        i = tl.program_id(0)
+        p = tl.program_id(1)
+        row = tl.load(ids_ptr + i).to(tl.int64)
+        if HAS_DST_ROW:
+            out_row = tl.load(dst_row_ptr + i).to(tl.int64)
+        else:
+            out_row = i.to(tl.int64)
+        if (row >= 0) & (out_row >= 0):
+            src = src_ptr + row * nbytes
+            lo_ptr = src.to(tl.pointer_type(tl.int16))
+            XP = X // 2
+            dst = dst_ptr + out_row * XP
+            for start in range(p * (BLOCK // 2), XP, NUM_PROGRAMS * (BLOCK // 2)):
+                q = start + tl.arange(0, BLOCK // 2)
+                mask = q < XP
+                lo2 = tl.load(lo_ptr + q, mask=mask, other=0).to(tl.int32)  # lo[2q] | lo[2q + 1] << 8
+                nib = tl.load(src + off_nib + q, mask=mask, other=0).to(tl.int32)
+                base = tl.load(src + off_base + (2 * q) // G, mask=mask, other=0).to(tl.int32)
+                lo_a = lo2 & 0xFF
+                lo_b = (lo2 >> 8) & 0xFF
+                code_a = nib & 15
+                code_b = (nib >> 4) & 15
+                exp_a = tl.where(code_a == 0, 0, base + code_a - 1)
+                exp_b = tl.where(code_b == 0, 0, base + code_b - 1)
+                bits_a = ((lo_a & 0x80) << 8) | (exp_a << 7) | (lo_a & 0x7F)
+                bits_b = ((lo_b & 0x80) << 8) | (exp_b << 7) | (lo_b & 0x7F)
+                word = bits_a.to(tl.int64) | (bits_b.to(tl.int64) << 16)  # element 2q in the low half
+                word = tl.where(word >= 2147483648, word - 4294967296, word)  # the int32 of the same 32 bits
+                tl.store(dst + q, word.to(tl.int32), mask=mask)
+            tl.debug_barrier()
+            cnt = tl.load((src + off_cnt).to(tl.pointer_type(tl.int32)))
+            idx_ptr = (src + off_idx).to(tl.pointer_type(tl.int32))
+            val_ptr = (src + off_val).to(tl.pointer_type(tl.int16))
+            dst16 = dst.to(tl.pointer_type(tl.int16))
+            for c in range(0, cnt, EXC_CHUNK):
+                k = c + tl.arange(0, EXC_CHUNK)
+                kmask = k < cnt
+                idx = tl.load(idx_ptr + k, mask=kmask, other=0)
+                val = tl.load(val_ptr + k, mask=kmask, other=0)
+                mine = kmask & (idx < X) & ((idx // BLOCK) % NUM_PROGRAMS == p)
+                tl.store(dst16 + idx, val, mask=mine)
+
+
 def unpack_rows_gather_reference(src_EB: torch.Tensor, ids_n: torch.Tensor, dst_SX: torch.Tensor,
                                  lay: PackedLayout, dst_row_n: torch.Tensor | None = None) -> torch.Tensor:
     """dst[dst_row[i]] = unpack(src[ids[i]]) for every i with ids[i] >= 0 and dst_row[i] >= 0 (dst_row None: i)."""
@@ -224,12 +280,14 @@ def unpack_rows_gather_reference(src_EB: torch.Tensor, ids_n: torch.Tensor, dst_
 
 def unpack_rows(src_EB: torch.Tensor, ids_n: torch.Tensor, dst_SX: torch.Tensor, lay: PackedLayout,
                 dst_row_n: torch.Tensor | None = None, num_programs: int = 16, block: int = 4096,
-                num_warps: int = 4) -> torch.Tensor:
+                num_warps: int = 4, pairs: bool = False) -> torch.Tensor:
     """Expand packed rows of `src` (pinned host memory, or device memory) chosen by `ids` (on the GPU) into rows
     of `dst` (on the GPU), without a host synchronisation:
     dst[dst_row[i]] = unpack(src[ids[i]]) for every i with ids[i] >= 0 and dst_row[i] >= 0 (dst_row None: i).
 
     src [E, lay.nbytes] uint8 and dst [S, lay.X] bf16 must be contiguous; ids and dst_row are int32/int64 [n].
+    pairs: the kernel that expands two elements per access (_unpack_pairs_kernel; X even, block >= 2); not measured
+    on a GPU yet, so not the default (scripts/probe_expert_pack.py times both).
     """
     _check_packed("unpack_rows", src_EB, lay, "src")
     if dst_SX.dtype != torch.bfloat16 or dst_SX.dim() != 2 or dst_SX.shape[1] != lay.X:
@@ -253,6 +311,14 @@ def unpack_rows(src_EB: torch.Tensor, ids_n: torch.Tensor, dst_SX: torch.Tensor,
         raise ValueError("unpack_rows: a host source must be pinned (page-locked) to be read by the GPU")
     if dst_SX.is_cuda and not (ids_n.is_cuda and (dst_row_n is None or dst_row_n.is_cuda)):
         raise ValueError("unpack_rows: ids and dst_row must be on the GPU, beside dst")
+    if pairs and lay.X % 2 == 0 and block >= 2:
+        _unpack_pairs_kernel[(n, num_programs)](
+            src_EB, ids_n, dst_SX.view(torch.int32), dst_row_n if dst_row_n is not None else ids_n,
+            lay.X, lay.nbytes, lay.off_nib, lay.off_base, lay.off_cnt, lay.off_idx, lay.off_val,
+            HAS_DST_ROW=dst_row_n is not None, G=G, BLOCK=block, NUM_PROGRAMS=num_programs, EXC_CHUNK=128,
+            num_warps=num_warps,
+        )
+        return dst_SX
     _unpack_rows_kernel[(n, num_programs)](
         src_EB, ids_n, dst_SX.view(torch.int16), dst_row_n if dst_row_n is not None else ids_n,
         lay.X, lay.nbytes, lay.off_nib, lay.off_base, lay.off_cnt, lay.off_idx, lay.off_val,

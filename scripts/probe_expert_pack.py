@@ -107,9 +107,11 @@ def probe(name: str, d: int, f: int, dev, n_rows: int, reps: int) -> dict:
     ids = torch.arange(n_rows, dtype=torch.int32, device=dev)
     checks = {}
     for label, src in (("from GPU memory", packed), ("from pinned host memory", host)):
-        out = torch.full_like(w, float("nan"))
-        expert_pack.unpack_rows(src, ids, out, lay)
-        checks[label] = bool(torch.equal(out.view(torch.int16), w.view(torch.int16)))
+        for pairs in (False, True):
+            out = torch.full_like(w, float("nan"))
+            expert_pack.unpack_rows(src, ids, out, lay, pairs=pairs)
+            checks[label + (", pairs kernel" if pairs else "")] = bool(
+                torch.equal(out.view(torch.int16), w.view(torch.int16)))
     ref = expert_pack.unpack_rows_reference(host[:2], lay)
     checks["reference"] = bool(torch.equal(ref.view(torch.int16), w[:2].cpu().view(torch.int16)))
     cs = CopySettings()
@@ -136,9 +138,15 @@ def probe(name: str, d: int, f: int, dev, n_rows: int, reps: int) -> dict:
         "unpack landed row (GPU memory -> slot), dma's step": per_call_us(
             [lambda i=i: expert_pack.unpack_rows(packed, one[i], slots, lay, slot[i], P.UNPACK_PROGRAMS,
                                                  P.UNPACK_BLOCK, P.UNPACK_WARPS) for i in range(n)], reps),
+        "unpack landed row, pairs kernel": per_call_us(
+            [lambda i=i: expert_pack.unpack_rows(packed, one[i], slots, lay, slot[i], P.UNPACK_PROGRAMS,
+                                                 P.UNPACK_BLOCK, P.UNPACK_WARPS, pairs=True) for i in range(n)], reps),
         "unpack from the pinned store (copy kernel, copy settings)": per_call_us(
             [lambda i=i: expert_pack.unpack_rows(host, one[i], slots, lay, slot[i], cs.programs, cs.block, cs.warps)
              for i in range(n)], reps),
+        "unpack from the pinned store, pairs kernel": per_call_us(
+            [lambda i=i: expert_pack.unpack_rows(host, one[i], slots, lay, slot[i], cs.programs, cs.block, cs.warps,
+                                                 pairs=True) for i in range(n)], reps),
         "copy kernel, bf16 row from the pinned store": per_call_us(
             [lambda i=i: expert_copy.gather_rows(host_bf16, one[i], slots, slot[i], cs.programs, cs.block, cs.warps)
              for i in range(n)], reps),
