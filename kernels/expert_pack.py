@@ -165,6 +165,39 @@ def unpack_rows_reference(packed: torch.Tensor, lay: PackedLayout) -> torch.Tens
 if HAVE_TRITON:
 
     @triton.jit
+    def _rows_of(ids_ptr, dst_row_ptr, i, HAS_DST_ROW: tl.constexpr):
+        # (packed row ids[i], destination row dst_row[i] or i), int64; a negative one means "nothing to expand"
+        row = tl.load(ids_ptr + i).to(tl.int64)
+        if HAS_DST_ROW:
+            out_row = tl.load(dst_row_ptr + i).to(tl.int64)
+        else:
+            out_row = i.to(tl.int64)
+        return row, out_row
+
+    @triton.jit
+    def _bf16_bits(lo, code, base):
+        # the 16 bits (0..65535, int32) of a weight from its sign-and-mantissa byte, its 4-bit code and its group's base
+        exp = tl.where(code == 0, 0, base + code - 1)
+        return ((lo & 0x80) << 8) | (exp << 7) | (lo & 0x7F)
+
+    @triton.jit
+    def _apply_exceptions(src, dst16, X, off_cnt, off_idx, off_val, p, BLOCK: tl.constexpr,
+                          NUM_PROGRAMS: tl.constexpr, EXC_CHUNK: tl.constexpr):
+        # the row's exceptions that fall in program p's blocks of BLOCK elements (blocks p, p + P, ...), after its own
+        # stores: no cross-program ordering needed. dst16: the destination row as int16.
+        tl.debug_barrier()
+        cnt = tl.load((src + off_cnt).to(tl.pointer_type(tl.int32)))
+        idx_ptr = (src + off_idx).to(tl.pointer_type(tl.int32))
+        val_ptr = (src + off_val).to(tl.pointer_type(tl.int16))
+        for c in range(0, cnt, EXC_CHUNK):
+            k = c + tl.arange(0, EXC_CHUNK)
+            kmask = k < cnt
+            idx = tl.load(idx_ptr + k, mask=kmask, other=0)
+            val = tl.load(val_ptr + k, mask=kmask, other=0)
+            mine = kmask & (idx < X) & ((idx // BLOCK) % NUM_PROGRAMS == p)
+            tl.store(dst16 + idx, val, mask=mine)
+
+    @triton.jit
     def _unpack_rows_kernel(
         src_ptr, ids_ptr, dst_ptr, dst_row_ptr,
         X, nbytes, off_nib, off_base, off_cnt, off_idx, off_val,
@@ -178,12 +211,8 @@ if HAVE_TRITON:
         # from the pinned store; bench/results/probe-expert-pack-h200-groups.md.)
         i = tl.program_id(0)
         p = tl.program_id(1)
-        row = tl.load(ids_ptr + i).to(tl.int64)
-        if HAS_DST_ROW:
-            out_row = tl.load(dst_row_ptr + i).to(tl.int64)
-        else:
-            out_row = i.to(tl.int64)
-        if (row >= 0) & (out_row >= 0):  # a negative id or slot means "nothing to expand"
+        row, out_row = _rows_of(ids_ptr, dst_row_ptr, i, HAS_DST_ROW)
+        if (row >= 0) & (out_row >= 0):
             src = src_ptr + row * nbytes
             dst = dst_ptr + out_row * X
             for start in range(p * BLOCK, X, NUM_PROGRAMS * BLOCK):
@@ -193,25 +222,10 @@ if HAVE_TRITON:
                 nib = tl.load(src + off_nib + offs // 2, mask=mask, other=0).to(tl.int32)
                 code = (nib >> ((offs & 1) * 4)) & 15
                 base = tl.load(src + off_base + offs // G, mask=mask, other=0).to(tl.int32)
-                exp = tl.where(code == 0, 0, base + code - 1)
-                bits = ((lo & 0x80) << 8) | (exp << 7) | (lo & 0x7F)
+                bits = _bf16_bits(lo, code, base)
                 bits = tl.where(bits >= 32768, bits - 65536, bits)  # the int16 of the same 16 bits
                 tl.store(dst + offs, bits.to(tl.int16), mask=mask)
-            # exceptions: this program's own blocks only, after its own stores (no cross-program ordering)
-            tl.debug_barrier()
-            cnt = tl.load((src + off_cnt).to(tl.pointer_type(tl.int32)))
-            idx_ptr = (src + off_idx).to(tl.pointer_type(tl.int32))
-            val_ptr = (src + off_val).to(tl.pointer_type(tl.int16))
-            for c in range(0, cnt, EXC_CHUNK):
-                k = c + tl.arange(0, EXC_CHUNK)
-                kmask = k < cnt
-                idx = tl.load(idx_ptr + k, mask=kmask, other=0)
-                val = tl.load(val_ptr + k, mask=kmask, other=0)
-                mine = kmask & (idx < X) & ((idx // BLOCK) % NUM_PROGRAMS == p)
-                tl.store(dst + idx, val, mask=mine)
-
-
-if HAVE_TRITON:
+            _apply_exceptions(src, dst, X, off_cnt, off_idx, off_val, p, BLOCK, NUM_PROGRAMS, EXC_CHUNK)
 
     @triton.jit
     def _unpack_pairs_kernel(
@@ -226,11 +240,7 @@ if HAVE_TRITON:
         # the destination viewed as int32 (X // 2 words a row).
         i = tl.program_id(0)
         p = tl.program_id(1)
-        row = tl.load(ids_ptr + i).to(tl.int64)
-        if HAS_DST_ROW:
-            out_row = tl.load(dst_row_ptr + i).to(tl.int64)
-        else:
-            out_row = i.to(tl.int64)
+        row, out_row = _rows_of(ids_ptr, dst_row_ptr, i, HAS_DST_ROW)
         if (row >= 0) & (out_row >= 0):
             src = src_ptr + row * nbytes
             lo_ptr = src.to(tl.pointer_type(tl.int16))
@@ -242,29 +252,13 @@ if HAVE_TRITON:
                 lo2 = tl.load(lo_ptr + q, mask=mask, other=0).to(tl.int32)  # lo[2q] | lo[2q + 1] << 8
                 nib = tl.load(src + off_nib + q, mask=mask, other=0).to(tl.int32)
                 base = tl.load(src + off_base + (2 * q) // G, mask=mask, other=0).to(tl.int32)
-                lo_a = lo2 & 0xFF
-                lo_b = (lo2 >> 8) & 0xFF
-                code_a = nib & 15
-                code_b = (nib >> 4) & 15
-                exp_a = tl.where(code_a == 0, 0, base + code_a - 1)
-                exp_b = tl.where(code_b == 0, 0, base + code_b - 1)
-                bits_a = ((lo_a & 0x80) << 8) | (exp_a << 7) | (lo_a & 0x7F)
-                bits_b = ((lo_b & 0x80) << 8) | (exp_b << 7) | (lo_b & 0x7F)
+                bits_a = _bf16_bits(lo2 & 0xFF, nib & 15, base)
+                bits_b = _bf16_bits((lo2 >> 8) & 0xFF, (nib >> 4) & 15, base)
                 word = bits_a.to(tl.int64) | (bits_b.to(tl.int64) << 16)  # element 2q in the low half
                 word = tl.where(word >= 2147483648, word - 4294967296, word)  # the int32 of the same 32 bits
                 tl.store(dst + q, word.to(tl.int32), mask=mask)
-            tl.debug_barrier()
-            cnt = tl.load((src + off_cnt).to(tl.pointer_type(tl.int32)))
-            idx_ptr = (src + off_idx).to(tl.pointer_type(tl.int32))
-            val_ptr = (src + off_val).to(tl.pointer_type(tl.int16))
-            dst16 = dst.to(tl.pointer_type(tl.int16))
-            for c in range(0, cnt, EXC_CHUNK):
-                k = c + tl.arange(0, EXC_CHUNK)
-                kmask = k < cnt
-                idx = tl.load(idx_ptr + k, mask=kmask, other=0)
-                val = tl.load(val_ptr + k, mask=kmask, other=0)
-                mine = kmask & (idx < X) & ((idx // BLOCK) % NUM_PROGRAMS == p)
-                tl.store(dst16 + idx, val, mask=mine)
+            _apply_exceptions(src, dst.to(tl.pointer_type(tl.int16)), X, off_cnt, off_idx, off_val, p, BLOCK,
+                              NUM_PROGRAMS, EXC_CHUNK)
 
 
 def unpack_rows_gather_reference(src_EB: torch.Tensor, ids_n: torch.Tensor, dst_SX: torch.Tensor,
