@@ -71,8 +71,10 @@ def cache_size_setting(value) -> int | str:
 def auto_cache_size(cfg, store, device: torch.device) -> tuple[int, str]:
     """cache.size=auto: the slots per MoE block that fit the GPU memory the caches may take
     (cache.budget_gb, else the free memory now, after loading, minus cache.reserve_gb), capped at the
-    number of experts; with the reason, for the report."""
-    per_slot = store.M * store.expert_bytes  # one slot in every MoE block
+    number of experts; with the reason, for the report. A slot holds a GPU row (compressed stores: the unpacked bf16
+    row, plus the packed row a dma copy lands in when the caches' landing rows get their own memory)."""
+    slot_bytes = store.slot_bytes + (store.expert_bytes if store.compress else 0)
+    per_slot = store.M * slot_bytes  # one slot in every MoE block
     if cfg.cache.budget_gb is not None:
         budget, how = float(cfg.cache.budget_gb) * GB, f"cache.budget_gb={cfg.cache.budget_gb}"
     elif device.type == "cuda":
@@ -82,7 +84,7 @@ def auto_cache_size(cfg, store, device: torch.device) -> tuple[int, str]:
     else:
         return 0, "no GPU and no cache.budget_gb: auto gives no cache"
     size = max(0, min(store.E, int(budget // per_slot)))
-    return size, f"{how} -> {size} slots x {store.M} blocks x {store.expert_bytes / 1e6:.1f} MB"
+    return size, f"{how} -> {size} slots x {store.M} blocks x {slot_bytes / 1e6:.1f} MB"
 
 
 def default_checkpoint(cfg) -> Path:

@@ -177,6 +177,12 @@ def test_cache_size_auto(tmp_path):
     store = ExpertStore(mcfg, n_moe, torch.float32, None, pin=False)
     assert auto_cache_size(big, store, torch.device("cpu"))[0] == mcfg.num_experts
     assert auto_cache_size(_compose(["cache.size=auto"]), store, torch.device("cpu"))[0] == 0  # CPU, no budget
+    # a compressed store's slot: its unpacked bf16 row plus a packed landing row (not the packed chunk alone)
+    packed = ExpertStore(mcfg, n_moe, torch.bfloat16, None, pin=False, compress="exp4")
+    slot = packed.slot_bytes + packed.expert_bytes
+    three = _compose(["cache.size=auto", f"cache.budget_gb={3.5 * n_moe * slot / 1e9}"])
+    size, why = auto_cache_size(three, packed, torch.device("cpu"))
+    assert size == 3 and f"x {slot / 1e6:.1f} MB" in why
     assert cache_size_setting("auto") == "auto" and cache_size_setting(4) == 4
     for bad in ("big", -1, 2.5):
         with pytest.raises(ValueError, match="cache.size"):
