@@ -226,14 +226,19 @@ def hf_model(cfg, store: ExpertStore, device, dtype, experts_on: str):
             block_of[f"{stack}.block.{i}.layer.{layer}.mlp.experts"] = m
             m += 1
     g = torch.Generator(device=device).manual_seed(2)
-    unpacked: dict[int, torch.Tensor] = {}  # a compressed store's blocks, unpacked once (on the device)
+    # A compressed store's blocks, unpacked once (on the device). For accelerate's CPU experts they go to pinned host
+    # memory, as the uncompressed store's views are, so that its copies to the GPU run as fast as they would there.
+    unpacked: dict[int, torch.Tensor] = {}
 
     def expert(m: int, e: int, which: int) -> torch.Tensor:
         if not store.compress:
             return store.w_in(m, e) if which == 0 else store.w_out(m, e)
         if m not in unpacked:
             rows = store.unpacked_block(m, device)
-            unpacked[m] = rows if experts_on == "gpu" else rows.cpu()
+            if experts_on == "cpu":
+                host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=device.type == "cuda")
+                rows = host.copy_(rows)
+            unpacked[m] = rows
         return store.weights(unpacked[m])[which][e]
 
     for name, p in list(hf.named_parameters()):

@@ -696,3 +696,23 @@ def test_bench_tiny_compressed(tmp_path):
             <= (cfg["decoder_moe_blocks"] + 1) * tiny["expert_bytes"])
     text = summ.summarize(res, "x.json")
     assert "packed losslessly (offload.compress=exp4: tiny " in text
+
+
+@pytest.mark.parametrize("experts_on", ["gpu", "cpu"])
+def test_anchor_model_of_a_compressed_store_has_the_same_experts(experts_on):
+    """The transformers anchor built from a compressed store (--compress) holds the same expert weights, bitwise, as
+    the one built from the uncompressed store of the same random weights (the CPU stands in for the GPU here)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from models.config import preset
+
+    cfg = preset("tiny")
+    dev = torch.device("cpu")
+    model = bench.build_own(cfg, dev, torch.bfloat16)
+    plain = bench.build_store(cfg, model, dev, torch.bfloat16, None)
+    packed = bench.build_store(cfg, model, dev, torch.bfloat16, None, compress="exp4")
+    assert packed.compress == "exp4" and packed.expert_bytes < plain.expert_bytes
+    a = dict(bench.hf_model(cfg, plain, dev, torch.bfloat16, experts_on).named_parameters())
+    b = dict(bench.hf_model(cfg, packed, dev, torch.bfloat16, experts_on).named_parameters())
+    experts = [n for n in a if ".expert_" in n]
+    assert experts and all(torch.equal(a[n].view(torch.int16), b[n].view(torch.int16)) for n in experts)
