@@ -361,6 +361,10 @@ class SlotPool:
     (eager_module_loading), which costs device memory outside torch's allocator (~1.1 GB on the H200); the native
     loop does not (it needs no GIL, which a lazily loading launch held: tested in fresh processes with
     CUDA_MODULE_LOADING=LAZY on the H200).
+
+    A compressed store (offload.compress=exp4): the slots hold unpacked bf16 rows. The copy kernel unpacks while it
+    reads the pinned chunks (kernels.expert_pack.unpack_rows); dma plans land the packed chunks in `landing` and
+    wait() unpacks them on the compute stream; host copies are refused.
     """
 
     def __init__(
