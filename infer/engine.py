@@ -39,16 +39,12 @@ def load_offloaded(
     ExpertStore). The budget is checked from config.json before anything is allocated."""
     from models.checkpoint import load_config, load_switch
 
-    if quantize not in (None, "int8"):  # before anything is read
-        raise OffloadError(f"offload.quantize={quantize!r}; expected none or int8")
-    if compress not in (None, "exp4"):
-        raise OffloadError(f"offload.compress={compress!r}; expected none or exp4")
     device = torch.device(device)
-    cfg = load_config(path)
-    n_moe = len(cfg.sparse_layers(False)) + len(cfg.sparse_layers(True))
     if dtype is None:
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    ExpertStore.check_settings(dtype, quantize, compress)  # (bf16 only for exp4, not both) before anything is read
+    ExpertStore.check_settings(dtype, quantize, compress)  # before anything is read
+    cfg = load_config(path)
+    n_moe = len(cfg.sparse_layers(False)) + len(cfg.sparse_layers(True))
     per_expert = (expert_pack.layout(2 * cfg.d_ff * cfg.d_model).nbytes if compress else
                   cfg.expert_bytes(1 if quantize else torch.empty((), dtype=dtype).element_size()))
     if budget_bytes is not None and n_moe * cfg.num_experts * per_expert > budget_bytes:

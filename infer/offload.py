@@ -218,12 +218,9 @@ class ExpertStore:
             mod, leaf = own.rsplit(".", 1)
             by_block.setdefault(where[mod], []).append((key, leaf, e))
         for m, keys in sorted(by_block.items()):
-            rows = torch.empty((store.E, store.slot_X), dtype=store.slot_dtype) if compress else None
+            rows = torch.empty((store.E, store.slot_X), dtype=store.slot_dtype) if compress else store.data[m]
             for key, leaf, e in keys:
-                if compress:
-                    store.put(store.weights(rows[e])[0 if leaf == "w_in" else 1], reader.get(key))
-                else:
-                    store.put(store.w_in(m, e) if leaf == "w_in" else store.w_out(m, e), reader.get(key))
+                store.put(store.weights(rows[e])[0 if leaf == "w_in" else 1], reader.get(key))
             if compress:
                 store.pack_block(m, rows)
         return store
@@ -446,6 +443,7 @@ class SlotPool:
         # compressed dma plans: the copy engines land the packed chunks in `landing` (a row per slot a dma plan
         # may fill: the caches' and the staging buffers'), and the wait for a block's copies unpacks them into the
         # pool's rows (the device copy kernel unpacks as it reads the store, with no landing)
+        self.landing_in_pool = False  # (set by _landing)
         self.landing = self._landing() if store.compress and copy_mode == "dma" else None
         self._unpack_pending: list[list[torch.Tensor]] = [[] for _ in range(self.M)]
         self.dma = DmaCopier(self) if copy_mode == "dma" else None
@@ -465,7 +463,8 @@ class SlotPool:
         the encoder pass never stages: a decode plan's copy runs after the pass's compute), else its own memory."""
         L, nb = self.M * self.C + self.R * self.n, self.store.layout.nbytes
         spare = self.pool[L:]  # rows past the caches and the staging buffers
-        if spare.numel() * spare.element_size() >= L * nb:
+        self.landing_in_pool = spare.numel() * spare.element_size() >= L * nb
+        if self.landing_in_pool:
             return spare.reshape(-1).view(torch.uint8)[: L * nb].view(L, nb)
         return torch.empty((L, nb), dtype=torch.uint8, device=self.device)
 

@@ -365,9 +365,7 @@ class OffloadRunner:
             "pool_prefill_bytes": self.pool.n_prefill * self.store.slot_bytes,
             # compressed (offload.compress=exp4): where the dma copies land packed (in the prefill rows when they fit)
             "landing_bytes": (self.pool.landing.numel() if self.pool.landing is not None else 0),
-            "landing_in_pool": (self.pool.landing is not None
-                                and self.pool.landing.data_ptr() >= self.pool.pool.data_ptr()
-                                and self.pool.landing.data_ptr() < self.pool.pool.data_ptr() + self.pool.nbytes()),
+            "landing_in_pool": self.pool.landing_in_pool,
             # staging and prefill share slots: pool = cache + max(staging, prefill)
             "pool_slots": {
                 "cache": self.pool.M * self.pool.C,

@@ -867,8 +867,6 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
             and not over_budget()
         ):
             entry["copy"] = copy_accounting(eng, spec, ids, nb, entry["metrics"], link)
-            if entry.get("pinned_peak_after_GBps"):
-                entry["copy"]["pinned_peak_after_GBps"] = entry["pinned_peak_after_GBps"]
         entry["wall_s"] = time.perf_counter() - t_run
         out["runs"].append(entry)
         print(f"[bench] {shape} {label}: " + summary(entry), flush=True)
@@ -1034,10 +1032,10 @@ def _summary(entry: dict) -> str:
         f", first-block guess {g['hits']}/{g['lookups']} ({g['mode']})"
         if (g := m.get("first_block_guess")) and g.get("lookups")
         else ""
-    ) + _stall(m) + _copy(entry.get("copy"))
+    ) + _stall(m) + _copy(entry.get("copy"), entry.get("pinned_peak_after_GBps"))
 
 
-def _copy(c: dict | None) -> str:
+def _copy(c: dict | None, after: float | None = None) -> str:
     if not c:
         return ""
     if "error" in c:
@@ -1045,7 +1043,7 @@ def _copy(c: dict | None) -> str:
     eff = c.get("copy_efficiency")
     return f", decode copies {c['decode_bytes_per_step'] / 1e6:.1f} MB/step" + (
         f" at >= {c['achieved_GBps_lower_bound']:.1f} GB/s ({100 * eff:.0f}% of pinned peak)" if eff else ""
-    ) + (f"; pinned peak right after the run {after:.1f} GB/s" if (after := c.get("pinned_peak_after_GBps")) else "")
+    ) + (f"; pinned peak right after the run {after:.1f} GB/s" if after else "")
 
 
 def _stall(m: dict) -> str:

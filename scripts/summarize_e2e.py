@@ -179,7 +179,7 @@ def copy_table(shapes: dict) -> list[str]:
                 eff = c.get("copy_efficiency")
                 wc = c.get("while_copying") or {}
                 weff = wc.get("efficiency")
-                after = c.get("pinned_peak_after_GBps")
+                after = runs[pol].get("pinned_peak_after_GBps")
                 lower = c.get("achieved_GBps_lower_bound")
                 eff_after = lower / after if after and lower else None
                 rows.append(

@@ -188,7 +188,7 @@ def test_summary_has_sweep_copy_efficiency_and_floors():
     assert (f"| switch-base-128 | greedy | pregated | 60.0 | {50 * eff:.1f} | {100 * eff:.0f} | - | - | 45.0 | 90 | "
             "0.800 | yes |") in text
     doc = _doc()  # with the pinned peak measured again after the run: the lower bound as % of that too
-    doc["shapes"]["switch-base-128"]["runs"][-2]["copy"]["pinned_peak_after_GBps"] = 40.0
+    doc["shapes"]["switch-base-128"]["runs"][-2]["pinned_peak_after_GBps"] = 40.0
     assert (f"| {100 * eff:.0f} | 40.0 | {100 * 50 * eff / 40:.0f} | 45.0 | 90 | 0.800 | yes |"
             in summ.summarize(doc, "x.json"))
     floor = 6 * 10**7 / 50e9 * 1e3
