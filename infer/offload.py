@@ -329,12 +329,6 @@ def request_eager_module_loading() -> bool:
     return eager_module_loading()
 
 
-def unpack_pairs() -> bool:
-    """PGMOE_UNPACK_PAIRS=1: compressed experts unpack with expert_pack's pairs kernel (two weights per access; not
-    measured on a GPU yet, so off by default; bench variant #pairs)."""
-    return os.environ.get("PGMOE_UNPACK_PAIRS") == "1"
-
-
 class SlotPool:
     """GPU slots for expert weights: pool [P, X]; w_in [P, F, D] and w_out [P, D, F] are views of it
     (the expert FFN reads them through strides), so one expert is one contiguous row to copy.
@@ -360,8 +354,9 @@ class SlotPool:
     CUDA_MODULE_LOADING=LAZY on the H200).
 
     A compressed store (offload.compress=exp4): the slots hold unpacked bf16 rows. The copy kernel unpacks while it
-    reads the pinned chunks (kernels.expert_pack.unpack_rows); dma plans land the packed chunks in `landing` and
-    wait() unpacks them on the compute stream; host copies are refused.
+    reads the pinned chunks (kernels.expert_pack.unpack_rows, with its own settings, PINNED_PROGRAMS and
+    PINNED_WARPS: offload.copy_programs / _block / _warps tune the plain copy kernel); dma plans land the packed
+    chunks in `landing` and wait() unpacks them on the compute stream; host copies are refused.
     """
 
     def __init__(
@@ -549,8 +544,8 @@ class SlotPool:
         elif self.copy_mode in ("device", "dma"):
             src, dst = self._rows(m)
             if self.store.compress:
-                expert_pack.unpack_rows(src, src_n, dst, self.store.layout, dst_n, cs.programs, cs.block, cs.warps,
-                                        pairs=unpack_pairs())
+                expert_pack.unpack_rows(src, src_n, dst, self.store.layout, dst_n, num_programs=self.PINNED_PROGRAMS,
+                                        num_warps=self.PINNED_WARPS, ahead=True)
             else:
                 expert_copy.gather_rows(src, src_n, dst, dst_n, cs.programs, cs.block, cs.warps)
         else:
@@ -572,15 +567,20 @@ class SlotPool:
             else:
                 self.pool[p].copy_(self.store.data[m, e], non_blocking=True)
 
-    # the landed rows' unpack (GPU memory to GPU memory, on the compute stream, which waits for it): a wide grid
-    UNPACK_PROGRAMS, UNPACK_BLOCK, UNPACK_WARPS = 128, 4096, 4
+    # The landed rows' unpack (GPU memory to GPU memory, on the compute stream, which waits for it): a wide grid,
+    # 1024 programs a row: 7.3-7.6 us per switch-base expert on the H200, 14.6 with 128. The copy kernel's unpack
+    # from the pinned store: 16 programs of 8 warps a row, the next chunk's loads issued ahead: 158.5 us per
+    # switch-base expert, 166.2 with the plain copy kernel's 32 x 4, 181.4 with 64 x 4 (fewer programs read the
+    # pinned store faster, down to 16; bench/results/probe-expert-pack-h200-chunked.md).
+    UNPACK_PROGRAMS, UNPACK_WARPS = 1024, 4
+    PINNED_PROGRAMS, PINNED_WARPS = 16, 8
 
     def _unpack_landed(self, m: int) -> None:
         """On the current (compute) stream, after block m's dma wait: unpack the rows its plans landed."""
         pending, self._unpack_pending[m] = self._unpack_pending[m], []
         for rows in pending:  # in the plans' order (a later plan's slot overwrites an earlier one's)
-            expert_pack.unpack_rows(self.landing, rows, self.pool, self.store.layout, rows, self.UNPACK_PROGRAMS,
-                                    self.UNPACK_BLOCK, self.UNPACK_WARPS, pairs=unpack_pairs())
+            expert_pack.unpack_rows(self.landing, rows, self.pool, self.store.layout, rows,
+                                    num_programs=self.UNPACK_PROGRAMS, num_warps=self.UNPACK_WARPS, ahead=False)
 
     def wait(self, m: int, done=None) -> None:
         """The compute stream waits for block m's copies (only those), or for the event done."""

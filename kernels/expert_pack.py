@@ -8,14 +8,21 @@ About 75% of the bytes cross the bus and the kernel rebuilds the weights bit for
 kernels.expert_copy.gather_rows the kernel reads the mapped host memory in place, indexed on the GPU, with
 no host synchronisation, so the decode step stays one CUDA graph.
 
-Packed row (uint8, offsets in bytes; Xg = X rounded up to a multiple of G, the row padded with +0.0):
-    lo   [0, Xg)                      (bits >> 8 & 0x80) | (bits & 0x7F): sign in bit 7, mantissa in bits 0..6
-    nib  [off_nib, +Xg/2)             4-bit exponent codes, element 2j in the low nibble of byte j, 2j+1 high
-    base [off_base, +Xg/G)            per group: max(largest exponent field - 14, 1)
-    cnt  int32 at off_cnt             number of exceptions (off_cnt: a multiple of 4)
+Packed row (uint8, offsets in bytes): K chunks of T elements (T a power of two, 4096 by default; Xg = K T = X
+rounded up to a multiple of T, the row padded with +0.0), then the group bases, then the exceptions.
+    chunk k at [k CB, (k + 1) CB), CB = 1.5 T (a multiple of 128), for elements [k T, (k + 1) T):
+      lo   [0, T)                     (bits >> 8 & 0x80) | (bits & 0x7F): sign in bit 7, mantissa in bits 0..6
+      nib  [T, 1.5 T)                 4-bit exponent codes: byte j holds the code of the chunk's element j in its low
+                                      nibble, of element j + T/2 in its high nibble
+    base [off_base = K CB, +Xg/G)     per group of G: max(largest exponent field - 14, 1)
+    cnt  int32 at off_cnt             number of exceptions
     idx  int32[cap] at off_idx        exception element indices, ascending, unused entries 0
     val  int16[cap] at off_val        exception elements' full 16 bits, unused entries 0
-    nbytes = off_val + 2 cap rounded up to a multiple of 16 (pad bytes 0)
+    nbytes = off_val + 2 cap rounded up to a multiple of 128, or of 4096 from 1 MiB on (pad bytes 0)
+A chunk is one contiguous, 128-byte aligned run of bytes (so is a row in a store of rows; a row of 1 MiB or more is
+page-aligned), which a kernel reads in wide loads, each byte once. Alignment matters over PCIe: see
+bench/results/probe-expert-pack-h200-chunked.md for the plain copy kernel reading page-aligned rows against rows at
+a 16-byte skew.
 Codes (e = the exponent field): e - base + 1 (1..15) when e >= base; 0 when e == 0 (zero, subnormals: exact);
 0 with the element in the exception list when 0 < e < base. Decoding: exp = 0 if code == 0 else base + code - 1,
 then every exception overwrites its element. inf / nan are exact: exponent 255 lies in its group's window.
@@ -48,14 +55,19 @@ class PackedLayout:
     """Byte offsets of one packed row of X bf16 elements (see the module docstring)."""
 
     X: int
-    Xg: int
+    T: int  # elements per chunk
+    K: int  # chunks per row
+    CB: int  # bytes per chunk
     cap: int
-    off_nib: int
     off_base: int
     off_cnt: int
     off_idx: int
     off_val: int
     nbytes: int
+
+    @property
+    def Xg(self) -> int:
+        return self.K * self.T
 
 
 class PackError(ValueError):
@@ -66,24 +78,32 @@ def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
-def layout(X: int, cap: int | None = None) -> PackedLayout:
+CHUNK = 4096  # default elements per chunk (a smaller power of two >= 2 G for rows shorter than that)
+
+
+def layout(X: int, cap: int | None = None, chunk: int | None = None) -> PackedLayout:
     """The packed layout of rows of X bf16 elements with room for `cap` exceptions per row
-    (default: max(64, ceil(X / 1024) rounded up to a multiple of 64))."""
+    (default: max(64, ceil(X / 1024) rounded up to a multiple of 64)) in chunks of `chunk` elements (a power of two
+    >= 2 G; default CHUNK, or the smallest power of two >= max(X, 2 G) when that is less)."""
     if X < 1:
         raise ValueError(f"layout: X must be >= 1, got {X}")
     if cap is None:
         cap = max(64, _round_up(math.ceil(X / 1024), 64))
     if cap < 0:
         raise ValueError(f"layout: cap must be >= 0, got {cap}")
-    Xg = _round_up(X, G)
-    off_nib = Xg
-    off_base = off_nib + Xg // 2
-    off_cnt = _round_up(off_base + Xg // G, 4)
+    T = chunk if chunk is not None else min(CHUNK, max(2 * G, 1 << (X - 1).bit_length()))
+    if T < 2 * G or T & (T - 1):
+        raise ValueError(f"layout: chunk must be a power of two >= {2 * G}, got {T}")
+    K = -(-X // T)
+    CB = T + T // 2
+    off_base = K * CB
+    off_cnt = _round_up(off_base + K * T // G, 4)
     off_idx = off_cnt + 4
     off_val = off_idx + 4 * cap
-    nbytes = _round_up(off_val + 2 * cap, 16)
-    return PackedLayout(X=X, Xg=Xg, cap=cap, off_nib=off_nib, off_base=off_base, off_cnt=off_cnt,
-                        off_idx=off_idx, off_val=off_val, nbytes=nbytes)
+    end = off_val + 2 * cap
+    nbytes = _round_up(end, 4096 if end >= 1 << 20 else 128)
+    return PackedLayout(X=X, T=T, K=K, CB=CB, cap=cap, off_base=off_base, off_cnt=off_cnt, off_idx=off_idx,
+                        off_val=off_val, nbytes=nbytes)
 
 
 def pack_rows(w: torch.Tensor, lay: PackedLayout) -> torch.Tensor:
@@ -105,12 +125,14 @@ def pack_rows(w: torch.Tensor, lay: PackedLayout) -> torch.Tensor:
     if Xg != X:  # pad with +0.0 (bits 0): code 0, never an exception
         bits_NX = torch.nn.functional.pad(bits_NX, (0, Xg - X))
     # int16 arithmetic: >> is arithmetic, the masks keep the wanted bits
-    out_NB[:, :Xg] = (((bits_NX >> 8) & 0x80) | (bits_NX & 0x7F)).to(torch.uint8)
+    K, T = lay.K, lay.T
+    chunks_NKB = out_NB[:, :K * lay.CB].view(N, K, lay.CB)
+    chunks_NKB[:, :, :T] = (((bits_NX >> 8) & 0x80) | (bits_NX & 0x7F)).to(torch.uint8).view(N, K, T)
     e_NGk = ((bits_NX >> 7) & 0xFF).view(N, Xg // G, G)  # exponent fields, int16
     base_NG1 = (e_NGk.amax(dim=-1, keepdim=True) - (_WINDOW - 1)).clamp_(min=1)
-    code_NGk = torch.where(e_NGk >= base_NG1, e_NGk - base_NG1 + 1, 0).to(torch.uint8).view(N, Xg)
-    out_NB[:, lay.off_nib:lay.off_nib + Xg // 2] = code_NGk[:, 0::2] | (code_NGk[:, 1::2] << 4)
-    del code_NGk
+    code_NKT = torch.where(e_NGk >= base_NG1, e_NGk - base_NG1 + 1, 0).to(torch.uint8).view(N, K, T)
+    chunks_NKB[:, :, T:T + T // 2] = code_NKT[..., :T // 2] | (code_NKT[..., T // 2:] << 4)
+    del code_NKT
     out_NB[:, lay.off_base:lay.off_base + Xg // G] = base_NG1.view(N, Xg // G).to(torch.uint8)
     exc_NX = ((e_NGk > 0) & (e_NGk < base_NG1)).view(N, Xg)
     del e_NGk
@@ -145,11 +167,12 @@ def unpack_rows_reference(packed: torch.Tensor, lay: PackedLayout) -> torch.Tens
     """Plain-torch decoder (any device): packed uint8 [N, nbytes] -> bf16 [N, X]."""
     _check_packed("unpack_rows_reference", packed, lay, "packed rows")
     N, Xg, cap = packed.shape[0], lay.Xg, lay.cap
-    p = packed.to(torch.int32)
-    lo_NX = p[:, :Xg]
-    nib = p[:, lay.off_nib:lay.off_nib + Xg // 2]
-    code_NX = torch.stack((nib & 15, nib >> 4), dim=-1).reshape(N, Xg)
-    base_NX = p[:, lay.off_base:lay.off_base + Xg // G].repeat_interleave(G, dim=1)
+    K, T = lay.K, lay.T
+    p = packed[:, :K * lay.CB].view(N, K, lay.CB).to(torch.int32)
+    lo_NX = p[:, :, :T].reshape(N, Xg)
+    nib = p[:, :, T:T + T // 2]
+    code_NX = torch.cat((nib & 15, nib >> 4), dim=2).reshape(N, Xg)
+    base_NX = packed[:, lay.off_base:lay.off_base + Xg // G].to(torch.int32).repeat_interleave(G, dim=1)
     exp_NX = torch.where(code_NX == 0, 0, base_NX + code_NX - 1)
     bits_NX = ((lo_NX & 0x80) << 8) | (exp_NX << 7) | (lo_NX & 0x7F)
     bits_NX = torch.where(bits_NX >= 32768, bits_NX - 65536, bits_NX).to(torch.int16)
@@ -181,10 +204,10 @@ if HAVE_TRITON:
         return ((lo & 0x80) << 8) | (exp << 7) | (lo & 0x7F)
 
     @triton.jit
-    def _apply_exceptions(src, dst16, X, off_cnt, off_idx, off_val, p, BLOCK: tl.constexpr,
+    def _apply_exceptions(src, dst16, X, off_cnt, off_idx, off_val, p, T: tl.constexpr,
                           NUM_PROGRAMS: tl.constexpr, EXC_CHUNK: tl.constexpr):
-        # the row's exceptions that fall in program p's blocks of BLOCK elements (blocks p, p + P, ...), after its own
-        # stores: no cross-program ordering needed. dst16: the destination row as int16.
+        # the row's exceptions that fall in program p's chunks (p, p + P, ...), after its own stores: no
+        # cross-program ordering needed. dst16: the destination row as int16.
         tl.debug_barrier()
         cnt = tl.load((src + off_cnt).to(tl.pointer_type(tl.int32)))
         idx_ptr = (src + off_idx).to(tl.pointer_type(tl.int32))
@@ -194,71 +217,73 @@ if HAVE_TRITON:
             kmask = k < cnt
             idx = tl.load(idx_ptr + k, mask=kmask, other=0)
             val = tl.load(val_ptr + k, mask=kmask, other=0)
-            mine = kmask & (idx < X) & ((idx // BLOCK) % NUM_PROGRAMS == p)
+            mine = kmask & (idx < X) & ((idx // T) % NUM_PROGRAMS == p)
             tl.store(dst16 + idx, val, mask=mine)
+
+    @triton.jit
+    def _load_chunk(src, off_base, k, K, offs, first, G: tl.constexpr, T: tl.constexpr, CB: tl.constexpr):
+        # chunk k's lo bytes of both halves, their code bytes and the group bases of both halves' tile rows (int32;
+        # zeros for k >= K, nothing read)
+        HALF: tl.constexpr = T // 2
+        chunk = src + k * CB
+        bases = src + off_base + k * (T // G)
+        ok = (offs * 0 + k) < K
+        rok = (first * 0 + k) < K
+        lo_a = tl.load(chunk + offs, mask=ok, other=0).to(tl.int32)
+        lo_b = tl.load(chunk + HALF + offs, mask=ok, other=0).to(tl.int32)
+        nib = tl.load(chunk + T + offs, mask=ok, other=0).to(tl.int32)
+        base_a = tl.load(bases + first // G, mask=rok, other=0).to(tl.int32)
+        base_b = tl.load(bases + (HALF + first) // G, mask=rok, other=0).to(tl.int32)
+        return lo_a, lo_b, nib, base_a, base_b
+
+    @triton.jit
+    def _expand_chunk(dst, X, k, offs, lo_a, lo_b, nib, base_a, base_b, T: tl.constexpr):
+        # chunk k's bf16 bits into dst (int16): the int32 bits' low 16 bits, truncated by the cast
+        HALF: tl.constexpr = T // 2
+        e0 = k * T
+        bits_a = _bf16_bits(lo_a, nib & 15, base_a[:, None])
+        bits_b = _bf16_bits(lo_b, nib >> 4, base_b[:, None])
+        tl.store(dst + e0 + offs, bits_a.to(tl.int16), mask=e0 + offs < X)
+        tl.store(dst + e0 + HALF + offs, bits_b.to(tl.int16), mask=e0 + HALF + offs < X)
 
     @triton.jit
     def _unpack_rows_kernel(
         src_ptr, ids_ptr, dst_ptr, dst_row_ptr,
-        X, nbytes, off_nib, off_base, off_cnt, off_idx, off_val,
-        HAS_DST_ROW: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-        EXC_CHUNK: tl.constexpr,
+        X, K, nbytes, off_base, off_cnt, off_idx, off_val,
+        HAS_DST_ROW: tl.constexpr, G: tl.constexpr, T: tl.constexpr, CB: tl.constexpr, COLS: tl.constexpr,
+        NUM_PROGRAMS: tl.constexpr, EXC_CHUNK: tl.constexpr, AHEAD: tl.constexpr,
     ):
-        # program (i, p) expands blocks p, p + P, p + 2P, ... of packed row ids[i] into dst row dst_row[i] (or i),
-        # then applies the exceptions that fall in those blocks (dst is the bf16 destination viewed as int16).
-        # (A form working on whole groups, the nibble bytes loaded once and their two codes interleaved back with
-        # tl.join, was slower on the H200: 20.7 vs 15.0 us per switch-base expert from GPU memory, 31.8 vs 42.8 GB/s
-        # from the pinned store; bench/results/probe-expert-pack-h200-groups.md.)
+        # program (i, p) expands chunks p, p + P, p + 2P, ... of packed row ids[i] into dst row dst_row[i] (or i), then
+        # applies the exceptions that fall in them (dst is the bf16 destination viewed as int16). A chunk is read as
+        # one contiguous run: a tile [T/2 // COLS, COLS] of lo bytes for each half and the code bytes they share; and
+        # the chunk's group bases, one per tile row (COLS divides G).
+        # (Earlier forms, on layouts whose lo, code and base arrays each spanned the whole row: one element per access
+        # with the code and base bytes gathered; whole groups interleaved back with tl.join; the tile above with the
+        # code bytes shared by the row's two halves. Each read the pinned store at 42-44 GB/s where the plain copy kernel
+        # reads 50; with 1024 programs a row each expanded a landed row in about the same time:
+        # bench/results/probe-expert-pack-h200*.md.)
         i = tl.program_id(0)
         p = tl.program_id(1)
         row, out_row = _rows_of(ids_ptr, dst_row_ptr, i, HAS_DST_ROW)
         if (row >= 0) & (out_row >= 0):
             src = src_ptr + row * nbytes
             dst = dst_ptr + out_row * X
-            for start in range(p * BLOCK, X, NUM_PROGRAMS * BLOCK):
-                offs = start + tl.arange(0, BLOCK)
-                mask = offs < X
-                lo = tl.load(src + offs, mask=mask, other=0).to(tl.int32)
-                nib = tl.load(src + off_nib + offs // 2, mask=mask, other=0).to(tl.int32)
-                code = (nib >> ((offs & 1) * 4)) & 15
-                base = tl.load(src + off_base + offs // G, mask=mask, other=0).to(tl.int32)
-                bits = _bf16_bits(lo, code, base)
-                bits = tl.where(bits >= 32768, bits - 65536, bits)  # the int16 of the same 16 bits
-                tl.store(dst + offs, bits.to(tl.int16), mask=mask)
-            _apply_exceptions(src, dst, X, off_cnt, off_idx, off_val, p, BLOCK, NUM_PROGRAMS, EXC_CHUNK)
-
-    @triton.jit
-    def _unpack_pairs_kernel(
-        src_ptr, ids_ptr, dst_ptr, dst_row_ptr,
-        X, nbytes, off_nib, off_base, off_cnt, off_idx, off_val,
-        HAS_DST_ROW: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-        EXC_CHUNK: tl.constexpr,
-    ):
-        # The same expansion two elements at a time (X even): pair q is elements 2q and 2q + 1, whose lo bytes are one
-        # 16-bit load, whose codes are one nibble byte, and whose bf16 bits are one 32-bit store. Every access is
-        # contiguous in q, with no byte loaded twice. BLOCK counts elements (BLOCK // 2 pairs per iteration); dst is
-        # the destination viewed as int32 (X // 2 words a row).
-        i = tl.program_id(0)
-        p = tl.program_id(1)
-        row, out_row = _rows_of(ids_ptr, dst_row_ptr, i, HAS_DST_ROW)
-        if (row >= 0) & (out_row >= 0):
-            src = src_ptr + row * nbytes
-            lo_ptr = src.to(tl.pointer_type(tl.int16))
-            XP = X // 2
-            dst = dst_ptr + out_row * XP
-            for start in range(p * (BLOCK // 2), XP, NUM_PROGRAMS * (BLOCK // 2)):
-                q = start + tl.arange(0, BLOCK // 2)
-                mask = q < XP
-                lo2 = tl.load(lo_ptr + q, mask=mask, other=0).to(tl.int32)  # lo[2q] | lo[2q + 1] << 8
-                nib = tl.load(src + off_nib + q, mask=mask, other=0).to(tl.int32)
-                base = tl.load(src + off_base + (2 * q) // G, mask=mask, other=0).to(tl.int32)
-                bits_a = _bf16_bits(lo2 & 0xFF, nib & 15, base)
-                bits_b = _bf16_bits((lo2 >> 8) & 0xFF, (nib >> 4) & 15, base)
-                word = bits_a.to(tl.int64) | (bits_b.to(tl.int64) << 16)  # element 2q in the low half
-                word = tl.where(word >= 2147483648, word - 4294967296, word)  # the int32 of the same 32 bits
-                tl.store(dst + q, word.to(tl.int32), mask=mask)
-            _apply_exceptions(src, dst.to(tl.pointer_type(tl.int16)), X, off_cnt, off_idx, off_val, p, BLOCK,
-                              NUM_PROGRAMS, EXC_CHUNK)
+            HALF: tl.constexpr = T // 2
+            r = tl.arange(0, HALF // COLS)
+            first = r * COLS  # each tile row's first element in its half
+            offs = first[:, None] + tl.arange(0, COLS)[None, :]
+            if AHEAD:  # chunk k + P's loads issued before chunk k's expansion: the next read overlaps this compute
+                lo_a, lo_b, nib, base_a, base_b = _load_chunk(src, off_base, p, K, offs, first, G, T, CB)
+                for k in range(p, K, NUM_PROGRAMS):
+                    n_lo_a, n_lo_b, n_nib, n_base_a, n_base_b = _load_chunk(src, off_base, k + NUM_PROGRAMS, K, offs,
+                                                                            first, G, T, CB)
+                    _expand_chunk(dst, X, k, offs, lo_a, lo_b, nib, base_a, base_b, T)
+                    lo_a, lo_b, nib, base_a, base_b = n_lo_a, n_lo_b, n_nib, n_base_a, n_base_b
+            else:
+                for k in range(p, K, NUM_PROGRAMS):
+                    lo_a, lo_b, nib, base_a, base_b = _load_chunk(src, off_base, k, K, offs, first, G, T, CB)
+                    _expand_chunk(dst, X, k, offs, lo_a, lo_b, nib, base_a, base_b, T)
+            _apply_exceptions(src, dst, X, off_cnt, off_idx, off_val, p, T, NUM_PROGRAMS, EXC_CHUNK)
 
 
 def unpack_rows_gather_reference(src_EB: torch.Tensor, ids_n: torch.Tensor, dst_SX: torch.Tensor,
@@ -273,15 +298,15 @@ def unpack_rows_gather_reference(src_EB: torch.Tensor, ids_n: torch.Tensor, dst_
 
 
 def unpack_rows(src_EB: torch.Tensor, ids_n: torch.Tensor, dst_SX: torch.Tensor, lay: PackedLayout,
-                dst_row_n: torch.Tensor | None = None, num_programs: int = 16, block: int = 4096,
-                num_warps: int = 4, pairs: bool = False) -> torch.Tensor:
+                dst_row_n: torch.Tensor | None = None, num_programs: int = 16, num_warps: int = 4,
+                ahead: bool = True) -> torch.Tensor:
     """Expand packed rows of `src` (pinned host memory, or device memory) chosen by `ids` (on the GPU) into rows
     of `dst` (on the GPU), without a host synchronisation:
     dst[dst_row[i]] = unpack(src[ids[i]]) for every i with ids[i] >= 0 and dst_row[i] >= 0 (dst_row None: i).
 
     src [E, lay.nbytes] uint8 and dst [S, lay.X] bf16 must be contiguous; ids and dst_row are int32/int64 [n].
-    pairs: the kernel that expands two elements per access (_unpack_pairs_kernel; X even, block >= 2); not measured
-    on a GPU yet, so not the default (scripts/probe_expert_pack.py times both).
+    A grid of n x num_programs programs; each iteration of a program expands one chunk (lay.T elements), with the
+    next chunk's loads issued before it when `ahead`.
     """
     _check_packed("unpack_rows", src_EB, lay, "src")
     if dst_SX.dtype != torch.bfloat16 or dst_SX.dim() != 2 or dst_SX.shape[1] != lay.X:
@@ -294,9 +319,8 @@ def unpack_rows(src_EB: torch.Tensor, ids_n: torch.Tensor, dst_SX: torch.Tensor,
         if t is not None and (t.dtype not in (torch.int32, torch.int64) or t.dim() != 1 or t.numel() != n):
             raise ValueError(f"unpack_rows: {name} must be int32/int64 [n] with n = {n}, "
                              f"got {tuple(t.shape)} {t.dtype}")
-    if block < 1 or block & (block - 1) or num_programs < 1:
-        raise ValueError(f"unpack_rows: block must be a power of two and num_programs >= 1, "
-                         f"got block={block}, num_programs={num_programs}")
+    if num_programs < 1:
+        raise ValueError(f"unpack_rows: num_programs must be >= 1, got {num_programs}")
     if n == 0:
         return dst_SX
     if not HAVE_TRITON or not (dst_SX.is_cuda or _interpreting()):
@@ -305,19 +329,12 @@ def unpack_rows(src_EB: torch.Tensor, ids_n: torch.Tensor, dst_SX: torch.Tensor,
         raise ValueError("unpack_rows: a host source must be pinned (page-locked) to be read by the GPU")
     if dst_SX.is_cuda and not (ids_n.is_cuda and (dst_row_n is None or dst_row_n.is_cuda)):
         raise ValueError("unpack_rows: ids and dst_row must be on the GPU, beside dst")
-    if pairs and lay.X % 2 == 0 and block >= 2:
-        _unpack_pairs_kernel[(n, num_programs)](
-            src_EB, ids_n, dst_SX.view(torch.int32), dst_row_n if dst_row_n is not None else ids_n,
-            lay.X, lay.nbytes, lay.off_nib, lay.off_base, lay.off_cnt, lay.off_idx, lay.off_val,
-            HAS_DST_ROW=dst_row_n is not None, G=G, BLOCK=block, NUM_PROGRAMS=num_programs, EXC_CHUNK=128,
-            num_warps=num_warps,
-        )
-        return dst_SX
+    num_programs = min(num_programs, lay.K)  # a program past the row's chunks would have nothing to do
     _unpack_rows_kernel[(n, num_programs)](
         src_EB, ids_n, dst_SX.view(torch.int16), dst_row_n if dst_row_n is not None else ids_n,
-        lay.X, lay.nbytes, lay.off_nib, lay.off_base, lay.off_cnt, lay.off_idx, lay.off_val,
-        HAS_DST_ROW=dst_row_n is not None, G=G, BLOCK=block, NUM_PROGRAMS=num_programs, EXC_CHUNK=128,
-        num_warps=num_warps,
+        lay.X, lay.K, lay.nbytes, lay.off_base, lay.off_cnt, lay.off_idx, lay.off_val,
+        HAS_DST_ROW=dst_row_n is not None, G=G, T=lay.T, CB=lay.CB, COLS=min(G, lay.T // 2), NUM_PROGRAMS=num_programs,
+        EXC_CHUNK=128, AHEAD=ahead, num_warps=num_warps,
     )
     return dst_SX
 

@@ -527,7 +527,6 @@ def main() -> int:
 #   beamkernel / beamops: beam search's update after the top-2k as one kernel (kernels/beam_select.py, the default
 #              on CUDA; PGMOE_BEAM_KERNEL=1) / as BeamSelect's tensor ops (PGMOE_BEAM_KERNEL=0); the same choices,
 #              so their tokens are checked as any policy's
-#   pairs:     with --compress, the packed experts unpacked by expert_pack's pairs kernel (PGMOE_UNPACK_PAIRS=1)
 #   nodefer:   beam search's cache reorder at the end of the step that chose the beams (PGMOE_BEAM_DEFER=0) instead
 #              of the next step's start, behind that step's first copies (models.switch.DecodeState.defer_reorder)
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
@@ -589,7 +588,7 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
             plan = PLAN_VARIANTS[tok]
         elif tok in ("dma", "device"):
             mode = tok
-        elif tok in GUESS_VARIANTS or tok in ("sdpa", "beamkernel", "beamops", "nodefer", "pairs"):
+        elif tok in GUESS_VARIANTS or tok in ("sdpa", "beamkernel", "beamops", "nodefer"):
             pass  # variant_guess; sdpa_attention; beam_variant
         elif tok in ("native", "driver", "torchcopy"):
             copy["dma_api"] = "torch" if tok == "torchcopy" else tok
@@ -600,7 +599,7 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
         else:
             raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #device, #hi, "
                              "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep, #native, #driver, #torchcopy, "
-                             "#sdpa, #beamkernel, #beamops, #nodefer, #pairs")
+                             "#sdpa, #beamkernel, #beamops, #nodefer")
     if copy:
         try:
             CopySettings(**copy)
@@ -823,8 +822,7 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
                                  copy_mode=copy_mode or eng.copy_mode,
                                  first_block_guess=variant_guess(variant) or eng.first_block_guess), \
                     sdpa_attention(eng.model, sdpa), env_setting("PGMOE_BEAM_KERNEL", beam_variant(variant)), \
-                    env_setting("PGMOE_BEAM_DEFER", "0" if "nodefer" in variant.split("#") else None), \
-                    env_setting("PGMOE_UNPACK_PAIRS", "1" if "pairs" in variant.split("#") else None):
+                    env_setting("PGMOE_BEAM_DEFER", "0" if "nodefer" in variant.split("#") else None):
                 entry = run_one(eng, spec, ids, n_new, nb, args, cpu_compute=cpu_mode or "off")
         finally:
             slot_plan.DEFAULT_IMPL = impl_before

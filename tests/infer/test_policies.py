@@ -647,18 +647,14 @@ def test_compressed_store_every_policy_matches_uncompressed_gpu_only(pregated_ck
             assert res.metrics["pool_prefill_bytes"] == res.metrics["pool_slots"]["prefill"] * packed.slot_bytes
 
 
-@pytest.mark.parametrize("mode", ["device", "dma-native", "dma-torch", "dma-torch-pairs"])
+@pytest.mark.parametrize("mode", ["device", "dma-native", "dma-torch"])
 def test_compressed_store_on_the_gpu_path_under_the_interpreter(pregated_ckpt, monkeypatch, mode):
     """The GPU path of a compressed store on the CPU: the device copy kernel unpacks as it reads the store; with
     dma, the copier lands the packed chunks (in the pool's spare prefill rows when they fit, else their own
-    memory) and each block's wait unpacks them; tokens and logits are the uncompressed gpu_only's bitwise (-pairs:
-    PGMOE_UNPACK_PAIRS=1, the pairs kernel)."""
+    memory) and each block's wait unpacks them; tokens and logits are the uncompressed gpu_only's bitwise."""
     pytest.importorskip("triton")
     from infer import native_copier
 
-    if mode.endswith("-pairs"):
-        monkeypatch.setenv("PGMOE_UNPACK_PAIRS", "1")
-        mode = mode[: -len("-pairs")]
     copy_mode, _, api = mode.partition("-")
     if api == "native":
         try:

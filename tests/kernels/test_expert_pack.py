@@ -92,21 +92,23 @@ def test_pack_exceptions_where_expected():
     assert torch.equal(_bits(unpack_rows_reference(packed, lay)), _bits(w))
 
 
-@pytest.mark.parametrize("pairs", [False, True])
-@pytest.mark.parametrize("X,block,progs", [(300, 64, 3), (1000, 128, 4), (G, 4096, 2), (301, 64, 2)])
-def test_unpack_rows_kernel_matches_reference(X, block, progs, pairs):
-    """Both kernels (pairs: two elements per access; odd X takes the element kernel) bitwise the reference."""
-    g = torch.Generator().manual_seed(X + block)
+@pytest.mark.parametrize("X,chunk,progs", [(300, 256, 3), (1000, 256, 4), (G, None, 2), (301, 512, 2), (1025, 256, 3),
+                                           (2 * G * 5, 256, 2), (5000, 1024, 3)])
+@pytest.mark.parametrize("ahead", [True, False])
+def test_unpack_rows_kernel_matches_reference(X, chunk, progs, ahead):
+    """The kernel bitwise the reference: one chunk and several, more programs than chunks, X not a multiple of G
+    or of the chunk, exceptions in both halves of a chunk; the next chunk's loads issued ahead or not."""
+    g = torch.Generator().manual_seed(X + (chunk or 0))
     w = _special_rows(X, g).to(DEV)
     E = w.shape[0]
-    lay = layout(X, cap=max(64, X))
+    lay = layout(X, cap=max(64, X), chunk=chunk)
     src = pack_rows(w, lay)
     assert int(_cnt(src, lay).max()) > 0
     ids = torch.tensor([2, -1, E - 2, 0, 5, E - 1, 3], dtype=torch.int32, device=DEV)
     dst_rows = torch.tensor([4, 0, 1, -1, 7, 2, 3], dtype=torch.int64, device=DEV)
     sentinel = torch.full((9, X), -7.0, dtype=torch.bfloat16, device=DEV)
     want = unpack_rows_gather_reference(src, ids, sentinel.clone(), lay, dst_rows)
-    got = unpack_rows(src, ids, sentinel.clone(), lay, dst_rows, num_programs=progs, block=block, pairs=pairs)
+    got = unpack_rows(src, ids, sentinel.clone(), lay, dst_rows, num_programs=progs, ahead=ahead)
     assert torch.equal(_bits(got), _bits(want))
     for i, r in zip(ids.tolist(), dst_rows.tolist()):
         if i >= 0 and r >= 0:
@@ -122,7 +124,7 @@ def test_unpack_rows_identity_rows_and_fallback(monkeypatch):
     lay = layout(X, cap=256)
     src = pack_rows(w, lay)
     ids = torch.tensor([6, 1, -1, 5], dtype=torch.int64)
-    got = unpack_rows(src, ids, torch.zeros(4, X, dtype=torch.bfloat16), lay, num_programs=2, block=64)
+    got = unpack_rows(src, ids, torch.zeros(4, X, dtype=torch.bfloat16), lay, num_programs=2)
     assert torch.equal(_bits(got[[0, 1, 3]]), _bits(w[[6, 1, 5]])) and not got[2].any()
     monkeypatch.setattr(ep, "_interpreting", lambda: False)  # CPU dst, no interpreter: the reference loop
     got2 = unpack_rows(src, ids, torch.zeros(4, X, dtype=torch.bfloat16), lay)
@@ -141,10 +143,17 @@ def test_packed_size_and_layout_alignment():
     for X_ in (1, 77, 128, 300, 1025, X, 4096 * 2048 + 5):
         for cap in (None, 0, 1, 63, 65, 1000):
             lo = layout(X_, cap)
-            assert lo.Xg % G == 0 and lo.Xg >= X_ > lo.Xg - G
-            assert lo.off_cnt % 4 == 0 and lo.off_idx % 4 == 0 and lo.off_val % 2 == 0 and lo.nbytes % 16 == 0
-            assert lo.off_cnt >= lo.off_base + lo.Xg // G and lo.nbytes >= lo.off_val + 2 * lo.cap
+            assert lo.Xg == lo.K * lo.T and lo.Xg >= X_ > lo.Xg - lo.T and lo.T % (2 * G) == 0
+            assert lo.T == (4096 if X_ >= 4096 else max(2 * G, 1 << (X_ - 1).bit_length()))
+            # chunks and rows 128-byte aligned (rows of 1 MiB or more page-aligned), the arrays after the chunks
+            assert lo.CB == lo.T * 3 // 2 and lo.CB % 128 == 0 and lo.off_base == lo.K * lo.CB
+            assert lo.off_cnt >= lo.off_base + lo.Xg // G and lo.off_cnt % 4 == 0 and lo.off_idx % 4 == 0
+            assert lo.off_val % 2 == 0 and lo.nbytes % (4096 if lo.nbytes > 1 << 20 else 128) == 0
+            assert lo.nbytes >= lo.off_val + 2 * lo.cap
     assert layout(1000).cap == 64 and layout(1024 * 65).cap == 128
+    for bad in (128, 300, 0):
+        with pytest.raises(ValueError, match="chunk must be a power of two >= 256"):
+            layout(1000, chunk=bad)
 
 
 def test_capacity_overflow_raises():
@@ -192,7 +201,11 @@ def test_probe_script_smoke_on_the_cpu():
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
     rec = probe.probe("tiny", 32, 64, torch.device("cpu"), 3, 1)
-    assert rec["ratio"] < 0.85 and all(rec["bitwise_equal"].values()) and len(rec["bitwise_equal"]) == 5
+    assert rec["ratio"] < 0.85 and all(rec["bitwise_equal"].values()) and len(rec["bitwise_equal"]) == 3
+    # --compare: another implementation (here this one, loaded from its file) checked beside it
+    other = probe.load_module(str(Path(__file__).resolve().parents[2] / "kernels" / "expert_pack.py"))
+    rec2 = probe.probe("tiny", 32, 64, torch.device("cpu"), 3, 1, compare={"again": other})
+    assert all(rec2["bitwise_equal"].values()) and "from pinned host memory (again)" in rec2["bitwise_equal"]
     md = probe.markdown({"device": "cpu", "date": "d", "command": "c", "torch": "t", "shapes": [rec]})
     assert "| tiny | 0.01 | 0.01 |" in md and "| yes |" in md
 
