@@ -72,7 +72,7 @@ def auto_cache_size(cfg, store, device: torch.device) -> tuple[int, str]:
     """cache.size=auto: the slots per MoE block that fit the GPU memory the caches may take
     (cache.budget_gb, else the free memory now, after loading, minus cache.reserve_gb), capped at the
     number of experts; with the reason, for the report. A slot holds a GPU row (compressed stores: the unpacked bf16
-    row, plus the packed row a dma copy lands in when the caches' landing rows get their own memory)."""
+    row, plus the packed row a decode copy lands in when the caches' landing rows get their own memory)."""
     slot_bytes = store.slot_bytes + (store.expert_bytes if store.compress else 0)
     per_slot = store.M * slot_bytes  # one slot in every MoE block
     if cfg.cache.budget_gb is not None:

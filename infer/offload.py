@@ -353,10 +353,11 @@ class SlotPool:
     loop does not (it needs no GIL, which a lazily loading launch held: tested in fresh processes with
     CUDA_MODULE_LOADING=LAZY on the H200).
 
-    A compressed store (offload.compress=exp4): the slots hold unpacked bf16 rows. The copy kernel unpacks while it
-    reads the pinned chunks (kernels.expert_pack.unpack_rows, with its own settings, PINNED_PROGRAMS and
-    PINNED_WARPS: offload.copy_programs / _block / _warps tune the plain copy kernel); dma plans land the packed
-    chunks in `landing` and wait() unpacks them on the compute stream; host copies are refused.
+    A compressed store (offload.compress=exp4): the slots hold unpacked bf16 rows. Decode plans land the packed
+    chunks in `landing` (dma plans by the copy engines, unpacked by wait() on the compute stream; copy kernel plans
+    by the plain copy kernel, unpacked behind it on the copy stream: kernels.expert_pack.unpack_rows); the streamed
+    prefill chunks are unpacked as the kernel reads the pinned store (settings PINNED_PROGRAMS, PINNED_WARPS;
+    offload.copy_programs / _block / _warps tune the plain copy kernel); host copies are refused.
     """
 
     def __init__(
@@ -435,11 +436,14 @@ class SlotPool:
         # no copies launched and none waited for (plans and slot tables still update; the weights read
         # are stale, so results are wrong): the "no-copy" step that stall-by-difference times
         self.skip_copies = False
-        # compressed dma plans: the copy engines land the packed chunks in `landing` (a row per slot a dma plan
-        # may fill: the caches' and the staging buffers'), and the wait for a block's copies unpacks them into the
-        # pool's rows (the device copy kernel unpacks as it reads the store, with no landing)
+        # compressed decode plans land the packed chunks in `landing` (a row per slot a decode plan may fill: the
+        # caches' and the staging buffers'): a dma plan's by the copy engines, unpacked into the pool's rows at the
+        # wait for the block's copies; a copy kernel plan's by the plain copy kernel, unpacked right behind it on the
+        # copy stream (faster than unpacking as it reads the store: 142.4 + 7.2 against 157.8 us per switch-base
+        # expert on the H200, bench/results/probe-expert-pack-h200-chunked.md). The encoder's streamed prefill
+        # chunks, whose slots the landing may share, are unpacked as they are read.
         self.landing_in_pool = False  # (set by _landing)
-        self.landing = self._landing() if store.compress and copy_mode == "dma" else None
+        self.landing = self._landing() if store.compress and copy_mode in ("dma", "device") else None
         self._unpack_pending: list[list[torch.Tensor]] = [[] for _ in range(self.M)]
         self.dma = DmaCopier(self) if copy_mode == "dma" else None
         self._dma_posted = [False] * self.M  # block m has a dma plan its wait() has not covered yet
@@ -488,7 +492,7 @@ class SlotPool:
         if dma:
             self._dma_posted[m] = True
         if not self.cuda:  # synchronous (the kernels under TRITON_INTERPRET in tests)
-            self._launch(m, src_n, dst_n, dma)
+            self._launch(m, src_n, dst_n, dma, landed=done is None)
             return
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         # the per-block copies (the decode path's), not prefill's; dma's run on the copier's stream
@@ -497,7 +501,7 @@ class SlotPool:
             if timed:
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record(self.copy_stream)
-            self._launch(m, src_n, dst_n, dma)  # with dma, copy_done[m] below means "posted"
+            self._launch(m, src_n, dst_n, dma, landed=done is None)  # with dma, copy_done[m] means "posted"
             if timed:
                 b.record(self.copy_stream)
                 self.copy_events.append((a, b, (src_n >= 0).sum()))
@@ -531,11 +535,12 @@ class SlotPool:
         finally:
             self._dma_held -= 1
 
-    def _launch(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor, dma: bool) -> None:
+    def _launch(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor, dma: bool, landed: bool = False) -> None:
         """Start block m's copies on the current stream: the plan handed to the dma copier, the device copy
-        kernel, or one cudaMemcpyAsync per expert (host). Compressed: the copy kernel unpacks as it reads; a dma
-        plan lands packed, and wait() unpacks the landed rows (a row per filled slot, -1 for the plan's idle
-        entries, made here on the current stream, behind the plan)."""
+        kernel, or one cudaMemcpyAsync per expert (host). Compressed: a dma plan lands packed, and wait() unpacks
+        the landed rows (a row per filled slot, -1 for the plan's idle entries, made here on the current stream,
+        behind the plan); a copy kernel plan lands packed where `landed` (a decode plan, into slots with landing
+        rows) and is unpacked right behind, else the kernel unpacks as it reads the store."""
         cs = self.copy_settings
         if dma:
             self.dma.post(m, src_n, dst_n)
@@ -543,7 +548,13 @@ class SlotPool:
                 self._unpack_pending[m].append(torch.where(src_n >= 0, dst_n, -1))
         elif self.copy_mode in ("device", "dma"):
             src, dst = self._rows(m)
-            if self.store.compress:
+            if self.store.compress and landed:
+                expert_copy.gather_rows(src.view(torch.int16), src_n, self.landing.view(torch.int16), dst_n,
+                                        cs.programs, cs.block, cs.warps)
+                rows = torch.where(src_n >= 0, dst_n, -1)
+                expert_pack.unpack_rows(self.landing, rows, self.pool, self.store.layout, rows,
+                                        num_programs=self.UNPACK_PROGRAMS, num_warps=self.UNPACK_WARPS, ahead=False)
+            elif self.store.compress:
                 expert_pack.unpack_rows(src, src_n, dst, self.store.layout, dst_n, num_programs=self.PINNED_PROGRAMS,
                                         num_warps=self.PINNED_WARPS, ahead=True)
             else:
@@ -567,11 +578,11 @@ class SlotPool:
             else:
                 self.pool[p].copy_(self.store.data[m, e], non_blocking=True)
 
-    # The landed rows' unpack (GPU memory to GPU memory, on the compute stream, which waits for it): a wide grid,
-    # 1024 programs a row: 7.3-7.6 us per switch-base expert on the H200, 14.6 with 128. The copy kernel's unpack
-    # from the pinned store: 16 programs of 8 warps a row, the next chunk's loads issued ahead: 158.5 us per
-    # switch-base expert, 166.2 with the plain copy kernel's 32 x 4, 181.4 with 64 x 4 (fewer programs read the
-    # pinned store faster, down to 16; bench/results/probe-expert-pack-h200-chunked.md).
+    # The landed rows' unpack (GPU memory to GPU memory, on the stream that waits for it): a wide grid, 1024 programs
+    # a row: 7.2 us per switch-base expert on the H200, 14.6 with 128. The copy kernel's unpack as it reads the pinned
+    # store (the streamed prefill chunks'): 16 programs of 8 warps a row, the next chunk's loads issued ahead: 157.8
+    # us per switch-base expert, 163.6 with the plain copy kernel's 32 x 4, 182.9 with 64 x 4 (fewer programs read
+    # the pinned store faster, down to 16; bench/results/probe-expert-pack-h200-chunked.md).
     UNPACK_PROGRAMS, UNPACK_WARPS = 1024, 4
     PINNED_PROGRAMS, PINNED_WARPS = 16, 8
 

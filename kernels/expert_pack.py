@@ -259,8 +259,8 @@ if HAVE_TRITON:
         # the chunk's group bases, one per tile row (COLS divides G).
         # (Earlier forms, on layouts whose lo, code and base arrays each spanned the whole row: one element per access
         # with the code and base bytes gathered; whole groups interleaved back with tl.join; the tile above with the
-        # code bytes shared by the row's two halves. Each read the pinned store at 42-44 GB/s where the plain copy kernel
-        # reads 50; with 1024 programs a row each expanded a landed row in about the same time:
+        # code bytes shared by the row's two halves. Each read the pinned store at 42-44 GB/s where the plain copy
+        # kernel reads 50; with 1024 programs a row each expanded a landed row in about the same time:
         # bench/results/probe-expert-pack-h200*.md.)
         i = tl.program_id(0)
         p = tl.program_id(1)

@@ -649,9 +649,10 @@ def test_compressed_store_every_policy_matches_uncompressed_gpu_only(pregated_ck
 
 @pytest.mark.parametrize("mode", ["device", "dma-native", "dma-torch"])
 def test_compressed_store_on_the_gpu_path_under_the_interpreter(pregated_ckpt, monkeypatch, mode):
-    """The GPU path of a compressed store on the CPU: the device copy kernel unpacks as it reads the store; with
-    dma, the copier lands the packed chunks (in the pool's spare prefill rows when they fit, else their own
-    memory) and each block's wait unpacks them; tokens and logits are the uncompressed gpu_only's bitwise."""
+    """The GPU path of a compressed store on the CPU: decode plans land the packed chunks (in the pool's spare
+    prefill rows when they fit, else their own memory): with dma the copier's, unpacked at each block's wait; with
+    device the plain copy kernel's, unpacked behind it; the streamed prefill chunks unpack as the kernel reads the
+    store; tokens and logits are the uncompressed gpu_only's bitwise."""
     pytest.importorskip("triton")
     from infer import native_copier
 
@@ -674,12 +675,10 @@ def test_compressed_store_on_the_gpu_path_under_the_interpreter(pregated_ckpt, m
             spec, ids, mask, **kw)
         assert res.metrics["copy_mode"] == copy_mode
         _same(ref, res)
-        if copy_mode == "dma":
-            assert res.metrics["landing_bytes"] > 0
-            # no cache and 16 prefill rows: the landing fits in the rows past the staging buffers
-            assert res.metrics["landing_in_pool"] == (spec.cache_size == 0 and slots == 16), spec
-        else:
-            assert res.metrics["landing_bytes"] == 0
+        # decode plans land packed (dma: the copier; device: the plain copy kernel), then unpack; no cache and 16
+        # prefill rows: the landing fits in the rows past the staging buffers
+        assert res.metrics["landing_bytes"] > 0
+        assert res.metrics["landing_in_pool"] == (spec.cache_size == 0 and slots == 16), spec
 
 
 def test_compress_settings_are_checked(pregated_ckpt):
