@@ -103,10 +103,11 @@ SWEEP_PINNED = [(p, c, w, a) for p in (16, 32, 64) for c in (4096, 8192, 16384) 
 
 
 def probe(name: str, d: int, f: int, dev, n_rows: int, reps: int, compare: dict | None = None,
-          sweep: bool = False) -> dict:
+          sweep: bool = False, timers=None) -> dict:
     """compare: {label: module} of other expert_pack implementations (their own layouts), checked and timed beside
     this one (their `pairs=True` kernel too where they have one; those with a `block` launch argument at 4096 for a
-    landed row and the copy settings' block from the pinned store). sweep: time the settings above."""
+    landed row and the copy settings' block from the pinned store). sweep: time the settings above. timers: (per
+    call, memcpy) timing functions standing in for per_call_us and memcpy_us, to run the timing code off the GPU."""
     X = 2 * d * f
     lay = expert_pack.layout(X)
     w = rows(n_rows, d, f, dev, seed=d)
@@ -164,8 +165,9 @@ def probe(name: str, d: int, f: int, dev, n_rows: int, reps: int, compare: dict 
         checks["from pinned host memory, replayed from a CUDA graph"] = bool(
             torch.equal(out.flip(0).view(torch.int16), w.view(torch.int16)))
     rec["bitwise_equal"] = checks
-    if not cuda:
+    if not cuda and timers is None:
         return rec
+    per_call_us, memcpy_us = timers or (globals()["per_call_us"], globals()["memcpy_us"])
     n = 16
     slots = torch.empty((2, X), dtype=torch.bfloat16, device=dev)
     one = [torch.tensor([i % n_rows], dtype=torch.int32, device=dev) for i in range(n)]
@@ -191,7 +193,7 @@ def probe(name: str, d: int, f: int, dev, n_rows: int, reps: int, compare: dict 
     timings["copy kernel, bf16 row from the pinned store"] = per_call_us(
         [lambda i=i: expert_copy.gather_rows(host_bf16, one[i], slots, slot[i], cs.programs, cs.block, cs.warps)
          for i in range(n)], reps)
-    flat = torch.empty(n_rows * X + 8, dtype=torch.bfloat16, pin_memory=True)  # rows 16 bytes past the boundary
+    flat = torch.empty(n_rows * X + 8, dtype=torch.bfloat16, pin_memory=cuda)  # rows 16 bytes past the boundary
     host_off = flat[8:].view(n_rows, X)
     host_off.copy_(w)
     timings["copy kernel, bf16 row from the pinned store, rows 16 bytes off 128-byte alignment"] = per_call_us(
@@ -204,7 +206,7 @@ def probe(name: str, d: int, f: int, dev, n_rows: int, reps: int, compare: dict 
     # the same bytes with rows 16 bytes longer (a row starts 16 r bytes past a page boundary, as a row of a packed
     # layout whose size was a multiple of 16 only; GB/s counts the packed row's bytes)
     stride = lay.nbytes + 16
-    skew = torch.zeros(n_rows * stride, dtype=torch.uint8, pin_memory=True).view(n_rows, stride // 2 * 2)
+    skew = torch.zeros(n_rows * stride, dtype=torch.uint8, pin_memory=cuda).view(n_rows, stride // 2 * 2)
     skew16, land_s = skew.view(torch.int16), torch.empty((2, stride // 2), dtype=torch.int16, device=dev)
     timings["copy kernel, packed row from the pinned store, rows at a 16-byte skew (no unpack)"] = per_call_us(
         [lambda i=i: expert_copy.gather_rows(skew16, one[i], land_s, slot[i], cs.programs, cs.block, cs.warps)

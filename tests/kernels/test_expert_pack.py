@@ -206,6 +206,21 @@ def test_probe_script_smoke_on_the_cpu():
     other = probe.load_module(str(Path(__file__).resolve().parents[2] / "kernels" / "expert_pack.py"))
     rec2 = probe.probe("tiny", 32, 64, torch.device("cpu"), 3, 1, compare={"again": other})
     assert all(rec2["bitwise_equal"].values()) and "from pinned host memory (again)" in rec2["bitwise_equal"]
+    # the timing and sweep code, its timers standing in for the CUDA ones (each call runs once, interpreted)
+    calls = []
+
+    def per_call(fns, reps):
+        for fn in fns[:1]:
+            fn()
+        calls.append(len(fns))
+        return 2.0
+
+    rec3 = probe.probe("tiny", 32, 64, torch.device("cpu"), 3, 1, compare={"again": other}, sweep=True,
+                       timers=(per_call, lambda src, dst, n, reps: 1.0))
+    assert len(rec3["sweep_landed"]) == len(probe.SWEEP_LANDED) and len(rec3["sweep_pinned"]) == len(probe.SWEEP_PINNED)
+    assert rec3["us_per_expert"]["unpack from the pinned store (copy kernel) (again)"] == 2.0 and calls
+    md3 = probe.markdown({"device": "cpu", "date": "d", "command": "c", "torch": "t", "shapes": [rec3]})
+    assert "the unpack kernel's settings, from the pinned store" in md3
     md = probe.markdown({"device": "cpu", "date": "d", "command": "c", "torch": "t", "shapes": [rec]})
     assert "| tiny | 0.01 | 0.01 |" in md and "| yes |" in md
 
