@@ -257,11 +257,11 @@ if HAVE_TRITON:
         # applies the exceptions that fall in them (dst is the bf16 destination viewed as int16). A chunk is read as
         # one contiguous run: a tile [T/2 // COLS, COLS] of lo bytes for each half and the code bytes they share; and
         # the chunk's group bases, one per tile row (COLS divides G).
-        # (Earlier forms, on layouts whose lo, code and base arrays each spanned the whole row: one element per access
-        # with the code and base bytes gathered; whole groups interleaved back with tl.join; the tile above with the
-        # code bytes shared by the row's two halves. Each read the pinned store at 42-44 GB/s where the plain copy
-        # kernel reads 50; with 1024 programs a row each expanded a landed row in about the same time:
-        # bench/results/probe-expert-pack-h200*.md.)
+        # (Earlier forms, on a layout whose lo, code and base arrays each spanned the whole row and whose code bytes
+        # held elements 2j and 2j + 1: one element per access and two per access read the pinned store at 41.8-44.3
+        # GB/s where the plain copy kernel reads 50, and expanded a landed row in 7.8-13.3 us with 1024 programs
+        # (probe-expert-pack-h200-chunked.md, "prev"); whole groups interleaved back with tl.join were slower still
+        # (probe-expert-pack-h200-groups.md). All in bench/results/.)
         i = tl.program_id(0)
         p = tl.program_id(1)
         row, out_row = _rows_of(ids_ptr, dst_row_ptr, i, HAS_DST_ROW)
