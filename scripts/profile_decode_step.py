@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--copy-mode", default="dma")
     ap.add_argument("--input-tokens", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=40)
+    ap.add_argument("--compress", default=None, choices=["exp4"], help="experts stored and copied packed (bench_e2e's)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "profile-decode.json"))
     args = ap.parse_args()
     from torch.profiler import ProfilerActivity, profile
@@ -108,7 +109,7 @@ def main() -> None:
     dev, dtype = torch.device("cuda"), torch.bfloat16
     cfg = preset(args.shape)
     model = bench.build_own(cfg, dev, dtype)
-    store = bench.build_store(cfg, model, dev, dtype, default_budget_bytes())
+    store = bench.build_store(cfg, model, dev, dtype, default_budget_bytes(), args.compress)
     model.set_backend("triton")
     convert_to_pregated(model, 1)  # every policy runs on the converted model (gpu_only computes its pre-gates too)
     eng = Engine(model, store, dev, cuda_graph=True, copy_mode=args.copy_mode, measure_stall=False)
@@ -116,7 +117,7 @@ def main() -> None:
     res = {"command": "python3 scripts/profile_decode_step.py " + " ".join(sys.argv[1:]),
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "torch": torch.__version__, "device": torch.cuda.get_device_name(dev), "shape": args.shape,
-           "copy_mode": args.copy_mode, "policies": {}}
+           "copy_mode": args.copy_mode, "compress": args.compress, "policies": {}}
     for name in args.policies.split(","):
         spec = PolicySpec.parse(name)
         eng.run(spec, ids, None, max_new_tokens=8, warmup=True)  # compile, capture
