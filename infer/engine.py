@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -111,6 +112,16 @@ BEAM_DMA_NOTE = (
 _SIDE_STREAMS: dict = {}
 
 
+def greedy_head_fused() -> bool:
+    """PGMOE_GREEDY_HEAD: 1 (the default) lets a captured greedy step fuse its LM head with the choice
+    (kernels/lm_head.py) where GreedySelect.fuses_head says it can; 0: the matrix product, the logits' cast and
+    the choice over them (bench_e2e's variant #headops)."""
+    v = os.environ.get("PGMOE_GREEDY_HEAD", "1")
+    if v not in ("0", "1"):
+        raise ValueError(f"PGMOE_GREEDY_HEAD={v!r}: expected 1 (fused head, the default) or 0")
+    return v == "1"
+
+
 def _side_stream(device) -> torch.cuda.Stream:
     """One warm-up stream per device for every capture. A new stream per capture made cuBLAS(Lt) allocate
     a workspace for it (torch keeps one per handle and stream for the life of the process: 64 MiB on
@@ -138,24 +149,30 @@ class GraphStep:
         side.wait_stream(torch.cuda.current_stream())
         # warm up (allocator, Triton autotuning, first launches) outside the capture; hold: a context the warm-up
         # steps run in (the offload pool's dma_held: no dma wait spins while a first launch loads a kernel)
+        # greedy: the LM head and the choice fused (kernels/lm_head.py) where GreedySelect takes them
+        self.fused_head = isinstance(select, GreedySelect) and greedy_head_fused() and select.fuses_head(model)
         with hold() if hold is not None else contextlib.nullcontext(), torch.cuda.stream(side):
             for _ in range(2):
-                logits = model.decode_one_token(state, self.tok)
-                if select is not None:
-                    select(logits)
+                self._step(model, state, select)
                 state.pos.copy_(pos0)
         torch.cuda.current_stream().wait_stream(side)
         if on_warm is not None:
             on_warm()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = model.decode_one_token(state, self.tok)
-            if select is not None:
-                select(self.out)
+            self.out = self._step(model, state, select)
         state.pos.copy_(pos0)
         if select is not None:
             select.reset()
             select.captured = True
+
+    def _step(self, model: Switch, state: DecodeState, select) -> torch.Tensor:
+        if self.fused_head:
+            return select.from_hidden(model, model.decode_hidden(state, self.tok))
+        logits = model.decode_one_token(state, self.tok)
+        if select is not None:
+            select(logits)
+        return logits
 
     def __call__(self, state: DecodeState, tok: torch.Tensor) -> torch.Tensor:
         if tok is not self.tok:
@@ -608,6 +625,8 @@ class Engine:
             "beam_update": None if nb == 1 else ("kernel" if select.kernel else "tensor ops"),
             # where the caches' reorder to the chosen beams runs (models.generate.BeamSelect, PGMOE_BEAM_DEFER)
             "beam_reorder": None if nb == 1 else ("next step's start" if select.defer else "end of step"),
+            # greedy's LM head: with the choice in kernels/lm_head.py (a captured step) or the matrix product
+            "greedy_head": None if nb != 1 else ("kernel" if getattr(step, "fused_head", False) else "matmul"),
         }
         m["gpu_step_ms_median"] = m["gpu_idle_between_steps_ms_median"] = None
         if len(step_events) > 2:  # the first step (in ttft) left out, as in decode_ms

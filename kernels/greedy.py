@@ -28,11 +28,12 @@ MAX_BLOCK_V = 32768  # one load round for vocabularies up to this size (T5's 321
 if HAVE_TRITON:
 
     @triton.jit
-    def _select_row_kernel(logits_ptr, tok_ptr, out_ptr, done_ptr, ended_ptr, t_ptr,
+    def _select_row_kernel(logits_ptr, idx_ptr, tok_ptr, out_ptr, done_ptr, ended_ptr, t_ptr,
                            V, N, B, stride_l, stride_o, PAD, EOS,
-                           LAST: tl.constexpr, BLOCK_V: tl.constexpr):
+                           LAST: tl.constexpr, BLOCK_V: tl.constexpr, HAS_IDX: tl.constexpr):
         # Row b's argmax over V (first index of the max; the first NaN if any), then its token, output column
         # and done flag. LAST (a batch of one row): also ended[t % n] and t += 1, else _ended_kernel does them.
+        # HAS_IDX: the V values are partials (kernels/lm_head.py: a tile's maximum), idx [B, V] their indices
         b = tl.program_id(0)
         t = tl.load(t_ptr)
         col = t % N
@@ -55,6 +56,8 @@ if HAVE_TRITON:
             best = tl.where(take, m, best)
         best_i = tl.where(best_i == big, 0, best_i)  # every value -inf (and no NaN): index 0, as torch.argmax
         arg = tl.where(nan_i < big, nan_i, best_i)
+        if HAS_IDX:
+            arg = tl.load(idx_ptr + b * stride_l + arg).to(tl.int64)
         was_done = tl.load(done_ptr + b) != 0
         nxt = tl.where(was_done, PAD, arg).to(tl.int64)
         tl.store(out_ptr + b * stride_o + col, nxt)
@@ -74,10 +77,12 @@ if HAVE_TRITON:
         tl.store(t_ptr, t + 1)
 
 
-def greedy_select_reference(logits: torch.Tensor, tok: torch.Tensor, out: torch.Tensor, done: torch.Tensor,
-                            ended: torch.Tensor, t: torch.Tensor, pad: int, eos: int) -> None:
-    """The same in PyTorch ops (in place on tok [B], out [B, n], done [B], ended [n], t [])."""
-    nxt = torch.where(done, pad, logits.argmax(-1))
+def greedy_select_reference(logits: torch.Tensor | None, tok: torch.Tensor, out: torch.Tensor, done: torch.Tensor,
+                            ended: torch.Tensor, t: torch.Tensor, pad: int, eos: int,
+                            chosen: torch.Tensor | None = None) -> None:
+    """The same in PyTorch ops (in place on tok [B], out [B, n], done [B], ended [n], t []); chosen: the tokens
+    (pad already in for ended rows) instead of the logits' argmax."""
+    nxt = torch.where(done, pad, logits.argmax(-1)) if chosen is None else chosen
     i = torch.remainder(t, out.shape[1]).view(1)
     out.index_copy_(1, i, nxt[:, None])
     done.logical_or_(nxt == eos)
@@ -87,12 +92,22 @@ def greedy_select_reference(logits: torch.Tensor, tok: torch.Tensor, out: torch.
 
 
 def greedy_select(logits: torch.Tensor, tok: torch.Tensor, out: torch.Tensor, done: torch.Tensor,
-                  ended: torch.Tensor, t: torch.Tensor, pad: int, eos: int, force_triton: bool = False) -> None:
+                  ended: torch.Tensor, t: torch.Tensor, pad: int, eos: int, force_triton: bool = False,
+                  index: torch.Tensor | None = None) -> None:
     """In place: the step's greedy choice from logits [B, V] (any float dtype). The kernel on CUDA (or with
-    force_triton, for tests under TRITON_INTERPRET=1), the reference otherwise."""
+    force_triton, for tests under TRITON_INTERPRET=1), the reference otherwise. index: int32 [B, V] of the same
+    layout: `logits` are partials (kernels/lm_head.py: each tile's maximum, in tile order) and the token is the
+    index beside the chosen one."""
     if not HAVE_TRITON or not (logits.is_cuda or force_triton):
+        if index is not None:
+            nxt = torch.where(done, pad, index.gather(1, logits.argmax(-1, keepdim=True))[:, 0].long())
+            return greedy_select_reference(None, tok, out, done, ended, t, pad, eos, chosen=nxt)
         return greedy_select_reference(logits, tok, out, done, ended, t, pad, eos)
     B, V = logits.shape
+    if index is not None and (index.shape != logits.shape or index.stride() != logits.stride()
+                              or index.dtype != torch.int32):
+        raise ValueError(f"greedy_select: index must be int32 of the partials' shape and layout, got {index.dtype} "
+                         f"{tuple(index.shape)} for {tuple(logits.shape)}")
     n = out.shape[1]
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -105,7 +120,8 @@ def greedy_select(logits: torch.Tensor, tok: torch.Tensor, out: torch.Tensor, do
                          f"{tuple(out.shape)}, done {tuple(done.shape)}, ended {tuple(ended.shape)}")
     block_v = min(triton.next_power_of_2(V), MAX_BLOCK_V)
     warps = 16 if block_v >= 16384 else 8 if block_v >= 4096 else 4
-    _select_row_kernel[(B,)](logits, tok, out, done, ended, t, V, n, B, logits.stride(0), out.stride(0),
-                             int(pad), int(eos), LAST=B == 1, BLOCK_V=block_v, num_warps=warps)
+    _select_row_kernel[(B,)](logits, logits if index is None else index, tok, out, done, ended, t, V, n, B,
+                             logits.stride(0), out.stride(0), int(pad), int(eos), LAST=B == 1, BLOCK_V=block_v,
+                             HAS_IDX=index is not None, num_warps=warps)
     if B > 1:
         _ended_kernel[(1,)](done, ended, t, B, n, BLOCK_B=triton.next_power_of_2(B), num_warps=1)

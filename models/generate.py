@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from kernels import lm_head
 from kernels.beam_select import beam_update
 from kernels.greedy import greedy_select
 from models.switch import DecodeState, Switch
@@ -31,9 +32,16 @@ class GreedySelect:
         self.tok = torch.empty(batch, dtype=torch.long, device=device)
         self.out = torch.empty((batch, self.n), dtype=torch.long, device=device)
         self.done = torch.empty(batch, dtype=torch.bool, device=device)
-        self.ended = torch.empty(self.n, dtype=torch.bool, device=device)
+        # "every row done after step t" (ended[t % n]): on CUDA in pinned host memory, written there by the choice's
+        # kernel, so the decode loop reads it after step t's event with no copy queued between two steps (a 1-byte
+        # device-to-host copy there held the GPU idle a few us per step)
+        # (PGMOE_ENDED_COPY=1: on the device, copied to the host after each step as before; bench variant #flagcopy)
+        on_host = torch.device(device).type == "cuda" and os.environ.get("PGMOE_ENDED_COPY", "0") != "1"
+        self.ended = (torch.empty(self.n, dtype=torch.bool, pin_memory=True) if on_host
+                      else torch.empty(self.n, dtype=torch.bool, device=device))
         self.t = torch.empty((), dtype=torch.long, device=device)
         self.captured = False  # set by the graph that runs it
+        self._head_bufs = None  # from_hidden's logits and partials (static: a captured graph reads them)
         self.reset()
 
     def reset(self) -> None:
@@ -47,6 +55,37 @@ class GreedySelect:
     def __call__(self, logits: torch.Tensor) -> None:
         # one kernel on CUDA (kernels/greedy.py), the same PyTorch ops elsewhere
         greedy_select(logits, self.tok, self.out, self.done, self.ended, self.t, self.pad_token, self.eos)
+
+    def fuses_head(self, model: Switch, force_triton: bool = False) -> bool:
+        """Whether from_hidden takes the LM head of `model` into its kernels (kernels/lm_head.py: on CUDA, up
+        to lm_head.MAX_ROWS rows)."""
+        w, _ = model.head()
+        return lm_head.supported(torch.empty(self.tok.shape[0], w.shape[1], dtype=w.dtype, device=w.device), w,
+                                 force_triton)
+
+    def from_hidden(self, model: Switch, h: torch.Tensor, force_triton: bool = False) -> torch.Tensor:
+        """The choice from the decoder's final hidden state h [B, D] (Switch.decode_hidden): the LM head and
+        each vocabulary tile's argmax in one kernel, then the choice over the tiles' partials (two kernels
+        for the ~4 of the logits' path: kernels/lm_head.py). Returns the fp32 logits [B, V] as decode_one_token
+        does (the same values, summed in another order). Where fuses_head is false: decode_one_token's head,
+        then __call__."""
+        w, scale = model.head()
+        if not self.fuses_head(model, force_triton):
+            logits = model._logits(h[:, None])[:, 0].float()
+            self(logits)
+            return logits
+        B, V = h.shape[0], w.shape[0]
+        key = (V, w.device)
+        if self._head_bufs is None or self._head_bufs[0] != key:
+            P = lm_head.tiles(V, lm_head.config(B)["block_v"])
+            self._head_bufs = (key, torch.empty(B, V, dtype=torch.float32, device=w.device),
+                               torch.empty(B, P, dtype=torch.float32, device=w.device),
+                               torch.empty(B, P, dtype=torch.int32, device=w.device))
+        _, logits, pval, pidx = self._head_bufs
+        lm_head.lm_head_partials(h, w, scale, logits, pval, pidx)
+        greedy_select(pval, self.tok, self.out, self.done, self.ended, self.t, self.pad_token, self.eos,
+                      force_triton=force_triton, index=pidx)
+        return logits
 
 
 @torch.no_grad()
@@ -108,7 +147,6 @@ class BeamSelect:
         self.fin_seqs = torch.empty((B, nb, n), dtype=torch.long, device=device)
         self.fin_len = torch.empty((B, nb), dtype=torch.long, device=device)
         self.done = torch.empty(B, dtype=torch.bool, device=device)
-        self.ended = torch.empty(n, dtype=torch.bool, device=device)
         self.t = torch.empty((), dtype=torch.long, device=device)
         self.src = torch.empty(B * nb, dtype=torch.long, device=device)  # the rows the caches take, per step
         self.rank = torch.arange(2 * nb, device=device)
@@ -121,6 +159,12 @@ class BeamSelect:
             cuda = torch.device(device).type == "cuda"
             kernel = cuda if env is None else env == "1" and (cuda or os.environ.get("TRITON_INTERPRET") == "1")
         self.kernel = bool(kernel)
+        # "every prompt done after step t": with the kernel on CUDA in pinned host memory, where the kernel writes
+        # it (the decode loop reads it there: no copy between two steps; GreedySelect's comment)
+        on_host = (self.kernel and torch.device(device).type == "cuda"
+                   and os.environ.get("PGMOE_ENDED_COPY", "0") != "1")
+        self.ended = (torch.empty(n, dtype=torch.bool, pin_memory=True) if on_host
+                      else torch.empty(n, dtype=torch.bool, device=device))
         self.row0 = torch.arange(B, device=device)[:, None] * nb  # each prompt's first beam row
         # the caches take self.src at the start of the next step (DecodeState.defer_reorder: there the gather runs
         # while that step's first expert copies do); PGMOE_BEAM_DEFER=0: at the end of this one, as before (the
@@ -200,7 +244,9 @@ def _decode_loop(step: Step, state: DecodeState, sel, max_new_tokens: int, on_to
     GPU does not idle while the host runs the loop. Where every sequence ended at step t, the already-queued
     step t + 1 is dropped from the output (it ran, so the state has advanced one step past the output).
     on_token(t) is called once step t is complete (its event waited on), not after a device-wide sync."""
-    # "every sequence ended after step t", two host slots (steps t and t - 1 are in flight at once)
+    # "every sequence ended after step t", two host slots (steps t and t - 1 are in flight at once); none where the
+    # select's kernel writes its flags to pinned host memory itself
+    host_flags = cuda and not sel.ended.is_cuda
     ended = torch.zeros(2, dtype=torch.bool, pin_memory=cuda)
     n = 0
     pending: tuple[int, torch.cuda.Event | None] | None = None  # the step launched before this one
@@ -210,14 +256,15 @@ def _decode_loop(step: Step, state: DecodeState, sel, max_new_tokens: int, on_to
             ev.synchronize()  # step t and its flag, not the step queued after it
         if on_token is not None:
             on_token(t)
-        return bool(ended[t % 2])
+        return bool(sel.ended[t % sel.n]) if host_flags else bool(ended[t % 2])
 
     for t in range(max_new_tokens):
         logits = step(state, sel.tok)
         if not sel.captured:
             sel(logits)
         n = t + 1
-        ended[t % 2].copy_(sel.ended[t], non_blocking=cuda)
+        if not host_flags:
+            ended[t % 2].copy_(sel.ended[t], non_blocking=cuda)
         ev = None
         if cuda:
             ev = torch.cuda.Event()

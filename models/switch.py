@@ -412,6 +412,12 @@ class Switch(nn.Module):
             return F.linear(h * self.cfg.d_model**-0.5, self.shared.weight)
         return self.lm_head(h)
 
+    def head(self) -> tuple[torch.Tensor, float]:
+        """The LM head as (weight [V, D], scale): logits = (h * scale) @ weight.T, as _logits computes them."""
+        if self.lm_head is None:
+            return self.shared.weight, self.cfg.d_model**-0.5
+        return self.lm_head.weight, 1.0
+
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         out = labels.new_zeros(labels.shape)
         out[..., 1:] = labels[..., :-1]
@@ -518,6 +524,12 @@ class Switch(nn.Module):
     def decode_one_token(self, state: DecodeState, tokens_B: torch.Tensor) -> torch.Tensor:
         """One decoder step for tokens [B] at position state.pos; returns fp32 logits [B, V] and
         advances state.pos in place. No host synchronisation: capturable as a CUDA graph."""
+        return self._logits(self.decode_hidden(state, tokens_B)[:, None])[:, 0].float()
+
+    @torch.no_grad()
+    def decode_hidden(self, state: DecodeState, tokens_B: torch.Tensor) -> torch.Tensor:
+        """decode_one_token up to the LM head: the decoder's final hidden state [B, D] (model dtype), which
+        head() turns into the logits (models.generate.GreedySelect.from_hidden: in one kernel with the choice)."""
         moes = self.decoder.moes
         src = moes[0].expert_source if moes else None
         start = getattr(src, "step_start", None)
@@ -533,4 +545,4 @@ class Switch(nn.Module):
             h, bias, cross_kv=kv, cross_bias=state.enc_bias, cache=(state.self_k, state.self_v, state.pos)
         )
         state.pos += 1
-        return self._logits(out)[:, 0].float()
+        return out[:, 0]

@@ -1,0 +1,134 @@
+"""The decode step's LM head as one kernel that also finds each vocabulary tile's argmax, for greedy decoding.
+
+Why: at the end of a captured greedy step, after the last MoE block, come the head's scale (h * d_model^-0.5
+for tied embeddings), the [V, D] matrix product (cuBLAS, bf16 out), the cast of the logits to fp32 and the
+greedy choice, which reads all V logits again: four launches and ~29 us on the H200 for switch-base-128
+(bench/results/profile-decode-compress-h200.json: 16.7 us of matrix product, 6.8 us of choice), on the step's
+critical path, where nothing overlaps them. Here one kernel reads each weight row once, writes the fp32 logits
+(the step still returns them) and, per tile of BLOCK_V rows, the tile's maximum and its first index; the
+greedy choice (kernels/greedy.py, greedy_select with partials) then reduces V / BLOCK_V partials, not V logits.
+
+Numerics as the PyTorch path's: x = h * scale rounded to the weights' dtype, products summed in fp32 (in
+another order than cuBLAS's), each logit rounded to the weights' dtype and returned as fp32. A tile's partial
+follows torch.argmax: the first index of the maximum; a NaN counts as larger than any number (the tile's first
+NaN: its value NaN, its index that NaN's); a tile of -inf gives -inf at its first index. Reduced in tile order
+(the first NaN tile, else the largest value, ties to the earlier tile), the partials give torch.argmax's index.
+
+Legend: B rows, D model width, V vocabulary, P = ceil(V / BLOCK_V) tiles.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.routing import fp32_dot
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover
+    HAVE_TRITON = False
+
+MAX_ROWS = 64  # more rows than this: the PyTorch path (a matrix product proper)
+# the tile, from scripts/probe_lm_head.py --sweep on the H200 (bench/results/probe-lm-head-h200.json): tl.dot with
+# the rows padded to 16 (one row too: products summed in registers instead took 30-55 us there, tl.dot ~21)
+CONFIG = {"block_v": 128, "block_d": 64, "warps": 4, "stages": 3}
+
+
+def config(rows: int) -> dict:
+    """The pinned tile settings for `rows` rows (lm_head_partials' keyword arguments; a copy)."""
+    return dict(CONFIG)
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _lm_head_kernel(x_ptr, w_ptr, logits_ptr, pval_ptr, pidx_ptr, B, V, D, stride_x, stride_w, stride_l,
+                        stride_p, scale, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                        IEEE: tl.constexpr, STAGES: tl.constexpr):
+        pid = tl.program_id(0)
+        offs_v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+        offs_b = tl.arange(0, BLOCK_B)
+        vmask = offs_v < V
+        bmask = offs_b < B
+        wdt = w_ptr.dtype.element_ty
+        acc = tl.zeros([BLOCK_B, BLOCK_V], dtype=tl.float32)
+        for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            dmask = offs_d < D
+            x = tl.load(x_ptr + offs_b[:, None] * stride_x + offs_d[None, :], mask=bmask[:, None] & dmask[None, :],
+                        other=0.0)
+            x = (x.to(tl.float32) * scale).to(wdt)  # h * scale in the weights' dtype, as PyTorch rounds it
+            w = tl.load(w_ptr + offs_v[:, None] * stride_w + offs_d[None, :], mask=vmask[:, None] & dmask[None, :],
+                        other=0.0)
+            if IEEE:  # fp32 operands (fp32 weights, or the interpreter, whose bf16 dot is wrong: products exact)
+                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
+        logits = acc.to(wdt).to(tl.float32)  # the model's logits (its dtype), as fp32
+        lmask = bmask[:, None] & vmask[None, :]
+        tl.store(logits_ptr + offs_b[:, None] * stride_l + offs_v[None, :], logits, mask=lmask)
+        big = V + BLOCK_V
+        is_nan = (logits != logits) & vmask[None, :]
+        nan_i = tl.min(tl.where(is_nan, offs_v[None, :], big), axis=1)
+        xs = tl.where(is_nan | (offs_v[None, :] >= V), -float("inf"), logits)
+        m = tl.max(xs, axis=1)
+        i = tl.min(tl.where((xs == m[:, None]) & vmask[None, :], offs_v[None, :], big), axis=1)
+        has_nan = nan_i < big
+        val = tl.where(has_nan, float("nan"), m)
+        idx = tl.where(has_nan, nan_i, i)
+        tl.store(pval_ptr + offs_b * stride_p + pid, val, mask=bmask)
+        tl.store(pidx_ptr + offs_b * stride_p + pid, idx.to(tl.int32), mask=bmask)
+
+
+def tiles(V: int, block_v: int) -> int:
+    """P: the number of partials per row."""
+    return -(-V // block_v)
+
+
+def supported(h: torch.Tensor, weight: torch.Tensor, force_triton: bool = False) -> bool:
+    """Whether lm_head_partials takes these inputs (else use lm_head_reference and the plain greedy choice)."""
+    return (HAVE_TRITON and (h.is_cuda or force_triton) and h.dim() == 2 and weight.dim() == 2
+            and h.shape[1] == weight.shape[1] and 1 <= h.shape[0] <= MAX_ROWS and h.dtype == weight.dtype
+            and weight.dtype in (torch.bfloat16, torch.float16, torch.float32) and weight.stride(1) == 1)
+
+
+def lm_head_partials(h: torch.Tensor, weight: torch.Tensor, scale: float, logits: torch.Tensor,
+                     pval: torch.Tensor, pidx: torch.Tensor, block_v: int | None = None, block_d: int | None = None,
+                     warps: int | None = None, stages: int | None = None) -> torch.Tensor:
+    """logits [B, V] fp32 <- round(round(h * scale) @ weight.T) (rounded to weight's dtype), and per row and tile
+    of block_v vocabulary rows its (maximum, first index) in pval [B, P] fp32 / pidx [B, P] int32. Returns logits."""
+    B, D = h.shape
+    V = weight.shape[0]
+    pinned = config(B)
+    bv = block_v or pinned["block_v"]
+    P = tiles(V, bv)
+    if not supported(h, weight, force_triton=True):
+        raise ValueError(f"lm_head_partials: h {h.dtype} {tuple(h.shape)} and weight {weight.dtype} "
+                         f"{tuple(weight.shape)}: need 1..{MAX_ROWS} rows of the weight's width and dtype")
+    if logits.shape != (B, V) or logits.dtype != torch.float32 or logits.stride(1) != 1:
+        raise ValueError(f"lm_head_partials: logits must be fp32 [{B}, {V}], got {logits.dtype} {tuple(logits.shape)}")
+    if (pval.shape != (B, P) or pidx.shape != (B, P) or pval.dtype != torch.float32 or pidx.dtype != torch.int32
+            or pval.stride() != pidx.stride() or pval.stride(1) != 1):
+        raise ValueError(f"lm_head_partials: partials must be fp32 / int32 [{B}, {P}] of one layout, got "
+                         f"{pval.dtype} {tuple(pval.shape)} / {pidx.dtype} {tuple(pidx.shape)}")
+    if h.stride(1) != 1:
+        h = h.contiguous()
+    block_b = max(16, triton.next_power_of_2(B))
+    _lm_head_kernel[(P,)](h, weight, logits, pval, pidx, B, V, D, h.stride(0), weight.stride(0), logits.stride(0),
+                          pval.stride(0), float(scale), BLOCK_B=block_b, BLOCK_V=bv,
+                          BLOCK_D=block_d or pinned["block_d"], IEEE=fp32_dot(weight.dtype),
+                          STAGES=stages or pinned["stages"], num_warps=warps or pinned["warps"])
+    return logits
+
+
+def lm_head_reference(h: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Tensor:
+    """The model's path: F.linear(h * scale, weight) in the weights' dtype, as fp32 [B, V]."""
+    x = h * scale if scale != 1.0 else h
+    return torch.nn.functional.linear(x, weight).float()
+
+
+__all__ = ["lm_head_partials", "lm_head_reference", "supported", "tiles", "config", "CONFIG", "MAX_ROWS",
+           "HAVE_TRITON"]
