@@ -37,11 +37,6 @@ MAX_ROWS = 64  # more rows than this: the PyTorch path (a matrix product proper)
 CONFIG = {"block_v": 128, "block_d": 64, "warps": 4, "stages": 3}
 
 
-def config(rows: int) -> dict:
-    """The pinned tile settings for `rows` rows (lm_head_partials' keyword arguments; a copy)."""
-    return dict(CONFIG)
-
-
 if HAVE_TRITON:
 
     @triton.jit
@@ -88,10 +83,10 @@ def tiles(V: int, block_v: int) -> int:
     return -(-V // block_v)
 
 
-def supported(h: torch.Tensor, weight: torch.Tensor, force_triton: bool = False) -> bool:
-    """Whether lm_head_partials takes these inputs (else use lm_head_reference and the plain greedy choice)."""
-    return (HAVE_TRITON and (h.is_cuda or force_triton) and h.dim() == 2 and weight.dim() == 2
-            and h.shape[1] == weight.shape[1] and 1 <= h.shape[0] <= MAX_ROWS and h.dtype == weight.dtype
+def supported(rows: int, weight: torch.Tensor, force_triton: bool = False) -> bool:
+    """Whether lm_head_partials takes `rows` rows of the weight's width and dtype against `weight` [V, D] (else use
+    lm_head_reference and the plain greedy choice)."""
+    return (HAVE_TRITON and (weight.is_cuda or force_triton) and weight.dim() == 2 and 1 <= rows <= MAX_ROWS
             and weight.dtype in (torch.bfloat16, torch.float16, torch.float32) and weight.stride(1) == 1)
 
 
@@ -102,10 +97,9 @@ def lm_head_partials(h: torch.Tensor, weight: torch.Tensor, scale: float, logits
     of block_v vocabulary rows its (maximum, first index) in pval [B, P] fp32 / pidx [B, P] int32. Returns logits."""
     B, D = h.shape
     V = weight.shape[0]
-    pinned = config(B)
-    bv = block_v or pinned["block_v"]
+    bv = block_v or CONFIG["block_v"]
     P = tiles(V, bv)
-    if not supported(h, weight, force_triton=True):
+    if not supported(B, weight, force_triton=True) or h.dtype != weight.dtype or D != weight.shape[1]:
         raise ValueError(f"lm_head_partials: h {h.dtype} {tuple(h.shape)} and weight {weight.dtype} "
                          f"{tuple(weight.shape)}: need 1..{MAX_ROWS} rows of the weight's width and dtype")
     if logits.shape != (B, V) or logits.dtype != torch.float32 or logits.stride(1) != 1:
@@ -119,8 +113,8 @@ def lm_head_partials(h: torch.Tensor, weight: torch.Tensor, scale: float, logits
     block_b = max(16, triton.next_power_of_2(B))
     _lm_head_kernel[(P,)](h, weight, logits, pval, pidx, B, V, D, h.stride(0), weight.stride(0), logits.stride(0),
                           pval.stride(0), float(scale), BLOCK_B=block_b, BLOCK_V=bv,
-                          BLOCK_D=block_d or pinned["block_d"], IEEE=fp32_dot(weight.dtype),
-                          STAGES=stages or pinned["stages"], num_warps=warps or pinned["warps"])
+                          BLOCK_D=block_d or CONFIG["block_d"], IEEE=fp32_dot(weight.dtype),
+                          STAGES=stages or CONFIG["stages"], num_warps=warps or CONFIG["warps"])
     return logits
 
 
@@ -130,5 +124,5 @@ def lm_head_reference(h: torch.Tensor, weight: torch.Tensor, scale: float) -> to
     return torch.nn.functional.linear(x, weight).float()
 
 
-__all__ = ["lm_head_partials", "lm_head_reference", "supported", "tiles", "config", "CONFIG", "MAX_ROWS",
+__all__ = ["lm_head_partials", "lm_head_reference", "supported", "tiles", "CONFIG", "MAX_ROWS",
            "HAVE_TRITON"]

@@ -14,10 +14,21 @@ import torch
 
 from kernels import lm_head
 from kernels.beam_select import beam_update
+from kernels.greedy import HAVE_TRITON as GREEDY_KERNEL
 from kernels.greedy import greedy_select
 from models.switch import DecodeState, Switch
 
 Step = Callable[[DecodeState, torch.Tensor], torch.Tensor]
+
+
+def _ended_flags(n: int, device, kernel: bool) -> torch.Tensor:
+    """A select's "every row done after step t" flags [n] (bool, ended[t % n]). Where its kernel writes them on
+    CUDA: in pinned host memory, so the decode loop reads them after step t's event with no copy queued between
+    two steps (a 1-byte device-to-host copy there held the GPU idle ~5 us per step on the H200). Else, or with
+    PGMOE_ENDED_COPY=1 (bench variant #flagcopy): on the device, copied to the host after each step."""
+    if kernel and torch.device(device).type == "cuda" and os.environ.get("PGMOE_ENDED_COPY", "0") != "1":
+        return torch.empty(n, dtype=torch.bool, pin_memory=True)
+    return torch.empty(n, dtype=torch.bool, device=device)
 
 
 class GreedySelect:
@@ -32,13 +43,8 @@ class GreedySelect:
         self.tok = torch.empty(batch, dtype=torch.long, device=device)
         self.out = torch.empty((batch, self.n), dtype=torch.long, device=device)
         self.done = torch.empty(batch, dtype=torch.bool, device=device)
-        # "every row done after step t" (ended[t % n]): on CUDA in pinned host memory, written there by the choice's
-        # kernel, so the decode loop reads it after step t's event with no copy queued between two steps (a 1-byte
-        # device-to-host copy there held the GPU idle a few us per step)
-        # (PGMOE_ENDED_COPY=1: on the device, copied to the host after each step as before; bench variant #flagcopy)
-        on_host = torch.device(device).type == "cuda" and os.environ.get("PGMOE_ENDED_COPY", "0") != "1"
-        self.ended = (torch.empty(self.n, dtype=torch.bool, pin_memory=True) if on_host
-                      else torch.empty(self.n, dtype=torch.bool, device=device))
+        # "every row done after step t" (ended[t % n]); greedy_select runs its kernel wherever Triton is
+        self.ended = _ended_flags(self.n, device, kernel=GREEDY_KERNEL)
         self.t = torch.empty((), dtype=torch.long, device=device)
         self.captured = False  # set by the graph that runs it
         self._head_bufs = None  # from_hidden's logits and partials (static: a captured graph reads them)
@@ -59,9 +65,7 @@ class GreedySelect:
     def fuses_head(self, model: Switch, force_triton: bool = False) -> bool:
         """Whether from_hidden takes the LM head of `model` into its kernels (kernels/lm_head.py: on CUDA, up
         to lm_head.MAX_ROWS rows)."""
-        w, _ = model.head()
-        return lm_head.supported(torch.empty(self.tok.shape[0], w.shape[1], dtype=w.dtype, device=w.device), w,
-                                 force_triton)
+        return lm_head.supported(self.tok.shape[0], model.head()[0], force_triton)
 
     def from_hidden(self, model: Switch, h: torch.Tensor, force_triton: bool = False) -> torch.Tensor:
         """The choice from the decoder's final hidden state h [B, D] (Switch.decode_hidden): the LM head and
@@ -77,7 +81,7 @@ class GreedySelect:
         B, V = h.shape[0], w.shape[0]
         key = (V, w.device)
         if self._head_bufs is None or self._head_bufs[0] != key:
-            P = lm_head.tiles(V, lm_head.config(B)["block_v"])
+            P = lm_head.tiles(V, lm_head.CONFIG["block_v"])
             self._head_bufs = (key, torch.empty(B, V, dtype=torch.float32, device=w.device),
                                torch.empty(B, P, dtype=torch.float32, device=w.device),
                                torch.empty(B, P, dtype=torch.int32, device=w.device))
@@ -159,12 +163,7 @@ class BeamSelect:
             cuda = torch.device(device).type == "cuda"
             kernel = cuda if env is None else env == "1" and (cuda or os.environ.get("TRITON_INTERPRET") == "1")
         self.kernel = bool(kernel)
-        # "every prompt done after step t": with the kernel on CUDA in pinned host memory, where the kernel writes
-        # it (the decode loop reads it there: no copy between two steps; GreedySelect's comment)
-        on_host = (self.kernel and torch.device(device).type == "cuda"
-                   and os.environ.get("PGMOE_ENDED_COPY", "0") != "1")
-        self.ended = (torch.empty(n, dtype=torch.bool, pin_memory=True) if on_host
-                      else torch.empty(n, dtype=torch.bool, device=device))
+        self.ended = _ended_flags(n, device, kernel=self.kernel)  # "every prompt done after step t"
         self.row0 = torch.arange(B, device=device)[:, None] * nb  # each prompt's first beam row
         # the caches take self.src at the start of the next step (DecodeState.defer_reorder: there the gather runs
         # while that step's first expert copies do); PGMOE_BEAM_DEFER=0: at the end of this one, as before (the

@@ -49,21 +49,18 @@ def rows(n: int, d: int, f: int, dev, seed: int) -> torch.Tensor:
 
 
 def per_call_us(fns, reps: int) -> float:
-    """Median microseconds per call of the fns run back to back in one CUDA graph (replays timed by CUDA events)."""
-    for fn in fns:
-        fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for fn in fns:
-            fn()
-    g.replay()
+    """Median microseconds per call of the fns run back to back in one CUDA graph (scripts/bench_kernels.graph_of;
+    replays timed by CUDA events, no L2 flush between them)."""
+    from scripts.bench_kernels import graph_of
+
+    replay = graph_of(*fns)
+    replay()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        g.replay()
+        replay()
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) * 1e3 / len(fns))

@@ -52,7 +52,7 @@ def check(D: int, rows: int, dev) -> dict:
     for _ in range(0, rows, B):
         h = (torch.randn(B, D, device=dev, generator=g) * 8).bfloat16()
         ref = F.linear(h * scale, w).float()
-        P = lm_head.tiles(V, lm_head.config(B)["block_v"])
+        P = lm_head.tiles(V, lm_head.CONFIG["block_v"])
         logits = torch.empty(B, V, device=dev)
         pv, pi = torch.empty(B, P, device=dev), torch.empty(B, P, dtype=torch.int32, device=dev)
         lm_head.lm_head_partials(h, w, scale, logits, pv, pi)
@@ -88,7 +88,7 @@ def time_paths(D: int, B: int, reps: int, cfgs: list[dict], dev) -> dict:
 
     res = {"B": B, "D": D, "matmul_us": bench_us([graph_of(matmul)], reps), "fused": []}
     P_max = lm_head.tiles(V, min(c["block_v"] for c in cfgs))
-    pinned_cfg = lm_head.config(B)
+    pinned_cfg = lm_head.CONFIG
     logits = torch.empty(B, V, device=dev)
     pv_all = torch.empty(B, P_max, device=dev)
     pi_all = torch.empty(B, P_max, dtype=torch.int32, device=dev)
@@ -133,7 +133,7 @@ def main() -> None:
         ok &= c["ok"]
         rows = []
         for B in [int(b) for b in args.batches.split(",")]:
-            pinned = lm_head.config(B)
+            pinned = dict(lm_head.CONFIG)
             cfgs = grid if (args.sweep and B in (1, 4) and name in args.sweep_widths.split(",")) else [pinned]
             r = time_paths(D, B, args.reps, cfgs, dev)
             rows.append(r)

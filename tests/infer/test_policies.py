@@ -30,6 +30,17 @@ def _engine(path):
     return Engine(model, store, "cpu")
 
 
+def _native_or_skip(api: str) -> None:
+    """Skip where the dma copier's native loop is asked for and cannot be built here (no C compiler)."""
+    from infer import native_copier
+
+    if api == "native":
+        try:
+            native_copier.build()
+        except native_copier.NativeUnavailable as e:
+            pytest.skip(str(e))
+
+
 def _same(ref, res):
     assert res.tokens == ref.tokens, res.policy
     assert len(res.step_logits) == len(ref.step_logits)
@@ -194,14 +205,9 @@ def test_dma_copy_mode_under_the_interpreter(pregated_ckpt, monkeypatch, api):
     pytest.importorskip("triton")
     import threading
 
-    from infer import native_copier
     from infer.offload import DmaCopier
 
-    if api == "native":
-        try:
-            native_copier.build()
-        except native_copier.NativeUnavailable as e:
-            pytest.skip(str(e))
+    _native_or_skip(api)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     model, store = load_offloaded(pregated_ckpt, "cpu", torch.float32, None)
     model.set_backend("torch")
@@ -654,14 +660,8 @@ def test_compressed_store_on_the_gpu_path_under_the_interpreter(pregated_ckpt, m
     device the plain copy kernel's, unpacked behind it; the streamed prefill chunks unpack as the kernel reads the
     store; tokens and logits are the uncompressed gpu_only's bitwise."""
     pytest.importorskip("triton")
-    from infer import native_copier
-
     copy_mode, _, api = mode.partition("-")
-    if api == "native":
-        try:
-            native_copier.build()
-        except native_copier.NativeUnavailable as e:
-            pytest.skip(str(e))
+    _native_or_skip(api)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     model, store = load_offloaded(pregated_ckpt, "cpu", torch.bfloat16, None)
     model_c, packed = load_offloaded(pregated_ckpt, "cpu", torch.bfloat16, None, compress="exp4")
