@@ -50,21 +50,11 @@ def rows(n: int, d: int, f: int, dev, seed: int) -> torch.Tensor:
 
 def per_call_us(fns, reps: int) -> float:
     """Median microseconds per call of the fns run back to back in one CUDA graph (scripts/bench_kernels.graph_of;
-    replays timed by CUDA events, no L2 flush between them)."""
+    replays timed by scripts/probe_decode.cuda_times, no L2 flush between them)."""
     from scripts.bench_kernels import graph_of
+    from scripts.probe_decode import cuda_times
 
-    replay = graph_of(*fns)
-    replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / len(fns))
-    return statistics.median(times)
+    return statistics.median(cuda_times(graph_of(*fns), 1, reps)) * 1e3 / len(fns)
 
 
 def memcpy_us(src_rows: torch.Tensor, dst: torch.Tensor, n: int, reps: int) -> float:
