@@ -625,6 +625,8 @@ class Engine:
             "beam_update": None if nb == 1 else ("kernel" if select.kernel else "tensor ops"),
             # where the caches' reorder to the chosen beams runs (models.generate.BeamSelect, PGMOE_BEAM_DEFER)
             "beam_reorder": None if nb == 1 else ("next step's start" if select.defer else "end of step"),
+            # how it moves the self caches (models.switch.DecodeState.reorder_form, PGMOE_KV_REORDER)
+            "kv_reorder": None if nb == 1 else state.reorder_form(),
             # greedy's LM head: with the choice in kernels/lm_head.py (a captured step) or the matrix product
             "greedy_head": None if nb != 1 else ("kernel" if getattr(step, "fused_head", False) else "matmul"),
         }

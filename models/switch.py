@@ -12,6 +12,7 @@ D d_model, H heads, Dh d_kv, V vocabulary, M MoE blocks in a stack, E experts.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.decode_attention import decode_attention, use_decode_attention
+from kernels.kv_reorder import reorder_reference, reorder_written
+from kernels.kv_reorder import supported as kv_reorder_supported
 from kernels.rmsnorm import rmsnorm, rmsnorm_reference
 from models.config import SwitchConfig
 from models.moe import BACKENDS, Routing, SparseMLP
@@ -199,13 +202,27 @@ class DecodeState:
             self.reorder(self.row_src, cross=False)
             self.clear_deferred()
 
+    def reorder_form(self) -> str:
+        """How reorder moves the self caches: "written positions" (kernels/kv_reorder.py, in place, the positions
+        below pos; the default where its kernel runs) or "gather" (every position; PGMOE_KV_REORDER=0 turns the
+        kernel off)."""
+        if (self.self_kv is not None and os.environ.get("PGMOE_KV_REORDER", "1") != "0"
+                and kv_reorder_supported(self.self_kv.flatten(0, 1).flatten(3))):
+            return "written positions"
+        return "gather"
+
     def reorder(self, index: torch.Tensor, cross: bool = True) -> None:
         """Reorder the batch in place (beam search). cross=False: the self-attention caches only, for rows whose
         encoder side (cross-attention caches, padding bias) is the same wherever `index` moves them (the beams
         of one prompt, after their rows were made copies of one)."""
         bufs = (*self.cross_k, *self.cross_v, self.enc_bias) if cross else ()
-        if self.self_kv is not None:  # self_k, self_v are its views: one gather for every block (rows first)
-            bufs += (self.self_kv.flatten(0, 1).transpose(0, 1),)
+        if self.self_kv is not None:  # self_k, self_v are its views: one launch for every block
+            kv = self.self_kv.flatten(0, 1).flatten(3)  # [2 blocks, B, H, Tmax * Dh]
+            if self.reorder_form() == "written positions":
+                # the positions written so far only, in place (kernels/kv_reorder.py)
+                reorder_written(kv, index, self.pos, unit=self.self_kv.shape[-1])
+            else:  # the gather of every position (off CUDA; PGMOE_KV_REORDER=0: the lever's A/B switch)
+                reorder_reference(kv, index)
         else:
             bufs += (*self.self_k, *self.self_v)
         for buf in bufs:

@@ -534,6 +534,9 @@ def main() -> int:
 #              the tiles (the default on CUDA); its sums run in another order, so its tokens are recorded, not failed
 #   flagcopy:  the decode loop's "every row ended" flag copied to pinned memory after each step (PGMOE_ENDED_COPY=1)
 #              instead of written there by the choice's kernel inside the step (the default on CUDA)
+#   kvgather:  beam search's reorder of the self-attention caches as the gather of every position (PGMOE_KV_REORDER=0)
+#              instead of kernels/kv_reorder.py's in-place move of the written positions (the default on CUDA); the
+#              same tokens
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
 GUESS_VARIANTS = {"noguess": "off", "guessrun": "run", "guesskeep": "keep"}
 
@@ -593,8 +596,9 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
             plan = PLAN_VARIANTS[tok]
         elif tok in ("dma", "device"):
             mode = tok
-        elif tok in GUESS_VARIANTS or tok in ("sdpa", "beamkernel", "beamops", "nodefer", "headops", "flagcopy"):
-            pass  # variant_guess; sdpa_attention; beam_variant; PGMOE_GREEDY_HEAD; PGMOE_ENDED_COPY
+        elif tok in GUESS_VARIANTS or tok in ("sdpa", "beamkernel", "beamops", "nodefer", "headops", "flagcopy",
+                                              "kvgather"):
+            pass  # variant_guess; sdpa_attention; beam_variant; PGMOE_GREEDY_HEAD; PGMOE_ENDED_COPY; PGMOE_KV_REORDER
         elif tok in ("native", "driver", "torchcopy"):
             copy["dma_api"] = "torch" if tok == "torchcopy" else tok
         elif tok == "hi":
@@ -604,7 +608,7 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
         else:
             raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #device, #hi, "
                              "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep, #native, #driver, #torchcopy, "
-                             "#sdpa, #beamkernel, #beamops, #nodefer, #headops, #flagcopy")
+                             "#sdpa, #beamkernel, #beamops, #nodefer, #headops, #flagcopy, #kvgather")
     if copy:
         try:
             CopySettings(**copy)
@@ -830,7 +834,8 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
                     sdpa_attention(eng.model, sdpa), env_setting("PGMOE_BEAM_KERNEL", beam_variant(variant)), \
                     env_setting("PGMOE_BEAM_DEFER", "0" if "nodefer" in variant.split("#") else None), \
                     env_setting("PGMOE_GREEDY_HEAD", "0" if headops else None), \
-                    env_setting("PGMOE_ENDED_COPY", "1" if "flagcopy" in variant.split("#") else None):
+                    env_setting("PGMOE_ENDED_COPY", "1" if "flagcopy" in variant.split("#") else None), \
+                    env_setting("PGMOE_KV_REORDER", "0" if "kvgather" in variant.split("#") else None):
                 entry = run_one(eng, spec, ids, n_new, nb, args, cpu_compute=cpu_mode or "off")
         finally:
             slot_plan.DEFAULT_IMPL = impl_before

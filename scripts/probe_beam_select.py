@@ -6,7 +6,9 @@ For each shape (a preset's decoder: layers, heads, vocabulary), batch B prompts 
 - `select`: models.generate.BeamSelect without a state (log-softmax, top-2k, finished hypotheses, running beams);
 - `select + reorder`: with the state (the self-attention caches reordered, what each step does);
 - `reorder, self caches` and `reorder, all caches`: DecodeState.reorder(cross=False / True) alone, the self caches
-  in one buffer as Switch.prefill makes them; `per block`: the self caches reordered a tensor per block (before);
+  in one buffer as Switch.prefill makes them, half the decoder positions written (a 256-token run's mean; on a GPU
+  kernels/kv_reorder.py moves those only, in place); `gather`: the self caches' gather of every position
+  (PGMOE_KV_REORDER=0, the form before); `per block`: the gather a tensor per block (before that);
 - `greedy select`: models.generate.GreedySelect on one row per prompt, for scale;
 - `select, kernel` (GPU only): BeamSelect with the update as one kernel (kernels/beam_select.py), and whether its
   buffers equal the tensor ops' after 24 steps of random logits (eos made likely on every third).
@@ -31,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from kernels.kv_reorder import reorder_reference  # noqa: E402
 from models.config import preset  # noqa: E402
 from models.generate import BeamSelect, GreedySelect  # noqa: E402
 from models.switch import DecodeState  # noqa: E402
@@ -51,7 +54,7 @@ def make_state(cfg, rows: int, enc: int, dec: int, dev, dtype, one_buffer: bool 
                                                                                                   caches(dec))
     return DecodeState(enc_bias=torch.zeros(rows, 1, 1, enc, device=dev, dtype=dtype), cross_k=caches(enc),
                        cross_v=caches(enc), self_k=self_k, self_v=self_v,
-                       pos=torch.zeros(1, dtype=torch.long, device=dev), max_len=dec, self_kv=self_kv)
+                       pos=torch.full((1,), dec // 2, dtype=torch.long, device=dev), max_len=dec, self_kv=self_kv)
 
 
 def per_call_us(fn, dev, reps: int) -> float:
@@ -91,6 +94,7 @@ def probe(shape: str, batch: int, beams: int, dev, reps: int, enc: int, dec: int
            "cross_cache_bytes": sum(b.numel() * b.element_size() for b in (*state.cross_k, *state.cross_v))}
     for name, fn in (("select_us", lambda: bare(logits)), ("select_reorder_us", lambda: (full(logits), state.apply_deferred())),
                      ("reorder_self_us", lambda: state.reorder(index, cross=False)),
+                     ("reorder_self_gather_us", lambda: reorder_reference(state.self_kv.flatten(0, 1).flatten(3), index)),
                      ("reorder_self_per_block_us", lambda: per_block.reorder(index, cross=False)),
                      ("reorder_all_us", lambda: state.reorder(index)),
                      ("greedy_select_us", lambda: greedy(one_row)),
@@ -100,6 +104,16 @@ def probe(shape: str, batch: int, beams: int, dev, reps: int, enc: int, dec: int
             continue
         out[name] = per_call_us(fn, dev, reps)
         print(f"[probe] {shape} B={batch} x {beams} {name}: {out[name]:.1f}", flush=True)
+    # the reorder's written positions equal the gather's, the rest untouched (a check of the kernel on the GPU)
+    kv = state.self_kv.flatten(0, 1).flatten(3)
+    before, src = kv.clone(), torch.tensor([2, 0, 0, 1] * rows, device=dev)[:rows] % rows
+    want = before.clone()
+    reorder_reference(want, src)
+    state.reorder(src, cross=False)
+    n = int(state.pos) * cfg.d_kv
+    out["reorder_equals_gather"] = bool(torch.equal(kv[..., :n], want[..., :n]) and torch.equal(kv[..., n:],
+                                                                                            before[..., n:]))
+    print(f"[probe] {shape} reorder's written positions equal the gather's: {out['reorder_equals_gather']}", flush=True)
     if fused is not None:  # the kernel's buffers after the same calls: the tensor ops' (a correctness check)
         a = BeamSelect(batch, beams, dec, kernel=False, **kw)
         k = BeamSelect(batch, beams, dec, kernel=True, **kw)
@@ -131,14 +145,17 @@ def markdown(res: dict) -> str:
     lines = [f"# Beam search's choice in the decode step: {m['device']}", "",
              f"{m['date']}; torch {m['torch']}; `{m['command']}`. {m['how']}", "",
              "| shape | prompts x beams | vocab | select | select + reorder (self caches) | reorder, self caches | "
-             "reorder, self caches per block | reorder, all caches | greedy select | select, kernel (= tensor ops) | "
-             "self / cross caches MB |", "|" + "---|" * 11]
+             "reorder, self caches: gather | reorder, self caches per block | reorder, all caches | greedy select | "
+             "select, kernel (= tensor ops) | self / cross caches MB |", "|" + "---|" * 12]
     for r in res["rows"]:
         lines.append(f"| {r['shape']} | {r['batch']} x {r['num_beams']} | {r['vocab']} | {r['select_us']:.1f} | "
                      f"{r['select_reorder_us']:.1f} | {r['reorder_self_us']:.1f} | "
-                     f"{_f(r.get('reorder_self_per_block_us'))} | {r['reorder_all_us']:.1f} | "
+                     f"{_f(r.get('reorder_self_gather_us'))} | {_f(r.get('reorder_self_per_block_us'))} | {r['reorder_all_us']:.1f} | "
                      f"{r['greedy_select_us']:.1f} | {_kernel(r)} | {r['self_cache_bytes'] / 1e6:.1f} / "
                      f"{r['cross_cache_bytes'] / 1e6:.1f} |")
+    lines += ["", "Reorder of the written positions equal to the gather's there, the rest untouched: "
+              + ", ".join(f"{r['shape']} {'yes' if r.get('reorder_equals_gather') else 'NO'}" for r in res["rows"])
+              + " (off the GPU the gather runs: equal by construction)."]
     return "\n".join(lines) + "\n"
 
 

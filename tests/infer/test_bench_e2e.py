@@ -533,7 +533,7 @@ def test_bench_tiny_beam_kernel_variant(tmp_path):
     gpu_only's tokens (checked as any policy's: a mismatch would be a failure)."""
     res = _bench_tiny(tmp_path, "--table-runs",
                       "beam4:gpu_only,pregated,pregated#beamkernel,gpu_only#beamkernel,pregated#beamops,"
-                      "pregated#nodefer")
+                      "pregated#nodefer,pregated#kvgather")
     runs = {r["label"]: r for r in res["shapes"]["tiny"]["runs"]}
     for label in ("pregated/beam4/pregated#beamkernel", "pregated/beam4/gpu_only#beamkernel",
                   "pregated/beam4/pregated#beamops"):
@@ -546,7 +546,10 @@ def test_bench_tiny_beam_kernel_variant(tmp_path):
     assert runs["pregated/beam4/pregated#nodefer"]["tokens"] == runs["pregated/beam4/gpu_only"]["tokens"]
     assert runs["pregated/beam4/pregated#nodefer"]["metrics"]["beam_reorder"] == "end of step"
     assert runs["pregated/beam4/pregated"]["metrics"]["beam_reorder"] == "next step's start"
-    assert os.environ.get("PGMOE_BEAM_DEFER") is None  # restored after the run
+    # #kvgather: the caches' reorder as the gather of every position (the CPU's form anyway), the same tokens
+    assert runs["pregated/beam4/pregated#kvgather"]["tokens"] == runs["pregated/beam4/gpu_only"]["tokens"]
+    assert runs["pregated/beam4/pregated#kvgather"]["metrics"]["kv_reorder"] == "gather"
+    assert os.environ.get("PGMOE_BEAM_DEFER") is None and os.environ.get("PGMOE_KV_REORDER") is None  # restored
     with pytest.raises(SystemExit, match="beamkernel"):
         bench.parse_variant("beamkernels")
     assert [bench.beam_variant(v) for v in ("", "beamkernel", "dma#beamops")] == [None, "1", "0"]
