@@ -77,6 +77,7 @@ def reorder_written(buf: torch.Tensor, src: torch.Tensor, pos: torch.Tensor, uni
         reorder_reference(buf, src)
         return
     S, B, H, L = buf.shape
+    src = src.contiguous()  # (an expanded index, e.g. every row from one, has stride 0: the kernel reads it densely)
     block_r = triton.next_power_of_2(B)
     block_l = max(16, min(triton.next_power_of_2(L), TILE // block_r))
     grid = (S * H, triton.cdiv(L, block_l))

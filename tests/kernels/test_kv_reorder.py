@@ -62,6 +62,18 @@ def test_reorder_written_tiles_a_long_slab(forced, monkeypatch):
     assert torch.equal(got[..., 37 * Dh:], buf[..., 37 * Dh:])
 
 
+def test_reorder_written_takes_an_expanded_src(forced):
+    """An index with stride 0 (every row from row 0, as BeamSelect.reset makes for one prompt): read densely."""
+    torch.manual_seed(4)
+    buf = torch.randn(2, 4, 1, 24)
+    src = torch.zeros(1, 1, dtype=torch.long).expand(1, 4).reshape(-1)
+    assert src.stride() == (0,)
+    want = buf.clone()
+    kv_reorder.reorder_reference(want, src)
+    kv_reorder.reorder_written(buf, src, torch.tensor([6]), unit=4)
+    assert torch.equal(buf, want)
+
+
 def test_reorder_written_rejects_a_mismatched_src():
     buf = torch.randn(2, 4, 1, 8)
     with pytest.raises(ValueError, match=r"src must be \[4\]"):
