@@ -123,7 +123,7 @@ def probe(shape: str, batch: int, beams: int, dev, reps: int, enc: int, dec: int
             x[:, 1] += 4.0 * (s % 3 == 0)  # eos likely on some steps: hypotheses finish
             a(x)
             k(x)
-            same &= all(torch.equal(getattr(a, b), getattr(k, b)) for b in
+            same &= all(torch.equal(getattr(a, b).cpu(), getattr(k, b).cpu()) for b in  # (ended: pinned host memory)
                         ("tok", "scores", "seqs", "fin_scores", "fin_seqs", "fin_len", "done", "ended", "t", "src"))
         out["select_kernel_equals_tensor_ops"] = bool(same)
         print(f"[probe] {shape} kernel's buffers equal the tensor ops': {same}", flush=True)
