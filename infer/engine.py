@@ -167,8 +167,9 @@ class GraphStep:
             select.captured = True
 
     def _step(self, model: Switch, state: DecodeState, select) -> torch.Tensor:
-        if self.fused_head:
-            return select.from_hidden(model, model.decode_hidden(state, self.tok))
+        if self.fused_head:  # the final add and norm in the head's kernel too, unless PGMOE_HEAD_NORM=0 (#normops)
+            split = os.environ.get("PGMOE_HEAD_NORM", "1") != "0"
+            return select.from_hidden(model, model.decode_hidden(state, self.tok, split_last=split))
         logits = model.decode_one_token(state, self.tok)
         if select is not None:
             select(logits)
@@ -628,7 +629,9 @@ class Engine:
             # how it moves the self caches (models.switch.DecodeState.reorder_form, PGMOE_KV_REORDER)
             "kv_reorder": None if nb == 1 else state.reorder_form(),
             # greedy's LM head: with the choice in kernels/lm_head.py (a captured step) or the matrix product
-            "greedy_head": None if nb != 1 else ("kernel" if getattr(step, "fused_head", False) else "matmul"),
+            "greedy_head": None if nb != 1 else ("matmul" if not getattr(step, "fused_head", False) else
+                                                 "kernel" if os.environ.get("PGMOE_HEAD_NORM", "1") == "0" else
+                                                 "kernel with the final add and norm"),
         }
         m["gpu_step_ms_median"] = m["gpu_idle_between_steps_ms_median"] = None
         if len(step_events) > 2:  # the first step (in ttft) left out, as in decode_ms

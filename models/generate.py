@@ -67,17 +67,22 @@ class GreedySelect:
         to lm_head.MAX_ROWS rows)."""
         return lm_head.supported(self.tok.shape[0], model.head()[0], force_triton)
 
-    def from_hidden(self, model: Switch, h: torch.Tensor, force_triton: bool = False) -> torch.Tensor:
-        """The choice from the decoder's final hidden state h [B, D] (Switch.decode_hidden): the LM head and
-        each vocabulary tile's argmax in one kernel, then the choice over the tiles' partials (two kernels
-        for the ~4 of the logits' path: kernels/lm_head.py). Returns the fp32 logits [B, V] as decode_one_token
-        does (the same values, summed in another order). Where fuses_head is false: decode_one_token's head,
-        then __call__."""
+    def from_hidden(self, model: Switch, h, force_triton: bool = False) -> torch.Tensor:
+        """The choice from the decoder's final hidden state h [B, D] (Switch.decode_hidden), or from its last
+        block's (residual, output) (decode_hidden(split_last=True)): the final add and norm (with the split form),
+        the LM head and each vocabulary tile's argmax in one kernel, then the choice over the tiles' partials (two
+        kernels for the ~6 of the logits' path: kernels/lm_head.py). Returns the fp32 logits [B, V] as
+        decode_one_token does (the same values, summed in another order). Where fuses_head is false:
+        decode_one_token's norm and head, then __call__."""
         w, scale = model.head()
+        norm = model.decoder.final_norm
         if not self.fuses_head(model, force_triton):
+            if isinstance(h, tuple):
+                h = norm(h[0] + h[1])
             logits = model._logits(h[:, None])[:, 0].float()
             self(logits)
             return logits
+        h, add = h if isinstance(h, tuple) else (h, None)
         B, V = h.shape[0], w.shape[0]
         key = (V, w.device)
         if self._head_bufs is None or self._head_bufs[0] != key:
@@ -86,7 +91,8 @@ class GreedySelect:
                                torch.empty(B, P, dtype=torch.float32, device=w.device),
                                torch.empty(B, P, dtype=torch.int32, device=w.device))
         _, logits, pval, pidx = self._head_bufs
-        lm_head.lm_head_partials(h, w, scale, logits, pval, pidx)
+        lm_head.lm_head_partials(h, w, scale, logits, pval, pidx, add=add,
+                                 norm_weight=None if add is None else norm.weight, eps=norm.eps)
         greedy_select(pval, self.tok, self.out, self.done, self.ended, self.t, self.pad_token, self.eos,
                       force_triton=force_triton, index=pidx)
         return logits

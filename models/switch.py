@@ -259,12 +259,18 @@ class Stack(nn.Module):
         cross_bias: torch.Tensor | None = None,
         cache: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None = None,
         need_logits: bool = False,
-    ) -> tuple[torch.Tensor, list[Routing]]:
+        split_last: bool = False,
+    ) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], list[Routing]]:
         """h [B, Q, D] (embedded, pre-dropout) -> (final hidden [B, Q, D], routing used per MoE block).
 
         self_bias: position bias + mask, broadcastable to [B, H, Q, K]. cache: (self_k, self_v, pos)
-        to write this step's keys/values at `pos` and attend over the whole buffer.
+        to write this step's keys/values at `pos` and attend over the whole buffer; pos is advanced by one
+        right after the last block's write (off the end of the step, where the LM head waits). split_last
+        (inference, not fp16): (the last block's residual input, its feed-forward output) instead of the final
+        hidden state final_norm(residual + output), for a head that takes the sum and the norm in its kernel.
         """
+        if split_last and (self.training or h.dtype == torch.float16):
+            raise ValueError("Stack.run(split_last=True): inference only, and not in fp16 (its clamp of the sum)")
         moes = self.moes
         pending: dict[int, Routing] = {}
         routings: list[Routing] = []
@@ -279,6 +285,8 @@ class Stack(nn.Module):
                 ks[i].index_copy_(2, pos, k.to(ks[i].dtype))
                 vs[i].index_copy_(2, pos, v.to(vs[i].dtype))
                 k, v = ks[i], vs[i]
+                if i == len(self.blocks) - 1:
+                    pos += 1  # every block has written at pos: the next step's, off the step's tail
             h = _clamp_fp16(h + blk.dropout(att.attend(q, k, v, self_bias)))
             if self.decoder:
                 x = blk.cross_norm(h)
@@ -306,6 +314,8 @@ class Stack(nn.Module):
                 m += 1
             else:
                 y = blk.ff(x)
+            if split_last and i == len(self.blocks) - 1:
+                return (h, y), routings
             h = _clamp_fp16(h + blk.dropout(y))
         return self.dropout(self.final_norm(h)), routings
 
@@ -544,9 +554,10 @@ class Switch(nn.Module):
         return self._logits(self.decode_hidden(state, tokens_B)[:, None])[:, 0].float()
 
     @torch.no_grad()
-    def decode_hidden(self, state: DecodeState, tokens_B: torch.Tensor) -> torch.Tensor:
+    def decode_hidden(self, state: DecodeState, tokens_B: torch.Tensor, split_last: bool = False):
         """decode_one_token up to the LM head: the decoder's final hidden state [B, D] (model dtype), which
-        head() turns into the logits (models.generate.GreedySelect.from_hidden: in one kernel with the choice)."""
+        head() turns into the logits (models.generate.GreedySelect.from_hidden: in one kernel with the choice).
+        split_last: (residual [B, D], last block's output [B, D]) instead, whose sum final_norm() takes (Stack.run)."""
         moes = self.decoder.moes
         src = moes[0].expert_source if moes else None
         start = getattr(src, "step_start", None)
@@ -559,7 +570,9 @@ class Switch(nn.Module):
         bias = state.self_bias.index_select(0, state.pos).unsqueeze(2)  # [1, H, 1, Tmax]
         kv = list(zip(state.cross_k, state.cross_v))
         out, _ = self.decoder.run(
-            h, bias, cross_kv=kv, cross_bias=state.enc_bias, cache=(state.self_k, state.self_v, state.pos)
-        )
-        state.pos += 1
+            h, bias, cross_kv=kv, cross_bias=state.enc_bias, cache=(state.self_k, state.self_v, state.pos),
+            split_last=split_last,
+        )  # (advances state.pos)
+        if split_last:
+            return out[0][:, 0], out[1][:, 0]
         return out[:, 0]

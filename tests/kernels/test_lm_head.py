@@ -145,3 +145,72 @@ def test_from_hidden_matches_decode_path():
     # without force_triton on the CPU: the logits' path itself
     lc = a.from_hidden(model, h)
     assert torch.equal(lc, model._logits(h[:, None])[:, 0].float())
+
+
+@pytest.mark.parametrize("B,V,D", [(1, 300, 80), (3, 257, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_final_add_and_norm_in_the_head(B, V, D, dtype):
+    """add / norm_weight: the head of rmsnorm(h + add) (the final residual add and norm in the kernel) against the
+    model's ops (the add, kernels/rmsnorm.py's reference, the head), within one rounding of the logits' dtype; with a
+    norm weight far from ones and rows of different scales, so a wrong norm or a missing add shows."""
+    g = torch.Generator().manual_seed(B * 7 + D)
+    r = (torch.randn(B, D, generator=g) * torch.linspace(0.5, 8.0, B)[:, None]).to(dtype)
+    y = torch.randn(B, D, generator=g).to(dtype)
+    nw = (torch.rand(D, generator=g) * 2 + 0.1).to(dtype)
+    w = torch.randn(V, D, generator=g).to(dtype)
+    P = lm_head.tiles(V, 64)
+    logits, pval, pidx = torch.full((B, V), 7.0), torch.full((B, P), 7.0), torch.full((B, P), -1, dtype=torch.int32)
+    lm_head.lm_head_partials(r, w, 0.25, logits, pval, pidx, block_v=64, block_d=32, add=y, norm_weight=nw, eps=1e-6)
+    ref = lm_head.lm_head_reference(r, w, 0.25, add=y, norm_weight=nw, eps=1e-6)
+    if dtype == torch.float32:
+        torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-4)
+    else:  # one bf16 step of the logits, and of the normalised row (its sum of squares in another order)
+        torch.testing.assert_close(logits, ref, rtol=2 ** -6, atol=5e-2)
+    _check_partials(logits, pval, pidx, 64)
+    wrong = lm_head.lm_head_reference(r, w, 0.25)  # the head of h alone: far off
+    assert (logits - wrong).abs().max() > 1.0
+    with pytest.raises(ValueError, match="go together"):
+        lm_head.lm_head_partials(r, w, 0.25, logits, pval, pidx, block_v=64, add=y)
+
+
+def test_from_hidden_of_the_split_step_matches_decode_one_token():
+    """GraphStep's fused path: Switch.decode_hidden(split_last=True) then from_hidden (the add, norm, head and
+    choice in the kernels, interpreted) against decode_one_token's logits and the plain choice, step for step: the
+    same tokens (clear maxima), logits within one bf16 step; decode_hidden's split parts sum to the final hidden
+    state's input and the position advances once per step either way."""
+    from models.config import preset
+    from models.generate import GreedySelect
+    from models.switch import Switch
+
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    model = Switch(cfg).eval().to(torch.bfloat16).requires_grad_(False)
+    B, n = 2, 3
+    ids = torch.randint(2, 100, (B, 6))
+    sa, sb = model.prefill(ids, max_len=n), model.prefill(ids, max_len=n)
+    a = GreedySelect(B, n, torch.device("cpu"), cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id)
+    b = GreedySelect(B, n, torch.device("cpu"), cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id)
+    clear_steps = 0
+    for t in range(n):
+        parts = model.decode_hidden(sa, a.tok, split_last=True)
+        assert isinstance(parts, tuple) and int(sa.pos) == t + 1
+        la = a.from_hidden(model, parts, force_triton=True)
+        lb = model.decode_one_token(sb, b.tok)
+        assert int(sb.pos) == t + 1
+        torch.testing.assert_close(la, lb, rtol=2 ** -6, atol=5e-2)
+        top2 = lb.topk(2, dim=-1).values
+        clear = ((top2[:, 0] - top2[:, 1]) > 8 * 2 ** -7 * top2[:, 0].abs()).all()
+        b(lb)
+        if clear:
+            clear_steps += 1
+            for x, y in zip((a.tok, a.out, a.done, a.ended, a.t), (b.tok, b.out, b.done, b.ended, b.t)):
+                assert torch.equal(x, y)
+        else:  # a near tie in the random model: the next steps' inputs are taken from one side
+            a.tok.copy_(b.tok)
+    assert clear_steps >= 2  # the tokens were compared
+    # the logits' path of the split form (no kernel): the final norm of the sum, then the head
+    h = model.decode_hidden(model.prefill(ids, max_len=n), b.tok, split_last=True)
+    want = model._logits(model.decoder.final_norm(h[0] + h[1])[:, None])[:, 0].float()
+    assert torch.equal(GreedySelect(B, n, torch.device("cpu"), 0, 0, 1).from_hidden(model, h), want)
+    with pytest.raises(ValueError, match="split_last"):
+        model.half().decode_hidden(model.prefill(ids, max_len=n), b.tok, split_last=True)
