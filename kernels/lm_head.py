@@ -9,8 +9,11 @@ critical path, where nothing overlaps them. Here one kernel reads each weight ro
 greedy choice (kernels/greedy.py, greedy_select with partials) then reduces V / BLOCK_V partials, not V logits.
 
 With the last block's residual and output (add, norm_weight: Switch.decode_hidden(split_last=True)) the kernel also
-takes the final residual add and the final RMS norm (each program sums the squares of its rows itself: D values,
-against V / BLOCK_V rows of D weights), two launches fewer (~3.5 us on the H200) at the step's end.
+takes the final residual add and the final RMS norm: two launches fewer at the step's end. Each program sums the
+squares of its rows itself as it streams them beside the weights (D values, against BLOCK_V rows of D weights) and
+scales its sums by the rows' 1 / rms at the end: x = round(norm_weight * (h + add) * scale), logit = round(rstd *
+sum(x w)), the norm's scale applied once, after the products (the norm kernel rounds the normalised row first: a
+logit may differ from that path's by a few steps of the weights' dtype).
 
 Numerics as the PyTorch path's: x = h * scale rounded to the weights' dtype, products summed in fp32 (in
 another order than cuBLAS's), each logit rounded to the weights' dtype and returned as fp32. A tile's partial
@@ -47,45 +50,37 @@ if HAVE_TRITON:
     @triton.jit
     def _lm_head_kernel(x_ptr, y_ptr, nw_ptr, w_ptr, logits_ptr, pval_ptr, pidx_ptr, B, V, D, stride_x, stride_y,
                         stride_w, stride_l, stride_p, scale, eps, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr,
-                        BLOCK_D: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr, NORM: tl.constexpr,
-                        HALF: tl.constexpr):
+                        BLOCK_D: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr, NORM: tl.constexpr):
         pid = tl.program_id(0)
         offs_v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
         offs_b = tl.arange(0, BLOCK_B)
         vmask = offs_v < V
         bmask = offs_b < B
         wdt = w_ptr.dtype.element_ty
-        if NORM:  # h = x + y rounded to the model's dtype; its rms per row (kernels/rmsnorm.py's formula)
-            ss = tl.zeros([BLOCK_B], dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                offs_d = d0 + tl.arange(0, BLOCK_D)
-                m2 = bmask[:, None] & (offs_d < D)[None, :]
-                a = tl.load(x_ptr + offs_b[:, None] * stride_x + offs_d[None, :], mask=m2, other=0.0)
-                b = tl.load(y_ptr + offs_b[:, None] * stride_y + offs_d[None, :], mask=m2, other=0.0)
-                hs = (a.to(tl.float32) + b.to(tl.float32)).to(wdt).to(tl.float32)
-                ss += tl.sum(hs * hs, axis=1)
-            rstd = 1.0 / tl.sqrt(ss / D + eps)
         acc = tl.zeros([BLOCK_B, BLOCK_V], dtype=tl.float32)
+        ss = tl.zeros([BLOCK_B], dtype=tl.float32)
         for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             dmask = offs_d < D
             x = tl.load(x_ptr + offs_b[:, None] * stride_x + offs_d[None, :], mask=bmask[:, None] & dmask[None, :],
                         other=0.0)
-            if NORM:  # the final norm of h, as the norm kernel rounds it: normalised, [in the weights' dtype,] scaled
+            if NORM:  # h = x + y in the model's dtype; its squares summed; the row's 1 / rms applied to the sums
                 b = tl.load(y_ptr + offs_b[:, None] * stride_y + offs_d[None, :],
                             mask=bmask[:, None] & dmask[None, :], other=0.0)
-                hn = (x.to(tl.float32) + b.to(tl.float32)).to(wdt).to(tl.float32) * rstd[:, None]
-                if HALF:
-                    hn = hn.to(wdt).to(tl.float32)
+                hs = (x.to(tl.float32) + b.to(tl.float32)).to(wdt).to(tl.float32)
+                ss += tl.sum(hs * hs, axis=1)
                 nw = tl.load(nw_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
-                x = (nw[None, :] * hn).to(wdt)
-            x = (x.to(tl.float32) * scale).to(wdt)  # h * scale in the weights' dtype, as PyTorch rounds it
+                x = (nw[None, :] * hs * scale).to(wdt)
+            else:
+                x = (x.to(tl.float32) * scale).to(wdt)  # h * scale in the weights' dtype, as PyTorch rounds it
             w = tl.load(w_ptr + offs_v[:, None] * stride_w + offs_d[None, :], mask=vmask[:, None] & dmask[None, :],
                         other=0.0)
             if IEEE:  # fp32 operands (fp32 weights, or the interpreter, whose bf16 dot is wrong: products exact)
                 acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
             else:
                 acc = tl.dot(x, tl.trans(w), acc)
+        if NORM:
+            acc = acc * (1.0 / tl.sqrt(ss / D + eps))[:, None]
         logits = acc.to(wdt).to(tl.float32)  # the model's logits (its dtype), as fp32
         lmask = bmask[:, None] & vmask[None, :]
         tl.store(logits_ptr + offs_b[:, None] * stride_l + offs_v[None, :], logits, mask=lmask)
@@ -121,8 +116,8 @@ def lm_head_partials(h: torch.Tensor, weight: torch.Tensor, scale: float, logits
     """logits [B, V] fp32 <- round(round(h * scale) @ weight.T) (rounded to weight's dtype), and per row and tile
     of block_v vocabulary rows its (maximum, first index) in pval [B, P] fp32 / pidx [B, P] int32. Returns logits.
     add and norm_weight [D] (with eps): h is the last block's residual and `add` its output; the head takes
-    rmsnorm(h + add) (the sum rounded to the weights' dtype, then kernels/rmsnorm.py's norm: its sum of squares
-    in another order) instead of h, so the final add and norm need no launch of their own."""
+    rmsnorm(h + add) (the sum rounded to the weights' dtype; the norm's scale applied to the products' sums, see the
+    module docstring) instead of h, so the final add and norm need no launch of their own."""
     B, D = h.shape
     V = weight.shape[0]
     bv = block_v or CONFIG["block_v"]
@@ -153,8 +148,7 @@ def lm_head_partials(h: torch.Tensor, weight: torch.Tensor, scale: float, logits
                           h.stride(0), add.stride(0) if norm else 0, weight.stride(0), logits.stride(0),
                           pval.stride(0), float(scale), float(eps), BLOCK_B=block_b, BLOCK_V=bv,
                           BLOCK_D=block_d or CONFIG["block_d"], IEEE=fp32_dot(weight.dtype),
-                          STAGES=stages or CONFIG["stages"], NORM=norm,
-                          HALF=weight.dtype in (torch.float16, torch.bfloat16), num_warps=warps or CONFIG["warps"])
+                          STAGES=stages or CONFIG["stages"], NORM=norm, num_warps=warps or CONFIG["warps"])
     return logits
 
 

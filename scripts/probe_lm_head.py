@@ -75,8 +75,8 @@ def check(D: int, rows: int, dev, norm: bool = False) -> dict:
             out["token_disagreements"] += 1
     torch.cuda.synchronize()
     # a disagreement is allowed only where the reference's top two are within one bf16 step of each other
-    # (with the add and norm in the kernel a normalised element may sit a bf16 step off the norm kernel's, its sum of
-    # squares summed in another order: a few steps of a logit near 0 allowed)
+    # (with the add and norm in the kernel the norm's scale multiplies the sums instead of each element before its
+    # rounding: a few steps of a logit near 0 allowed)
     out["ok"] = out["max_diff_bf16_steps"] <= (4.01 if norm else 1.01) and all(m <= 2 ** -7 * 64 for m in out["disagreement_margins"])
     return out
 
