@@ -693,3 +693,42 @@ def test_compress_settings_are_checked(pregated_ckpt):
         Engine(model, packed, "cpu", copy_mode="host").run(PolicySpec("on_demand"), *prompts(), max_new_tokens=1)
     with pytest.raises(OffloadError, match="cpu_compute=always with offload.compress=exp4"):
         Engine(model, packed, "cpu", cpu_compute="always").run(PolicySpec("on_demand"), *prompts(), max_new_tokens=1)
+
+
+@pytest.mark.parametrize("compress", [None, "exp4"])
+def test_first_block_guess_ahead_under_the_interpreter(pregated_ckpt, monkeypatch, compress):
+    """copy_mode dma: the first-block guess made at each step's end for the next step (its plan posted then, its
+    landed rows unpacked at the block's wait of the next step) gives gpu_only's tokens and logits bitwise, as the
+    guess at the step's start (PGMOE_GUESS_AHEAD=0) does; the run posts one plan more (the last step's guess
+    for a step that does not run) and the copier handles every posted plan. Compressed experts too."""
+    pytest.importorskip("triton")
+    from infer.offload import DmaCopier
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dtype = torch.bfloat16 if compress else torch.float32
+    model, store = load_offloaded(pregated_ckpt, "cpu", dtype, None, compress=compress)
+    model.set_backend("torch")
+    ids, mask = prompts(n=2, length=5)
+    kw = dict(max_new_tokens=4, keep_logits=True)
+    plain_model, plain = load_offloaded(pregated_ckpt, "cpu", dtype, None)
+    ref = Engine(plain_model, plain, "cpu").run(PolicySpec("gpu_only"), ids, mask, **kw)
+    issued = []
+    real_close = DmaCopier.close
+
+    def close(self):
+        issued.append((self.issued, int(self.posted.sum())))
+        real_close(self)
+
+    monkeypatch.setattr(DmaCopier, "close", close)
+    posted = {}
+    for ahead in ("1", "0"):
+        monkeypatch.setenv("PGMOE_GUESS_AHEAD", ahead)
+        res = Engine(model, store, "cpu", copy_mode="dma", prefill_slots=16,
+                     copy=CopySettings(dma_api="torch", programs=2, block=256, warps=1)).run(
+            PolicySpec("pregated"), ids, mask, **kw)
+        g = res.metrics["first_block_guess"]
+        assert g["ahead"] == (ahead == "1") and g["blocks"] and g["lookups"] > 0
+        _same(ref, res)
+        handled, posted[ahead] = issued[-1]
+        assert handled == posted[ahead] > 0
+    assert posted["1"] == posted["0"] + 1
