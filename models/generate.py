@@ -127,7 +127,7 @@ def greedy(
         raise ValueError(f"greedy: a GreedySelect for batch {select.tok.shape[0]}, {select.n} tokens, eos "
                          f"{select.eos}; this call has batch {B}, {max_new_tokens} tokens, eos {eos}")
     sel = select or GreedySelect(B, max_new_tokens, dev, cfg.decoder_start_token_id, cfg.pad_token_id, eos)
-    n = _decode_loop(step, state, sel, max_new_tokens, on_token, cuda, end=getattr(model, "decode_step_end", None))
+    n = _decode_loop(step, state, sel, max_new_tokens, on_token, cuda, end=model.decode_step_end)
     return sel.out[:, :n].clone()
 
 
@@ -325,8 +325,7 @@ def beam_search(
                          f"batch {B} x {nb} beams, {max_new_tokens} tokens, eos {eos}, length penalty {length_penalty}")
     sel = select or BeamSelect(B, nb, max_new_tokens, dev, cfg.decoder_start_token_id, cfg.pad_token_id, eos,
                                length_penalty, state)
-    steps = _decode_loop(step, state, sel, max_new_tokens, on_token, dev.type == "cuda",
-                         end=getattr(model, "decode_step_end", None))
+    steps = _decode_loop(step, state, sel, max_new_tokens, on_token, dev.type == "cuda", end=model.decode_step_end)
     return sel.result(steps)
 
 
