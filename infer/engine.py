@@ -169,19 +169,15 @@ class GraphStep:
     def _step(self, model: Switch, state: DecodeState, select) -> torch.Tensor:
         if self.fused_head:  # the final add and norm in the head's kernel too, unless PGMOE_HEAD_NORM=0 (#normops)
             split = os.environ.get("PGMOE_HEAD_NORM", "1") != "0"
-            logits = select.from_hidden(model, model.decode_hidden(state, self.tok, split_last=split))
-        else:
-            logits = model.decode_one_token(state, self.tok)
-            if select is not None:
-                select(logits)
-        if select is not None:  # the next step's tokens are written: the offload runner's guess ahead
-            model.decode_step_end(select.tok)
+            return select.from_hidden(model, model.decode_hidden(state, self.tok, split_last=split))
+        logits = model.decode_one_token(state, self.tok)
+        if select is not None:
+            select(logits)
         return logits
 
     def __call__(self, state: DecodeState, tok: torch.Tensor) -> torch.Tensor:
         if tok is not self.tok:
             self.tok.copy_(tok)
-        self.model.decode_step_prime(self.tok)
         self.graph.replay()
         return self.out
 

@@ -477,15 +477,13 @@ class SlotPool:
         return self.pool.numel() * self.pool.element_size()
 
     def copy(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor, done=None, prefetch: bool = False,
-             behind: bool = False, rows: torch.Tensor | None = None) -> None:
+             behind: bool = False) -> None:
         """Copy expert src_n[j] of block m into slot dst_n[j] where src_n[j] >= 0. On CUDA this
         returns at once: the copy runs on the copy stream once the compute stream has passed this point.
         done: the event recorded after the copies (block m's by default). prefetch: the plan was made
         ahead of block m (copy_mode dma hands it to the copier). behind: the plan follows a plan of block m
         not yet waited for (a first-block guess, then its verification) and goes where that one went, so
-        that the two run in order (their slots may be the same). rows: a static buffer [n] (int32) for the rows a
-        compressed dma plan lands (what block m's wait unpacks; -1 where the plan did not take the dma path), for
-        a plan whose wait a later captured step makes (the guess ahead: adopt_ahead)."""
+        that the two run in order (their slots may be the same)."""
         if self.skip_copies:
             return
         dma = self.dma is not None and done is None and (
@@ -494,7 +492,7 @@ class SlotPool:
         if dma:
             self._dma_posted[m] = True
         if not self.cuda:  # synchronous (the kernels under TRITON_INTERPRET in tests)
-            self._launch(m, src_n, dst_n, dma, landed=done is None, rows=rows)
+            self._launch(m, src_n, dst_n, dma, landed=done is None)
             return
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         # the per-block copies (the decode path's), not prefill's; dma's run on the copier's stream
@@ -503,28 +501,11 @@ class SlotPool:
             if timed:
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record(self.copy_stream)
-            self._launch(m, src_n, dst_n, dma, landed=done is None, rows=rows)  # dma: copy_done[m] = "posted"
+            self._launch(m, src_n, dst_n, dma, landed=done is None)  # with dma, copy_done[m] means "posted"
             if timed:
                 b.record(self.copy_stream)
                 self.copy_events.append((a, b, (src_n >= 0).sum()))
             (self.copy_done[m] if done is None else done).record(self.copy_stream)
-
-    def adopt_ahead(self, m: int, rows: torch.Tensor) -> None:
-        """A step starts on block m's plan posted at the last step's end (the guess ahead, with `rows` its copy()
-        buffer): where dma is live, block m's wait waits for the copier and unpacks those rows, as after that plan's
-        post. A captured step takes this state whatever the eager step before the capture did (its warm-up's plans
-        took the copy kernel, leaving rows at -1: an unpack of nothing, a wait the block's next plan satisfies)."""
-        if self.dma is None or self.skip_copies or not self._dma_on or self._dma_held:
-            return
-        self._dma_posted[m] = True
-        if self.store.compress:
-            self._unpack_pending[m] = [rows]
-
-    def join(self, m: int) -> None:
-        """The compute stream waits for block m's copy-stream work so far (with dma: the plans' posts), so that a
-        step captured as a graph joins the copy stream before it ends."""
-        if self.cuda and not self.skip_copies:
-            torch.cuda.current_stream(self.device).wait_event(self.copy_done[m])
 
     def _dma_live(self, m: int) -> bool:
         """Whether block m's prefetched plan goes to the dma copier: from the pool's second decode step on
@@ -554,8 +535,7 @@ class SlotPool:
         finally:
             self._dma_held -= 1
 
-    def _launch(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor, dma: bool, landed: bool = False,
-                rows: torch.Tensor | None = None) -> None:
+    def _launch(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor, dma: bool, landed: bool = False) -> None:
         """Start block m's copies on the current stream: the plan handed to the dma copier, the device copy
         kernel, or one cudaMemcpyAsync per expert (host). Compressed: a dma plan lands packed, and wait() unpacks
         the landed rows (a row per filled slot, -1 for the plan's idle entries, made here on the current stream,
@@ -565,14 +545,8 @@ class SlotPool:
         if dma:
             self.dma.post(m, src_n, dst_n)
             if self.store.compress:
-                landed_rows = torch.where(src_n >= 0, dst_n, -1)
-                if rows is not None:
-                    landed_rows = rows.copy_(landed_rows)
-                self._unpack_pending[m].append(landed_rows)
-            return
-        if rows is not None:
-            rows.fill_(-1)  # nothing lands for a later wait to unpack
-        if self.copy_mode in ("device", "dma"):
+                self._unpack_pending[m].append(torch.where(src_n >= 0, dst_n, -1))
+        elif self.copy_mode in ("device", "dma"):
             src, dst = self._rows(m)
             if self.store.compress and landed:
                 expert_copy.gather_rows(src.view(torch.int16), src_n, self.landing.view(torch.int16), dst_n,

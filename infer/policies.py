@@ -14,10 +14,7 @@ First-block guess (pregated, lookahead; offload.first_block_guess): no pre-gate 
 MoE block (its own router decides, a few layers into the step), so its copy would sit on the step's
 critical path. The runner guesses that block's experts from the step's tokens (a per-token table: the
 expert the token was last routed to; no guess for a token not seen yet, as a missed guess's copy delays the
-needed one) and starts their copies at the step's start; under copy_mode dma at the end of the step before,
-from the tokens its choice just wrote (inside the captured step, after the choice's kernel: the copy engines
-start on them while the step's last kernels finish and the next step is launched; PGMOE_GUESS_AHEAD=0: at the
-step's start). At the block the router's real choice is
+needed one) and starts their copies at the step's start. At the block the router's real choice is
 verified against the guess and a miss is copied then (the outputs never change, only the time; the table
 learns the step's tokens' experts). keep (the default): the
 engine keeps the table across runs (requests); run: each run starts with an empty one; off. The shipped
@@ -35,7 +32,6 @@ staging slots) -> the block's expert->slot table. Legend as in infer/offload.py.
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -122,12 +118,6 @@ class _Block:
 
     def step_start(self, tokens_B: torch.Tensor) -> None:
         self.r.on_step_start(tokens_B)
-
-    def step_end(self, next_tokens_B: torch.Tensor) -> None:
-        self.r.on_step_end(next_tokens_B)
-
-    def step_prime(self, tokens_B: torch.Tensor) -> None:
-        self.r.prime_guess(tokens_B)
 
 
 def check_cpu_compute(store: ExpertStore, cpu_compute: str) -> None:
@@ -280,15 +270,6 @@ class OffloadRunner:
         self.guess_rows = torch.zeros((), dtype=torch.long, device=dev)  # token rows at the guess blocks
         self._guessed: dict[int, torch.Tensor] = {}  # block -> the guessed ids [N, 1] for the coming block
         self._guess_tokens: torch.Tensor | None = None  # this step's tokens [N] (what the table learns)
-        # the guess ahead (module docstring): made at a step's end for the next step, copy_mode dma only (a captured
-        # step would have to wait for the copy kernel's copies before it ends). Its ids and its plan's landed rows
-        # in static buffers per block (a captured step reads at its start what the step before wrote at its end);
-        # _ahead_made: the last step ended with a guess that fits the placement (a restored placement does not)
-        self.ahead = (bool(self.guess_blocks) and self.pool.copy_mode == "dma"
-                      and os.environ.get("PGMOE_GUESS_AHEAD", "1") != "0")
-        self._ahead_ids: dict[int, torch.Tensor] = {}
-        self._ahead_rows: dict[int, torch.Tensor] = {}
-        self._ahead_made = False
         self.cpu_computed = torch.zeros((), dtype=torch.long)  # experts (per block and step), host
         self.cpu_tokens = torch.zeros((), dtype=torch.long)  # token slots computed on the host
         self._cpu_of: dict[int, tuple[torch.Tensor, list[int]]] = {}
@@ -306,7 +287,6 @@ class OffloadRunner:
         self.pool.close()
 
     def clear_pending(self) -> None:
-        self._ahead_made = False
         self._guessed.clear()
         self._guess_tokens = None
         self._pending.clear()
@@ -336,7 +316,6 @@ class OffloadRunner:
     def load_state(self, saved: list[torch.Tensor]) -> None:
         for t, v in zip((*self._counters(), *self._placement()), saved):
             t.copy_(v)
-        self._ahead_made = False  # the slots the last guess ahead filled are not the restored holders
 
     @contextmanager
     def no_copies(self):
@@ -360,7 +339,6 @@ class OffloadRunner:
 
     def reset(self) -> None:
         """Empty cache and staging (a cold start)."""
-        self._ahead_made = False
         self.reset_counters()
         for m in range(self.store.M):
             self.holder[m].fill_(-1)
@@ -410,7 +388,6 @@ class OffloadRunner:
             "bytes_cpu_read": int(self.cpu_computed) * self.store.expert_bytes,
             "first_block_guess": {
                 "mode": self.guess_mode if self.guess_blocks else "off",
-                "ahead": self.ahead,  # made at the step before's end (PGMOE_GUESS_AHEAD; copy_mode dma)
                 "blocks": list(self.guess_blocks),
                 "rows": int(self.guess_rows),  # token rows at the guess blocks
                 "lookups": int(self.guess_lookups),  # guesses made (rows whose token was seen before)
@@ -427,40 +404,10 @@ class OffloadRunner:
         if not self.guess_blocks:
             return
         flat = self._guess_tokens = tokens.reshape(-1).long()
-        made, self._ahead_made = self._ahead_made, False
         for m in self.guess_blocks:
-            if made:  # made at the last step's end, its copies posted then
-                self._guessed[m] = self._ahead_ids[m]
-                self.pool.adopt_ahead(m, self._ahead_rows[m])
-                continue
             ids = self.guess_table[m].index_select(0, flat)  # [N, 1], -1: not guessed (the plan skips it)
             self._plan(m, ids, fresh=True, prefetch=True)
             self._guessed[m] = ids
-
-    def on_step_end(self, next_tokens: torch.Tensor) -> None:
-        """A decode step's choice wrote the next step's tokens [N] (inside the step, so inside its graph): with the
-        guess ahead, guess the next step's first blocks from them now and post their plans (dma: the copy engines
-        start on them at once), joining the copy stream's posts before the step ends."""
-        if not self.ahead:
-            return
-        flat = next_tokens.reshape(-1).long()
-        for m in self.guess_blocks:
-            ids = self._ahead_ids.get(m)
-            if ids is None or ids.shape[0] != flat.numel():
-                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                    raise RuntimeError("the guess ahead's buffers are made by an eager step before a capture")
-                ids = self._ahead_ids[m] = torch.full((flat.numel(), 1), -1, dtype=torch.int32, device=self.device)
-                self._ahead_rows[m] = torch.full_like(self.plan_dst[m], -1)
-            torch.index_select(self.guess_table[m], 0, flat, out=ids)
-            self._plan(m, ids, fresh=True, prefetch=True, rows=self._ahead_rows[m])
-            self.pool.join(m)
-        self._ahead_made = True
-
-    def prime_guess(self, tokens: torch.Tensor) -> None:
-        """Before a captured step whose start takes the guess made ahead: where none fits the placement (the first
-        step after a capture's warm-up was restored, a load_state, a reset), make it now for `tokens`."""
-        if self.ahead and not self._ahead_made:
-            self.on_step_end(tokens)
 
     def _verify_guess(self, m: int, routing: Routing) -> None:
         """Block m's router decided: copy what the guess missed, count the guess, learn the tokens' experts."""
@@ -480,8 +427,7 @@ class OffloadRunner:
         need = torch.zeros(self.E, dtype=torch.bool, device=self.device)
         return need.index_fill_(0, routing.ids.reshape(-1).long(), True)
 
-    def _plan(self, m: int, need: torch.Tensor, fresh: bool, prefetch: bool = False, behind: bool = False,
-              rows: torch.Tensor | None = None) -> None:
+    def _plan(self, m: int, need: torch.Tensor, fresh: bool, prefetch: bool = False, behind: bool = False) -> None:
         """Place the experts `need` of block m in slots (a bool mask [E], or expert ids of any shape, < 0 naming
         none, from which the plan kernel writes the mask itself), start the copies of the misses.
 
@@ -497,7 +443,7 @@ class OffloadRunner:
             self.last_use[m], self.freq[m], self.tick, self.hits, self.lookups, self.copied, self.plan_src[m],
             self.plan_dst[m], C=self.C, n=n, cache_kind=self.spec.cache_kind, fresh=fresh, ids=ids,
         )
-        self.pool.copy(m, src_n, dst_n, prefetch=prefetch, behind=behind, rows=rows)
+        self.pool.copy(m, src_n, dst_n, prefetch=prefetch, behind=behind)
 
     # -- CPU compute of misses (infer/cpu_compute.py) -----------------------------------------------
     def _demand(self, m: int, routing: Routing, need: torch.Tensor, fresh: bool, behind: bool = False) -> None:

@@ -127,7 +127,7 @@ def greedy(
         raise ValueError(f"greedy: a GreedySelect for batch {select.tok.shape[0]}, {select.n} tokens, eos "
                          f"{select.eos}; this call has batch {B}, {max_new_tokens} tokens, eos {eos}")
     sel = select or GreedySelect(B, max_new_tokens, dev, cfg.decoder_start_token_id, cfg.pad_token_id, eos)
-    n = _decode_loop(step, state, sel, max_new_tokens, on_token, cuda, end=model.decode_step_end)
+    n = _decode_loop(step, state, sel, max_new_tokens, on_token, cuda)
     return sel.out[:, :n].clone()
 
 
@@ -240,8 +240,7 @@ class BeamSelect:
         return out.to(self.tok.device)
 
 
-def _decode_loop(step: Step, state: DecodeState, sel, max_new_tokens: int, on_token, cuda: bool,
-                 end: Callable[[torch.Tensor], None] | None = None) -> int:
+def _decode_loop(step: Step, state: DecodeState, sel, max_new_tokens: int, on_token, cuda: bool) -> int:
     """Run the decode steps of a GreedySelect or BeamSelect `sel` -> the steps whose output counts.
 
     The host never waits for the step it just launched: step t + 1 is queued before the host reads whether
@@ -249,9 +248,7 @@ def _decode_loop(step: Step, state: DecodeState, sel, max_new_tokens: int, on_to
     event, which lets go of the GIL: a host thread the step waits on, infer.offload.DmaCopier, can run), so the
     GPU does not idle while the host runs the loop. Where every sequence ended at step t, the already-queued
     step t + 1 is dropped from the output (it ran, so the state has advanced one step past the output).
-    on_token(t) is called once step t is complete (its event waited on), not after a device-wide sync.
-    end(tokens): called after a choice the loop makes itself (not captured in the step), with the next step's tokens
-    (Switch.decode_step_end, as a captured step calls it after its choice)."""
+    on_token(t) is called once step t is complete (its event waited on), not after a device-wide sync."""
     # "every sequence ended after step t", two host slots (steps t and t - 1 are in flight at once); none where the
     # select's kernel writes its flags to pinned host memory itself
     host_flags = cuda and not sel.ended.is_cuda
@@ -270,8 +267,6 @@ def _decode_loop(step: Step, state: DecodeState, sel, max_new_tokens: int, on_to
         logits = step(state, sel.tok)
         if not sel.captured:
             sel(logits)
-            if end is not None:
-                end(sel.tok)
         n = t + 1
         if not host_flags:
             ended[t % 2].copy_(sel.ended[t], non_blocking=cuda)
@@ -325,7 +320,7 @@ def beam_search(
                          f"batch {B} x {nb} beams, {max_new_tokens} tokens, eos {eos}, length penalty {length_penalty}")
     sel = select or BeamSelect(B, nb, max_new_tokens, dev, cfg.decoder_start_token_id, cfg.pad_token_id, eos,
                                length_penalty, state)
-    steps = _decode_loop(step, state, sel, max_new_tokens, on_token, dev.type == "cuda", end=model.decode_step_end)
+    steps = _decode_loop(step, state, sel, max_new_tokens, on_token, dev.type == "cuda")
     return sel.result(steps)
 
 

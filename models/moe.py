@@ -53,9 +53,6 @@ class ExpertSource(Protocol):
     # Optional: `step_start(tokens_B)` is called on the decoder's first MoE block's source at the start of each
     # decode step (Switch.decode_one_token, inside a captured step): the offload runner guesses from the
     # tokens the experts of the blocks no pre-gate routes and starts their copies (infer/policies.py).
-    # `step_end(next_tokens_B)` once the step's choice wrote the next step's tokens (inside the step: the runner's
-    # guess ahead), and `step_prime(tokens_B)` before a captured step is replayed (eager: a guess ahead made where
-    # the step before left none).
     # Optional: `chunks(routing)` is called first, when the source defines it: None (then fetch as
     # usual), or an iterable of (w_in, w_out, slot_of_expert, tok [n] token ids, in_chunk [E] bool):
     # the experts computed chunk by chunk through a few slots (the offload runner's prefill streaming).

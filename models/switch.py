@@ -553,30 +553,14 @@ class Switch(nn.Module):
         advances state.pos in place. No host synchronisation: capturable as a CUDA graph."""
         return self._logits(self.decode_hidden(state, tokens_B)[:, None])[:, 0].float()
 
-    def _source_hook(self, name: str):
-        moes = self.decoder.moes
-        return getattr(moes[0].expert_source, name, None) if moes else None
-
-    def decode_step_end(self, next_tokens_B: torch.Tensor) -> None:
-        """A decode step's choice has written the next step's tokens (inside the step; a captured one too): the
-        first MoE block's expert source may start the next step's copies now (ExpertSource.step_end)."""
-        end = self._source_hook("step_end")
-        if end is not None:
-            end(next_tokens_B)
-
-    def decode_step_prime(self, tokens_B: torch.Tensor) -> None:
-        """Before replaying a captured step for tokens_B (eager): what its start takes from the step before, made
-        where that is missing (ExpertSource.step_prime)."""
-        prime = self._source_hook("step_prime")
-        if prime is not None:
-            prime(tokens_B)
-
     @torch.no_grad()
     def decode_hidden(self, state: DecodeState, tokens_B: torch.Tensor, split_last: bool = False):
         """decode_one_token up to the LM head: the decoder's final hidden state [B, D] (model dtype), which
         head() turns into the logits (models.generate.GreedySelect.from_hidden: in one kernel with the choice).
         split_last: (residual [B, D], last block's output [B, D]) instead, whose sum final_norm() takes (Stack.run)."""
-        start = self._source_hook("step_start")
+        moes = self.decoder.moes
+        src = moes[0].expert_source if moes else None
+        start = getattr(src, "step_start", None)
         if start is not None:  # the offload runner's guess of the first MoE block's experts (ExpertSource)
             start(tokens_B)
         # beam search's reorder of the self caches, chosen at the end of the last step, runs here: behind the guess's

@@ -536,8 +536,6 @@ def main() -> int:
 #              instead of written there by the choice's kernel inside the step (the default on CUDA)
 #   normops:   greedy's fused LM head without the final residual add and norm in its kernel (PGMOE_HEAD_NORM=0): the
 #              add and the norm kernel before it, as before
-#   guessstart: the first-block guess made at each step's start (PGMOE_GUESS_AHEAD=0) instead of at the end of the
-#              step before, from the tokens its choice wrote (copy_mode dma; infer/policies.py)
 #   kvgather:  beam search's reorder of the self-attention caches as the gather of every position (PGMOE_KV_REORDER=0)
 #              instead of kernels/kv_reorder.py's in-place move of the written positions (the default on CUDA); the
 #              same tokens
@@ -601,9 +599,9 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
         elif tok in ("dma", "device"):
             mode = tok
         elif tok in GUESS_VARIANTS or tok in ("sdpa", "beamkernel", "beamops", "nodefer", "headops", "flagcopy",
-                                              "kvgather", "normops", "guessstart"):
+                                              "kvgather", "normops"):
             pass  # variant_guess; sdpa_attention; beam_variant; PGMOE_GREEDY_HEAD; PGMOE_ENDED_COPY; PGMOE_KV_REORDER;
-            # PGMOE_HEAD_NORM; PGMOE_GUESS_AHEAD
+            # PGMOE_HEAD_NORM
         elif tok in ("native", "driver", "torchcopy"):
             copy["dma_api"] = "torch" if tok == "torchcopy" else tok
         elif tok == "hi":
@@ -613,7 +611,7 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
         else:
             raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #device, #hi, "
                              "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep, #native, #driver, #torchcopy, "
-                             "#sdpa, #beamkernel, #beamops, #nodefer, #headops, #flagcopy, #kvgather, #normops, #guessstart")
+                             "#sdpa, #beamkernel, #beamops, #nodefer, #headops, #flagcopy, #kvgather, #normops")
     if copy:
         try:
             CopySettings(**copy)
@@ -841,8 +839,7 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
                     env_setting("PGMOE_GREEDY_HEAD", "0" if headops else None), \
                     env_setting("PGMOE_ENDED_COPY", "1" if "flagcopy" in variant.split("#") else None), \
                     env_setting("PGMOE_KV_REORDER", "0" if "kvgather" in variant.split("#") else None), \
-                    env_setting("PGMOE_HEAD_NORM", "0" if "normops" in variant.split("#") else None), \
-                    env_setting("PGMOE_GUESS_AHEAD", "0" if "guessstart" in variant.split("#") else None):
+                    env_setting("PGMOE_HEAD_NORM", "0" if "normops" in variant.split("#") else None):
                 entry = run_one(eng, spec, ids, n_new, nb, args, cpu_compute=cpu_mode or "off")
         finally:
             slot_plan.DEFAULT_IMPL = impl_before
