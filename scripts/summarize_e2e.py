@@ -184,8 +184,8 @@ def copy_table(shapes: dict) -> list[str]:
                 eff_after = lower / after if after and lower else None
                 rows.append(
                     f"| {shape} | {mode} | {pol} | {c['decode_bytes_per_step'] / 1e6:.1f} | "
-                    f"{_f(lower, '{:.1f}')} | {_f(eff and 100 * eff, '{:.0f}')} | "
-                    f"{_f(after, '{:.1f}')} | {_f(eff_after and 100 * eff_after, '{:.0f}')} | "
+                    f"{_f(lower, '{:.1f}')} | {_f(eff and 100 * eff, '{:.1f}')} | "
+                    f"{_f(after, '{:.1f}')} | {_f(eff_after and 100 * eff_after, '{:.1f}')} | "
                     f"{_f(wc.get('GBps'), '{:.1f}')} | {_f(weff and 100 * weff, '{:.0f}')} | "
                     f"{_f(c.get('stall_ms_per_token'), '{:.3f}')} | {_yn(c.get('copy_on_critical_path'))} |"
                 )

@@ -185,11 +185,11 @@ def test_summary_has_sweep_copy_efficiency_and_floors():
     sweep = [ln for ln in text.splitlines() if ln.startswith("| 8 |")]
     assert sweep and "| 1.50 |" not in sweep[0] and f"| {(2.7 + 8) / (1.8 + 10.4):.2f} |" in sweep[0]
     eff = 6 * 10**7 / 1.8e-3 / 1e9 / 50.0
-    assert (f"| switch-base-128 | greedy | pregated | 60.0 | {50 * eff:.1f} | {100 * eff:.0f} | - | - | 45.0 | 90 | "
+    assert (f"| switch-base-128 | greedy | pregated | 60.0 | {50 * eff:.1f} | {100 * eff:.1f} | - | - | 45.0 | 90 | "
             "0.800 | yes |") in text
     doc = _doc()  # with the pinned peak measured again after the run: the lower bound as % of that too
     doc["shapes"]["switch-base-128"]["runs"][-2]["pinned_peak_after_GBps"] = 40.0
-    assert (f"| {100 * eff:.0f} | 40.0 | {100 * 50 * eff / 40:.0f} | 45.0 | 90 | 0.800 | yes |"
+    assert (f"| {100 * eff:.1f} | 40.0 | {100 * 50 * eff / 40:.1f} | 45.0 | 90 | 0.800 | yes |"
             in summ.summarize(doc, "x.json"))
     floor = 6 * 10**7 / 50e9 * 1e3
     assert f"| {floor:.2f} |" in text  # the copy floor column of the main table
