@@ -96,19 +96,13 @@ def test_beam_steps_after_the_reorder_equal_the_gathers(forced, monkeypatch, set
     """Switch's decode steps with the self caches reordered between them by the kernel (or, PGMOE_KV_REORDER=0, the
     gather): the logits of the next steps equal those after the gather of every position, bitwise; positions past
     the written ones do not count (the causal mask)."""
-    from models.config import preset
-    from models.switch import Switch
+    from tests.tiny_decode import tiny_model_two_states
 
     monkeypatch.setenv("PGMOE_KV_REORDER", setting)
-    torch.manual_seed(0)
-    model = Switch(preset("tiny")).eval()
-    ids = torch.randint(2, 100, (4, 7))
-    tok = torch.randint(2, 100, (4,))
+    model, tok, ref, got = tiny_model_two_states(max_len=6)
     with torch.no_grad():
-        ref, got = model.prefill(ids, max_len=6), model.prefill(ids, max_len=6)
         for st in (ref, got):
-            for buf in (st.self_kv,):
-                buf.copy_(torch.randn_like(buf))  # stale values past the written positions: random, not zeros
+            st.self_kv.copy_(torch.randn_like(st.self_kv))  # stale values past the written positions: not zeros
             model.decode_one_token(st, tok)
             model.decode_one_token(st, tok.flip(0))
         for rows in ([2, 2, 0, 3], [1, 2, 3, 0]):

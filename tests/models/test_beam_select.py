@@ -195,15 +195,10 @@ def test_reorder_of_the_one_buffer_equals_per_block_reorders():
 def test_deferred_reorder_runs_at_the_next_step_start():
     """defer_reorder(rows): decode_one_token applies the rows to the self caches before computing (the same logits
     and caches as an explicit reorder right before the step), once: the rows go back to the identity after."""
-    from models.config import preset
-    from models.switch import Switch
+    from tests.tiny_decode import tiny_model_two_states
 
-    torch.manual_seed(0)
-    model = Switch(preset("tiny")).eval()
-    ids = torch.randint(2, 100, (4, 7))
-    tok = torch.randint(2, 100, (4,))
+    model, tok, ref, got = tiny_model_two_states(max_len=5)
     with torch.no_grad():
-        ref, got = model.prefill(ids, max_len=5), model.prefill(ids, max_len=5)
         for st in (ref, got):
             model.decode_one_token(st, tok)  # a step, so the self caches' rows differ
         rows = torch.empty(4, dtype=torch.long)
