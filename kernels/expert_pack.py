@@ -204,15 +204,29 @@ if HAVE_TRITON:
         return ((lo & 0x80) << 8) | (exp << 7) | (lo & 0x7F)
 
     @triton.jit
-    def _apply_exceptions(src, dst16, X, off_cnt, off_idx, off_val, p, T: tl.constexpr,
+    def _first_exceptions(src, off_cnt, off_idx, off_val, EXC_CHUNK: tl.constexpr):
+        # the row's exception count and its first EXC_CHUNK exceptions (index, 16 bits): loaded before the chunks'
+        # expansion, so that their latency overlaps it rather than following the stores
+        cnt = tl.load((src + off_cnt).to(tl.pointer_type(tl.int32)))
+        k = tl.arange(0, EXC_CHUNK)
+        kmask = k < cnt
+        idx = tl.load((src + off_idx).to(tl.pointer_type(tl.int32)) + k, mask=kmask, other=0)
+        val = tl.load((src + off_val).to(tl.pointer_type(tl.int16)) + k, mask=kmask, other=0)
+        return cnt, idx, val
+
+    @triton.jit
+    def _apply_exceptions(src, dst16, X, off_idx, off_val, p, cnt, idx0, val0, T: tl.constexpr,
                           NUM_PROGRAMS: tl.constexpr, EXC_CHUNK: tl.constexpr):
         # the row's exceptions that fall in program p's chunks (p, p + P, ...), after its own stores: no
-        # cross-program ordering needed. dst16: the destination row as int16.
+        # cross-program ordering needed. dst16: the destination row as int16. The first EXC_CHUNK come loaded
+        # (_first_exceptions); the loop reads the rest.
         tl.debug_barrier()
-        cnt = tl.load((src + off_cnt).to(tl.pointer_type(tl.int32)))
+        k0 = tl.arange(0, EXC_CHUNK)
+        mine = (k0 < cnt) & (idx0 < X) & ((idx0 // T) % NUM_PROGRAMS == p)
+        tl.store(dst16 + idx0, val0, mask=mine)
         idx_ptr = (src + off_idx).to(tl.pointer_type(tl.int32))
         val_ptr = (src + off_val).to(tl.pointer_type(tl.int16))
-        for c in range(0, cnt, EXC_CHUNK):
+        for c in range(EXC_CHUNK, cnt, EXC_CHUNK):
             k = c + tl.arange(0, EXC_CHUNK)
             kmask = k < cnt
             idx = tl.load(idx_ptr + k, mask=kmask, other=0)
@@ -269,6 +283,7 @@ if HAVE_TRITON:
             src = src_ptr + row * nbytes
             dst = dst_ptr + out_row * X
             HALF: tl.constexpr = T // 2
+            cnt, idx0, val0 = _first_exceptions(src, off_cnt, off_idx, off_val, EXC_CHUNK)
             r = tl.arange(0, HALF // COLS)
             first = r * COLS  # each tile row's first element in its half
             offs = first[:, None] + tl.arange(0, COLS)[None, :]
@@ -283,7 +298,7 @@ if HAVE_TRITON:
                 for k in range(p, K, NUM_PROGRAMS):
                     lo_a, lo_b, nib, base_a, base_b = _load_chunk(src, off_base, k, K, offs, first, G, T, CB)
                     _expand_chunk(dst, X, k, offs, lo_a, lo_b, nib, base_a, base_b, T)
-            _apply_exceptions(src, dst, X, off_cnt, off_idx, off_val, p, T, NUM_PROGRAMS, EXC_CHUNK)
+            _apply_exceptions(src, dst, X, off_idx, off_val, p, cnt, idx0, val0, T, NUM_PROGRAMS, EXC_CHUNK)
 
 
 def unpack_rows_gather_reference(src_EB: torch.Tensor, ids_n: torch.Tensor, dst_SX: torch.Tensor,
@@ -297,16 +312,20 @@ def unpack_rows_gather_reference(src_EB: torch.Tensor, ids_n: torch.Tensor, dst_
     return dst_SX
 
 
+EXC_CHUNK = 512  # exceptions loaded at once (a switch-base expert has ~420, a switch-large one ~820)
+
+
 def unpack_rows(src_EB: torch.Tensor, ids_n: torch.Tensor, dst_SX: torch.Tensor, lay: PackedLayout,
                 dst_row_n: torch.Tensor | None = None, num_programs: int = 16, num_warps: int = 4,
-                ahead: bool = True) -> torch.Tensor:
+                ahead: bool = True, exc_chunk: int | None = None) -> torch.Tensor:
     """Expand packed rows of `src` (pinned host memory, or device memory) chosen by `ids` (on the GPU) into rows
     of `dst` (on the GPU), without a host synchronisation:
     dst[dst_row[i]] = unpack(src[ids[i]]) for every i with ids[i] >= 0 and dst_row[i] >= 0 (dst_row None: i).
 
     src [E, lay.nbytes] uint8 and dst [S, lay.X] bf16 must be contiguous; ids and dst_row are int32/int64 [n].
     A grid of n x num_programs programs; each iteration of a program expands one chunk (lay.T elements), with the
-    next chunk's loads issued before it when `ahead`.
+    next chunk's loads issued before it when `ahead`. Each program loads the row's first exc_chunk exceptions (a
+    power of two; default EXC_CHUNK) before its chunks, the rest after them.
     """
     _check_packed("unpack_rows", src_EB, lay, "src")
     if dst_SX.dtype != torch.bfloat16 or dst_SX.dim() != 2 or dst_SX.shape[1] != lay.X:
@@ -321,6 +340,9 @@ def unpack_rows(src_EB: torch.Tensor, ids_n: torch.Tensor, dst_SX: torch.Tensor,
                              f"got {tuple(t.shape)} {t.dtype}")
     if num_programs < 1:
         raise ValueError(f"unpack_rows: num_programs must be >= 1, got {num_programs}")
+    exc_chunk = EXC_CHUNK if exc_chunk is None else exc_chunk
+    if exc_chunk < 16 or exc_chunk & (exc_chunk - 1):
+        raise ValueError(f"unpack_rows: exc_chunk must be a power of two >= 16, got {exc_chunk}")
     if n == 0:
         return dst_SX
     if not HAVE_TRITON or not (dst_SX.is_cuda or _interpreting()):
@@ -334,7 +356,7 @@ def unpack_rows(src_EB: torch.Tensor, ids_n: torch.Tensor, dst_SX: torch.Tensor,
         src_EB, ids_n, dst_SX.view(torch.int16), dst_row_n if dst_row_n is not None else ids_n,
         lay.X, lay.K, lay.nbytes, lay.off_base, lay.off_cnt, lay.off_idx, lay.off_val,
         HAS_DST_ROW=dst_row_n is not None, G=G, T=lay.T, CB=lay.CB, COLS=min(G, lay.T // 2), NUM_PROGRAMS=num_programs,
-        EXC_CHUNK=128, AHEAD=ahead, num_warps=num_warps,
+        EXC_CHUNK=exc_chunk, AHEAD=ahead, num_warps=num_warps,
     )
     return dst_SX
 

@@ -94,21 +94,22 @@ def test_pack_exceptions_where_expected():
 
 @pytest.mark.parametrize("X,chunk,progs", [(300, 256, 3), (1000, 256, 4), (G, None, 2), (301, 512, 2), (1025, 256, 3),
                                            (2 * G * 5, 256, 2), (5000, 1024, 3)])
-@pytest.mark.parametrize("ahead", [True, False])
-def test_unpack_rows_kernel_matches_reference(X, chunk, progs, ahead):
+@pytest.mark.parametrize("ahead,exc", [(True, None), (False, None), (False, 16)])
+def test_unpack_rows_kernel_matches_reference(X, chunk, progs, ahead, exc):
     """The kernel bitwise the reference: one chunk and several, more programs than chunks, X not a multiple of G
-    or of the chunk, exceptions in both halves of a chunk; the next chunk's loads issued ahead or not."""
+    or of the chunk, exceptions in both halves of a chunk; the next chunk's loads issued ahead or not; the
+    exceptions all loaded before the chunks (the default exc_chunk here) or 16 of them (the rest after)."""
     g = torch.Generator().manual_seed(X + (chunk or 0))
     w = _special_rows(X, g).to(DEV)
     E = w.shape[0]
     lay = layout(X, cap=max(64, X), chunk=chunk)
     src = pack_rows(w, lay)
-    assert int(_cnt(src, lay).max()) > 0
+    assert int(_cnt(src, lay).max()) > (16 if exc else 0)
     ids = torch.tensor([2, -1, E - 2, 0, 5, E - 1, 3], dtype=torch.int32, device=DEV)
     dst_rows = torch.tensor([4, 0, 1, -1, 7, 2, 3], dtype=torch.int64, device=DEV)
     sentinel = torch.full((9, X), -7.0, dtype=torch.bfloat16, device=DEV)
     want = unpack_rows_gather_reference(src, ids, sentinel.clone(), lay, dst_rows)
-    got = unpack_rows(src, ids, sentinel.clone(), lay, dst_rows, num_programs=progs, ahead=ahead)
+    got = unpack_rows(src, ids, sentinel.clone(), lay, dst_rows, num_programs=progs, ahead=ahead, exc_chunk=exc)
     assert torch.equal(_bits(got), _bits(want))
     for i, r in zip(ids.tolist(), dst_rows.tolist()):
         if i >= 0 and r >= 0:
@@ -186,6 +187,8 @@ def test_bad_inputs_raise():
         unpack_rows(src[:, :-16].contiguous(), ids, torch.zeros(2, 300, dtype=torch.bfloat16), lay)
     with pytest.raises(ValueError, match="dst_row"):
         unpack_rows(src, ids, torch.zeros(2, 300, dtype=torch.bfloat16), lay, torch.tensor([0]))
+    with pytest.raises(ValueError, match="exc_chunk must be a power of two"):
+        unpack_rows(src, ids, torch.zeros(2, 300, dtype=torch.bfloat16), lay, exc_chunk=100)
     with pytest.raises(ValueError, match="uint8"):
         unpack_rows_reference(src.view(torch.int16), lay)
 
