@@ -151,6 +151,8 @@ class GraphStep:
         # steps run in (the offload pool's dma_held: no dma wait spins while a first launch loads a kernel)
         # greedy: the LM head and the choice fused (kernels/lm_head.py) where GreedySelect takes them
         self.fused_head = isinstance(select, GreedySelect) and greedy_head_fused() and select.fuses_head(model)
+        # with the final add and norm in the head's kernel too, unless PGMOE_HEAD_NORM=0 (bench variant #normops)
+        self.head_norm = self.fused_head and os.environ.get("PGMOE_HEAD_NORM", "1") != "0"
         with hold() if hold is not None else contextlib.nullcontext(), torch.cuda.stream(side):
             for _ in range(2):
                 self._step(model, state, select)
@@ -167,9 +169,8 @@ class GraphStep:
             select.captured = True
 
     def _step(self, model: Switch, state: DecodeState, select) -> torch.Tensor:
-        if self.fused_head:  # the final add and norm in the head's kernel too, unless PGMOE_HEAD_NORM=0 (#normops)
-            split = os.environ.get("PGMOE_HEAD_NORM", "1") != "0"
-            return select.from_hidden(model, model.decode_hidden(state, self.tok, split_last=split))
+        if self.fused_head:
+            return select.from_hidden(model, model.decode_hidden(state, self.tok, split_last=self.head_norm))
         logits = model.decode_one_token(state, self.tok)
         if select is not None:
             select(logits)
@@ -630,8 +631,7 @@ class Engine:
             "kv_reorder": None if nb == 1 else state.reorder_form(),
             # greedy's LM head: with the choice in kernels/lm_head.py (a captured step) or the matrix product
             "greedy_head": None if nb != 1 else ("matmul" if not getattr(step, "fused_head", False) else
-                                                 "kernel" if os.environ.get("PGMOE_HEAD_NORM", "1") == "0" else
-                                                 "kernel with the final add and norm"),
+                                                 "kernel with the final add and norm" if step.head_norm else "kernel"),
         }
         m["gpu_step_ms_median"] = m["gpu_idle_between_steps_ms_median"] = None
         if len(step_events) > 2:  # the first step (in ttft) left out, as in decode_ms

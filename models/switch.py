@@ -218,10 +218,10 @@ class DecodeState:
         bufs = (*self.cross_k, *self.cross_v, self.enc_bias) if cross else ()
         if self.self_kv is not None:  # self_k, self_v are its views: one launch for every block
             kv = self.self_kv.flatten(0, 1).flatten(3)  # [2 blocks, B, H, Tmax * Dh]
-            if self.reorder_form() == "written positions":
-                # the positions written so far only, in place (kernels/kv_reorder.py)
+            if os.environ.get("PGMOE_KV_REORDER", "1") != "0":
+                # the positions written so far only, in place (kernels/kv_reorder.py; off CUDA it gathers them all)
                 reorder_written(kv, index, self.pos, unit=self.self_kv.shape[-1])
-            else:  # the gather of every position (off CUDA; PGMOE_KV_REORDER=0: the lever's A/B switch)
+            else:  # the gather of every position (the lever's A/B switch)
                 reorder_reference(kv, index)
         else:
             bufs += (*self.self_k, *self.self_v)
