@@ -66,6 +66,7 @@ typedef struct {
     volatile int64_t error, error_rc, error_plan, error_value;
     uint64_t thread;
     volatile int64_t slow_ns, slow_plan, slow_call;  /* the slowest driver call so far: ns, its plan, CALL_* */
+    int64_t direct_m;           /* this block's done[m] is written on the copies' stream itself (-1: none) */
 } pgmoe_copier;
 
 _Static_assert(sizeof(pthread_t) <= sizeof(uint64_t), "pthread_t does not fit");
@@ -136,8 +137,16 @@ static int handle(pgmoe_copier *c, int64_t g) {
         c->trace_meta[3 * k + 2] = copied;
         __atomic_store_n(&c->trace_n, k + 1, __ATOMIC_RELEASE);
     }
-    /* done[m] = b on the signal stream, behind the copies (so the next plan's copies need not wait for it) */
     int64_t t0 = now_ns();
+    if (m == c->direct_m) {
+        /* the step's last block: nothing follows its copies until the next step's first plan, so done[m] is written
+           right behind them on their stream, without the event's hop to the signal stream */
+        if ((rc = timed(c, c->write64(c->stream, c->done_ptr + 8 * (uint64_t)m, (uint64_t)b, 0), t0, g, CALL_WRITE)))
+            return fail(c, ERR_DRIVER, rc, g, CALL_WRITE);
+        return 0;
+    }
+    /* done[m] = b on the signal stream, behind the copies (so the next plan's copies need not wait for it) */
+    t0 = now_ns();
     if ((rc = timed(c, c->record(c->event, c->stream), t0, g, CALL_RECORD)))
         return fail(c, ERR_DRIVER, rc, g, CALL_RECORD);
     t0 = now_ns();
@@ -202,7 +211,8 @@ int pgmoe_host_memcpy(uint64_t dst, const void *src, size_t bytes, void *stream)
 int pgmoe_host_record(void *event, void *stream) { (void)event; (void)stream; return 0; }
 int pgmoe_host_wait(void *stream, void *event, unsigned int flags) { (void)stream; (void)event; (void)flags; return 0; }
 int pgmoe_host_write64(void *stream, uint64_t addr, uint64_t value, unsigned int flags) {
-    (void)stream; (void)flags;
+    (void)flags;
+    if (stream) __atomic_add_fetch((int64_t *)stream, 1, __ATOMIC_RELAXED);  /* a test's count of writes per stream */
     __atomic_store_n((int64_t *)(uintptr_t)addr, (int64_t)value, __ATOMIC_RELEASE);
     return 0;
 }
@@ -234,6 +244,7 @@ class Copier(ctypes.Structure):
         ("error", _i64), ("error_rc", _i64), ("error_plan", _i64), ("error_value", _i64),
         ("thread", _u64),
         ("slow_ns", _i64), ("slow_plan", _i64), ("slow_call", _i64),
+        ("direct_m", _i64),
     ]
 
     def error_text(self) -> str | None:

@@ -769,6 +769,10 @@ class DmaCopier:
                 raise OffloadError(f"PGMOE_DMA_WAIT_POLLS={polls!r}: expected a number of polls (e.g. 4e7)") from None
             if self.max_iters < 1:
                 raise OffloadError(f"PGMOE_DMA_WAIT_POLLS={polls!r}: expected at least 1 poll")
+        # done[M - 1] (the decoder's last MoE block: the step's last copies, followed by nothing until the next step's
+        # first plan) is written right behind its copies on their stream, not behind an event on the signal stream:
+        # one hop less between the step's last copy and its tail (PGMOE_DMA_DIRECT_LAST=0: the signal stream too)
+        self.direct_block = M - 1 if os.environ.get("PGMOE_DMA_DIRECT_LAST", "1") != "0" else -1
         self._issued = 0  # plans handled by the Python thread
         self._trace: list | None = None  # see trace
         # offload.dma_api: native (the default): the host loop in C (infer/native_copier.py), no GIL; driver: a
@@ -862,6 +866,7 @@ class DmaCopier:
         for name, addr in calls.items():
             setattr(c, name, addr)
         c.idle_ns, c.sleep_ns = int(self.IDLE_S * 1e9), int(self.SLEEP_S * 1e9)
+        c.direct_m = self.direct_block
         self._trace_events: list = []
         self._trace_ptrs = (ctypes.c_void_p * (2 * self.TRACE_PLANS))()
         self._trace_meta = (ctypes.c_int64 * (3 * self.TRACE_PLANS))()
@@ -992,7 +997,10 @@ class DmaCopier:
                 ev1 = torch.cuda.Event(enable_timing=True)
                 ev1.record()
                 trace.append((g, m, ev0, ev1, copied))
-            if drv is not None:  # the same by the driver: an event, then a stream memory write of done[m] = b
+            if drv is not None and m == self.direct_block:  # the step's last block: on the copies' stream itself
+                drv.check(drv.write64(self.stream.cuda_stream, self.done.data_ptr() + 8 * m, b, 0),
+                          "cuStreamWriteValue64")
+            elif drv is not None:  # the same by the driver: an event, then a stream memory write of done[m] = b
                 sig = self.signal.cuda_stream
                 drv.check(drv.record(drv.event, self.stream.cuda_stream), "cuEventRecord")
                 drv.check(drv.wait_event(sig, drv.event, 0), "cuStreamWaitEvent")

@@ -32,6 +32,7 @@ staging slots) -> the block's expert->slot table. Legend as in infer/offload.py.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -55,6 +56,12 @@ def guess_mode(value) -> str:
         raise OffloadError(f"offload.first_block_guess={value!r}; expected keep (the guess table outlives a run: "
                            "the engine keeps it), run (each run starts a new one) or off")
     return str(value)
+
+
+def guess_lookup_in_plan() -> bool:
+    """Whether the first-block guess is looked up by the slot plan's kernel (table[tokens] inside the plan, the
+    default) or by an index_select launched ahead of it (PGMOE_GUESS_LOOKUP=0; the bench's variant #guessindex)."""
+    return os.environ.get("PGMOE_GUESS_LOOKUP", "1") != "0"
 
 
 POLICIES = ("gpu_only", "on_demand", "prefetch_all", "pregated", "lookahead", "speculative")
@@ -405,8 +412,12 @@ class OffloadRunner:
             return
         flat = self._guess_tokens = tokens.reshape(-1).long()
         for m in self.guess_blocks:
-            ids = self.guess_table[m].index_select(0, flat)  # [N, 1], -1: not guessed (the plan skips it)
-            self._plan(m, ids, fresh=True, prefetch=True)
+            if guess_lookup_in_plan():  # the plan's kernel looks the guess up: one launch fewer ahead of the copy
+                ids = torch.empty((flat.numel(), 1), dtype=torch.int32, device=flat.device)
+                self._plan(m, None, fresh=True, prefetch=True, lookup=(self.guess_table[m], flat, ids))
+            else:
+                ids = self.guess_table[m].index_select(0, flat)  # [N, 1], -1: not guessed (the plan skips it)
+                self._plan(m, ids, fresh=True, prefetch=True)
             self._guessed[m] = ids
 
     def _verify_guess(self, m: int, routing: Routing) -> None:
@@ -427,9 +438,11 @@ class OffloadRunner:
         need = torch.zeros(self.E, dtype=torch.bool, device=self.device)
         return need.index_fill_(0, routing.ids.reshape(-1).long(), True)
 
-    def _plan(self, m: int, need: torch.Tensor, fresh: bool, prefetch: bool = False, behind: bool = False) -> None:
+    def _plan(self, m: int, need: torch.Tensor | None, fresh: bool, prefetch: bool = False, behind: bool = False,
+              lookup: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
         """Place the experts `need` of block m in slots (a bool mask [E], or expert ids of any shape, < 0 naming
-        none, from which the plan kernel writes the mask itself), start the copies of the misses.
+        none, from which the plan kernel writes the mask itself), start the copies of the misses. lookup (table,
+        tokens, out), need None: the ids are table[tokens], looked up by the plan and written to out.
 
         kernels/slot_plan.py: the same plan as one kernel (the default on CUDA) or as its PyTorch
         reference (~35 small ops; on the CPU, or PGMOE_PLAN_IMPL=reference). Hits keep their
@@ -437,11 +450,12 @@ class OffloadRunner:
         frequently used cache slots, then staging; never one holding a needed expert); the expert -> slot
         table, cache bookkeeping and counters are updated on the device."""
         n = self.n_of[self.stack_of[m]]
-        ids = None if need.dtype == torch.bool else need.contiguous()
+        ids = None if need is None or need.dtype == torch.bool else need.contiguous()
         src_n, dst_n = plan_slots(
-            need if ids is None else self._need_buf[m], self.holder[m], self.cand_slot[m], self.table[m],
-            self.last_use[m], self.freq[m], self.tick, self.hits, self.lookups, self.copied, self.plan_src[m],
-            self.plan_dst[m], C=self.C, n=n, cache_kind=self.spec.cache_kind, fresh=fresh, ids=ids,
+            need if need is not None and ids is None else self._need_buf[m], self.holder[m], self.cand_slot[m],
+            self.table[m], self.last_use[m], self.freq[m], self.tick, self.hits, self.lookups, self.copied,
+            self.plan_src[m], self.plan_dst[m], C=self.C, n=n, cache_kind=self.spec.cache_kind, fresh=fresh, ids=ids,
+            lookup=lookup,
         )
         self.pool.copy(m, src_n, dst_n, prefetch=prefetch, behind=behind)
 

@@ -58,8 +58,11 @@ def plan_slots_reference(
     cache_kind: str = "lru",
     fresh: bool = True,
     ids: torch.Tensor | None = None,
+    lookup: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The plan in plain PyTorch (the semantics of OffloadRunner._plan). See plan_slots."""
+    if lookup is not None:
+        ids = _lookup_reference(*lookup)
     _check(need_E, holder_K, cand_slot_K, table_E, last_use_C, freq_E, plan_src, plan_dst, C, n, cache_kind, ids)
     if ids is not None:  # (ids < 0: none)
         v = ids.reshape(-1).long()
@@ -111,6 +114,23 @@ def plan_slots_reference(
     return plan_src[:n], plan_dst[:n]
 
 
+def _lookup_reference(table_VK: torch.Tensor, tokens_N: torch.Tensor, out_NK: torch.Tensor) -> torch.Tensor:
+    """ids = table[tokens] (the first-block guess: expert ids per token), written to out and returned."""
+    return out_NK.copy_(table_VK.index_select(0, tokens_N.reshape(-1).long()))
+
+
+def _check_lookup(lookup) -> None:
+    table, tokens, out = lookup
+    if table.dim() != 2 or table.dtype not in (torch.int32, torch.int64) or not table.is_contiguous():
+        raise ValueError(f"plan_slots: lookup's table must be contiguous int32/int64 [V, k], got {table.dtype} "
+                         f"{tuple(table.shape)}")
+    if tokens.dtype not in (torch.int32, torch.int64) or not tokens.is_contiguous():
+        raise ValueError(f"plan_slots: lookup's tokens must be contiguous int32/int64, got {tokens.dtype}")
+    if out.shape != (tokens.numel(), table.shape[1]) or out.dtype != table.dtype or not out.is_contiguous():
+        raise ValueError(f"plan_slots: lookup's out must be contiguous {table.dtype} [{tokens.numel()}, "
+                         f"{table.shape[1]}], got {out.dtype} {tuple(out.shape)}")
+
+
 def _check(need_E, holder_K, cand_slot_K, table_E, last_use_C, freq_E, plan_src, plan_dst, C, n, cache_kind,
            ids) -> None:
     K, E = holder_K.numel(), need_E.numel()
@@ -157,9 +177,10 @@ if HAVE_TRITON:
     @triton.jit
     def _plan_slots_kernel(
         need_ptr, ids_ptr, holder_ptr, cand_ptr, table_ptr, last_use_ptr, freq_ptr,
-        tick_ptr, hits_ptr, lookups_ptr, copied_ptr, src_ptr, dst_ptr,
-        E, K, C, n, R,
-        FROM_IDS: tl.constexpr, FRESH: tl.constexpr, IS_LFU: tl.constexpr, HAS_CACHE: tl.constexpr,
+        tick_ptr, hits_ptr, lookups_ptr, copied_ptr, src_ptr, dst_ptr, tok_ptr, ids_out_ptr,
+        E, K, C, n, R, KK,
+        FROM_IDS: tl.constexpr, LOOKUP: tl.constexpr, FRESH: tl.constexpr, IS_LFU: tl.constexpr,
+        HAS_CACHE: tl.constexpr,
         INF: tl.constexpr, LAST: tl.constexpr,
         BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_K: tl.constexpr, CHUNK_R: tl.constexpr,
     ):
@@ -171,7 +192,13 @@ if HAVE_TRITON:
             cnt = tl.zeros([BLOCK_E], dtype=tl.int32)
             offs_r = tl.arange(0, CHUNK_R)
             for r0 in range(0, R, CHUNK_R):
-                ids = tl.load(ids_ptr + r0 + offs_r, mask=r0 + offs_r < R, other=-1)
+                rr = r0 + offs_r
+                if LOOKUP:  # ids = table[tokens] ([V, KK] and [R / KK]), also written out (the guess to verify)
+                    tok = tl.load(tok_ptr + rr // KK, mask=rr < R, other=0).to(tl.int64)
+                    ids = tl.load(ids_ptr + tok * KK + rr % KK, mask=rr < R, other=-1)
+                    tl.store(ids_out_ptr + rr, ids, mask=rr < R)
+                else:
+                    ids = tl.load(ids_ptr + rr, mask=rr < R, other=-1)
                 cnt += tl.sum((ids[None, :] == offs_e[:, None]).to(tl.int32), axis=1)
             tl.store(need_ptr + offs_e, (cnt > 0).to(tl.uint8), mask=mask_e)
             tl.debug_barrier()
@@ -256,6 +283,7 @@ def plan_slots(
     cache_kind: str = "lru",
     fresh: bool = True,
     ids: torch.Tensor | None = None,
+    lookup: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     impl: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Place the needed experts of one block in its candidate slots; returns (plan_src[:n], plan_dst[:n]).
@@ -268,16 +296,23 @@ def plan_slots(
     int64 (mutated, lru with C > 0), hits/lookups/copied 0-d int64 (mutated). plan_src/plan_dst [>= n]
     int32 (out): copy expert plan_src[j] into slot plan_dst[j] where plan_src[j] >= 0.
     C cache slots; n: the most misses copied (victims taken). fresh: the staging holders are emptied
-    first. impl: 'auto' (the kernel on CUDA; on CPU under TRITON_INTERPRET=1 with PGMOE_FORCE_TRITON=1),
-    'triton' or 'reference'. The kernel path synchronises nothing and allocates nothing (ids should be contiguous).
+    first. lookup (table [V, k], tokens [N], out [N, k]; contiguous, int32/int64, out of the table's dtype): instead
+    of ids, ids = table[tokens] looked up by the plan itself and written to out (the first-block guess: one launch
+    fewer at the decode step's start). impl: 'auto' (the kernel on CUDA; on CPU under TRITON_INTERPRET=1 with
+    PGMOE_FORCE_TRITON=1), 'triton' or 'reference'. The kernel path synchronises nothing and allocates nothing
+    (ids should be contiguous).
     """
     impl = impl or DEFAULT_IMPL
     if impl not in ("auto", "triton", "reference"):
         raise ValueError(f"plan_slots: impl={impl!r}; expected auto, triton or reference")
+    if lookup is not None:
+        if ids is not None:
+            raise ValueError("plan_slots: ids and lookup are exclusive")
+        _check_lookup(lookup)
     if impl == "reference" or (impl == "auto" and not use_triton(holder_K)):
         return plan_slots_reference(
             need_E, holder_K, cand_slot_K, table_E, last_use_C, freq_E, tick, hits, lookups, copied,
-            plan_src, plan_dst, C=C, n=n, cache_kind=cache_kind, fresh=fresh, ids=ids,
+            plan_src, plan_dst, C=C, n=n, cache_kind=cache_kind, fresh=fresh, ids=ids, lookup=lookup,
         )
     if not HAVE_TRITON:
         raise RuntimeError("plan_slots: impl='triton' needs triton")
@@ -292,6 +327,11 @@ def plan_slots(
     need_u8 = need_E.view(torch.uint8)
     ids_R = ids.reshape(-1) if ids is not None else need_u8
     R = ids_R.numel() if ids is not None else 0
+    tok, ids_out, KK = need_u8, need_u8, 1  # placeholders
+    if lookup is not None:
+        ids_R, tok, ids_out = lookup[0], lookup[1].reshape(-1), lookup[2]
+        KK = lookup[0].shape[1]
+        R = tok.numel() * KK
     BLOCK_E, BLOCK_K = triton.next_power_of_2(max(E, 2)), triton.next_power_of_2(max(K, 2))
     if holder_K.is_cuda:  # keep the pairwise tiles ([BLOCK_K or BLOCK_E, CHUNK]) in registers
         chunk_k = max(1, min(BLOCK_K, 4096 // max(BLOCK_K, BLOCK_E)))
@@ -300,9 +340,10 @@ def plan_slots(
         chunk_k, chunk_r = BLOCK_K, min(triton.next_power_of_2(max(R, 1)), 1024)
     _plan_slots_kernel[(1,)](  # placeholders for unused pointers: never null (an empty tensor's may be)
         need_u8, ids_R, holder_K, cand_slot_K, table_E, last_use_C if C else holder_K, freq_E,
-        tick, hits, lookups, copied, plan_src, plan_dst,
-        E, K, C, n, R,
-        FROM_IDS=ids is not None, FRESH=bool(fresh), IS_LFU=cache_kind == "lfu", HAS_CACHE=C > 0,
+        tick, hits, lookups, copied, plan_src, plan_dst, tok, ids_out,
+        E, K, C, n, R, KK,
+        FROM_IDS=ids is not None or lookup is not None, LOOKUP=lookup is not None, FRESH=bool(fresh),
+        IS_LFU=cache_kind == "lfu", HAS_CACHE=C > 0,
         INF=INF_KEY, LAST=LAST_KEY,
         BLOCK_E=BLOCK_E, BLOCK_K=BLOCK_K, CHUNK_K=chunk_k, CHUNK_R=chunk_r,
         num_warps=4,
@@ -368,9 +409,22 @@ def self_check(device: str | torch.device, seed: int = 0) -> str | None:
                     ref["need_E"].zero_().index_fill_(0, ids.reshape(-1), True)
                     ker["need_E"].copy_(ref["need_E"])
                 kw = dict(C=C, n=n, cache_kind=kind, fresh=fresh)
-                src_r, dst_r = plan_slots_reference(*(ref[k] for k in names), ids=ids if use_ids else None, **kw)
-                src_k, dst_k = plan_slots(*(ker[k] for k in names), ids=ids.to(device) if use_ids else None,
-                                          impl="triton", **kw)
+                if step == 4:  # the guess's lookup: ids = table[tokens] in the plan
+                    kk = 1 if n == 1 else 2
+                    table = torch.randint(-1, E, (50, kk), generator=g, dtype=torch.int32)
+                    tokens = torch.randint(0, 50, (max(1, n // 2) + step,), generator=g)
+                    out_r = torch.empty(tokens.numel(), kk, dtype=torch.int32)
+                    src_r, dst_r = plan_slots_reference(*(ref[k] for k in names), lookup=(table, tokens, out_r), **kw)
+                    out_k = torch.empty(tokens.numel(), kk, dtype=torch.int32, device=device)
+                    src_k, dst_k = plan_slots(*(ker[k] for k in names), lookup=(table.to(device), tokens.to(device),
+                                                                                 out_k), impl="triton", **kw)
+                    if not torch.equal(out_r, out_k.cpu()):
+                        return f"slot plan kernel != reference: looked-up ids (E={E}, C={C}, n={n}, {kind})"
+                else:
+                    src_r, dst_r = plan_slots_reference(*(ref[k] for k in names), ids=ids if use_ids else None,
+                                                        **kw)
+                    src_k, dst_k = plan_slots(*(ker[k] for k in names), ids=ids.to(device) if use_ids else None,
+                                              impl="triton", **kw)
                 for k in names:
                     if not torch.equal(ref[k], ker[k].cpu()):
                         return f"slot plan kernel != reference: {k} (E={E}, C={C}, n={n}, {kind}, step {step})"

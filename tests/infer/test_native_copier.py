@@ -83,6 +83,24 @@ def test_plans_are_copied_in_order_and_counted(lib):
         loop.stop()
 
 
+@pytest.mark.parametrize("direct", [-1, 2])
+def test_the_last_blocks_done_is_written_on_the_copies_stream(lib, direct):
+    """direct_m: that block's done count is written on the copies' stream itself, every other block's on the signal
+    stream (the host stand-in counts the writes per stream: the streams are two counters here)."""
+    loop = Loop(lib)
+    counts = torch.zeros(2, dtype=torch.int64)  # [copies' stream, signal stream]
+    try:
+        loop.c.stream, loop.c.signal = counts.data_ptr(), counts.data_ptr() + 8
+        loop.c.direct_m = direct
+        for m, src, dst in [(0, [3, -1], [1, 0]), (2, [4, 0], [2, 3]), (1, [1, -1], [0, 0]), (2, [2, -1], [3, 2])]:
+            loop.post(m, src, dst)
+            loop.settle(lambda: loop.c.seen == loop.g)
+        assert loop.done.tolist() == loop.posted == [1, 1, 2]
+        assert counts.tolist() == ([0, 4] if direct < 0 else [2, 2])
+    finally:
+        loop.stop()
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(tag=7), "ring entry of plan 1 reads as plan 7"),
     (dict(m=3), "plan 1 names block 3, out of range"),

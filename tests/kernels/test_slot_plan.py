@@ -72,6 +72,34 @@ def test_kernel_matches_reference_over_steps(E, C, n, cache_kind):
         assert int((src_r >= 0).sum()) <= min(n, need)
 
 
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("C", [0, 4])
+def test_lookup_plan_matches_ids_plan(C, k):
+    """lookup=(table, tokens, out): the plan looks the ids up itself (ids = table[tokens], -1 entries naming none),
+    writes them to out, and plans exactly as with those ids handed in; kernel and reference alike."""
+    E, n = 16, 4
+    g = torch.Generator().manual_seed(7 + C + k)
+    base = _state(E, C, n + 1, g)
+    table = torch.randint(-1, E, (40, k), generator=g, dtype=torch.int32)
+    tokens = torch.randint(0, 40, (5,), generator=g)
+    want = table[tokens]
+    with_ids = {kk: v.clone() for kk, v in base.items()}
+    src_w, dst_w = plan_slots_reference(*(with_ids[s] for s in STATE), C=C, n=n, ids=want)
+    for impl in ("reference", "triton"):
+        st = {kk: v.clone().to(DEV) for kk, v in base.items()}
+        out = torch.full((5, k), -7, dtype=torch.int32)
+        src, dst = plan_slots(*(st[s] for s in STATE), C=C, n=n, lookup=(table, tokens, out), impl=impl)
+        assert torch.equal(out, want), impl
+        assert torch.equal(src, src_w) and torch.equal(dst, dst_w), impl
+        for s in STATE:
+            assert torch.equal(st[s], with_ids[s]), (impl, s)
+    with pytest.raises(ValueError, match="exclusive"):
+        plan_slots(*(base[s] for s in STATE), C=C, n=n, ids=want, lookup=(table, tokens, out))
+    with pytest.raises(ValueError, match="out must be"):
+        plan_slots(*(base[s] for s in STATE), C=C, n=n, lookup=(table, tokens, out[:, :1].clone() if k == 2
+                                                                   else torch.empty(5, 2, dtype=torch.int32)))
+
+
 def test_plan_details():
     """Misses by expert id, the first n only; victims: empty/oldest cache slots, then staging in order."""
     E, C, nmax = 8, 3, 2
