@@ -539,7 +539,26 @@ def main() -> int:
 #   kvgather:  beam search's reorder of the self-attention caches as the gather of every position (PGMOE_KV_REORDER=0)
 #              instead of kernels/kv_reorder.py's in-place move of the written positions (the default on CUDA); the
 #              same tokens
+#   guessindex: the first-block guess looked up by an index_select ahead of the slot plan (PGMOE_GUESS_LOOKUP=0)
+#              instead of inside the plan's kernel
+#   signaldone: copy_mode dma: the decoder's last MoE block's done count written behind an event on the signal stream
+#              (PGMOE_DMA_DIRECT_LAST=0), as every other block's, instead of on the copies' stream right behind them
+#   noprefetch / prefetch<P>: greedy's fused head without the L2 prefetch of its weights before the last MoE block's
+#              wait (PGMOE_HEAD_PREFETCH=0) / with P% of them (the default: all)
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
+ENV_VARIANTS = {"guessindex": ("PGMOE_GUESS_LOOKUP", "0"), "signaldone": ("PGMOE_DMA_DIRECT_LAST", "0"),
+                "noprefetch": ("PGMOE_HEAD_PREFETCH", "0")}
+
+
+def variant_env(variant: str) -> dict[str, str]:
+    """The environment settings of a variant's ENV_VARIANTS / prefetch<P> tokens."""
+    env = {}
+    for tok in variant.split("#"):
+        if tok in ENV_VARIANTS:
+            env[ENV_VARIANTS[tok][0]] = ENV_VARIANTS[tok][1]
+        elif tok.startswith("prefetch") and tok[8:].isdigit() and int(tok[8:]) <= 100:
+            env["PGMOE_HEAD_PREFETCH"] = str(int(tok[8:]) / 100)
+    return env
 GUESS_VARIANTS = {"noguess": "off", "guessrun": "run", "guesskeep": "keep"}
 
 
@@ -598,8 +617,8 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
             plan = PLAN_VARIANTS[tok]
         elif tok in ("dma", "device"):
             mode = tok
-        elif tok in GUESS_VARIANTS or tok in ("sdpa", "beamkernel", "beamops", "nodefer", "headops", "flagcopy",
-                                              "kvgather", "normops"):
+        elif tok in GUESS_VARIANTS or tok in ENV_VARIANTS or variant_env(tok) or tok in (
+                "sdpa", "beamkernel", "beamops", "nodefer", "headops", "flagcopy", "kvgather", "normops"):
             pass  # variant_guess; sdpa_attention; beam_variant; PGMOE_GREEDY_HEAD; PGMOE_ENDED_COPY; PGMOE_KV_REORDER;
             # PGMOE_HEAD_NORM
         elif tok in ("native", "driver", "torchcopy"):
@@ -611,7 +630,8 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
         else:
             raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #device, #hi, "
                              "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep, #native, #driver, #torchcopy, "
-                             "#sdpa, #beamkernel, #beamops, #nodefer, #headops, #flagcopy, #kvgather, #normops")
+                             "#sdpa, #beamkernel, #beamops, #nodefer, #headops, #flagcopy, #kvgather, #normops, "
+                             "#guessindex, #signaldone, #noprefetch, #prefetch<percent>")
     if copy:
         try:
             CopySettings(**copy)
@@ -839,7 +859,10 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
                     env_setting("PGMOE_GREEDY_HEAD", "0" if headops else None), \
                     env_setting("PGMOE_ENDED_COPY", "1" if "flagcopy" in variant.split("#") else None), \
                     env_setting("PGMOE_KV_REORDER", "0" if "kvgather" in variant.split("#") else None), \
-                    env_setting("PGMOE_HEAD_NORM", "0" if "normops" in variant.split("#") else None):
+                    env_setting("PGMOE_HEAD_NORM", "0" if "normops" in variant.split("#") else None), \
+                    contextlib.ExitStack() as more:
+                for k, v in variant_env(variant).items():
+                    more.enter_context(env_setting(k, v))
                 entry = run_one(eng, spec, ids, n_new, nb, args, cpu_compute=cpu_mode or "off")
         finally:
             slot_plan.DEFAULT_IMPL = impl_before
