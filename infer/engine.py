@@ -132,6 +132,31 @@ def _side_stream(device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[key]
 
 
+PACE_TIMEOUT_S = 3e-4
+
+
+def launch_pacer(runner: OffloadRunner | None):
+    """copy_mode dma with the native copier, PGMOE_LAUNCH_PACE=1: a function the decode loop calls before it launches
+    step t + 1, right after step t - 1 ended (so as step t starts): it waits until the copier has handled a plan it
+    had not when called (step t's first: the first-block guess), PACE_TIMEOUT_S at most, and returns whether it ran
+    out. Why: the launch's driver calls and the copier's first cuMemcpyHtoDAsync of the step otherwise meet at the
+    step's start, and the copy may wait for the launch; step t + 1 is needed only at step t's end. None: not paced."""
+    if os.environ.get("PGMOE_LAUNCH_PACE", "0") != "1" or runner is None:
+        return None
+    dma = runner.pool.dma
+    if dma is None or dma.api != "native" or not dma.cuda:
+        return None  # (a Python copier thread needs the GIL this busy wait holds)
+
+    def pace() -> bool:
+        s0, end = dma.issued, time.perf_counter() + PACE_TIMEOUT_S
+        while dma.issued == s0:
+            if time.perf_counter() > end:
+                return True
+        return False
+
+    return pace
+
+
 def head_prefetch_bytes(model: Switch) -> int:
     """Bytes of the LM head's weights GraphStep reads into L2 before the last MoE block's wait: PGMOE_HEAD_PREFETCH
     (a fraction of them, default 1: all) times their size."""
@@ -593,10 +618,16 @@ class Engine:
         # sat idle between two (the host's loop not keeping ahead of it)
         step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
+        pace = launch_pacer(runner) if graphed else None
+        paced = [0, 0]  # launches paced, of which timed out
+
         def counting_step(state, tok):
             executed[0] += 1
             if dev.type != "cuda":
                 return recording_step(state, tok)
+            if pace is not None and executed[0] > 2:
+                paced[0] += 1
+                paced[1] += pace()
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             out = recording_step(state, tok)
@@ -659,6 +690,9 @@ class Engine:
                                                  "kernel with the final add and norm" if step.head_norm else "kernel"),
             # the head's weights read into L2 before the last MoE block's wait (GraphStep, PGMOE_HEAD_PREFETCH)
             "head_prefetch_bytes": getattr(step, "head_prefetch", None) if nb == 1 else None,
+            # launches held until the dma copier handled the running step's first plan (launch_pacer), and how many of
+            # those waits ran out; None: not paced
+            "launch_pace": {"launches": paced[0], "timeouts": paced[1]} if pace is not None else None,
         }
         m["gpu_step_ms_median"] = m["gpu_idle_between_steps_ms_median"] = None
         if len(step_events) > 2:  # the first step (in ttft) left out, as in decode_ms

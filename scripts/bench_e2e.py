@@ -545,9 +545,12 @@ def main() -> int:
 #              (PGMOE_DMA_DIRECT_LAST=0), as every other block's, instead of on the copies' stream right behind them
 #   noprefetch / prefetch<P>: greedy's fused head without the L2 prefetch of its weights before the last MoE block's
 #              wait (PGMOE_HEAD_PREFETCH=0) / with P% of them (the default: all)
+#   r<N>:      no setting: a repeat of the row's settings under another label (rows interleaved against drift)
+#   pace:      copy_mode dma, native copier: each step launched once the copier has handled the running step's first
+#              plan (PGMOE_LAUNCH_PACE=1; infer.engine.launch_pacer) instead of as soon as the step before ended
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
 ENV_VARIANTS = {"guessindex": ("PGMOE_GUESS_LOOKUP", "0"), "signaldone": ("PGMOE_DMA_DIRECT_LAST", "0"),
-                "noprefetch": ("PGMOE_HEAD_PREFETCH", "0")}
+                "noprefetch": ("PGMOE_HEAD_PREFETCH", "0"), "pace": ("PGMOE_LAUNCH_PACE", "1")}
 
 
 def variant_env(variant: str) -> dict[str, str]:
@@ -625,13 +628,15 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
             copy["dma_api"] = "torch" if tok == "torchcopy" else tok
         elif tok == "hi":
             copy["priority"] = "high"
+        elif tok[:1] == "r" and tok[1:].isdigit():
+            pass  # a repeat's mark: another row of the same settings, e.g. pregated#r2 interleaved with pregated
         elif tok[:1] in ("p", "b", "w") and tok[1:].isdigit():
             copy[{"p": "programs", "b": "block", "w": "warps"}[tok[0]]] = int(tok[1:])
         else:
             raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #device, #hi, "
                              "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep, #native, #driver, #torchcopy, "
                              "#sdpa, #beamkernel, #beamops, #nodefer, #headops, #flagcopy, #kvgather, #normops, "
-                             "#guessindex, #signaldone, #noprefetch, #prefetch<percent>")
+                             "#guessindex, #signaldone, #noprefetch, #prefetch<percent>, #pace, #r<repeat>")
     if copy:
         try:
             CopySettings(**copy)

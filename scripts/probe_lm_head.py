@@ -173,7 +173,7 @@ def time_l2(name: str, D: int, reps: int, dev) -> dict:
     landing = torch.empty(packed, dtype=torch.uint8, device=dev)
     landing_src = torch.randint(0, 255, (packed,), dtype=torch.uint8, device=dev)
     slot = torch.empty(X, dtype=torch.bfloat16, device=dev)
-    sink = torch.empty((), dtype=torch.float32, device=dev)
+    sink = torch.empty(X // 1024, dtype=torch.float32, device=dev)
     st = _state(1, dev)
     P = lm_head.tiles(V, lm_head.CONFIG["block_v"])
     logits = torch.empty(1, V, device=dev)
@@ -184,7 +184,7 @@ def time_l2(name: str, D: int, reps: int, dev) -> dict:
 
     def tail():
         slot.view(torch.uint8)[:packed].copy_(landing)  # the unpack's read of the landed row and its writes
-        torch.sum(slot, dtype=torch.float32, out=sink)  # the expert FFN's read of the slot
+        torch.sum(slot.view(-1, 1024), dim=1, dtype=torch.float32, out=sink)  # the expert FFN's read of the slot
         lm_head.lm_head_partials(h, w, D ** -0.5, logits, pv, pi, add=y, norm_weight=nw, eps=1e-6)
         greedy_select(pv, *st, 0, 1, index=pi)
 
