@@ -67,7 +67,6 @@ typedef struct {
     uint64_t thread;
     volatile int64_t slow_ns, slow_plan, slow_call;  /* the slowest driver call so far: ns, its plan, CALL_* */
     int64_t direct_m;           /* this block's done[m] is written on the copies' stream itself (-1: none) */
-    uint64_t head_skip;         /* a plan flagged FLAG_HEAD_COPIED: each expert's first head_skip bytes are left out */
 } pgmoe_copier;
 
 _Static_assert(sizeof(pthread_t) <= sizeof(uint64_t), "pthread_t does not fit");
@@ -108,12 +107,8 @@ static int handle(pgmoe_copier *c, int64_t g) {
     volatile int64_t *row = c->ring + (g % c->R) * W;
     int64_t tag = row[W - 1];
     if (tag != g) return fail(c, ERR_ENTRY, 0, g, tag);
-    /* the first word: m | flags << 32 (kernels/mailbox.py); flag 1: a kernel copies each expert's first head_skip
-       bytes, this loop the rest */
-    int64_t m = (int64_t)((uint64_t)row[0] & 0xFFFFFFFFULL), b = row[1];
-    uint64_t skip = (((uint64_t)row[0] >> 32) & 1ULL) ? c->head_skip : 0;
-    if (row[0] < 0 || m >= c->M) return fail(c, ERR_BLOCK, 0, g, row[0]);
-    if (skip >= c->row_bytes) skip = 0;
+    int64_t m = row[0], b = row[1];
+    if (m < 0 || m >= c->M) return fail(c, ERR_BLOCK, 0, g, m);
     int rc;
     int64_t k = -1;
     if (c->trace_n < c->trace_cap) {
@@ -128,9 +123,8 @@ static int handle(pgmoe_copier *c, int64_t g) {
         if (e < 0 || p < 0) continue;
         if (e >= c->E || p >= c->P) return fail(c, ERR_INDEX, 0, g, e >= c->E ? e : p);
         int64_t t0 = now_ns();
-        rc = timed(c, c->memcpy_h2d(c->slot_ptr[p] + skip,
-                                    (const void *)(uintptr_t)(c->store_ptr[m * c->E + e] + skip),
-                                    c->row_bytes - skip, c->stream), t0, g, CALL_MEMCPY);
+        rc = timed(c, c->memcpy_h2d(c->slot_ptr[p], (const void *)(uintptr_t)c->store_ptr[m * c->E + e],
+                                    c->row_bytes, c->stream), t0, g, CALL_MEMCPY);
         if (rc) return fail(c, ERR_DRIVER, rc, g, CALL_MEMCPY);
         copied++;
     }
@@ -250,7 +244,7 @@ class Copier(ctypes.Structure):
         ("error", _i64), ("error_rc", _i64), ("error_plan", _i64), ("error_value", _i64),
         ("thread", _u64),
         ("slow_ns", _i64), ("slow_plan", _i64), ("slow_call", _i64),
-        ("direct_m", _i64), ("head_skip", _u64),
+        ("direct_m", _i64),
     ]
 
     def error_text(self) -> str | None:

@@ -424,12 +424,6 @@ class SlotPool:
         self.copy_stream = (torch.cuda.Stream(self.device, priority=self.copy_settings.stream_priority())
                             if self.cuda else None)
         self.copy_done = [torch.cuda.Event() if self.cuda else None for _ in range(self.M)]
-        # a first-block guess's head start (enable_head): the copy kernel moves each guessed expert's first head_skip
-        # bytes on head_stream while the dma copier starts the rest; head_done[m] / _head_pending[m] join them
-        self.head_skip = 0
-        self.head_stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self.head_done = [torch.cuda.Event() if self.cuda else None for _ in range(self.M)]
-        self._head_pending = [False] * self.M
         # per prefill buffer (on the CPU a stand-in: a copy with done= is a prefill chunk's, which copy_mode
         # dma leaves to the device kernel)
         self.prefill_done = [torch.cuda.Event() if self.cuda else object() for _ in range(2)]
@@ -482,56 +476,14 @@ class SlotPool:
     def nbytes(self) -> int:
         return self.pool.numel() * self.pool.element_size()
 
-    HEAD_KB = 512  # a guess's head start, PGMOE_GUESS_HEAD_KB overrides it (0: none)
-
-    def enable_head(self, n: int) -> int:
-        """Give the first-block guess's plans (n entries each) a head start under copy_mode dma: the copy kernel moves
-        the first bytes of each guessed expert (PGMOE_GUESS_HEAD_KB in all, split over the n entries; 4 KiB aligned,
-        128 B for rows under 1 MiB) right after the plan, while the host copier starts the rest: the link is busy
-        from the plan's end instead of from the copier's first copy (~10-20 us later on the H200). Returns the
-        bytes per expert (0: no head start: no dma, or rows too small to split)."""
-        raw = os.environ.get("PGMOE_GUESS_HEAD_KB", str(self.HEAD_KB))
-        try:
-            kb = float(raw)
-        except ValueError:
-            raise OffloadError(f"PGMOE_GUESS_HEAD_KB={raw!r}: expected kilobytes (e.g. 512; 0: none)") from None
-        row = self.store.data.shape[-1] * self.store.data.element_size()
-        align = 4096 if row >= 1 << 20 else 128
-        skip = int(kb * 1024) // max(1, n) // align * align
-        slots = self.landing if self.landing is not None else self.pool
-        same_rows = slots.dim() == 2 and slots.shape[-1] * slots.element_size() == row
-        if self.dma is None or kb <= 0 or skip <= 0 or skip >= row or row % 4 or not same_rows:
-            skip = 0
-        self.head_skip = skip
-        if self.dma is not None:
-            self.dma.set_head_skip(skip)
-        return skip
-
-    def _copy_head(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor) -> None:
-        """The copy kernel moves the first head_skip bytes of each expert src_n[j] into slot dst_n[j] (the dma
-        copier's slot row: the landing row where compressed), on head_stream behind the current (copy) stream."""
-        cs = self.copy_settings
-        slots = self.landing if self.landing is not None else self.pool
-        src, dst = self.store.data[m].view(torch.int32), slots.view(torch.int32)
-        if not self.cuda:
-            expert_copy.gather_rows(src, src_n, dst, dst_n, cs.programs, cs.block, cs.warps, cols=self.head_skip // 4)
-            return
-        hs = self.head_stream
-        hs.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(hs):
-            expert_copy.gather_rows(src, src_n, dst, dst_n, cs.programs, cs.block, cs.warps, cols=self.head_skip // 4)
-            self.head_done[m].record(hs)
-        self._head_pending[m] = True
-
     def copy(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor, done=None, prefetch: bool = False,
-             behind: bool = False, head: bool = False) -> None:
+             behind: bool = False) -> None:
         """Copy expert src_n[j] of block m into slot dst_n[j] where src_n[j] >= 0. On CUDA this
         returns at once: the copy runs on the copy stream once the compute stream has passed this point.
         done: the event recorded after the copies (block m's by default). prefetch: the plan was made
         ahead of block m (copy_mode dma hands it to the copier). behind: the plan follows a plan of block m
         not yet waited for (a first-block guess, then its verification) and goes where that one went, so
-        that the two run in order (their slots may be the same). head: a first-block guess's plan, which gets the
-        head start of enable_head where it goes to the dma copier."""
+        that the two run in order (their slots may be the same)."""
         if self.skip_copies:
             return
         dma = self.dma is not None and done is None and (
@@ -539,20 +491,17 @@ class SlotPool:
         )  # prefetched plans, and the plans behind them
         if dma:
             self._dma_posted[m] = True
-        head = head and dma and self.head_skip > 0
         if not self.cuda:  # synchronous (the kernels under TRITON_INTERPRET in tests)
-            self._launch(m, src_n, dst_n, dma, landed=done is None, head=head)
+            self._launch(m, src_n, dst_n, dma, landed=done is None)
             return
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-        if dma and self._head_pending[m]:  # a plan behind a head start: its copies may go into the same slots
-            self.copy_stream.wait_event(self.head_done[m])
         # the per-block copies (the decode path's), not prefill's; dma's run on the copier's stream
         timed = self.measure_copy and done is None and not dma
         with torch.cuda.stream(self.copy_stream):
             if timed:
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record(self.copy_stream)
-            self._launch(m, src_n, dst_n, dma, landed=done is None, head=head)  # dma: copy_done[m] = "posted"
+            self._launch(m, src_n, dst_n, dma, landed=done is None)  # with dma, copy_done[m] means "posted"
             if timed:
                 b.record(self.copy_stream)
                 self.copy_events.append((a, b, (src_n >= 0).sum()))
@@ -586,8 +535,7 @@ class SlotPool:
         finally:
             self._dma_held -= 1
 
-    def _launch(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor, dma: bool, landed: bool = False,
-                head: bool = False) -> None:
+    def _launch(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor, dma: bool, landed: bool = False) -> None:
         """Start block m's copies on the current stream: the plan handed to the dma copier, the device copy
         kernel, or one cudaMemcpyAsync per expert (host). Compressed: a dma plan lands packed, and wait() unpacks
         the landed rows (a row per filled slot, -1 for the plan's idle entries, made here on the current stream,
@@ -595,9 +543,7 @@ class SlotPool:
         rows) and is unpacked right behind, else the kernel unpacks as it reads the store."""
         cs = self.copy_settings
         if dma:
-            if head:  # the copy kernel starts the experts' first bytes at once; the copier leaves them out
-                self._copy_head(m, src_n, dst_n)
-            self.dma.post(m, src_n, dst_n, flags=mailbox.FLAG_HEAD_COPIED if head else 0)
+            self.dma.post(m, src_n, dst_n)
             if self.store.compress:
                 self._unpack_pending[m].append(torch.where(src_n >= 0, dst_n, -1))
         elif self.copy_mode in ("device", "dma"):
@@ -665,9 +611,6 @@ class SlotPool:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record(compute)
         compute.wait_event(event)
-        if dma and self._head_pending[m]:  # the head start's copy kernel too
-            compute.wait_event(self.head_done[m])
-            self._head_pending[m] = False
         if dma:
             self.dma.wait(m)  # after the post (the event): until the copier's copies are done
             self._unpack_landed(m)
@@ -830,7 +773,6 @@ class DmaCopier:
         # first plan) is written right behind its copies on their stream, not behind an event on the signal stream:
         # one hop less between the step's last copy and its tail (PGMOE_DMA_DIRECT_LAST=0: the signal stream too)
         self.direct_block = M - 1 if os.environ.get("PGMOE_DMA_DIRECT_LAST", "1") != "0" else -1
-        self.head_skip = 0  # set_head_skip
         self._issued = 0  # plans handled by the Python thread
         self._trace: list | None = None  # see trace
         # offload.dma_api: native (the default): the host loop in C (infer/native_copier.py), no GIL; driver: a
@@ -925,7 +867,6 @@ class DmaCopier:
             setattr(c, name, addr)
         c.idle_ns, c.sleep_ns = int(self.IDLE_S * 1e9), int(self.SLEEP_S * 1e9)
         c.direct_m = self.direct_block
-        c.head_skip = self.head_skip
         self._trace_events: list = []
         self._trace_ptrs = (ctypes.c_void_p * (2 * self.TRACE_PLANS))()
         self._trace_meta = (ctypes.c_int64 * (3 * self.TRACE_PLANS))()
@@ -1006,20 +947,13 @@ class DmaCopier:
             raise OffloadError(f"copy_mode=dma: the handshake's kernels failed their start-up check (head "
                                f"{head.tolist()} after {self.M} posts, {int(err[0])} timeouts)")
 
-    def post(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor, flags: int = 0) -> None:
-        """On the current (copy) stream: hand block m's plan to the thread. flags: mailbox.FLAG_HEAD_COPIED (each
-        expert's first head_skip bytes are copied by a kernel; the thread copies the rest)."""
+    def post(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor) -> None:
+        """On the current (copy) stream: hand block m's plan to the thread."""
         if src_n.numel() != self.n or dst_n.numel() != self.n:
             raise OffloadError(f"copy_mode=dma: a plan of {src_n.numel()} entries for block {m}; the "
                                f"ring holds {self.n}")
         # the kernel writes the plan, then (behind a system fence) the host's head, into pinned memory
-        mailbox.post(m, src_n, dst_n, self.ring_h, self.head, self.posted, head_host=self.head_h, flags=flags)
-
-    def set_head_skip(self, skip: int) -> None:
-        """The bytes a FLAG_HEAD_COPIED plan leaves out of each expert (before any such plan is posted)."""
-        self.head_skip = skip
-        if self._native is not None:
-            self._native.head_skip = skip
+        mailbox.post(m, src_n, dst_n, self.ring_h, self.head, self.posted, head_host=self.head_h)
 
     def wait(self, m: int) -> None:
         """On the current (compute) stream, ordered after block m's post: hold until its copies are done."""
@@ -1038,8 +972,7 @@ class DmaCopier:
             row = ring[g % self.RING].tolist()
             if row[-1] != g:
                 raise OffloadError(f"copy_mode=dma: ring entry {g} reads as plan {row[-1]}")
-            m, b, src, dst = row[0] & 0xFFFFFFFF, row[1], row[2 : 2 + n], row[2 + n : 2 + 2 * n]
-            skip = self.head_skip if (row[0] >> mailbox.FLAG_SHIFT) & mailbox.FLAG_HEAD_COPIED else 0
+            m, b, src, dst = row[0], row[1], row[2 : 2 + n], row[2 + n : 2 + 2 * n]
             # on CUDA the thread's current stream is the copier's (_copier_loop); on the CPU copies are synchronous
             trace = self._trace if self.cuda else None
             if trace is not None:
@@ -1051,18 +984,14 @@ class DmaCopier:
                 stream, ptrs = self.stream.cuda_stream, self._store_ptr[m]
                 for e, p in zip(src, dst):
                     if e >= 0 and p >= 0:
-                        drv.check(drv.memcpy(self._slot_ptr[p] + skip, ptrs[e] + skip, self._row_bytes - skip,
-                                             stream), "cuMemcpyHtoDAsync")
+                        drv.check(drv.memcpy(self._slot_ptr[p], ptrs[e], self._row_bytes, stream),
+                                  "cuMemcpyHtoDAsync")
                         copied += 1
             else:
                 slots, experts = self._slot_rows, self._store_rows[m]
                 for e, p in zip(src, dst):
                     if e >= 0 and p >= 0:
-                        if skip:
-                            slots[p].view(torch.uint8)[skip:].copy_(experts[e].view(torch.uint8)[skip:],
-                                                                    non_blocking=self.cuda)
-                        else:
-                            slots[p].copy_(experts[e], non_blocking=self.cuda)
+                        slots[p].copy_(experts[e], non_blocking=self.cuda)
                         copied += 1
             if trace is not None:
                 ev1 = torch.cuda.Event(enable_timing=True)

@@ -275,8 +275,6 @@ class OffloadRunner:
             if t is None or t.shape != (V, 1) or t.device != dev:
                 t = kept[m] = torch.full((V, 1), -1, dtype=torch.int32, device=dev)
             self.guess_table[m] = t
-        # under copy_mode dma the guess's plans start their experts' first bytes by the copy kernel (enable_head)
-        self.guess_head_bytes = self.pool.enable_head(self.n_of[1]) if self.guess_blocks else 0
         self.guess_hits = torch.zeros((), dtype=torch.long, device=dev)
         self.guess_lookups = torch.zeros((), dtype=torch.long, device=dev)  # guesses made
         self.guess_rows = torch.zeros((), dtype=torch.long, device=dev)  # token rows at the guess blocks
@@ -405,8 +403,6 @@ class OffloadRunner:
                 "lookups": int(self.guess_lookups),  # guesses made (rows whose token was seen before)
                 "hits": int(self.guess_hits),
                 "hit_rate": int(self.guess_hits) / int(self.guess_lookups) if int(self.guess_lookups) else None,
-                # each guessed expert's first bytes copied by the copy kernel at the step's start (dma: the rest)
-                "head_start_bytes": self.guess_head_bytes,
             },
         }
 
@@ -421,10 +417,10 @@ class OffloadRunner:
         for m in self.guess_blocks:
             if guess_lookup_in_plan():  # the plan's kernel looks the guess up: one launch fewer ahead of the copy
                 ids = torch.empty((flat.numel(), 1), dtype=torch.int32, device=flat.device)
-                self._plan(m, None, fresh=True, prefetch=True, lookup=(self.guess_table[m], flat, ids), head=True)
+                self._plan(m, None, fresh=True, prefetch=True, lookup=(self.guess_table[m], flat, ids))
             else:
                 ids = self.guess_table[m].index_select(0, flat)  # [N, 1], -1: not guessed (the plan skips it)
-                self._plan(m, ids, fresh=True, prefetch=True, head=True)
+                self._plan(m, ids, fresh=True, prefetch=True)
             self._guessed[m] = ids
 
     def _verify_guess(self, m: int, routing: Routing) -> None:
@@ -446,7 +442,7 @@ class OffloadRunner:
         return need.index_fill_(0, routing.ids.reshape(-1).long(), True)
 
     def _plan(self, m: int, need: torch.Tensor | None, fresh: bool, prefetch: bool = False, behind: bool = False,
-              lookup: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, head: bool = False) -> None:
+              lookup: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
         """Place the experts `need` of block m in slots (a bool mask [E], or expert ids of any shape, < 0 naming
         none, from which the plan kernel writes the mask itself), start the copies of the misses. lookup (table,
         tokens, out), need None: the ids are table[tokens], looked up by the plan and written to out.
@@ -464,7 +460,7 @@ class OffloadRunner:
             self.plan_src[m], self.plan_dst[m], C=self.C, n=n, cache_kind=self.spec.cache_kind, fresh=fresh, ids=ids,
             lookup=lookup,
         )
-        self.pool.copy(m, src_n, dst_n, prefetch=prefetch, behind=behind, head=head)
+        self.pool.copy(m, src_n, dst_n, prefetch=prefetch, behind=behind)
 
     # -- CPU compute of misses (infer/cpu_compute.py) -----------------------------------------------
     def _demand(self, m: int, routing: Routing, need: torch.Tensor, fresh: bool, behind: bool = False) -> None:

@@ -28,10 +28,9 @@ if HAVE_TRITON:
     @triton.jit
     def _gather_rows_kernel(
         src_ptr, ids_ptr, dst_ptr, dst_row_ptr,
-        C, L,
+        C,
         HAS_DST_ROW: tl.constexpr, BLOCK: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
     ):
-        # rows of C elements; the first L of each are copied
         # program (i, p) copies blocks p, p + P, p + 2P, ... of row ids[i] into dst row dst_row[i] (or i).
         i = tl.program_id(0)
         p = tl.program_id(1)
@@ -43,50 +42,46 @@ if HAVE_TRITON:
         if (row >= 0) & (out_row >= 0):  # a negative id or slot means "nothing to copy"
             src = src_ptr + row * C
             dst = dst_ptr + out_row * C
-            for start in range(p * BLOCK, L, NUM_PROGRAMS * BLOCK):
+            for start in range(p * BLOCK, C, NUM_PROGRAMS * BLOCK):
                 offs = start + tl.arange(0, BLOCK)
-                mask = offs < L
+                mask = offs < C
                 tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
 
 
 def gather_rows_reference(src_EC: torch.Tensor, ids_n: torch.Tensor, dst_SC: torch.Tensor,
-                          dst_row_n: torch.Tensor | None = None, cols: int | None = None) -> torch.Tensor:
-    """dst[dst_row[i], :cols] = src[ids[i], :cols] for every i with ids[i] >= 0 and dst_row[i] >= 0 (dst_row None:
-    i; cols None: whole rows)."""
+                          dst_row_n: torch.Tensor | None = None) -> torch.Tensor:
+    """dst[dst_row[i]] = src[ids[i]] for every i with ids[i] >= 0 and dst_row[i] >= 0 (dst_row None: i)."""
     ids = ids_n.long().cpu()
     rows = torch.arange(len(ids)) if dst_row_n is None else dst_row_n.long().cpu()
     for e, r in zip(ids.tolist(), rows.tolist()):
         if e >= 0 and r >= 0:
-            dst_SC[r, :cols].copy_(src_EC[e, :cols])
+            dst_SC[r].copy_(src_EC[e])
     return dst_SC
 
 
 def gather_rows(src_EC: torch.Tensor, ids_n: torch.Tensor, dst_SC: torch.Tensor,
                 dst_row_n: torch.Tensor | None = None, num_programs: int = 16, block: int = 4096,
-                num_warps: int = 4, cols: int | None = None) -> torch.Tensor:
+                num_warps: int = 4) -> torch.Tensor:
     """Copy rows of `src` (pinned host memory, or any memory the GPU can address) chosen by `ids`
     (on the GPU) into rows of `dst` (on the GPU), without a host synchronisation.
 
     src [E, C] and dst [S, C] must be contiguous and of one dtype; ids and dst_row are int32/int64 [n].
-    cols: only each row's first cols elements (0 < cols <= C; None: whole rows).
     """
     if src_EC.dtype != dst_SC.dtype or src_EC.shape[1:] != dst_SC.shape[1:]:
         raise ValueError(f"gather_rows: src {tuple(src_EC.shape)} {src_EC.dtype} and dst "
                          f"{tuple(dst_SC.shape)} {dst_SC.dtype} must share the row size and dtype")
     if not (src_EC.is_contiguous() and dst_SC.is_contiguous()):
         raise ValueError("gather_rows: src and dst must be contiguous")
-    C = src_EC[0].numel()
-    if cols is not None and not 0 < cols <= C:
-        raise ValueError(f"gather_rows: cols={cols} out of (0, {C}]")
     n = ids_n.numel()
     if n == 0:
         return dst_SC
     if not HAVE_TRITON or not (dst_SC.is_cuda or _interpreting()):
-        return gather_rows_reference(src_EC, ids_n, dst_SC, dst_row_n, cols)
+        return gather_rows_reference(src_EC, ids_n, dst_SC, dst_row_n)
     if src_EC.device.type == "cpu" and dst_SC.is_cuda and not src_EC.is_pinned():
         raise ValueError("gather_rows: a host source must be pinned (page-locked) to be read by the GPU")
+    C = src_EC[0].numel()
     _gather_rows_kernel[(n, num_programs)](
-        src_EC, ids_n, dst_SC, dst_row_n if dst_row_n is not None else ids_n, C, C if cols is None else cols,
+        src_EC, ids_n, dst_SC, dst_row_n if dst_row_n is not None else ids_n, C,
         HAS_DST_ROW=dst_row_n is not None, BLOCK=block, NUM_PROGRAMS=num_programs, num_warps=num_warps,
     )
     return dst_SC

@@ -545,16 +545,12 @@ def main() -> int:
 #              (PGMOE_DMA_DIRECT_LAST=0), as every other block's, instead of on the copies' stream right behind them
 #   noprefetch / prefetch<P>: greedy's fused head without the L2 prefetch of its weights before the last MoE block's
 #              wait (PGMOE_HEAD_PREFETCH=0) / with P% of them (the default: all)
-#   nohead / head<KB>: copy_mode dma: the first-block guess's experts copied by the copier alone
-#              (PGMOE_GUESS_HEAD_KB=0) / with their first KB kilobytes (over the plan's entries) by the copy kernel at the
-#              plan's end, the copier copying the rest (infer.offload.SlotPool.enable_head; the default: 512)
 #   r<N>:      no setting: a repeat of the row's settings under another label (rows interleaved against drift)
 #   pace:      copy_mode dma, native copier: each step launched once the copier has handled the running step's first
 #              plan (PGMOE_LAUNCH_PACE=1; infer.engine.launch_pacer) instead of as soon as the step before ended
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
 ENV_VARIANTS = {"guessindex": ("PGMOE_GUESS_LOOKUP", "0"), "signaldone": ("PGMOE_DMA_DIRECT_LAST", "0"),
-                "noprefetch": ("PGMOE_HEAD_PREFETCH", "0"), "pace": ("PGMOE_LAUNCH_PACE", "1"),
-                "nohead": ("PGMOE_GUESS_HEAD_KB", "0")}
+                "noprefetch": ("PGMOE_HEAD_PREFETCH", "0"), "pace": ("PGMOE_LAUNCH_PACE", "1")}
 
 
 def variant_env(variant: str) -> dict[str, str]:
@@ -565,8 +561,6 @@ def variant_env(variant: str) -> dict[str, str]:
             env[ENV_VARIANTS[tok][0]] = ENV_VARIANTS[tok][1]
         elif tok.startswith("prefetch") and tok[8:].isdigit() and int(tok[8:]) <= 100:
             env["PGMOE_HEAD_PREFETCH"] = str(int(tok[8:]) / 100)
-        elif tok.startswith("head") and tok[4:].isdigit():
-            env["PGMOE_GUESS_HEAD_KB"] = tok[4:]
     return env
 GUESS_VARIANTS = {"noguess": "off", "guessrun": "run", "guesskeep": "keep"}
 
@@ -642,8 +636,7 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
             raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #device, #hi, "
                              "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep, #native, #driver, #torchcopy, "
                              "#sdpa, #beamkernel, #beamops, #nodefer, #headops, #flagcopy, #kvgather, #normops, "
-                             "#guessindex, #signaldone, #noprefetch, #prefetch<percent>, #pace, #nohead, #head<KB>, "
-                             "#r<repeat>")
+                             "#guessindex, #signaldone, #noprefetch, #prefetch<percent>, #pace, #r<repeat>")
     if copy:
         try:
             CopySettings(**copy)

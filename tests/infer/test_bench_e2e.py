@@ -255,8 +255,6 @@ def test_parse_table_runs():
     assert bench.variant_env("guessindex#signaldone#prefetch50#dma") == {
         "PGMOE_GUESS_LOOKUP": "0", "PGMOE_DMA_DIRECT_LAST": "0", "PGMOE_HEAD_PREFETCH": "0.5"}
     assert bench.variant_env("noprefetch") == {"PGMOE_HEAD_PREFETCH": "0"} and bench.variant_env("hi") == {}
-    assert bench.variant_env("nohead") == {"PGMOE_GUESS_HEAD_KB": "0"}
-    assert bench.variant_env("head256#r2") == {"PGMOE_GUESS_HEAD_KB": "256"}
     with pytest.raises(SystemExit):
         bench.parse_variant("prefetch200")
     with pytest.raises(SystemExit, match="noguess"):

@@ -240,32 +240,6 @@ def test_dma_copy_mode_under_the_interpreter(pregated_ckpt, monkeypatch, api):
     assert len(natives) == (4 if api == "native" else 0) and all(c.stop == 1 for c in natives)  # stopped, joined
 
 
-@pytest.mark.parametrize("api", ["native", "torch"])
-def test_dma_guess_head_start(pregated_ckpt, monkeypatch, api):
-    """copy_mode dma with the first-block guess's head start (PGMOE_GUESS_HEAD_KB): the copy kernel moves each
-    guessed expert's first bytes, the copier (flagged plan) the rest; the tokens and logits stay gpu_only's bitwise
-    (a byte range nobody copied would hold another expert's weights), guesses were made, and 0 turns it off."""
-    pytest.importorskip("triton")
-    _native_or_skip(api)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    model, store = load_offloaded(pregated_ckpt, "cpu", torch.float32, None)
-    model.set_backend("torch")
-    ids, mask = prompts(n=2, length=5)
-    kw = dict(max_new_tokens=6, keep_logits=True)
-    ref = Engine(model, store, "cpu").run(PolicySpec("gpu_only"), ids, mask, **kw)
-    row = store.data.shape[-1] * store.data.element_size()
-    for kb, want in (("1", 512), ("0", 0)):  # 1 KiB over the 2 rows' entries: 512 bytes each (128-aligned)
-        monkeypatch.setenv("PGMOE_GUESS_HEAD_KB", kb)
-        eng = Engine(model, store, "cpu", copy_mode="dma", copy=CopySettings(dma_api=api))
-        eng.first_block_guess = "run"
-        res = eng.run(PolicySpec("pregated"), ids, mask, **kw)
-        g = res.metrics["first_block_guess"]
-        assert 0 < want < row or want == 0
-        assert g["head_start_bytes"] == want and g["lookups"] > 0, g
-        assert res.tokens == ref.tokens
-        assert all(torch.equal(a, b) for a, b in zip(ref.step_logits, res.step_logits))
-
-
 @pytest.mark.parametrize("polls, message", [("many", "expected a number of polls"), ("0", "expected at least 1 poll")])
 def test_dma_wait_polls_setting_is_checked(pregated_ckpt, monkeypatch, polls, message):
     """PGMOE_DMA_WAIT_POLLS (the wait kernel's budget before it counts a timeout) must be a positive number."""
@@ -583,8 +557,7 @@ def test_first_block_guess_accounting_and_outputs(pregated_ckpt):
         _same(ref, r)
         g = r.metrics["first_block_guess"]
         if mode == "off":
-            assert g == {"mode": "off", "blocks": [], "rows": 0, "lookups": 0, "hits": 0, "hit_rate": None,
-                         "head_start_bytes": 0}
+            assert g == {"mode": "off", "blocks": [], "rows": 0, "lookups": 0, "hits": 0, "hit_rate": None}
             continue
         assert g["mode"] == mode[:4] and g["blocks"] == [first_dec]
         assert g["rows"] == steps and 0 <= g["hits"] <= g["lookups"] <= g["rows"]
@@ -750,40 +723,3 @@ def test_compress_settings_are_checked(pregated_ckpt):
         Engine(model, packed, "cpu", copy_mode="host").run(PolicySpec("on_demand"), *prompts(), max_new_tokens=1)
     with pytest.raises(OffloadError, match="cpu_compute=always with offload.compress=exp4"):
         Engine(model, packed, "cpu", cpu_compute="always").run(PolicySpec("on_demand"), *prompts(), max_new_tokens=1)
-
-
-@pytest.mark.parametrize("api", ["native", "torch"])
-def test_dma_head_start_copies_split_between_kernel_and_copier(pregated_ckpt, monkeypatch, api):
-    """SlotPool with a head start (enable_head): a flagged plan's expert lands whole in its slot over a slot full of
-    garbage: the copy kernel's first head_skip bytes and the copier's rest. Without the kernel's part the copier
-    alone leaves exactly those bytes untouched (the split is where enable_head says)."""
-    pytest.importorskip("triton")
-    from infer.offload import SlotPool
-
-    _native_or_skip(api)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("PGMOE_GUESS_HEAD_KB", "1")
-    _, store = load_offloaded(pregated_ckpt, "cpu", torch.float32, None)
-    pool = SlotPool(store, "cpu", 0, 1, 2, copy_mode="dma", copy=CopySettings(dma_api=api))
-    try:
-        pool._dma_on = True  # past the first decode step: prefetched plans go to the copier
-        skip = pool.enable_head(1)
-        assert skip == 1024 and pool.dma.head_skip == 1024
-        m, e = store.M - 1, 3
-        want = store.data[m, e].reshape(-1)
-        for kernel_part in (True, False):
-            if not kernel_part:
-                monkeypatch.setattr(pool, "_copy_head", lambda *a: None)
-            pool.pool.fill_(float("nan"))
-            src, dst = torch.tensor([e], dtype=torch.int32), torch.tensor([0], dtype=torch.int32)
-            pool.copy(m, src, dst, prefetch=True, head=True)
-            pool.wait(m)
-            got = pool.pool[0].reshape(-1)
-            words = skip // got.element_size()
-            assert torch.equal(got[words:], want[words:])
-            if kernel_part:
-                assert torch.equal(got, want)
-            else:
-                assert torch.isnan(got[:words]).all()
-    finally:
-        pool.close()

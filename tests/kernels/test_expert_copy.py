@@ -34,21 +34,3 @@ def test_gather_rows_identity_rows_and_errors():
     assert torch.equal(dst, src[[3, 1, 4]])
     with pytest.raises(ValueError, match="row size and dtype"):
         gather_rows(src, torch.tensor([0]), torch.zeros(1, 299))
-
-
-@pytest.mark.parametrize("cols", [1, 130, 999, 1000])
-def test_gather_rows_first_cols(cols):
-    """cols: only each row's first cols elements move; the rest of the destination row is untouched."""
-    g = torch.Generator().manual_seed(cols)
-    src = torch.randn(6, 1000, generator=g)
-    ids = torch.tensor([5, -1, 2], dtype=torch.int64)
-    dst = torch.randn(3, 1000, generator=g)
-    want = dst.clone()
-    want[0, :cols], want[2, :cols] = src[5, :cols], src[2, :cols]
-    ref = dst.clone()
-    gather_rows_reference(src, ids, ref, cols=cols)
-    gather_rows(src, ids, dst, num_programs=3, block=128, cols=cols)
-    assert torch.equal(dst, want) and torch.equal(ref, want)
-    for bad in (0, 1001):
-        with pytest.raises(ValueError, match="cols"):
-            gather_rows(src, ids, dst, cols=bad)
