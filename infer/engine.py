@@ -24,7 +24,7 @@ from infer import cpu_compute as cc
 from infer import native_copier
 from infer.offload import CopySettings, ExpertStore, OffloadError, is_expert_param
 from infer.policies import OffloadRunner, PolicySpec, check_cpu_compute, guess_mode
-from kernels import expert_pack, lm_head
+from kernels import expert_pack
 from kernels.expert_ffn import Int8Weights
 from models.generate import BeamSelect, GreedySelect, beam_search, greedy
 from models.switch import DecodeState, Switch
@@ -132,45 +132,6 @@ def _side_stream(device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[key]
 
 
-PACE_TIMEOUT_S = 3e-4
-
-
-def launch_pacer(runner: OffloadRunner | None):
-    """copy_mode dma with the native copier, PGMOE_LAUNCH_PACE=1: a function the decode loop calls before it launches
-    step t + 1, right after step t - 1 ended (so as step t starts): it waits until the copier has handled a plan it
-    had not when called (step t's first: the first-block guess), PACE_TIMEOUT_S at most, and returns whether it ran
-    out. Why: the launch's driver calls and the copier's first cuMemcpyHtoDAsync of the step otherwise meet at the
-    step's start, and the copy may wait for the launch; step t + 1 is needed only at step t's end. None: not paced."""
-    if os.environ.get("PGMOE_LAUNCH_PACE", "0") != "1" or runner is None:
-        return None
-    dma = runner.pool.dma
-    if dma is None or dma.api != "native" or not dma.cuda:
-        return None  # (a Python copier thread needs the GIL this busy wait holds)
-
-    def pace() -> bool:
-        s0, end = dma.issued, time.perf_counter() + PACE_TIMEOUT_S
-        while dma.issued == s0:
-            if time.perf_counter() > end:
-                return True
-        return False
-
-    return pace
-
-
-def head_prefetch_bytes(model: Switch) -> int:
-    """Bytes of the LM head's weights GraphStep reads into L2 before the last MoE block's wait: PGMOE_HEAD_PREFETCH
-    (a fraction of them, default 1: all) times their size."""
-    raw = os.environ.get("PGMOE_HEAD_PREFETCH", "1")
-    try:
-        frac = float(raw)
-    except ValueError:
-        raise OffloadError(f"PGMOE_HEAD_PREFETCH={raw!r}: expected a fraction of the head's weights (0 to 1)") from None
-    if not 0.0 <= frac <= 1.0:
-        raise OffloadError(f"PGMOE_HEAD_PREFETCH={raw!r}: expected a fraction of the head's weights (0 to 1)")
-    w = model.head()[0]
-    return int(w.numel() * w.element_size() * frac) // 4 * 4
-
-
 class GraphStep:
     """decode_one_token captured as one CUDA graph for a given DecodeState (its buffers keep their
     addresses; the position is a device tensor advanced inside the graph). select: the decoding's token
@@ -192,17 +153,6 @@ class GraphStep:
         self.fused_head = isinstance(select, GreedySelect) and greedy_head_fused() and select.fuses_head(model)
         # with the final add and norm in the head's kernel too, unless PGMOE_HEAD_NORM=0 (bench variant #normops)
         self.head_norm = self.fused_head and os.environ.get("PGMOE_HEAD_NORM", "1") != "0"
-        # offloaded experts: the head's weights read into L2 while the GPU waits for the step's last expert copy, so
-        # that the head after it reads them from there (PGMOE_HEAD_PREFETCH: the fraction of them, 0 = none)
-        self.head_prefetch = head_prefetch_bytes(model) if self.fused_head else 0
-        src = model.decoder.moes[-1].expert_source if model.decoder.moes else None
-        runner = getattr(src, "r", None)  # the offload runner behind the block (infer.policies._Block)
-        if self.head_prefetch and isinstance(runner, OffloadRunner):
-            w = model.head()[0]
-            scratch = torch.empty(lm_head.l2_prefetch_programs(self.head_prefetch), dtype=torch.int32, device=dev)
-            runner.before_last_wait = lambda: lm_head.l2_prefetch(w, self.head_prefetch, scratch)
-        else:
-            self.head_prefetch = 0
         with hold() if hold is not None else contextlib.nullcontext(), torch.cuda.stream(side):
             for _ in range(2):
                 self._step(model, state, select)
@@ -618,16 +568,10 @@ class Engine:
         # sat idle between two (the host's loop not keeping ahead of it)
         step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
-        pace = launch_pacer(runner) if graphed else None
-        paced = [0, 0]  # launches paced, of which timed out
-
         def counting_step(state, tok):
             executed[0] += 1
             if dev.type != "cuda":
                 return recording_step(state, tok)
-            if pace is not None and executed[0] > 2:
-                paced[0] += 1
-                paced[1] += pace()
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             out = recording_step(state, tok)
@@ -688,11 +632,6 @@ class Engine:
             # greedy's LM head: with the choice in kernels/lm_head.py (a captured step) or the matrix product
             "greedy_head": None if nb != 1 else ("matmul" if not getattr(step, "fused_head", False) else
                                                  "kernel with the final add and norm" if step.head_norm else "kernel"),
-            # the head's weights read into L2 before the last MoE block's wait (GraphStep, PGMOE_HEAD_PREFETCH)
-            "head_prefetch_bytes": getattr(step, "head_prefetch", None) if nb == 1 else None,
-            # launches held until the dma copier handled the running step's first plan (launch_pacer), and how many of
-            # those waits ran out; None: not paced
-            "launch_pace": {"launches": paced[0], "timeouts": paced[1]} if pace is not None else None,
         }
         m["gpu_step_ms_median"] = m["gpu_idle_between_steps_ms_median"] = None
         if len(step_events) > 2:  # the first step (in ttft) left out, as in decode_ms

@@ -254,9 +254,6 @@ class OffloadRunner:
         # zeros + index_fill ahead of it)
         self._need_buf = [torch.zeros(self.E, dtype=torch.bool, device=dev) for _ in range(M)]
         self._observed: tuple[int, torch.Tensor] | None = None
-        # launched on the compute stream right before the wait for the decoder's last MoE block's experts, where the
-        # GPU idles until the step's last copy lands (set by infer.engine.GraphStep: the LM head's L2 prefetch)
-        self.before_last_wait = None
         self.moes = model.moes
         # the first-block guess (module docstring): the decoder's blocks that no pre-gate routes
         self.guess_blocks = (
@@ -519,8 +516,6 @@ class OffloadRunner:
         return dev_routing, extra
 
     def _weights(self, m: int):
-        if m == self.last_of[1] and self.before_last_wait is not None:
-            self.before_last_wait()  # e.g. the LM head's weights read into L2 while the GPU waits (GraphStep)
         self.pool.wait(m)
         return self.pool.w_in, self.pool.w_out, self.table[m]
 

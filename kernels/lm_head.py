@@ -97,43 +97,6 @@ if HAVE_TRITON:
         tl.store(pidx_ptr + offs_b * stride_p + pid, idx.to(tl.int32), mask=bmask)
 
 
-    @triton.jit
-    def _l2_prefetch_kernel(src_ptr, scratch_ptr, N, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-        # reads words [pid * BLOCK * ITERS, ...) with the evict-last hint (kept in L2 ahead of normal lines); their
-        # sum goes to scratch[pid] so that the loads are not dropped
-        pid = tl.program_id(0)
-        acc = tl.zeros([BLOCK], dtype=tl.int32)
-        base = pid.to(tl.int64) * BLOCK * ITERS
-        for i in range(ITERS):
-            offs = base + i * BLOCK + tl.arange(0, BLOCK)
-            acc += tl.load(src_ptr + offs, mask=offs < N, other=0, eviction_policy="evict_last")
-        tl.store(scratch_ptr + pid, tl.sum(acc, axis=0))
-
-
-L2_PREFETCH_BLOCK, L2_PREFETCH_ITERS = 2048, 8
-
-
-def l2_prefetch_programs(nbytes: int) -> int:
-    """The scratch words (programs) l2_prefetch needs for nbytes."""
-    return max(1, -(-(nbytes // 4) // (L2_PREFETCH_BLOCK * L2_PREFETCH_ITERS)))
-
-
-def l2_prefetch(t: torch.Tensor, nbytes: int, scratch: torch.Tensor) -> None:
-    """Read the first nbytes of the contiguous tensor t (rounded down to 4-byte words) with the evict-last hint, so
-    that a kernel reading them soon after finds them in L2 (the LM head's weights, read while the GPU waits for the
-    step's last expert copy). scratch: int32 [>= l2_prefetch_programs(nbytes)] (written, meaningless)."""
-    if not t.is_contiguous():
-        raise ValueError("l2_prefetch: the tensor must be contiguous")
-    words = min(nbytes, t.numel() * t.element_size()) // 4
-    if words <= 0:
-        return
-    grid = l2_prefetch_programs(words * 4)
-    if scratch.dtype != torch.int32 or scratch.numel() < grid:
-        raise ValueError(f"l2_prefetch: scratch must be int32 [>= {grid}], got {scratch.dtype} {tuple(scratch.shape)}")
-    src = t.view(-1).view(torch.uint8)[: words * 4].view(torch.int32)
-    _l2_prefetch_kernel[(grid,)](src, scratch, words, BLOCK=L2_PREFETCH_BLOCK, ITERS=L2_PREFETCH_ITERS, num_warps=4)
-
-
 def tiles(V: int, block_v: int) -> int:
     """P: the number of partials per row."""
     return -(-V // block_v)
@@ -199,5 +162,5 @@ def lm_head_reference(h: torch.Tensor, weight: torch.Tensor, scale: float, add: 
     return torch.nn.functional.linear(x, weight).float()
 
 
-__all__ = ["lm_head_partials", "lm_head_reference", "supported", "tiles", "l2_prefetch", "l2_prefetch_programs",
-           "CONFIG", "MAX_ROWS", "HAVE_TRITON"]
+__all__ = ["lm_head_partials", "lm_head_reference", "supported", "tiles", "CONFIG", "MAX_ROWS",
+           "HAVE_TRITON"]

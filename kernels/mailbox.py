@@ -49,13 +49,13 @@ if HAVE_TRITON:
                                          is_pure=False, pack=1)
 
     @triton.jit
-    def _post_kernel(src_ptr, dst_ptr, ring_ptr, head_ptr, posted_ptr, head_host_ptr, m, N, R,
+    def _post_kernel(src_ptr, dst_ptr, ring_ptr, head_ptr, posted_ptr, head_host_ptr, m, m_word, N, R,
                      BLOCK: tl.constexpr, HOST_HEAD: tl.constexpr, FENCE: tl.constexpr):
         g = tl.load(head_ptr) + 1
         b = tl.load(posted_ptr + m) + 1
         tl.store(posted_ptr + m, b)
         e = ring_ptr + (g % R) * (2 * N + 3)
-        tl.store(e, m)
+        tl.store(e, m_word)  # m, with the plan's flags above bit 32
         tl.store(e + 1, b)
         offs = tl.arange(0, BLOCK)
         for start in range(0, N, BLOCK):
@@ -87,12 +87,16 @@ if HAVE_TRITON:
             tl.atomic_add(err_ptr, 1)
 
 
+FLAG_SHIFT = 32  # a ring entry's first word: m | flags << FLAG_SHIFT
+FLAG_EARLY = 1  # the first-block guess's plan: its copy may have been started already (infer.offload.DmaCopier)
+
+
 def post(m: int, src_n: torch.Tensor, dst_n: torch.Tensor, ring: torch.Tensor, head: torch.Tensor,
-         posted: torch.Tensor, head_host: torch.Tensor | None = None) -> None:
-    """On the current stream: g = head + 1; posted[m] += 1; ring[g % R] = [m, posted[m], src_n, dst_n, g];
-    head = g. ring int64 [R, 2n + 3]; head int64 [1]; posted int64 [M]. head_host: an int64 [1] the kernel
+         posted: torch.Tensor, head_host: torch.Tensor | None = None, flags: int = 0) -> None:
+    """On the current stream: g = head + 1; posted[m] += 1; ring[g % R] = [m | flags << 32, posted[m], src_n, dst_n,
+    g]; head = g. ring int64 [R, 2n + 3]; head int64 [1]; posted int64 [M]. head_host: an int64 [1] the kernel
     also writes g to, after the entry is written (on a GPU through a system-scope fence): with ring and
-    head_host in pinned host memory the host reads a plan with no copy in between."""
+    head_host in pinned host memory the host reads a plan with no copy in between. flags: FLAG_EARLY or 0."""
     n = src_n.numel()
     if ring.dim() != 2 or ring.shape[1] != 2 * n + 3 or ring.dtype != torch.int64 or not ring.is_contiguous():
         raise ValueError(f"ring must be contiguous int64 [R, 2n + 3 = {2 * n + 3}], got {ring.dtype} "
@@ -103,15 +107,18 @@ def post(m: int, src_n: torch.Tensor, dst_n: torch.Tensor, ring: torch.Tensor, h
     if head_host is not None and (head_host.dtype != torch.int64 or head_host.numel() != 1):
         raise ValueError(f"head_host must be int64 [1], got {head_host.dtype} {tuple(head_host.shape)}")
     fence = src_n.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"  # (the interpreter runs no PTX)
-    _post_kernel[(1,)](src_n, dst_n, ring, head, posted, head if head_host is None else head_host, m, n,
-                       ring.shape[0], BLOCK=block, HOST_HEAD=head_host is not None, FENCE=fence, num_warps=1)
+    if flags not in (0, FLAG_EARLY):
+        raise ValueError(f"post: flags={flags}; expected 0 or FLAG_EARLY ({FLAG_EARLY})")
+    _post_kernel[(1,)](src_n, dst_n, ring, head, posted, head if head_host is None else head_host, m,
+                       m | flags << FLAG_SHIFT, n, ring.shape[0], BLOCK=block, HOST_HEAD=head_host is not None,
+                       FENCE=fence, num_warps=1)
 
 
-def post_reference(m, src_n, dst_n, ring, head, posted, head_host=None) -> None:
+def post_reference(m, src_n, dst_n, ring, head, posted, head_host=None, flags: int = 0) -> None:
     head += 1
     posted[m] += 1
     g = int(head)
-    ring[g % ring.shape[0]] = torch.cat([torch.tensor([m, int(posted[m])]), src_n.long().cpu(),
+    ring[g % ring.shape[0]] = torch.cat([torch.tensor([m | flags << FLAG_SHIFT, int(posted[m])]), src_n.long().cpu(),
                                          dst_n.long().cpu(), torch.tensor([g])]).to(ring.device)
     if head_host is not None:
         head_host.fill_(g)
@@ -123,4 +130,4 @@ def wait(done: torch.Tensor, posted: torch.Tensor, err: torch.Tensor, max_iters:
     _wait_kernel[(1,)](done, posted, err, max_iters, num_warps=1)
 
 
-__all__ = ["post", "post_reference", "wait", "HAVE_TRITON"]
+__all__ = ["post", "post_reference", "wait", "FLAG_SHIFT", "FLAG_EARLY", "HAVE_TRITON"]

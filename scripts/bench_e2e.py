@@ -543,25 +543,14 @@ def main() -> int:
 #              instead of inside the plan's kernel
 #   signaldone: copy_mode dma: the decoder's last MoE block's done count written behind an event on the signal stream
 #              (PGMOE_DMA_DIRECT_LAST=0), as every other block's, instead of on the copies' stream right behind them
-#   noprefetch / prefetch<P>: greedy's fused head without the L2 prefetch of its weights before the last MoE block's
-#              wait (PGMOE_HEAD_PREFETCH=0) / with P% of them (the default: all)
 #   r<N>:      no setting: a repeat of the row's settings under another label (rows interleaved against drift)
-#   pace:      copy_mode dma, native copier: each step launched once the copier has handled the running step's first
-#              plan (PGMOE_LAUNCH_PACE=1; infer.engine.launch_pacer) instead of as soon as the step before ended
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
-ENV_VARIANTS = {"guessindex": ("PGMOE_GUESS_LOOKUP", "0"), "signaldone": ("PGMOE_DMA_DIRECT_LAST", "0"),
-                "noprefetch": ("PGMOE_HEAD_PREFETCH", "0"), "pace": ("PGMOE_LAUNCH_PACE", "1")}
+ENV_VARIANTS = {"guessindex": ("PGMOE_GUESS_LOOKUP", "0"), "signaldone": ("PGMOE_DMA_DIRECT_LAST", "0")}
 
 
 def variant_env(variant: str) -> dict[str, str]:
-    """The environment settings of a variant's ENV_VARIANTS / prefetch<P> tokens."""
-    env = {}
-    for tok in variant.split("#"):
-        if tok in ENV_VARIANTS:
-            env[ENV_VARIANTS[tok][0]] = ENV_VARIANTS[tok][1]
-        elif tok.startswith("prefetch") and tok[8:].isdigit() and int(tok[8:]) <= 100:
-            env["PGMOE_HEAD_PREFETCH"] = str(int(tok[8:]) / 100)
-    return env
+    """The environment settings of a variant's ENV_VARIANTS tokens."""
+    return {ENV_VARIANTS[tok][0]: ENV_VARIANTS[tok][1] for tok in variant.split("#") if tok in ENV_VARIANTS}
 GUESS_VARIANTS = {"noguess": "off", "guessrun": "run", "guesskeep": "keep"}
 
 
@@ -620,7 +609,7 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
             plan = PLAN_VARIANTS[tok]
         elif tok in ("dma", "device"):
             mode = tok
-        elif tok in GUESS_VARIANTS or tok in ENV_VARIANTS or variant_env(tok) or tok in (
+        elif tok in GUESS_VARIANTS or tok in ENV_VARIANTS or tok in (
                 "sdpa", "beamkernel", "beamops", "nodefer", "headops", "flagcopy", "kvgather", "normops"):
             pass  # variant_guess; sdpa_attention; beam_variant; PGMOE_GREEDY_HEAD; PGMOE_ENDED_COPY; PGMOE_KV_REORDER;
             # PGMOE_HEAD_NORM
@@ -636,7 +625,7 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
             raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #device, #hi, "
                              "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep, #native, #driver, #torchcopy, "
                              "#sdpa, #beamkernel, #beamops, #nodefer, #headops, #flagcopy, #kvgather, #normops, "
-                             "#guessindex, #signaldone, #noprefetch, #prefetch<percent>, #pace, #r<repeat>")
+                             "#guessindex, #signaldone, #r<repeat>")
     if copy:
         try:
             CopySettings(**copy)

@@ -15,13 +15,7 @@ and batch B:
           RMS norm kernel, the fused head and the choice; "in head" = the head with the add and the norm in its
           kernel (add / norm_weight), then the choice; and its check as above (logits in bf16 steps, tokens).
 
-  l2:     (--l2) the head's tail after the GPU waited for the step's last expert copy, with the head's weights read
-          into L2 during the wait (kernels/lm_head.l2_prefetch, evict-last) or not: the first F of the weights'
-          bytes prefetched, then the copy's landing written, then (timed, CUDA events around one captured replay)
-          the last block's unpack-like traffic (the landing read into a slot, the slot read: an expert's bytes)
-          and the head with its add and norm and the choice; F from 0 (no prefetch) to the whole matrix.
-
-    python3 scripts/probe_lm_head.py --out $OUT/probe-lm-head.json [--sweep] [--l2]
+    python3 scripts/probe_lm_head.py --out $OUT/probe-lm-head.json [--sweep]
 """
 
 from __future__ import annotations
@@ -154,66 +148,6 @@ def time_paths(D: int, B: int, reps: int, cfgs: list[dict], dev) -> dict:
     return res
 
 
-EXPERT = {"switch-base": (768, 3072), "switch-large": (1024, 4096)}
-L2_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
-
-
-def time_l2(name: str, D: int, reps: int, dev) -> dict:
-    """See the module docstring (l2). The prefetch and the landing's write run in one graph, untimed; the tail in
-    another, between two events recorded right around its replay."""
-    from scripts.bench_kernels import graph_of
-
-    g = torch.Generator(device=dev).manual_seed(2)
-    w = (torch.randn(V, D, device=dev, generator=g) * D ** -0.5).bfloat16()
-    h, y = (torch.randn(1, D, device=dev, generator=g).bfloat16() for _ in range(2))
-    nw = (torch.rand(D, device=dev, generator=g) + 0.5).bfloat16()
-    d, f = EXPERT[name]
-    X = 2 * d * f  # bf16 elements of one expert
-    packed = int(X * 2 * 0.757)
-    landing = torch.empty(packed, dtype=torch.uint8, device=dev)
-    landing_src = torch.randint(0, 255, (packed,), dtype=torch.uint8, device=dev)
-    slot = torch.empty(X, dtype=torch.bfloat16, device=dev)
-    sink = torch.empty(X // 1024, dtype=torch.float32, device=dev)
-    st = _state(1, dev)
-    P = lm_head.tiles(V, lm_head.CONFIG["block_v"])
-    logits = torch.empty(1, V, device=dev)
-    pv, pi = torch.empty(1, P, device=dev), torch.empty(1, P, dtype=torch.int32, device=dev)
-    nbytes = w.numel() * w.element_size()
-    scratch = torch.empty(lm_head.l2_prefetch_programs(nbytes), dtype=torch.int32, device=dev)
-    flush = torch.ones(512 << 20, dtype=torch.int8, device=dev)
-
-    def tail():
-        slot.view(torch.uint8)[:packed].copy_(landing)  # the unpack's read of the landed row and its writes
-        torch.sum(slot.view(-1, 1024), dim=1, dtype=torch.float32, out=sink)  # the expert FFN's read of the slot
-        lm_head.lm_head_partials(h, w, D ** -0.5, logits, pv, pi, add=y, norm_weight=nw, eps=1e-6)
-        greedy_select(pv, *st, 0, 1, index=pi)
-
-    tail_g = graph_of(tail)
-    out = {"D": D, "head_bytes": nbytes, "traffic_bytes": 2 * packed + 2 * X * 2, "rows": []}
-    for frac in L2_FRACTIONS:
-        nb = int(nbytes * frac)
-
-        def before(nb=nb):
-            if nb:
-                lm_head.l2_prefetch(w, nb, scratch)
-            landing.copy_(landing_src)  # the copy's landing, written while the GPU waits
-
-        before_g = graph_of(before)
-        a = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        b = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for i in range(reps):
-            flush.max()
-            before_g()
-            a[i].record()
-            tail_g()
-            b[i].record()
-        torch.cuda.synchronize()
-        us = sorted(1000 * x.elapsed_time(z) for x, z in zip(a, b))[reps // 2]
-        out["rows"].append({"prefetch_fraction": frac, "prefetch_bytes": nb, "tail_us": us})
-        print(f"{name} l2: prefetch {frac:.2f} of the head ({nb / 1e6:.1f} MB): tail {us:.1f} us", flush=True)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -222,8 +156,6 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,32")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-widths", default="switch-base", help="the widths --sweep covers (comma-separated)")
-    ap.add_argument("--l2", action="store_true", help="also time the tail with the head's weights read into L2 first")
-    ap.add_argument("--l2-only", action="store_true", help="only the --l2 part (no checks, no other timings)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     grid = [dict(zip(GRID, v)) for v in itertools.product(*GRID.values())]
@@ -231,11 +163,7 @@ def main() -> None:
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
            "gpu": torch.cuda.get_device_name(dev), "vocab": V, "pinned": lm_head.CONFIG, "widths": {}}
     ok = True
-    if args.l2 or args.l2_only:
-        res["l2"] = {name: time_l2(name, D, args.reps, dev) for name, D in WIDTHS.items()}
     for name, D in WIDTHS.items():
-        if args.l2_only:
-            break
         c = check(D, args.check_rows, dev)
         ok &= c["ok"]
         rows = []

@@ -251,12 +251,11 @@ def test_parse_table_runs():
     assert bench.parse_variant("torchcopy") == (None, {"dma_api": "torch"}, None)
     assert bench.variant_guess("noguess#dma") == "off" and bench.variant_guess("guesskeep") == "keep"
     assert bench.variant_guess("dma") is None
-    assert bench.parse_variant("guessindex#signaldone#noprefetch#pace#r2") == (None, {}, None)
-    assert bench.variant_env("guessindex#signaldone#prefetch50#dma") == {
-        "PGMOE_GUESS_LOOKUP": "0", "PGMOE_DMA_DIRECT_LAST": "0", "PGMOE_HEAD_PREFETCH": "0.5"}
-    assert bench.variant_env("noprefetch") == {"PGMOE_HEAD_PREFETCH": "0"} and bench.variant_env("hi") == {}
+    assert bench.parse_variant("guessindex#signaldone#r2") == (None, {}, None)
+    assert bench.variant_env("guessindex#signaldone#dma") == {"PGMOE_GUESS_LOOKUP": "0", "PGMOE_DMA_DIRECT_LAST": "0"}
+    assert bench.variant_env("hi") == {}
     with pytest.raises(SystemExit):
-        bench.parse_variant("prefetch200")
+        bench.parse_variant("prefetch50")
     with pytest.raises(SystemExit, match="noguess"):
         bench.parse_variant("nogues")
     for bad in ("beam4", "beam8:gpu_only", "beam4:", "beam4:no_such_policy", "greedy:pregated#fast",

@@ -214,24 +214,3 @@ def test_from_hidden_of_the_split_step_matches_decode_one_token():
     assert torch.equal(GreedySelect(B, n, torch.device("cpu"), 0, 0, 1).from_hidden(model, h), want)
     with pytest.raises(ValueError, match="split_last"):
         model.half().decode_hidden(model.prefill(ids, max_len=n), b.tok, split_last=True)
-
-
-@pytest.mark.parametrize("nbytes", [4, 4 * 2048 * 8 - 4, 4 * 2048 * 8 * 3 + 100, 10**9])
-def test_l2_prefetch_reads_the_first_bytes(nbytes):
-    """l2_prefetch reads exactly the first nbytes (4-byte words, capped at the tensor): each program's scratch word is
-    the wrapped int32 sum of its words, checked against the tensor's words."""
-    g = torch.Generator().manual_seed(nbytes % 1000)
-    t = torch.randn(300, 700, generator=g).bfloat16()  # 420,000 bytes
-    words = t.view(-1).view(torch.int32)
-    n = min(nbytes, t.numel() * 2) // 4
-    programs = lm_head.l2_prefetch_programs(n * 4)
-    scratch = torch.full((programs + 2,), 12345, dtype=torch.int32)
-    lm_head.l2_prefetch(t, nbytes, scratch)
-    per = lm_head.L2_PREFETCH_BLOCK * lm_head.L2_PREFETCH_ITERS
-    for p in range(programs):
-        chunk = words[p * per: min(n, (p + 1) * per)].long().sum()
-        want = int((chunk + 2**31) % 2**32 - 2**31)
-        assert int(scratch[p]) == want, p
-    assert scratch[programs:].tolist() == [12345, 12345]  # nothing past the programs
-    with pytest.raises(ValueError, match="scratch"):
-        lm_head.l2_prefetch(t, nbytes, torch.zeros(0, dtype=torch.int32))

@@ -28,15 +28,21 @@ def test_post_matches_reference_and_wraps(n):
         m = i % M
         src = torch.randint(-1, 128, (n,), generator=g, dtype=torch.int32)
         dst = torch.randint(0, 50, (n,), generator=g, dtype=torch.int32)
-        mailbox.post(m, src, dst, ring, head, posted, head_host=head_h)
-        mailbox.post_reference(m, src, dst, ring_r, head_r, posted_r, head_host=head_hr)
+        flags = mailbox.FLAG_EARLY if i % 3 == 1 else 0
+        mailbox.post(m, src, dst, ring, head, posted, head_host=head_h, flags=flags)
+        mailbox.post_reference(m, src, dst, ring_r, head_r, posted_r, head_host=head_hr, flags=flags)
         assert torch.equal(ring, ring_r) and torch.equal(head, head_r) and torch.equal(posted, posted_r), i
         assert int(head_h) == int(head_hr) == i + 1
         e = ring[(i + 1) % R]
-        assert e[0] == m and e[-1] == i + 1 and torch.equal(e[2 : 2 + n], src.long())
+        assert int(e[0]) & 0xFFFFFFFF == m and int(e[0]) >> mailbox.FLAG_SHIFT == flags
+        assert e[-1] == i + 1 and torch.equal(e[2 : 2 + n], src.long())
 
 
 def test_post_refuses_a_ring_of_the_wrong_width():
+    with pytest.raises(ValueError, match="flags"):
+        mailbox.post(0, torch.zeros(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32),
+                     torch.zeros(4, 7, dtype=torch.int64), torch.zeros(1, dtype=torch.int64),
+                     torch.zeros(1, dtype=torch.int64), flags=2)
     with pytest.raises(ValueError, match="2n \\+ 3"):
         mailbox.post(0, torch.zeros(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32),
                      torch.zeros(4, 6, dtype=torch.int64), torch.zeros(1, dtype=torch.int64),
