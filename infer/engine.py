@@ -298,8 +298,13 @@ def dma_timeline(steps_ev: list, trace: list) -> dict:
     from the step's start), and the experts each copied (median). steps_ev: (start, end) CUDA events per step;
     trace: the copier's (g, block, start, end[, experts copied]) per plan."""
     by_step: list[list[tuple]] = [[] for _ in steps_ev]
+    early: list[tuple[float, float]] = []  # the copier's early guess copies (traced as plan -seq): the step they serve
     for _g, m, a, b, *copied in trace:
         offs = [s.elapsed_time(a) for s, _ in steps_ev]
+        if _g < 0:  # issued at the step before's end: relative to the nearest step start
+            i = min(range(len(offs)), key=lambda j: abs(offs[j]))
+            early.append((offs[i], steps_ev[i][0].elapsed_time(b)))
+            continue
         i = max((j for j, o in enumerate(offs) if o >= 0), default=None)
         if i is not None:
             by_step[i].append((m, offs[i], steps_ev[i][0].elapsed_time(b), copied[0] if copied else None))
@@ -322,6 +327,10 @@ def dma_timeline(steps_ev: list, trace: list) -> dict:
     }
     if all(x[j][3] is not None for x in by_step for j in range(k)):
         out["experts_per_plan"] = [med(x[j][3] for x in by_step) for j in range(k)]
+    if early:  # ms from the start of the step whose guess it copies (negative: before that step began)
+        out["early_copy_start_ms"] = med(a for a, _ in early)
+        out["early_copy_end_ms"] = med(b for _, b in early)
+        out["early_copies"] = len(early)
     return out
 
 
@@ -515,6 +524,8 @@ class Engine:
         mc = model.cfg
         if nb == 1:
             select = GreedySelect(B, max_new_tokens, dev, mc.decoder_start_token_id, mc.pad_token_id, mc.eos_token_id)
+            # the dma copier's early first-block guess (infer.policies.OffloadRunner.early_guess), one row only
+            select.early = runner.early_guess if runner is not None and B == 1 else None
         else:
             select = BeamSelect(B, nb, max_new_tokens, dev, mc.decoder_start_token_id, mc.pad_token_id,
                                 mc.eos_token_id, state=state)

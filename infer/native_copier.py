@@ -67,6 +67,14 @@ typedef struct {
     uint64_t thread;
     volatile int64_t slow_ns, slow_plan, slow_call;  /* the slowest driver call so far: ns, its plan, CALL_* */
     int64_t direct_m;           /* this block's done[m] is written on the copies' stream itself (-1: none) */
+    /* the early first-block guess (DmaCopier.enable_early): the greedy choice writes (seq, expert) into `early`
+       (pinned; 0: off); the loop copies that expert of block early_m into slot early_slot at once, and the guess's
+       plan (flag 1) that names the same expert and slot then finds its copy done */
+    volatile int64_t *early;
+    int64_t early_m, early_slot;
+    volatile int64_t early_on;  /* copy early (off while the pool holds dma back, or copies nothing) */
+    int64_t early_seen, early_e;  /* the last sequence seen; the expert copied early, not yet met by its plan (-1) */
+    volatile int64_t early_copied, early_used;  /* early copies; guess plans that found theirs done */
 } pgmoe_copier;
 
 _Static_assert(sizeof(pthread_t) <= sizeof(uint64_t), "pthread_t does not fit");
@@ -107,8 +115,12 @@ static int handle(pgmoe_copier *c, int64_t g) {
     volatile int64_t *row = c->ring + (g % c->R) * W;
     int64_t tag = row[W - 1];
     if (tag != g) return fail(c, ERR_ENTRY, 0, g, tag);
-    int64_t m = row[0], b = row[1];
-    if (m < 0 || m >= c->M) return fail(c, ERR_BLOCK, 0, g, m);
+    /* the first word: m | flags << 32 (kernels/mailbox.py) */
+    int64_t m = (int64_t)((uint64_t)row[0] & 0xFFFFFFFFULL), b = row[1];
+    if (row[0] < 0 || m >= c->M) return fail(c, ERR_BLOCK, 0, g, row[0]);
+    /* the guess's plan (flag 1) meets the early copy of its expert into its slot: that copy is done, in stream order */
+    int early_hit = (((uint64_t)row[0] >> 32) & 1ULL) && c->early_e >= 0 && n == 1 && m == c->early_m &&
+                    row[2] == c->early_e && row[2 + n] == c->early_slot;
     int rc;
     int64_t k = -1;
     if (c->trace_n < c->trace_cap) {
@@ -122,12 +134,15 @@ static int handle(pgmoe_copier *c, int64_t g) {
         int64_t e = row[2 + j], p = row[2 + n + j];
         if (e < 0 || p < 0) continue;
         if (e >= c->E || p >= c->P) return fail(c, ERR_INDEX, 0, g, e >= c->E ? e : p);
+        if (p == c->early_slot) c->early_e = -1;  /* the slot's next contents: this plan's, not the early copy's */
+        if (early_hit) continue;  /* copied early (traced as its own plan, -seq) */
         int64_t t0 = now_ns();
         rc = timed(c, c->memcpy_h2d(c->slot_ptr[p], (const void *)(uintptr_t)c->store_ptr[m * c->E + e],
                                     c->row_bytes, c->stream), t0, g, CALL_MEMCPY);
         if (rc) return fail(c, ERR_DRIVER, rc, g, CALL_MEMCPY);
         copied++;
     }
+    if (early_hit) c->early_used++;
     if (k >= 0) {
         int64_t t0 = now_ns();
         if ((rc = timed(c, c->record(c->trace_events[2 * k + 1], c->stream), t0, g, CALL_RECORD)))
@@ -158,6 +173,41 @@ static int handle(pgmoe_copier *c, int64_t g) {
     return 0;
 }
 
+/* a new (seq, expert) from the greedy choice: copy that expert of block early_m into slot early_slot now */
+static int poll_early(pgmoe_copier *c) {
+    int64_t s = __atomic_load_n(c->early, __ATOMIC_ACQUIRE);
+    if (s == c->early_seen) return 0;
+    c->early_seen = s;
+    int64_t e = c->early[1];
+    c->early_e = -1;
+    if (!__atomic_load_n(&c->early_on, __ATOMIC_ACQUIRE) || e < 0 || e >= c->E) return 0;
+    int rc;
+    int64_t k = -1;
+    if (c->trace_n < c->trace_cap) {
+        k = c->trace_n;
+        int64_t t0 = now_ns();
+        if ((rc = timed(c, c->record(c->trace_events[2 * k], c->stream), t0, -s, CALL_RECORD)))
+            return fail(c, ERR_DRIVER, rc, -s, CALL_RECORD);
+    }
+    int64_t t0 = now_ns();
+    rc = timed(c, c->memcpy_h2d(c->slot_ptr[c->early_slot],
+                                (const void *)(uintptr_t)c->store_ptr[c->early_m * c->E + e], c->row_bytes,
+                                c->stream), t0, -s, CALL_MEMCPY);
+    if (rc) return fail(c, ERR_DRIVER, rc, -s, CALL_MEMCPY);
+    if (k >= 0) {
+        t0 = now_ns();
+        if ((rc = timed(c, c->record(c->trace_events[2 * k + 1], c->stream), t0, -s, CALL_RECORD)))
+            return fail(c, ERR_DRIVER, rc, -s, CALL_RECORD);
+        c->trace_meta[3 * k] = -s;  /* traced as plan -seq */
+        c->trace_meta[3 * k + 1] = c->early_m;
+        c->trace_meta[3 * k + 2] = 1;
+        __atomic_store_n(&c->trace_n, k + 1, __ATOMIC_RELEASE);
+    }
+    c->early_e = e;
+    c->early_copied++;
+    return 0;
+}
+
 static void *loop(void *arg) {
     pgmoe_copier *c = (pgmoe_copier *)arg;
     int rc;
@@ -177,6 +227,9 @@ static void *loop(void *arg) {
                 if (handle(c, g)) return 0;
                 __atomic_store_n(&c->seen, g, __ATOMIC_RELEASE);
             }
+            idle_since = now_ns();
+        } else if (c->early && __atomic_load_n(c->early, __ATOMIC_ACQUIRE) != c->early_seen) {
+            if (poll_early(c)) return 0;
             idle_since = now_ns();
         } else if (now_ns() - idle_since > c->idle_ns) {
             struct timespec t = {0, (long)c->sleep_ns};
@@ -245,6 +298,8 @@ class Copier(ctypes.Structure):
         ("thread", _u64),
         ("slow_ns", _i64), ("slow_plan", _i64), ("slow_call", _i64),
         ("direct_m", _i64),
+        ("early", _p), ("early_m", _i64), ("early_slot", _i64), ("early_on", _i64), ("early_seen", _i64),
+        ("early_e", _i64), ("early_copied", _i64), ("early_used", _i64),
     ]
 
     def error_text(self) -> str | None:

@@ -435,7 +435,7 @@ class SlotPool:
         self.measure_copy = False
         # no copies launched and none waited for (plans and slot tables still update; the weights read
         # are stale, so results are wrong): the "no-copy" step that stall-by-difference times
-        self.skip_copies = False
+        self._skip_copies = False
         # compressed decode plans land the packed chunks in `landing` (a row per slot a decode plan may fill: the
         # caches' and the staging buffers'): a dma plan's by the copy engines, unpacked into the pool's rows at the
         # wait for the block's copies; a copy kernel plan's by the plain copy kernel, unpacked right behind it on the
@@ -477,13 +477,14 @@ class SlotPool:
         return self.pool.numel() * self.pool.element_size()
 
     def copy(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor, done=None, prefetch: bool = False,
-             behind: bool = False) -> None:
+             behind: bool = False, early: bool = False) -> None:
         """Copy expert src_n[j] of block m into slot dst_n[j] where src_n[j] >= 0. On CUDA this
         returns at once: the copy runs on the copy stream once the compute stream has passed this point.
         done: the event recorded after the copies (block m's by default). prefetch: the plan was made
         ahead of block m (copy_mode dma hands it to the copier). behind: the plan follows a plan of block m
         not yet waited for (a first-block guess, then its verification) and goes where that one went, so
-        that the two run in order (their slots may be the same)."""
+        that the two run in order (their slots may be the same). early: the first-block guess's plan, whose copy
+        the dma copier may have started already (DmaCopier.enable_early)."""
         if self.skip_copies:
             return
         dma = self.dma is not None and done is None and (
@@ -492,7 +493,7 @@ class SlotPool:
         if dma:
             self._dma_posted[m] = True
         if not self.cuda:  # synchronous (the kernels under TRITON_INTERPRET in tests)
-            self._launch(m, src_n, dst_n, dma, landed=done is None)
+            self._launch(m, src_n, dst_n, dma, landed=done is None, early=early)
             return
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         # the per-block copies (the decode path's), not prefill's; dma's run on the copier's stream
@@ -501,11 +502,27 @@ class SlotPool:
             if timed:
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record(self.copy_stream)
-            self._launch(m, src_n, dst_n, dma, landed=done is None)  # with dma, copy_done[m] means "posted"
+            self._launch(m, src_n, dst_n, dma, landed=done is None, early=early)  # dma: copy_done[m] = "posted"
             if timed:
                 b.record(self.copy_stream)
                 self.copy_events.append((a, b, (src_n >= 0).sum()))
             (self.copy_done[m] if done is None else done).record(self.copy_stream)
+
+    @property
+    def skip_copies(self) -> bool:
+        """No copies launched and none waited for (plans and slot tables still update; the weights read are stale,
+        so results are wrong): the "no-copy" step that stall-by-difference times."""
+        return self._skip_copies
+
+    @skip_copies.setter
+    def skip_copies(self, value: bool) -> None:
+        self._skip_copies = bool(value)
+        self._early_update()
+
+    def _early_update(self) -> None:
+        """The dma copier's early guess copies run exactly while plans go to it and copies are made."""
+        if self.dma is not None:
+            self.dma.early_on = self._dma_on and not self._dma_held and not self._skip_copies
 
     def _dma_live(self, m: int) -> bool:
         """Whether block m's prefetched plan goes to the dma copier: from the pool's second decode step on
@@ -513,6 +530,7 @@ class SlotPool:
         if not self._dma_on:
             if m in self._dma_first_step:
                 self._dma_on = True
+                self._early_update()
             else:
                 self._dma_first_step.add(m)
         return self._dma_on and not self._dma_held
@@ -530,12 +548,15 @@ class SlotPool:
         if self.dma is not None and self.cuda and not self._dma_held:
             torch.cuda.synchronize(self.device)
         self._dma_held += 1
+        self._early_update()
         try:
             yield self
         finally:
             self._dma_held -= 1
+            self._early_update()
 
-    def _launch(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor, dma: bool, landed: bool = False) -> None:
+    def _launch(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor, dma: bool, landed: bool = False,
+                early: bool = False) -> None:
         """Start block m's copies on the current stream: the plan handed to the dma copier, the device copy
         kernel, or one cudaMemcpyAsync per expert (host). Compressed: a dma plan lands packed, and wait() unpacks
         the landed rows (a row per filled slot, -1 for the plan's idle entries, made here on the current stream,
@@ -543,7 +564,7 @@ class SlotPool:
         rows) and is unpacked right behind, else the kernel unpacks as it reads the store."""
         cs = self.copy_settings
         if dma:
-            self.dma.post(m, src_n, dst_n)
+            self.dma.post(m, src_n, dst_n, flags=mailbox.FLAG_EARLY if early else 0)
             if self.store.compress:
                 self._unpack_pending[m].append(torch.where(src_n >= 0, dst_n, -1))
         elif self.copy_mode in ("device", "dma"):
@@ -876,8 +897,9 @@ class DmaCopier:
             raise OffloadError(f"copy_mode=dma: starting the native copier's thread failed (error {rc}); use "
                                "offload.dma_api=driver")
         self._native = c
+        self._keep_extra: list = []  # what the loop reads that comes later (enable_early's buffer)
         keep = (slot, store, self._trace_ptrs, self._trace_meta, self.ring_h, self.head_h, self.done, self.pool.pool,
-                self.pool.store.data)
+                self.pool.store.data, self._keep_extra)
         self._stop_native = weakref.finalize(self, _stop_native, self._lib, c, keep)
 
     @property
@@ -947,13 +969,48 @@ class DmaCopier:
             raise OffloadError(f"copy_mode=dma: the handshake's kernels failed their start-up check (head "
                                f"{head.tolist()} after {self.M} posts, {int(err[0])} timeouts)")
 
-    def post(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor) -> None:
-        """On the current (copy) stream: hand block m's plan to the thread."""
+    def post(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor, flags: int = 0) -> None:
+        """On the current (copy) stream: hand block m's plan to the thread (flags: mailbox.FLAG_EARLY for the
+        first-block guess's plan)."""
         if src_n.numel() != self.n or dst_n.numel() != self.n:
             raise OffloadError(f"copy_mode=dma: a plan of {src_n.numel()} entries for block {m}; the "
                                f"ring holds {self.n}")
         # the kernel writes the plan, then (behind a system fence) the host's head, into pinned memory
-        mailbox.post(m, src_n, dst_n, self.ring_h, self.head, self.posted, head_host=self.head_h)
+        mailbox.post(m, src_n, dst_n, self.ring_h, self.head, self.posted, head_host=self.head_h, flags=flags)
+
+    def enable_early(self, m: int, slot: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The early first-block guess (native loop only; None elsewhere): returns (out, seq) for
+        kernels.greedy.EarlyGuess, out int64 [2] in pinned memory, seq int64 [1] on the device. When a one-row greedy
+        choice writes (seq, expert) there, the loop copies that expert of block m into `slot` at once, ahead of the
+        next step's start; the next step's guess plan for block m (posted with FLAG_EARLY, planned into the same
+        slot: a fresh plan of one entry with no cache slots) then finds the copy done and only signals it. Why: the
+        plan's kernels at the step's start and their post come ~7 us after the choice (bench/results/
+        e2e-h200-*-levers.md: the first copy 15-25 us into the step). Any plan copying into `slot` first voids it."""
+        if self._native is None or not 0 <= slot < len(self._slot_ptr) or not 0 <= m < self.M or self.n != 1:
+            return None
+        out = torch.full((2,), 0, dtype=torch.int64, pin_memory=self.cuda)
+        seq = torch.zeros(1, dtype=torch.int64, device=self.pool.device)
+        c = self._native
+        c.early_m, c.early_slot, c.early_seen, c.early_e = m, slot, 0, -1
+        self._keep_extra.append(out)  # alive as long as the loop that reads it
+        c.early = out.data_ptr()
+        return out, seq
+
+    @property
+    def early_on(self) -> bool:
+        return bool(self._native is not None and self._native.early_on)
+
+    @early_on.setter
+    def early_on(self, value: bool) -> None:
+        if self._native is not None:
+            self._native.early_on = int(bool(value))
+
+    def early_counts(self) -> dict | None:
+        """The loop's early copies and the guess plans that found theirs done (None: early guess not enabled)."""
+        c = self._native
+        if c is None or not c.early:
+            return None
+        return {"copied": int(c.early_copied), "used": int(c.early_used)}
 
     def wait(self, m: int) -> None:
         """On the current (compute) stream, ordered after block m's post: hold until its copies are done."""
@@ -972,7 +1029,7 @@ class DmaCopier:
             row = ring[g % self.RING].tolist()
             if row[-1] != g:
                 raise OffloadError(f"copy_mode=dma: ring entry {g} reads as plan {row[-1]}")
-            m, b, src, dst = row[0], row[1], row[2 : 2 + n], row[2 + n : 2 + 2 * n]
+            m, b, src, dst = row[0] & 0xFFFFFFFF, row[1], row[2 : 2 + n], row[2 + n : 2 + 2 * n]
             # on CUDA the thread's current stream is the copier's (_copier_loop); on the CPU copies are synchronous
             trace = self._trace if self.cuda else None
             if trace is not None:

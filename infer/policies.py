@@ -40,6 +40,7 @@ import torch
 
 from infer import cpu_compute as cc
 from infer.offload import CopySettings, ExpertStore, OffloadError, SlotPool
+from kernels.greedy import EarlyGuess
 from kernels.slot_plan import plan_slots
 from models.moe import Routing, gate_logits, routing_from_logits
 
@@ -272,6 +273,17 @@ class OffloadRunner:
             if t is None or t.shape != (V, 1) or t.device != dev:
                 t = kept[m] = torch.full((V, 1), -1, dtype=torch.int32, device=dev)
             self.guess_table[m] = t
+        # the early guess (infer.offload.DmaCopier.enable_early): one-row greedy decoding hands the next step's guess
+        # to the dma copier as it chooses the token, where the guess's plan is predictable (one entry, no cache
+        # slots: a fresh plan puts it in the block's first staging slot). GraphStep hands it to the choice
+        # (models.generate.GreedySelect.early); PGMOE_EARLY_GUESS=0 turns it off (bench variant #noearly)
+        self.early_guess = None
+        if (self.guess_blocks and self.C == 0 and self.n_of[1] == 1 and self.pool.dma is not None
+                and os.environ.get("PGMOE_EARLY_GUESS", "1") != "0"):
+            m0 = self.guess_blocks[0]
+            got = self.pool.dma.enable_early(m0, int(self.cand_slot[m0][self.C]))
+            if got is not None:
+                self.early_guess = EarlyGuess(self.guess_table[m0], *got)
         self.guess_hits = torch.zeros((), dtype=torch.long, device=dev)
         self.guess_lookups = torch.zeros((), dtype=torch.long, device=dev)  # guesses made
         self.guess_rows = torch.zeros((), dtype=torch.long, device=dev)  # token rows at the guess blocks
@@ -400,6 +412,8 @@ class OffloadRunner:
                 "lookups": int(self.guess_lookups),  # guesses made (rows whose token was seen before)
                 "hits": int(self.guess_hits),
                 "hit_rate": int(self.guess_hits) / int(self.guess_lookups) if int(self.guess_lookups) else None,
+                # the dma copier's early copies of the guess and the guess plans that found theirs done (None: off)
+                "early": self.pool.dma.early_counts() if self.early_guess is not None else None,
             },
         }
 
@@ -414,10 +428,10 @@ class OffloadRunner:
         for m in self.guess_blocks:
             if guess_lookup_in_plan():  # the plan's kernel looks the guess up: one launch fewer ahead of the copy
                 ids = torch.empty((flat.numel(), 1), dtype=torch.int32, device=flat.device)
-                self._plan(m, None, fresh=True, prefetch=True, lookup=(self.guess_table[m], flat, ids))
+                self._plan(m, None, fresh=True, prefetch=True, lookup=(self.guess_table[m], flat, ids), early=True)
             else:
                 ids = self.guess_table[m].index_select(0, flat)  # [N, 1], -1: not guessed (the plan skips it)
-                self._plan(m, ids, fresh=True, prefetch=True)
+                self._plan(m, ids, fresh=True, prefetch=True, early=True)
             self._guessed[m] = ids
 
     def _verify_guess(self, m: int, routing: Routing) -> None:
@@ -439,7 +453,7 @@ class OffloadRunner:
         return need.index_fill_(0, routing.ids.reshape(-1).long(), True)
 
     def _plan(self, m: int, need: torch.Tensor | None, fresh: bool, prefetch: bool = False, behind: bool = False,
-              lookup: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+              lookup: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, early: bool = False) -> None:
         """Place the experts `need` of block m in slots (a bool mask [E], or expert ids of any shape, < 0 naming
         none, from which the plan kernel writes the mask itself), start the copies of the misses. lookup (table,
         tokens, out), need None: the ids are table[tokens], looked up by the plan and written to out.
@@ -457,7 +471,7 @@ class OffloadRunner:
             self.plan_src[m], self.plan_dst[m], C=self.C, n=n, cache_kind=self.spec.cache_kind, fresh=fresh, ids=ids,
             lookup=lookup,
         )
-        self.pool.copy(m, src_n, dst_n, prefetch=prefetch, behind=behind)
+        self.pool.copy(m, src_n, dst_n, prefetch=prefetch, behind=behind, early=early)
 
     # -- CPU compute of misses (infer/cpu_compute.py) -----------------------------------------------
     def _demand(self, m: int, routing: Routing, need: torch.Tensor, fresh: bool, behind: bool = False) -> None:

@@ -12,6 +12,9 @@ Legend: B rows, V vocabulary, n output columns.
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
 
 try:
@@ -28,9 +31,16 @@ MAX_BLOCK_V = 32768  # one load round for vocabularies up to this size (T5's 321
 if HAVE_TRITON:
 
     @triton.jit
+    def _fence_system(x):
+        # fence.sc.sys: this thread's earlier stores (to host memory too) are seen before its later ones
+        return tl.inline_asm_elementwise("fence.sc.sys;\n\tmov.u32 $0, $1;", "=r,r", [x], dtype=tl.int32,
+                                         is_pure=False, pack=1)
+
+    @triton.jit
     def _select_row_kernel(logits_ptr, idx_ptr, tok_ptr, out_ptr, done_ptr, ended_ptr, t_ptr,
-                           V, N, B, stride_l, stride_o, PAD, EOS,
-                           LAST: tl.constexpr, BLOCK_V: tl.constexpr, HAS_IDX: tl.constexpr):
+                           V, N, B, stride_l, stride_o, PAD, EOS, guess_ptr, early_ptr, seq_ptr,
+                           LAST: tl.constexpr, BLOCK_V: tl.constexpr, HAS_IDX: tl.constexpr,
+                           EARLY: tl.constexpr, FENCE: tl.constexpr):
         # Row b's argmax over V (first index of the max; the first NaN if any), then its token, output column
         # and done flag. LAST (a batch of one row): also ended[t % n] and t += 1, else _ended_kernel does them.
         # HAS_IDX: the V values are partials (kernels/lm_head.py: a tile's maximum), idx [B, V] their indices
@@ -67,6 +77,17 @@ if HAVE_TRITON:
         if LAST:
             tl.store(ended_ptr + col, now_done.to(tl.int1))
             tl.store(t_ptr, t + 1)
+        if EARLY:  # the next step's first-block guess for the host: the expert, then (behind a fence) its sequence
+            one = tl.arange(0, 1)
+            e = tl.load(guess_ptr + nxt + one * 0).to(tl.int64)
+            seq = tl.load(seq_ptr) + 1
+            tl.store(seq_ptr, seq)
+            tl.store(early_ptr + 1 + one, e)
+            seq_1 = seq + tl.zeros([1], dtype=tl.int64)
+            if FENCE:
+                tl.debug_barrier()
+                seq_1 = seq_1 + _fence_system(tl.zeros([1], dtype=tl.int32)).to(tl.int64)
+            tl.store(early_ptr + one, seq_1)
 
     @triton.jit
     def _ended_kernel(done_ptr, ended_ptr, t_ptr, B, N, BLOCK_B: tl.constexpr):
@@ -79,7 +100,7 @@ if HAVE_TRITON:
 
 def greedy_select_reference(logits: torch.Tensor | None, tok: torch.Tensor, out: torch.Tensor, done: torch.Tensor,
                             ended: torch.Tensor, t: torch.Tensor, pad: int, eos: int,
-                            chosen: torch.Tensor | None = None) -> None:
+                            chosen: torch.Tensor | None = None, early: EarlyGuess | None = None) -> None:
     """The same in PyTorch ops (in place on tok [B], out [B, n], done [B], ended [n], t []); chosen: the tokens
     (pad already in for ended rows) instead of the logits' argmax."""
     nxt = torch.where(done, pad, logits.argmax(-1)) if chosen is None else chosen
@@ -89,20 +110,38 @@ def greedy_select_reference(logits: torch.Tensor | None, tok: torch.Tensor, out:
     ended.index_copy_(0, i, done.all().view(1))
     tok.copy_(nxt)
     t.add_(1)
+    if early is not None:  # the expert first, then the sequence (host memory: in order)
+        early.seq.add_(1)
+        early.out[1].copy_(early.table.view(-1)[nxt[0]].long())
+        early.out[0].copy_(early.seq[0])
+
+
+@dataclass
+class EarlyGuess:
+    """What a one-row greedy choice hands the host for the next step's first-block guess (infer.offload.DmaCopier's
+    early copy): after choosing token x it writes out[1] = table[x] (the expert the guess will name, -1: none), then
+    (behind a system fence) out[0] = seq + 1, seq being a device counter it advances. table int32 [V, 1] (the guess
+    table, on the device), out int64 [2] (pinned host memory), seq int64 [1] (device)."""
+
+    table: torch.Tensor
+    out: torch.Tensor
+    seq: torch.Tensor
 
 
 def greedy_select(logits: torch.Tensor, tok: torch.Tensor, out: torch.Tensor, done: torch.Tensor,
                   ended: torch.Tensor, t: torch.Tensor, pad: int, eos: int, force_triton: bool = False,
-                  index: torch.Tensor | None = None) -> None:
+                  index: torch.Tensor | None = None, early: EarlyGuess | None = None) -> None:
     """In place: the step's greedy choice from logits [B, V] (any float dtype). The kernel on CUDA (or with
     force_triton, for tests under TRITON_INTERPRET=1), the reference otherwise. index: int32 [B, V] of the same
     layout: `logits` are partials (kernels/lm_head.py: each tile's maximum, in tile order) and the token is the
-    index beside the chosen one."""
+    index beside the chosen one. early (one row only): also hand the next step's guess to the host (EarlyGuess)."""
+    if early is not None and tok.shape[0] != 1:
+        raise ValueError(f"greedy_select: early needs one row, got {tok.shape[0]}")
     if not HAVE_TRITON or not (logits.is_cuda or force_triton):
         if index is not None:
             nxt = torch.where(done, pad, index.gather(1, logits.argmax(-1, keepdim=True))[:, 0].long())
-            return greedy_select_reference(None, tok, out, done, ended, t, pad, eos, chosen=nxt)
-        return greedy_select_reference(logits, tok, out, done, ended, t, pad, eos)
+            return greedy_select_reference(None, tok, out, done, ended, t, pad, eos, chosen=nxt, early=early)
+        return greedy_select_reference(logits, tok, out, done, ended, t, pad, eos, early=early)
     B, V = logits.shape
     if index is not None and (index.shape != logits.shape or index.stride() != logits.stride()
                               or index.dtype != torch.int32):
@@ -120,8 +159,10 @@ def greedy_select(logits: torch.Tensor, tok: torch.Tensor, out: torch.Tensor, do
                          f"{tuple(out.shape)}, done {tuple(done.shape)}, ended {tuple(ended.shape)}")
     block_v = min(triton.next_power_of_2(V), MAX_BLOCK_V)
     warps = 16 if block_v >= 16384 else 8 if block_v >= 4096 else 4
+    ep = early if early is not None else EarlyGuess(t, t, t)  # placeholders for unused pointers
     _select_row_kernel[(B,)](logits, logits if index is None else index, tok, out, done, ended, t, V, n, B,
-                             logits.stride(0), out.stride(0), int(pad), int(eos), LAST=B == 1, BLOCK_V=block_v,
-                             HAS_IDX=index is not None, num_warps=warps)
+                             logits.stride(0), out.stride(0), int(pad), int(eos), ep.table, ep.out, ep.seq,
+                             LAST=B == 1, BLOCK_V=block_v, HAS_IDX=index is not None, EARLY=early is not None,
+                             FENCE=logits.is_cuda and os.environ.get("TRITON_INTERPRET") != "1", num_warps=warps)
     if B > 1:
         _ended_kernel[(1,)](done, ended, t, B, n, BLOCK_B=triton.next_power_of_2(B), num_warps=1)

@@ -48,6 +48,9 @@ class GreedySelect:
         self.t = torch.empty((), dtype=torch.long, device=device)
         self.captured = False  # set by the graph that runs it
         self._head_bufs = None  # from_hidden's logits and partials (static: a captured graph reads them)
+        # one row: the choice also hands the next step's first-block guess to the host (kernels.greedy.EarlyGuess; set
+        # by infer.engine where the dma copier takes it: infer.offload.DmaCopier.enable_early)
+        self.early = None
         self.reset()
 
     def reset(self) -> None:
@@ -60,7 +63,8 @@ class GreedySelect:
 
     def __call__(self, logits: torch.Tensor) -> None:
         # one kernel on CUDA (kernels/greedy.py), the same PyTorch ops elsewhere
-        greedy_select(logits, self.tok, self.out, self.done, self.ended, self.t, self.pad_token, self.eos)
+        greedy_select(logits, self.tok, self.out, self.done, self.ended, self.t, self.pad_token, self.eos,
+                      early=self.early)
 
     def fuses_head(self, model: Switch, force_triton: bool = False) -> bool:
         """Whether from_hidden takes the LM head of `model` into its kernels (kernels/lm_head.py: on CUDA, up
@@ -94,7 +98,7 @@ class GreedySelect:
         lm_head.lm_head_partials(h, w, scale, logits, pval, pidx, add=add,
                                  norm_weight=None if add is None else norm.weight, eps=norm.eps)
         greedy_select(pval, self.tok, self.out, self.done, self.ended, self.t, self.pad_token, self.eos,
-                      force_triton=force_triton, index=pidx)
+                      force_triton=force_triton, index=pidx, early=self.early)
         return logits
 
 

@@ -543,9 +543,12 @@ def main() -> int:
 #              instead of inside the plan's kernel
 #   signaldone: copy_mode dma: the decoder's last MoE block's done count written behind an event on the signal stream
 #              (PGMOE_DMA_DIRECT_LAST=0), as every other block's, instead of on the copies' stream right behind them
+#   noearly:   copy_mode dma, one-row greedy: the first-block guess copied from its plan at the step's start
+#              (PGMOE_EARLY_GUESS=0) instead of by the copier as the step before chose its token
 #   r<N>:      no setting: a repeat of the row's settings under another label (rows interleaved against drift)
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
-ENV_VARIANTS = {"guessindex": ("PGMOE_GUESS_LOOKUP", "0"), "signaldone": ("PGMOE_DMA_DIRECT_LAST", "0")}
+ENV_VARIANTS = {"guessindex": ("PGMOE_GUESS_LOOKUP", "0"), "signaldone": ("PGMOE_DMA_DIRECT_LAST", "0"),
+                "noearly": ("PGMOE_EARLY_GUESS", "0")}
 
 
 def variant_env(variant: str) -> dict[str, str]:
@@ -625,7 +628,7 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
             raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #device, #hi, "
                              "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep, #native, #driver, #torchcopy, "
                              "#sdpa, #beamkernel, #beamops, #nodefer, #headops, #flagcopy, #kvgather, #normops, "
-                             "#guessindex, #signaldone, #r<repeat>")
+                             "#guessindex, #signaldone, #noearly, #r<repeat>")
     if copy:
         try:
             CopySettings(**copy)

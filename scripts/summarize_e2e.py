@@ -261,8 +261,10 @@ def dma_timeline_table(shapes: dict, link) -> list[str]:
                     one = (mode == "greedy" and "@" not in name and not name.startswith("prefetch_all")
                            and (r.get("metrics") or {}).get("batch_size") == 1)
                     gbps = s["expert_bytes"] / (dur * 1e6) if one and dur > 0 else None
+                early = (f"{tl['early_copy_start_ms']:.3f} - {tl['early_copy_end_ms']:.3f}"
+                         if tl.get("early_copy_start_ms") is not None else "-")
                 rows.append(
-                    f"| {shape} | {mode} | {name} | {len(tl['copy_start_ms'])} | {tl['copy_start_ms'][0]:.3f} | "
+                    f"| {shape} | {mode} | {name} | {early} | {len(tl['copy_start_ms'])} | {tl['copy_start_ms'][0]:.3f} | "
                     f"{dur:.3f} | {_f(statistics.median(gaps) if gaps else None, '{:.3f}')} | "
                     f"{tl['copy_end_ms'][-1]:.3f} | {tl['step_ms']:.3f} | {_f(gbps, '{:.1f}')} | "
                     f"{_f(gbps and link and 100 * gbps / link, '{:.0f}')} |")
@@ -277,11 +279,13 @@ def dma_timeline_table(shapes: dict, link) -> list[str]:
         "plans the copier handled per step, when the first began (before it: the compute up to the first "
         "decoder MoE block's routing and that block's own copy, by the copy kernel), each plan's copy time, the "
         "link's idle time between two plans, when the last ended, the traced step, and the bandwidth while "
-        "copying (one expert per plan / its copy time) as % of the pinned peak.",
+        "copying (one expert per plan / its copy time) as % of the pinned peak. Early guess copy: where the copier "
+        "copied the first-block guess as the step before chose its token (one-row greedy, offload's early guess), "
+        "ms from the start of the step it serves ('-': none); the guess's plan then copies nothing.",
         "",
-        "| shape | decoding | run | dma plans per step | first starts | ms per plan | idle between | last ends | "
-        "step ms | GB/s while copying | % of pinned peak |",
-        "|" + "---|" * 11,
+        "| shape | decoding | run | early guess copy | dma plans per step | first starts | ms per plan | idle between | "
+        "last ends | step ms | GB/s while copying | % of pinned peak |",
+        "|" + "---|" * 12,
     ] + rows
 
 
@@ -338,7 +342,8 @@ def variant_table(shapes: dict) -> list[str]:
         "flag copied after each step; #normops = greedy's fused head without the final add and norm; #kvgather = "
         "beam search's cache reorder as the gather of every position; #guessindex = the first-block guess looked up "
         "ahead of the slot plan, not in its kernel; #signaldone = the last MoE block's done count written behind an "
-        "event on the signal stream, not right behind its copies; in older results #noprefetch / #prefetch<P> = "
+        "event on the signal stream, not right behind its copies; #noearly = the first-block guess copied from its "
+        "plan at the step's start, not by the dma copier as the step before chose its token; in older results #noprefetch / #prefetch<P> = "
         "greedy's fused head without / with P% of its weights read into L2 before the last MoE block's wait, #pace = "
         "each step launched once the dma copier has handled the running step's first plan, #nohead / #head<KB> = the "
         "first-block guess's experts copied by the dma copier alone / with their first KB kilobytes by the copy "

@@ -588,15 +588,19 @@ def test_summary_dma_timeline_table():
                        "metrics": {"batch_size": 1, "dma_timeline": tl}}]}
     rows = [ln for ln in summ.dma_timeline_table({"s": shape}, 50.0) if ln.startswith("| s |")]
     # copy times 0.18, 0.2, 0.19 -> median 0.19 ms: 9 MB / 0.19 ms = 47.4 GB/s, 95% of 50
-    assert rows == ["| s | greedy | pregated | 3 | 0.300 | 0.190 | 0.015 | 0.900 | 1.000 | 47.4 | 95 |"]
+    assert rows == ["| s | greedy | pregated | - | 3 | 0.300 | 0.190 | 0.015 | 0.900 | 1.000 | 47.4 | 95 |"]
     # with the experts each plan copied: the median over the plans that copied (prefetch_all's plans are many)
     tl["experts_per_plan"] = [2, 0, 4]  # 18 MB / 0.18 ms = 100 GB/s, 36 MB / 0.19 ms = 189.5: median 144.7
     shape["runs"][0]["policy"] = "prefetch_all"
     rows = [ln for ln in summ.dma_timeline_table({"s": shape}, 50.0) if ln.startswith("| s |")]
-    assert rows == ["| s | greedy | prefetch_all | 3 | 0.300 | 0.190 | 0.015 | 0.900 | 1.000 | 144.7 | 289 |"]
+    assert rows == ["| s | greedy | prefetch_all | - | 3 | 0.300 | 0.190 | 0.015 | 0.900 | 1.000 | 144.7 | 289 |"]
     del tl["experts_per_plan"]  # older results: no rate for prefetch_all, whose plans are not one expert each
     rows = [ln for ln in summ.dma_timeline_table({"s": shape}, 50.0) if ln.startswith("| s |")]
-    assert rows == ["| s | greedy | prefetch_all | 3 | 0.300 | 0.190 | 0.015 | 0.900 | 1.000 | - | - |"]
+    assert rows == ["| s | greedy | prefetch_all | - | 3 | 0.300 | 0.190 | 0.015 | 0.900 | 1.000 | - | - |"]
+    tl["early_copy_start_ms"], tl["early_copy_end_ms"] = -0.002, 0.128  # the early guess copy, its own column
+    rows = [ln for ln in summ.dma_timeline_table({"s": shape}, 50.0) if ln.startswith("| s |")]
+    assert rows == ["| s | greedy | prefetch_all | -0.002 - 0.128 | 3 | 0.300 | 0.190 | 0.015 | 0.900 | 1.000 | - "
+                    "| - |"]
     shape["runs"][0]["metrics"]["dma_timeline"] = {"error": "plans per step vary"}
     assert summ.dma_timeline_table({"s": shape}, 50.0) == []
 

@@ -26,12 +26,13 @@ def lib():
 class Loop:
     """A started loop over small CPU buffers; post() writes a plan as the post kernel does (entry, then head)."""
 
-    def __init__(self, lib):
+    def __init__(self, lib, n=N):
         torch.manual_seed(0)
+        self.n = n
         self.lib = lib
         self.store = torch.randn(M, E, X, dtype=torch.float64)
         self.pool = torch.randn(P, X, dtype=torch.float64)
-        self.ring = torch.zeros(R, 2 * N + 3, dtype=torch.int64)
+        self.ring = torch.zeros(R, 2 * n + 3, dtype=torch.int64)
         self.head = torch.zeros(1, dtype=torch.int64)
         self.done = torch.zeros(M, dtype=torch.int64)
         self.posted = [0] * M
@@ -40,7 +41,7 @@ class Loop:
         self.slot = (ctypes.c_uint64 * P)(*[self.pool[p].data_ptr() for p in range(P)])
         self.experts = (ctypes.c_uint64 * (M * E))(*[self.store[m, e].data_ptr() for m in range(M) for e in range(E)])
         c.head, c.ring = self.head.data_ptr(), self.ring.data_ptr()
-        c.R, c.n, c.M, c.E, c.P = R, N, M, E, P
+        c.R, c.n, c.M, c.E, c.P = R, n, M, E, P
         c.slot_ptr, c.store_ptr = ctypes.addressof(self.slot), ctypes.addressof(self.experts)
         c.row_bytes, c.done_ptr = X * 8, self.done.data_ptr()
         for name, addr in native_copier.host_calls(lib).items():
@@ -48,10 +49,11 @@ class Loop:
         c.idle_ns, c.sleep_ns = 10**9, 10**5
         assert lib.pgmoe_copier_start(ctypes.byref(c)) == 0
 
-    def post(self, m, src, dst, tag=None, head=None):
+    def post(self, m, src, dst, tag=None, head=None, flags=0):
         self.g += 1
         self.posted[m] += 1
-        self.ring[self.g % R] = torch.tensor([m, self.posted[m], *src, *dst, self.g if tag is None else tag])
+        tag = self.g if tag is None else tag
+        self.ring[self.g % R] = torch.tensor([m | flags << 32, self.posted[m], *src, *dst, tag])
         self.head[0] = self.g if head is None else head
 
     def settle(self, until, timeout=10.0):
@@ -79,6 +81,44 @@ def test_plans_are_copied_in_order_and_counted(lib):
         assert torch.equal(loop.pool, want)
         assert loop.done.tolist() == loop.posted == [2, 2, 2]
         assert loop.c.error == 0 and loop.c.error_text() is None
+    finally:
+        loop.stop()
+
+
+def test_early_guess_copies_ahead_and_its_plan_only_signals(lib):
+    """The early guess: a (seq, expert) written into the early buffer is copied into early_slot at once; the guess's
+    plan (flag 1) naming that expert and slot then copies nothing (the slot, spoiled after the early copy, stays
+    spoiled) but signals done; a plan copying into the slot in between voids the early copy (the guess's plan then
+    copies); with early_on off nothing is copied early."""
+    loop = Loop(lib, n=1)
+    early = torch.zeros(2, dtype=torch.int64)
+    m, slot = 1, 2
+    try:
+        c = loop.c
+        c.early_m, c.early_slot, c.early_e, c.early_on = m, slot, -1, 1
+        c.early = early.data_ptr()
+
+        def say(seq, e):
+            early[1] = e
+            early[0] = seq
+
+        say(1, 3)
+        loop.settle(lambda: c.early_copied == 1)
+        assert torch.equal(loop.pool[slot], loop.store[m, 3])
+        loop.pool[slot] = -7.0
+        loop.post(m, [3], [slot], flags=1)
+        loop.settle(lambda: c.seen == loop.g)
+        assert c.early_used == 1 and torch.all(loop.pool[slot] == -7.0) and loop.done[m] == loop.posted[m]
+        say(2, 4)
+        loop.settle(lambda: c.early_copied == 2)
+        loop.post(0, [1], [slot])  # another block's plan into the slot: the early copy no longer stands
+        loop.post(m, [4], [slot], flags=1)
+        loop.settle(lambda: c.seen == loop.g)
+        assert c.early_used == 1 and torch.equal(loop.pool[slot], loop.store[m, 4])
+        c.early_on = 0
+        say(3, 0)
+        loop.settle(lambda: c.early_seen == 3)
+        assert c.early_copied == 2 and c.early_e == -1 and c.error == 0
     finally:
         loop.stop()
 

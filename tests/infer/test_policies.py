@@ -240,6 +240,33 @@ def test_dma_copy_mode_under_the_interpreter(pregated_ckpt, monkeypatch, api):
     assert len(natives) == (4 if api == "native" else 0) and all(c.stop == 1 for c in natives)  # stopped, joined
 
 
+def test_dma_early_guess_end_to_end(pregated_ckpt, monkeypatch):
+    """copy_mode dma (native loop, host stand-ins) with one-row greedy decoding: the choice hands the next step's
+    guess to the copier, which copies it before the step's plan; the guess plans find their copies done; tokens and
+    logits stay gpu_only's bitwise; PGMOE_EARLY_GUESS=0 turns it off (no counts)."""
+    pytest.importorskip("triton")
+    _native_or_skip("native")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model, store = load_offloaded(pregated_ckpt, "cpu", torch.float32, None)
+    model.set_backend("torch")
+    ids, mask = prompts(n=1, length=5)
+    kw = dict(max_new_tokens=8, keep_logits=True)
+    ref = Engine(model, store, "cpu").run(PolicySpec("gpu_only"), ids, mask, **kw)
+    for env in ("1", "0"):
+        monkeypatch.setenv("PGMOE_EARLY_GUESS", env)
+        eng = Engine(model, store, "cpu", copy_mode="dma", copy=CopySettings(dma_api="native"))
+        eng.first_block_guess = "keep"
+        for _ in range(2):  # the second run guesses every step (the table kept)
+            res = eng.run(PolicySpec("pregated"), ids, mask, **kw)
+        assert res.tokens == ref.tokens
+        assert all(torch.equal(a, b) for a, b in zip(ref.step_logits, res.step_logits))
+        g = res.metrics["first_block_guess"]
+        if env == "0":
+            assert g["early"] is None
+        else:
+            assert g["lookups"] > 0 and 0 < g["early"]["used"] <= g["early"]["copied"], g
+
+
 @pytest.mark.parametrize("polls, message", [("many", "expected a number of polls"), ("0", "expected at least 1 poll")])
 def test_dma_wait_polls_setting_is_checked(pregated_ckpt, monkeypatch, polls, message):
     """PGMOE_DMA_WAIT_POLLS (the wait kernel's budget before it counts a timeout) must be a positive number."""
@@ -323,9 +350,13 @@ def test_dma_takes_prefetched_plans_from_the_second_decode_step():
 
     from infer.offload import SlotPool
 
-    pool = SimpleNamespace(_dma_on=False, _dma_first_step=set(), _dma_held=0)
+    early = []  # the copier's early guess copies follow: on from the second step
+    pool = SimpleNamespace(_dma_on=False, _dma_first_step=set(), _dma_held=0, _skip_copies=False,
+                           dma=SimpleNamespace(early_on=False))
+    pool._early_update = lambda: (SlotPool._early_update(pool), early.append(pool.dma.early_on))
     blocks = [3, 5, 7, 3, 5, 7, 3]
     assert [SlotPool._dma_live(pool, m) for m in blocks] == [False, False, False, True, True, True, True]
+    assert early == [True] and pool.dma.early_on
 
 
 def test_dma_held_sends_every_plan_to_the_copy_kernel_and_keeps_the_bookkeeping():
@@ -336,13 +367,22 @@ def test_dma_held_sends_every_plan_to_the_copy_kernel_and_keeps_the_bookkeeping(
 
     from infer.offload import SlotPool
 
-    pool = SimpleNamespace(_dma_on=False, _dma_first_step=set(), _dma_held=0, dma=None, cuda=False)
+    pool = SimpleNamespace(_dma_on=False, _dma_first_step=set(), _dma_held=0, dma=None, cuda=False, _skip_copies=False)
+    pool._early_update = lambda: SlotPool._early_update(pool)
     with SlotPool.dma_held(pool):
         with SlotPool.dma_held(pool):
             held = [SlotPool._dma_live(pool, m) for m in (3, 5, 3)]
         held.append(SlotPool._dma_live(pool, 5))
     assert held == [False, False, False, False] and pool._dma_on and pool._dma_held == 0
     assert SlotPool._dma_live(pool, 3)  # released: the copier's again
+    # the early guess copies: off while held or copying nothing
+    pool.dma = SimpleNamespace(early_on=None)
+    with SlotPool.dma_held(pool):
+        assert pool.dma.early_on is False
+    assert pool.dma.early_on is True
+    pool._skip_copies = True
+    SlotPool._early_update(pool)
+    assert pool.dma.early_on is False
 
 
 def test_dma_asks_for_eager_kernel_loading(monkeypatch):
@@ -557,7 +597,8 @@ def test_first_block_guess_accounting_and_outputs(pregated_ckpt):
         _same(ref, r)
         g = r.metrics["first_block_guess"]
         if mode == "off":
-            assert g == {"mode": "off", "blocks": [], "rows": 0, "lookups": 0, "hits": 0, "hit_rate": None}
+            assert g == {"mode": "off", "blocks": [], "rows": 0, "lookups": 0, "hits": 0, "hit_rate": None,
+                         "early": None}
             continue
         assert g["mode"] == mode[:4] and g["blocks"] == [first_dec]
         assert g["rows"] == steps and 0 <= g["hits"] <= g["lookups"] <= g["rows"]

@@ -72,3 +72,25 @@ def test_bad_buffers():
         greedy.greedy_select(logits, tok, out, done.long(), ended, t, 0, 1, force_triton=True)
     with pytest.raises(ValueError, match="tok"):
         greedy.greedy_select(logits, tok[:1], out, done, ended, t, 0, 1, force_triton=True)
+
+
+@pytest.mark.parametrize("force", [True, False])
+def test_early_guess_for_the_host(force):
+    """early: after each choice the host buffer holds (seq, table[token]), seq advancing by one per step, in the kernel
+    (interpreted) and the reference alike; more than one row is refused."""
+    g = torch.Generator().manual_seed(5)
+    V = 300
+    table = torch.randint(-1, 16, (V, 1), generator=g, dtype=torch.int32)
+    early = greedy.EarlyGuess(table, torch.zeros(2, dtype=torch.int64), torch.full((1,), 40, dtype=torch.int64))
+    tok, out = torch.zeros(1, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)
+    done = torch.zeros(1, dtype=torch.bool)
+    ended, t = torch.zeros(4, dtype=torch.bool), torch.zeros((), dtype=torch.long)
+    for step in range(3):
+        logits = torch.randn(1, V, generator=g)
+        greedy.greedy_select(logits, tok, out, done, ended, t, 0, V + 5, force_triton=force, early=early)
+        x = int(logits.argmax())
+        assert int(tok[0]) == x
+        assert early.out.tolist() == [41 + step, int(table[x, 0])] and int(early.seq[0]) == 41 + step
+    with pytest.raises(ValueError, match="one row"):
+        greedy.greedy_select(torch.randn(2, V), torch.zeros(2, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long),
+                             torch.zeros(2, dtype=torch.bool), ended, t, 0, 1, force_triton=force, early=early)
