@@ -75,6 +75,12 @@ typedef struct {
     volatile int64_t early_on;  /* copy early (off while the pool holds dma back, or copies nothing) */
     int64_t early_seen, early_e;  /* the last sequence seen; the expert copied early, not yet met by its plan (-1) */
     volatile int64_t early_copied, early_used;  /* early copies; guess plans that found theirs done */
+    /* done[m]'s events, one per plan in turn (events[g % n_events]; n_events 0: `event` for every plan): re-recording
+       an event whose last record is still pending behind a copy held the loop in cuEventRecord until that copy
+       ended, and with it the next plan's copies */
+    void **events;
+    int64_t n_events;
+    volatile int64_t call_ns[6], call_n[6];  /* time in each driver call (CALL_*) and calls, summed */
 } pgmoe_copier;
 
 _Static_assert(sizeof(pthread_t) <= sizeof(uint64_t), "pthread_t does not fit");
@@ -94,6 +100,10 @@ static int64_t now_ns(void) {
    infer.offload.DMA_HOST_COPY_NOTE) */
 static int timed(pgmoe_copier *c, int rc, int64_t t0, int64_t g, int64_t call) {
     int64_t dt = now_ns() - t0;
+    if (call >= 0 && call < 6) {
+        c->call_ns[call] += dt;
+        c->call_n[call] += 1;
+    }
     if (dt > c->slow_ns) {
         c->slow_plan = g;
         c->slow_call = call;
@@ -162,10 +172,11 @@ static int handle(pgmoe_copier *c, int64_t g) {
     }
     /* done[m] = b on the signal stream, behind the copies (so the next plan's copies need not wait for it) */
     t0 = now_ns();
-    if ((rc = timed(c, c->record(c->event, c->stream), t0, g, CALL_RECORD)))
+    void *ev = c->n_events > 0 ? c->events[g % c->n_events] : c->event;
+    if ((rc = timed(c, c->record(ev, c->stream), t0, g, CALL_RECORD)))
         return fail(c, ERR_DRIVER, rc, g, CALL_RECORD);
     t0 = now_ns();
-    if ((rc = timed(c, c->wait_event(c->signal, c->event, 0), t0, g, CALL_WAIT)))
+    if ((rc = timed(c, c->wait_event(c->signal, ev, 0), t0, g, CALL_WAIT)))
         return fail(c, ERR_DRIVER, rc, g, CALL_WAIT);
     t0 = now_ns();
     if ((rc = timed(c, c->write64(c->signal, c->done_ptr + 8 * (uint64_t)m, (uint64_t)b, 0), t0, g, CALL_WRITE)))
@@ -261,7 +272,11 @@ int pgmoe_host_memcpy(uint64_t dst, const void *src, size_t bytes, void *stream)
     memcpy((void *)(uintptr_t)dst, src, bytes);
     return 0;
 }
-int pgmoe_host_record(void *event, void *stream) { (void)event; (void)stream; return 0; }
+int pgmoe_host_record(void *event, void *stream) {
+    (void)stream;
+    if (event) __atomic_add_fetch((int64_t *)event, 1, __ATOMIC_RELAXED);  /* a test's count of records per event */
+    return 0;
+}
 int pgmoe_host_wait(void *stream, void *event, unsigned int flags) { (void)stream; (void)event; (void)flags; return 0; }
 int pgmoe_host_write64(void *stream, uint64_t addr, uint64_t value, unsigned int flags) {
     (void)flags;
@@ -300,6 +315,7 @@ class Copier(ctypes.Structure):
         ("direct_m", _i64),
         ("early", _p), ("early_m", _i64), ("early_slot", _i64), ("early_on", _i64), ("early_seen", _i64),
         ("early_e", _i64), ("early_copied", _i64), ("early_used", _i64),
+        ("events", _p), ("n_events", _i64), ("call_ns", _i64 * 6), ("call_n", _i64 * 6),
     ]
 
     def error_text(self) -> str | None:
@@ -315,6 +331,11 @@ class Copier(ctypes.Structure):
         if not self.slow_call:
             return None
         return {"ms": self.slow_ns / 1e6, "plan": int(self.slow_plan), "call": CALLS.get(self.slow_call, "call")}
+
+    def call_times(self) -> dict:
+        """Per driver call the loop made: calls and mean microseconds (time in the call, on the host)."""
+        return {CALLS[k]: {"calls": int(self.call_n[k]), "mean_us": self.call_ns[k] / self.call_n[k] / 1e3}
+                for k in CALLS if self.call_n[k]}
 
 
 class NativeUnavailable(RuntimeError):

@@ -664,6 +664,8 @@ class _Driver:
     each lets go of the GIL while it runs and skips torch's dispatch per copy), or handed as function addresses to
     the native loop (dma_api=native), with the streams, event and context it needs."""
 
+    EVENTS = 16
+
     def __init__(self):
         lib = ctypes.CDLL("libcuda.so.1")
         p, u64, sz = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t
@@ -679,9 +681,13 @@ class _Driver:
         self._destroy.argtypes, self._destroy.restype = [p], ctypes.c_int
         create = lib.cuEventCreate
         create.argtypes, create.restype = [ctypes.POINTER(p), ctypes.c_uint], ctypes.c_int
-        ev = p()
-        self.check(create(ctypes.byref(ev), 2), "cuEventCreate")  # CU_EVENT_DISABLE_TIMING
-        self.event = ev
+        self.events = []  # done[m]'s events, one per plan in turn (native_copier: re-recording a pending one blocks)
+        for _ in range(self.EVENTS):
+            ev = p()
+            self.check(create(ctypes.byref(ev), 2), "cuEventCreate")  # CU_EVENT_DISABLE_TIMING
+            self.events.append(ev)
+        self._event_ptrs = (p * len(self.events))(*self.events)
+        self.event = self.events[0]
         self.lib = lib
         self._ctx_device: int | None = None
 
@@ -712,9 +718,9 @@ class _Driver:
 
     def close(self) -> None:
         """Release the event and the retained context (after the device is synchronized and the thread is gone)."""
-        if self.event is not None:
-            self._destroy(self.event)
-            self.event = None
+        for ev in self.events:
+            self._destroy(ev)
+        self.events, self.event = [], None
         if self._ctx_device is not None:
             release = getattr(self.lib, "cuDevicePrimaryCtxRelease_v2", None) or self.lib.cuDevicePrimaryCtxRelease
             release(ctypes.c_int(self._ctx_device))
@@ -882,6 +888,7 @@ class DmaCopier:
             calls = self._driver.calls()
             c.ctx = self._driver.primary_context(self.device_index)
             c.stream, c.signal, c.event = self.stream.cuda_stream, self.signal.cuda_stream, self._driver.event.value
+            c.events, c.n_events = ctypes.addressof(self._driver._event_ptrs), len(self._driver.events)
         else:  # a CPU "device": the host stand-ins
             calls = native_copier.host_calls(self._lib)
         for name, addr in calls.items():
@@ -901,6 +908,10 @@ class DmaCopier:
         keep = (slot, store, self._trace_ptrs, self._trace_meta, self.ring_h, self.head_h, self.done, self.pool.pool,
                 self.pool.store.data, self._keep_extra)
         self._stop_native = weakref.finalize(self, _stop_native, self._lib, c, keep)
+
+    def call_times(self) -> dict | None:
+        """The native loop's driver calls so far: per kind, calls and mean microseconds (None: another loop)."""
+        return self._native.call_times() if self._native is not None else None
 
     @property
     def slowest_call(self) -> dict | None:
@@ -1059,8 +1070,9 @@ class DmaCopier:
                           "cuStreamWriteValue64")
             elif drv is not None:  # the same by the driver: an event, then a stream memory write of done[m] = b
                 sig = self.signal.cuda_stream
-                drv.check(drv.record(drv.event, self.stream.cuda_stream), "cuEventRecord")
-                drv.check(drv.wait_event(sig, drv.event, 0), "cuStreamWaitEvent")
+                ev = drv.events[g % len(drv.events)]  # one per plan in turn: re-recording a pending one blocks
+                drv.check(drv.record(ev, self.stream.cuda_stream), "cuEventRecord")
+                drv.check(drv.wait_event(sig, ev, 0), "cuStreamWaitEvent")
                 drv.check(drv.write64(sig, self.done.data_ptr() + 8 * m, b, 0), "cuStreamWriteValue64")
             elif self.cuda:  # done[m] on the signal stream, so the next plan's copies start at once
                 self._signal_event.record()

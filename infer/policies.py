@@ -400,6 +400,8 @@ class OffloadRunner:
             "dma_api_fallback": self.pool.dma.fallback if self.pool.dma is not None else None,
             # the native loop's slowest driver call {ms, plan, call}: where the host held the copies back
             "dma_slowest_call": self.pool.dma.slowest_call if self.pool.dma is not None else None,
+            # the native loop's driver calls: count and mean host time of each kind (None: another loop)
+            "dma_driver_calls": self.pool.dma.call_times() if self.pool.dma is not None else None,
             "cpu_compute": self.cpu_compute,
             "cpu_compute_active": self.cpu_active,
             "experts_cpu_computed": int(self.cpu_computed),

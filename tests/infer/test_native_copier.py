@@ -85,6 +85,25 @@ def test_plans_are_copied_in_order_and_counted(lib):
         loop.stop()
 
 
+def test_done_events_rotate_and_calls_are_timed(lib):
+    """done[m]'s event: events[g % n_events] for plan g (the host stand-in counts records per event: the events are
+    counters here), so no plan re-records the one before's; the loop sums its time per driver call."""
+    loop = Loop(lib)
+    counts = torch.zeros(3, dtype=torch.int64)
+    ptrs = (ctypes.c_void_p * 3)(*[counts.data_ptr() + 8 * i for i in range(3)])
+    try:
+        loop.c.events, loop.c.n_events, loop.c.direct_m = ctypes.addressof(ptrs), 3, -1
+        for m, src, dst in [(0, [3, -1], [1, 0]), (2, [4, 0], [2, 3]), (1, [1, -1], [0, 0]), (0, [2, -1], [3, 2])]:
+            loop.post(m, src, dst)
+            loop.settle(lambda: loop.c.seen == loop.g)
+        assert counts.tolist() == [1, 2, 1]  # plans 1..4 -> events 1, 2, 0, 1
+        times = loop.c.call_times()
+        assert times["cuMemcpyHtoDAsync"]["calls"] == 5 and times["cuEventRecord"]["calls"] == 4
+        assert all(t["mean_us"] >= 0 for t in times.values())
+    finally:
+        loop.stop()
+
+
 def test_early_guess_copies_ahead_and_its_plan_only_signals(lib):
     """The early guess: a (seq, expert) written into the early buffer is copied into early_slot at once; the guess's
     plan (flag 1) naming that expert and slot then copies nothing (the slot, spoiled after the early copy, stays
