@@ -445,15 +445,6 @@ class SlotPool:
         self.landing_in_pool = False  # (set by _landing)
         self.landing = self._landing() if store.compress and copy_mode in ("dma", "device") else None
         self._unpack_pending: list[list[torch.Tensor]] = [[] for _ in range(self.M)]
-        # compressed dma plans unpacked ahead (CUDA; PGMOE_UNPACK_AHEAD=0: at the block's wait, on the compute stream):
-        # on unpack_stream, a wait for the plan's copies, then the unpack, as soon as they land; the block's wait
-        # joins unpack_done[m]. Where the compute reaches a block after its copy landed (later steps: longer
-        # attention), the unpack (~7 us per switch-base expert) is then off the compute's path
-        self.unpack_ahead = (self.cuda and store.compress and copy_mode == "dma"
-                             and os.environ.get("PGMOE_UNPACK_AHEAD", "1") != "0")
-        self.unpack_stream = torch.cuda.Stream(self.device) if self.unpack_ahead else None
-        self.unpack_done = [torch.cuda.Event() for _ in range(self.M)] if self.unpack_ahead else None
-        self._unpacked_ahead = [False] * self.M
         self.dma = DmaCopier(self) if copy_mode == "dma" else None
         self._dma_posted = [False] * self.M  # block m has a dma plan its wait() has not covered yet
         # The pool's first decode step sends its prefetched plans to the copy kernel: it launches (and so
@@ -575,19 +566,7 @@ class SlotPool:
         if dma:
             self.dma.post(m, src_n, dst_n, flags=mailbox.FLAG_EARLY if early else 0)
             if self.store.compress:
-                rows = torch.where(src_n >= 0, dst_n, -1)
-                if self.unpack_ahead:  # the unpack stream waits for the copies, then unpacks (see __init__)
-                    us = self.unpack_stream
-                    us.wait_stream(torch.cuda.current_stream(self.device))
-                    with torch.cuda.stream(us):
-                        self.dma.wait(m)
-                        expert_pack.unpack_rows(self.landing, rows, self.pool, self.store.layout, rows,
-                                                num_programs=self.UNPACK_PROGRAMS, num_warps=self.UNPACK_WARPS,
-                                                ahead=False)
-                        self.unpack_done[m].record(us)
-                    self._unpacked_ahead[m] = True
-                else:
-                    self._unpack_pending[m].append(rows)
+                self._unpack_pending[m].append(torch.where(src_n >= 0, dst_n, -1))
         elif self.copy_mode in ("device", "dma"):
             src, dst = self._rows(m)
             if self.store.compress and landed:
@@ -653,10 +632,7 @@ class SlotPool:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record(compute)
         compute.wait_event(event)
-        if dma and self._unpacked_ahead[m]:  # waited for and unpacked on the unpack stream
-            compute.wait_event(self.unpack_done[m])
-            self._unpacked_ahead[m] = False
-        elif dma:
+        if dma:
             self.dma.wait(m)  # after the post (the event): until the copier's copies are done
             self._unpack_landed(m)
         if self.measure_stall:

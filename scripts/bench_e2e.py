@@ -545,12 +545,10 @@ def main() -> int:
 #              (PGMOE_DMA_DIRECT_LAST=0), as every other block's, instead of on the copies' stream right behind them
 #   noearly:   copy_mode dma, one-row greedy: the first-block guess copied from its plan at the step's start
 #              (PGMOE_EARLY_GUESS=0) instead of by the copier as the step before chose its token
-#   unpackwait: copy_mode dma, compressed: the landed rows unpacked at the block's wait on the compute stream
-#              (PGMOE_UNPACK_AHEAD=0) instead of on a side stream as soon as they land
 #   r<N>:      no setting: a repeat of the row's settings under another label (rows interleaved against drift)
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
 ENV_VARIANTS = {"guessindex": ("PGMOE_GUESS_LOOKUP", "0"), "signaldone": ("PGMOE_DMA_DIRECT_LAST", "0"),
-                "noearly": ("PGMOE_EARLY_GUESS", "0"), "unpackwait": ("PGMOE_UNPACK_AHEAD", "0")}
+                "noearly": ("PGMOE_EARLY_GUESS", "0")}
 
 
 def variant_env(variant: str) -> dict[str, str]:
@@ -630,7 +628,7 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
             raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #device, #hi, "
                              "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep, #native, #driver, #torchcopy, "
                              "#sdpa, #beamkernel, #beamops, #nodefer, #headops, #flagcopy, #kvgather, #normops, "
-                             "#guessindex, #signaldone, #noearly, #unpackwait, #r<repeat>")
+                             "#guessindex, #signaldone, #noearly, #r<repeat>")
     if copy:
         try:
             CopySettings(**copy)
