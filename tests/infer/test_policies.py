@@ -195,6 +195,18 @@ def test_gpu_path_under_the_interpreter(pregated_ckpt, monkeypatch, backend):
             assert torch.equal(a, b)
 
 
+def _dma_case(path, monkeypatch, api: str, rows: int, new_tokens: int):
+    """A copy_mode dma case on the CPU (the kernels under the interpreter; skipped where the asked loop cannot be
+    built): the fp32 model and store, a prompt of `rows` rows, the run settings and gpu_only's run of them."""
+    _native_or_skip(api)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model, store = load_offloaded(path, "cpu", torch.float32, None)
+    model.set_backend("torch")
+    ids, mask = prompts(n=rows, length=5)
+    kw = dict(max_new_tokens=new_tokens, keep_logits=True)
+    return model, store, ids, mask, kw, Engine(model, store, "cpu").run(PolicySpec("gpu_only"), ids, mask, **kw)
+
+
 @pytest.mark.parametrize("api", ["native", "torch"])
 def test_dma_copy_mode_under_the_interpreter(pregated_ckpt, monkeypatch, api):
     """copy_mode dma on the CPU: the post and wait kernels under the interpreter, the host loop (native: the C
@@ -207,13 +219,7 @@ def test_dma_copy_mode_under_the_interpreter(pregated_ckpt, monkeypatch, api):
 
     from infer.offload import DmaCopier
 
-    _native_or_skip(api)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    model, store = load_offloaded(pregated_ckpt, "cpu", torch.float32, None)
-    model.set_backend("torch")
-    ids, mask = prompts(n=2, length=5)
-    kw = dict(max_new_tokens=3, keep_logits=True)
-    ref = Engine(model, store, "cpu").run(PolicySpec("gpu_only"), ids, mask, **kw)
+    model, store, ids, mask, kw, ref = _dma_case(pregated_ckpt, monkeypatch, api, rows=2, new_tokens=3)
     issued, natives = [], []
     real_close = DmaCopier.close
 
@@ -245,13 +251,7 @@ def test_dma_early_guess_end_to_end(pregated_ckpt, monkeypatch):
     guess to the copier, which copies it before the step's plan; the guess plans find their copies done; tokens and
     logits stay gpu_only's bitwise; PGMOE_EARLY_GUESS=0 turns it off (no counts)."""
     pytest.importorskip("triton")
-    _native_or_skip("native")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    model, store = load_offloaded(pregated_ckpt, "cpu", torch.float32, None)
-    model.set_backend("torch")
-    ids, mask = prompts(n=1, length=5)
-    kw = dict(max_new_tokens=8, keep_logits=True)
-    ref = Engine(model, store, "cpu").run(PolicySpec("gpu_only"), ids, mask, **kw)
+    model, store, ids, mask, kw, ref = _dma_case(pregated_ckpt, monkeypatch, "native", rows=1, new_tokens=8)
     for env in ("1", "0"):
         monkeypatch.setenv("PGMOE_EARLY_GUESS", env)
         eng = Engine(model, store, "cpu", copy_mode="dma", copy=CopySettings(dma_api="native"))
