@@ -525,7 +525,7 @@ class Engine:
         if nb == 1:
             select = GreedySelect(B, max_new_tokens, dev, mc.decoder_start_token_id, mc.pad_token_id, mc.eos_token_id)
             # the dma copier's early first-block guess (infer.policies.OffloadRunner.early_guess), one row only
-            select.early = runner.early_guess if runner is not None and B == 1 else None
+            select.early = runner.early_guess if runner is not None else None
         else:
             select = BeamSelect(B, nb, max_new_tokens, dev, mc.decoder_start_token_id, mc.pad_token_id,
                                 mc.eos_token_id, state=state)

@@ -75,9 +75,8 @@ typedef struct {
     volatile int64_t early_on;  /* copy early (off while the pool holds dma back, or copies nothing) */
     int64_t early_seen, early_e;  /* the last sequence seen; the expert copied early, not yet met by its plan (-1) */
     volatile int64_t early_copied, early_used;  /* early copies; guess plans that found theirs done */
-    /* done[m]'s events, one per plan in turn (events[g % n_events]; n_events 0: `event` for every plan): re-recording
-       an event whose last record is still pending behind a copy held the loop in cuEventRecord until that copy
-       ended, and with it the next plan's copies */
+    /* done[m]'s events, one per plan in turn (events[g % n_events]; n_events 0: `event` for every plan), so that no
+       plan re-records an event whose last record may still be pending behind a copy */
     void **events;
     int64_t n_events;
     volatile int64_t call_ns[6], call_n[6];  /* time in each driver call (CALL_*) and calls, summed */

@@ -681,7 +681,7 @@ class _Driver:
         self._destroy.argtypes, self._destroy.restype = [p], ctypes.c_int
         create = lib.cuEventCreate
         create.argtypes, create.restype = [ctypes.POINTER(p), ctypes.c_uint], ctypes.c_int
-        self.events = []  # done[m]'s events, one per plan in turn (native_copier: re-recording a pending one blocks)
+        self.events = []  # done[m]'s events, one per plan in turn (no re-record of one still pending behind a copy)
         for _ in range(self.EVENTS):
             ev = p()
             self.check(create(ctypes.byref(ev), 2), "cuEventCreate")  # CU_EVENT_DISABLE_TIMING
@@ -1070,7 +1070,7 @@ class DmaCopier:
                           "cuStreamWriteValue64")
             elif drv is not None:  # the same by the driver: an event, then a stream memory write of done[m] = b
                 sig = self.signal.cuda_stream
-                ev = drv.events[g % len(drv.events)]  # one per plan in turn: re-recording a pending one blocks
+                ev = drv.events[g % len(drv.events)]  # one per plan in turn, as the native loop
                 drv.check(drv.record(ev, self.stream.cuda_stream), "cuEventRecord")
                 drv.check(drv.wait_event(sig, ev, 0), "cuStreamWaitEvent")
                 drv.check(drv.write64(sig, self.done.data_ptr() + 8 * m, b, 0), "cuStreamWriteValue64")

@@ -436,12 +436,6 @@ class OffloadRunner:
                 self._plan(m, ids, fresh=True, prefetch=True, early=True)
             self._guessed[m] = ids
 
-    def _verify_guess(self, m: int, routing: Routing) -> None:
-        """Block m's router decided: copy what the guess missed (the count and the table: _count_guess)."""
-        # not fresh: block m's staging holders are those its guess filled this step, after the buffer's last
-        # reader, so hits there are real
-        self._demand(m, routing, routing.ids, fresh=False, behind=True)
-
     def _count_guess(self, m: int, routing: Routing) -> None:
         """Count block m's guess and learn the tokens' experts: ~12 small kernels, launched after the next block's
         prefetched plan (on_fetch), whose post would otherwise wait behind them (~30 us on the H200)."""
@@ -630,7 +624,9 @@ class OffloadRunner:
                 )
                 self._pending.append((t, guess.ids))
         elif m in self._guessed:  # a first decoder block, its experts guessed at the step's start
-            self._verify_guess(m, routing)  # (counted below, after the next block's plan)
+            # its router decided: copy what the guess missed (counted below, after the next block's plan). Not
+            # fresh: the staging holders are those its guess filled this step, after the buffer's last reader
+            self._demand(m, routing, routing.ids, fresh=False, behind=True)
         elif not early:  # on_demand, or a block no pre-gate routes (the first of a stack)
             self._demand(m, routing, routing.ids, fresh=True)
         for t, need in self._pending:

@@ -30,11 +30,7 @@ MAX_BLOCK_V = 32768  # one load round for vocabularies up to this size (T5's 321
 
 if HAVE_TRITON:
 
-    @triton.jit
-    def _fence_system(x):
-        # fence.sc.sys: this thread's earlier stores (to host memory too) are seen before its later ones
-        return tl.inline_asm_elementwise("fence.sc.sys;\n\tmov.u32 $0, $1;", "=r,r", [x], dtype=tl.int32,
-                                         is_pure=False, pack=1)
+    from kernels.mailbox import _fence_system  # the system-scope fence ahead of a store the host polls
 
     @triton.jit
     def _select_row_kernel(logits_ptr, idx_ptr, tok_ptr, out_ptr, done_ptr, ended_ptr, t_ptr,
