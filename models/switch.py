@@ -19,12 +19,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels.expert_ffn as _ffn
 from kernels.decode_attention import decode_attention, use_decode_attention
 from kernels.kv_reorder import reorder_reference, reorder_written
 from kernels.kv_reorder import supported as kv_reorder_supported
-from kernels.rmsnorm import rmsnorm, rmsnorm_reference
+from kernels.rmsnorm import add_rmsnorm, add_rmsnorm_supported, rmsnorm, rmsnorm_reference
 from models.config import SwitchConfig
 from models.moe import BACKENDS, Routing, SparseMLP
+
+try:
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover
+    HAVE_TRITON = False
+
+DENSE_FORCE_TRITON = False  # DenseFF.decode_kernels off CUDA too (tests)
 
 
 class RMSNorm(nn.Module):
@@ -96,6 +106,15 @@ class Attention(nn.Module):
         qkv = F.linear(x_BQD, w).view(B, Q, 3, self.h, self.dh)
         return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
 
+    def qkv_packed(self, x_BQD: torch.Tensor) -> torch.Tensor | None:
+        """Inference with fused weights (fuse_qkv): the [B, Q, 3, H, Dh] product whose [:, :, 0/1/2] are q, k, v;
+        else None."""
+        w = self._qkv_weight
+        if w is None or torch.is_grad_enabled() or not self.qkv_fused():
+            return None
+        B, Q, _ = x_BQD.shape
+        return F.linear(x_BQD, w).view(B, Q, 3, self.h, self.dh)
+
     def qkv_fused(self) -> bool:
         """True while q, k and v are still the three row blocks of the fused matrix (a dtype or
         device change, or a load, gives them new storage)."""
@@ -130,11 +149,45 @@ class DenseFF(nn.Module):
         self.wi = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
         self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.act_name = cfg.dense_act_fn
         self.act = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[cfg.dense_act_fn]
+        # the decode kernels' tiles for this shape are tuned under the model's expert count (kernels/configs)
+        self.config_experts = cfg.num_experts
+        # (rows, device, dtype) -> (ids, weights, the kernels' config): one expert of routing weight 1 for every row
+        self._one_expert: dict[tuple, tuple[torch.Tensor, torch.Tensor, dict]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.decode_kernels(x):
+            return self._forward_decode(x)
         h = self.dropout(self.act(self.wi(x)))
         return self.wo(h.to(self.wo.weight.dtype))
+
+    def decode_kernels(self, x: torch.Tensor) -> bool:
+        """Inference on CUDA over a few rows (a decode step): the layer as one expert of the expert FFN's decode
+        kernels (two launches: w_in with the activation, then w_out) instead of two matrix products and the
+        activation between (four launches with cuBLAS's split-K reduce). PGMOE_DENSE_KERNEL=0: off (bench variant
+        #densemm). DENSE_FORCE_TRITON: off CUDA too (tests, under TRITON_INTERPRET=1)."""
+        w = self.wi.weight
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        return (HAVE_TRITON and (x.is_cuda or DENSE_FORCE_TRITON) and not torch.is_grad_enabled()
+                and not self.training and 0 < rows <= _ffn.DECODE_MAX_SLOTS
+                and x.dtype == w.dtype == self.wo.weight.dtype and os.environ.get("PGMOE_DENSE_KERNEL", "1") != "0")
+
+    def _forward_decode(self, x: torch.Tensor) -> torch.Tensor:
+        D = x.shape[-1]
+        x2 = x.reshape(-1, D)
+        T = x2.shape[0]
+        w_in, w_out = self.wi.weight[None], self.wo.weight[None]  # [1, F, D], [1, D, F]
+        key = (T, x.device, x.dtype)
+        if key not in self._one_expert:  # made once per row count (eagerly, before a captured step replays it)
+            self._one_expert[key] = (
+                torch.zeros((T, 1), dtype=torch.int32, device=x.device),
+                torch.ones((T, 1), dtype=torch.float32, device=x.device),
+                _ffn.choose_config(T, 1, self.config_experts, D, w_in.shape[1], self.act_name, x.dtype, w_in.dtype,
+                                   x.device))
+        ids, weights, cfg = self._one_expert[key]
+        y = _ffn.expert_ffn_triton(x2, w_in, w_out, ids, weights, activation=self.act_name, config=cfg)
+        return y.view(x.shape)
 
 
 class Block(nn.Module):
@@ -156,6 +209,24 @@ def _clamp_fp16(h: torch.Tensor) -> torch.Tensor:
         return h
     limit = torch.finfo(torch.float16).max - 1000
     return torch.clamp(h, -limit, limit)
+
+
+# Inference on CUDA: each residual add and the norm after it in one kernel (kernels/rmsnorm.py add_rmsnorm; the
+# same numbers as the add then the norm). PGMOE_ADD_NORM=0: the add, then the norm's kernel (bench variant #addops).
+# FORCE_TRITON: the kernel off CUDA too (tests, under TRITON_INTERPRET=1).
+ADD_NORM_FORCE_TRITON = False
+
+
+def add_norm(h: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + delta, norm(h + delta)), the sum clamped in fp16 as _clamp_fp16; delta None: (h, norm(h))."""
+    if delta is None:
+        return h, norm(h)
+    force = ADD_NORM_FORCE_TRITON
+    if ((h.is_cuda or force) and not torch.is_grad_enabled() and add_rmsnorm_supported(h, delta, force)
+            and os.environ.get("PGMOE_ADD_NORM", "1") != "0"):
+        return add_rmsnorm(h, delta, norm.weight, norm.eps, force_triton=force)
+    h = _clamp_fp16(h + delta)
+    return h, norm(h)
 
 
 @dataclass
@@ -257,14 +328,15 @@ class Stack(nn.Module):
         *,
         cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         cross_bias: torch.Tensor | None = None,
-        cache: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None = None,
+        cache: tuple | None = None,
         need_logits: bool = False,
         split_last: bool = False,
     ) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], list[Routing]]:
         """h [B, Q, D] (embedded, pre-dropout) -> (final hidden [B, Q, D], routing used per MoE block).
 
-        self_bias: position bias + mask, broadcastable to [B, H, Q, K]. cache: (self_k, self_v, pos)
-        to write this step's keys/values at `pos` and attend over the whole buffer; pos is advanced by one
+        self_bias: position bias + mask, broadcastable to [B, H, Q, K]. cache: (self_k, self_v, pos[, self_kv])
+        to write this step's keys/values at `pos` and attend over the whole buffer (self_kv [2, blocks, B, H, Tmax,
+        Dh], whose views self_k and self_v are: both written in one launch); pos is advanced by one
         right after the last block's write (off the end of the step, where the LM head waits). split_last
         (inference, not fp16): (the last block's residual input, its feed-forward output) instead of the final
         hidden state final_norm(residual + output), for a head that takes the sum and the norm in its kernel.
@@ -276,24 +348,35 @@ class Stack(nn.Module):
         routings: list[Routing] = []
         h = self.dropout(h)
         m = 0
+        delta = None  # the last block's output, added to h by the next norm's add_norm
         for i, blk in enumerate(self.blocks):
-            x = blk.self_norm(h)
+            h, x = add_norm(h, delta, blk.self_norm)
             att = blk.self_attn
-            q, k, v = att.qkv(x)
+            packed = att.qkv_packed(x) if cache is not None else None
+            if packed is not None:  # q, k, v as views of one [B, Q, 3, H, Dh] product
+                q, k, v = (packed[:, :, j].transpose(1, 2) for j in range(3))
+            else:
+                q, k, v = att.qkv(x)
             if cache is not None:
-                ks, vs, pos = cache
-                ks[i].index_copy_(2, pos, k.to(ks[i].dtype))
-                vs[i].index_copy_(2, pos, v.to(vs[i].dtype))
+                ks, vs, pos = cache[:3]
+                kv_all = cache[3] if len(cache) > 3 else None
+                if (packed is not None and kv_all is not None and kv_all.dtype == packed.dtype
+                        and os.environ.get("PGMOE_KV_ONE_WRITE", "1") != "0"):  # (bench variant #kvwrites: two)
+                    # both caches in one launch: [2, B, H, Q, Dh] into self_kv[:, i] at pos (ks[i], vs[i] are views)
+                    kv_all[:, i].index_copy_(3, pos, packed[:, :, 1:].permute(2, 0, 3, 1, 4))
+                else:
+                    ks[i].index_copy_(2, pos, k.to(ks[i].dtype))
+                    vs[i].index_copy_(2, pos, v.to(vs[i].dtype))
                 k, v = ks[i], vs[i]
                 if i == len(self.blocks) - 1:
                     pos += 1  # every block has written at pos: the next step's, off the step's tail
-            h = _clamp_fp16(h + blk.dropout(att.attend(q, k, v, self_bias)))
+            delta = blk.dropout(att.attend(q, k, v, self_bias))
             if self.decoder:
-                x = blk.cross_norm(h)
+                h, x = add_norm(h, delta, blk.cross_norm)
                 ck, cv = cross_kv[i]
                 ca = blk.cross_attn
-                h = _clamp_fp16(h + blk.dropout(ca.attend(ca.heads(ca.q, x), ck, cv, cross_bias)))
-            x = blk.ff_norm(h)
+                delta = blk.dropout(ca.attend(ca.heads(ca.q, x), ck, cv, cross_bias))
+            h, x = add_norm(h, delta, blk.ff_norm)
             if blk.sparse:
                 mlp: SparseMLP = blk.ff
                 supplied = pending.pop(m, None)
@@ -316,8 +399,9 @@ class Stack(nn.Module):
                 y = blk.ff(x)
             if split_last and i == len(self.blocks) - 1:
                 return (h, y), routings
-            h = _clamp_fp16(h + blk.dropout(y))
-        return self.dropout(self.final_norm(h)), routings
+            delta = blk.dropout(y)
+        _, out = add_norm(h, delta, self.final_norm)
+        return self.dropout(out), routings
 
 
 @dataclass
@@ -570,7 +654,8 @@ class Switch(nn.Module):
         bias = state.self_bias.index_select(0, state.pos).unsqueeze(2)  # [1, H, 1, Tmax]
         kv = list(zip(state.cross_k, state.cross_v))
         out, _ = self.decoder.run(
-            h, bias, cross_kv=kv, cross_bias=state.enc_bias, cache=(state.self_k, state.self_v, state.pos),
+            h, bias, cross_kv=kv, cross_bias=state.enc_bias,
+            cache=(state.self_k, state.self_v, state.pos, state.self_kv),
             split_last=split_last,
         )  # (advances state.pos)
         if split_last:

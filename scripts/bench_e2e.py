@@ -545,10 +545,17 @@ def main() -> int:
 #              (PGMOE_DMA_DIRECT_LAST=0), as every other block's, instead of on the copies' stream right behind them
 #   noearly:   copy_mode dma, one-row greedy: the first-block guess copied from its plan at the step's start
 #              (PGMOE_EARLY_GUESS=0) instead of by the copier as the step before chose its token
+#   addops:    each residual add of the model as its own kernel before the norm (PGMOE_ADD_NORM=0) instead of inside
+#              the norm's kernel (kernels/rmsnorm.py add_rmsnorm, the default on CUDA); the same numbers
+#   kvwrites:  the decode step's self-attention keys and values written into their caches by two launches per block
+#              (PGMOE_KV_ONE_WRITE=0) instead of one; the same numbers
+#   densemm:   the dense layers' feed-forward over a decode step's rows as two matrix products and the activation
+#              (PGMOE_DENSE_KERNEL=0) instead of one expert of the expert FFN's decode kernels (the default on CUDA)
 #   r<N>:      no setting: a repeat of the row's settings under another label (rows interleaved against drift)
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
 ENV_VARIANTS = {"guessindex": ("PGMOE_GUESS_LOOKUP", "0"), "signaldone": ("PGMOE_DMA_DIRECT_LAST", "0"),
-                "noearly": ("PGMOE_EARLY_GUESS", "0")}
+                "noearly": ("PGMOE_EARLY_GUESS", "0"), "addops": ("PGMOE_ADD_NORM", "0"),
+                "kvwrites": ("PGMOE_KV_ONE_WRITE", "0"), "densemm": ("PGMOE_DENSE_KERNEL", "0")}
 
 
 def variant_env(variant: str) -> dict[str, str]:
@@ -628,7 +635,7 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
             raise SystemExit(f"unknown run variant #{tok}; known: #torchplan, #dma, #device, #hi, "
                              "#p<programs>, #b<block>, #w<warps>, #noguess, #guessrun, #guesskeep, #native, #driver, #torchcopy, "
                              "#sdpa, #beamkernel, #beamops, #nodefer, #headops, #flagcopy, #kvgather, #normops, "
-                             "#guessindex, #signaldone, #noearly, #r<repeat>")
+                             "#guessindex, #signaldone, #noearly, #addops, #kvwrites, #densemm, #r<repeat>")
     if copy:
         try:
             CopySettings(**copy)
@@ -874,9 +881,9 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
             if eng._calibration is not None:
                 out["cpu_compute_calibration"] = eng._calibration.as_dict()
         # the CPU's bf16 sums are not the GPU's, nor SDPA's last bits the attention kernel's, nor the matrix product's
-        # the LM head kernel's: a divergence there is recorded, not failed
+        # the LM head kernel's or the dense layers' decode kernels': a divergence there is recorded, not failed
         strict = (not cpu_mode or device.type == "cpu") and not sdpa and not (
-            (headops or "normops" in variant.split("#")) and device.type == "cuda")
+            (headops or {"normops", "densemm"} & set(variant.split("#"))) and device.type == "cuda")
         key = (family, mode)
         if spec.name == "gpu_only" and not variant and "tokens" in entry:
             refs[key] = entry["tokens"]

@@ -252,3 +252,82 @@ def test_greedy_refuses_a_select_of_another_shape():
                 GreedySelect(2, 8, "cpu", 0, 0, 5)):
         with pytest.raises(ValueError, match="GreedySelect for batch"):
             greedy(model, torch.zeros(2, 3, dtype=torch.long), max_new_tokens=8, step=step, state=object(), select=sel)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_with_fused_add_norm_and_one_kv_write(dtype, monkeypatch):
+    """The decode path's fusions: both self caches written in one launch through self_kv (against two writes:
+    the same caches and logits, bitwise); each residual add taken into the next norm's kernel (models.switch.add_norm)
+    and the dense layers through the expert FFN's decode kernels, forced through the Triton interpreter: the same
+    logits as the adds, norms and matrix products: against the same weights' fp64 model, an error of at most 1e-5
+    (fp32) or twice the unfused path's own (bf16, whose rounding the order of the sums moves)."""
+    import copy
+
+    pytest.importorskip("triton")
+    import models.switch as sw
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = _model(seed=11).to(dtype).fuse_for_inference()
+    exact_model = copy.deepcopy(model).double()
+    x = torch.randint(3, 384, (2, 7))
+    toks = torch.randint(3, 384, (2, 4))
+
+    def run(one_write: bool, fused_add: bool):
+        monkeypatch.setattr(sw, "ADD_NORM_FORCE_TRITON", fused_add)
+        monkeypatch.setattr(sw, "DENSE_FORCE_TRITON", fused_add)
+        state = model.prefill(x, max_len=6)
+        if not one_write:
+            state.self_kv_keep, state.self_kv = state.self_kv, None  # the lists stay its views: two writes
+        out = [model.decode_one_token(state, toks[:, t]) for t in range(toks.shape[1])]
+        kv = state.self_kv if one_write else state.self_kv_keep
+        return torch.stack(out, 1), kv.clone()
+
+    ref, ref_kv = run(False, False)
+    one, one_kv = run(True, False)
+    assert torch.equal(one, ref) and torch.equal(one_kv, ref_kv)
+    assert ref_kv[:, :, :, :, : toks.shape[1]].abs().sum() > 0  # the written positions hold keys and values
+    calls = []
+    kernel = sw.add_rmsnorm
+    monkeypatch.setattr(sw, "add_rmsnorm", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    fused, fused_kv = run(True, True)
+    n_dec = len(model.decoder.blocks)
+    assert len(calls) >= toks.shape[1] * 3 * n_dec  # every add of every decode step went through the kernel
+    dense = [b.ff for b in model.decoder.blocks if not b.sparse]
+    assert dense and all(ff._one_expert for ff in dense)  # the dense layers took the decode kernels
+    monkeypatch.setattr(sw, "ADD_NORM_FORCE_TRITON", False)
+    monkeypatch.setattr(sw, "DENSE_FORCE_TRITON", False)
+    state = exact_model.prefill(x, max_len=6)
+    exact = torch.stack([exact_model.decode_one_token(state, toks[:, t]) for t in range(toks.shape[1])], 1).double()
+
+    def err(a):
+        return ((a.double() - exact).norm() / exact.norm()).item()
+
+    assert err(fused) <= max(1e-5, 2 * err(ref)), (err(fused), err(ref))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize("rows", [1, 4])
+def test_dense_ff_through_the_decode_kernels(dtype, tol, rows, monkeypatch):
+    """DenseFF over a decode step's rows as one expert of the expert FFN's decode kernels (Triton interpreter)
+    against its matrix products in fp64, within tol; training, a prefill's rows or PGMOE_DENSE_KERNEL=0 keep the
+    products."""
+    pytest.importorskip("triton")
+    import models.switch as sw
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(sw, "DENSE_FORCE_TRITON", True)
+    torch.manual_seed(rows)
+    ff = sw.DenseFF(preset("tiny")).to(dtype).eval()
+    x = torch.randn(rows, 1, ff.wi.in_features).to(dtype)
+    with torch.no_grad():
+        assert ff.decode_kernels(x)
+        got = ff(x)
+    ref = torch.relu(x.double() @ ff.wi.weight.double().t()) @ ff.wo.weight.double().t()
+    assert got.shape == x.shape and got.dtype == dtype
+    rel = ((got.double() - ref).norm() / ref.norm()).item()
+    assert rel <= tol, rel
+    with torch.no_grad():
+        assert not ff.decode_kernels(torch.randn(2, 17, ff.wi.in_features).to(dtype))  # a prefill's rows
+        monkeypatch.setenv("PGMOE_DENSE_KERNEL", "0")
+        assert not ff.decode_kernels(x)
+    assert not ff.decode_kernels(x)  # (grad enabled)
