@@ -254,6 +254,9 @@ def test_parse_table_runs():
     assert bench.parse_variant("guessindex#signaldone#r2") == (None, {}, None)
     assert bench.variant_env("guessindex#signaldone#dma") == {"PGMOE_GUESS_LOOKUP": "0", "PGMOE_DMA_DIRECT_LAST": "0"}
     assert bench.variant_env("hi") == {}
+    assert bench.parse_variant("addops#kvwrites#densemm") == (None, {}, None)
+    assert bench.variant_env("addops#kvwrites#densemm#r2") == {
+        "PGMOE_ADD_NORM": "0", "PGMOE_KV_ONE_WRITE": "0", "PGMOE_DENSE_KERNEL": "0"}
     with pytest.raises(SystemExit):
         bench.parse_variant("prefetch50")
     with pytest.raises(SystemExit, match="noguess"):
