@@ -24,17 +24,9 @@ from kernels.decode_attention import decode_attention, use_decode_attention
 from kernels.kv_reorder import reorder_reference, reorder_written
 from kernels.kv_reorder import supported as kv_reorder_supported
 from kernels.rmsnorm import add_rmsnorm, add_rmsnorm_supported, rmsnorm, rmsnorm_reference
+from kernels.routing import use_triton
 from models.config import SwitchConfig
 from models.moe import BACKENDS, Routing, SparseMLP
-
-try:
-    import triton  # noqa: F401
-
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover
-    HAVE_TRITON = False
-
-DENSE_FORCE_TRITON = False  # DenseFF.decode_kernels off CUDA too (tests)
 
 
 class RMSNorm(nn.Module):
@@ -165,11 +157,12 @@ class DenseFF(nn.Module):
     def decode_kernels(self, x: torch.Tensor) -> bool:
         """Inference on CUDA over a few rows (a decode step): the layer as one expert of the expert FFN's decode
         kernels (two launches: w_in with the activation, then w_out) instead of two matrix products and the
-        activation between (four launches with cuBLAS's split-K reduce). PGMOE_DENSE_KERNEL=0: off (bench variant
-        #densemm). DENSE_FORCE_TRITON: off CUDA too (tests, under TRITON_INTERPRET=1)."""
+        activation between (four launches with cuBLAS's split-K reduce). Where Triton runs (kernels.routing.use_triton:
+        on the CPU under the interpreter with PGMOE_FORCE_TRITON=1, tests). PGMOE_DENSE_KERNEL=0: off (bench variant
+        #densemm)."""
         w = self.wi.weight
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        return (HAVE_TRITON and (x.is_cuda or DENSE_FORCE_TRITON) and not torch.is_grad_enabled()
+        return (use_triton(x) and not torch.is_grad_enabled()
                 and not self.training and 0 < rows <= _ffn.DECODE_MAX_SLOTS
                 and x.dtype == w.dtype == self.wo.weight.dtype and os.environ.get("PGMOE_DENSE_KERNEL", "1") != "0")
 
@@ -211,20 +204,17 @@ def _clamp_fp16(h: torch.Tensor) -> torch.Tensor:
     return torch.clamp(h, -limit, limit)
 
 
-# Inference on CUDA: each residual add and the norm after it in one kernel (kernels/rmsnorm.py add_rmsnorm; the
-# same numbers as the add then the norm). PGMOE_ADD_NORM=0: the add, then the norm's kernel (bench variant #addops).
-# FORCE_TRITON: the kernel off CUDA too (tests, under TRITON_INTERPRET=1).
-ADD_NORM_FORCE_TRITON = False
-
-
 def add_norm(h: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h + delta, norm(h + delta)), the sum clamped in fp16 as _clamp_fp16; delta None: (h, norm(h))."""
+    """(h + delta, norm(h + delta)), the sum clamped in fp16 as _clamp_fp16; delta None: (h, norm(h)).
+
+    Inference where Triton runs (CUDA; the CPU under the interpreter with PGMOE_FORCE_TRITON=1, tests): the add inside
+    the norm's kernel (kernels/rmsnorm.py add_rmsnorm: the same numbers as the add then the norm; not fp16).
+    PGMOE_ADD_NORM=0: the add, then the norm (bench variant #addops)."""
     if delta is None:
         return h, norm(h)
-    force = ADD_NORM_FORCE_TRITON
-    if ((h.is_cuda or force) and not torch.is_grad_enabled() and add_rmsnorm_supported(h, delta, force)
+    if (not torch.is_grad_enabled() and use_triton(h) and add_rmsnorm_supported(h, delta, force_triton=True)
             and os.environ.get("PGMOE_ADD_NORM", "1") != "0"):
-        return add_rmsnorm(h, delta, norm.weight, norm.eps, force_triton=force)
+        return add_rmsnorm(h, delta, norm.weight, norm.eps, force_triton=True)
     h = _clamp_fp16(h + delta)
     return h, norm(h)
 

@@ -273,8 +273,7 @@ def test_decode_with_fused_add_norm_and_one_kv_write(dtype, monkeypatch):
     toks = torch.randint(3, 384, (2, 4))
 
     def run(one_write: bool, fused_add: bool):
-        monkeypatch.setattr(sw, "ADD_NORM_FORCE_TRITON", fused_add)
-        monkeypatch.setattr(sw, "DENSE_FORCE_TRITON", fused_add)
+        monkeypatch.setenv("PGMOE_FORCE_TRITON", "1" if fused_add else "0")  # every Triton kernel of the model
         state = model.prefill(x, max_len=6)
         if not one_write:
             state.self_kv_keep, state.self_kv = state.self_kv, None  # the lists stay its views: two writes
@@ -294,8 +293,7 @@ def test_decode_with_fused_add_norm_and_one_kv_write(dtype, monkeypatch):
     assert len(calls) >= toks.shape[1] * 3 * n_dec  # every add of every decode step went through the kernel
     dense = [b.ff for b in model.decoder.blocks if not b.sparse]
     assert dense and all(ff._one_expert for ff in dense)  # the dense layers took the decode kernels
-    monkeypatch.setattr(sw, "ADD_NORM_FORCE_TRITON", False)
-    monkeypatch.setattr(sw, "DENSE_FORCE_TRITON", False)
+    monkeypatch.setenv("PGMOE_FORCE_TRITON", "0")
     state = exact_model.prefill(x, max_len=6)
     exact = torch.stack([exact_model.decode_one_token(state, toks[:, t]) for t in range(toks.shape[1])], 1).double()
 
@@ -315,7 +313,7 @@ def test_dense_ff_through_the_decode_kernels(dtype, tol, rows, monkeypatch):
     import models.switch as sw
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(sw, "DENSE_FORCE_TRITON", True)
+    monkeypatch.setenv("PGMOE_FORCE_TRITON", "1")
     torch.manual_seed(rows)
     ff = sw.DenseFF(preset("tiny")).to(dtype).eval()
     x = torch.randn(rows, 1, ff.wi.in_features).to(dtype)
