@@ -89,23 +89,16 @@ class Attention(nn.Module):
         B, Q, _ = x_BQD.shape
         return proj(x_BQD).view(B, Q, self.h, self.dh).transpose(1, 2)  # [B, H, Q, Dh]
 
-    def qkv(self, x_BQD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v heads; one matrix product under no_grad when the weights are fused (fuse_qkv)."""
+    def qkv(self, x_BQD: torch.Tensor):
+        """(q, k, v, kv): the heads, and under no_grad with fused weights (fuse_qkv; then one matrix product) kv, the
+        keys and values as one [2, B, H, Q, Dh] view of that product (else None), for a single cache write."""
         w = self._qkv_weight
         if w is None or torch.is_grad_enabled() or not self.qkv_fused():
-            return self.heads(self.q, x_BQD), self.heads(self.k, x_BQD), self.heads(self.v, x_BQD)
+            return self.heads(self.q, x_BQD), self.heads(self.k, x_BQD), self.heads(self.v, x_BQD), None
         B, Q, _ = x_BQD.shape
         qkv = F.linear(x_BQD, w).view(B, Q, 3, self.h, self.dh)
-        return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
-
-    def qkv_packed(self, x_BQD: torch.Tensor) -> torch.Tensor | None:
-        """Inference with fused weights (fuse_qkv): the [B, Q, 3, H, Dh] product whose [:, :, 0/1/2] are q, k, v;
-        else None."""
-        w = self._qkv_weight
-        if w is None or torch.is_grad_enabled() or not self.qkv_fused():
-            return None
-        B, Q, _ = x_BQD.shape
-        return F.linear(x_BQD, w).view(B, Q, 3, self.h, self.dh)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        return q, k, v, qkv[:, :, 1:].permute(2, 0, 3, 1, 4)
 
     def qkv_fused(self) -> bool:
         """True while q, k and v are still the three row blocks of the fused matrix (a dtype or
@@ -324,9 +317,9 @@ class Stack(nn.Module):
     ) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], list[Routing]]:
         """h [B, Q, D] (embedded, pre-dropout) -> (final hidden [B, Q, D], routing used per MoE block).
 
-        self_bias: position bias + mask, broadcastable to [B, H, Q, K]. cache: (self_k, self_v, pos[, self_kv])
+        self_bias: position bias + mask, broadcastable to [B, H, Q, K]. cache: (self_k, self_v, pos, self_kv)
         to write this step's keys/values at `pos` and attend over the whole buffer (self_kv [2, blocks, B, H, Tmax,
-        Dh], whose views self_k and self_v are: both written in one launch); pos is advanced by one
+        Dh] or None: the buffer self_k and self_v are views of, both written in one launch); pos is advanced by one
         right after the last block's write (off the end of the step, where the LM head waits). split_last
         (inference, not fp16): (the last block's residual input, its feed-forward output) instead of the final
         hidden state final_norm(residual + output), for a head that takes the sum and the norm in its kernel.
@@ -342,18 +335,12 @@ class Stack(nn.Module):
         for i, blk in enumerate(self.blocks):
             h, x = add_norm(h, delta, blk.self_norm)
             att = blk.self_attn
-            packed = att.qkv_packed(x) if cache is not None else None
-            if packed is not None:  # q, k, v as views of one [B, Q, 3, H, Dh] product
-                q, k, v = (packed[:, :, j].transpose(1, 2) for j in range(3))
-            else:
-                q, k, v = att.qkv(x)
+            q, k, v, kv = att.qkv(x)
             if cache is not None:
-                ks, vs, pos = cache[:3]
-                kv_all = cache[3] if len(cache) > 3 else None
-                if (packed is not None and kv_all is not None and kv_all.dtype == packed.dtype
+                ks, vs, pos, kv_all = cache
+                if (kv is not None and kv_all is not None and kv_all.dtype == kv.dtype
                         and os.environ.get("PGMOE_KV_ONE_WRITE", "1") != "0"):  # (bench variant #kvwrites: two)
-                    # both caches in one launch: [2, B, H, Q, Dh] into self_kv[:, i] at pos (ks[i], vs[i] are views)
-                    kv_all[:, i].index_copy_(3, pos, packed[:, :, 1:].permute(2, 0, 3, 1, 4))
+                    kv_all[:, i].index_copy_(3, pos, kv)  # both caches in one launch (ks[i], vs[i] are its views)
                 else:
                     ks[i].index_copy_(2, pos, k.to(ks[i].dtype))
                     vs[i].index_copy_(2, pos, v.to(vs[i].dtype))

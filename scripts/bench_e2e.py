@@ -553,7 +553,10 @@ def main() -> int:
 #              (PGMOE_DENSE_KERNEL=0) instead of one expert of the expert FFN's decode kernels (the default on CUDA)
 #   r<N>:      no setting: a repeat of the row's settings under another label (rows interleaved against drift)
 PLAN_VARIANTS = {"": None, "torchplan": "reference"}
-ENV_VARIANTS = {"guessindex": ("PGMOE_GUESS_LOOKUP", "0"), "signaldone": ("PGMOE_DMA_DIRECT_LAST", "0"),
+ENV_VARIANTS = {"nodefer": ("PGMOE_BEAM_DEFER", "0"), "headops": ("PGMOE_GREEDY_HEAD", "0"),
+                "flagcopy": ("PGMOE_ENDED_COPY", "1"), "kvgather": ("PGMOE_KV_REORDER", "0"),
+                "normops": ("PGMOE_HEAD_NORM", "0"),
+                "guessindex": ("PGMOE_GUESS_LOOKUP", "0"), "signaldone": ("PGMOE_DMA_DIRECT_LAST", "0"),
                 "noearly": ("PGMOE_EARLY_GUESS", "0"), "addops": ("PGMOE_ADD_NORM", "0"),
                 "kvwrites": ("PGMOE_KV_ONE_WRITE", "0"), "densemm": ("PGMOE_DENSE_KERNEL", "0")}
 
@@ -619,10 +622,8 @@ def parse_variant(variant: str) -> tuple[str | None, dict, str | None]:
             plan = PLAN_VARIANTS[tok]
         elif tok in ("dma", "device"):
             mode = tok
-        elif tok in GUESS_VARIANTS or tok in ENV_VARIANTS or tok in (
-                "sdpa", "beamkernel", "beamops", "nodefer", "headops", "flagcopy", "kvgather", "normops"):
-            pass  # variant_guess; sdpa_attention; beam_variant; PGMOE_GREEDY_HEAD; PGMOE_ENDED_COPY; PGMOE_KV_REORDER;
-            # PGMOE_HEAD_NORM
+        elif tok in GUESS_VARIANTS or tok in ENV_VARIANTS or tok in ("sdpa", "beamkernel", "beamops"):
+            pass  # variant_guess; variant_env; sdpa_attention; beam_variant
         elif tok in ("native", "driver", "torchcopy"):
             copy["dma_api"] = "torch" if tok == "torchcopy" else tok
         elif tok == "hi":
@@ -851,7 +852,6 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
         impl_before = slot_plan.DEFAULT_IMPL
         plan, copy, copy_mode = parse_variant(variant)
         sdpa = "sdpa" in variant.split("#")
-        headops = "headops" in variant.split("#")
         if plan:
             slot_plan.DEFAULT_IMPL = plan
         try:
@@ -859,11 +859,6 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
                                  copy_mode=copy_mode or eng.copy_mode,
                                  first_block_guess=variant_guess(variant) or eng.first_block_guess), \
                     sdpa_attention(eng.model, sdpa), env_setting("PGMOE_BEAM_KERNEL", beam_variant(variant)), \
-                    env_setting("PGMOE_BEAM_DEFER", "0" if "nodefer" in variant.split("#") else None), \
-                    env_setting("PGMOE_GREEDY_HEAD", "0" if headops else None), \
-                    env_setting("PGMOE_ENDED_COPY", "1" if "flagcopy" in variant.split("#") else None), \
-                    env_setting("PGMOE_KV_REORDER", "0" if "kvgather" in variant.split("#") else None), \
-                    env_setting("PGMOE_HEAD_NORM", "0" if "normops" in variant.split("#") else None), \
                     contextlib.ExitStack() as more:
                 for k, v in variant_env(variant).items():
                     more.enter_context(env_setting(k, v))
@@ -883,7 +878,7 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
         # the CPU's bf16 sums are not the GPU's, nor SDPA's last bits the attention kernel's, nor the matrix product's
         # the LM head kernel's or the dense layers' decode kernels': a divergence there is recorded, not failed
         strict = (not cpu_mode or device.type == "cpu") and not sdpa and not (
-            (headops or {"normops", "densemm"} & set(variant.split("#"))) and device.type == "cuda")
+            {"headops", "normops", "densemm"} & set(variant.split("#")) and device.type == "cuda")
         key = (family, mode)
         if spec.name == "gpu_only" and not variant and "tokens" in entry:
             refs[key] = entry["tokens"]
