@@ -19,7 +19,7 @@ import torch
 from infer import native_copier
 from infer import report as rep
 from infer.engine import Engine, RunResult, load_offloaded
-from infer.offload import GB, CopySettings, default_budget_bytes, request_eager_module_loading
+from infer.offload import GB, CopySettings, ExpertStore, default_budget_bytes, request_eager_module_loading
 from infer.policies import PolicySpec, guess_mode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,9 +167,13 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
         else default_budget_bytes()
     )
     quantize = None if str(cfg.offload.quantize) == "none" else str(cfg.offload.quantize)
-    compress = None if str(cfg.offload.compress) == "none" else str(cfg.offload.compress)
+    compress, compress_note = ExpertStore.resolve_compress(
+        cfg.offload.compress, device, dtype, quantize, str(cfg.offload.cpu_compute), str(cfg.offload.copy_mode))
     # (checks quantize and compress before loading)
-    model, store = load_offloaded(ckpt, device, dtype, budget, quantize, compress)
+    model, store = load_offloaded(ckpt, device, dtype, budget, quantize, compress,
+                                  fallback=str(cfg.offload.compress) == "auto")
+    if str(cfg.offload.compress) == "auto" and compress and not store.compress:
+        compress_note = "offload.compress=auto: none (an expert did not pack losslessly)"
     cache_note = None
     if cache_size_setting(cfg.cache.size) == "auto":
         size, cache_note = auto_cache_size(cfg, store, device)
@@ -215,6 +219,7 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
         store_pinned=store.pinned,
         expert_quantize=store.quantize or "none",
         expert_compress=store.compress or "none",
+        expert_compress_setting=compress_note,
         expert_bytes=store.expert_bytes,
         model_dtype=str(dtype).replace("torch.", ""),
     )
@@ -223,7 +228,8 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
         env["cpu_compute_calibration"] = eng.calibration().as_dict()
     print(
         f"[infer] {ckpt.name}: {model.cfg.num_experts} experts x {store.M} MoE blocks "
-        f"({store.total_bytes / 1e6:.1f} MB of experts in {'pinned ' if store.pinned else ''}CPU memory), "
+        f"({store.total_bytes / 1e6:.1f} MB of experts in {'pinned ' if store.pinned else ''}CPU memory"
+        f"{', packed by exp4' if store.compress else ''}), "
         f"pregated={model.cfg.pregated}, device={env['compute_device']}, data={task.name} "
         f"{cfg.split} ({len(examples)} examples), batch {cfg.batch_size}, beams {cfg.num_beams}",
         flush=True,

@@ -22,7 +22,7 @@ import torch
 
 from infer import cpu_compute as cc
 from infer import native_copier
-from infer.offload import CopySettings, ExpertStore, OffloadError, is_expert_param
+from infer.offload import CopySettings, ExpertStore, OffloadError, PackFailed, is_expert_param
 from infer.policies import OffloadRunner, PolicySpec, check_cpu_compute, guess_mode
 from kernels import expert_pack
 from kernels.expert_ffn import Int8Weights
@@ -33,11 +33,13 @@ from models.switch import DecodeState, Switch
 # ----------------------------------------------------------------------------------------------- loading
 def load_offloaded(
     path: str | Path, device, dtype: torch.dtype | None, budget_bytes: float | None, quantize: str | None = None,
-    compress: str | None = None,
+    compress: str | None = None, fallback: bool = False,
 ) -> tuple[Switch, ExpertStore]:
     """Non-expert weights onto `device`, experts straight from the checkpoint into the (pinned) store
     (quantize="int8": stored, copied and computed as per-row int8; compress="exp4": bf16 packed losslessly, see
-    ExpertStore). The budget is checked from config.json before anything is allocated."""
+    ExpertStore, on the GPU when `device` is one). The budget is checked from config.json before anything is
+    allocated. fallback (offload.compress=auto): an expert that does not pack losslessly leaves the whole store
+    unpacked (store.compress None) instead of raising PackFailed."""
     from models.checkpoint import load_config, load_switch
 
     device = torch.device(device)
@@ -51,8 +53,18 @@ def load_offloaded(
     if budget_bytes is not None and n_moe * cfg.num_experts * per_expert > budget_bytes:
         ExpertStore(cfg, n_moe, dtype, budget_bytes, pin=False, quantize=quantize, compress=compress)  # raises
     model = load_switch(path, device=device, dtype=dtype, skip=is_expert_param)
-    store = ExpertStore.from_checkpoint(path, model, dtype, budget_bytes, pin=device.type == "cuda",
-                                        quantize=quantize, compress=compress)
+    failed = None
+    try:
+        store = ExpertStore.from_checkpoint(path, model, dtype, budget_bytes, pin=device.type == "cuda",
+                                            quantize=quantize, compress=compress, pack_device=device)
+    except PackFailed as e:
+        if not fallback:
+            raise
+        failed = str(e)  # (out of the handler first: the traceback holds the half-filled pinned store)
+    if failed is not None:
+        print(f"[infer] offload.compress=auto: {failed}", flush=True)
+        store = ExpertStore.from_checkpoint(path, model, dtype, budget_bytes, pin=device.type == "cuda",
+                                            quantize=quantize)
     return model, store
 
 

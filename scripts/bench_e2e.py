@@ -2,7 +2,8 @@
 """End-to-end benchmark of the offloading runner on the GPU, with transformers anchors.
 
 For each shape (switch-base-8/64/128, switch-large-128; random bf16 weights, experts generated
-straight into the pinned store): batch 1, 256 input and 256 output tokens, greedy and beam 4,
+straight into the pinned store, packed losslessly by exp4 as python -m infer's default offload.compress=auto
+does on a GPU; --compress none keeps bf16 rows): batch 1, 256 input and 256 output tokens, greedy and beam 4,
 every policy and cache setting; `speculative` runs on the same weights before the pre-gate
 conversion (an unconverted model), every other policy after it. Runs named `<policy>+cpu_<mode>`
 (on_demand+cpu_always, on_demand+cpu_auto, ...) compute missed experts on the CPU
@@ -394,10 +395,12 @@ def main() -> int:
     )
     ap.add_argument(
         "--compress",
-        default=None,
-        choices=["exp4"],
-        help="every run's experts stored and copied packed losslessly (offload.compress=exp4, kernels/expert_pack: "
-        "about 76%% of bf16's bytes), unpacked on the GPU: the same random weights and tokens as without it",
+        default="auto",
+        choices=["auto", "none", "exp4"],
+        help="exp4: every run's experts stored and copied packed losslessly (offload.compress=exp4, "
+        "kernels/expert_pack: about 76%% of bf16's bytes), unpacked on the GPU: the same random weights and tokens "
+        "as without it; none: bf16 rows; auto (default, as python -m infer): exp4 on a GPU, none with --tiny "
+        "(the settings' compress is the choice made, compress_setting the flag)",
     )
     ap.add_argument(
         "--int8",
@@ -418,6 +421,8 @@ def main() -> int:
     t_start = time.perf_counter()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    args.compress_setting = args.compress
+    args.compress = (None if args.compress == "none" or (args.compress == "auto" and args.tiny) else "exp4")
     if args.tiny:
         device, dtype = torch.device("cpu"), (torch.bfloat16 if args.compress else torch.float32)  # exp4: bf16
         shapes = args.shapes or ["tiny"]

@@ -62,6 +62,10 @@ def test_main_job_on_the_shipped_model(tmp_path):
     )
     rep = run(cfg, tmp_path)
     assert rep["environment"]["compute_device"] == "cpu" and "CPU-only" in rep["environment"]["note"]
+    # the default offload.compress=auto packs only experts that cross a link to a GPU
+    assert rep["environment"]["expert_compress"] == "none"
+    assert rep["environment"]["expert_compress_setting"] == ("offload.compress=auto: none (the experts are not "
+                                                             "copied to a GPU)")
     saved = json.loads((tmp_path / "report.json").read_text())
     assert (tmp_path / "policies.png").stat().st_size > 0
     assert [e["policy"] for e in saved["entries"]][:2] == ["gpu_only", "on_demand"]

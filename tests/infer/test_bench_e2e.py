@@ -428,6 +428,9 @@ def test_bench_tiny_lookaheads_1_2(tmp_path):
     res = _bench_tiny(tmp_path, "--lookaheads", "1,2", "--table-runs", "greedy:gpu_only,on_demand,pregated",
                       "--sweep-new-tokens", "2")
     tiny = res["shapes"]["tiny"]
+    # --compress auto (the default) is none with --tiny (fp32 on the CPU), exp4 on a GPU
+    assert res["settings"]["compress"] is None and res["settings"]["compress_setting"] == "auto"
+    assert tiny["compress"] is None
     assert tiny["config"]["moe_blocks"] == 8  # 4 + 4 MoE blocks: lookahead 2 leaves pre-gates in each stack
     runs = {r["label"]: r for r in tiny["runs"]}
     assert set(runs) == {f"{fam}/greedy/{pol}" for fam, pols in (("pregated", ("gpu_only", "on_demand", "pregated")),
@@ -704,6 +707,7 @@ def test_bench_tiny_compressed(tmp_path):
                       "--batch-sweep", "1", "--sweep-new-tokens", "2")
     tiny = res["shapes"]["tiny"]
     assert tiny["compress"] == "exp4" and tiny["expert_bytes"] < 0.8 * tiny["slot_bytes"]
+    assert res["settings"]["compress"] == res["settings"]["compress_setting"] == "exp4"
     cfg = tiny["config"]
     assert tiny["slot_bytes"] == 2 * 2 * cfg["d_ff"] * cfg["d_model"]
     runs = {r["label"]: r for r in tiny["runs"]}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from infer.engine import Engine, load_offloaded
-from infer.offload import CopySettings, OffloadError
+from infer.offload import CopySettings, ExpertStore, OffloadError, PackFailed
 from infer.policies import OffloadRunner, PolicySpec
 from tests.infer.util import prompts, tiny_checkpoint
 
@@ -738,12 +738,65 @@ def test_compressed_store_on_the_gpu_path_under_the_interpreter(pregated_ckpt, m
         assert res.metrics["landing_in_pool"] == (spec.cache_size == 0 and slots == 16), spec
 
 
+def test_compress_auto_picks_exp4_only_where_it_applies():
+    """offload.compress=auto: exp4 on a GPU with bf16 experts, no quantize, no CPU compute, a copy mode that unpacks
+    on the GPU; none elsewhere, with the reason; an explicit value is taken as is (check_settings judges it)."""
+    r = ExpertStore.resolve_compress
+    bf = torch.bfloat16
+    assert r("auto", "cuda", bf) == ("exp4", "offload.compress=auto: exp4 (bf16 experts copied to the GPU packed "
+                                     "losslessly)")
+    assert r("auto", "cuda:1", bf, copy_mode="dma")[0] == "exp4"
+    assert r("auto", "cpu", bf) == (None, "offload.compress=auto: none (the experts are not copied to a GPU)")
+    assert r("auto", "cuda", torch.float32) == (None, "offload.compress=auto: none (the experts are float32, not "
+                                                "bfloat16)")
+    assert r("auto", "cuda", bf, quantize="int8") == (None, "offload.compress=auto: none (offload.quantize=int8)")
+    assert r("auto", "cuda", bf, cpu_compute="auto") == (None, "offload.compress=auto: none "
+                                                         "(offload.cpu_compute=auto)")
+    assert r("auto", "cuda", bf, copy_mode="host") == (None, "offload.compress=auto: none (offload.copy_mode=host)")
+    assert r("none", "cuda", bf) == (None, "offload.compress=none") == r(None, "cuda", bf)
+    assert r("exp4", "cpu", torch.float32) == ("exp4", "offload.compress=exp4")
+    with pytest.raises(OffloadError, match="offload.compress='zip'; expected none, exp4 or auto"):
+        ExpertStore.check_settings(bf, None, r("zip", "cuda", bf)[0])
+
+
+def test_compress_of_an_expert_that_does_not_pack(tmp_path, capsys):
+    """An expert with more exceptions than its layout holds (weights 2^-20 apart in one group): exp4 refuses,
+    naming the block and the fix; with fallback (offload.compress=auto) the store is left unpacked and gives the
+    same tokens as an uncompressed load. Packing a slice of rows at a time gives the same bytes as all at once."""
+    from models.checkpoint import load_switch, save_switch
+
+    src = tiny_checkpoint(tmp_path / "src", pregated=True)
+    model = load_switch(src, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        model.moes[1].w_in[2].view(-1)[::2] *= 2.0 ** -20
+    bad = tmp_path / "bad"
+    save_switch(model, bad)
+    with pytest.raises(PackFailed, match=r"offload.compress=exp4: MoE block 1: .*offload.compress=none stores"):
+        load_offloaded(bad, "cpu", torch.bfloat16, None, compress="exp4")
+    capsys.readouterr()
+    model_f, store_f = load_offloaded(bad, "cpu", torch.bfloat16, None, compress="exp4", fallback=True)
+    assert "[infer] offload.compress=auto: offload.compress=exp4: MoE block 1" in capsys.readouterr().out
+    model_p, plain = load_offloaded(bad, "cpu", torch.bfloat16, None)
+    assert store_f.compress is None and torch.equal(store_f.data.view(torch.int16), plain.data.view(torch.int16))
+    ids, mask = prompts()
+    kw = dict(max_new_tokens=4, keep_logits=True)
+    _same(Engine(model_p, plain, "cpu").run(PolicySpec("gpu_only"), ids, mask, **kw),
+          Engine(model_f, store_f, "cpu").run(PolicySpec("pregated"), ids, mask, **kw))
+    # slices: one row at a time (slice_bytes under a row) against the whole block
+    _, packed = load_offloaded(src, "cpu", torch.bfloat16, None, compress="exp4")
+    rows = packed.unpacked_block(0)
+    whole = packed.data[0].clone()
+    packed.data[0].zero_()
+    packed.pack_block(0, rows, "cpu", slice_bytes=1)
+    assert torch.equal(packed.data[0], whole)
+
+
 def test_compress_settings_are_checked(pregated_ckpt):
     with pytest.raises(OffloadError, match="offload.compress=exp4 packs bf16 weights; the experts here are float32"):
         load_offloaded(pregated_ckpt, "cpu", torch.float32, None, compress="exp4")
     with pytest.raises(OffloadError, match="does not apply to offload.quantize=int8"):
         load_offloaded(pregated_ckpt, "cpu", torch.bfloat16, None, quantize="int8", compress="exp4")
-    with pytest.raises(OffloadError, match="offload.compress='zstd'; expected none or exp4"):
+    with pytest.raises(OffloadError, match="offload.compress='zstd'; expected none, exp4 or auto"):
         load_offloaded(pregated_ckpt, "cpu", torch.bfloat16, None, compress="zstd")
     model, packed = load_offloaded(pregated_ckpt, "cpu", torch.bfloat16, None, compress="exp4")
     with pytest.raises(OffloadError, match="use copy_mode device or dma"):
