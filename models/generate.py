@@ -14,6 +14,7 @@ import torch
 
 from kernels import lm_head
 from kernels.beam_select import beam_update
+from kernels.beam_topk import beam_topk, beam_topk_reference
 from kernels.greedy import HAVE_TRITON as GREEDY_KERNEL
 from kernels.greedy import greedy_select
 from models.switch import DecodeState, Switch
@@ -173,6 +174,9 @@ class BeamSelect:
             cuda = torch.device(device).type == "cuda"
             kernel = cuda if env is None else env == "1" and (cuda or os.environ.get("TRITON_INTERPRET") == "1")
         self.kernel = bool(kernel)
+        # the candidates (log-softmax, the add, the top-2k) by kernels/beam_topk.py's three kernels instead of ~30
+        # launches of tensor ops, wherever the update's kernel runs; PGMOE_BEAM_TOPK=0: the tensor ops
+        self.topk_kernel = self.kernel and os.environ.get("PGMOE_BEAM_TOPK", "1") != "0"
         self.ended = _ended_flags(n, device, kernel=self.kernel)  # "every prompt done after step t"
         self.row0 = torch.arange(B, device=device)[:, None] * nb  # each prompt's first beam row
         # the caches take self.src at the start of the next step (DecodeState.defer_reorder: there the gather runs
@@ -205,11 +209,12 @@ class BeamSelect:
         self.t.zero_()
 
     def __call__(self, logits: torch.Tensor) -> None:
-        B, nb, K = self.B, self.nb, 2 * self.nb
-        logp = torch.log_softmax(logits, dim=-1)  # [B*nb, V]
-        V = logp.shape[-1]
-        cand = (logp + self.scores.view(-1, 1)).view(B, nb * V)
-        top_s, top_i = cand.topk(K, dim=1)  # [B, K], best first
+        nb, K = self.nb, 2 * self.nb
+        V = logits.shape[-1]
+        if self.topk_kernel:
+            top_s, top_i = beam_topk(logits, self.scores, nb, K)  # [B, K], best first
+        else:
+            top_s, top_i = beam_topk_reference(logits, self.scores, nb, K)
         denom = (self.t + 1).double() ** self.length_penalty  # the hypotheses' length after this step
         beam_update(self, top_s, top_i, V, denom, use_kernel=self.kernel)
         if self.state is not None and not self.defer:

@@ -10,8 +10,13 @@ For each shape (a preset's decoder: layers, heads, vocabulary), batch B prompts 
   kernels/kv_reorder.py moves those only, in place); `gather`: the self caches' gather of every position
   (PGMOE_KV_REORDER=0, the form before); `per block`: the gather a tensor per block (before that);
 - `greedy select`: models.generate.GreedySelect on one row per prompt, for scale;
-- `select, kernel` (GPU only): BeamSelect with the update as one kernel (kernels/beam_select.py), and whether its
-  buffers equal the tensor ops' after 24 steps of random logits (eos made likely on every third).
+- `select, kernel` (GPU only): BeamSelect with the update as one kernel (kernels/beam_select.py) and the candidates
+  by the tensor ops (PGMOE_BEAM_TOPK=0), and whether its buffers equal the tensor ops' after 24 steps of random
+  logits (eos made likely on every third);
+- `select, kernels` (GPU only): with the candidates by kernels/beam_topk.py too (the default on CUDA);
+- `candidates`: the log-softmax, the add and the top-2k alone, as tensor ops and by kernels/beam_topk.py (GPU only),
+  on float32 logits as the decode step hands them over, and whether the kernels' picks equal float64's (value
+  descending, flat index ascending) over 24 draws, with the largest difference of a value.
 Writes JSON (with the command) and a markdown table beside it. On a machine without a GPU it runs the same calls
 eagerly, a few times, and reports wall-clock times (a smoke test, not a measurement).
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import statistics
 import sys
 import time
@@ -33,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from kernels.beam_topk import beam_topk, beam_topk_reference  # noqa: E402
 from kernels.kv_reorder import reorder_reference  # noqa: E402
 from models.config import preset  # noqa: E402
 from models.generate import BeamSelect, GreedySelect  # noqa: E402
@@ -83,7 +90,10 @@ def probe(shape: str, batch: int, beams: int, dev, reps: int, enc: int, dec: int
     per_block = make_state(cfg, rows, enc, dec, dev, dtype, one_buffer=False)
     kw = dict(device=dev, start_token=0, pad_token=0, eos_token=1)
     bare = BeamSelect(batch, beams, dec, kernel=False, **kw)
-    fused = BeamSelect(batch, beams, dec, kernel=True, **kw) if dev.type == "cuda" else None
+    fused = _select(batch, beams, dec, False, **kw) if dev.type == "cuda" else None
+    fused_topk = _select(batch, beams, dec, True, **kw) if dev.type == "cuda" else None
+    logits32 = logits.float()
+    scores = torch.randn(rows, device=dev, generator=g)
     full = BeamSelect(batch, beams, dec, state=state, kernel=False, **kw)
     greedy = GreedySelect(batch, dec, **kw)
     one_row = logits[::beams].contiguous()
@@ -98,7 +108,11 @@ def probe(shape: str, batch: int, beams: int, dev, reps: int, enc: int, dec: int
                      ("reorder_self_per_block_us", lambda: per_block.reorder(index, cross=False)),
                      ("reorder_all_us", lambda: state.reorder(index)),
                      ("greedy_select_us", lambda: greedy(one_row)),
-                     ("select_kernel_us", (lambda: fused(logits)) if fused is not None else None)):
+                     ("select_kernel_us", (lambda: fused(logits)) if fused is not None else None),
+                     ("select_kernels_us", (lambda: fused_topk(logits32)) if fused_topk is not None else None),
+                     ("candidates_ops_us", lambda: beam_topk_reference(logits32, scores, beams, 2 * beams)),
+                     ("candidates_kernels_us", (lambda: beam_topk(logits32, scores, beams, 2 * beams))
+                      if dev.type == "cuda" else None)):
         if fn is None:  # (the kernel: GPU only)
             out[name] = None
             continue
@@ -116,7 +130,7 @@ def probe(shape: str, batch: int, beams: int, dev, reps: int, enc: int, dec: int
     print(f"[probe] {shape} reorder's written positions equal the gather's: {out['reorder_equals_gather']}", flush=True)
     if fused is not None:  # the kernel's buffers after the same calls: the tensor ops' (a correctness check)
         a = BeamSelect(batch, beams, dec, kernel=False, **kw)
-        k = BeamSelect(batch, beams, dec, kernel=True, **kw)
+        k = _select(batch, beams, dec, False, **kw)
         same = True
         for s in range(24):
             x = torch.randn(rows, cfg.vocab_size, device=dev, generator=g).to(dtype)
@@ -127,7 +141,33 @@ def probe(shape: str, batch: int, beams: int, dev, reps: int, enc: int, dec: int
                         ("tok", "scores", "seqs", "fin_scores", "fin_seqs", "fin_len", "done", "ended", "t", "src"))
         out["select_kernel_equals_tensor_ops"] = bool(same)
         print(f"[probe] {shape} kernel's buffers equal the tensor ops': {same}", flush=True)
+        # the candidates' kernels against float64 (value descending, flat index ascending)
+        K, same, diff = 2 * beams, True, 0.0
+        for _ in range(24):
+            x = torch.randn(rows, cfg.vocab_size, device=dev, generator=g) * 3
+            sc = torch.randn(rows, device=dev, generator=g) * 2
+            got_s, got_i = beam_topk(x, sc, beams, K)
+            cand = (torch.log_softmax(x.double(), -1) + sc.double()[:, None]).view(batch, beams * cfg.vocab_size)
+            want_s, want_i = torch.sort(cand, dim=1, descending=True, stable=True)
+            same &= bool(torch.equal(got_i, want_i[:, :K]))
+            diff = max(diff, (got_s.double() - want_s[:, :K]).abs().max().item())
+        out["candidates_kernels_equal_float64"] = same
+        out["candidates_kernels_max_abs_diff"] = diff
+        print(f"[probe] {shape} candidates' kernels pick float64's: {same} (values within {diff:.2e})", flush=True)
     return out
+
+
+def _select(batch, beams, dec, topk: bool, **kw) -> BeamSelect:
+    """BeamSelect with the update kernel, its candidates by kernels/beam_topk.py (topk) or the tensor ops."""
+    before = os.environ.get("PGMOE_BEAM_TOPK")
+    os.environ["PGMOE_BEAM_TOPK"] = "1" if topk else "0"
+    try:
+        return BeamSelect(batch, beams, dec, kernel=True, **kw)
+    finally:
+        if before is None:
+            os.environ.pop("PGMOE_BEAM_TOPK")
+        else:
+            os.environ["PGMOE_BEAM_TOPK"] = before
 
 
 def _f(x) -> str:
@@ -140,18 +180,27 @@ def _kernel(r: dict) -> str:
     return f"{r['select_kernel_us']:.1f} ({'yes' if r.get('select_kernel_equals_tensor_ops') else 'NO'})"
 
 
+def _topk(r: dict) -> str:
+    if r.get("candidates_kernels_us") is None:
+        return "-"
+    same = "yes" if r.get("candidates_kernels_equal_float64") else "NO"
+    return f"{r['candidates_kernels_us']:.1f} ({same}, {r.get('candidates_kernels_max_abs_diff', 0):.1e})"
+
+
 def markdown(res: dict) -> str:
     m = res["meta"]
     lines = [f"# Beam search's choice in the decode step: {m['device']}", "",
              f"{m['date']}; torch {m['torch']}; `{m['command']}`. {m['how']}", "",
              "| shape | prompts x beams | vocab | select | select + reorder (self caches) | reorder, self caches | "
              "reorder, self caches: gather | reorder, self caches per block | reorder, all caches | greedy select | "
-             "select, kernel (= tensor ops) | self / cross caches MB |", "|" + "---|" * 12]
+             "select, kernel (= tensor ops) | select, kernels | candidates: tensor ops / kernels (= float64) | "
+             "self / cross caches MB |", "|" + "---|" * 14]
     for r in res["rows"]:
         lines.append(f"| {r['shape']} | {r['batch']} x {r['num_beams']} | {r['vocab']} | {r['select_us']:.1f} | "
                      f"{r['select_reorder_us']:.1f} | {r['reorder_self_us']:.1f} | "
                      f"{_f(r.get('reorder_self_gather_us'))} | {_f(r.get('reorder_self_per_block_us'))} | {r['reorder_all_us']:.1f} | "
-                     f"{r['greedy_select_us']:.1f} | {_kernel(r)} | {r['self_cache_bytes'] / 1e6:.1f} / "
+                     f"{r['greedy_select_us']:.1f} | {_kernel(r)} | {_f(r.get('select_kernels_us'))} | "
+                     f"{_f(r.get('candidates_ops_us'))} / {_topk(r)} | {r['self_cache_bytes'] / 1e6:.1f} / "
                      f"{r['cross_cache_bytes'] / 1e6:.1f} |")
     lines += ["", "Reorder of the written positions equal to the gather's there, the rest untouched: "
               + ", ".join(f"{r['shape']} {'yes' if r.get('reorder_equals_gather') else 'NO'}" for r in res["rows"])

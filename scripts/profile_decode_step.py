@@ -1,6 +1,7 @@
 """GPU probe: where a captured decode step's time goes, kernel by kernel (switch-base-128 shape by default).
 
-Runs greedy decoding (batch 1, random weights, the bench's prompt length) per policy under torch.profiler
+Runs greedy decoding, or beam search with --beams N (batch 1, random weights, the bench's prompt length) per
+policy under torch.profiler
 (CUPTI: the kernels inside each replayed CUDA graph, and the copier's host->GPU copies) and reports, for the
 median-length step: its kernels in order (offset from the step's first kernel, duration, gap before), the
 copies inside its window, and the tail (the kernels after the step's last host->GPU copy ends), with sums by
@@ -98,6 +99,7 @@ def main() -> None:
     ap.add_argument("--copy-mode", default="dma")
     ap.add_argument("--input-tokens", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=40)
+    ap.add_argument("--beams", type=int, default=1, help="beam search with this many beams (1: greedy)")
     ap.add_argument("--compress", default=None, choices=["exp4"], help="experts stored and copied packed (bench_e2e's)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "profile-decode.json"))
     args = ap.parse_args()
@@ -117,12 +119,12 @@ def main() -> None:
     res = {"command": "python3 scripts/profile_decode_step.py " + " ".join(sys.argv[1:]),
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "torch": torch.__version__, "device": torch.cuda.get_device_name(dev), "shape": args.shape,
-           "copy_mode": args.copy_mode, "compress": args.compress, "policies": {}}
+           "copy_mode": args.copy_mode, "compress": args.compress, "beams": args.beams, "policies": {}}
     for name in args.policies.split(","):
         spec = PolicySpec.parse(name)
-        eng.run(spec, ids, None, max_new_tokens=8, warmup=True)  # compile, capture
+        eng.run(spec, ids, None, max_new_tokens=8, num_beams=args.beams, warmup=True)  # compile, capture
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-            r = eng.run(spec, ids, None, max_new_tokens=args.new_tokens, warmup=False)
+            r = eng.run(spec, ids, None, max_new_tokens=args.new_tokens, num_beams=args.beams, warmup=False)
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "t.json")
             prof.export_chrome_trace(path)

@@ -257,6 +257,8 @@ def test_parse_table_runs():
     assert bench.parse_variant("addops#kvwrites#densemm") == (None, {}, None)
     assert bench.variant_env("addops#kvwrites#densemm#r2") == {
         "PGMOE_ADD_NORM": "0", "PGMOE_KV_ONE_WRITE": "0", "PGMOE_DENSE_KERNEL": "0"}
+    assert bench.parse_variant("topkops") == (None, {}, None)
+    assert bench.variant_env("topkops#r3") == {"PGMOE_BEAM_TOPK": "0"}
     assert bench.variant_env("nodefer#headops#flagcopy#kvgather#normops") == {
         "PGMOE_BEAM_DEFER": "0", "PGMOE_GREEDY_HEAD": "0", "PGMOE_ENDED_COPY": "1", "PGMOE_KV_REORDER": "0",
         "PGMOE_HEAD_NORM": "0"}

@@ -16,7 +16,7 @@ def test_probe_beam_select_runs_on_the_cpu(tmp_path):
     (row,) = res["rows"]
     assert row["batch"] == 2 and row["num_beams"] == 3
     for key in ("select_us", "select_reorder_us", "reorder_self_us", "reorder_self_gather_us",
-                "reorder_self_per_block_us", "reorder_all_us", "greedy_select_us"):
+                "reorder_self_per_block_us", "reorder_all_us", "greedy_select_us", "candidates_ops_us"):
         assert row[key] > 0
     # both caches hold (layers x 2) tensors of [rows, heads, positions, d_kv] in fp32 on the CPU
     assert row["self_cache_bytes"] == row["cross_cache_bytes"] > 0

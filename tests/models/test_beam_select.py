@@ -225,17 +225,47 @@ BUFFERS = ("tok", "scores", "seqs", "fin_scores", "fin_seqs", "fin_len", "done",
     (5, 2, 1, 8, 5, 3.0, 0, 1.0, False),    # one beam
     (4, 1, 2, 7, 300, 0.5, 0, 1.0, False),  # more columns than one block of the kernel
 ])
-def test_beam_kernel_equals_the_tensor_ops(seed, B, nb, V, steps, eos_boost, grid, lp, same):
+def test_beam_kernel_equals_the_tensor_ops(seed, B, nb, V, steps, eos_boost, grid, lp, same, monkeypatch):
     """kernels/beam_select.py (interpreted here) leaves every BeamSelect buffer as the tensor-op update does, bitwise,
-    after every step, and so returns the same hypotheses."""
+    after every step, and so returns the same hypotheses (the candidates by the tensor ops in both)."""
+    monkeypatch.setenv("PGMOE_BEAM_TOPK", "0")
     logits = _logits(seed, steps, B, nb, V, eos_boost, grid, same)
     ops = BeamSelect(B, nb, steps, "cpu", START, PAD, EOS, lp, kernel=False)
     ker = BeamSelect(B, nb, steps, "cpu", START, PAD, EOS, lp, kernel=True)
+    assert not ker.topk_kernel
     for x in logits:
         ops(x)
         ker(x)
         for name in BUFFERS:
             assert torch.equal(getattr(ker, name), getattr(ops, name)), name
+    assert torch.equal(ker.result(steps), ops.result(steps))
+    assert (ops.fin_scores > -float("inf")).any()
+
+
+@pytest.mark.parametrize("seed,B,nb,V,steps,eos_boost,lp", [
+    (1, 3, 4, 9, 10, 3.0, 1.0),
+    (3, 2, 3, 13, 9, 1.5, 0.6),
+    (5, 2, 1, 8, 5, 3.0, 1.0),
+    (4, 1, 2, 7, 300, 0.5, 1.0),
+    (8, 2, 4, 1500, 12, 7.0, 1.0),  # two of the candidates kernels' tiles per row
+])
+def test_beam_candidates_kernels_choose_as_the_tensor_ops(seed, B, nb, V, steps, eos_boost, lp):
+    """With kernels/beam_topk.py's candidates (the default wherever the update kernel runs) every step makes the
+    tensor form's choices on logits without near-ties: the same tokens, sequences, kept hypotheses and cache rows;
+    the scores equal to float32 rounding (the log-sum-exp sums in another order)."""
+    logits = _logits(seed, steps, B, nb, V, eos_boost, 0, False)
+    ops = BeamSelect(B, nb, steps, "cpu", START, PAD, EOS, lp, kernel=False)
+    ker = BeamSelect(B, nb, steps, "cpu", START, PAD, EOS, lp, kernel=True)
+    assert ker.topk_kernel and not ops.topk_kernel
+    for x in logits:
+        ops(x)
+        ker(x)
+        for name in BUFFERS:
+            a, b = getattr(ker, name), getattr(ops, name)
+            if name in ("scores", "fin_scores"):
+                assert torch.allclose(a, b, rtol=1e-6, atol=1e-5), name
+            else:
+                assert torch.equal(a, b), name
     assert torch.equal(ker.result(steps), ops.result(steps))
     assert (ops.fin_scores > -float("inf")).any()
 
@@ -255,3 +285,8 @@ def test_beam_kernel_default(monkeypatch):
     assert made() and not made(kernel=False)
     monkeypatch.setenv("PGMOE_BEAM_KERNEL", "0")
     assert not made() and made(kernel=True)
+    # the candidates' kernels go with the update kernel unless PGMOE_BEAM_TOPK=0
+    assert BeamSelect(1, 2, 3, "cpu", START, PAD, EOS, kernel=True).topk_kernel
+    assert not BeamSelect(1, 2, 3, "cpu", START, PAD, EOS, kernel=False).topk_kernel
+    monkeypatch.setenv("PGMOE_BEAM_TOPK", "0")
+    assert not BeamSelect(1, 2, 3, "cpu", START, PAD, EOS, kernel=True).topk_kernel
