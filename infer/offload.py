@@ -720,7 +720,6 @@ class _Driver:
             self.check(create(ctypes.byref(ev), 2), "cuEventCreate")  # CU_EVENT_DISABLE_TIMING
             self.events.append(ev)
         self._event_ptrs = (p * len(self.events))(*self.events)
-        self.event = self.events[0]
         self.lib = lib
         self._ctx_device: int | None = None
 
@@ -753,7 +752,7 @@ class _Driver:
         """Release the event and the retained context (after the device is synchronized and the thread is gone)."""
         for ev in self.events:
             self._destroy(ev)
-        self.events, self.event = [], None
+        self.events = []
         if self._ctx_device is not None:
             release = getattr(self.lib, "cuDevicePrimaryCtxRelease_v2", None) or self.lib.cuDevicePrimaryCtxRelease
             release(ctypes.c_int(self._ctx_device))
@@ -920,7 +919,7 @@ class DmaCopier:
         if self.cuda:
             calls = self._driver.calls()
             c.ctx = self._driver.primary_context(self.device_index)
-            c.stream, c.signal, c.event = self.stream.cuda_stream, self.signal.cuda_stream, self._driver.event.value
+            c.stream, c.signal = self.stream.cuda_stream, self.signal.cuda_stream
             c.events, c.n_events = ctypes.addressof(self._driver._event_ptrs), len(self._driver.events)
         else:  # a CPU "device": the host stand-ins
             calls = native_copier.host_calls(self._lib)

@@ -150,7 +150,7 @@ class BeamSelect:
 
     def __init__(self, batch: int, num_beams: int, max_new_tokens: int, device, start_token: int, pad_token: int,
                  eos_token: int, length_penalty: float = 1.0, state: DecodeState | None = None,
-                 kernel: bool | None = None):
+                 kernel: bool | None = None, topk: bool | None = None):
         B, nb, n = batch, num_beams, max(1, max_new_tokens)
         self.B, self.nb, self.n = B, nb, n
         self.start, self.pad_token, self.eos, self.length_penalty = start_token, pad_token, eos_token, length_penalty
@@ -175,8 +175,10 @@ class BeamSelect:
             kernel = cuda if env is None else env == "1" and (cuda or os.environ.get("TRITON_INTERPRET") == "1")
         self.kernel = bool(kernel)
         # the candidates (log-softmax, the add, the top-2k) by kernels/beam_topk.py's three kernels instead of ~30
-        # launches of tensor ops, wherever the update's kernel runs; PGMOE_BEAM_TOPK=0: the tensor ops
-        self.topk_kernel = self.kernel and os.environ.get("PGMOE_BEAM_TOPK", "1") != "0"
+        # launches of tensor ops, wherever the update's kernel runs; PGMOE_BEAM_TOPK=0: the tensor ops; topk= overrides
+        if topk is None:
+            topk = os.environ.get("PGMOE_BEAM_TOPK", "1") != "0"
+        self.topk_kernel = self.kernel and bool(topk)
         self.ended = _ended_flags(n, device, kernel=self.kernel)  # "every prompt done after step t"
         self.row0 = torch.arange(B, device=device)[:, None] * nb  # each prompt's first beam row
         # the caches take self.src at the start of the next step (DecodeState.defer_reorder: there the gather runs

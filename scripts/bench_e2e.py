@@ -421,10 +421,11 @@ def main() -> int:
     t_start = time.perf_counter()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    args.compress_setting = args.compress
-    args.compress = (None if args.compress == "none" or (args.compress == "auto" and args.tiny) else "exp4")
+    args.compress_setting = args.compress  # (args.compress: the choice, as python -m infer makes it)
     if args.tiny:
-        device, dtype = torch.device("cpu"), (torch.bfloat16 if args.compress else torch.float32)  # exp4: bf16
+        device = torch.device("cpu")
+        args.compress = ExpertStore.resolve_compress(args.compress, device, torch.bfloat16)[0]
+        dtype = torch.bfloat16 if args.compress else torch.float32  # exp4: bf16
         shapes = args.shapes or ["tiny"]
         args.input_tokens, args.new_tokens, args.prefetch_all_tokens = 16, 6, 4
         args.batch_sweep = args.batch_sweep or [1, 2]
@@ -434,6 +435,7 @@ def main() -> int:
             print("no CUDA device: use --tiny for the CPU smoke test", file=sys.stderr)
             return 2
         device, dtype = torch.device("cuda"), torch.bfloat16
+        args.compress = ExpertStore.resolve_compress(args.compress, device, dtype)[0]
         shapes = args.shapes or SHAPES
         if args.quick:
             args.new_tokens = min(args.new_tokens, 64)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import statistics
 import sys
 import time
@@ -90,8 +89,8 @@ def probe(shape: str, batch: int, beams: int, dev, reps: int, enc: int, dec: int
     per_block = make_state(cfg, rows, enc, dec, dev, dtype, one_buffer=False)
     kw = dict(device=dev, start_token=0, pad_token=0, eos_token=1)
     bare = BeamSelect(batch, beams, dec, kernel=False, **kw)
-    fused = _select(batch, beams, dec, False, **kw) if dev.type == "cuda" else None
-    fused_topk = _select(batch, beams, dec, True, **kw) if dev.type == "cuda" else None
+    fused = BeamSelect(batch, beams, dec, kernel=True, topk=False, **kw) if dev.type == "cuda" else None
+    fused_topk = BeamSelect(batch, beams, dec, kernel=True, topk=True, **kw) if dev.type == "cuda" else None
     logits32 = logits.float()
     scores = torch.randn(rows, device=dev, generator=g)
     full = BeamSelect(batch, beams, dec, state=state, kernel=False, **kw)
@@ -130,7 +129,7 @@ def probe(shape: str, batch: int, beams: int, dev, reps: int, enc: int, dec: int
     print(f"[probe] {shape} reorder's written positions equal the gather's: {out['reorder_equals_gather']}", flush=True)
     if fused is not None:  # the kernel's buffers after the same calls: the tensor ops' (a correctness check)
         a = BeamSelect(batch, beams, dec, kernel=False, **kw)
-        k = _select(batch, beams, dec, False, **kw)
+        k = BeamSelect(batch, beams, dec, kernel=True, topk=False, **kw)
         same = True
         for s in range(24):
             x = torch.randn(rows, cfg.vocab_size, device=dev, generator=g).to(dtype)
@@ -156,18 +155,6 @@ def probe(shape: str, batch: int, beams: int, dev, reps: int, enc: int, dec: int
         print(f"[probe] {shape} candidates' kernels pick float64's: {same} (values within {diff:.2e})", flush=True)
     return out
 
-
-def _select(batch, beams, dec, topk: bool, **kw) -> BeamSelect:
-    """BeamSelect with the update kernel, its candidates by kernels/beam_topk.py (topk) or the tensor ops."""
-    before = os.environ.get("PGMOE_BEAM_TOPK")
-    os.environ["PGMOE_BEAM_TOPK"] = "1" if topk else "0"
-    try:
-        return BeamSelect(batch, beams, dec, kernel=True, **kw)
-    finally:
-        if before is None:
-            os.environ.pop("PGMOE_BEAM_TOPK")
-        else:
-            os.environ["PGMOE_BEAM_TOPK"] = before
 
 
 def _f(x) -> str:

@@ -225,13 +225,12 @@ BUFFERS = ("tok", "scores", "seqs", "fin_scores", "fin_seqs", "fin_len", "done",
     (5, 2, 1, 8, 5, 3.0, 0, 1.0, False),    # one beam
     (4, 1, 2, 7, 300, 0.5, 0, 1.0, False),  # more columns than one block of the kernel
 ])
-def test_beam_kernel_equals_the_tensor_ops(seed, B, nb, V, steps, eos_boost, grid, lp, same, monkeypatch):
+def test_beam_kernel_equals_the_tensor_ops(seed, B, nb, V, steps, eos_boost, grid, lp, same):
     """kernels/beam_select.py (interpreted here) leaves every BeamSelect buffer as the tensor-op update does, bitwise,
     after every step, and so returns the same hypotheses (the candidates by the tensor ops in both)."""
-    monkeypatch.setenv("PGMOE_BEAM_TOPK", "0")
     logits = _logits(seed, steps, B, nb, V, eos_boost, grid, same)
     ops = BeamSelect(B, nb, steps, "cpu", START, PAD, EOS, lp, kernel=False)
-    ker = BeamSelect(B, nb, steps, "cpu", START, PAD, EOS, lp, kernel=True)
+    ker = BeamSelect(B, nb, steps, "cpu", START, PAD, EOS, lp, kernel=True, topk=False)
     assert not ker.topk_kernel
     for x in logits:
         ops(x)
@@ -290,3 +289,4 @@ def test_beam_kernel_default(monkeypatch):
     assert not BeamSelect(1, 2, 3, "cpu", START, PAD, EOS, kernel=False).topk_kernel
     monkeypatch.setenv("PGMOE_BEAM_TOPK", "0")
     assert not BeamSelect(1, 2, 3, "cpu", START, PAD, EOS, kernel=True).topk_kernel
+    assert BeamSelect(1, 2, 3, "cpu", START, PAD, EOS, kernel=True, topk=True).topk_kernel
