@@ -116,45 +116,67 @@ def pack_rows(w: torch.Tensor, lay: PackedLayout) -> torch.Tensor:
     if w.dim() != 2 or w.shape[1] != lay.X:
         raise ValueError(f"pack_rows: expected a bfloat16 tensor [N, {lay.X}] (X = lay.X), "
                          f"got shape {tuple(w.shape)}")
-    N, X, Xg, cap = w.shape[0], lay.X, lay.Xg, lay.cap
-    dev = w.device
-    out_NB = torch.zeros(N, lay.nbytes, dtype=torch.uint8, device=dev)
+    N, Xg = w.shape[0], lay.Xg
+    out_NB = torch.zeros(N, lay.nbytes, dtype=torch.uint8, device=w.device)
     if N == 0:
         return out_NB
-    bits_NX = w.contiguous().view(torch.int16)
-    if Xg != X:  # pad with +0.0 (bits 0): code 0, never an exception
-        bits_NX = torch.nn.functional.pad(bits_NX, (0, Xg - X))
-    # int16 arithmetic: >> is arithmetic, the masks keep the wanted bits
+    bits_NX = padded_bits(w, Xg)
+    lo_NX, base_NG, code_NX, exc_NX = exponent_fields(bits_NX)
     K, T = lay.K, lay.T
     chunks_NKB = out_NB[:, :K * lay.CB].view(N, K, lay.CB)
-    chunks_NKB[:, :, :T] = (((bits_NX >> 8) & 0x80) | (bits_NX & 0x7F)).to(torch.uint8).view(N, K, T)
-    e_NGk = ((bits_NX >> 7) & 0xFF).view(N, Xg // G, G)  # exponent fields, int16
-    base_NG1 = (e_NGk.amax(dim=-1, keepdim=True) - (_WINDOW - 1)).clamp_(min=1)
-    code_NKT = torch.where(e_NGk >= base_NG1, e_NGk - base_NG1 + 1, 0).to(torch.uint8).view(N, K, T)
+    chunks_NKB[:, :, :T] = lo_NX.view(N, K, T)
+    del lo_NX
+    code_NKT = code_NX.to(torch.uint8).view(N, K, T)
     chunks_NKB[:, :, T:T + T // 2] = code_NKT[..., :T // 2] | (code_NKT[..., T // 2:] << 4)
-    del code_NKT
-    out_NB[:, lay.off_base:lay.off_base + Xg // G] = base_NG1.view(N, Xg // G).to(torch.uint8)
+    del code_NKT, code_NX
+    out_NB[:, lay.off_base:lay.off_base + Xg // G] = base_NG.to(torch.uint8)
+    write_exceptions(out_NB, bits_NX, exc_NX, lay.off_cnt, lay.off_idx, lay.off_val, lay.cap, "pack_rows")
+    return out_NB
+
+
+def padded_bits(w: torch.Tensor, Xg: int) -> torch.Tensor:
+    """bf16 rows w [N, X] as int16 bits [N, Xg], padded with +0.0 (bits 0: code 0, never an exception)."""
+    bits_NX = w.contiguous().view(torch.int16)
+    return torch.nn.functional.pad(bits_NX, (0, Xg - w.shape[1])) if Xg != w.shape[1] else bits_NX
+
+
+def exponent_fields(bits_NX: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int16 bits [N, Xg] (Xg a multiple of G) -> (lo uint8 [N, Xg]: sign in bit 7, mantissa in bits 0..6;
+    base int16 [N, Xg / G]: max(largest exponent field of the group - 14, 1); code int16 [N, Xg]: 4-bit exponent
+    codes; exceptions bool [N, Xg]: elements whose exponent lies below their group's window)."""
+    N, Xg = bits_NX.shape
+    # int16 arithmetic: >> is arithmetic, the masks keep the wanted bits
+    lo_NX = (((bits_NX >> 8) & 0x80) | (bits_NX & 0x7F)).to(torch.uint8)
+    e_NGk = ((bits_NX >> 7) & 0xFF).view(N, Xg // G, G)  # exponent fields
+    base_NG1 = (e_NGk.amax(dim=-1, keepdim=True) - (_WINDOW - 1)).clamp_(min=1)
+    code_NX = torch.where(e_NGk >= base_NG1, e_NGk - base_NG1 + 1, 0).view(N, Xg)
     exc_NX = ((e_NGk > 0) & (e_NGk < base_NG1)).view(N, Xg)
-    del e_NGk
+    return lo_NX, base_NG1.view(N, Xg // G), code_NX, exc_NX
+
+
+def write_exceptions(out_NB: torch.Tensor, bits_NX: torch.Tensor, exc_NX: torch.Tensor, off_cnt: int, off_idx: int,
+                     off_val: int, cap: int, fn: str, row0: int = 0) -> None:
+    """Write each row's exceptions (count int32 at off_cnt, ascending indices int32[cap] at off_idx, their 16 bits
+    int16[cap] at off_val) into packed rows out_NB; PackError when a row has more than cap (one device sync), naming
+    it as row row0 + its index here."""
+    N, dev = out_NB.shape[0], out_NB.device
     count_N = exc_NX.sum(dim=1)
     over = torch.nonzero(count_N > cap)
     if over.numel():
         r = int(over[0, 0])
-        raise PackError(f"pack_rows: row {r} has {int(count_N[r])} exceptions (elements whose exponent lies more "
+        raise PackError(f"{fn}: row {row0 + r} has {int(count_N[r])} exceptions (elements whose exponent lies more "
                         f"than {_WINDOW - 1} below the largest of their group of {G}), more than the capacity "
                         f"cap={cap}; pass a larger cap, or do not compress these weights")
     rows_M, cols_M = torch.nonzero(exc_NX).unbind(1)  # row-major: ascending columns within a row
-    del exc_NX
     start_N = torch.cumsum(count_N, 0) - count_N
     rank_M = torch.arange(rows_M.numel(), device=dev) - start_N[rows_M]
     idx_NC = torch.zeros(N, cap, dtype=torch.int32, device=dev)
     val_NC = torch.zeros(N, cap, dtype=torch.int16, device=dev)
     idx_NC[rows_M, rank_M] = cols_M.to(torch.int32)
     val_NC[rows_M, rank_M] = bits_NX[rows_M, cols_M]
-    out_NB[:, lay.off_cnt:lay.off_cnt + 4] = count_N.to(torch.int32).view(N, 1).view(torch.uint8)
-    out_NB[:, lay.off_idx:lay.off_idx + 4 * cap] = idx_NC.view(torch.uint8)
-    out_NB[:, lay.off_val:lay.off_val + 2 * cap] = val_NC.view(torch.uint8)
-    return out_NB
+    out_NB[:, off_cnt:off_cnt + 4] = count_N.to(torch.int32).view(N, 1).view(torch.uint8)
+    out_NB[:, off_idx:off_idx + 4 * cap] = idx_NC.view(torch.uint8)
+    out_NB[:, off_val:off_val + 2 * cap] = val_NC.view(torch.uint8)
 
 
 def _check_packed(fn: str, packed: torch.Tensor, lay: PackedLayout, what: str) -> None:

@@ -34,3 +34,20 @@ def test_gather_rows_identity_rows_and_errors():
     assert torch.equal(dst, src[[3, 1, 4]])
     with pytest.raises(ValueError, match="row size and dtype"):
         gather_rows(src, torch.tensor([0]), torch.zeros(1, 299))
+
+
+@pytest.mark.parametrize("cols,block,progs", [(1, 64, 2), (257, 128, 3), (1000, 4096, 1)])
+def test_gather_rows_copies_a_prefix(cols, block, progs):
+    """cols: each row's first cols elements (expv's used prefix); the rest of the destination row is left alone."""
+    g = torch.Generator().manual_seed(cols)
+    src = torch.randn(4, 1000, generator=g)
+    ids = torch.tensor([3, -1, 0], dtype=torch.int64)
+    got = torch.full((3, 1000), -5.0)
+    want = gather_rows_reference(src, ids, got.clone(), cols=cols)
+    gather_rows(src, ids, got, num_programs=progs, block=block, cols=cols)
+    assert torch.equal(got, want)
+    assert torch.equal(got[0, :cols], src[3, :cols]) and bool((got[0, cols:] == -5.0).all())
+    assert bool((got[1] == -5.0).all())
+    for bad in (0, 1001):
+        with pytest.raises(ValueError, match="cols must be in 1..1000"):
+            gather_rows(src, ids, got, cols=bad)
