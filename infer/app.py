@@ -73,7 +73,7 @@ def auto_cache_size(cfg, store, device: torch.device) -> tuple[int, str]:
     (cache.budget_gb, else the free memory now, after loading, minus cache.reserve_gb), capped at the
     number of experts; with the reason, for the report. A slot holds a GPU row (compressed stores: the unpacked bf16
     row, plus the packed row a decode copy lands in when the caches' landing rows get their own memory)."""
-    slot_bytes = store.slot_bytes + (store.expert_bytes if store.compress else 0)
+    slot_bytes = store.slot_bytes + (store.row_bytes if store.compress else 0)
     per_slot = store.M * slot_bytes  # one slot in every MoE block
     if cfg.cache.budget_gb is not None:
         budget, how = float(cfg.cache.budget_gb) * GB, f"cache.budget_gb={cfg.cache.budget_gb}"
@@ -229,7 +229,7 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
     print(
         f"[infer] {ckpt.name}: {model.cfg.num_experts} experts x {store.M} MoE blocks "
         f"({store.total_bytes / 1e6:.1f} MB of experts in {'pinned ' if store.pinned else ''}CPU memory"
-        f"{', packed by exp4' if store.compress else ''}), "
+        f"{', packed by ' + store.compress if store.compress else ''}), "
         f"pregated={model.cfg.pregated}, device={env['compute_device']}, data={task.name} "
         f"{cfg.split} ({len(examples)} examples), batch {cfg.batch_size}, beams {cfg.num_beams}",
         flush=True,

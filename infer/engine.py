@@ -24,7 +24,6 @@ from infer import cpu_compute as cc
 from infer import native_copier
 from infer.offload import CopySettings, ExpertStore, OffloadError, PackFailed, is_expert_param
 from infer.policies import OffloadRunner, PolicySpec, check_cpu_compute, guess_mode
-from kernels import expert_pack
 from kernels.expert_ffn import Int8Weights
 from models.generate import BeamSelect, GreedySelect, beam_search, greedy
 from models.switch import DecodeState, Switch
@@ -36,7 +35,7 @@ def load_offloaded(
     compress: str | None = None, fallback: bool = False,
 ) -> tuple[Switch, ExpertStore]:
     """Non-expert weights onto `device`, experts straight from the checkpoint into the (pinned) store
-    (quantize="int8": stored, copied and computed as per-row int8; compress="exp4": bf16 packed losslessly, see
+    (quantize="int8": stored, copied and computed as per-row int8; compress="exp4" / "expv": bf16 packed losslessly, see
     ExpertStore, on the GPU when `device` is one). The budget is checked from config.json before anything is
     allocated. fallback (offload.compress=auto): an expert that does not pack losslessly leaves the whole store
     unpacked (store.compress None) instead of raising PackFailed."""
@@ -48,7 +47,7 @@ def load_offloaded(
     ExpertStore.check_settings(dtype, quantize, compress)  # before anything is read
     cfg = load_config(path)
     n_moe = len(cfg.sparse_layers(False)) + len(cfg.sparse_layers(True))
-    per_expert = (expert_pack.layout(2 * cfg.d_ff * cfg.d_model).nbytes if compress else
+    per_expert = (ExpertStore.CODECS[compress].layout(2 * cfg.d_ff * cfg.d_model).nbytes if compress else
                   cfg.expert_bytes(1 if quantize else torch.empty((), dtype=dtype).element_size()))
     if budget_bytes is not None and n_moe * cfg.num_experts * per_expert > budget_bytes:
         ExpertStore(cfg, n_moe, dtype, budget_bytes, pin=False, quantize=quantize, compress=compress)  # raises

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from infer import native_copier
-from kernels import expert_copy, expert_pack, mailbox
+from kernels import expert_copy, expert_pack, expert_vlc, mailbox
 from kernels.expert_ffn import Int8Weights, quantize_experts
 from models.config import SwitchConfig
 
@@ -40,7 +40,8 @@ class OffloadError(ValueError):
 
 # ----------------------------------------------------------------------------------------------- store
 class PackFailed(OffloadError):
-    """offload.compress=exp4 could not pack an expert losslessly within its layout (too many exceptions)."""
+    """offload.compress (exp4, expv) could not pack an expert losslessly within its layout (too many exceptions, or
+    for expv more exponent code bits than its stream holds)."""
 
 
 class ExpertStore:
@@ -59,7 +60,15 @@ class ExpertStore:
     weights, the rare rest as exceptions): data uint8 [M, E, layout.nbytes], about 76% of bf16's bytes to
     copy. The pool's slots hold the unpacked bf16 rows, bitwise the weights gpu_only computes with, so
     every policy gives the same outputs as without compression.
+
+    compress="expv" (bf16 only): as exp4 with the exponent codes in a variable-length code (kernels.expert_vlc:
+    2 bits for the three commonest, more for the rarer), about 67% of bf16's bytes to copy: each chunk's codes fill
+    a prefix of it, and a copy moves the longest prefix over the store (copy_bytes, known once every block is
+    packed); the chunks are as large as exp4's in host memory. Its unpack reads the packed row by gathers, so the
+    pool lands every copy in GPU memory first (SlotPool.landing) and unpacks it there.
     """
+
+    CODECS = {"exp4": expert_pack, "expv": expert_vlc}
 
     def __init__(
         self, cfg: SwitchConfig, num_blocks: int, dtype: torch.dtype, budget_bytes: float | None, pin: bool,
@@ -73,7 +82,8 @@ class ExpertStore:
         self.quantize = quantize
         self.compress = compress
         FD = self.F * self.D
-        self.layout = expert_pack.layout(2 * FD) if compress else None
+        self.codec = self.CODECS[compress] if compress else None
+        self.layout = self.codec.layout(2 * FD) if compress else None
         if compress:
             self.X = self.layout.nbytes  # bytes of a packed chunk
             self.dtype = torch.uint8
@@ -82,15 +92,17 @@ class ExpertStore:
             self.dtype = torch.int8 if quantize else dtype
         # a GPU slot's row: the chunk as copied, or (compressed) the unpacked bf16 row
         self.slot_X, self.slot_dtype = (2 * FD, dtype) if compress else (self.X, self.dtype)
-        self.expert_bytes = self.X * torch.empty((), dtype=self.dtype).element_size()  # copied per expert
+        self.row_bytes = self.X * torch.empty((), dtype=self.dtype).element_size()  # a chunk in host memory
+        self.copy_bytes = self.row_bytes  # copied per expert: each chunk's first copy_bytes (expv: set by packing)
+        self._packed_bytes = 0  # (expv) the longest packed prefix so far
         self.slot_bytes = self.slot_X * torch.empty((), dtype=self.slot_dtype).element_size()  # a GPU slot's row
-        self.total_bytes = self.M * self.E * self.expert_bytes
+        self.total_bytes = self.M * self.E * self.row_bytes
         if budget_bytes is not None and self.total_bytes > budget_bytes:
-            how = ("int8 + row scales" if quantize else "bf16 packed by exp4" if compress
+            how = ("int8 + row scales" if quantize else f"bf16 packed by {compress}" if compress
                    else str(dtype).replace("torch.", ""))
             raise OffloadError(
                 f"the experts need {self.total_bytes / GB:.2f} GB of pinned CPU memory "
-                f"({self.M} MoE blocks x {self.E} experts x {self.expert_bytes / 1e6:.2f} MB "
+                f"({self.M} MoE blocks x {self.E} experts x {self.row_bytes / 1e6:.2f} MB "
                 f"in {how}), "
                 f"over the budget of {budget_bytes / GB:.2f} GB; raise it with offload.pinned_budget_gb=<GB> "
                 f"(this machine has {_ram_bytes() / GB:.0f} GB of RAM)"
@@ -100,18 +112,23 @@ class ExpertStore:
         if pin:
             self._pin()
 
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes copied per expert."""
+        return self.copy_bytes
+
     @staticmethod
     def check_settings(dtype: torch.dtype, quantize: str | None, compress: str | None) -> None:
         """Raise OffloadError, naming the fix, for a quantize / compress setting that cannot hold these experts."""
         if quantize not in (None, "int8"):
             raise OffloadError(f"offload.quantize={quantize!r}; expected none or int8")
-        if compress not in (None, "exp4"):
-            raise OffloadError(f"offload.compress={compress!r}; expected none, exp4 or auto")
+        if compress not in (None, "exp4", "expv"):
+            raise OffloadError(f"offload.compress={compress!r}; expected none, exp4, expv or auto")
         if compress and quantize:
-            raise OffloadError("offload.compress=exp4 packs bf16 experts losslessly; it does not apply to "
+            raise OffloadError(f"offload.compress={compress} packs bf16 experts losslessly; it does not apply to "
                                "offload.quantize=int8: set one of them to none")
         if compress and dtype != torch.bfloat16:
-            raise OffloadError(f"offload.compress=exp4 packs bf16 weights; the experts here are "
+            raise OffloadError(f"offload.compress={compress} packs bf16 weights; the experts here are "
                                f"{str(dtype).replace('torch.', '')}: run in bf16 (dtype=bfloat16) or set "
                                "offload.compress=none")
 
@@ -170,7 +187,7 @@ class ExpertStore:
         """Expert e of block m as a slot row: a view of its chunk, or (compressed) its unpacked bf16 row, a copy
         (writing into it does not change the store: fill a compressed store with pack_block)."""
         if self.compress:
-            return expert_pack.unpack_rows_reference(self.data[m, e : e + 1], self.layout)[0]
+            return self.codec.unpack_rows_reference(self.data[m, e : e + 1], self.layout)[0]
         return self.data[m, e]
 
     def unpacked_block(self, m: int, device=None) -> torch.Tensor:
@@ -178,12 +195,16 @@ class ExpertStore:
         if not self.compress:
             return self.data[m].to(device) if device is not None else self.data[m]
         device = torch.device(device) if device is not None else self.data.device
-        if device.type == "cuda":  # the kernel reads the pinned chunks in place (no packed copy on the device)
-            src = self.data[m] if self.pinned else self.data[m].to(device)
+        if device.type == "cuda":
             out = torch.empty((self.E, self.slot_X), dtype=self.slot_dtype, device=device)
             ids = torch.arange(self.E, dtype=torch.int32, device=device)
-            return expert_pack.unpack_rows(src, ids, out, self.layout, num_programs=128)
-        return expert_pack.unpack_rows_reference(self.data[m], self.layout).to(device)
+            if self.compress == "exp4":  # the kernel reads the pinned chunks in place (no packed copy on the device)
+                src = self.data[m] if self.pinned else self.data[m].to(device)
+                return expert_pack.unpack_rows(src, ids, out, self.layout, num_programs=128)
+            for e in range(self.E):  # expv reads by gathers: each chunk copied to the device first
+                expert_vlc.unpack_rows(self.data[m, e:e + 1].to(device), ids[:1], out[e:e + 1], self.layout)
+            return out
+        return self.codec.unpack_rows_reference(self.data[m], self.layout).to(device)
 
     def pack_block(self, m: int, rows: torch.Tensor, device=None, slice_bytes: float = 256e6) -> None:
         """Fill block m of a compressed store from its experts' bf16 rows [E, 2*F*D] (w_in then w_out, on any
@@ -196,10 +217,15 @@ class ExpertStore:
         n = max(1, min(self.E, int(slice_bytes // self.slot_bytes)))
         for i in range(0, self.E, n):
             try:
-                packed = expert_pack.pack_rows(rows[i:i + n].to(device, non_blocking=True), self.layout)
+                packed = self.codec.pack_rows(rows[i:i + n].to(device, non_blocking=True), self.layout)
             except expert_pack.PackError as e:
-                raise PackFailed(f"offload.compress=exp4: MoE block {m}: {e}; offload.compress=none stores these "
-                                 "experts unpacked") from None
+                other = "offload.compress=exp4 or none" if self.compress == "expv" else "offload.compress=none"
+                raise PackFailed(f"offload.compress={self.compress}: MoE block {m}: {e}; {other} stores these "
+                                 "experts") from None
+            if self.compress == "expv":
+                packed, used = packed
+                self._packed_bytes = max(self._packed_bytes, int(used.max()))
+                self.copy_bytes = self._packed_bytes
             self.data[m, i:i + n].copy_(packed)
 
     def weights(self, rows: torch.Tensor):
@@ -390,7 +416,9 @@ class SlotPool:
     chunks in `landing` (dma plans by the copy engines, unpacked by wait() on the compute stream; copy kernel plans
     by the plain copy kernel, unpacked behind it on the copy stream: kernels.expert_pack.unpack_rows); the streamed
     prefill chunks are unpacked as the kernel reads the pinned store (settings PINNED_PROGRAMS, PINNED_WARPS;
-    offload.copy_programs / _block / _warps tune the plain copy kernel); host copies are refused.
+    offload.copy_programs / _block / _warps tune the plain copy kernel); host copies are refused. expv's unpack reads
+    by gathers, which suit GPU memory and not the link: its landing has a row per slot, in its own memory, and every
+    copy, the streamed prefill chunks' too, lands there first (each chunk's first store.copy_bytes).
     """
 
     def __init__(
@@ -430,8 +458,9 @@ class SlotPool:
             os.environ.get("TRITON_INTERPRET") == "1"
         )  # tests run the device copy kernel on the CPU
         if store.compress and copy_mode == "host":
-            raise OffloadError("offload.compress=exp4 unpacks its experts on the GPU as they are copied: use "
-                               "copy_mode device or dma (or auto), or offload.compress=none with copy_mode host")
+            raise OffloadError(f"offload.compress={store.compress} unpacks its experts on the GPU as they are "
+                               "copied: use copy_mode device or dma (or auto), or offload.compress=none with copy_mode "
+                               "host")
         if copy_mode in ("device", "dma") and not self.cuda and interpreting:
             pass
         elif copy_mode not in ("device", "dma", "host", "cpu") or (copy_mode == "cpu") == self.cuda:
@@ -494,6 +523,8 @@ class SlotPool:
         buffers when they hold it (those rows are the encoder's streaming slots, which no decode step reads, and
         the encoder pass never stages: a decode plan's copy runs after the pass's compute), else its own memory."""
         L, nb = self.M * self.C + self.R * self.n, self.store.layout.nbytes
+        if self.store.compress == "expv":  # every slot, the streamed prefill chunks' too, in its own memory
+            return torch.empty((self.P, nb), dtype=torch.uint8, device=self.device)
         spare = self.pool[L:]  # rows past the caches and the staging buffers
         self.landing_in_pool = spare.numel() * spare.element_size() >= L * nb
         if self.landing_in_pool:
@@ -508,6 +539,12 @@ class SlotPool:
 
     def nbytes(self) -> int:
         return self.pool.numel() * self.pool.element_size()
+
+    def landing_bytes(self) -> int:
+        """GPU memory of the landing outside the pool (0 where it has none or lives in the pool's spare rows)."""
+        if self.landing is None or self.landing_in_pool:
+            return 0
+        return self.landing.numel() * self.landing.element_size()
 
     def copy(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor, done=None, prefetch: bool = False,
              behind: bool = False, early: bool = False) -> None:
@@ -602,12 +639,10 @@ class SlotPool:
                 self._unpack_pending[m].append(torch.where(src_n >= 0, dst_n, -1))
         elif self.copy_mode in ("device", "dma"):
             src, dst = self._rows(m)
-            if self.store.compress and landed:
+            if self.store.compress and (landed or self.store.compress == "expv"):
                 expert_copy.gather_rows(src.view(torch.int16), src_n, self.landing.view(torch.int16), dst_n,
-                                        cs.programs, cs.block, cs.warps)
-                rows = torch.where(src_n >= 0, dst_n, -1)
-                expert_pack.unpack_rows(self.landing, rows, self.pool, self.store.layout, rows,
-                                        num_programs=self.UNPACK_PROGRAMS, num_warps=self.UNPACK_WARPS, ahead=False)
+                                        cs.programs, cs.block, cs.warps, cols=self.store.copy_bytes // 2)
+                self._unpack(torch.where(src_n >= 0, dst_n, -1))
             elif self.store.compress:
                 expert_pack.unpack_rows(src, src_n, dst, self.store.layout, dst_n, num_programs=self.PINNED_PROGRAMS,
                                         num_warps=self.PINNED_WARPS, ahead=True)
@@ -644,6 +679,13 @@ class SlotPool:
         """On the current (compute) stream, after block m's dma wait: unpack the rows its plans landed."""
         pending, self._unpack_pending[m] = self._unpack_pending[m], []
         for rows in pending:  # in the plans' order (a later plan's slot overwrites an earlier one's)
+            self._unpack(rows)
+
+    def _unpack(self, rows: torch.Tensor) -> None:
+        """Unpack landing rows `rows` (-1: none) into the same pool rows, on the current stream."""
+        if self.store.compress == "expv":  # (probe-expert-vlc-h200.md: its default launch settings)
+            expert_vlc.unpack_rows(self.landing, rows, self.pool, self.store.layout, rows)
+        else:
             expert_pack.unpack_rows(self.landing, rows, self.pool, self.store.layout, rows,
                                     num_programs=self.UNPACK_PROGRAMS, num_warps=self.UNPACK_WARPS, ahead=False)
 
@@ -875,14 +917,15 @@ class DmaCopier:
         slots = pool.landing if pool.landing is not None else pool.pool  # compressed: packed chunks land there
         if self.api != "torch":
             row = slots.stride(0) * slots.element_size()
-            self._row_bytes = pool.store.data.shape[-1] * pool.store.data.element_size()
+            self._row_bytes = pool.store.copy_bytes  # each chunk's first bytes (all of it but for expv)
             self._slot_ptr = [slots.data_ptr() + p * row for p in range(slots.shape[0])]
             srow = pool.store.data.stride(1) * pool.store.data.element_size()
             self._store_ptr = [[pool.store.data[b].data_ptr() + e * srow for e in range(pool.store.data.shape[1])]
                                for b in range(M)]
         else:
-            self._slot_rows = list(slots.unbind(0))
-            self._store_rows = [list(pool.store.data[b].unbind(0)) for b in range(M)]
+            cb = pool.store.copy_bytes // pool.store.data.element_size()  # elements copied per chunk
+            self._slot_rows = [r[:cb] for r in slots.unbind(0)]
+            self._store_rows = [[r[:cb] for r in pool.store.data[b].unbind(0)] for b in range(M)]
         self._done = list(self.done.unbind(0))
         self.error: BaseException | None = None
         self._stop = False

@@ -682,17 +682,24 @@ def test_dma_watchdog_dumps_the_stacks_of_a_stalled_copier(capfd):
         _Watchdog(Idle(), 0.0)
 
 
-# ----------------------------------------------------------------------------------------------- exp4 compression
-def test_compressed_store_every_policy_matches_uncompressed_gpu_only(pregated_ckpt):
-    """offload.compress=exp4: the experts are stored and copied packed (under 80% of bf16's bytes here), the
-    slots hold them unpacked, bitwise the weights gpu_only computes with: every policy and cache (and gpu_only
-    from the packed store) gives the uncompressed gpu_only's tokens and logits bitwise; copies count the packed
-    bytes; the slots are bf16 rows."""
+# ----------------------------------------------------------------------------------------------- compression
+@pytest.mark.parametrize("codec", ["exp4", "expv"])
+def test_compressed_store_every_policy_matches_uncompressed_gpu_only(pregated_ckpt, codec):
+    """offload.compress=exp4 / expv: the experts are stored and copied packed (exp4: under 80% of bf16's bytes here;
+    expv: a prefix of each chunk, fewer bytes than exp4's), the slots hold them unpacked, bitwise the weights gpu_only
+    computes with: every policy and cache (and gpu_only from the packed store) gives the uncompressed gpu_only's
+    tokens and logits bitwise; copies count the packed bytes; the slots are bf16 rows."""
     model, store = load_offloaded(pregated_ckpt, "cpu", torch.bfloat16, None)
-    model_c, packed = load_offloaded(pregated_ckpt, "cpu", torch.bfloat16, None, compress="exp4")
+    model_c, packed = load_offloaded(pregated_ckpt, "cpu", torch.bfloat16, None, compress=codec)
     F, D = model.cfg.d_ff, model.cfg.d_model
-    assert packed.compress == "exp4" and packed.data.dtype == torch.uint8
-    assert packed.expert_bytes == packed.layout.nbytes < 0.8 * store.expert_bytes
+    assert packed.compress == codec and packed.data.dtype == torch.uint8
+    assert packed.row_bytes == packed.layout.nbytes < 0.8 * store.expert_bytes
+    if codec == "exp4":
+        assert packed.expert_bytes == packed.layout.nbytes
+    else:  # the longest packed prefix: what each copy moves
+        _, exp4 = load_offloaded(pregated_ckpt, "cpu", torch.bfloat16, None, compress="exp4")
+        assert packed.expert_bytes == packed.copy_bytes < exp4.expert_bytes
+        assert packed.total_bytes == packed.M * packed.E * packed.row_bytes
     assert packed.slot_bytes == store.expert_bytes == 2 * 2 * F * D
     for m, e in ((0, 0), (packed.M - 1, packed.E - 1), (1, 2)):
         assert torch.equal(packed.chunk(m, e).view(torch.int16), store.data[m, e].view(torch.int16))
@@ -710,18 +717,20 @@ def test_compressed_store_every_policy_matches_uncompressed_gpu_only(pregated_ck
             assert res.metrics["pool_prefill_bytes"] == res.metrics["pool_slots"]["prefill"] * packed.slot_bytes
 
 
+@pytest.mark.parametrize("codec", ["exp4", "expv"])
 @pytest.mark.parametrize("mode", ["device", "dma-native", "dma-torch"])
-def test_compressed_store_on_the_gpu_path_under_the_interpreter(pregated_ckpt, monkeypatch, mode):
-    """The GPU path of a compressed store on the CPU: decode plans land the packed chunks (in the pool's spare
-    prefill rows when they fit, else their own memory): with dma the copier's, unpacked at each block's wait; with
-    device the plain copy kernel's, unpacked behind it; the streamed prefill chunks unpack as the kernel reads the
-    store; tokens and logits are the uncompressed gpu_only's bitwise."""
+def test_compressed_store_on_the_gpu_path_under_the_interpreter(pregated_ckpt, monkeypatch, mode, codec):
+    """The GPU path of a compressed store on the CPU: decode plans land the packed chunks (exp4: in the pool's spare
+    prefill rows when they fit, else their own memory; expv: always its own, a row per slot): with dma the copier's,
+    unpacked at each block's wait; with device the plain copy kernel's, unpacked behind it; the streamed prefill
+    chunks unpack as the kernel reads the store (exp4) or land first (expv); tokens and logits are the uncompressed
+    gpu_only's bitwise."""
     pytest.importorskip("triton")
     copy_mode, _, api = mode.partition("-")
     _native_or_skip(api)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     model, store = load_offloaded(pregated_ckpt, "cpu", torch.bfloat16, None)
-    model_c, packed = load_offloaded(pregated_ckpt, "cpu", torch.bfloat16, None, compress="exp4")
+    model_c, packed = load_offloaded(pregated_ckpt, "cpu", torch.bfloat16, None, compress=codec)
     ids, mask = prompts(n=2, length=5)
     kw = dict(max_new_tokens=3, keep_logits=True)
     ref = Engine(model, store, "cpu").run(PolicySpec("gpu_only"), ids, mask, **kw)
@@ -735,7 +744,9 @@ def test_compressed_store_on_the_gpu_path_under_the_interpreter(pregated_ckpt, m
         # decode plans land packed (dma: the copier; device: the plain copy kernel), then unpack; no cache and 16
         # prefill rows: the landing fits in the rows past the staging buffers
         assert res.metrics["landing_bytes"] > 0
-        assert res.metrics["landing_in_pool"] == (spec.cache_size == 0 and slots == 16), spec
+        assert res.metrics["landing_in_pool"] == (codec == "exp4" and spec.cache_size == 0 and slots == 16), spec
+        if codec == "expv":
+            assert res.metrics["landing_bytes"] == res.metrics["pool_bytes"] // packed.slot_bytes * packed.row_bytes
 
 
 def test_compress_auto_picks_exp4_only_where_it_applies():
@@ -755,7 +766,7 @@ def test_compress_auto_picks_exp4_only_where_it_applies():
     assert r("auto", "cuda", bf, copy_mode="host") == (None, "offload.compress=auto: none (offload.copy_mode=host)")
     assert r("none", "cuda", bf) == (None, "offload.compress=none") == r(None, "cuda", bf)
     assert r("exp4", "cpu", torch.float32) == ("exp4", "offload.compress=exp4")
-    with pytest.raises(OffloadError, match="offload.compress='zip'; expected none, exp4 or auto"):
+    with pytest.raises(OffloadError, match="offload.compress=.zip.; expected none, exp4, expv or auto"):
         ExpertStore.check_settings(bf, None, r("zip", "cuda", bf)[0])
 
 
@@ -796,7 +807,7 @@ def test_compress_settings_are_checked(pregated_ckpt):
         load_offloaded(pregated_ckpt, "cpu", torch.float32, None, compress="exp4")
     with pytest.raises(OffloadError, match="does not apply to offload.quantize=int8"):
         load_offloaded(pregated_ckpt, "cpu", torch.bfloat16, None, quantize="int8", compress="exp4")
-    with pytest.raises(OffloadError, match="offload.compress='zstd'; expected none, exp4 or auto"):
+    with pytest.raises(OffloadError, match="offload.compress='zstd'; expected none, exp4, expv or auto"):
         load_offloaded(pregated_ckpt, "cpu", torch.bfloat16, None, compress="zstd")
     model, packed = load_offloaded(pregated_ckpt, "cpu", torch.bfloat16, None, compress="exp4")
     with pytest.raises(OffloadError, match="use copy_mode device or dma"):
