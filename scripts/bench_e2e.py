@@ -156,6 +156,59 @@ def quantized_store(store: ExpertStore, cfg, device, budget) -> ExpertStore:
     return q
 
 
+def recompressed_store(store: ExpertStore, cfg, device, budget, codec: str | None) -> ExpertStore:
+    """The same experts in another format (offload.compress=codec, None: bf16 rows), block by block on the device."""
+    q = ExpertStore(cfg, store.M, torch.bfloat16, budget, pin=device.type == "cuda", compress=codec)
+    for m in range(store.M):
+        rows = store.unpacked_block(m, device)
+        if codec:
+            q.pack_block(m, rows)
+        else:
+            q.data[m].copy_(rows)
+        del rows
+    return q
+
+
+def bench_codec_family(shape, cfg, model, store, device, budget, args, over_budget, result, out, save, modes_run,
+                       run_named, link) -> None:
+    """Family pregated-<codec>: the lookahead-1 model with the same experts in another format (see
+    --compress-family): gpu_only, on_demand, pregated, their tokens checked against that family's gpu_only."""
+    codec = args.compress_family
+    family = f"pregated-{codec}"
+    fam: dict = {"compress": None if codec == "none" else codec, "policies": list(CODEC_FAMILY_POLICIES)}
+    out["codec_family"] = fam
+    if over_budget():
+        fam["skipped"] = "time budget"
+        save_partial(result, shape, out, save)
+        return
+    print(f"[bench] {shape}: the same experts as {codec} ...", flush=True)
+    t_build = time.perf_counter()
+    try:
+        store_c = recompressed_store(store, cfg, device, budget, fam["compress"])
+    except OffloadError as e:
+        fam["error"] = str(e)
+        result["failures"].append(f"{shape} {family}: {e}")
+        save_partial(result, shape, out, save)
+        return
+    n_dec = out["config"]["decoder_moe_blocks"]
+    fam.update(expert_bytes=store_c.expert_bytes, store_bytes=store_c.total_bytes,
+               copy_floor_ms_greedy=n_dec * store_c.expert_bytes / (link * 1e9) * 1e3 if link else None,
+               build_s=time.perf_counter() - t_build)
+    eng_c = Engine(model, store_c, device, cuda_graph=not args.no_graph, copy_mode=args.copy_mode,
+                   measure_stall=True, first_block_guess=args.first_block_guess)
+    for mode, nb in modes_run:
+        for name in CODEC_FAMILY_POLICIES:
+            run_named(eng_c, family, mode, nb, name)
+    del eng_c, store_c
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    save_partial(result, shape, out, save)
+
+
+CODEC_FAMILY_POLICIES = ("gpu_only", "on_demand", "pregated")
+
+
 def bench_int8_family(shape, cfg, model, store, device, dtype, budget, args, over_budget, result, out, save,
                       modes_run, table, run_named, refs, link) -> None:
     """Family pregated-int8: the lookahead-1 model with an int8 store (see --int8)."""
@@ -396,11 +449,19 @@ def main() -> int:
     ap.add_argument(
         "--compress",
         default="auto",
-        choices=["auto", "none", "exp4"],
+        choices=["auto", "none", "exp4", "expv"],
         help="exp4: every run's experts stored and copied packed losslessly (offload.compress=exp4, "
         "kernels/expert_pack: about 76%% of bf16's bytes), unpacked on the GPU: the same random weights and tokens "
-        "as without it; none: bf16 rows; auto (default, as python -m infer): exp4 on a GPU, none with --tiny "
-        "(the settings' compress is the choice made, compress_setting the flag)",
+        "as without it; expv: the same with a variable-length exponent code (kernels/expert_vlc: about 67%%); none: "
+        "bf16 rows; auto (default, as python -m infer): its choice on a GPU, none with --tiny (the settings' "
+        "compress is the choice made, compress_setting the flag)",
+    )
+    ap.add_argument(
+        "--compress-family",
+        default=None,
+        choices=["none", "exp4", "expv"],
+        help="after the lookahead-1 table, the same experts in this format run as family pregated-<format>: "
+        "gpu_only, on_demand, pregated (the modes of the table), side by side with the table's format",
     )
     ap.add_argument(
         "--int8",
@@ -975,6 +1036,9 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if getattr(args, "compress_family", None) and modes_run and converted:
+        bench_codec_family(shape, cfg, model, store, device, budget, args, over_budget, result, out, save, modes_run,
+                           run_named, link)
     if getattr(args, "int8", False) and modes_run and converted:
         bench_int8_family(shape, cfg, model, store, device, dtype, budget, args, over_budget, result, out, save,
                           modes_run, table, run_named, refs, link)
@@ -1281,7 +1345,9 @@ def memory_bound(ref: dict, pg: dict, E: int, eb: int, store_bytes: int, rows: i
     act = max(0, ref["peak_allocated_bytes"] - base_ref - store_bytes)
     two, stream = pregated_pool_experts(E, rows, S, prefill_slots)
     slack = 64 << 20  # the plan's small tensors
-    pool = max(two, stream) * eb
+    # a compressed store's landing, where it has its own memory (expv: a packed row per slot)
+    landing = 0 if pg.get("landing_in_pool", True) else (pg.get("landing_bytes") or 0)
+    pool = max(two, stream) * eb + landing
     bound = base_pg + pool + act + slack
     peak = pg["peak_allocated_bytes"]
     return {
@@ -1293,6 +1359,7 @@ def memory_bound(ref: dict, pg: dict, E: int, eb: int, store_bytes: int, rows: i
         "streaming_region_experts": stream,
         "pool_bytes_reported": pg.get("pool_bytes"),
         "pool_bytes_expected": pool,
+        "landing_bytes_own": landing,
         "activations_from_gpu_only": act,
         "baseline_pregated": base_pg,
         "slack_bytes": slack,

@@ -69,7 +69,7 @@ def summarize(doc: dict, source: str) -> str:
         f"{settings['input_tokens']} input and {settings['new_tokens']} output tokens, bf16, "
         "random weights (near-uniform routing), pre-gated with lookahead 1"
         + (" (other lookaheads: the lookahead table)" if max(settings.get("lookaheads") or [1]) > 1 else "")
-        + ("; every run's experts stored and copied packed losslessly (offload.compress=exp4: "
+        + (f"; every run's experts stored and copied packed losslessly (offload.compress={settings.get('compress')}: "
            + ", ".join(f"{k} {v['expert_bytes'] / 1e6:.2f} MB per expert for {v['slot_bytes'] / 1e6:.2f} MB of bf16"
                        for k, v in shapes.items() if v.get("slot_bytes"))
            + "), unpacked on the GPU" if settings.get("compress") else "")
@@ -114,7 +114,8 @@ def summarize(doc: dict, source: str) -> str:
                     + f"{_f(100 * g_pg / g_gpu if g_pg and g_gpu else None, '{:.1f}')} |"
                 )
         lines += (copy_table(shapes) + variant_table(shapes) + dma_timeline_table(shapes, link)
-                  + copier_table(shapes) + memory_table(shapes) + lookahead_table(shapes) + int8_table(shapes))
+                  + copier_table(shapes) + memory_table(shapes) + lookahead_table(shapes) + codec_table(shapes, settings)
+                  + int8_table(shapes))
     for shape, s in shapes.items():
         if (s.get("batch_sweep") or {}).get("points"):
             lines += sweep_table(shape, s["batch_sweep"], s.get("config"), s.get("expert_bytes"))
@@ -421,6 +422,50 @@ def lookahead_table(shapes: dict) -> list[str]:
 
 
 INT8_FAMILY = "pregated-int8"
+
+
+def codec_table(shapes: dict, settings: dict) -> list[str]:
+    """The expert formats side by side (bench_e2e.py --compress-family): the lookahead-1 model with the table's
+    format and with the family's, per shape and decoding; the last column: the family's on_demand over the table's
+    pregated."""
+    rows = []
+    for shape, s in shapes.items():
+        fam = s.get("codec_family")
+        if not fam or fam.get("skipped") or fam.get("error"):
+            continue
+        other = f"pregated-{fam.get('compress') or 'none'}"
+        for mode in ("greedy", "beam4"):
+            got = {(r["family"], r["policy"]): r for r in s.get("runs", [])
+                   if r.get("decoding") == mode and "metrics" in r and r.get("family") in ("pregated", other)}
+            if not any(f == other for f, _ in got):
+                continue
+            pg_table = _ms(got.get(("pregated", "pregated")))
+            for f, label in (("pregated", settings.get("compress") or "none"), (other, fam.get("compress") or "none")):
+                gpu, od, pg = (_ms(got.get((f, p))) for p in ("gpu_only", "on_demand", "pregated"))
+                c = (got.get((f, "pregated")) or {}).get("copy") or {}
+                floor = c.get("copy_floor_ms_per_step")
+                same = [r.get("same_tokens_as_gpu_only") for (ff, p), r in got.items() if ff == f and p != "gpu_only"]
+                rows.append(
+                    f"| {shape} | {mode} | {label} | {_f(gpu)} | {_f(od)} | {_f(pg)} | "
+                    f"{_f(c.get('decode_bytes_per_step') and c['decode_bytes_per_step'] / 1e6, '{:.1f}')} | "
+                    f"{_f(floor)} | {_f(pg / max(gpu, floor) if pg and gpu and floor else None)} | "
+                    f"{_f(od / pg if od and pg else None)} | "
+                    f"{_f(od / pg_table if od and pg_table else None)} | "
+                    f"{_yn(all(same) if same and None not in same else None)} |"
+                )
+    if not rows:
+        return []
+    return [
+        "",
+        "Expert formats side by side (`--compress-family`): the same experts stored and copied in the table's "
+        "format and in another, in one run, each format's policies checked against its own gpu_only; the last "
+        "column but one divides each format's on_demand by the table's pregated.",
+        "",
+        "| shape | decoding | experts | gpu_only | on_demand | pregated | MB copied per step | copy floor | "
+        "pregated / max(gpu_only, floor) | on_demand / pregated | on_demand / table's pregated | "
+        "tokens = own gpu_only |",
+        "|" + "---|" * 12,
+    ] + rows
 
 
 def int8_table(shapes: dict) -> list[str]:

@@ -131,6 +131,12 @@ def test_memory_bound():
     pg["peak_allocated_bytes"] = exact + 1  # one byte over: fails
     assert not bench.memory_bound(ref, pg, E, eb, store, 1, 256, 16)["ok"]
     assert bench.memory_bound({"peak_allocated_bytes": None}, pg, E, eb, store, 1, 256, 16) is None
+    # a landing in its own memory (expv: a packed row per slot) counts; one in the pool's spare rows does not
+    pg.update(peak_allocated_bytes=exact + 16 * 7 * 10**6, landing_bytes=16 * 7 * 10**6, landing_in_pool=False)
+    c = bench.memory_bound(ref, pg, E, eb, store, 1, 256, 16)
+    assert c["ok"] and c["landing_bytes_own"] == 16 * 7 * 10**6 and c["bound"] == exact + 16 * 7 * 10**6
+    pg["landing_in_pool"] = True
+    assert not bench.memory_bound(ref, pg, E, eb, store, 1, 256, 16)["ok"]
 
 
 # ----------------------------------------------------------------------------------------------- plots, summary
@@ -722,6 +728,25 @@ def test_bench_tiny_compressed(tmp_path):
     assert "packed losslessly (offload.compress=exp4: tiny " in text
 
 
+def test_bench_tiny_expv_beside_exp4(tmp_path):
+    """--tiny --compress expv --compress-family exp4: the table's runs copy expv's prefix (fewer bytes than exp4's
+    row), the family pregated-exp4 runs gpu_only, on_demand and pregated on the same weights, every policy gives
+    its format's gpu_only tokens (the same tokens in both), and the summary sets the two side by side."""
+    res = _bench_tiny(tmp_path, "--compress", "expv", "--compress-family", "exp4", "--table-runs",
+                      "greedy:gpu_only,on_demand,pregated", "--batch-sweep", "1", "--sweep-new-tokens", "2")
+    tiny = res["shapes"]["tiny"]
+    fam = tiny["codec_family"]
+    assert tiny["compress"] == "expv" and fam["compress"] == "exp4" and fam["expert_bytes"] > tiny["expert_bytes"]
+    runs = {r["label"]: r for r in tiny["runs"]}
+    for family in ("pregated", "pregated-exp4"):
+        for pol in ("on_demand", "pregated"):
+            assert runs[f"{family}/greedy/{pol}"]["same_tokens_as_gpu_only"], (family, pol)
+    assert runs["pregated/greedy/gpu_only"]["tokens"] == runs["pregated-exp4/greedy/gpu_only"]["tokens"]
+    text = summ.summarize(res, "x.json")
+    assert "Expert formats side by side" in text and "| tiny | greedy | exp4 |" in text
+    assert "| tiny | greedy | expv |" in text
+
+
 @pytest.mark.parametrize("experts_on", ["gpu", "cpu"])
 def test_anchor_model_of_a_compressed_store_has_the_same_experts(experts_on):
     """The transformers anchor built from a compressed store (--compress) holds the same expert weights, bitwise, as
@@ -734,9 +759,10 @@ def test_anchor_model_of_a_compressed_store_has_the_same_experts(experts_on):
     dev = torch.device("cpu")
     model = bench.build_own(cfg, dev, torch.bfloat16)
     plain = bench.build_store(cfg, model, dev, torch.bfloat16, None)
-    packed = bench.build_store(cfg, model, dev, torch.bfloat16, None, compress="exp4")
-    assert packed.compress == "exp4" and packed.expert_bytes < plain.expert_bytes
     a = dict(bench.hf_model(cfg, plain, dev, torch.bfloat16, experts_on).named_parameters())
-    b = dict(bench.hf_model(cfg, packed, dev, torch.bfloat16, experts_on).named_parameters())
     experts = [n for n in a if ".expert_" in n]
-    assert experts and all(torch.equal(a[n].view(torch.int16), b[n].view(torch.int16)) for n in experts)
+    for codec in ("exp4", "expv"):
+        packed = bench.build_store(cfg, model, dev, torch.bfloat16, None, compress=codec)
+        assert packed.compress == codec and packed.expert_bytes < plain.expert_bytes
+        b = dict(bench.hf_model(cfg, packed, dev, torch.bfloat16, experts_on).named_parameters())
+        assert experts and all(torch.equal(a[n].view(torch.int16), b[n].view(torch.int16)) for n in experts)
