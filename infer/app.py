@@ -21,6 +21,7 @@ from infer import report as rep
 from infer.engine import Engine, RunResult, load_offloaded
 from infer.offload import GB, CopySettings, ExpertStore, default_budget_bytes, request_eager_module_loading
 from infer.policies import PolicySpec, guess_mode
+from models.checkpoint import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -167,13 +168,20 @@ def run(cfg, run_dir: str | Path) -> dict[str, Any]:
         else default_budget_bytes()
     )
     quantize = None if str(cfg.offload.quantize) == "none" else str(cfg.offload.quantize)
-    compress, compress_note = ExpertStore.resolve_compress(
-        cfg.offload.compress, device, dtype, quantize, str(cfg.offload.cpu_compute), str(cfg.offload.copy_mode))
+    if not float(cfg.offload.expv_min_mib) >= 0:
+        raise ValueError(f"offload.expv_min_mib={cfg.offload.expv_min_mib!r}: expected MiB >= 0")
+    settings = (cfg.offload.compress, device, dtype, quantize, str(cfg.offload.cpu_compute), str(cfg.offload.copy_mode))
+    compress, compress_note = ExpertStore.resolve_compress(*settings)
+    ExpertStore.check_settings(dtype, quantize, compress)  # before the checkpoint is read
+    if compress and str(cfg.offload.compress) == "auto" and (ckpt / "config.json").is_file():  # by the experts' size
+        compress, compress_note = ExpertStore.resolve_compress(
+            *settings, load_config(ckpt).expert_bytes(2), float(cfg.offload.expv_min_mib) * 2**20)
     # (checks quantize and compress before loading)
     model, store = load_offloaded(ckpt, device, dtype, budget, quantize, compress,
                                   fallback=str(cfg.offload.compress) == "auto")
-    if str(cfg.offload.compress) == "auto" and compress and not store.compress:
-        compress_note = "offload.compress=auto: none (an expert did not pack losslessly)"
+    if str(cfg.offload.compress) == "auto" and compress != store.compress:
+        compress_note = (f"offload.compress=auto: {store.compress or 'none'} (an expert did not pack losslessly as "
+                         f"{compress})")
     cache_note = None
     if cache_size_setting(cfg.cache.size) == "auto":
         size, cache_note = auto_cache_size(cfg, store, device)

@@ -42,10 +42,13 @@ class OffloadConf:
     # none | int8: experts stored, copied and computed as symmetric per-row int8 (half of bf16's bytes
     # to copy; every policy, gpu_only included, then computes from the same int8 weights)
     quantize: str = "none"
-    # auto | none | exp4: bf16 experts stored and copied packed losslessly (about 76% of the bytes), unpacked on
-    # the GPU into the slots (bitwise the same weights; copy_mode device or dma). auto: exp4 where it applies
-    # (CUDA, bf16 experts, no quantize, cpu_compute off, copy_mode not host) and every expert packs; else none
+    # auto | none | exp4 | expv: bf16 experts stored and copied packed losslessly (exp4: about 76% of the bytes;
+    # expv, a variable-length exponent code: about 67%), unpacked on the GPU into the slots (bitwise the same
+    # weights; copy_mode device or dma). auto where it applies (CUDA, bf16 experts, no quantize, cpu_compute off,
+    # copy_mode not host): expv for experts of at least expv_min_mib MiB in bf16, exp4 below (an expert that does
+    # not pack: the next of expv, exp4, none); else none
     compress: str = "auto"
+    expv_min_mib: float = 16.0
     # the device copy kernel (copy_mode device): normal | high stream priority for the copy stream,
     # programs per copied expert, elements per program and iteration (infer.offload.CopySettings)
     copy_priority: str = "normal"

@@ -37,8 +37,8 @@ def load_offloaded(
     """Non-expert weights onto `device`, experts straight from the checkpoint into the (pinned) store
     (quantize="int8": stored, copied and computed as per-row int8; compress="exp4" / "expv": bf16 packed losslessly, see
     ExpertStore, on the GPU when `device` is one). The budget is checked from config.json before anything is
-    allocated. fallback (offload.compress=auto): an expert that does not pack losslessly leaves the whole store
-    unpacked (store.compress None) instead of raising PackFailed."""
+    allocated. fallback (offload.compress=auto): an expert that does not pack losslessly leaves the whole store in
+    the next format (expv, then exp4, then unpacked: store.compress None) instead of raising PackFailed."""
     from models.checkpoint import load_config, load_switch
 
     device = torch.device(device)
@@ -52,19 +52,19 @@ def load_offloaded(
     if budget_bytes is not None and n_moe * cfg.num_experts * per_expert > budget_bytes:
         ExpertStore(cfg, n_moe, dtype, budget_bytes, pin=False, quantize=quantize, compress=compress)  # raises
     model = load_switch(path, device=device, dtype=dtype, skip=is_expert_param)
-    failed = None
-    try:
-        store = ExpertStore.from_checkpoint(path, model, dtype, budget_bytes, pin=device.type == "cuda",
-                                            quantize=quantize, compress=compress, pack_device=device)
-    except PackFailed as e:
-        if not fallback:
-            raise
-        failed = str(e)  # (out of the handler first: the traceback holds the half-filled pinned store)
-    if failed is not None:
-        print(f"[infer] offload.compress=auto: {failed}", flush=True)
-        store = ExpertStore.from_checkpoint(path, model, dtype, budget_bytes, pin=device.type == "cuda",
-                                            quantize=quantize)
-    return model, store
+    while True:
+        failed = None
+        try:
+            store = ExpertStore.from_checkpoint(path, model, dtype, budget_bytes, pin=device.type == "cuda",
+                                                quantize=quantize, compress=compress, pack_device=device)
+        except PackFailed as e:
+            if not fallback:
+                raise
+            failed = str(e)  # (out of the handler first: the traceback holds the half-filled pinned store)
+        if failed is None:
+            return model, store
+        compress = {"expv": "exp4"}.get(compress)
+        print(f"[infer] offload.compress=auto: {failed}; trying {compress or 'none'}", flush=True)
 
 
 def materialize_experts(model: Switch, store: ExpertStore, device) -> None:

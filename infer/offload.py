@@ -32,6 +32,8 @@ from models.config import SwitchConfig
 
 GB = 1e9
 DMA_APIS = ("native", "driver", "torch")
+# offload.compress=auto packs experts of at least this many bytes (bf16) with expv, smaller ones with exp4
+EXPV_MIN_BYTES = 16 * 2**20
 
 
 class OffloadError(ValueError):
@@ -134,12 +136,18 @@ class ExpertStore:
 
     @staticmethod
     def resolve_compress(setting: str | None, device, dtype: torch.dtype, quantize: str | None = None,
-                         cpu_compute: str = "off", copy_mode: str = "auto") -> tuple[str | None, str]:
-        """offload.compress as the store takes it (None or "exp4"), and why. `auto` packs where the experts cross
-        a link to a GPU and the packing applies: CUDA, bf16 experts, no quantize, no CPU compute, a copy mode that
-        unpacks on the GPU (device, dma, auto). There every offloaded policy copies about 76% of the bytes for
-        the same weights bitwise; elsewhere (the CPU, fp32, int8) it is none. An explicit value is taken as is
-        (check_settings then names what does not fit)."""
+                         cpu_compute: str = "off", copy_mode: str = "auto", expert_bytes: int | None = None,
+                         expv_min_bytes: float = EXPV_MIN_BYTES) -> tuple[str | None, str]:
+        """offload.compress as the store takes it (None, "exp4" or "expv"), and why. `auto` packs where the experts
+        cross a link to a GPU and the packing applies: CUDA, bf16 experts, no quantize, no CPU compute, a copy mode
+        that unpacks on the GPU (device, dma, auto); elsewhere (the CPU, fp32, int8) it is none. Where it packs:
+        expv for experts of at least expv_min_bytes in bf16 (expert_bytes; offload.expv_min_mib), exp4 below (and
+        where expert_bytes is not given). expv copies about 67% of bf16's bytes against exp4's 76%, but its unpack
+        (about 3 us per MB of packed expert on the H200, against exp4's 1) runs on the compute stream: it pays where a
+        block's compute and that unpack stay under the expert's copy. On the H200 that held for switch-large-128's
+        16.8 MB experts (1.06x the copy floor, 1.82x on_demand; exp4: 1.04x, 1.67x) and not for switch-base-128's
+        9.4 MB ones (1.18x its lower floor; exp4: 1.08x): bench/results/e2e-h200-expv.md. An explicit value is
+        taken as is (check_settings then names what does not fit)."""
         s = "none" if setting is None else str(setting)
         if s == "none":
             return None, "offload.compress=none"
@@ -153,7 +161,12 @@ class ExpertStore:
                else None)
         if why:
             return None, f"offload.compress=auto: none ({why})"
-        return "exp4", "offload.compress=auto: exp4 (bf16 experts copied to the GPU packed losslessly)"
+        if expert_bytes is not None and expert_bytes >= expv_min_bytes:
+            return "expv", (f"offload.compress=auto: expv (bf16 experts of {expert_bytes / 2**20:.1f} MiB, at least "
+                            f"offload.expv_min_mib={expv_min_bytes / 2**20:g}, copied to the GPU packed losslessly)")
+        return "exp4", ("offload.compress=auto: exp4 (bf16 experts"
+                        + (f" of {expert_bytes / 2**20:.1f} MiB" if expert_bytes is not None else "")
+                        + " copied to the GPU packed losslessly)")
 
     def _pin(self) -> None:
         ptr, size = self.data.data_ptr(), self.total_bytes

@@ -156,6 +156,13 @@ def quantized_store(store: ExpertStore, cfg, device, budget) -> ExpertStore:
     return q
 
 
+def shape_compress(args, cfg, device, dtype) -> str | None:
+    """The shape's expert format: --compress as python -m infer resolves offload.compress for its experts (auto: expv
+    for experts of at least EXPV_MIN_BYTES in bf16, exp4 below, on a GPU; none on the CPU)."""
+    setting = getattr(args, "compress_setting", None) or getattr(args, "compress", None)
+    return ExpertStore.resolve_compress(setting, device, dtype, expert_bytes=cfg.expert_bytes(2))[0]
+
+
 def recompressed_store(store: ExpertStore, cfg, device, budget, codec: str | None) -> ExpertStore:
     """The same experts in another format (offload.compress=codec, None: bf16 rows), block by block on the device."""
     q = ExpertStore(cfg, store.M, torch.bfloat16, budget, pin=device.type == "cuda", compress=codec)
@@ -174,6 +181,8 @@ def bench_codec_family(shape, cfg, model, store, device, budget, args, over_budg
     """Family pregated-<codec>: the lookahead-1 model with the same experts in another format (see
     --compress-family): gpu_only, on_demand, pregated, their tokens checked against that family's gpu_only."""
     codec = args.compress_family
+    if codec == "other":  # the other of exp4 and expv
+        codec = "exp4" if store.compress == "expv" else "expv"
     family = f"pregated-{codec}"
     fam: dict = {"compress": None if codec == "none" else codec, "policies": list(CODEC_FAMILY_POLICIES)}
     out["codec_family"] = fam
@@ -453,15 +462,17 @@ def main() -> int:
         help="exp4: every run's experts stored and copied packed losslessly (offload.compress=exp4, "
         "kernels/expert_pack: about 76%% of bf16's bytes), unpacked on the GPU: the same random weights and tokens "
         "as without it; expv: the same with a variable-length exponent code (kernels/expert_vlc: about 67%%); none: "
-        "bf16 rows; auto (default, as python -m infer): its choice on a GPU, none with --tiny (the settings' "
-        "compress is the choice made, compress_setting the flag)",
+        "bf16 rows; auto (default, as python -m infer): per shape, expv for experts of at least 16 MiB in bf16 and "
+        "exp4 below on a GPU, none with --tiny (each shape's compress is its choice; the settings' compress is auto's "
+        "choice before the experts' size, compress_setting the flag)",
     )
     ap.add_argument(
         "--compress-family",
         default=None,
-        choices=["none", "exp4", "expv"],
-        help="after the lookahead-1 table, the same experts in this format run as family pregated-<format>: "
-        "gpu_only, on_demand, pregated (the modes of the table), side by side with the table's format",
+        choices=["none", "exp4", "expv", "other"],
+        help="after the lookahead-1 table, the same experts in this format (other: exp4 where the table's is expv, "
+        "else expv) run as family pregated-<format>: gpu_only, on_demand, pregated (the modes of the table), side "
+        "by side with the table's format",
     )
     ap.add_argument(
         "--int8",
@@ -842,7 +853,7 @@ def bench_shape(shape, cfg, device, dtype, budget, args, over_budget, result, sa
     t0 = time.perf_counter()
     model = build_own(cfg, device, dtype)
     try:
-        store = build_store(cfg, model, device, dtype, budget, getattr(args, "compress", None))
+        store = build_store(cfg, model, device, dtype, budget, shape_compress(args, cfg, device, dtype))
     except OffloadError as e:
         result["failures"].append(f"{shape}: {e}")
         return {"error": str(e)}

@@ -69,10 +69,12 @@ def summarize(doc: dict, source: str) -> str:
         f"{settings['input_tokens']} input and {settings['new_tokens']} output tokens, bf16, "
         "random weights (near-uniform routing), pre-gated with lookahead 1"
         + (" (other lookaheads: the lookahead table)" if max(settings.get("lookaheads") or [1]) > 1 else "")
-        + (f"; every run's experts stored and copied packed losslessly (offload.compress={settings.get('compress')}: "
-           + ", ".join(f"{k} {v['expert_bytes'] / 1e6:.2f} MB per expert for {v['slot_bytes'] / 1e6:.2f} MB of bf16"
+        + ("; every run's experts stored and copied packed losslessly (offload.compress="
+           + ", ".join(f"{k} {v.get('compress') or settings.get('compress')}: {v['expert_bytes'] / 1e6:.2f} MB per "
+                       f"expert for {v['slot_bytes'] / 1e6:.2f} MB of bf16"
                        for k, v in shapes.items() if v.get("slot_bytes"))
-           + "), unpacked on the GPU" if settings.get("compress") else "")
+           + "), unpacked on the GPU" if settings.get("compress") or any(v.get("compress") for v in shapes.values())
+           else "")
         + ". ms/token is the median decode "
         "step; peak is GPU memory allocated. Copy floor = the bytes pregated copies per decode step (greedy: "
         "one expert per decoder MoE block; beam 4: measured, where the run did) / the pinned host->GPU peak "
@@ -440,7 +442,8 @@ def codec_table(shapes: dict, settings: dict) -> list[str]:
             if not any(f == other for f, _ in got):
                 continue
             pg_table = _ms(got.get(("pregated", "pregated")))
-            for f, label in (("pregated", settings.get("compress") or "none"), (other, fam.get("compress") or "none")):
+            own = s.get("compress") or settings.get("compress") or "none"
+            for f, label in (("pregated", own), (other, fam.get("compress") or "none")):
                 gpu, od, pg = (_ms(got.get((f, p))) for p in ("gpu_only", "on_demand", "pregated"))
                 c = (got.get((f, "pregated")) or {}).get("copy") or {}
                 floor = c.get("copy_floor_ms_per_step")

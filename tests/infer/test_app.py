@@ -250,3 +250,14 @@ def test_copy_mode_dma_asks_for_eager_kernel_loading_first(tmp_path, monkeypatch
             run(_compose([f"offload.copy_mode={mode}", f"offload.dma_api={api}", "num_examples=1", "max_new_tokens=1",
                           "logger=none"]), tmp_path)
         assert seen[-1] == want, (mode, api)
+
+
+def test_bad_expv_min_mib_fails_before_loading(tmp_path, monkeypatch):
+    import infer.app as app
+
+    def no_load(*a, **k):  # pragma: no cover - reached only if the check came too late
+        raise AssertionError("the model was loaded before offload.expv_min_mib was checked")
+
+    monkeypatch.setattr(app, "load_offloaded", no_load)
+    with pytest.raises(ValueError, match=r"offload.expv_min_mib=-1.0: expected MiB >= 0"):
+        run(_compose(["offload.expv_min_mib=-1", "num_examples=1", "max_new_tokens=1", "logger=none"]), tmp_path)

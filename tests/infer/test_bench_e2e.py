@@ -725,7 +725,7 @@ def test_bench_tiny_compressed(tmp_path):
     assert (cfg["decoder_moe_blocks"] * tiny["expert_bytes"] <= c["decode_bytes_per_step"]
             <= (cfg["decoder_moe_blocks"] + 1) * tiny["expert_bytes"])
     text = summ.summarize(res, "x.json")
-    assert "packed losslessly (offload.compress=exp4: tiny " in text
+    assert "packed losslessly (offload.compress=tiny exp4: " in text
 
 
 def test_bench_tiny_expv_beside_exp4(tmp_path):

@@ -766,6 +766,16 @@ def test_compress_auto_picks_exp4_only_where_it_applies():
     assert r("auto", "cuda", bf, copy_mode="host") == (None, "offload.compress=auto: none (offload.copy_mode=host)")
     assert r("none", "cuda", bf) == (None, "offload.compress=none") == r(None, "cuda", bf)
     assert r("exp4", "cpu", torch.float32) == ("exp4", "offload.compress=exp4")
+    # by the experts' size (bf16 bytes): expv from EXPV_MIN_BYTES (16 MiB) on, exp4 below; explicit values as they are
+    large, base = 2 * 1024 * 4096 * 2, 2 * 768 * 3072 * 2  # switch-large's and switch-base's experts
+    assert r("auto", "cuda", bf, expert_bytes=large) == (
+        "expv", "offload.compress=auto: expv (bf16 experts of 16.0 MiB, at least offload.expv_min_mib=16, copied to "
+                "the GPU packed losslessly)")
+    assert r("auto", "cuda", bf, expert_bytes=base) == ("exp4", "offload.compress=auto: exp4 (bf16 experts of 9.0 "
+                                                        "MiB copied to the GPU packed losslessly)")
+    assert r("auto", "cuda", bf, expert_bytes=base, expv_min_bytes=8 * 2**20)[0] == "expv"
+    assert r("auto", "cpu", bf, expert_bytes=large)[0] is None
+    assert r("exp4", "cuda", bf, expert_bytes=large)[0] == "exp4" and r("expv", "cuda", bf)[0] == "expv"
     with pytest.raises(OffloadError, match="offload.compress=.zip.; expected none, exp4, expv or auto"):
         ExpertStore.check_settings(bf, None, r("zip", "cuda", bf)[0])
 
@@ -784,9 +794,16 @@ def test_compress_of_an_expert_that_does_not_pack(tmp_path, capsys):
     save_switch(model, bad)
     with pytest.raises(PackFailed, match=r"offload.compress=exp4: MoE block 1: .*offload.compress=none stores"):
         load_offloaded(bad, "cpu", torch.bfloat16, None, compress="exp4")
+    with pytest.raises(PackFailed, match=r"offload.compress=expv: MoE block 1: .*offload.compress=exp4 or none"):
+        load_offloaded(bad, "cpu", torch.bfloat16, None, compress="expv")
     capsys.readouterr()
     model_f, store_f = load_offloaded(bad, "cpu", torch.bfloat16, None, compress="exp4", fallback=True)
     assert "[infer] offload.compress=auto: offload.compress=exp4: MoE block 1" in capsys.readouterr().out
+    # auto's chain from expv: exp4 next (it fails here too), then none
+    _, store_v = load_offloaded(bad, "cpu", torch.bfloat16, None, compress="expv", fallback=True)
+    out = capsys.readouterr().out
+    assert "offload.compress=expv: MoE block 1" in out and "; trying exp4" in out and "; trying none" in out
+    assert store_v.compress is None and torch.equal(store_v.data.view(torch.int16), store_f.data.view(torch.int16))
     model_p, plain = load_offloaded(bad, "cpu", torch.bfloat16, None)
     assert store_f.compress is None and torch.equal(store_f.data.view(torch.int16), plain.data.view(torch.int16))
     ids, mask = prompts()
