@@ -7,16 +7,16 @@ shipped checkpoint, the three commonest carry ~75% of the weights and the rest f
 (their entropy is 2.54-2.57 bits: bench/results/probe-exponent-entropy.md). expv keeps exp4's byte of sign and
 mantissa, its group bases and its exceptions, and codes each 4-bit code by its rank r in the row's own frequency
 order, in levels of fixed-width fields:
-    level 1, every weight          2 bits   r (r < 3), or 3: go on
+    level 1, every weight               2 bits   r (r < 3), or 3: go on
     level 2, the weights that went on   2 bits   r - 3 (r < 6), or 3: go on
     level 3, the weights that went on   2 bits   r - 6 (r < 9), or 3: go on
     level 4, the weights that went on   4 bits   r - 9
-2.61 bits per weight on these weights, within 1% of the optimal prefix code's (Huffman's 2.59). Every field is found
-without reading the ones before it: a weight's field at level l + 1 is at its rank among the tile's weights that
-went on at level l, an exclusive prefix sum a GPU computes for a whole tile at once. About 1 + 2.62 / 8 bytes per
-weight against exp4's 1.5. The kernel gives each group of 16 elements of a tile (strided by T / 16, so that a
-step of the groups reads and writes T / 16 consecutive elements) to one lane: a group's fields of one level are
-contiguous, its counts come from popcounts of its fields, and prefix sums over the T / 16 groups place them.
+Every field is found without reading the ones before it: a weight's field at level l + 1 is at its rank among the
+tile's weights that went on at level l, an exclusive prefix sum a GPU computes for a whole tile at once. On normal
+weights a packed row is 0.886-0.889 of exp4's bytes, 67% of bf16's (bench/results/probe-expert-vlc-h200.md).
+The kernel gives each group of 16 elements of a tile (strided by T / 16, so that a step of the groups reads and
+writes T / 16 consecutive elements) to one lane: a group's fields of one level are contiguous, its counts come from
+popcounts of its fields, and prefix sums over the T / 16 groups place them.
 
 Packed row (uint8, offsets in bytes; tiles of T elements, T a power of two >= G; Xg = K T = X rounded up to a
 multiple of T, the row padded with +0.0):

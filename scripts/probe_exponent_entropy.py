@@ -13,8 +13,8 @@ With --results (a scripts/bench_e2e.py JSON), a model of what the bound would do
 copy floor scales with the bytes copied, and `on_demand` and `pregated` keep their time above the floor (on_demand:
 its compute after each copy; pregated: its tail and the copies' fixed costs). A prediction, not a measurement.
 
-    python3 scripts/probe_exponent_entropy.py --checkpoint checkpoints/default --results bench/results/e2e-h200.json \
-        --out bench/results/probe-exponent-entropy.json
+    python3 scripts/probe_exponent_entropy.py --checkpoint checkpoints/default \
+        --results bench/results/e2e-h200-bf9dd10.json --out bench/results/probe-exponent-entropy.json
 """
 
 from __future__ import annotations
@@ -83,10 +83,11 @@ def checkpoint_rows(path: str, n: int) -> torch.Tensor:
 
 
 def predict(results: dict, fractions: dict[str, float]) -> dict:
-    """Per shape of a bench_e2e JSON (greedy): the floor scaled by bound / exp4, the policies' time above it kept."""
+    """Per shape of a bench_e2e JSON whose experts were exp4 (greedy): the floor scaled by bound / exp4, the policies'
+    time above it kept."""
     out = {}
     for shape, s in results.get("shapes", {}).items():
-        if not isinstance(s, dict) or "runs" not in s or shape not in fractions or not s.get("compress"):
+        if not isinstance(s, dict) or "runs" not in s or shape not in fractions or s.get("compress") != "exp4":
             continue
         runs = {r["label"].split("/")[-1]: r for r in s["runs"] if r["decoding"] == "greedy"
                 and r["label"].startswith("pregated/")}
