@@ -241,6 +241,13 @@ class ExpertStore:
                 self.copy_bytes = self._packed_bytes
             self.data[m, i:i + n].copy_(packed)
 
+    def put_block(self, m: int, rows: torch.Tensor) -> None:
+        """Block m from its experts' slot rows [E, slot_X] (any device): packed (pack_block) or copied."""
+        if self.compress:
+            self.pack_block(m, rows)
+        else:
+            self.data[m].copy_(rows)
+
     def weights(self, rows: torch.Tensor):
         """(w_in [..., F, D], w_out [..., D, F]) as views of slot rows [..., slot_X]: tensors, or Int8Weights
         (q, fp32 scale) with quantize="int8". (A compressed store's own chunks are packed bytes: its slot rows

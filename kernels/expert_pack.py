@@ -188,12 +188,19 @@ def _check_packed(fn: str, packed: torch.Tensor, lay: PackedLayout, what: str) -
 def unpack_rows_reference(packed: torch.Tensor, lay: PackedLayout) -> torch.Tensor:
     """Plain-torch decoder (any device): packed uint8 [N, nbytes] -> bf16 [N, X]."""
     _check_packed("unpack_rows_reference", packed, lay, "packed rows")
-    N, Xg, cap = packed.shape[0], lay.Xg, lay.cap
-    K, T = lay.K, lay.T
+    N, Xg, K, T = packed.shape[0], lay.Xg, lay.K, lay.T
     p = packed[:, :K * lay.CB].view(N, K, lay.CB).to(torch.int32)
     lo_NX = p[:, :, :T].reshape(N, Xg)
     nib = p[:, :, T:T + T // 2]
     code_NX = torch.cat((nib & 15, nib >> 4), dim=2).reshape(N, Xg)
+    return assemble_reference(packed, lay, lo_NX, code_NX)
+
+
+def assemble_reference(packed: torch.Tensor, lay, lo_NX: torch.Tensor, code_NX: torch.Tensor) -> torch.Tensor:
+    """bf16 rows [N, X] from their sign-and-mantissa bytes and 4-bit exponent codes [N, Xg] (integers) and the packed
+    rows' group bases and exceptions (any layout with off_base, off_cnt, off_idx, off_val, cap, X, Xg: this module's,
+    kernels.expert_vlc's)."""
+    N, Xg, cap = packed.shape[0], lay.Xg, lay.cap
     base_NX = packed[:, lay.off_base:lay.off_base + Xg // G].to(torch.int32).repeat_interleave(G, dim=1)
     exp_NX = torch.where(code_NX == 0, 0, base_NX + code_NX - 1)
     bits_NX = ((lo_NX & 0x80) << 8) | (exp_NX << 7) | (lo_NX & 0x7F)
@@ -205,7 +212,6 @@ def unpack_rows_reference(packed: torch.Tensor, lay: PackedLayout) -> torch.Tens
     rows_NC = torch.arange(N, device=packed.device)[:, None].expand(N, cap)
     bits_NX[rows_NC[valid_NC], idx_NC[valid_NC]] = val_NC[valid_NC]
     return bits_NX[:, :lay.X].contiguous().view(torch.bfloat16)
-
 
 if HAVE_TRITON:
 
@@ -326,29 +332,16 @@ if HAVE_TRITON:
 def unpack_rows_gather_reference(src_EB: torch.Tensor, ids_n: torch.Tensor, dst_SX: torch.Tensor,
                                  lay: PackedLayout, dst_row_n: torch.Tensor | None = None) -> torch.Tensor:
     """dst[dst_row[i]] = unpack(src[ids[i]]) for every i with ids[i] >= 0 and dst_row[i] >= 0 (dst_row None: i)."""
-    ids = ids_n.long().cpu()
-    rows = torch.arange(len(ids)) if dst_row_n is None else dst_row_n.long().cpu()
-    for e, r in zip(ids.tolist(), rows.tolist()):
-        if e >= 0 and r >= 0:
-            dst_SX[r].copy_(unpack_rows_reference(src_EB[e:e + 1], lay)[0])
-    return dst_SX
+    return gather_reference(unpack_rows_reference, src_EB, ids_n, dst_SX, lay, dst_row_n)
 
 
 EXC_CHUNK = 512  # exceptions loaded at once (a switch-base expert has ~420, a switch-large one ~820)
 
 
-def unpack_rows(src_EB: torch.Tensor, ids_n: torch.Tensor, dst_SX: torch.Tensor, lay: PackedLayout,
-                dst_row_n: torch.Tensor | None = None, num_programs: int = 16, num_warps: int = 4,
-                ahead: bool = True, exc_chunk: int | None = None) -> torch.Tensor:
-    """Expand packed rows of `src` (pinned host memory, or device memory) chosen by `ids` (on the GPU) into rows
-    of `dst` (on the GPU), without a host synchronisation:
-    dst[dst_row[i]] = unpack(src[ids[i]]) for every i with ids[i] >= 0 and dst_row[i] >= 0 (dst_row None: i).
-
-    src [E, lay.nbytes] uint8 and dst [S, lay.X] bf16 must be contiguous; ids and dst_row are int32/int64 [n].
-    A grid of n x num_programs programs; each iteration of a program expands one chunk (lay.T elements), with the
-    next chunk's loads issued before it when `ahead`. Each program loads the row's first exc_chunk exceptions (a
-    power of two; default EXC_CHUNK) before its chunks, the rest after them.
-    """
+def check_unpack_args(src_EB: torch.Tensor, ids_n: torch.Tensor, dst_SX: torch.Tensor, lay, dst_row_n,
+                      num_programs: int, exc_chunk: int | None) -> int:
+    """unpack_rows' argument checks (this module's and kernels.expert_vlc's: any layout with X and nbytes), raising
+    ValueError with the fix; returns exc_chunk (EXC_CHUNK when None)."""
     _check_packed("unpack_rows", src_EB, lay, "src")
     if dst_SX.dtype != torch.bfloat16 or dst_SX.dim() != 2 or dst_SX.shape[1] != lay.X:
         raise ValueError(f"unpack_rows: expected dst bfloat16 [S, {lay.X}] (lay.X), "
@@ -365,14 +358,44 @@ def unpack_rows(src_EB: torch.Tensor, ids_n: torch.Tensor, dst_SX: torch.Tensor,
     exc_chunk = EXC_CHUNK if exc_chunk is None else exc_chunk
     if exc_chunk < 16 or exc_chunk & (exc_chunk - 1):
         raise ValueError(f"unpack_rows: exc_chunk must be a power of two >= 16, got {exc_chunk}")
-    if n == 0:
+    if n and HAVE_TRITON and (dst_SX.is_cuda or _interpreting()):
+        if src_EB.device.type == "cpu" and dst_SX.is_cuda and not src_EB.is_pinned():
+            raise ValueError("unpack_rows: a host source must be pinned (page-locked) to be read by the GPU")
+        if dst_SX.is_cuda and not (ids_n.is_cuda and (dst_row_n is None or dst_row_n.is_cuda)):
+            raise ValueError("unpack_rows: ids and dst_row must be on the GPU, beside dst")
+    return exc_chunk
+
+
+def gather_reference(unpack_reference, src_EB: torch.Tensor, ids_n: torch.Tensor, dst_SX: torch.Tensor, lay,
+                     dst_row_n: torch.Tensor | None = None) -> torch.Tensor:
+    """dst[dst_row[i]] = unpack_reference(src[ids[i]]) for every i with ids[i] >= 0 and dst_row[i] >= 0 (dst_row
+    None: i)."""
+    ids = ids_n.long().cpu()
+    rows = torch.arange(len(ids)) if dst_row_n is None else dst_row_n.long().cpu()
+    for e, r in zip(ids.tolist(), rows.tolist()):
+        if e >= 0 and r >= 0:
+            dst_SX[r].copy_(unpack_reference(src_EB[e:e + 1], lay)[0])
+    return dst_SX
+
+
+def unpack_rows(src_EB: torch.Tensor, ids_n: torch.Tensor, dst_SX: torch.Tensor, lay: PackedLayout,
+                dst_row_n: torch.Tensor | None = None, num_programs: int = 16, num_warps: int = 4,
+                ahead: bool = True, exc_chunk: int | None = None) -> torch.Tensor:
+    """Expand packed rows of `src` (pinned host memory, or device memory) chosen by `ids` (on the GPU) into rows
+    of `dst` (on the GPU), without a host synchronisation:
+    dst[dst_row[i]] = unpack(src[ids[i]]) for every i with ids[i] >= 0 and dst_row[i] >= 0 (dst_row None: i).
+
+    src [E, lay.nbytes] uint8 and dst [S, lay.X] bf16 must be contiguous; ids and dst_row are int32/int64 [n].
+    A grid of n x num_programs programs; each iteration of a program expands one chunk (lay.T elements), with the
+    next chunk's loads issued before it when `ahead`. Each program loads the row's first exc_chunk exceptions (a
+    power of two; default EXC_CHUNK) before its chunks, the rest after them.
+    """
+    exc_chunk = check_unpack_args(src_EB, ids_n, dst_SX, lay, dst_row_n, num_programs, exc_chunk)
+    if ids_n.numel() == 0:
         return dst_SX
     if not HAVE_TRITON or not (dst_SX.is_cuda or _interpreting()):
         return unpack_rows_gather_reference(src_EB, ids_n, dst_SX, lay, dst_row_n)
-    if src_EB.device.type == "cpu" and dst_SX.is_cuda and not src_EB.is_pinned():
-        raise ValueError("unpack_rows: a host source must be pinned (page-locked) to be read by the GPU")
-    if dst_SX.is_cuda and not (ids_n.is_cuda and (dst_row_n is None or dst_row_n.is_cuda)):
-        raise ValueError("unpack_rows: ids and dst_row must be on the GPU, beside dst")
+    n = ids_n.numel()
     num_programs = min(num_programs, lay.K)  # a program past the row's chunks would have nothing to do
     _unpack_rows_kernel[(n, num_programs)](
         src_EB, ids_n, dst_SX.view(torch.int16), dst_row_n if dst_row_n is not None else ids_n,

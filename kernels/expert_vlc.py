@@ -50,7 +50,18 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.expert_pack import G, PackError, exponent_fields, padded_bits, write_exceptions
+from kernels.expert_pack import (
+    G,
+    PackError,
+    _check_packed,
+    _interpreting,
+    assemble_reference,
+    check_unpack_args,
+    exponent_fields,
+    gather_reference,
+    padded_bits,
+    write_exceptions,
+)
 
 try:
     import triton
@@ -228,12 +239,6 @@ def _as_bytes(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(t.numel(), dtype=dtype, device=t.device).copy_(t.reshape(-1)).view(torch.uint8)
 
 
-def _check_packed(fn: str, packed: torch.Tensor, lay: VlcLayout, what: str) -> None:
-    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != lay.nbytes:
-        raise ValueError(f"{fn}: expected {what} uint8 [*, {lay.nbytes}] (lay.nbytes), "
-                         f"got {tuple(packed.shape)} {packed.dtype}")
-
-
 def _field(packed_NB: torch.Tensor, off: int, count: int, dtype: torch.dtype) -> torch.Tensor:
     size = torch.empty((), dtype=dtype).element_size()
     return packed_NB[:, off:off + size * count].contiguous().view(dtype)
@@ -271,21 +276,7 @@ def decode_codes_reference(packed: torch.Tensor, lay: VlcLayout) -> torch.Tensor
 def unpack_rows_reference(packed: torch.Tensor, lay: VlcLayout) -> torch.Tensor:
     """Plain-torch decoder (any device): packed uint8 [N, nbytes] -> bf16 [N, X]."""
     _check_packed("unpack_rows_reference", packed, lay, "packed rows")
-    N, Xg, cap = packed.shape[0], lay.Xg, lay.cap
-    code_NX = decode_codes_reference(packed, lay)
-    lo_NX = packed[:, :Xg].long()
-    base_NX = packed[:, lay.off_base:lay.off_base + Xg // G].long().repeat_interleave(G, dim=1)
-    exp_NX = torch.where(code_NX == 0, 0, base_NX + code_NX - 1)
-    bits_NX = ((lo_NX & 0x80) << 8) | (exp_NX << 7) | (lo_NX & 0x7F)
-    bits_NX = torch.where(bits_NX >= 32768, bits_NX - 65536, bits_NX).to(torch.int16)
-    cnt_N1 = _field(packed, lay.off_cnt, 1, torch.int32)
-    idx_NC = _field(packed, lay.off_idx, cap, torch.int32).long()
-    val_NC = _field(packed, lay.off_val, cap, torch.int16)
-    valid_NC = torch.arange(cap, device=packed.device) < cnt_N1
-    rows_NC = torch.arange(N, device=packed.device)[:, None].expand(N, cap)
-    bits_NX[rows_NC[valid_NC], idx_NC[valid_NC]] = val_NC[valid_NC]
-    return bits_NX[:, :lay.X].contiguous().view(torch.bfloat16)
-
+    return assemble_reference(packed, lay, packed[:, :lay.Xg].long(), decode_codes_reference(packed, lay))
 
 if HAVE_TRITON:
 
@@ -385,15 +376,7 @@ if HAVE_TRITON:
 def unpack_rows_gather_reference(src_EB: torch.Tensor, ids_n: torch.Tensor, dst_SX: torch.Tensor,
                                  lay: VlcLayout, dst_row_n: torch.Tensor | None = None) -> torch.Tensor:
     """dst[dst_row[i]] = unpack(src[ids[i]]) for every i with ids[i] >= 0 and dst_row[i] >= 0 (dst_row None: i)."""
-    ids = ids_n.long().cpu()
-    rows = torch.arange(len(ids)) if dst_row_n is None else dst_row_n.long().cpu()
-    for e, r in zip(ids.tolist(), rows.tolist()):
-        if e >= 0 and r >= 0:
-            dst_SX[r].copy_(unpack_rows_reference(src_EB[e:e + 1], lay)[0])
-    return dst_SX
-
-
-EXC_CHUNK = 512  # exceptions loaded at once (as exp4)
+    return gather_reference(unpack_rows_reference, src_EB, ids_n, dst_SX, lay, dst_row_n)
 
 
 def unpack_rows(src_EB: torch.Tensor, ids_n: torch.Tensor, dst_SX: torch.Tensor, lay: VlcLayout,
@@ -408,30 +391,12 @@ def unpack_rows(src_EB: torch.Tensor, ids_n: torch.Tensor, dst_SX: torch.Tensor,
     ids and dst_row are int32/int64 [n]. A grid of n x min(num_programs, K) programs, each expanding a tile at a
     time.
     """
-    _check_packed("unpack_rows", src_EB, lay, "src")
-    if dst_SX.dtype != torch.bfloat16 or dst_SX.dim() != 2 or dst_SX.shape[1] != lay.X:
-        raise ValueError(f"unpack_rows: expected dst bfloat16 [S, {lay.X}] (lay.X), "
-                         f"got {tuple(dst_SX.shape)} {dst_SX.dtype}")
-    if not (src_EB.is_contiguous() and dst_SX.is_contiguous()):
-        raise ValueError("unpack_rows: src and dst must be contiguous")
-    n = ids_n.numel()
-    for name, t in (("ids", ids_n), ("dst_row", dst_row_n)):
-        if t is not None and (t.dtype not in (torch.int32, torch.int64) or t.dim() != 1 or t.numel() != n):
-            raise ValueError(f"unpack_rows: {name} must be int32/int64 [n] with n = {n}, "
-                             f"got {tuple(t.shape)} {t.dtype}")
-    if num_programs < 1:
-        raise ValueError(f"unpack_rows: num_programs must be >= 1, got {num_programs}")
-    exc_chunk = EXC_CHUNK if exc_chunk is None else exc_chunk
-    if exc_chunk < 16 or exc_chunk & (exc_chunk - 1):
-        raise ValueError(f"unpack_rows: exc_chunk must be a power of two >= 16, got {exc_chunk}")
-    if n == 0:
+    exc_chunk = check_unpack_args(src_EB, ids_n, dst_SX, lay, dst_row_n, num_programs, exc_chunk)
+    if ids_n.numel() == 0:
         return dst_SX
     if not HAVE_TRITON or not (dst_SX.is_cuda or _interpreting()):
         return unpack_rows_gather_reference(src_EB, ids_n, dst_SX, lay, dst_row_n)
-    if src_EB.device.type == "cpu" and dst_SX.is_cuda and not src_EB.is_pinned():
-        raise ValueError("unpack_rows: a host source must be pinned (page-locked) to be read by the GPU")
-    if dst_SX.is_cuda and not (ids_n.is_cuda and (dst_row_n is None or dst_row_n.is_cuda)):
-        raise ValueError("unpack_rows: ids and dst_row must be on the GPU, beside dst")
+    n = ids_n.numel()
     num_programs = min(num_programs, lay.K)
     _unpack_vlc_kernel[(n, num_programs)](
         src_EB, ids_n, dst_SX.view(torch.int16), dst_row_n if dst_row_n is not None else ids_n,
@@ -442,8 +407,3 @@ def unpack_rows(src_EB: torch.Tensor, ids_n: torch.Tensor, dst_SX: torch.Tensor,
     )
     return dst_SX
 
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"

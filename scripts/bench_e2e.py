@@ -136,10 +136,7 @@ def build_store(cfg, model, device, dtype, budget, compress: str | None = None) 
         t = torch.empty((store.E, store.slot_X), dtype=dtype, device=device)
         t[:, :FD].normal_(0.0, cfg.d_model**-0.5, generator=g)
         t[:, FD:].normal_(0.0, cfg.d_ff**-0.5, generator=g)
-        if compress:
-            store.pack_block(m, t)
-        else:
-            store.data[m].copy_(t)
+        store.put_block(m, t)
         del t
     return store
 
@@ -167,12 +164,7 @@ def recompressed_store(store: ExpertStore, cfg, device, budget, codec: str | Non
     """The same experts in another format (offload.compress=codec, None: bf16 rows), block by block on the device."""
     q = ExpertStore(cfg, store.M, torch.bfloat16, budget, pin=device.type == "cuda", compress=codec)
     for m in range(store.M):
-        rows = store.unpacked_block(m, device)
-        if codec:
-            q.pack_block(m, rows)
-        else:
-            q.data[m].copy_(rows)
-        del rows
+        q.put_block(m, store.unpacked_block(m, device))
     return q
 
 
@@ -186,29 +178,43 @@ def bench_codec_family(shape, cfg, model, store, device, budget, args, over_budg
     family = f"pregated-{codec}"
     fam: dict = {"compress": None if codec == "none" else codec, "policies": list(CODEC_FAMILY_POLICIES)}
     out["codec_family"] = fam
+    eng_c = family_engine(shape, family, fam, lambda: recompressed_store(store, cfg, device, budget, fam["compress"]),
+                          f"the same experts as {codec}", model, device, args, over_budget, result, out, save, link)
+    if eng_c is None:
+        return
+    for mode, nb in modes_run:
+        for name in CODEC_FAMILY_POLICIES:
+            run_named(eng_c, family, mode, nb, name)
+    del eng_c
+    family_done(device, result, shape, out, save)
+
+
+def family_engine(shape, family, fam, build, what, model, device, args, over_budget, result, out, save, link):
+    """A family's engine over the store build() makes (None, with the reason in fam, where the time budget is spent
+    or the store cannot be built); fam gets its bytes, copy floor and build time."""
     if over_budget():
         fam["skipped"] = "time budget"
         save_partial(result, shape, out, save)
-        return
-    print(f"[bench] {shape}: the same experts as {codec} ...", flush=True)
+        return None
+    print(f"[bench] {shape}: {what} ...", flush=True)
     t_build = time.perf_counter()
     try:
-        store_c = recompressed_store(store, cfg, device, budget, fam["compress"])
+        store_f = build()
     except OffloadError as e:
         fam["error"] = str(e)
         result["failures"].append(f"{shape} {family}: {e}")
         save_partial(result, shape, out, save)
-        return
+        return None
     n_dec = out["config"]["decoder_moe_blocks"]
-    fam.update(expert_bytes=store_c.expert_bytes, store_bytes=store_c.total_bytes,
-               copy_floor_ms_greedy=n_dec * store_c.expert_bytes / (link * 1e9) * 1e3 if link else None,
+    fam.update(expert_bytes=store_f.expert_bytes, store_bytes=store_f.total_bytes,
+               copy_floor_ms_greedy=n_dec * store_f.expert_bytes / (link * 1e9) * 1e3 if link else None,
                build_s=time.perf_counter() - t_build)
-    eng_c = Engine(model, store_c, device, cuda_graph=not args.no_graph, copy_mode=args.copy_mode,
-                   measure_stall=True, first_block_guess=args.first_block_guess)
-    for mode, nb in modes_run:
-        for name in CODEC_FAMILY_POLICIES:
-            run_named(eng_c, family, mode, nb, name)
-    del eng_c, store_c
+    return Engine(model, store_f, device, cuda_graph=not args.no_graph, copy_mode=args.copy_mode,
+                  measure_stall=True, first_block_guess=args.first_block_guess)
+
+
+def family_done(device, result, shape, out, save) -> None:
+    """After a family's runs (its engine and store dropped): free the GPU memory, save."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -227,25 +233,10 @@ def bench_int8_family(shape, cfg, model, store, device, dtype, budget, args, ove
              and "+cpu_" not in n]
     fam: dict = {"quantize": "int8", "policies": names}
     out["int8_family"] = fam
-    if over_budget():
-        fam["skipped"] = "time budget"
-        save_partial(result, shape, out, save)
+    eng_q = family_engine(shape, family, fam, lambda: quantized_store(store, cfg, device, budget),
+                          "the same experts as per-row int8", model, device, args, over_budget, result, out, save, link)
+    if eng_q is None:
         return
-    print(f"[bench] {shape}: the same experts as per-row int8 ...", flush=True)
-    t_build = time.perf_counter()
-    try:
-        store_q = quantized_store(store, cfg, device, budget)
-    except OffloadError as e:
-        fam["error"] = str(e)
-        result["failures"].append(f"{shape} {family}: {e}")
-        save_partial(result, shape, out, save)
-        return
-    n_dec = out["config"]["decoder_moe_blocks"]
-    fam.update(expert_bytes=store_q.expert_bytes, store_bytes=store_q.total_bytes,
-               copy_floor_ms_greedy=n_dec * store_q.expert_bytes / (link * 1e9) * 1e3 if link else None,
-               build_s=time.perf_counter() - t_build)
-    eng_q = Engine(model, store_q, device, cuda_graph=not args.no_graph, copy_mode=args.copy_mode,
-                   measure_stall=True, first_block_guess=args.first_block_guess)
     for mode, nb in modes_run:
         for name in names:
             run_named(eng_q, family, mode, nb, name)
@@ -254,11 +245,8 @@ def bench_int8_family(shape, cfg, model, store, device, dtype, budget, args, ove
             n = min(len(a[0]), len(b[0]))
             same = next((i for i in range(n) if a[0][i] != b[0][i]), n)
             fam.setdefault("gpu_only_tokens_matching_bf16", {})[mode] = {"matching_prefix": same, "of": n}
-    del eng_q, store_q
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    save_partial(result, shape, out, save)
+    del eng_q
+    family_done(device, result, shape, out, save)
 
 
 def nonexpert_bytes(model: Switch) -> int:
