@@ -143,7 +143,7 @@ class ExpertStore:
         that unpacks on the GPU (device, dma, auto); elsewhere (the CPU, fp32, int8) it is none. Where it packs:
         expv for experts of at least expv_min_bytes in bf16 (expert_bytes; offload.expv_min_mib), exp4 below (and
         where expert_bytes is not given). expv copies about 67% of bf16's bytes against exp4's 76%, but its unpack
-        (about 3 us per MB of packed expert on the H200, against exp4's 1) runs on the compute stream: it pays where a
+        (about 4 us per MB of packed expert on the H200, against exp4's 1) runs on the compute stream: it pays where a
         block's compute and that unpack stay under the expert's copy. On the H200 that held for switch-large-128's
         16.8 MB experts (1.06x the copy floor, 1.82x on_demand; exp4: 1.04x, 1.67x) and not for switch-base-128's
         9.4 MB ones (1.18x its lower floor; exp4: 1.08x): bench/results/e2e-h200-expv.md. An explicit value is
@@ -432,7 +432,7 @@ class SlotPool:
     loop does not (it needs no GIL, which a lazily loading launch held: tested in fresh processes with
     CUDA_MODULE_LOADING=LAZY on the H200).
 
-    A compressed store (offload.compress=exp4): the slots hold unpacked bf16 rows. Decode plans land the packed
+    A compressed store (offload.compress=exp4, expv): the slots hold unpacked bf16 rows. Decode plans land the packed
     chunks in `landing` (dma plans by the copy engines, unpacked by wait() on the compute stream; copy kernel plans
     by the plain copy kernel, unpacked behind it on the copy stream: kernels.expert_pack.unpack_rows); the streamed
     prefill chunks are unpacked as the kernel reads the pinned store (settings PINNED_PROGRAMS, PINNED_WARPS;

@@ -382,7 +382,7 @@ class OffloadRunner:
             "pool_cache_bytes": self.pool.M * self.pool.C * self.store.slot_bytes,
             "pool_staging_bytes": self.pool.R * self.pool.n * self.store.slot_bytes,
             "pool_prefill_bytes": self.pool.n_prefill * self.store.slot_bytes,
-            # compressed (offload.compress=exp4): where the dma copies land packed (in the prefill rows when they fit)
+            # compressed (exp4, expv): where copies land packed (exp4: in the prefill rows when they fit)
             "landing_bytes": (self.pool.landing.numel() if self.pool.landing is not None else 0),
             "landing_in_pool": self.pool.landing_in_pool,
             # staging and prefill share slots: pool = cache + max(staging, prefill)

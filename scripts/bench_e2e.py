@@ -2,8 +2,8 @@
 """End-to-end benchmark of the offloading runner on the GPU, with transformers anchors.
 
 For each shape (switch-base-8/64/128, switch-large-128; random bf16 weights, experts generated
-straight into the pinned store, packed losslessly by exp4 as python -m infer's default offload.compress=auto
-does on a GPU; --compress none keeps bf16 rows): batch 1, 256 input and 256 output tokens, greedy and beam 4,
+straight into the pinned store, packed losslessly as python -m infer's default offload.compress=auto does on a
+GPU: expv for experts of at least 16 MiB in bf16, exp4 below; --compress none keeps bf16 rows): batch 1, 256 input and 256 output tokens, greedy and beam 4,
 every policy and cache setting; `speculative` runs on the same weights before the pre-gate
 conversion (an unconverted model), every other policy after it. Runs named `<policy>+cpu_<mode>`
 (on_demand+cpu_always, on_demand+cpu_auto, ...) compute missed experts on the CPU
