@@ -65,7 +65,7 @@ class ExpertStore:
 
     compress="expv" (bf16 only): as exp4 with the exponent codes in a variable-length code (kernels.expert_vlc:
     2 bits for the three commonest, more for the rarer), about 67% of bf16's bytes to copy: each chunk's codes fill
-    a prefix of it, and a copy moves the longest prefix over the store (copy_bytes, known once every block is
+    a prefix of it, and a copy moves the longest prefix over the store (expert_bytes, known once every block is
     packed); the chunks are as large as exp4's in host memory. Its unpack reads the packed row by gathers, so the
     pool lands every copy in GPU memory first (SlotPool.landing) and unpacks it there.
     """
@@ -95,8 +95,9 @@ class ExpertStore:
         # a GPU slot's row: the chunk as copied, or (compressed) the unpacked bf16 row
         self.slot_X, self.slot_dtype = (2 * FD, dtype) if compress else (self.X, self.dtype)
         self.row_bytes = self.X * torch.empty((), dtype=self.dtype).element_size()  # a chunk in host memory
-        self.copy_bytes = self.row_bytes  # copied per expert: each chunk's first copy_bytes (expv: set by packing)
-        self._packed_bytes = 0  # (expv) the longest packed prefix so far
+        # copied per expert, each chunk's first expert_bytes: the whole chunk, or (expv) the longest packed prefix, 0
+        # until a block is packed
+        self.expert_bytes = 0 if compress == "expv" else self.row_bytes
         self.slot_bytes = self.slot_X * torch.empty((), dtype=self.slot_dtype).element_size()  # a GPU slot's row
         self.total_bytes = self.M * self.E * self.row_bytes
         if budget_bytes is not None and self.total_bytes > budget_bytes:
@@ -113,11 +114,6 @@ class ExpertStore:
         self.pinned = False
         if pin:
             self._pin()
-
-    @property
-    def expert_bytes(self) -> int:
-        """Bytes copied per expert."""
-        return self.copy_bytes
 
     @staticmethod
     def check_settings(dtype: torch.dtype, quantize: str | None, compress: str | None) -> None:
@@ -237,8 +233,7 @@ class ExpertStore:
                                  "experts") from None
             if self.compress == "expv":
                 packed, used = packed
-                self._packed_bytes = max(self._packed_bytes, int(used.max()))
-                self.copy_bytes = self._packed_bytes
+                self.expert_bytes = max(self.expert_bytes, int(used.max()))
             self.data[m, i:i + n].copy_(packed)
 
     def put_block(self, m: int, rows: torch.Tensor) -> None:
@@ -438,7 +433,7 @@ class SlotPool:
     prefill chunks are unpacked as the kernel reads the pinned store (settings PINNED_PROGRAMS, PINNED_WARPS;
     offload.copy_programs / _block / _warps tune the plain copy kernel); host copies are refused. expv's unpack reads
     by gathers, which suit GPU memory and not the link: its landing has a row per slot, in its own memory, and every
-    copy, the streamed prefill chunks' too, lands there first (each chunk's first store.copy_bytes).
+    copy, the streamed prefill chunks' too, lands there first (each chunk's first store.expert_bytes).
     """
 
     def __init__(
@@ -560,12 +555,6 @@ class SlotPool:
     def nbytes(self) -> int:
         return self.pool.numel() * self.pool.element_size()
 
-    def landing_bytes(self) -> int:
-        """GPU memory of the landing outside the pool (0 where it has none or lives in the pool's spare rows)."""
-        if self.landing is None or self.landing_in_pool:
-            return 0
-        return self.landing.numel() * self.landing.element_size()
-
     def copy(self, m: int, src_n: torch.Tensor, dst_n: torch.Tensor, done=None, prefetch: bool = False,
              behind: bool = False, early: bool = False) -> None:
         """Copy expert src_n[j] of block m into slot dst_n[j] where src_n[j] >= 0. On CUDA this
@@ -661,7 +650,7 @@ class SlotPool:
             src, dst = self._rows(m)
             if self.store.compress and (landed or self.store.compress == "expv"):
                 expert_copy.gather_rows(src.view(torch.int16), src_n, self.landing.view(torch.int16), dst_n,
-                                        cs.programs, cs.block, cs.warps, cols=self.store.copy_bytes // 2)
+                                        cs.programs, cs.block, cs.warps, cols=self.store.expert_bytes // 2)
                 self._unpack(torch.where(src_n >= 0, dst_n, -1))
             elif self.store.compress:
                 expert_pack.unpack_rows(src, src_n, dst, self.store.layout, dst_n, num_programs=self.PINNED_PROGRAMS,
@@ -937,13 +926,13 @@ class DmaCopier:
         slots = pool.landing if pool.landing is not None else pool.pool  # compressed: packed chunks land there
         if self.api != "torch":
             row = slots.stride(0) * slots.element_size()
-            self._row_bytes = pool.store.copy_bytes  # each chunk's first bytes (all of it but for expv)
+            self._row_bytes = pool.store.expert_bytes  # each chunk's first bytes (all of it but for expv)
             self._slot_ptr = [slots.data_ptr() + p * row for p in range(slots.shape[0])]
             srow = pool.store.data.stride(1) * pool.store.data.element_size()
             self._store_ptr = [[pool.store.data[b].data_ptr() + e * srow for e in range(pool.store.data.shape[1])]
                                for b in range(M)]
         else:
-            cb = pool.store.copy_bytes // pool.store.data.element_size()  # elements copied per chunk
+            cb = pool.store.expert_bytes // pool.store.data.element_size()  # elements copied per chunk
             self._slot_rows = [r[:cb] for r in slots.unbind(0)]
             self._store_rows = [[r[:cb] for r in pool.store.data[b].unbind(0)] for b in range(M)]
         self._done = list(self.done.unbind(0))

@@ -81,16 +81,23 @@ def _round_up(x: int, m: int) -> int:
 CHUNK = 4096  # default elements per chunk (a smaller power of two >= 2 G for rows shorter than that)
 
 
-def layout(X: int, cap: int | None = None, chunk: int | None = None) -> PackedLayout:
-    """The packed layout of rows of X bf16 elements with room for `cap` exceptions per row
-    (default: max(64, ceil(X / 1024) rounded up to a multiple of 64)) in chunks of `chunk` elements (a power of two
-    >= 2 G; default CHUNK, or the smallest power of two >= max(X, 2 G) when that is less)."""
+def exception_capacity(X: int, cap: int | None) -> int:
+    """The exceptions a packed row of X elements has room for (this module's layout and kernels.expert_vlc's):
+    cap, or by default max(64, ceil(X / 1024) rounded up to a multiple of 64); ValueError for X < 1 or cap < 0."""
     if X < 1:
         raise ValueError(f"layout: X must be >= 1, got {X}")
     if cap is None:
         cap = max(64, _round_up(math.ceil(X / 1024), 64))
     if cap < 0:
         raise ValueError(f"layout: cap must be >= 0, got {cap}")
+    return cap
+
+
+def layout(X: int, cap: int | None = None, chunk: int | None = None) -> PackedLayout:
+    """The packed layout of rows of X bf16 elements with room for `cap` exceptions per row
+    (default: max(64, ceil(X / 1024) rounded up to a multiple of 64)) in chunks of `chunk` elements (a power of two
+    >= 2 G; default CHUNK, or the smallest power of two >= max(X, 2 G) when that is less)."""
+    cap = exception_capacity(X, cap)
     T = chunk if chunk is not None else min(CHUNK, max(2 * G, 1 << (X - 1).bit_length()))
     if T < 2 * G or T & (T - 1):
         raise ValueError(f"layout: chunk must be a power of two >= {2 * G}, got {T}")

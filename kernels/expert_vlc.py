@@ -55,8 +55,10 @@ from kernels.expert_pack import (
     PackError,
     _check_packed,
     _interpreting,
+    _round_up,
     assemble_reference,
     check_unpack_args,
+    exception_capacity,
     exponent_fields,
     gather_reference,
     padded_bits,
@@ -107,22 +109,13 @@ class VlcLayout:
         return min(self.nbytes, _round_up(end, 4096 if self.nbytes >= 1 << 20 else 128))
 
 
-def _round_up(x, m):
-    return (x + m - 1) // m * m
-
-
 def layout(X: int, cap: int | None = None, tile: int | None = None,
            stream_bits: float = STREAM_BITS) -> VlcLayout:
     """The packed layout of rows of X bf16 elements, with room for `cap` exceptions per row (default as exp4's:
     max(64, ceil(X / 1024) rounded up to a multiple of 64)), tiles of `tile` elements (a power of two >= G; default
     TILE, or the smallest power of two >= max(X, G) when that is less) and a stream of stream_bits bits per weight (a
     row whose codes need more does not pack: PackError)."""
-    if X < 1:
-        raise ValueError(f"layout: X must be >= 1, got {X}")
-    if cap is None:
-        cap = max(64, _round_up(math.ceil(X / 1024), 64))
-    if cap < 0:
-        raise ValueError(f"layout: cap must be >= 0, got {cap}")
+    cap = exception_capacity(X, cap)
     T = tile if tile is not None else min(TILE, max(G, 1 << (X - 1).bit_length()))
     if T < G or T & (T - 1):
         raise ValueError(f"layout: tile must be a power of two >= {G}, got {T}")
