@@ -1781,7 +1781,9 @@ def plot_batch(path: Path, result: dict) -> None:
         if cross is not None:
             ax.text(cross, ax.get_ylim()[1], f" crossover B={cross}", color="red", va="top", fontsize=8)
         inputs = sw.get("inputs", "greedy")
-        ax.set_title(f"{s}: ms per decode step (median), {sw['new_tokens']} tokens, inputs {inputs}"
+        fmt = result["shapes"][s].get("compress")
+        ax.set_title(f"{s}: ms per decode step (median)" + (f", experts {fmt}" if fmt else "")
+                     + f"\n{sw['new_tokens']} tokens, inputs {inputs}"
                      + ("" if cross is not None else "; no crossover in the sweep"), fontsize=9)
         ax.set_xlabel("batch")
         ax.legend(fontsize=7)

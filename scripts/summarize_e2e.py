@@ -61,13 +61,15 @@ def summarize(doc: dict, source: str) -> str:
     link = env.get("pinned_peak_GBps")
     settings = doc["settings"]
     shapes = {k: v for k, v in doc["shapes"].items() if isinstance(v, dict) and "config" in v}
+    has_table = any(s.get("runs") for s in shapes.values())
     lines = [
         f"# End-to-end decoding: {env.get('compute_device', '?')}",
         "",
         f"From `{source}` ({env.get('date', '?')}; `{env.get('command', '?')}`; torch {env.get('torch')}, "
-        f"triton {env.get('triton')}, transformers {env.get('transformers')}). Batch 1, "
-        f"{settings['input_tokens']} input and {settings['new_tokens']} output tokens, bf16, "
-        "random weights (near-uniform routing), pre-gated with lookahead 1"
+        f"triton {env.get('triton')}, transformers {env.get('transformers')}). "
+        + (f"Batch 1, {settings['input_tokens']} input and {settings['new_tokens']} output tokens, bf16, "
+           if has_table else "The batch sweep alone (no table runs), bf16, ")
+        + "random weights (near-uniform routing), pre-gated with lookahead 1"
         + (" (other lookaheads: the lookahead table)" if max(settings.get("lookaheads") or [1]) > 1 else "")
         + ("; every run's experts stored and copied packed losslessly (offload.compress="
            + ", ".join(f"{k} {v.get('compress') or settings.get('compress')}: {v['expert_bytes'] / 1e6:.2f} MB per "
@@ -75,13 +77,14 @@ def summarize(doc: dict, source: str) -> str:
                        for k, v in shapes.items() if v.get("slot_bytes"))
            + "), unpacked on the GPU" if settings.get("compress") or any(v.get("compress") for v in shapes.values())
            else "")
-        + ". ms/token is the median decode "
-        "step; peak is GPU memory allocated. Copy floor = the bytes pregated copies per decode step (greedy: "
-        "one expert per decoder MoE block; beam 4: measured, where the run did) / the pinned host->GPU peak "
-        f"measured in the same run ({_f(link, '{:.1f}')} GB/s).",
+        + (". ms/token is the median decode "
+           "step; peak is GPU memory allocated. Copy floor = the bytes pregated copies per decode step (greedy: "
+           "one expert per decoder MoE block; beam 4: measured, where the run did) / the pinned host->GPU peak "
+           f"measured in the same run ({_f(link, '{:.1f}')} GB/s)." if has_table
+           else f". Pinned host->GPU peak measured at the start of the run: {_f(link, '{:.1f}')} GB/s."),
     ]
     not_run = [f"{k}: {v.get('skipped') or v.get('error')}" for k, v in doc["shapes"].items() if k not in shapes]
-    if any(s.get("runs") for s in shapes.values()):
+    if has_table:
         lines += [
             "",
             "| shape | decoding | gpu_only | on_demand | prefetch_all | pregated | transformers (GPU) | "

@@ -187,6 +187,7 @@ def test_plots_are_written(tmp_path):
 
 def test_summary_has_sweep_copy_efficiency_and_floors():
     text = summ.summarize(_doc(), "x.json")
+    assert "Batch 1, " in text and "ms/token is the median" in text and "The batch sweep alone" not in text
     assert "Crossover (smallest B where pregated is no faster than on_demand): **4**" in text
     sweep = [ln for ln in text.splitlines() if ln.startswith("| 8 |")]
     assert sweep and "| 1.50 |" not in sweep[0] and f"| {(2.7 + 8) / (1.8 + 10.4):.2f} |" in sweep[0]
@@ -659,6 +660,8 @@ def test_sweep_policies_with_a_guess_variant(tmp_path):
     assert g["blocks"] and g["rows"] > 0
     text = summ.summarize(res, "x.json")
     assert "| 1 | pregated#noguess | off |" in text and f"| 1 | pregated | run: {g['hits']}/{g['lookups']} |" in text
+    # the preamble speaks of the sweep, not of a batch-1 table the run did not make
+    assert "The batch sweep alone (no table runs)" in text and "ms/token is the median" not in text
     for bad in ("on_demand,pregated", "gpu_only,pregated#dma", "gpu_only,pregated@lru2", "gpu_only,nope"):
         with pytest.raises(SystemExit):
             bench.parse_sweep_policies(bad)
