@@ -86,6 +86,9 @@ class ExpertStore:
         FD = self.F * self.D
         self.codec = self.CODECS[compress] if compress else None
         self.layout = self.codec.layout(2 * FD) if compress else None
+        # expv's unpack reads its chunks by gathers, which suit GPU memory and not the link: its copies land in GPU
+        # memory first (exp4's kernel unpacks the pinned chunks in place as it reads them)
+        self.lands_first = compress == "expv"
         if compress:
             self.X = self.layout.nbytes  # bytes of a packed chunk
             self.dtype = torch.uint8
@@ -207,10 +210,10 @@ class ExpertStore:
         if device.type == "cuda":
             out = torch.empty((self.E, self.slot_X), dtype=self.slot_dtype, device=device)
             ids = torch.arange(self.E, dtype=torch.int32, device=device)
-            if self.compress == "exp4":  # the kernel reads the pinned chunks in place (no packed copy on the device)
+            if not self.lands_first:  # the kernel reads the pinned chunks in place (no packed copy on the device)
                 src = self.data[m] if self.pinned else self.data[m].to(device)
                 return expert_pack.unpack_rows(src, ids, out, self.layout, num_programs=128)
-            for e in range(self.E):  # expv reads by gathers: each chunk copied to the device first
+            for e in range(self.E):  # a chunk at a time on the device: no block of packed rows beside gpu_only's
                 expert_vlc.unpack_rows(self.data[m, e:e + 1].to(device), ids[:1], out[e:e + 1], self.layout)
             return out
         return self.codec.unpack_rows_reference(self.data[m], self.layout).to(device)
@@ -538,7 +541,7 @@ class SlotPool:
         buffers when they hold it (those rows are the encoder's streaming slots, which no decode step reads, and
         the encoder pass never stages: a decode plan's copy runs after the pass's compute), else its own memory."""
         L, nb = self.M * self.C + self.R * self.n, self.store.layout.nbytes
-        if self.store.compress == "expv":  # every slot, the streamed prefill chunks' too, in its own memory
+        if self.store.lands_first:  # every slot, the streamed prefill chunks' too, in its own memory
             return torch.empty((self.P, nb), dtype=torch.uint8, device=self.device)
         spare = self.pool[L:]  # rows past the caches and the staging buffers
         self.landing_in_pool = spare.numel() * spare.element_size() >= L * nb
@@ -648,7 +651,7 @@ class SlotPool:
                 self._unpack_pending[m].append(torch.where(src_n >= 0, dst_n, -1))
         elif self.copy_mode in ("device", "dma"):
             src, dst = self._rows(m)
-            if self.store.compress and (landed or self.store.compress == "expv"):
+            if self.store.compress and (landed or self.store.lands_first):
                 expert_copy.gather_rows(src.view(torch.int16), src_n, self.landing.view(torch.int16), dst_n,
                                         cs.programs, cs.block, cs.warps, cols=self.store.expert_bytes // 2)
                 self._unpack(torch.where(src_n >= 0, dst_n, -1))
